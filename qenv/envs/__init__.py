@@ -1,0 +1,1 @@
+"""The Gymnasium environment and its parts (action spaces, features, rewards)."""

@@ -1,0 +1,99 @@
+"""Observation features: a fixed-size description of a layer that does not depend on the model.
+
+Static features (position, kind, size, weight and input-activation statistics, and the measured
+output error of the layer at each candidate bit width — the sensitivity signal that lets one
+policy transfer across models) are computed once per model and evaluator and cached on disk.
+Episode features (budget left, progress, previous action) are appended at every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qenv.eval.evaluator import Evaluator
+from qenv.io import atomic_path
+from qenv.models.layers import LAYER_KINDS, LayerInfo
+from qenv.quant.rules import Rule
+
+SENSITIVITY_BITS: tuple[int, ...] = (2, 3, 4, 6, 8)
+STATIC_NAMES: tuple[str, ...] = (
+    ("depth",) + tuple(f"kind_{k}" for k in LAYER_KINDS)
+    + ("log_fan_in", "log_fan_out", "log_numel", "param_share", "w_log_std", "w_log_kurtosis", "w_log_peak",
+       "x_log_rms", "x_log_peak_ratio")
+    + tuple(f"log_err_w{b}" for b in SENSITIVITY_BITS)
+)
+EPISODE_NAMES: tuple[str, ...] = (
+    "budget_bpw", "bpw_left_for_rest", "budget_used", "params_left", "prev_bits", "prev_rule", "layers_left",
+)
+OBS_DIM = len(STATIC_NAMES) + len(EPISODE_NAMES)
+OBS_LIMIT = 10.0
+
+
+def output_error(evaluator: Evaluator, info: LayerInfo, rule: Rule) -> float:
+    """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of one layer on calibration inputs."""
+    calib = evaluator.calibration_of(info.name)
+    original = evaluator.weights.original(info.name).float()
+    delta = evaluator.weights.weight_for(info.name, rule).float() - original
+    if info.transposed:
+        original, delta = original.T, delta.T
+    if calib is None:
+        return float(delta.square().sum() / original.square().sum().clamp_min(1e-30))
+    if calib.hessian is not None:
+        h = calib.hessian.to(delta.device)
+        num = (delta @ h * delta).sum()
+        den = (original @ h * original).sum()
+    else:
+        d = calib.hessian_diag.to(delta.device)
+        num = (delta.square() * d).sum()
+        den = (original.square() * d).sum()
+    return float(num / den.clamp_min(1e-30))
+
+
+def _static_row(evaluator: Evaluator, info: LayerInfo, total_params: int) -> list[float]:
+    w = evaluator.weights.original(info.name).float()
+    std = float(w.std().clamp_min(1e-12))
+    centered = w - w.mean()
+    kurtosis = float((centered**4).mean() / (centered.square().mean() ** 2).clamp_min(1e-30))
+    peak = float(w.abs().max()) / std
+    calib = evaluator.calibration_of(info.name)
+    if calib is not None:
+        rms = calib.act_rms.float()
+        x_rms = float(rms.square().mean().sqrt().clamp_min(1e-12))
+        x_peak = float(rms.max()) / x_rms
+    else:
+        x_rms, x_peak = 1.0, 1.0
+    depth = 0.0 if info.block < 0 else min(1.0, (info.block + 0.5) / max(info.n_blocks, 1))
+    kind = [1.0 if info.kind == k else 0.0 for k in LAYER_KINDS]
+    errors = [math.log10(max(output_error(evaluator, info, Rule(bits=b)), 1e-12)) / 4.0 for b in SENSITIVITY_BITS]
+    return [depth, *kind, math.log2(info.in_features) / 16, math.log2(info.out_features) / 16,
+            math.log10(info.numel) / 10, info.numel / total_params, math.log10(std), math.log10(kurtosis) / 2,
+            math.log10(peak) / 2, math.log10(x_rms) / 2, math.log10(x_peak) / 2, *errors]
+
+
+def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray:
+    """``[n_layers, len(STATIC_NAMES)]`` float32, cached on disk beside the reference."""
+    key = hashlib.sha1(
+        (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)).encode()
+    ).hexdigest()[:16]
+    path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"features-v1-{key}.npy"
+    if path is not None and path.is_file():
+        try:
+            cached = np.load(path)
+            if cached.shape == (len(layers), len(STATIC_NAMES)):
+                return cached
+        except (OSError, ValueError):
+            pass
+    total = sum(info.numel for info in layers)
+    with torch.inference_mode():
+        rows = np.asarray([_static_row(evaluator, info, total) for info in layers], dtype=np.float32)
+    rows = np.clip(np.nan_to_num(rows, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT), -OBS_LIMIT, OBS_LIMIT)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, rows)
+    return rows

@@ -1,0 +1,301 @@
+"""``QuantLLM-v0``: an agent fixes one layer's survival rule per step.
+
+An episode walks the model's quantizable layers in forward order. Each step picks the rule of
+the next layer; whenever all layers of a block are fixed, the block runs on the hidden states
+of the quantized prefix (streaming evaluation), so an episode costs about one forward pass over
+the calibration tokens. The episode ends at or under the bit budget, with a reward measured
+against the uniform human-designed rule of the same size (see :mod:`qenv.envs.reward`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from qenv.errors import QenvError
+from qenv.eval.evaluator import Evaluator, Metrics, Stream, stage_of
+from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
+from qenv.envs.features import EPISODE_NAMES, OBS_DIM, OBS_LIMIT, STATIC_NAMES, static_features
+from qenv.envs.reward import Reference, check_reward_kind, fidelity_reward, uniform_frontier
+from qenv.envs.spaces import ActionMapper
+from qenv.models.layers import LayerInfo
+from qenv.models.loading import DEFAULT_MODEL, LoadedModel, load_model
+from qenv.quant.rules import Rule, layer_bits
+
+BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
+
+
+@dataclass
+class ModelTask:
+    """Everything an episode needs about one model, built once and shared by envs in a process."""
+
+    loaded: LoadedModel
+    evaluator: Evaluator
+    layers: list[LayerInfo]
+    static: np.ndarray
+    costs: np.ndarray  # [n_layers, n_candidate_rules] storage bits
+    rest_min: np.ndarray  # [n_layers + 1] cheapest bits of layers i.. end
+    stage_end: list[bool]
+    total_weights: int
+    references: dict[float, Reference] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    def reference(self, budget_bpw: float) -> Reference:
+        if budget_bpw not in self.references:
+            self.references[budget_bpw] = uniform_frontier(self.evaluator, budget_bpw)
+        return self.references[budget_bpw]
+
+
+_TASKS: dict[tuple, ModelTask] = {}
+
+
+def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens: int, seq_len: int, seed: int) -> TokenSet:
+    """Calibration tokens: from text files when given, else sampled from the model with ``seed``."""
+    if data:
+        return tokens_from_text(loaded.tokenizer, data, n_tokens, seq_len)
+    bos = getattr(loaded.tokenizer, "bos_token_id", None) if loaded.tokenizer is not None else None
+    return tokens_from_model(loaded.model, n_tokens, seq_len, seed=seed, bos_token_id=bos)
+
+
+def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Sequence[str] | None, n_tokens: int,
+               seq_len: int, batch_size: int, seed: int, device: str | None, dtype: str | None,
+               include_lm_head: bool, cache_dir: str | Path | None | bool) -> ModelTask:
+    key = (str(spec) if not isinstance(spec, LoadedModel) else id(spec), tuple(mapper.rules),
+           str(data), n_tokens, seq_len, batch_size, seed, str(device), str(dtype), include_lm_head, str(cache_dir))
+    if key in _TASKS:
+        return _TASKS[key]
+    loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
+    tokens = make_tokens(loaded, data, n_tokens, seq_len, seed)
+    evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir)
+    order = sorted(range(len(loaded.layers)), key=lambda i: (stage_of(loaded.layers[i]), i))
+    layers = [loaded.layers[i] for i in order]
+    costs = np.array([[layer_bits(r, info.out_features, info.in_features) for r in mapper.rules] for info in layers],
+                     dtype=np.float64)
+    cheapest = costs.min(axis=1)
+    rest_min = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0.0]])
+    stages = [stage_of(info) for info in layers]
+    stage_end = [i + 1 == len(layers) or stages[i + 1] != stages[i] for i in range(len(layers))]
+    task = ModelTask(loaded, evaluator, layers, static_features(evaluator, layers), costs, rest_min, stage_end,
+                     int(sum(info.numel for info in layers)))
+    _TASKS[key] = task
+    return task
+
+
+class QuantLLMEnv(gym.Env):
+    """Pick a survival rule for each quantizable layer of a causal LM, under a bits-per-weight budget.
+
+    Args:
+        model: a model spec (see :func:`qenv.load_model`) or a list of them; with a list, each
+            episode samples one, for policies that transfer across models.
+        budget_bpw: target bits per weight over the quantizable layers.
+        action_kind: ``discrete`` (menu of rules), ``multidiscrete`` or ``continuous``.
+        menu: the rules of the discrete kind (default :data:`qenv.envs.spaces.DEFAULT_MENU`).
+        reward: ``kl`` (default), ``ppl`` or ``top1``; see :mod:`qenv.envs.reward`.
+        budget_mode: ``hard`` (actions that would break the budget are lowered; ``info`` says so)
+            or ``penalty`` (the return is reduced by ``penalty_weight`` per bit over budget).
+        data: text file(s) for calibration tokens; default: tokens sampled from the model itself.
+        n_tokens, seq_len, batch_size: calibration size and batching.
+        device, dtype: where and how the model runs (default: cuda if present).
+        seed: seeds the sampled calibration tokens (episodes are seeded through ``reset``).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        model: str | LoadedModel | Sequence[str | LoadedModel] = DEFAULT_MODEL,
+        budget_bpw: float = 3.0,
+        action_kind: str = "discrete",
+        menu: Sequence[Rule | dict[str, Any]] | None = None,
+        reward: str = "kl",
+        dense_weight: float = 0.0,
+        size_weight: float = 0.0,
+        budget_mode: str = "hard",
+        penalty_weight: float = 1.0,
+        data: str | Sequence[str] | None = None,
+        n_tokens: int = 2048,
+        seq_len: int = 128,
+        batch_size: int = 8,
+        device: str | None = None,
+        dtype: str | None = None,
+        seed: int = 0,
+        include_lm_head: bool = False,
+        cache_dir: str | Path | None | bool = None,
+        render_mode: str | None = None,
+    ) -> None:
+        super().__init__()
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise QenvError(f"Unknown render_mode {render_mode!r}.", "use 'ansi' or leave it unset.")
+        if not isinstance(budget_bpw, (int, float)) or not 0 < budget_bpw <= 16:
+            raise QenvError(f"budget_bpw={budget_bpw!r} is out of range.", "use a number of bits per weight in (0, 16].")
+        if budget_mode not in BUDGET_MODES:
+            raise QenvError(f"Unknown budget_mode {budget_mode!r}.", f"use one of {BUDGET_MODES}.")
+        self.reward_kind = check_reward_kind(reward)
+        self.render_mode = render_mode
+        self.budget_bpw = float(budget_bpw)
+        self.budget_mode = budget_mode
+        self.dense_weight = float(dense_weight)
+        self.size_weight = float(size_weight)
+        self.penalty_weight = float(penalty_weight)
+        self.mapper = ActionMapper(action_kind, menu)
+        self.action_space = self.mapper.space
+        self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(OBS_DIM,), dtype=np.float32)
+        specs = [model] if isinstance(model, (str, Path, LoadedModel)) else list(model)
+        if not specs:
+            raise QenvError("No model was given.", "pass model='default', a path, a hub id, or a list of them.")
+        self.tasks = [
+            build_task(spec if isinstance(spec, LoadedModel) else str(spec), self.mapper, data=data, n_tokens=n_tokens,
+                       seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
+                       include_lm_head=include_lm_head, cache_dir=cache_dir)
+            for spec in specs
+        ]
+        if self.dense_weight > 0:
+            for task in self.tasks:
+                if task.evaluator.reference.block_outputs is None:
+                    raise QenvError("dense_weight > 0 needs the reference block outputs, which were not kept.")
+        if budget_mode == "hard":
+            for task in self.tasks:
+                floor = task.rest_min[0] / task.total_weights
+                if floor > self.budget_bpw + 1e-12:
+                    raise QenvError(
+                        f"budget_bpw={self.budget_bpw:g} is below the {floor:.3f} bpw that the cheapest rules reach on {task.name}.",
+                        f"raise the budget to at least {floor:.3f} or add cheaper rules to the menu.",
+                    )
+        self.task = self.tasks[0]
+        self._reset_episode()
+
+    # -- episode state ---------------------------------------------------------------------------
+    def _reset_episode(self) -> None:
+        self.index = 0
+        self.recipe: dict[str, Rule] = {}
+        self.spent = 0.0
+        self.prev_rule: Rule | None = None
+        self.clamped = 0
+        self.dense_return = 0.0
+        self.stream: Stream = self.task.evaluator.stream()
+        self.last_metrics: Metrics | None = None
+
+    @property
+    def budget_bits(self) -> float:
+        return self.budget_bpw * self.task.total_weights
+
+    def _observation(self) -> np.ndarray:
+        task = self.task
+        n = len(task.layers)
+        i = min(self.index, n - 1)
+        remaining = float(sum(info.numel for info in task.layers[self.index:]))
+        bpw_left = (self.budget_bits - self.spent) / remaining if remaining else 0.0
+        prev_index = -1 if self.prev_rule is None else self.mapper.rule_index(self.prev_rule)
+        episode = [
+            self.budget_bpw / 16, bpw_left / 16, self.spent / self.budget_bits, remaining / task.total_weights,
+            0.0 if self.prev_rule is None else self.prev_rule.bits / 16,
+            (prev_index + 1) / len(self.mapper.rules), (n - self.index) / n,
+        ]
+        obs = np.concatenate([task.static[i], np.asarray(episode, dtype=np.float32)])
+        return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
+
+    def _fit_budget(self, rule: Rule) -> tuple[Rule, bool]:
+        """In hard mode, the costliest producible rule that still lets the rest meet the budget."""
+        task = self.task
+        i = self.index
+        info = task.layers[i]
+        cost = layer_bits(rule, info.out_features, info.in_features)
+        allowed = self.budget_bits - self.spent - task.rest_min[i + 1]
+        if self.budget_mode != "hard" or cost <= allowed + 1e-9:
+            return rule, False
+        costs = task.costs[i]
+        fits = np.flatnonzero(costs <= allowed + 1e-9)
+        if fits.size == 0:  # cannot happen once the budget passed the floor check; be safe
+            return self.mapper.rules[int(np.argmin(costs))], True
+        best = fits[np.argmax(costs[fits])]
+        return self.mapper.rules[int(best)], True
+
+    # -- gymnasium API ---------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        options = options or {}
+        if "model_index" in options:
+            self.task = self.tasks[int(options["model_index"])]
+        elif len(self.tasks) > 1:
+            self.task = self.tasks[int(self.np_random.integers(len(self.tasks)))]
+        self._reset_episode()
+        return self._observation(), {"model": self.task.name, "layer": self.task.layers[0].name,
+                                     "n_layers": len(self.task.layers)}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        task = self.task
+        if self.index >= len(task.layers):
+            raise QenvError("step() was called after the episode ended.", "call reset() first.")
+        asked = self.mapper.to_rule(action)
+        rule, clamped = self._fit_budget(asked)
+        info_layer = task.layers[self.index]
+        self.recipe[info_layer.name] = rule
+        self.spent += layer_bits(rule, info_layer.out_features, info_layer.in_features)
+        self.clamped += int(clamped)
+        self.prev_rule = rule
+        reward = 0.0
+        info: dict[str, Any] = {"layer": info_layer.name, "rule": rule.label(), "asked": asked.label(),
+                                "clamped": clamped}
+        if task.stage_end[self.index]:
+            stage = stage_of(info_layer)
+            if 0 <= stage < task.evaluator.n_blocks:
+                self.stream.advance(self.recipe, stage)
+                if self.dense_weight > 0:
+                    dense = -self.dense_weight * self.stream.block_error(stage)
+                    self.dense_return += dense
+                    reward += dense
+        self.index += 1
+        terminated = self.index == len(task.layers)
+        if terminated:
+            metrics = self.stream.finish(self.recipe)
+            self.last_metrics = metrics
+            ref = task.reference(self.budget_bpw)
+            fidelity = fidelity_reward(self.reward_kind, metrics, ref)
+            size = self.size_weight * (self.budget_bpw - metrics.bpw) / self.budget_bpw
+            penalty = 0.0
+            if self.budget_mode == "penalty":
+                penalty = self.penalty_weight * max(0.0, metrics.bpw - self.budget_bpw)
+            reward += fidelity + size - penalty
+            info.update({
+                "model": task.name, "bpw": metrics.bpw, "model_bytes": metrics.model_bytes,
+                "model_mb": metrics.model_mb, "kl": metrics.kl, "ppl": metrics.ppl, "top1": metrics.top1,
+                "reference_kl": ref.kl, "reference_ppl": ref.ppl, "reference_top1": ref.top1,
+                "reference": ref.description, "fidelity_reward": fidelity, "dense_return": self.dense_return,
+                "budget_bpw": self.budget_bpw, "clamped_actions": self.clamped,
+                "recipe": {name: r.label() for name, r in self.recipe.items()},
+                "recipe_rules": {name: r.to_dict() for name, r in self.recipe.items()},
+            })
+        obs = self._observation()
+        if self.render_mode == "ansi" and terminated:
+            info["table"] = self.render()
+        return obs, float(reward), terminated, False, info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        return recipe_table(self.task.layers, self.recipe, self.last_metrics)
+
+
+def recipe_table(layers: list[LayerInfo], recipe: dict[str, Rule], metrics: Metrics | None = None) -> str:
+    """A plain-text table of a (possibly partial) recipe."""
+    rows = [("layer", "kind", "block", "rule", "bpw")]
+    for info in layers:
+        rule = recipe.get(info.name)
+        bpw = "" if rule is None else f"{layer_bits(rule, info.out_features, info.in_features) / info.numel:.3f}"
+        rows.append((info.name, info.kind, str(info.block), "-" if rule is None else rule.label(), bpw))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if metrics is not None:
+        lines.append(f"bpw {metrics.bpw:.3f}  size {metrics.model_mb:.3f} MB  KL {metrics.kl:.4g}  "
+                     f"ppl {metrics.ppl:.3f}  top1 {metrics.top1:.3f}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,109 @@
+"""Action-space kinds: how an agent's action becomes a survival rule.
+
+``discrete`` picks from a menu of rules (PPO, A2C, DQN); ``multidiscrete`` picks each knob
+(bits × group × surviving fraction × rounding); ``continuous`` maps a Box in [-1, 1] to the same
+knobs HAQ-style, so SAC, TD3 and DDPG have something to act on. Every kind can also list the
+rules it can produce, which the budget enforcement uses to find a cheaper substitute.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+
+from qenv.errors import QenvError
+from qenv.quant.rules import Rule
+
+ACTION_SPACE_KINDS: tuple[str, ...] = ("discrete", "multidiscrete", "continuous")
+
+DEFAULT_MENU: tuple[Rule, ...] = (
+    Rule(bits=2, group_size=64),
+    Rule(bits=2, group_size=32, rounding="gptq"),
+    Rule(bits=3, group_size=128),
+    Rule(bits=3, group_size=32),
+    Rule(bits=3, group_size=128, rounding="gptq"),
+    Rule(bits=3, group_size=64, rounding="gptq", outlier_fraction=0.005),
+    Rule(bits=4, group_size=128),
+    Rule(bits=4, group_size=128, rounding="gptq"),
+    Rule(bits=5, group_size=128),
+    Rule(bits=6, group_size=128),
+    Rule(bits=8, group_size=128),
+)
+
+#: knob values of the multidiscrete and continuous kinds
+KNOB_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+KNOB_GROUPS: tuple[int, ...] = (32, 64, 128, -1)
+KNOB_OUTLIERS: tuple[float, ...] = (0.0, 0.005, 0.01)
+KNOB_ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
+
+
+def parse_menu(menu: Sequence[Rule | dict[str, Any] | str] | None) -> tuple[Rule, ...]:
+    """A menu from rules, rule dicts or preset-style labels; rejects an empty or malformed menu."""
+    if menu is None:
+        return DEFAULT_MENU
+    if isinstance(menu, (str, bytes)) or not isinstance(menu, Sequence):
+        raise QenvError("The rule menu must be a list of rules.", "pass e.g. menu=[{'bits': 4}, {'bits': 8}].")
+    if len(menu) == 0:
+        raise QenvError("The rule menu is empty.", "pass at least one rule, or omit `menu` for the default menu.")
+    rules = []
+    for item in menu:
+        if isinstance(item, Rule):
+            rules.append(item)
+        elif isinstance(item, dict):
+            rules.append(Rule.from_dict(item))
+        else:
+            raise QenvError(f"Menu entry {item!r} is not a rule.", "give each entry as a dict of rule fields, e.g. {'bits': 4, 'group_size': 128}.")
+    if len(set(rules)) != len(rules):
+        raise QenvError("The rule menu lists the same rule twice.", "remove the duplicates.")
+    return tuple(rules)
+
+
+class ActionMapper:
+    """Maps actions of one space kind to rules."""
+
+    def __init__(self, kind: str, menu: Sequence[Rule] | None = None) -> None:
+        if kind not in ACTION_SPACE_KINDS:
+            raise QenvError(f"Unknown action space kind {kind!r}.", f"use one of {ACTION_SPACE_KINDS}.")
+        self.kind = kind
+        self.menu = parse_menu(menu)
+        if kind == "discrete":
+            self.space: spaces.Space = spaces.Discrete(len(self.menu))
+            self.rules: tuple[Rule, ...] = self.menu
+        else:
+            knobs = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS)
+            self.rules = tuple(self._knob_rule(*combo) for combo in itertools.product(*knobs))
+            if kind == "multidiscrete":
+                self.space = spaces.MultiDiscrete([len(k) for k in knobs])
+            else:
+                self.space = spaces.Box(-1.0, 1.0, shape=(len(knobs),), dtype=np.float32)
+
+    @staticmethod
+    def _knob_rule(bits: int, group: int, outliers: float, rounding: str) -> Rule:
+        return Rule(bits=bits, group_size=group, outlier_fraction=outliers, rounding=rounding)
+
+    def to_rule(self, action: Any) -> Rule:
+        if self.kind == "discrete":
+            index = int(np.asarray(action).reshape(-1)[0])
+            if not 0 <= index < len(self.menu):
+                raise QenvError(f"Action {index} is outside the menu of {len(self.menu)} rules.")
+            return self.menu[index]
+        knobs = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS)
+        values = np.asarray(action, dtype=np.float64).reshape(-1)
+        if values.shape[0] != len(knobs):
+            raise QenvError(f"Action {action!r} must have {len(knobs)} entries (bits, group, outliers, rounding).")
+        if self.kind == "multidiscrete":
+            idx = [int(np.clip(v, 0, len(k) - 1)) for v, k in zip(values, knobs)]
+        else:  # HAQ-style: [-1, 1] split into equal bins per knob
+            idx = [int(np.clip(np.floor((v + 1.0) / 2.0 * len(k)), 0, len(k) - 1)) for v, k in zip(values, knobs)]
+        return self._knob_rule(*(k[i] for k, i in zip(knobs, idx)))
+
+    def rule_index(self, rule: Rule) -> int:
+        """Position of ``rule`` among the rules this space can produce (for observations)."""
+        try:
+            return self.rules.index(rule)
+        except ValueError:
+            return -1

@@ -1,0 +1,1 @@
+"""Fidelity measurement: token sets, the full-precision reference, and the evaluator."""

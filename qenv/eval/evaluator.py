@@ -1,0 +1,245 @@
+"""The evaluator: how far a recipe moves a model from its full-precision self.
+
+``Evaluator.evaluate`` is the plain path (apply the recipe, run the model, restore).
+``Evaluator.stream`` runs the same computation block by block, so an environment can advance
+hidden states as an agent fixes each block's rules and pay about one forward pass per episode;
+completed prefixes are cached, so recipes that share their first blocks share that work.
+Both paths score with the same function and must agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from qenv.errors import QenvError
+from qenv.eval.blocks import BlockCall, block_returns_tuple, capture_block_inputs, run_block, run_head
+from qenv.eval.reference import Reference, cached_reference, default_cache_dir
+from qenv.eval.tokens import TokenSet
+from qenv.models.layers import LayerInfo, find_blocks
+from qenv.models.loading import LoadedModel
+from qenv.quant.accounting import bits_per_weight, model_bytes
+from qenv.quant.apply import QuantizedWeights
+from qenv.quant.quantizer import LayerCalibration
+from qenv.quant.rules import KEEP, Rule
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Fidelity and size of one recipe. ``kl`` is mean per-token KL(full precision ‖ quantized)."""
+
+    kl: float
+    ppl: float
+    top1: float
+    bpw: float
+    model_bytes: int
+    n_tokens: int
+
+    @property
+    def model_mb(self) -> float:
+        return self.model_bytes / 1e6
+
+    def to_dict(self) -> dict[str, float]:
+        data = asdict(self)
+        data["model_mb"] = self.model_mb
+        return data
+
+
+class _Score:
+    """Running sums of KL, NLL and top-1 agreement over scored positions."""
+
+    def __init__(self) -> None:
+        self.kl = 0.0
+        self.nll = 0.0
+        self.top1 = 0
+        self.count = 0
+
+    def add(self, logits: torch.Tensor, ref_logprobs: torch.Tensor, ids: torch.Tensor) -> None:
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        if not torch.isfinite(logprobs).all():
+            raise QenvError("The quantized model produced NaN or inf logits.",
+                            "check the model's weights and dtype (float16 overflows easily; try float32 or bfloat16).")
+        ref = ref_logprobs.to(logprobs.device)
+        self.kl += float((ref.exp() * (ref - logprobs)).sum())
+        targets = ids[:, 1:].to(logprobs.device)
+        self.nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
+        self.top1 += int((logprobs.argmax(-1) == ref.argmax(-1)).sum())
+        self.count += targets.numel()
+
+    def metrics(self, bpw: float, size: int) -> Metrics:
+        n = max(self.count, 1)
+        return Metrics(kl=max(self.kl / n, 0.0), ppl=math.exp(min(self.nll / n, 700.0)), top1=self.top1 / n,
+                       bpw=bpw, model_bytes=size, n_tokens=self.count)
+
+
+def stage_of(info: LayerInfo) -> int:
+    """When a layer's rule takes effect in a block-by-block pass: embeddings (and a head tied to
+    them) act before block 0, the lm_head after the last block."""
+    if info.kind == "embed" or info.tied_to is not None:
+        return -1
+    return info.block
+
+
+class Evaluator:
+    """Scores recipes on one model and one token set; everything recipe-independent is cached."""
+
+    def __init__(self, loaded: LoadedModel, tokens: TokenSet, *, batch_size: int = 8,
+                 cache_dir: str | Path | None | bool = None, max_weight_cache_bytes: int = 2 << 30,
+                 max_prefix_cache_bytes: int = 1 << 30, progress: bool = False) -> None:
+        if batch_size < 1:
+            raise QenvError(f"batch_size={batch_size} must be at least 1.")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokens = tokens
+        self.layers: list[LayerInfo] = list(loaded.layers)
+        self.batches = [b.to(loaded.device) for b in tokens.batches(batch_size)]
+        self.cache_dir = None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
+        self.progress = progress
+        self._blocks = find_blocks(self.model)[1]
+        self._reference: Reference | None = None
+        self._block_inputs: dict[tuple, tuple[list[torch.Tensor], list[BlockCall]]] = {}
+        self._as_tuple: bool | None = None
+        self.weights = QuantizedWeights(self.model, self.layers, self.calibration_of, max_weight_cache_bytes)
+        self._prefix: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+        self._prefix_bytes = 0
+        self.max_prefix_cache_bytes = max_prefix_cache_bytes
+        self.prefix_hits = 0
+        self.blocks_run = 0
+        self.stages: dict[int, list[LayerInfo]] = {}
+        for info in self.layers:
+            self.stages.setdefault(stage_of(info), []).append(info)
+
+    # -- recipe-independent pieces, computed once ---------------------------------------------
+    @property
+    def reference(self) -> Reference:
+        if self._reference is None:
+            with torch.inference_mode():
+                self.weights.restore()
+                self._reference = cached_reference(
+                    self.model, self.layers, self.batches, self.loaded.fingerprint, self.tokens.fingerprint,
+                    self.cache_dir, progress=self.progress)
+        return self._reference
+
+    def calibration_of(self, name: str) -> LayerCalibration | None:
+        return self.reference.calibration.get(name)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self._blocks)
+
+    def size(self, recipe: Mapping[str, Rule]) -> tuple[float, int]:
+        """(bits per weight over targeted layers, total model bytes) of a recipe."""
+        return bits_per_weight(self.layers, recipe), model_bytes(self.model, self.layers, recipe)
+
+    # -- plain path ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def evaluate(self, recipe: Mapping[str, Rule]) -> Metrics:
+        """Apply the recipe, run the whole model over the tokens, restore the weights."""
+        ref = self.reference
+        score = _Score()
+        with self.weights.applied(recipe):
+            for ids, ref_lp in zip(self.batches, ref.logprobs):
+                score.add(self.model(input_ids=ids, use_cache=False).logits, ref_lp, ids)
+        return score.metrics(*self.size(recipe))
+
+    # -- streaming path --------------------------------------------------------------------------
+    def stage_key(self, recipe: Mapping[str, Rule], stage: int) -> tuple:
+        return tuple(recipe.get(info.name, KEEP) for s in sorted(self.stages) if s <= stage for info in self.stages[s])
+
+    def _inputs(self, recipe: Mapping[str, Rule]) -> tuple[list[torch.Tensor], list[BlockCall]]:
+        """Hidden states entering block 0 (they depend only on embedding rules)."""
+        key = self.stage_key(recipe, -1)
+        if key not in self._block_inputs:
+            embed_rules = {info.name: recipe.get(info.name, KEEP) for info in self.stages.get(-1, [])}
+            with torch.inference_mode(), self.weights.applied(embed_rules):
+                pairs = [capture_block_inputs(self.model, self._blocks, ids) for ids in self.batches]
+            self._block_inputs[key] = ([h for h, _ in pairs], [c for _, c in pairs])
+        return self._block_inputs[key]
+
+    def _remember(self, key: tuple, hidden: list[torch.Tensor]) -> None:
+        size = sum(h.numel() * h.element_size() for h in hidden)
+        if size > self.max_prefix_cache_bytes:
+            return
+        self._prefix[key] = hidden
+        self._prefix_bytes += size
+        while self._prefix_bytes > self.max_prefix_cache_bytes:
+            _, old = self._prefix.popitem(last=False)
+            self._prefix_bytes -= sum(h.numel() * h.element_size() for h in old)
+
+    def stream(self) -> Stream:
+        return Stream(self)
+
+    def evaluate_blockwise(self, recipe: Mapping[str, Rule]) -> Metrics:
+        """The streaming path run to the end in one go (reuses cached prefixes)."""
+        return self.stream().finish(recipe)
+
+
+class Stream:
+    """One block-by-block pass: ``advance`` runs blocks whose rules are fixed, ``finish`` scores."""
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.ev = evaluator
+        self.done = -1  # blocks < done+1 have been run... -1: nothing run yet
+        self.hidden: list[torch.Tensor] | None = None
+        self.calls: list[BlockCall] | None = None
+
+    @torch.inference_mode()
+    def advance(self, recipe: Mapping[str, Rule], upto_block: int) -> None:
+        """Run blocks up to and including ``upto_block`` with ``recipe``'s rules for their layers."""
+        ev = self.ev
+        if self.hidden is None:
+            self.hidden, self.calls = ev._inputs(recipe)
+            self.done = -1
+        upto_block = min(upto_block, ev.n_blocks - 1)
+        while self.done < upto_block:
+            block = self.done + 1
+            key = ev.stage_key(recipe, block)
+            cached = ev._prefix.get(key)
+            if cached is not None:
+                ev._prefix.move_to_end(key)
+                ev.prefix_hits += 1
+                self.hidden = cached
+            else:
+                rules = {info.name: recipe.get(info.name, KEEP) for info in ev.stages.get(block, [])}
+                assert self.calls is not None
+                with ev.weights.applied(rules):
+                    self.hidden = [run_block(ev._blocks[block], h, c) for h, c in zip(self.hidden, self.calls)]
+                ev.blocks_run += 1
+                ev._remember(key, self.hidden)
+            self.done = block
+
+    def block_error(self, block: int) -> float:
+        """Relative squared error of ``block``'s output against full precision (after advancing)."""
+        ref = self.ev.reference.block_outputs
+        if ref is None or self.hidden is None or self.done != block:
+            raise QenvError("Block errors need reference block outputs and a stream positioned at that block.")
+        num = sum(float((h.float() - r.float()).square().sum()) for h, r in zip(self.hidden, ref[block]))
+        den = sum(float(r.float().square().sum()) for r in ref[block])
+        return num / max(den, 1e-30)
+
+    @torch.inference_mode()
+    def finish(self, recipe: Mapping[str, Rule]) -> Metrics:
+        """Run the remaining blocks and the head, and score against the reference."""
+        ev = self.ev
+        self.advance(recipe, ev.n_blocks - 1)
+        assert self.hidden is not None and self.calls is not None
+        if ev._as_tuple is None:
+            ev._as_tuple = block_returns_tuple(ev._blocks[0], *ev._inputs({})[0][:1], ev._inputs({})[1][0])
+        head_rules = {info.name: recipe.get(info.name, KEEP) for info in ev.stages.get(ev.n_blocks, [])}
+        score = _Score()
+        with ev.weights.applied(head_rules):
+            for ids, h, ref_lp in zip(ev.batches, self.hidden, ev.reference.logprobs):
+                score.add(run_head(ev.model, ev._blocks, ids, h, ev._as_tuple), ref_lp, ids)
+        return score.metrics(*ev.size(recipe))
+
+
+def recipe_digest(recipe: Mapping[str, Rule]) -> str:
+    """A stable short hash of a recipe, for file names and logs."""
+    text = "|".join(f"{name}={rule.label()}" for name, rule in sorted(recipe.items()))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]

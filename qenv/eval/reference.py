@@ -1,0 +1,184 @@
+"""The full-precision reference, computed once per (model, tokens) and cached on disk.
+
+One forward pass over the calibration tokens yields everything that does not depend on a recipe:
+the reference log-probabilities (for KL and top-1), each block's output hidden states (for dense
+rewards), and each layer's input statistics (``rms(x)`` and ``XᵀX``, for activation-aware rules
+and GPTQ). Layers that read the same input tensor (q/k/v, gate/up) share one Hessian.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qenv.io import atomic_path
+from qenv.models.layers import LayerInfo, find_blocks, get_module
+from qenv.quant.quantizer import LayerCalibration
+
+#: Hessians of layers wider than this are not collected (GPTQ on them raises a clear error).
+MAX_HESSIAN_DIM = 16384
+CACHE_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("QENV_CACHE_DIR", Path.home() / ".cache" / "qenv"))
+
+
+@dataclass
+class Reference:
+    """Recipe-independent outputs of the full-precision model, one entry per token batch."""
+
+    logprobs: list[torch.Tensor]  # [B, T-1, V] float32 log-softmax at positions predicting a token
+    block_outputs: list[list[torch.Tensor]] | None  # [block][batch] -> [B, T, d]
+    calibration: dict[str, LayerCalibration]
+
+
+class _StatsCollector:
+    """Forward hooks that accumulate ``XᵀX`` and ``Σx²`` of each targeted layer's input."""
+
+    def __init__(self, model: nn.Module, layers: list[LayerInfo]) -> None:
+        self.owner: dict[str, str] = {}
+        self.hessian: dict[str, torch.Tensor] = {}
+        self.sumsq: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self._seen: dict[tuple[int, tuple[int, ...]], str] = {}
+        self._first_batch = True
+        self.handles = []
+        for info in layers:
+            if info.kind == "embed":
+                continue
+            module = get_module(model, info.name)
+            self.handles.append(module.register_forward_hook(self._hook(info)))
+
+    def _hook(self, info: LayerInfo):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            if self._first_batch:
+                self.owner[info.name] = self._seen.setdefault(key, info.name)
+            if self.owner.get(info.name) != info.name:
+                return
+            rows = x.reshape(-1, x.shape[-1]).float()
+            name = info.name
+            if name not in self.sumsq:
+                self.sumsq[name] = torch.zeros(rows.shape[1], device=rows.device)
+                self.rows[name] = 0
+                if rows.shape[1] <= MAX_HESSIAN_DIM:
+                    self.hessian[name] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
+            self.sumsq[name] += rows.square().sum(0)
+            self.rows[name] += rows.shape[0]
+            if name in self.hessian:
+                self.hessian[name].addmm_(rows.T, rows)
+
+        return hook
+
+    def next_batch(self) -> None:
+        self._first_batch = False
+        self._seen.clear()
+
+    def close(self) -> dict[str, LayerCalibration]:
+        for handle in self.handles:
+            handle.remove()
+        shared: dict[str, LayerCalibration] = {}
+        for owner in set(self.owner.values()):
+            n = max(self.rows[owner], 1)
+            hessian = self.hessian.get(owner)
+            shared[owner] = LayerCalibration(
+                act_rms=(self.sumsq[owner] / n).sqrt(), hessian=None if hessian is None else hessian.div_(n)
+            )
+        return {name: shared[owner] for name, owner in self.owner.items()}
+
+
+@torch.inference_mode()
+def compute_reference(model: nn.Module, layers: list[LayerInfo], batches: list[torch.Tensor],
+                      keep_block_outputs: bool = True, progress: bool = False) -> Reference:
+    """One full-precision pass: reference log-probs, block outputs and layer statistics."""
+    _, blocks = find_blocks(model)
+    stats = _StatsCollector(model, layers)
+    outputs: list[list[torch.Tensor]] = [[] for _ in blocks]
+    handles = []
+    if keep_block_outputs:
+        for i, block in enumerate(blocks):
+            def keep(module: nn.Module, inputs: object, out: object, i: int = i) -> None:
+                outputs[i].append((out[0] if isinstance(out, tuple) else out).detach().clone())
+            handles.append(block.register_forward_hook(keep))
+    logprobs = []
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="reference pass", unit="batch", leave=False)
+    try:
+        for ids in iterator:
+            logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits
+            logprobs.append(torch.log_softmax(logits[:, :-1].float(), dim=-1))
+            stats.next_batch()
+    finally:
+        for handle in handles:
+            handle.remove()
+    calibration = stats.close()
+    return Reference(logprobs, outputs if keep_block_outputs else None, calibration)
+
+
+def _cache_file(cache_dir: Path, model_key: str, tokens_key: str) -> Path:
+    return cache_dir / f"reference-v{CACHE_VERSION}-{model_key}-{tokens_key}.safetensors"
+
+
+def save_reference(path: Path, ref: Reference) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for b, lp in enumerate(ref.logprobs):
+        tensors[f"logprobs.{b}"] = lp
+    if ref.block_outputs is not None:
+        for i, per_block in enumerate(ref.block_outputs):
+            for b, h in enumerate(per_block):
+                tensors[f"block.{i}.{b}"] = h
+    for name, cal in ref.calibration.items():
+        tensors[f"rms.{name}"] = cal.act_rms
+        if cal.hessian is not None:
+            tensors[f"hessian.{name}"] = cal.hessian
+    seen: set[int] = set()
+    for key, value in list(tensors.items()):  # safetensors refuses shared storage: store copies
+        if id(value) in seen:
+            tensors[key] = value.clone()
+        seen.add(id(value))
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+def load_reference(path: Path, n_batches: int, n_blocks: int, device: torch.device) -> Reference:
+    data = load_file(str(path), device=str(device))
+    logprobs = [data[f"logprobs.{b}"] for b in range(n_batches)]
+    block_outputs = None
+    if "block.0.0" in data:
+        block_outputs = [[data[f"block.{i}.{b}"] for b in range(n_batches)] for i in range(n_blocks)]
+    calibration = {}
+    for key, rms in data.items():
+        if key.startswith("rms."):
+            name = key[len("rms."):]
+            calibration[name] = LayerCalibration(rms, data.get(f"hessian.{name}"))
+    return Reference(logprobs, block_outputs, calibration)
+
+
+def cached_reference(model: nn.Module, layers: list[LayerInfo], batches: list[torch.Tensor], model_key: str,
+                     tokens_key: str, cache_dir: Path | None, progress: bool = False) -> Reference:
+    """``compute_reference``, read from / written to ``cache_dir`` when one is given."""
+    n_blocks = len(find_blocks(model)[1])
+    device = next(model.parameters()).device
+    layers_key = hashlib.sha1("|".join(info.name for info in layers).encode()).hexdigest()[:8]
+    if cache_dir is not None:
+        path = _cache_file(Path(cache_dir), model_key + "-" + layers_key, tokens_key + f"-b{len(batches)}")
+        if path.is_file():
+            try:
+                return load_reference(path, len(batches), n_blocks, device)
+            except (KeyError, OSError, RuntimeError, ValueError):
+                path.unlink(missing_ok=True)  # stale or damaged: recompute
+    ref = compute_reference(model, layers, batches, progress=progress)
+    if cache_dir is not None:
+        save_reference(path, ref)
+    return ref

@@ -1,0 +1,108 @@
+"""Token sets: the text a quantized model is judged on.
+
+Tokens come from text files, or are sampled from the full-precision model itself with a fixed
+seed, so that any model can be evaluated with no dataset at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qenv.errors import QenvError
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """``ids`` is ``[n_sequences, seq_len]``; every position but the last predicts the next token."""
+
+    ids: torch.Tensor
+    source: str
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha1(self.ids.cpu().numpy().tobytes())
+        digest.update(str(tuple(self.ids.shape)).encode())
+        return digest.hexdigest()[:16]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.ids.numel()
+
+    def batches(self, batch_size: int) -> list[torch.Tensor]:
+        return list(torch.split(self.ids, batch_size))
+
+
+def _check_sizes(n_tokens: int, seq_len: int) -> int:
+    if seq_len < 2:
+        raise QenvError(f"seq_len={seq_len} is too short.", "use a sequence length of at least 2 tokens.")
+    if n_tokens < seq_len:
+        raise QenvError(f"n_tokens={n_tokens} is smaller than seq_len={seq_len}.", "ask for at least one sequence.")
+    return n_tokens // seq_len
+
+
+def tokens_from_text(
+    tokenizer: object,
+    paths: str | Path | Sequence[str | Path],
+    n_tokens: int,
+    seq_len: int,
+    offset_tokens: int = 0,
+) -> TokenSet:
+    """The first ``n_tokens`` tokens (after ``offset_tokens``) of the files, cut into sequences."""
+    n_seq = _check_sizes(n_tokens, seq_len)
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if tokenizer is None:
+        raise QenvError("This model has no tokenizer, so text files cannot be tokenized for it.",
+                        "omit the data files to evaluate on tokens sampled from the model itself.")
+    texts = []
+    for path in paths:
+        if not path.is_file():
+            raise QenvError(f"Text file {path} does not exist.", "pass an existing UTF-8 text file.")
+        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    text = "\n".join(texts)
+    if not text.strip():
+        raise QenvError(f"Text file(s) {', '.join(map(str, paths))} are empty.", "pass a file with text in it.")
+    need = n_seq * seq_len + offset_tokens
+    chars = min(len(text), max(4096, need * 8))
+    while True:  # tokenize only as much text as needed: corpora can be large
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= need or chars >= len(text):
+            break
+        chars = min(len(text), chars * 2)
+    if len(ids) < need:
+        raise QenvError(
+            f"Text file(s) {', '.join(map(str, paths))} hold only {len(ids)} tokens, fewer than the {need} asked for.",
+            "use a longer file or ask for fewer tokens (--n-tokens).",
+        )
+    ids_t = torch.tensor(ids[offset_tokens:need], dtype=torch.long).view(n_seq, seq_len)
+    return TokenSet(ids_t, f"text:{','.join(p.name for p in paths)}[{offset_tokens}:{need}]")
+
+
+@torch.inference_mode()
+def tokens_from_model(model: torch.nn.Module, n_tokens: int, seq_len: int, seed: int = 0,
+                      bos_token_id: int | None = None, batch_size: int = 16) -> TokenSet:
+    """Sequences sampled from the model itself (temperature 1), reproducible from ``seed``."""
+    n_seq = _check_sizes(n_tokens, seq_len)
+    device = next(model.parameters()).device
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    sequences = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # sample reproducibly without touching the caller's RNG
+        torch.manual_seed(seed)
+        for start in range(0, n_seq, batch_size):
+            b = min(batch_size, n_seq - start)
+            if bos_token_id is not None:
+                prompt = torch.full((b, 1), bos_token_id, dtype=torch.long)
+            else:
+                prompt = torch.randint(vocab, (b, 1))
+            out = model.generate(
+                prompt.to(device), attention_mask=torch.ones_like(prompt).to(device),
+                do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=0,
+            )
+            sequences.append(out[:, :seq_len].cpu())
+    return TokenSet(torch.cat(sequences), f"sampled:seed={seed}")

@@ -1,0 +1,181 @@
+"""``load_model``: one entry point from a model spec to a model ready for quantization.
+
+A spec is a local transformers folder, a hub id, a llama2.c checkpoint (``.bin``), a built-in
+name (``default``), or ``tiny-<arch>`` (a random-weight model for tests and speed benchmarks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qenv.errors import QenvError
+from qenv.models.layers import LayerInfo, discover_layers, find_blocks
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+#: built-in names -> folder under ``qenv/models/builtin``
+BUILTIN_MODELS: dict[str, str] = {"default": "wikitext-llama", "wikitext-llama": "wikitext-llama"}
+DEFAULT_MODEL = "default"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and its quantizable layers, in forward order."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    spec: str
+    layers: list[LayerInfo]
+    fingerprint: str
+    blocks_path: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_blocks(self) -> int:
+        return len(find_blocks(self.model)[1])
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` picks cuda when present; asking for cuda without one is a clear error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise QenvError(f"Unknown device {device!r}.", "use 'cpu', 'cuda', 'cuda:N' or 'auto'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QenvError("Device 'cuda' was asked for, but no CUDA GPU is available here.",
+                        "pass --device cpu (or 'auto').")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 on CPU, bfloat16 on GPU, unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise QenvError(f"Unknown dtype {dtype!r}.", f"use one of {sorted(names)}.")
+    return names[dtype]
+
+
+def _fingerprint(model: nn.Module, dtype: torch.dtype) -> str:
+    """A cache key that changes when the architecture or any weight changes (hashes a sample of each)."""
+    digest = hashlib.sha1()
+    config = getattr(model, "config", None)
+    digest.update(type(model).__name__.encode())
+    if config is not None:
+        digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(str(dtype).encode())
+    for name, param in model.named_parameters():
+        flat = param.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu()
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(source).is_dir()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        text = str(exc)
+        if "trust_remote_code" in text:
+            raise QenvError(f"Model {source!r} needs custom code from its repository.",
+                            "pass trust_remote_code=True (--trust-remote-code) if you trust its authors.") from None
+        raise QenvError(f"Model {source!r} is not a causal LM that transformers can load ({text.splitlines()[0]}).",
+                        "pass a folder or hub id of a causal language model.") from None
+    except OSError as exc:
+        where = "folder" if local else "hub id"
+        raise QenvError(f"Could not load {where} {source!r} as a transformers model ({str(exc).splitlines()[0]}).",
+                        "check the path holds config.json and weights, or that the hub is reachable.") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # a model without a tokenizer still works with sampled tokens
+    return model, tokenizer
+
+
+def load_model(
+    spec: str | Path | LoadedModel,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    include_lm_head: bool = False,
+    include_embeddings: bool = False,
+    tokenizer_path: str | Path | None = None,
+) -> LoadedModel:
+    """Load a causal LM from any supported spec, on ``device``, in eval mode, gradients off."""
+    if isinstance(spec, LoadedModel):
+        return spec
+    spec_str = str(spec)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = Path(spec_str).expanduser()
+    name = spec_str
+    if spec_str in BUILTIN_MODELS:
+        model, tokenizer = _load_transformers(str(BUILTIN_DIR / BUILTIN_MODELS[spec_str]), dt, False)
+        name = BUILTIN_MODELS[spec_str]
+    elif spec_str.startswith("tiny-"):
+        from qenv.models.tiny import build_tiny_model
+
+        model, tokenizer = build_tiny_model(spec_str[len("tiny-"):], dtype=dt), None
+    elif path.is_file() and path.suffix == ".bin":
+        from qenv.models.llama2c import load_llama2c
+
+        model, tokenizer = load_llama2c(path, tokenizer_path=tokenizer_path, dtype=dt)
+        name = path.stem
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QenvError(f"Folder {path} is not a transformers model (it has no config.json).",
+                            "pass a folder written by save_pretrained, a llama2.c .bin, or a hub id.")
+        model, tokenizer = _load_transformers(str(path), dt, trust_remote_code)
+        name = path.name
+    elif path.exists():
+        raise QenvError(f"{path} is neither a model folder nor a llama2.c checkpoint (.bin).",
+                        "pass a transformers model folder, a llama2.c .bin file, or a hub id.")
+    elif spec_str.count("/") == 1 and not spec_str.startswith((".", "/", "~")):
+        model, tokenizer = _load_transformers(spec_str, dt, trust_remote_code)
+    else:
+        raise QenvError(
+            f"Model {spec_str!r} was not found: no such file or folder, and it is not a built-in name or hub id.",
+            f"pass a model folder, a llama2.c .bin, a hub id like 'org/name', or one of {sorted(BUILTIN_MODELS)}.",
+        )
+    model = model.to(dev).eval()
+    model.requires_grad_(False)
+    layers = discover_layers(model, include_lm_head=include_lm_head, include_embeddings=include_embeddings)
+    blocks_path, _ = find_blocks(model)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, spec=spec_str, layers=layers,
+        fingerprint=_fingerprint(model, dt), blocks_path=blocks_path,
+    )

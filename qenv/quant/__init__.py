@@ -1,0 +1,1 @@
+"""Survival rules, the quantizer, exact size accounting, recipe application and presets."""

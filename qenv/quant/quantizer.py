@@ -1,0 +1,222 @@
+"""The quantizer: one implementation of every survival rule.
+
+``quantize_matrix`` turns an ``[out, in]`` weight matrix into its dequantized image under a
+:class:`~qenv.quant.rules.Rule`. Everything in qenv that needs quantized weights (environment,
+presets, searchers, exports) goes through here, so there is exactly one definition of what a
+rule does. The math runs in float32; scales are rounded to fp16 exactly as they would be stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qenv.errors import QenvError
+from qenv.quant.rules import Rule, n_outliers
+
+#: clip ratios tried per group when ``Rule.mse_clip`` is set
+MSE_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
+GPTQ_BLOCK = 128
+GPTQ_DAMP = 0.01
+
+
+@dataclass
+class LayerCalibration:
+    """What the quantizer may know about a layer's inputs on calibration tokens.
+
+    ``act_rms[j]`` is the root-mean-square of input channel ``j``; ``hessian`` is ``XᵀX / n``
+    (``[in, in]``), needed only by GPTQ rounding.
+    """
+
+    act_rms: torch.Tensor
+    hessian: torch.Tensor | None = None
+
+    @property
+    def hessian_diag(self) -> torch.Tensor:
+        if self.hessian is not None:
+            return torch.diagonal(self.hessian)
+        return self.act_rms.square()
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Per-group scale and zero point, expanded to one value per weight."""
+
+    scale: torch.Tensor  # [out, in]
+    zero: torch.Tensor  # [out, in]
+    maxq: int
+
+
+def _fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest fp16 value (how scales are stored), avoiding zero and infinity."""
+    tiny = torch.finfo(torch.float16).tiny
+    return x.clamp(min=tiny, max=65504.0).half().float()
+
+
+def _group_ranges(
+    w: torch.Tensor, valid: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max over valid entries; groups run along the input dimension."""
+    out_f, in_f = w.shape
+    n_groups = -(-in_f // group)
+    pad = n_groups * group - in_f
+    inf = torch.tensor(float("inf"), device=w.device)
+    lo = torch.where(valid, w, inf)
+    hi = torch.where(valid, w, -inf)
+    if pad:
+        lo = torch.nn.functional.pad(lo, (0, pad), value=float("inf"))
+        hi = torch.nn.functional.pad(hi, (0, pad), value=float("-inf"))
+    lo = lo.view(out_f, n_groups, group).amin(dim=2)
+    hi = hi.view(out_f, n_groups, group).amax(dim=2)
+    # Keep zero inside the range (as GPTQ does): all-outlier groups and all-zero groups stay exact.
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo)).clamp(max=0.0)
+    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi)).clamp(min=0.0)
+    return lo, hi
+
+
+def _expand(per_group: torch.Tensor, group: int, in_f: int) -> torch.Tensor:
+    return per_group.repeat_interleave(group, dim=1)[:, :in_f]
+
+
+def _grid(lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float, rule: Rule, group: int, in_f: int) -> _Grid:
+    maxq = 2**rule.bits - 1
+    if rule.symmetric:
+        amax = torch.maximum(-lo, hi) * clip
+        scale = _fp16_round(2.0 * amax / maxq)
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        lo, hi = lo * clip, hi * clip
+        scale = _fp16_round((hi - lo) / maxq)
+        zero = torch.round(-lo / scale).clamp(0, maxq)
+    return _Grid(_expand(scale, group, in_f), _expand(zero, group, in_f), maxq)
+
+
+def _fake_quant(w: torch.Tensor, grid: _Grid) -> torch.Tensor:
+    q = torch.clamp(torch.round(w / grid.scale) + grid.zero, 0, grid.maxq)
+    return (q - grid.zero) * grid.scale
+
+
+def _choose_grid(
+    w: torch.Tensor, valid: torch.Tensor, rule: Rule, group: int, importance: torch.Tensor | None
+) -> _Grid:
+    """Scales for ``w``: a fixed clip ratio, or the per-group ratio with the least weighted MSE."""
+    out_f, in_f = w.shape
+    lo, hi = _group_ranges(w, valid, group)
+    if not rule.mse_clip:
+        return _grid(lo, hi, rule.clip, rule, group, in_f)
+    n_groups = lo.shape[1]
+    weight = torch.ones(in_f, device=w.device) if importance is None else importance
+    best_err = torch.full((out_f, n_groups), float("inf"), device=w.device)
+    best_clip = torch.ones((out_f, n_groups), device=w.device)
+    pad = n_groups * group - in_f
+    for ratio in MSE_CLIP_GRID:
+        err = ((_fake_quant(w, _grid(lo, hi, ratio, rule, group, in_f)) - w) ** 2) * weight * valid
+        if pad:
+            err = torch.nn.functional.pad(err, (0, pad))
+        err = err.view(out_f, n_groups, group).sum(dim=2)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_clip = torch.where(better, torch.full_like(best_clip, ratio), best_clip)
+    return _grid(lo, hi, best_clip, rule, group, in_f)
+
+
+def salience_scores(w: torch.Tensor, rule: Rule, calib: LayerCalibration | None) -> torch.Tensor:
+    """``|w|^a * rms(x)^b * diag(H)^c`` for every weight; ``a, b, c = rule.salience``."""
+    a, b, c = rule.salience
+    score = w.abs().clamp_min(1e-12) ** a
+    if b != 0 or c != 0:
+        if calib is None:
+            raise QenvError(f"Rule {rule.label()} scores salience from activations but no calibration was given.")
+        per_channel = calib.act_rms.clamp_min(1e-12) ** b * calib.hessian_diag.clamp_min(1e-12) ** c
+        score = score * per_channel.to(w.device)[None, :]
+    return score
+
+
+def _outlier_mask(w: torch.Tensor, rule: Rule, calib: LayerCalibration | None) -> torch.Tensor:
+    k = n_outliers(rule, w.numel())
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    if k:
+        top = torch.topk(salience_scores(w, rule, calib).flatten(), k).indices
+        mask[top] = True
+    return mask.view_as(w)
+
+
+def _channel_scale(rule: Rule, calib: LayerCalibration | None, device: torch.device) -> torch.Tensor | None:
+    if rule.act_scale <= 0:
+        return None
+    if calib is None:
+        raise QenvError(f"Rule {rule.label()} scales by activations but no calibration was given.")
+    s = calib.act_rms.to(device).clamp_min(1e-8) ** rule.act_scale
+    return s / torch.sqrt(s.max() * s.min())
+
+
+def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ: quantize column by column, spreading each column's error over later columns."""
+    out_f, in_f = w.shape
+    w = w.clone()
+    h = hessian.to(w.device, torch.float32).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += torch.eye(in_f, device=w.device) * (GPTQ_DAMP * torch.diagonal(h).mean())
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise QenvError("GPTQ failed: the calibration Hessian is not positive definite.",
+                        "use more calibration tokens or a rule with rounding='nearest'.") from None
+    result = torch.zeros_like(w)
+    valid = ~keep
+    grid: _Grid | None = None
+    for start in range(0, in_f, GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, in_f)
+        w_block = w[:, start:end].clone()
+        err_block = torch.zeros_like(w_block)
+        hinv_block = hinv[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            if col % group == 0:
+                # Scales of a group come from the weights as updated so far (GPTQ's non-static groups).
+                g_end = min(col + group, in_f)
+                current = torch.cat([w_block[:, i:], w[:, end:]], dim=1)[:, : g_end - col]
+                sub = _choose_grid(current, valid[:, col:g_end], rule, group, None)
+                grid = _Grid(sub.scale[:, :1], sub.zero[:, :1], sub.maxq)
+            assert grid is not None
+            wc = w_block[:, i : i + 1]
+            qc = _fake_quant(wc, grid)
+            qc = torch.where(keep[:, col : col + 1], wc, qc)
+            result[:, col : col + 1] = qc
+            err = (wc - qc) / hinv_block[i, i]
+            w_block[:, i:] -= err @ hinv_block[i : i + 1, i:]
+            err_block[:, i : i + 1] = err
+        w[:, end:] -= err_block @ hinv[start:end, end:]
+    return result
+
+
+def quantize_matrix(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None = None) -> torch.Tensor:
+    """The dequantized image of an ``[out, in]`` matrix under ``rule`` (same dtype and device)."""
+    if rule.keeps:
+        return weight.clone()
+    w = weight.detach().float()
+    if not torch.isfinite(w).all():
+        raise QenvError("The weight matrix holds NaN or inf values; it cannot be quantized.")
+    out_f, in_f = w.shape
+    group = in_f if rule.group_size == -1 else min(rule.group_size, in_f)
+    keep = _outlier_mask(w, rule, calib)
+    scale = _channel_scale(rule, calib, w.device)
+    ws = w if scale is None else w * scale[None, :]
+    if rule.rounding == "gptq":
+        if calib is None or calib.hessian is None:
+            raise QenvError(f"Rule {rule.label()} uses GPTQ rounding, which needs the layer's calibration Hessian.")
+        hessian = calib.hessian.to(w.device).float()
+        if scale is not None:
+            hessian = hessian / scale[None, :] / scale[:, None]
+        q = _gptq(ws, keep, rule, group, hessian)
+    else:
+        importance = None if calib is None or not rule.mse_clip else calib.hessian_diag.to(w.device).float()
+        if importance is not None and scale is not None:
+            importance = importance / scale.square()
+        q = _fake_quant(ws, _choose_grid(ws, ~keep, rule, group, importance))
+    if scale is not None:
+        q = q / scale[None, :]
+    q = torch.where(keep, w.half().float(), q)
+    return q.to(weight.dtype)
