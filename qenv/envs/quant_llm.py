@@ -108,7 +108,7 @@ class QuantLLMEnv(gym.Env):
         seed: seeds the sampled calibration tokens (episodes are seeded through ``reset``).
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
     def __init__(
         self,
@@ -134,7 +134,7 @@ class QuantLLMEnv(gym.Env):
     ) -> None:
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise QenvError(f"Unknown render_mode {render_mode!r}.", "use 'ansi' or leave it unset.")
+            raise QenvError(f"Unknown render_mode {render_mode!r}.", "use 'ansi', 'rgb_array' or leave it unset.")
         if not isinstance(budget_bpw, (int, float)) or not 0 < budget_bpw <= 16:
             raise QenvError(f"budget_bpw={budget_bpw!r} is out of range.", "use a number of bits per weight in (0, 16].")
         if budget_mode not in BUDGET_MODES:
@@ -279,10 +279,12 @@ class QuantLLMEnv(gym.Env):
             info["table"] = self.render()
         return obs, float(reward), terminated, False, info
 
-    def render(self) -> str | None:
-        if self.render_mode != "ansi":
-            return None
-        return recipe_table(self.task.layers, self.recipe, self.last_metrics)
+    def render(self) -> str | np.ndarray | None:
+        if self.render_mode == "ansi":
+            return recipe_table(self.task.layers, self.recipe, self.last_metrics)
+        if self.render_mode == "rgb_array":
+            return recipe_image(self.task.layers, self.recipe, self.budget_bpw)
+        return None
 
 
 def recipe_table(layers: list[LayerInfo], recipe: dict[str, Rule], metrics: Metrics | None = None) -> str:
@@ -299,3 +301,22 @@ def recipe_table(layers: list[LayerInfo], recipe: dict[str, Rule], metrics: Metr
         lines.append(f"bpw {metrics.bpw:.3f}  size {metrics.model_mb:.3f} MB  KL {metrics.kl:.4g}  "
                      f"ppl {metrics.ppl:.3f}  top1 {metrics.top1:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def recipe_image(layers: list[LayerInfo], recipe: dict[str, Rule], budget_bpw: float) -> np.ndarray:
+    """Bits per weight of each decided layer as a bar chart, ``[H, W, 3]`` uint8."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 2.5), dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    values = [layer_bits(recipe[i.name], i.out_features, i.in_features) / i.numel if i.name in recipe else 0.0
+              for i in layers]
+    ax.bar(range(len(layers)), values, color="tab:blue")
+    ax.axhline(budget_bpw, color="tab:red", linestyle="--", linewidth=1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("bits / weight")
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
