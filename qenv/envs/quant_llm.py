@@ -17,8 +17,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from safetensors.torch import load_file, save_file
 
 from qenv.errors import QenvError
+from qenv.eval.reference import resolve_cache_dir
+from qenv.io import atomic_path
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.features import EPISODE_NAMES, OBS_DIM, OBS_LIMIT, STATIC_NAMES, static_features
@@ -58,12 +61,25 @@ class ModelTask:
 _TASKS: dict[tuple, ModelTask] = {}
 
 
-def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens: int, seq_len: int, seed: int) -> TokenSet:
-    """Calibration tokens: from text files when given, else sampled from the model with ``seed``."""
+def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens: int, seq_len: int, seed: int,
+                cache_dir: str | Path | None | bool = None) -> TokenSet:
+    """Calibration tokens: from text files when given, else sampled from the model with ``seed``
+    (sampled tokens are cached on disk: generation is slow and they depend only on these inputs)."""
     if data:
         return tokens_from_text(loaded.tokenizer, data, n_tokens, seq_len)
+    folder = resolve_cache_dir(cache_dir)
+    path = None if folder is None else folder / f"tokens-{loaded.fingerprint}-s{seed}-n{n_tokens}-l{seq_len}.safetensors"
+    if path is not None and path.is_file():
+        try:
+            return TokenSet(load_file(str(path))["ids"], f"sampled:seed={seed}")
+        except (OSError, KeyError, ValueError, RuntimeError):
+            path.unlink(missing_ok=True)
     bos = getattr(loaded.tokenizer, "bos_token_id", None) if loaded.tokenizer is not None else None
-    return tokens_from_model(loaded.model, n_tokens, seq_len, seed=seed, bos_token_id=bos)
+    tokens = tokens_from_model(loaded.model, n_tokens, seq_len, seed=seed, bos_token_id=bos)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            save_file({"ids": tokens.ids.contiguous()}, str(tmp))
+    return tokens
 
 
 def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Sequence[str] | None, n_tokens: int,
@@ -74,7 +90,7 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     if key in _TASKS:
         return _TASKS[key]
     loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
-    tokens = make_tokens(loaded, data, n_tokens, seq_len, seed)
+    tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
     evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir)
     order = sorted(range(len(loaded.layers)), key=lambda i: (stage_of(loaded.layers[i]), i))
     layers = [loaded.layers[i] for i in order]

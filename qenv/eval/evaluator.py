@@ -20,7 +20,7 @@ import torch
 
 from qenv.errors import QenvError
 from qenv.eval.blocks import BlockCall, block_returns_tuple, capture_block_inputs, run_block, run_head
-from qenv.eval.reference import Reference, cached_reference, default_cache_dir
+from qenv.eval.reference import Reference, cached_reference, resolve_cache_dir
 from qenv.eval.tokens import TokenSet
 from qenv.models.layers import LayerInfo, find_blocks
 from qenv.models.loading import LoadedModel
@@ -99,7 +99,7 @@ class Evaluator:
         self.tokens = tokens
         self.layers: list[LayerInfo] = list(loaded.layers)
         self.batches = [b.to(loaded.device) for b in tokens.batches(batch_size)]
-        self.cache_dir = None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir = resolve_cache_dir(cache_dir)
         self.progress = progress
         self._blocks = find_blocks(self.model)[1]
         self._reference: Reference | None = None
@@ -231,7 +231,10 @@ class Stream:
         assert self.hidden is not None and self.calls is not None
         if ev._as_tuple is None:
             ev._as_tuple = block_returns_tuple(ev._blocks[0], *ev._inputs({})[0][:1], ev._inputs({})[1][0])
-        head_rules = {info.name: recipe.get(info.name, KEEP) for info in ev.stages.get(ev.n_blocks, [])}
+        # A tied head/embedding matrix is applied before block 0 (stage -1) but is also the head, so the
+        # head must run with it quantized too, exactly as in the plain path.
+        head_rules = {info.name: recipe.get(info.name, KEEP) for info in ev.layers
+                      if stage_of(info) == ev.n_blocks or info.tied_to is not None}
         score = _Score()
         with ev.weights.applied(head_rules):
             for ids, h, ref_lp in zip(ev.batches, self.hidden, ev.reference.logprobs):

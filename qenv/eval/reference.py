@@ -30,6 +30,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("QENV_CACHE_DIR", Path.home() / ".cache" / "qenv"))
 
 
+def resolve_cache_dir(cache_dir: str | Path | None | bool) -> Path | None:
+    """``None`` means the default cache folder ($QENV_CACHE_DIR or ~/.cache/qenv); ``False`` disables caching."""
+    if cache_dir is False:
+        return None
+    if cache_dir is None or cache_dir is True:
+        return default_cache_dir()
+    return Path(cache_dir)
+
+
 @dataclass
 class Reference:
     """Recipe-independent outputs of the full-precision model, one entry per token batch."""
