@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +52,41 @@ class Metrics:
         return data
 
 
+@contextmanager
+def oom_guard(batch_size: int) -> Iterator[None]:
+    """Turn an out-of-memory error into advice instead of a traceback."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise QenvError(f"Out of memory while running batches of {batch_size} sequences.",
+                        "use a smaller batch_size (--batch-size), fewer or shorter calibration sequences, "
+                        "or a lower-precision dtype.") from None
+
+
+def first_nonfinite_module(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
+    """The first module (in call order) whose output holds NaN or inf, for error messages."""
+    found: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        def hook(mod: torch.nn.Module, inputs: object, output: object, name: str = name) -> None:
+            tensor = output[0] if isinstance(output, tuple) else output
+            if not found and isinstance(tensor, torch.Tensor) and tensor.is_floating_point() \
+                    and not torch.isfinite(tensor).all():
+                found.append(name or type(model).__name__)
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
+class NonFiniteLogits(Exception):
+    """Raised by scoring when logits are NaN/inf; the evaluator turns it into a QenvError naming the layer."""
+
+
 class _Score:
     """Running sums of KL, NLL and top-1 agreement over scored positions."""
 
@@ -63,8 +99,7 @@ class _Score:
     def add(self, logits: torch.Tensor, ref_logprobs: torch.Tensor, ids: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         if not torch.isfinite(logprobs).all():
-            raise QenvError("The quantized model produced NaN or inf logits.",
-                            "check the model's weights and dtype (float16 overflows easily; try float32 or bfloat16).")
+            raise NonFiniteLogits
         ref = ref_logprobs.to(logprobs.device)
         self.kl += float((ref.exp() * (ref - logprobs)).sum())
         targets = ids[:, 1:].to(logprobs.device)
@@ -98,6 +133,7 @@ class Evaluator:
         self.model = loaded.model
         self.tokens = tokens
         self.layers: list[LayerInfo] = list(loaded.layers)
+        self.batch_size = batch_size
         self.batches = [b.to(loaded.device) for b in tokens.batches(batch_size)]
         self.cache_dir = resolve_cache_dir(cache_dir)
         self.progress = progress
@@ -119,7 +155,7 @@ class Evaluator:
     @property
     def reference(self) -> Reference:
         if self._reference is None:
-            with torch.inference_mode():
+            with torch.inference_mode(), oom_guard(self.batch_size):
                 self.weights.restore()
                 self._reference = cached_reference(
                     self.model, self.layers, self.batches, self.loaded.fingerprint, self.tokens.fingerprint,
@@ -139,14 +175,29 @@ class Evaluator:
 
     # -- plain path ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def evaluate(self, recipe: Mapping[str, Rule]) -> Metrics:
-        """Apply the recipe, run the whole model over the tokens, restore the weights."""
+    def evaluate(self, recipe: Mapping[str, Rule], max_batches: int | None = None) -> Metrics:
+        """Apply the recipe, run the whole model over the tokens, restore the weights.
+
+        ``max_batches`` scores only the first token batches: a cheaper, noisier estimate that
+        searchers screen candidates with; ``Metrics.n_tokens`` says how many tokens were scored.
+        """
         ref = self.reference
         score = _Score()
-        with self.weights.applied(recipe):
-            for ids, ref_lp in zip(self.batches, ref.logprobs):
+        n = len(self.batches) if max_batches is None else max(1, int(max_batches))
+        with self.weights.applied(recipe), oom_guard(self.batch_size), self._nonfinite_guard(recipe):
+            for ids, ref_lp in zip(self.batches[:n], ref.logprobs[:n]):
                 score.add(self.model(input_ids=ids, use_cache=False).logits, ref_lp, ids)
         return score.metrics(*self.size(recipe))
+
+    @contextmanager
+    def _nonfinite_guard(self, recipe: Mapping[str, Rule]) -> Iterator[None]:
+        try:
+            yield
+        except NonFiniteLogits:
+            with self.weights.applied(recipe):
+                where = first_nonfinite_module(self.model, self.batches[0])
+            raise QenvError(f"The model produced NaN or inf values, first in module {where or '?'}.",
+                            "check that layer's weights, or use float32/bfloat16 (float16 overflows easily).") from None
 
     # -- streaming path --------------------------------------------------------------------------
     def stage_key(self, recipe: Mapping[str, Rule], stage: int) -> tuple:
@@ -208,7 +259,7 @@ class Stream:
             else:
                 rules = {info.name: recipe.get(info.name, KEEP) for info in ev.stages.get(block, [])}
                 assert self.calls is not None
-                with ev.weights.applied(rules):
+                with ev.weights.applied(rules), oom_guard(ev.batch_size):
                     self.hidden = [run_block(ev._blocks[block], h, c) for h, c in zip(self.hidden, self.calls)]
                 ev.blocks_run += 1
                 ev._remember(key, self.hidden)
@@ -236,7 +287,7 @@ class Stream:
         head_rules = {info.name: recipe.get(info.name, KEEP) for info in ev.layers
                       if stage_of(info) == ev.n_blocks or info.tied_to is not None}
         score = _Score()
-        with ev.weights.applied(head_rules):
+        with ev.weights.applied(head_rules), oom_guard(ev.batch_size), ev._nonfinite_guard(recipe):
             for ids, h, ref_lp in zip(ev.batches, self.hidden, ev.reference.logprobs):
                 score.add(run_head(ev.model, ev._blocks, ids, h, ev._as_tuple), ref_lp, ids)
         return score.metrics(*ev.size(recipe))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -185,7 +186,7 @@ def cached_reference(model: nn.Module, layers: list[LayerInfo], batches: list[to
         if path.is_file():
             try:
                 return load_reference(path, len(batches), n_blocks, device)
-            except (KeyError, OSError, RuntimeError, ValueError):
+            except (KeyError, OSError, RuntimeError, ValueError, SafetensorError):
                 path.unlink(missing_ok=True)  # stale or damaged: recompute
     ref = compute_reference(model, layers, batches, progress=progress)
     if cache_dir is not None:

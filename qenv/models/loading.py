@@ -101,6 +101,15 @@ def _fingerprint(model: nn.Module, dtype: torch.dtype) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model whose weights hold NaN or inf, naming the first bad tensor."""
+    for name, param in model.named_parameters():
+        bad = int((~torch.isfinite(param)).sum())
+        if bad:
+            raise QenvError(f"Weight {name} holds {bad} NaN/inf value(s); the model cannot be evaluated.",
+                            "re-download or re-convert the checkpoint; check it was saved without overflow.")
+
+
 def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,8 +180,13 @@ def load_model(
             f"Model {spec_str!r} was not found: no such file or folder, and it is not a built-in name or hub id.",
             f"pass a model folder, a llama2.c .bin, a hub id like 'org/name', or one of {sorted(BUILTIN_MODELS)}.",
         )
-    model = model.to(dev).eval()
+    try:
+        model = model.to(dev).eval()
+    except torch.OutOfMemoryError:
+        raise QenvError(f"Out of memory while moving {name} to {dev}.",
+                        "use a smaller model, dtype='bfloat16', or device='cpu'.") from None
     model.requires_grad_(False)
+    check_finite_weights(model)
     layers = discover_layers(model, include_lm_head=include_lm_head, include_embeddings=include_embeddings)
     blocks_path, _ = find_blocks(model)
     return LoadedModel(

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from qenv.errors import QenvError
 from qenv.models.layers import LayerInfo, get_weight, to_storage_layout, weight_parameter
 from qenv.quant.quantizer import LayerCalibration, quantize_matrix
 from qenv.quant.rules import Rule
@@ -67,6 +68,9 @@ class QuantizedWeights:
         param.data = self._originals[name]
         try:
             matrix = get_weight(self.model, info)
+            if not torch.isfinite(matrix).all():
+                raise QenvError(f"Layer {name} holds NaN or inf weights; it cannot be quantized.",
+                                "check the checkpoint: its weights overflowed or are corrupt.")
             calib = self.calibration(name) if self.calibration is not None and rule.needs_calibration else None
             quantized = to_storage_layout(info, quantize_matrix(matrix, rule, calib)).contiguous()
         finally:
