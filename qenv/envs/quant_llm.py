@@ -24,7 +24,7 @@ from qenv.eval.reference import resolve_cache_dir
 from qenv.io import atomic_path
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
-from qenv.envs.features import EPISODE_NAMES, OBS_DIM, OBS_LIMIT, STATIC_NAMES, static_features
+from qenv.envs.features import OBS_DIM, OBS_LIMIT, static_features
 from qenv.envs.reward import Reference, check_reward_kind, fidelity_reward, uniform_frontier
 from qenv.envs.spaces import ActionMapper
 from qenv.models.layers import LayerInfo
@@ -274,26 +274,39 @@ class QuantLLMEnv(gym.Env):
         if terminated:
             metrics = self.stream.finish(self.recipe)
             self.last_metrics = metrics
-            ref = task.reference(self.budget_bpw)
-            fidelity = fidelity_reward(self.reward_kind, metrics, ref)
-            size = self.size_weight * (self.budget_bpw - metrics.bpw) / self.budget_bpw
-            penalty = 0.0
-            if self.budget_mode == "penalty":
-                penalty = self.penalty_weight * max(0.0, metrics.bpw - self.budget_bpw)
-            reward += fidelity + size - penalty
-            info.update({
-                "model": task.name, "bpw": metrics.bpw, "model_bytes": metrics.model_bytes,
-                "model_mb": metrics.model_mb, "kl": metrics.kl, "ppl": metrics.ppl, "top1": metrics.top1,
-                "reference_kl": ref.kl, "reference_ppl": ref.ppl, "reference_top1": ref.top1,
-                "reference": ref.description, "fidelity_reward": fidelity, "dense_return": self.dense_return,
-                "budget_bpw": self.budget_bpw, "clamped_actions": self.clamped,
-                "recipe": {name: r.label() for name, r in self.recipe.items()},
-                "recipe_rules": {name: r.to_dict() for name, r in self.recipe.items()},
-            })
+            final, final_info = self.score(metrics, self.recipe)
+            reward += final
+            final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped})
+            info.update(final_info)
         obs = self._observation()
         if self.render_mode == "ansi" and terminated:
             info["table"] = self.render()
         return obs, float(reward), terminated, False, info
+
+    def score(self, metrics: Metrics, recipe: dict[str, Rule]) -> tuple[float, dict[str, Any]]:
+        """The final reward of a finished recipe (no dense terms) and the terminal ``info`` keys.
+
+        The one place the episode's end is scored: ``step`` uses it, and so do searchers that
+        evaluate recipes without stepping (see :mod:`qenv.envs.reward` for the formula).
+        """
+        task = self.task
+        ref = task.reference(self.budget_bpw)
+        fidelity = fidelity_reward(self.reward_kind, metrics, ref)
+        size = self.size_weight * (self.budget_bpw - metrics.bpw) / self.budget_bpw
+        penalty = 0.0
+        if self.budget_mode == "penalty":
+            penalty = self.penalty_weight * max(0.0, metrics.bpw - self.budget_bpw)
+        reward = fidelity + size - penalty
+        info = {
+            "model": task.name, "bpw": metrics.bpw, "model_bytes": metrics.model_bytes,
+            "model_mb": metrics.model_mb, "kl": metrics.kl, "ppl": metrics.ppl, "top1": metrics.top1,
+            "n_tokens": metrics.n_tokens, "reference_kl": ref.kl, "reference_ppl": ref.ppl,
+            "reference_top1": ref.top1, "reference": ref.description, "fidelity_reward": fidelity,
+            "budget_bpw": self.budget_bpw, "budget_met": metrics.bpw <= self.budget_bpw + 1e-9,
+            "recipe": {info.name: recipe[info.name].label() for info in task.layers if info.name in recipe},
+            "recipe_rules": {info.name: recipe[info.name].to_dict() for info in task.layers if info.name in recipe},
+        }
+        return reward, info
 
     def render(self) -> str | np.ndarray | None:
         if self.render_mode == "ansi":

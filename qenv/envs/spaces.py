@@ -22,12 +22,14 @@ ACTION_SPACE_KINDS: tuple[str, ...] = ("discrete", "multidiscrete", "continuous"
 
 DEFAULT_MENU: tuple[Rule, ...] = (
     Rule(bits=2, group_size=64),
-    Rule(bits=2, group_size=32, rounding="gptq"),
+    Rule(bits=2, group_size=32, act_scale=0.5, mse_clip=True),
     Rule(bits=3, group_size=128),
-    Rule(bits=3, group_size=32),
+    Rule(bits=3, group_size=128, act_scale=0.5, mse_clip=True),
     Rule(bits=3, group_size=128, rounding="gptq"),
+    Rule(bits=3, group_size=32, act_scale=0.5, mse_clip=True),
     Rule(bits=3, group_size=64, rounding="gptq", outlier_fraction=0.005),
     Rule(bits=4, group_size=128),
+    Rule(bits=4, group_size=128, act_scale=0.5, mse_clip=True),
     Rule(bits=4, group_size=128, rounding="gptq"),
     Rule(bits=5, group_size=128),
     Rule(bits=6, group_size=128),

@@ -1,0 +1,260 @@
+"""Agents by name: the built-in ones, plug-ins by import path, and installed entry points.
+
+``make_agent(name_or_path, env, seed=0, **hyperparams)`` accepts
+
+- a registered name: ``ppo`` (default), ``a2c``, ``dqn``, ``sac``, ``td3``, ``ddpg``,
+  ``recurrent_ppo`` (needs sb3-contrib), and the searchers ``uniform``, ``llamacpp``, ``greedy``,
+  ``random``, ``evolution``;
+- a plug-in ``package.module:Class`` (or ``path/to/file.py:Class``), called as
+  ``Class(env, seed=seed, **hyperparams)``;
+- the name of an entry point in the ``qenv.agents`` group of any installed package::
+
+      [project.entry-points."qenv.agents"]
+      depth = "mypkg.agents:DepthAgent"
+
+Built-ins are registered by import path, so nothing heavy is imported until an agent is built.
+A factory's ``action_kinds`` (given to :func:`register_agent`, or a class attribute of a plug-in)
+lists the action-space kinds it handles; asking for another kind is a :class:`QenvError` that
+names the kinds that work and the agents that handle the environment's kind.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from agents.base import Agent, action_kind
+from qenv.envs.spaces import ACTION_SPACE_KINDS
+from qenv.errors import QenvError
+
+DEFAULT_AGENT = "ppo"
+ENTRY_POINT_GROUP = "qenv.agents"
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """A registered agent: its factory (a callable, or a ``module:attr`` string imported on use)."""
+
+    name: str
+    factory: Callable[..., Any] | str
+    action_kinds: tuple[str, ...] | None = None  # None: read the factory's attribute, else all kinds
+    description: str = ""
+    entry_point: Any = None  # an importlib.metadata.EntryPoint, loaded on use
+
+    def load(self) -> Callable[..., Any]:
+        if self.entry_point is not None:
+            return _load_entry_point(self.entry_point)
+        if isinstance(self.factory, str):
+            return import_object(self.factory, self.name)
+        return self.factory
+
+    def kinds(self) -> tuple[str, ...]:
+        if self.action_kinds is not None:
+            return self.action_kinds
+        return _check_kinds(getattr(self.load(), "action_kinds", ACTION_SPACE_KINDS), self.name)
+
+
+AGENTS: dict[str, AgentSpec] = {}
+
+
+def _normalize(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def _check_kinds(kinds: Sequence[str] | str, name: str) -> tuple[str, ...]:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in ACTION_SPACE_KINDS]
+    if bad or not kinds:
+        raise QenvError(f"Agent {name!r} declares unknown action kinds {bad or list(kinds)}.",
+                        f"use a non-empty subset of {ACTION_SPACE_KINDS}.")
+    return kinds
+
+
+def register_agent(name: str, factory: Callable[..., Any] | str, action_kinds: Sequence[str] | None = None,
+                   description: str = "", overwrite: bool = False) -> AgentSpec:
+    """Register ``factory`` (called as ``factory(env, seed=seed, **hyperparams)``) under ``name``.
+
+    ``factory`` may be a ``"module:attr"`` string, imported only when the agent is built.
+    ``action_kinds`` defaults to the factory's ``action_kinds`` attribute, else all kinds.
+    """
+    key = _normalize(name)
+    if not key or ":" in key:
+        raise QenvError(f"Agent name {name!r} is not valid.", "use a short name without ':' such as 'my_agent'.")
+    if key in AGENTS and not overwrite:
+        raise QenvError(f"An agent named {key!r} is already registered.", "pick another name or pass overwrite=True.")
+    if not (callable(factory) or (isinstance(factory, str) and ":" in factory)):
+        raise QenvError(f"The factory of agent {key!r} must be callable or a 'module:attr' string.")
+    kinds = None if action_kinds is None else _check_kinds(action_kinds, key)
+    spec = AgentSpec(key, factory, kinds, description)
+    AGENTS[key] = spec
+    return spec
+
+
+def import_object(target: str, name: str | None = None) -> Any:
+    """Import ``package.module:attr`` or ``path/to/file.py:attr``."""
+    module_name, _, attr = target.rpartition(":")
+    what = f"agent {name!r}" if name and name != target else f"plug-in {target!r}"
+    if not module_name or not attr:
+        raise QenvError(f"{target!r} is not an import path.", "write a plug-in as 'package.module:Class'.")
+    path = Path(module_name).expanduser()
+    if module_name.endswith(".py"):
+        if not path.is_file():
+            raise QenvError(f"The file {path} of {what} does not exist.", "check the path before ':'.")
+        mod_key = f"qenv_plugin_{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+        module = sys.modules.get(mod_key)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(mod_key, path)
+            if spec is None or spec.loader is None:
+                raise QenvError(f"Cannot import {path} for {what}.", "pass a Python source file.")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_key] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[mod_key]
+                raise
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise QenvError(f"Could not import module {module_name!r} for {what} ({exc}).",
+                            "install the package that provides it, or add its folder to PYTHONPATH.") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise QenvError(f"Module {module_name!r} has no attribute {attr!r} (needed by {what}).",
+                            "check the name after ':' (it is case-sensitive).")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _entry_points() -> dict[str, Any]:
+    """Installed ``qenv.agents`` entry points by normalized name (loaded only when used)."""
+    try:
+        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except Exception:  # a broken installed distribution must not break the built-in agents
+        return {}
+    return {_normalize(ep.name): ep for ep in eps}
+
+
+def _load_entry_point(ep: Any) -> Any:
+    try:
+        return ep.load()
+    except ImportError as exc:
+        raise QenvError(f"The entry point {ep.name!r} ({ep.value}) of group {ENTRY_POINT_GROUP!r} could not be "
+                        f"imported ({exc}).", "reinstall the package that provides it.") from None
+
+
+def available_agents() -> list[str]:
+    """Registered agent names, then installed entry-point names not shadowed by them."""
+    names = list(AGENTS)
+    names += sorted(n for n in _entry_points() if n not in AGENTS)
+    return names
+
+
+def agents_for(kind: str) -> list[str]:
+    """Registered agents (with declared kinds) that handle the ``kind`` action space."""
+    return [n for n, spec in AGENTS.items() if spec.action_kinds is None or kind in spec.action_kinds]
+
+
+def resolve_agent(name_or_path: str) -> AgentSpec:
+    """The spec of a registered name, an entry point or a ``module:Class`` plug-in."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise QenvError(f"Agent {name_or_path!r} is not a name.", f"use one of {available_agents()}.")
+    key = _normalize(name_or_path)
+    if key in AGENTS:
+        return AGENTS[key]
+    eps = _entry_points()
+    if key in eps:
+        ep = eps[key]
+        return AgentSpec(key, str(getattr(ep, "value", key)), None, f"entry point {getattr(ep, 'value', '')}", ep)
+    if ":" in name_or_path:
+        return AgentSpec(name_or_path.strip(), name_or_path.strip(), None, "plug-in")
+    names = available_agents()
+    close = difflib.get_close_matches(key, names, n=1)
+    raise QenvError(f"Unknown agent {name_or_path!r}" + (f" (did you mean {close[0]!r}?)." if close else "."),
+                    f"use one of {', '.join(names)}, or a plug-in as 'package.module:Class'.")
+
+
+def _check_hyperparams(factory: Callable[..., Any], name: str, hyperparams: dict[str, Any]) -> None:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if n not in ("self", "env", "seed")
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = sorted(set(hyperparams) - set(accepted))
+    if unknown:
+        raise QenvError(f"Agent {name!r} does not take hyperparameter(s) {unknown}.",
+                        f"use only {accepted}." if accepted else "it takes no hyperparameters.")
+
+
+def check_action_kind(spec: AgentSpec, env: Any) -> None:
+    kind = action_kind(env)
+    kinds = spec.kinds()
+    if kind not in kinds:
+        others = [n for n in agents_for(kind) if n != spec.name]
+        raise QenvError(
+            f"Agent {spec.name!r} does not support the {kind!r} action space; it works with: {', '.join(kinds)}.",
+            f"make the environment with action_kind={kinds[0]!r}"
+            + (f", or pick an agent for {kind} actions: {', '.join(others)}." if others else "."),
+        )
+
+
+def make_agent(name_or_path: str, env: Any, seed: int = 0, **hyperparams: Any) -> Agent:
+    """Build an agent for ``env`` by name, entry point or ``module:Class`` path."""
+    spec = resolve_agent(name_or_path)
+    check_action_kind(spec, env)
+    factory = spec.load()
+    if not callable(factory):
+        raise QenvError(f"Agent {spec.name!r} resolves to {type(factory).__name__}, which cannot be called.",
+                        "point at a class or a function taking (env, seed=..., **hyperparams).")
+    _check_hyperparams(factory, spec.name, hyperparams)
+    agent = factory(env, seed=seed, **hyperparams)
+    missing = [m for m in ("learn", "predict", "save") if not callable(getattr(agent, m, None))]
+    if missing:
+        raise QenvError(f"Agent {spec.name!r} built a {type(agent).__name__} without {', '.join(missing)}().",
+                        "implement the agents.base.Agent protocol: learn, predict, save and load.")
+    return agent
+
+
+def load_agent(name_or_path: str, path: str | Path, env: Any = None) -> Agent:
+    """Load a saved agent with the ``load`` classmethod of the named agent's class."""
+    spec = resolve_agent(name_or_path)
+    factory = spec.load()
+    loader = getattr(factory, "load", None)
+    if not callable(loader):
+        raise QenvError(f"Agent {spec.name!r} cannot be loaded: its factory has no load().",
+                        "register a class with a `load(path, env=None)` classmethod.")
+    if env is not None:
+        check_action_kind(spec, env)
+    return loader(path, env=env)
+
+
+_ALL = ACTION_SPACE_KINDS
+for _name, _target, _kinds, _text in (
+    ("ppo", "agents.sb3:PPOAgent", _ALL, "Proximal Policy Optimization (Stable-Baselines3)"),
+    ("a2c", "agents.sb3:A2CAgent", _ALL, "Advantage Actor-Critic (Stable-Baselines3)"),
+    ("dqn", "agents.sb3:DQNAgent", ("discrete",), "Deep Q-Network (Stable-Baselines3)"),
+    ("sac", "agents.sb3:SACAgent", ("continuous",), "Soft Actor-Critic (Stable-Baselines3)"),
+    ("td3", "agents.sb3:TD3Agent", ("continuous",), "Twin Delayed DDPG (Stable-Baselines3)"),
+    ("ddpg", "agents.sb3:DDPGAgent", ("continuous",), "Deep Deterministic Policy Gradient (Stable-Baselines3)"),
+    ("recurrent_ppo", "agents.sb3:RecurrentPPOAgent", _ALL, "PPO with an LSTM policy (needs sb3-contrib)"),
+    ("uniform", "agents.searchers:UniformSearch", _ALL, "best single rule that fits the budget"),
+    ("llamacpp", "agents.searchers:LlamaCppSearch", _ALL, "llama.cpp-like Q4_K_M / Q3_K_M mix"),
+    ("greedy", "agents.searchers:GreedySearch", _ALL, "HAWQ-style sensitivity allocation"),
+    ("random", "agents.searchers:RandomSearch", _ALL, "random budget-feasible recipes, keep the best"),
+    ("evolution", "agents.searchers:EvolutionSearch", _ALL, "EvoPress-like evolutionary search"),
+):
+    register_agent(_name, _target, _kinds, _text)
