@@ -24,7 +24,7 @@ from qenv.quant.quantizer import LayerCalibration
 
 #: Hessians of layers wider than this are not collected (GPTQ on them raises a clear error).
 MAX_HESSIAN_DIM = 16384
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: Hessian sharing no longer matches freed addresses (v1 files may be wrong)
 
 
 def default_cache_dir() -> Path:
@@ -57,7 +57,9 @@ class _StatsCollector:
         self.hessian: dict[str, torch.Tensor] = {}
         self.sumsq: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
-        self._seen: dict[tuple[int, tuple[int, ...]], str] = {}
+        # The input seen by the previous hook and its owner, held alive so that its address cannot be
+        # reused by a later tensor: matching freed addresses made unrelated layers share a Hessian.
+        self._last: tuple[torch.Tensor, str] | None = None
         self._first_batch = True
         self.handles = []
         for info in layers:
@@ -69,9 +71,13 @@ class _StatsCollector:
     def _hook(self, info: LayerInfo):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0]
-            key = (x.data_ptr(), tuple(x.shape))
             if self._first_batch:
-                self.owner[info.name] = self._seen.setdefault(key, info.name)
+                last = self._last
+                same = last is not None and (last[0] is x or (
+                    last[0].data_ptr() == x.data_ptr() and last[0].shape == x.shape
+                    and last[0].stride() == x.stride()))
+                self.owner[info.name] = last[1] if same else info.name
+                self._last = (x, self.owner[info.name])
             if self.owner.get(info.name) != info.name:
                 return
             rows = x.reshape(-1, x.shape[-1]).float()
@@ -90,7 +96,7 @@ class _StatsCollector:
 
     def next_batch(self) -> None:
         self._first_batch = False
-        self._seen.clear()
+        self._last = None
 
     def close(self) -> dict[str, LayerCalibration]:
         for handle in self.handles:

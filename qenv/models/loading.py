@@ -131,6 +131,8 @@ def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a model without a tokenizer still works with sampled tokens
+    if tokenizer is not None and getattr(tokenizer, "vocab_size", None) == 0:
+        tokenizer = None  # a folder with no tokenizer files can give an empty one (GPT-2, transformers 5)
     return model, tokenizer
 
 

@@ -124,11 +124,11 @@ class Rule:
         if unknown:
             raise QenvError(f"Unknown rule field(s) {unknown}.", f"use only {sorted(known)}.")
         values = dict(data)
-        if "salience" in values:
-            values["salience"] = tuple(values["salience"])
         try:
+            if "salience" in values:
+                values["salience"] = tuple(values["salience"])
             return cls(**values)
-        except TypeError as exc:  # wrong value types
+        except (TypeError, ValueError) as exc:  # wrong value types (e.g. salience 1, clip "high")
             raise QenvError(f"Malformed rule {dict(data)!r}: {exc}.") from None
 
 
