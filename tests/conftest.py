@@ -31,3 +31,15 @@ def default_model_dir() -> Path:
     if not (BUILTIN_DEFAULT / "config.json").is_file():
         pytest.skip(f"embedded default model missing at {BUILTIN_DEFAULT}")
     return BUILTIN_DEFAULT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The models under test are tiny: one intra-op thread is several times faster than two on a
+    busy 2-core machine, and results do not depend on it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
