@@ -84,14 +84,16 @@ def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens:
 
 def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Sequence[str] | None, n_tokens: int,
                seq_len: int, batch_size: int, seed: int, device: str | None, dtype: str | None,
-               include_lm_head: bool, cache_dir: str | Path | None | bool) -> ModelTask:
+               include_lm_head: bool, cache_dir: str | Path | None | bool, weight_cache_gib: float = 2.0) -> ModelTask:
     key = (str(spec) if not isinstance(spec, LoadedModel) else id(spec), tuple(mapper.rules),
-           str(data), n_tokens, seq_len, batch_size, seed, str(device), str(dtype), include_lm_head, str(cache_dir))
+           str(data), n_tokens, seq_len, batch_size, seed, str(device), str(dtype), include_lm_head, str(cache_dir),
+           weight_cache_gib)
     if key in _TASKS:
         return _TASKS[key]
     loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
     tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
-    evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir)
+    evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir,
+                          max_weight_cache_bytes=int(weight_cache_gib * 2**30))
     order = sorted(range(len(loaded.layers)), key=lambda i: (stage_of(loaded.layers[i]), i))
     layers = [loaded.layers[i] for i in order]
     costs = np.array([[layer_bits(r, info.out_features, info.in_features) for r in mapper.rules] for info in layers],
@@ -122,6 +124,8 @@ class QuantLLMEnv(gym.Env):
         n_tokens, seq_len, batch_size: calibration size and batching.
         device, dtype: where and how the model runs (default: cuda if present).
         seed: seeds the sampled calibration tokens (episodes are seeded through ``reset``).
+        weight_cache_gib: memory for quantized weights cached per (layer, rule); size it to hold
+            every menu rule of every layer (about menu size × model size) for the fastest episodes.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -146,6 +150,7 @@ class QuantLLMEnv(gym.Env):
         seed: int = 0,
         include_lm_head: bool = False,
         cache_dir: str | Path | None | bool = None,
+        weight_cache_gib: float = 2.0,
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -171,7 +176,7 @@ class QuantLLMEnv(gym.Env):
         self.tasks = [
             build_task(spec if isinstance(spec, LoadedModel) else str(spec), self.mapper, data=data, n_tokens=n_tokens,
                        seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                       include_lm_head=include_lm_head, cache_dir=cache_dir)
+                       include_lm_head=include_lm_head, cache_dir=cache_dir, weight_cache_gib=weight_cache_gib)
             for spec in specs
         ]
         if self.dense_weight > 0:
