@@ -1,0 +1,380 @@
+#!/usr/bin/env python
+"""Evaluate a trained policy against human-designed presets and searchers at the same budget.
+
+    python eval_agent.py --policy runs/<run>/model.zip [--model SPEC ...] [--budget-bpw B] [--data held-out.txt]
+
+For each model, the policy picks a recipe deterministically; every preset (rtn/gptq/awq at the
+two bit widths bracketing the budget, q3_k_m, q4_k_m, fp16) and every searcher (uniform,
+llamacpp, greedy, random, evolution, with the same evaluation budget) gives one too. All are
+scored by the same evaluator on the same tokens (held-out text with --data, else the
+calibration tokens) and printed as one table per model, sorted by bits per weight, with rows
+over the budget marked '*'. Models the policy was not trained on are reported as "unseen model"
+with the policy's gain over the best preset at or under the budget.
+
+Writes results.json, results.csv and pareto.png (KL vs bpw of every method) into --out
+(default: <run folder>/eval-<date>-<time>); --export adds the policy's recipe per model as
+JSON, llama.cpp --tensor-type overrides and a GPTQModel dynamic config; --save-model writes the
+quantized model (dequantized weights, safetensors) that transformers loads back.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qenv.cli.common import ArgumentParser, fmt, parse_key_values, plain_table, quiet_libraries, run_cli
+from qenv.errors import QenvError
+
+SEARCHERS: tuple[str, ...] = ("uniform", "llamacpp", "greedy", "random", "evolution")
+FRONTIER_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+FIXED_PRESETS: tuple[str, ...] = ("q3_k_m", "q4_k_m", "fp16")
+DEFAULT_SEARCH_EVALS = 16
+_TOL = 1e-9
+
+EXAMPLES = """\
+examples:
+  python eval_agent.py --policy runs/ppo-20250101-120000/model.zip
+  python eval_agent.py --policy runs/x/model.zip --data ../shared/data/wikitext-2/test.txt
+  python eval_agent.py --policy runs/x/model.zip --model default --model tiny-llama --budget-bpw 2.5
+  python eval_agent.py --policy runs/x/model.zip --export --save-model quantized/
+
+Errors print one line, 'error: <problem> Fix: <fix>', and exit with status 2.
+"""
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="eval_agent.py", description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
+    p.add_argument("--policy", required=True, metavar="PATH",
+                   help="the trained agent: runs/<run>/model.zip (or a searcher's model.json)")
+    p.add_argument("--agent", help="agent name or package.module:Class that saved --policy (default: the run's, "
+                                   "from summary.json / config.json beside it, else ppo)")
+    p.add_argument("--model", action="append", metavar="SPEC",
+                   help="model(s) to evaluate on; repeatable (default: the models the policy was trained on)")
+    p.add_argument("--budget-bpw", type=float, metavar="BPW", help="bits-per-weight budget (default: the run's)")
+    p.add_argument("--data", nargs="+", action="extend", metavar="FILE",
+                   help="held-out text file(s) to score every recipe on (default: the calibration tokens)")
+    p.add_argument("--n-tokens", type=int, metavar="N",
+                   help="tokens scored (and calibration tokens of new envs) (default: the run's, else 2048)")
+    p.add_argument("--search-evals", type=int, default=DEFAULT_SEARCH_EVALS, metavar="N",
+                   help="evaluation budget of each searcher, in full evaluations (default: %(default)s)")
+    p.add_argument("--searchers", default=",".join(SEARCHERS), metavar="LIST",
+                   help="comma-separated searchers to compare, or 'none' (default: %(default)s)")
+    p.add_argument("--env-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override environment arguments of the run (YAML values), e.g. seq_len=64")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <policy's folder>/eval-<date>-<time>)")
+    p.add_argument("--export", action="store_true",
+                   help="also write the policy's recipe per model as JSON, llama.cpp --tensor-type overrides and a "
+                        "GPTQModel dynamic config (into <out>/export/<model>/)")
+    p.add_argument("--save-model", metavar="DIR",
+                   help="write the policy-quantized model(s) with save_pretrained (safetensors, dequantized weights, "
+                        "recipe in config.qenv_recipe, tokenizer); with several models, one subfolder each")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-model folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the searchers (default: %(default)s)")
+    p.add_argument("--device", metavar="DEV", help="device of the models: cpu, cuda, cuda:N, auto (default: auto)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads (default: %(default)s; small models run fastest on one)")
+    return p
+
+
+# -- the run the policy came from -------------------------------------------------------------------------
+def read_run(policy: Path) -> dict[str, Any]:
+    """What the run folder of ``policy`` says: agent, env kwargs, training models (may be empty)."""
+    run: dict[str, Any] = {"folder": policy.parent, "summary": None, "config": None}
+    for key, name in (("summary", "summary.json"), ("config", "config.json")):
+        path = policy.parent / name
+        if path.is_file():
+            try:
+                run[key] = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                raise QenvError(f"{path} is not valid JSON.", "pass --agent and --model explicitly, or fix the file."
+                                ) from None
+    settings = (run["summary"] or {}).get("settings") or run["config"] or {}
+    run["agent"] = (run["summary"] or {}).get("agent") or settings.get("agent")
+    run["env_kwargs"] = dict(settings.get("env_kwargs") or {})
+    run["train_models"] = list((run["summary"] or {}).get("train_models") or [])
+    if not run["train_models"] and settings.get("env_kwargs"):
+        model = settings["env_kwargs"].get("model", "default")
+        run["train_models"] = [{"spec": m} for m in (model if isinstance(model, list) else [model])]
+    return run
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+# -- one model ------------------------------------------------------------------------------------------
+def bracketing_presets(evaluator: Any, budget: float) -> list[str]:
+    """rtn/gptq/awq at the widest bit width at or under the budget and the next one above it."""
+    from qenv.quant.presets import rtn, uniform
+
+    sizes = [(b, evaluator.size(uniform(evaluator.layers, rtn(b)))[0]) for b in FRONTIER_BITS]
+    below = [b for b, bpw in sizes if bpw <= budget + _TOL]
+    above = [b for b, bpw in sizes if bpw > budget + _TOL]
+    widths = ([below[-1]] if below else []) + ([above[0]] if above else [])
+    return [f"{family}-w{b}" for b in widths for family in ("rtn", "gptq", "awq")]
+
+
+def scoring_evaluator(task: Any, data: list[str] | None, n_tokens: int, seq_len: int, batch_size: int) -> tuple[Any, str]:
+    """The evaluator every row of a model is scored with, and a description of its tokens.
+
+    Held-out text gets its own reference (logits of the full-precision model on it) but shares
+    the environment's quantized weights: rules are calibrated on the calibration tokens, as the
+    policy and the searchers saw them, and only scored on the held-out text.
+    """
+    from qenv.eval.evaluator import Evaluator
+    from qenv.eval.tokens import tokens_from_text
+
+    ev = task.evaluator
+    if not data:
+        return ev, f"calibration tokens ({ev.tokens.n_tokens}, {ev.tokens.source})"
+    if task.loaded.tokenizer is None:
+        return ev, f"calibration tokens ({ev.tokens.n_tokens}; {task.name} has no tokenizer for the held-out text)"
+    tokens = tokens_from_text(task.loaded.tokenizer, data, n_tokens, seq_len)
+    ev.weights.restore()
+    held = Evaluator(task.loaded, tokens, batch_size=batch_size, cache_dir=ev.cache_dir)
+    held.weights = ev.weights  # one quantizer, one cache: calibrated on the calibration tokens
+    return held, f"held-out text ({tokens.n_tokens} tokens of {', '.join(Path(d).name for d in data)})"
+
+
+def row(method: str, kind: str, metrics: Any, wall: float, budget: float, note: str = "") -> dict[str, Any]:
+    return {"method": method, "kind": kind, "bpw": metrics.bpw, "model_mb": metrics.model_mb, "kl": metrics.kl,
+            "ppl": metrics.ppl, "top1": metrics.top1, "wall_s": wall, "over_budget": metrics.bpw > budget + _TOL,
+            "note": note}
+
+
+def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, budget: float,
+                   env_kwargs: dict[str, Any], searchers: list[str], out: Path) -> dict[str, Any]:
+    from agents.base import rollout_recipe
+    from agents.registry import load_agent, make_agent
+    from qenv.cli.envs import make_quant_env
+    from qenv.quant.presets import preset
+
+    from qenv.models.loading import load_model
+
+    kwargs = {**env_kwargs, "budget_bpw": budget}
+    notes: list[str] = []
+    loaded = load_model(spec, device=kwargs.get("device"), dtype=kwargs.get("dtype"),
+                        include_lm_head=bool(kwargs.get("include_lm_head", False)))
+    if kwargs.get("data") and loaded.tokenizer is None:
+        kwargs.pop("data")  # the run calibrated on text, which this model cannot read
+        notes.append(f"{loaded.name} has no tokenizer: calibrated on tokens sampled from it, not on the run's text")
+    env = make_quant_env(model=loaded, **kwargs)
+    inner = env.unwrapped
+    task = inner.task
+    seq_len = int(kwargs.get("seq_len", 128))
+    n_tokens = int(args.n_tokens or kwargs.get("n_tokens", 2048))
+    scorer, tokens_desc = scoring_evaluator(task, args.data, n_tokens, seq_len, int(kwargs.get("batch_size", 8)))
+    train_prints = {m.get("fingerprint") for m in run["train_models"] if m.get("fingerprint")}
+    train_specs = {str(m.get("spec")) for m in run["train_models"]}
+    seen = task.loaded.fingerprint in train_prints if train_prints else spec in train_specs
+
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    agent = load_agent(agent_name, args.policy, env=env)
+    recipe, info = rollout_recipe(agent, env, deterministic=True)
+    policy_metrics = scorer.evaluate(recipe)
+    policy_row = row(f"policy ({agent_name})", "policy", policy_metrics, time.perf_counter() - t0, budget,
+                     f"{info.get('clamped_actions', 0)} actions lowered by the budget"
+                     if info.get("clamped_actions") else "")
+    rows.append(policy_row)
+    for name in bracketing_presets(task.evaluator, budget) + list(FIXED_PRESETS):
+        t0 = time.perf_counter()
+        metrics = scorer.evaluate(preset(name, task.layers))
+        rows.append(row(name, "preset", metrics, time.perf_counter() - t0, budget))
+    for name in searchers:
+        t0 = time.perf_counter()
+        searcher = make_agent(name, env, seed=args.seed)
+        s_recipe, s_info = searcher.search(env, total_timesteps=args.search_evals * len(task.layers))
+        metrics = scorer.evaluate(s_recipe)
+        evals = getattr(searcher, "evaluations", None)
+        note = f"{evals} evaluations" if evals is not None else ""
+        if s_info.get("mix"):
+            note += f", {s_info['mix']}"
+        rows.append(row(name, "searcher", metrics, time.perf_counter() - t0, budget, note.strip(", ")))
+    rows.sort(key=lambda r: (r["bpw"], r["kind"] != "policy", r["method"]))
+
+    fair = [r for r in rows if r["kind"] == "preset" and not r["over_budget"]]
+    gain = None
+    if fair:
+        best = min(fair, key=lambda r: (r["kl"], r["bpw"]))
+        ratio = best["kl"] / policy_row["kl"] if policy_row["kl"] > 0 else float("inf")
+        gain = {"best_preset": best["method"], "preset_kl": best["kl"], "preset_ppl": best["ppl"],
+                "preset_bpw": best["bpw"], "policy_kl": policy_row["kl"], "policy_ppl": policy_row["ppl"],
+                "kl_ratio": ratio, "ppl_diff": policy_row["ppl"] - best["ppl"]}
+    result = {"model": task.name, "spec": spec, "seen": seen, "fingerprint": task.loaded.fingerprint,
+              "n_layers": len(task.layers), "tokens": tokens_desc, "budget_bpw": budget, "rows": rows, "gain": gain,
+              "policy_recipe": recipe.to_dict(), "policy_over_budget": policy_row["over_budget"], "notes": notes}
+
+    if args.export:
+        from qenv.export import export_all
+
+        folder = out / "export" / safe_name(task.name)
+        export_all(folder, task.layers, recipe, {"model": task.name, "budget_bpw": budget, "agent": agent_name,
+                                                 "policy": str(args.policy), "metrics": policy_metrics.to_dict(),
+                                                 "tokens": tokens_desc})
+        result["export"] = str(folder)
+    if args.save_model:
+        from qenv.export import save_quantized_model
+
+        target = Path(args.save_model) if len(args.models) == 1 else Path(args.save_model) / safe_name(task.name)
+        save_quantized_model(task.evaluator, recipe, target, {"budget_bpw": budget, "agent": agent_name,
+                                                               "metrics": policy_metrics.to_dict(),
+                                                               "tokens": tokens_desc}, overwrite=args.overwrite)
+        result["saved_model"] = str(target)
+    env.close()
+    return result
+
+
+# -- output ---------------------------------------------------------------------------------------------
+def print_model(result: dict[str, Any]) -> None:
+    budget = result["budget_bpw"]
+    status = "trained-on model" if result["seen"] else "unseen model"
+    print(f"\n{result['model']} ({status}), budget {budget:g} bpw, scored on {result['tokens']}")
+    table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}", f"{r['model_mb']:.4f}",
+              fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", f"{r['wall_s']:.2f}", r["note"]]
+             for r in result["rows"]]
+    print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "wall s", "note"], table,
+                      align="llrrrrrrl"))
+    print(f"  (* over the {budget:g} bpw budget)")
+    gain = result["gain"]
+    prefix = "unseen model" if not result["seen"] else "trained-on model"
+    if gain is None:
+        print(f"{prefix} {result['model']}: no preset fits the {budget:g} bpw budget to compare with")
+    else:
+        over = " (policy over budget!)" if result["policy_over_budget"] else ""
+        verdict = "policy better" if gain["kl_ratio"] > 1 else ("equal" if gain["kl_ratio"] == 1 else "policy worse")
+        print(f"{prefix} {result['model']}: policy vs the best preset at or under {budget:g} bpw "
+              f"({gain['best_preset']}): KL {fmt(gain['policy_kl'])} vs {fmt(gain['preset_kl'])}, "
+              f"KL ratio preset/policy {gain['kl_ratio']:.3g}x ({verdict}); ppl {fmt(gain['policy_ppl'])} vs "
+              f"{fmt(gain['preset_ppl'])} ({gain['ppl_diff']:+.4g}){over}")
+    for note in result.get("notes", []):
+        print(f"note: {note}")
+
+
+def write_csv(path: Path, results: list[dict[str, Any]]) -> None:
+    from qenv.io import write_text_atomic
+
+    buf = io.StringIO()
+    cols = ["model", "seen", "method", "kind", "bpw", "model_mb", "kl", "ppl", "top1", "wall_s", "over_budget", "note"]
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    for result in results:
+        for r in result["rows"]:
+            writer.writerow({"model": result["model"], "seen": result["seen"], **{k: r[k] for k in cols[2:]}})
+    write_text_atomic(path, buf.getvalue())
+
+
+def pareto_plot(path: Path, results: list[dict[str, Any]]) -> None:
+    from matplotlib.figure import Figure
+
+    from qenv.callbacks import save_figure
+
+    n = len(results)
+    fig = Figure(figsize=(6.4 * min(n, 3), 4.6 * ((n + 2) // 3)), dpi=100)
+    styles = {"policy": ("*", "tab:red", 180), "preset": ("o", "tab:blue", 40), "searcher": ("^", "tab:green", 50)}
+    for k, result in enumerate(results):
+        ax = fig.add_subplot((n + 2) // 3, min(n, 3), k + 1)
+        for kind, (marker, color, size) in styles.items():
+            pts = [r for r in result["rows"] if r["kind"] == kind and r["kl"] > 0]
+            if pts:
+                ax.scatter([r["bpw"] for r in pts], [r["kl"] for r in pts], marker=marker, color=color, s=size,
+                           label=kind, zorder=3 if kind == "policy" else 2, edgecolor="black", linewidth=0.4)
+            for r in pts:
+                ax.annotate(r["method"], (r["bpw"], r["kl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(result["budget_bpw"], color="gray", linestyle="--", linewidth=1,
+                   label=f"budget {result['budget_bpw']:g}")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight")
+        ax.set_ylabel("KL (fp || quantized)")
+        tag = "" if result["seen"] else " (unseen)"
+        ax.set_title(f"{result['model']}{tag}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("KL vs bits per weight (fp16 has KL 0 and is not drawn)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# -- entry points ---------------------------------------------------------------------------------------
+def _body(argv: list[str] | None) -> int:
+    from qenv.cli.config import check_env_kwargs
+    from qenv.cli.envs import set_torch_threads
+    from qenv.io import write_json_atomic
+
+    quiet_libraries()
+    args = build_parser().parse_args(argv)
+    set_torch_threads(args.threads)
+    policy = Path(args.policy)
+    if not policy.is_file():
+        raise QenvError(f"Policy file {policy} does not exist.", "pass the model.zip of a run folder written by "
+                                                                  "train_agent.py.")
+    args.policy = policy
+    if args.search_evals < 1:
+        raise QenvError(f"--search-evals={args.search_evals} must be at least 1.", "give each searcher at least one evaluation.")
+    if args.n_tokens is not None and args.n_tokens < 1:
+        raise QenvError(f"--n-tokens={args.n_tokens} must be at least 1.", "pass a positive number of tokens.")
+    searchers = [] if args.searchers.strip().lower() == "none" else [s.strip() for s in args.searchers.split(",") if s.strip()]
+    unknown = [s for s in searchers if s not in SEARCHERS]
+    if unknown:
+        raise QenvError(f"Unknown searcher(s) {unknown}.", f"use a comma-separated subset of {','.join(SEARCHERS)}, "
+                                                            "or none.")
+    for path in args.data or []:
+        if not Path(path).is_file():
+            raise QenvError(f"Held-out text file {path} does not exist.", "pass an existing UTF-8 text file to --data.")
+    run = read_run(policy)
+    agent_name = args.agent or run["agent"] or "ppo"
+    from agents.registry import resolve_agent
+
+    resolve_agent(agent_name)
+    env_kwargs = dict(run["env_kwargs"])
+    env_kwargs.update(check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs"))
+    env_kwargs.pop("model", None)
+    if args.device is not None:
+        env_kwargs["device"] = args.device
+    if args.n_tokens is not None:
+        env_kwargs["n_tokens"] = args.n_tokens
+    budget = args.budget_bpw if args.budget_bpw is not None else float(env_kwargs.pop("budget_bpw", 3.0))
+    env_kwargs.pop("budget_bpw", None)
+    if not 0 < budget <= 16:
+        raise QenvError(f"--budget-bpw={budget} is out of range.", "use a number of bits per weight in (0, 16].")
+    models = list(args.model or [m["spec"] for m in run["train_models"]] or ["default"])
+    args.models = models
+    held = set()
+    calib = env_kwargs.get("data")
+    for c in [calib] if isinstance(calib, str) else list(calib or []):
+        held.add(Path(c).resolve())
+    if args.data and any(Path(d).resolve() in held for d in args.data):
+        print("note: --data is also the calibration text: scores are not held-out", flush=True)
+    out = Path(args.out) if args.out else policy.parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    print(f"evaluating {policy} ({agent_name}) at {budget:g} bpw on {', '.join(models)}", flush=True)
+    results = []
+    for spec in models:
+        result = evaluate_model(spec, args, run, agent_name, budget, env_kwargs, searchers, out)
+        print_model(result)
+        results.append(result)
+    payload = {"policy": str(policy), "agent": agent_name, "run": str(run["folder"]), "budget_bpw": budget,
+               "search_evals": args.search_evals, "seed": args.seed, "held_out": list(args.data or []),
+               "train_models": run["train_models"], "models": results}
+    write_json_atomic(out / "results.json", json.loads(json.dumps(payload, default=str)))
+    write_csv(out / "results.csv", results)
+    pareto_plot(out / "pareto.png", results)
+    extra = ["export/"] if args.export else []
+    print(f"\nwrote {out}: results.json, results.csv, pareto.png" + (", " + ", ".join(extra) if extra else ""))
+    if args.save_model:
+        print(f"saved the quantized model(s) in {args.save_model}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the program; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
+    return run_cli(lambda: _body(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

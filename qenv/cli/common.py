@@ -1,0 +1,153 @@
+"""Error handling, argument parsing and run folders shared by the command-line programs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from qenv.errors import QenvError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
+
+
+def format_error(exc: QenvError) -> str:
+    """``error: <problem> Fix: <fix>`` on one line."""
+    text = f"error: {exc.problem}" + (f" Fix: {exc.fix}" if exc.fix else "")
+    return " ".join(text.split())
+
+
+def run_cli(body: Callable[[], int | None], stderr: Any = None) -> int:
+    """Run a program body: a :class:`QenvError` prints one line and returns 2; Ctrl-C returns 130.
+
+    The body handles its own Ctrl-C when it has something to save; this is the last resort for
+    an interrupt during start-up (loading models, computing references).
+    """
+    err = sys.stderr if stderr is None else stderr
+    try:
+        return int(body() or 0)
+    except QenvError as exc:
+        print(format_error(exc), file=err, flush=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=err, flush=True)
+        return EXIT_INTERRUPTED
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose usage errors are :class:`QenvError` (one line, exit 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise QenvError(f"{message}.", f"run `{self.prog} --help` to see the options.")
+
+
+def parse_key_values(items: Sequence[str] | None, what: str = "--env-kwargs") -> dict[str, Any]:
+    """``["budget_bpw=2.5", "menu=[{bits: 4}]"]`` -> ``{"budget_bpw": 2.5, "menu": [{"bits": 4}]}``.
+
+    Values are parsed as YAML (numbers, booleans, lists, mappings; anything else stays a string).
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise QenvError(f"{what} entry {item!r} is not key=value.", f"write e.g. {what} budget_bpw=2.5 reward=ppl.")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise QenvError(f"{what} value of {key!r} ({text!r}) is not valid YAML ({first}).",
+                            "quote strings and write lists as [a, b].") from None
+    return out
+
+
+def check_run_name(name: str) -> str:
+    if not _NAME_RE.match(name) or name in (".", ".."):
+        raise QenvError(f"Run name {name!r} is not a plain folder name.",
+                        "use letters, digits, '.', '_', '-' (no slashes); --logdir picks the parent folder.")
+    return name
+
+
+def default_run_name(logdir: Path, stem: str) -> str:
+    """``<stem>-YYYYmmdd-HHMMSS``, with ``-2``, ``-3``, ... when that folder already exists."""
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, n = base, 1
+    while (logdir / name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def new_run_dir(logdir: str | Path, name: str, overwrite: bool = False) -> Path:
+    """Create ``logdir/name``; an existing non-empty folder is an error unless ``overwrite``."""
+    folder = Path(logdir) / check_run_name(name)
+    if folder.exists() and not folder.is_dir():
+        raise QenvError(f"{folder} exists and is not a folder.", "pick another --name or --logdir.")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            raise QenvError(f"Run folder {folder} already exists.",
+                            f"pass --resume {folder} to continue it, --overwrite to replace it, or another --name.")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def quiet_libraries() -> None:
+    """Keep the programs' output to their own lines and progress bar."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A short human-readable number."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:  # nan
+            return "nan"
+        if value == 0:
+            return "0"
+        if abs(value) >= 1000 or abs(value) < 1e-3:
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def plain_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A plain-text table; ``align`` holds 'l' or 'r' per column (numbers right by default)."""
+    cells = [[str(h) for h in headers]] + [[fmt(c) if not isinstance(c, str) else c for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    if align is None:
+        align = "l" + "r" * (len(headers) - 1)
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""rl-zoo style hyperparameter files.
+
+A config is YAML keyed by environment id, as in rl-baselines3-zoo::
+
+    QuantLLM-v0:
+      n_timesteps: 16384        # default length of a run (--timesteps overrides)
+      policy: MlpPolicy
+      n_steps: 512              # everything else goes to the agent's constructor
+      learning_rate: lin_1e-3   # rl-zoo's linear schedule notation works
+      policy_kwargs: {net_arch: [64, 64], activation_fn: tanh}
+      env_kwargs: {budget_bpw: 3.0}
+
+Besides the agent's own hyperparameters, a section may hold ``n_timesteps``, ``n_envs``,
+``vec_env`` (``dummy`` or ``subproc``), ``checkpoint_freq`` (timesteps) and ``env_kwargs``.
+Anything else that the agent does not take is an error naming the accepted keys.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qenv.errors import QenvError
+
+#: keys of a config section that configure the run, not the agent
+RESERVED_KEYS: tuple[str, ...] = ("n_timesteps", "n_envs", "vec_env", "checkpoint_freq", "env_kwargs")
+VEC_ENVS: tuple[str, ...] = ("dummy", "subproc")
+_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_ACTIVATIONS = {"tanh": "Tanh", "relu": "ReLU", "elu": "ELU", "leaky_relu": "LeakyReLU", "gelu": "GELU",
+                "silu": "SiLU", "sigmoid": "Sigmoid"}
+
+
+class LinearSchedule:
+    """rl-zoo's ``lin_<value>``: decays linearly from ``value`` to 0 over the run (picklable)."""
+
+    def __init__(self, initial: float) -> None:
+        self.initial = float(initial)
+
+    def __call__(self, progress_remaining: float) -> float:
+        return progress_remaining * self.initial
+
+    def __repr__(self) -> str:
+        return f"lin_{self.initial:g}"
+
+
+@dataclass
+class AgentConfig:
+    """One environment's section of a config file, split into run settings and agent hyperparameters."""
+
+    source: str | None = None
+    n_timesteps: int | None = None
+    n_envs: int | None = None
+    vec_env: str | None = None
+    checkpoint_freq: int | None = None
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _positive_int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):  # YAML 1.1 reads 1e5 as a string
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise QenvError(f"{where}: {key}={value!r} must be a positive whole number.", f"write e.g. {key}: 1000.")
+    return int(value)
+
+
+def _convert_value(key: str, value: Any, where: str) -> Any:
+    """YAML 1.1 reads ``3e-4`` as a string; rl-zoo writes schedules as ``lin_3e-4``."""
+    if isinstance(value, str):
+        text = value.strip()
+        if _FLOAT_RE.match(text):
+            return float(text)
+        if text.startswith("lin_"):
+            number = text[4:]
+            if not _FLOAT_RE.match(number):
+                raise QenvError(f"{where}: {key}={value!r} is not a linear schedule.", "write e.g. lin_3e-4.")
+            return LinearSchedule(float(number))
+    return value
+
+
+def _policy_kwargs(value: Any, where: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        raise QenvError(f"{where}: policy_kwargs is the string {value!r}; code in configs is not evaluated.",
+                        "write it as a YAML mapping, e.g. policy_kwargs: {net_arch: [64, 64], activation_fn: tanh}.")
+    if not isinstance(value, dict):
+        raise QenvError(f"{where}: policy_kwargs must be a mapping.", "write e.g. policy_kwargs: {net_arch: [64, 64]}.")
+    out = dict(value)
+    act = out.get("activation_fn")
+    if isinstance(act, str):
+        name = act.split(".")[-1]
+        key = name.lower()
+        cls_name = _ACTIVATIONS.get(key, name)
+        import torch.nn as nn
+
+        cls = getattr(nn, cls_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise QenvError(f"{where}: activation_fn {act!r} is not a torch activation.",
+                            f"use one of {sorted(_ACTIVATIONS)}.")
+        out["activation_fn"] = cls
+    return out
+
+
+def env_kwarg_names() -> list[str]:
+    from qenv.envs.quant_llm import QuantLLMEnv
+
+    params = inspect.signature(QuantLLMEnv.__init__).parameters
+    return [n for n in params if n != "self"]
+
+
+def check_env_kwargs(env_kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(env_kwargs, dict):
+        raise QenvError(f"{where}: env_kwargs must be a mapping.", "write e.g. env_kwargs: {budget_bpw: 3.0}.")
+    known = env_kwarg_names()
+    unknown = sorted(set(env_kwargs) - set(known))
+    if unknown:
+        raise QenvError(f"{where}: unknown environment argument(s) {unknown}.", f"use only {known}.")
+    return {k: _convert_value(k, v, where) for k, v in env_kwargs.items()}
+
+
+def read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise QenvError(f"Config file {path} does not exist.", "pass an existing YAML file, e.g. --config configs/ppo.yaml.")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise QenvError(f"Config file {path} is not valid YAML{where} ({problem}).",
+                        "fix the YAML syntax (indentation, colons, brackets).") from None
+    except UnicodeDecodeError:
+        raise QenvError(f"Config file {path} is not UTF-8 text.", "pass a YAML text file.") from None
+
+
+def load_agent_config(path: str | Path, env_id: str) -> AgentConfig:
+    """Read the section for ``env_id`` (``QuantLLM-v0``) of an rl-zoo style YAML file."""
+    import gymnasium as gym
+
+    path = Path(path)
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise QenvError(f"Config file {path} must map environment ids to hyperparameters.",
+                        f"start it with a line '{env_id}:' followed by indented hyperparameters.")
+    aliases = {env_id, f"qenv:{env_id}"}
+    for key in data:
+        if key not in aliases and (not isinstance(key, str) or key not in gym.registry):
+            raise QenvError(f"Config file {path} has an unknown top-level key {key!r}.",
+                            f"top-level keys are environment ids; put the hyperparameters under '{env_id}:'.")
+    sections = [k for k in data if k in aliases]
+    if not sections:
+        raise QenvError(f"Config file {path} has no section for {env_id}.", f"add a '{env_id}:' section.")
+    return parse_section(data[sections[0]] or {}, f"{path} [{env_id}]", source=str(path))
+
+
+def parse_section(section: Any, where: str, source: str | None = None) -> AgentConfig:
+    """Split one environment's section into run settings and agent hyperparameters (checked)."""
+    if not isinstance(section, dict):
+        raise QenvError(f"{where} must be a mapping of hyperparameters.", "indent 'key: value' lines under it.")
+    cfg = AgentConfig(source=source, raw=dict(section))
+    for key, value in section.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise QenvError(f"{where}: {key!r} is not a hyperparameter name.", "use names like n_steps or learning_rate.")
+        if key == "n_timesteps":
+            cfg.n_timesteps = _positive_int(value, key, where)
+        elif key == "n_envs":
+            cfg.n_envs = _positive_int(value, key, where)
+        elif key == "checkpoint_freq":
+            cfg.checkpoint_freq = _positive_int(value, key, where)
+        elif key == "vec_env":
+            if value not in VEC_ENVS:
+                raise QenvError(f"{where}: vec_env={value!r} is unknown.", f"use one of {VEC_ENVS}.")
+            cfg.vec_env = value
+        elif key == "env_kwargs":
+            cfg.env_kwargs = check_env_kwargs(value or {}, where)
+        elif key == "policy_kwargs":
+            cfg.hyperparams[key] = _policy_kwargs(value, where)
+        else:
+            cfg.hyperparams[key] = _convert_value(key, value, where)
+    return cfg
+
+
+def agent_parameters(agent: str) -> tuple[list[str] | None, Any]:
+    """The hyperparameter names the agent's constructor accepts (``None``: anything), and its factory."""
+    from agents.registry import resolve_agent
+
+    spec = resolve_agent(agent)
+    factory = spec.load()
+    names: set[str] = set()
+    open_ended = False
+    targets = [factory]
+    algorithm = getattr(factory, "algorithm_class", None)
+    if callable(algorithm):  # SB3 wrappers pass extra keywords on to the SB3 algorithm
+        targets.append(algorithm())
+    for n, target in enumerate(targets):
+        try:
+            params = inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            return None, factory
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        names |= {k for k, p in params.items() if k not in ("self", "env", "seed")
+                  and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        if var_kw and n == len(targets) - 1:
+            open_ended = True
+    return (None if open_ended else sorted(names)), factory
+
+
+def check_hyperparams(agent: str, hyperparams: dict[str, Any], where: str) -> None:
+    """Unknown hyperparameters are an error that lists the accepted ones."""
+    accepted, _ = agent_parameters(agent)
+    if accepted is None:
+        return
+    unknown = sorted(set(hyperparams) - set(accepted))
+    if unknown:
+        shown = [k for k in accepted if k not in ("env", "seed")]
+        raise QenvError(f"{where}: unknown key(s) {unknown} for agent {agent!r}.",
+                        f"use {list(RESERVED_KEYS)} or the agent's hyperparameters: {shown}.")
+
+
+def accepts(agent: str, name: str) -> bool:
+    accepted, _ = agent_parameters(agent)
+    return accepted is None or name in accepted

@@ -1,0 +1,81 @@
+"""Environments for the programs: one factory that also works inside ``SubprocVecEnv`` workers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from typing import Any
+
+from qenv.errors import QenvError
+
+ENV_ID = "QuantLLM-v0"
+#: the id that makes gymnasium import qenv first (needed in fresh worker processes)
+QUALIFIED_ENV_ID = f"qenv:{ENV_ID}"
+#: environment variable holding the torch CPU thread count the programs chose (read by workers)
+THREADS_VAR = "QENV_TORCH_THREADS"
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for torch here and in worker processes started later.
+
+    The models of these programs are small: their matrix products are too short to gain from
+    several threads, and on a busy machine spinning threads cost far more (one thread was 25x
+    faster than two for stories260K on 2 shared cores).
+    """
+    import os
+
+    import torch
+
+    if threads is None:
+        return
+    if threads < 1:
+        raise QenvError(f"--threads={threads} must be at least 1.", "pass --threads 1 or more.")
+    os.environ[THREADS_VAR] = str(int(threads))
+    torch.set_num_threads(int(threads))
+
+
+def strip_env_id(env_id: str) -> str:
+    return env_id.split(":", 1)[1] if ":" in env_id else env_id
+
+
+def env_id_of(env_id: str) -> str:
+    """The canonical id for ``--env``: ``QuantLLM-v0`` (``qenv:QuantLLM-v0`` is accepted too)."""
+    if strip_env_id(str(env_id)) != ENV_ID:
+        raise QenvError(f"Unknown environment {env_id!r}: these programs train and evaluate on {ENV_ID}.",
+                        f"pass --env {ENV_ID} (or leave --env out).")
+    return ENV_ID
+
+
+def make_quant_env(**env_kwargs: Any) -> Any:
+    """``gymnasium.make("qenv:QuantLLM-v0", **env_kwargs)``.
+
+    In a worker process (``SubprocVecEnv``) Ctrl-C is ignored: the main process handles it,
+    saves a checkpoint and closes the workers, so no worker prints a traceback.
+    """
+    import os
+
+    import gymnasium as gym
+
+    if multiprocessing.parent_process() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if os.environ.get(THREADS_VAR, "").isdigit():
+            import torch
+
+            torch.set_num_threads(int(os.environ[THREADS_VAR]))
+    return gym.make(QUALIFIED_ENV_ID, **env_kwargs)
+
+
+def make_vec(env_kwargs: dict[str, Any], n_envs: int = 1, seed: int = 0, vec_env: str = "dummy") -> Any:
+    """``n_envs`` monitored copies of the environment in a ``DummyVecEnv`` or ``SubprocVecEnv``."""
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    if n_envs < 1:
+        raise QenvError(f"--n-envs={n_envs} must be at least 1.", "pass --n-envs 1 or more.")
+    if vec_env not in ("dummy", "subproc"):
+        raise QenvError(f"Unknown vectorized env {vec_env!r}.", "use --vec-env dummy or --vec-env subproc.")
+    # Build one env in this process first (callers usually have: the programs keep one for
+    # deterministic evaluation), so a bad argument is a QenvError here, not a worker's traceback;
+    # in-process copies reuse its model and calibration statistics (cached per process).
+    cls = DummyVecEnv if vec_env == "dummy" else SubprocVecEnv
+    return make_vec_env(make_quant_env, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, vec_env_cls=cls)

@@ -1,0 +1,344 @@
+"""Exports of a recipe to the tools that run quantized models.
+
+- :func:`llamacpp_overrides`: ``llama-quantize --tensor-type NAME=TYPE`` overrides. Each layer is
+  named as in GGUF (``model.layers.3.self_attn.v_proj`` -> ``blk.3.attn_v.weight``,
+  ``mlp.down_proj`` -> ``blk.3.ffn_down.weight``, ``lm_head`` -> ``output.weight``) and each rule
+  is mapped to the k-quant type nearest in bits per weight (:data:`qenv.quant.presets.KQUANT_BPW`).
+  Where llama.cpp cannot express the rule (GPTQ rounding, surviving outliers, AWQ scaling, MSE or
+  ratio clipping, group sizes other than the type's own super-block layout), the line is
+  annotated as approximate.
+- :func:`gptqmodel_dynamic`: a GPTQModel ``QuantizeConfig`` with a ``dynamic`` map
+  (``"+:regex": {bits, group_size, sym}`` per layer whose rule differs from the base;
+  ``"-:regex": {}`` for layers kept in fp16), with notes where GPTQModel differs.
+- :func:`save_quantized_model`: the model with the recipe's dequantized weights, written with
+  ``save_pretrained`` (safetensors) beside its tokenizer; ``config.json`` carries the recipe as
+  ``qenv_recipe``, so ``AutoModelForCausalLM.from_pretrained`` gives back exactly the model the
+  evaluator scored.
+- :func:`export_all`: all of the above plus the recipe JSON, into one folder.
+
+Quantized weights always come from the evaluator's :class:`~qenv.quant.apply.QuantizedWeights`
+(the one quantizer); layer names and kinds come from the layer walker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qenv.errors import QenvError
+from qenv.io import write_json_atomic, write_text_atomic
+from qenv.models.layers import LayerInfo
+from qenv.quant.presets import KQUANT_BPW, KQUANT_RULES
+from qenv.quant.rules import KEEP, Recipe, Rule, layer_bits
+
+#: GGUF tensor name stem of each layer kind inside a block (llama.cpp's LLM_TENSOR names)
+GGUF_BLOCK_NAMES: dict[str, str] = {
+    "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "qkv": "attn_qkv",
+    "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down", "gate_up": "ffn_up",
+    "fc_in": "ffn_up", "fc_out": "ffn_down",
+}
+#: llama.cpp ``ggml_type_name`` of each exported type (``llama-quantize`` matches them case-insensitively)
+GGML_TYPE_NAMES: dict[str, str] = {"Q2_K": "q2_K", "Q3_K": "q3_K", "Q4_K": "q4_K", "Q5_K": "q5_K", "Q6_K": "q6_K",
+                                   "Q8_0": "q8_0", "F16": "f16"}
+#: bits per weight of f16 in llama.cpp
+F16_BPW = 16.0
+#: bit widths GPTQModel's kernels quantize to
+GPTQMODEL_BITS: tuple[int, ...] = (2, 3, 4, 8)
+
+
+def gguf_tensor_name(info: LayerInfo) -> str | None:
+    """The GGUF tensor a layer becomes in llama.cpp's converter, or ``None`` when it has none."""
+    if info.kind == "lm_head":
+        return "output.weight"
+    if info.kind == "embed":
+        return "token_embd.weight"
+    stem = GGUF_BLOCK_NAMES.get(info.kind)
+    if stem is None or info.block < 0:
+        return None
+    return f"blk.{info.block}.{stem}.weight"
+
+
+def rule_bpw(rule: Rule, info: LayerInfo) -> float:
+    """Exact bits per weight of ``rule`` on this layer (codes, scales, zero points, outliers)."""
+    return layer_bits(rule, info.out_features, info.in_features) / info.numel
+
+
+def _approximations(rule: Rule, kquant: str, bpw: float, type_bpw: float) -> list[str]:
+    """Why a rule is only approximated by llama.cpp's ``kquant`` type."""
+    notes = []
+    native = KQUANT_RULES.get(kquant)
+    if native is not None and rule.bits != native.bits:
+        notes.append(f"{rule.bits}-bit codes -> {native.bits}-bit type (nearest by bpw)")
+    if rule.rounding == "gptq":
+        notes.append("GPTQ rounding (llama.cpp rounds per block, optionally with an imatrix)")
+    if rule.outlier_fraction > 0:
+        notes.append(f"{rule.outlier_fraction * 100:g}% fp16 outliers (not expressible)")
+    if rule.act_scale > 0:
+        notes.append("AWQ activation scaling (not expressible)")
+    if rule.mse_clip:
+        notes.append("per-group MSE clipping search")
+    elif rule.clip < 1.0:
+        notes.append(f"clip {rule.clip:g}")
+    if native is not None:
+        if rule.group_size != native.group_size:
+            group = "per-channel" if rule.group_size == -1 else f"groups of {rule.group_size}"
+            notes.append(f"{group} (k-quants use 256-wide super-blocks of {native.group_size}/16-wide sub-blocks)")
+        if rule.symmetric != native.symmetric:
+            notes.append(f"{'symmetric' if rule.symmetric else 'asymmetric'} grid (the type's is "
+                         f"{'symmetric' if native.symmetric else 'asymmetric'})")
+    if abs(bpw - type_bpw) > 0.25:
+        notes.append(f"{bpw:.3f} bpw -> {type_bpw:g} bpw")
+    return notes
+
+
+def nearest_kquant(rule: Rule, info: LayerInfo | None = None) -> tuple[str, float, list[str]]:
+    """``(type, type_bpw, approximation notes)``: the llama.cpp type nearest to the rule in bpw."""
+    if rule.keeps:
+        return "F16", F16_BPW, []
+    bpw = rule_bpw(rule, info) if info is not None else float(rule.bits)
+    kquant = min(KQUANT_BPW, key=lambda t: (abs(KQUANT_BPW[t] - bpw), KQUANT_BPW[t]))
+    return kquant, KQUANT_BPW[kquant], _approximations(rule, kquant, bpw, KQUANT_BPW[kquant])
+
+
+@dataclass
+class LlamaCppExport:
+    """``llama-quantize`` overrides for one recipe."""
+
+    overrides: list[tuple[str, str]]  # (GGUF tensor name, ggml type name)
+    notes: dict[str, list[str]]  # GGUF tensor name -> why the mapping is approximate
+    skipped: list[str]  # layer names without a GGUF tensor
+    base_type: str  # the most common type: llama-quantize's positional type argument
+    layer_of: dict[str, str] = field(default_factory=dict)  # GGUF name -> layer name
+
+    def lines(self) -> list[str]:
+        return [f"{name}={qtype}" for name, qtype in self.overrides]
+
+    def text(self) -> str:
+        """One ``NAME=TYPE`` per line (``--tensor-type-file`` format), with ``#`` comments."""
+        out = ["# llama-quantize tensor types from a qenv recipe (one NAME=TYPE per line).",
+               "# NAME is the GGUF tensor name (used by llama-quantize as a regular expression);",
+               "# TYPE is the llama.cpp type nearest in bits per weight to the qenv rule.",
+               f"# base type: {self.base_type}"]
+        approx = [n for n in self.notes if self.notes[n]]
+        if approx:
+            out.append(f"# {len(approx)} of {len(self.overrides)} tensors are approximate; see the notes below.")
+        for name, qtype in self.overrides:
+            out.append(f"{name}={qtype}")
+        if self.skipped:
+            out.append("# layers without a GGUF tensor name (not exported): " + ", ".join(self.skipped))
+        for name in approx:
+            out.append(f"# approximate {name} ({self.layer_of.get(name, '')}): " + "; ".join(self.notes[name]))
+        return "\n".join(out) + "\n"
+
+    def command(self, source: str = "model-f16.gguf", target: str = "model-qenv.gguf") -> str:
+        args = " ".join(f"--tensor-type {line}" for line in self.lines())
+        return f"llama-quantize {args} {source} {target} {self.base_type}"
+
+
+def llamacpp_overrides(layers: Sequence[LayerInfo], recipe: Mapping[str, Rule]) -> LlamaCppExport:
+    """Map every layer to its GGUF tensor and every rule to the nearest llama.cpp type."""
+    overrides, notes, skipped, layer_of = [], {}, [], {}
+    counts: Counter[str] = Counter()
+    for info in layers:
+        name = gguf_tensor_name(info)
+        if name is None:
+            skipped.append(info.name)
+            continue
+        rule = recipe.get(info.name, KEEP)
+        kquant, _, why = nearest_kquant(rule, info)
+        qtype = GGML_TYPE_NAMES[kquant]
+        overrides.append((name, qtype))
+        notes[name] = why
+        layer_of[name] = info.name
+        counts[kquant] += info.numel
+    quantized = {t: n for t, n in counts.items() if t != "F16"}
+    base = max(quantized, key=lambda t: (quantized[t], t)) if quantized else "Q8_0"
+    base_type = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
+                 "Q8_0": "Q8_0"}[base]
+    return LlamaCppExport(overrides, notes, skipped, base_type, layer_of)
+
+
+def parse_tensor_types(text: str) -> list[tuple[str, str]]:
+    """Read back ``NAME=TYPE`` lines (comments and blank lines skipped), as llama-quantize does."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, qtype = line.partition("=")
+        if not sep or not name or not qtype:
+            raise QenvError(f"Malformed tensor type line {line!r}.", "write NAME=TYPE.")
+        out.append((name.lower(), qtype))
+    return out
+
+
+# -- GPTQModel ---------------------------------------------------------------------------------------
+def module_regex(name: str) -> str:
+    """A regex that matches exactly this module name with ``re.match``."""
+    return "^" + re.escape(name) + "$"
+
+
+def _gptq_settings(rule: Rule) -> tuple[dict[str, Any], list[str]]:
+    notes = []
+    bits = rule.bits
+    if bits not in GPTQMODEL_BITS:
+        up = min(b for b in GPTQMODEL_BITS if b >= bits)
+        notes.append(f"{bits}-bit is not a GPTQModel width: {up}-bit")
+        bits = up
+    if rule.rounding != "gptq":
+        notes.append("round-to-nearest rule: GPTQModel always uses GPTQ rounding")
+    if rule.outlier_fraction > 0:
+        notes.append(f"{rule.outlier_fraction * 100:g}% fp16 outliers (not expressible)")
+    if rule.act_scale > 0:
+        notes.append("AWQ activation scaling (not expressible in GPTQ)")
+    if rule.mse_clip or rule.clip < 1.0:
+        notes.append("clipping (GPTQModel uses its own grid search only with mse>0)")
+    return {"bits": int(bits), "group_size": int(rule.group_size), "sym": bool(rule.symmetric)}, notes
+
+
+def gptqmodel_dynamic(layers: Sequence[LayerInfo], recipe: Mapping[str, Rule]) -> dict[str, Any]:
+    """A GPTQModel ``QuantizeConfig`` dict: base ``bits/group_size/sym`` and per-layer ``dynamic`` rules.
+
+    GPTQModel walks ``dynamic`` in order and applies the first pattern that ``re.match``-es the
+    module name: ``"-:regex"`` skips the module (kept in fp16), ``"+:regex"`` overrides settings.
+    """
+    settings: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    counts: Counter[tuple[int, int, bool]] = Counter()
+    for info in layers:
+        rule = recipe.get(info.name, KEEP)
+        if rule.keeps:
+            continue
+        setting, notes = _gptq_settings(rule)
+        settings[info.name] = (setting, notes)
+        counts[(setting["bits"], setting["group_size"], setting["sym"])] += info.numel
+    if counts:
+        bits, group, sym = max(counts, key=lambda k: (counts[k], k))
+    else:
+        bits, group, sym = 4, 128, False
+    base = {"bits": bits, "group_size": group, "sym": sym}
+    dynamic: dict[str, dict[str, Any]] = {}
+    notes_out: dict[str, list[str]] = {}
+    lm_head = False
+    for info in layers:
+        rule = recipe.get(info.name, KEEP)
+        if rule.keeps:
+            dynamic[f"-:{module_regex(info.name)}"] = {}
+            continue
+        if info.kind == "lm_head":
+            lm_head = True
+        setting, notes = settings[info.name]
+        if setting != base:
+            dynamic[f"+:{module_regex(info.name)}"] = dict(setting)
+        if notes:
+            notes_out[info.name] = notes
+    return {**base, "desc_act": False, "lm_head": lm_head, "dynamic": dynamic, "qenv_notes": notes_out}
+
+
+def gptqmodel_rule_for(config: Mapping[str, Any], module_name: str) -> dict[str, Any] | None:
+    """What GPTQModel would apply to ``module_name`` (``None``: skipped, i.e. fp16): a reader for tests
+    and users, following GPTQModel's ``dynamic_get`` (first ``re.match`` wins)."""
+    base = {"bits": config["bits"], "group_size": config["group_size"], "sym": config["sym"]}
+    for pattern, overrides in config.get("dynamic", {}).items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], module_name):
+                return None
+        elif re.match(pattern[2:] if pattern.startswith("+:") else pattern, module_name):
+            return {**base, **overrides}
+    return base
+
+
+# -- quantized model ------------------------------------------------------------------------------------
+def _replace_folder(tmp: Path, target: Path, overwrite: bool) -> None:
+    if target.exists():
+        if not target.is_dir():
+            raise QenvError(f"{target} exists and is not a folder.", "pick another --save-model folder.")
+        if any(target.iterdir()):
+            if not overwrite:
+                raise QenvError(f"Folder {target} already exists and is not empty.",
+                                "pick another folder or remove it first.")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        target.rmdir()
+    os.replace(tmp, target)
+
+
+def save_quantized_model(evaluator: Any, recipe: Mapping[str, Rule], folder: str | Path,
+                         metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write the model with ``recipe``'s dequantized weights as a transformers folder (safetensors).
+
+    The weights come from ``evaluator.weights`` (the quantizer the evaluator scored), applied only
+    for the duration of the save and restored after. ``config.json`` holds ``qenv_recipe``: the
+    rules, their labels and ``metadata`` (e.g. the evaluator's metrics). The tokenizer is saved too
+    when the model has one. The folder appears whole or not at all.
+    """
+    loaded = evaluator.loaded
+    model = loaded.model
+    if not hasattr(model, "save_pretrained"):
+        raise QenvError(f"{type(model).__name__} cannot be saved with save_pretrained.",
+                        "export the recipe instead (JSON, llama.cpp or GPTQModel).")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recipe = Recipe(dict(recipe))
+    payload = {"format": "qenv-recipe", "version": 1, "model": loaded.name, "rules": recipe.to_dict(),
+               "labels": {info.name: recipe.rule_for(info.name).label() for info in evaluator.layers},
+               **dict(metadata or {})}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    config = getattr(model, "config", None)
+    try:
+        if config is not None:
+            config.qenv_recipe = json.loads(json.dumps(payload, default=str))
+        with evaluator.weights.applied(recipe):
+            model.save_pretrained(str(tmp))
+        if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
+            loaded.tokenizer.save_pretrained(str(tmp))
+        _replace_folder(tmp, folder, overwrite)
+    finally:
+        if config is not None and hasattr(config, "qenv_recipe"):
+            del config.qenv_recipe
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# -- everything at once -------------------------------------------------------------------------------
+def export_all(folder: str | Path, layers: Sequence[LayerInfo], recipe: Mapping[str, Rule],
+               metadata: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``recipe.json``, ``llamacpp-tensor-types.txt``, ``llamacpp-quantize.sh`` and
+    ``gptqmodel-quantize-config.json`` into ``folder``; returns the paths by kind."""
+    folder = Path(folder)
+    recipe = Recipe(dict(recipe))
+    paths = {"recipe": recipe.save(folder / "recipe.json", **dict(metadata or {}))}
+    llama = llamacpp_overrides(layers, recipe)
+    paths["llamacpp"] = write_text_atomic(folder / "llamacpp-tensor-types.txt", llama.text())
+    script = ("#!/bin/sh\n# Quantize an f16 GGUF of this model with the qenv recipe's per-tensor types.\n"
+              "# usage: sh llamacpp-quantize.sh model-f16.gguf model-qenv.gguf\n"
+              'set -e\nSRC="${1:-model-f16.gguf}"\nDST="${2:-model-qenv.gguf}"\n'
+              + llama.command('"$SRC"', '"$DST"') + "\n")
+    paths["llamacpp_command"] = write_text_atomic(folder / "llamacpp-quantize.sh", script)
+    paths["gptqmodel"] = write_json_atomic(folder / "gptqmodel-quantize-config.json", gptqmodel_dynamic(layers, recipe))
+    return paths
+
+
+def approx_share(export: LlamaCppExport) -> float:
+    """Fraction of exported tensors whose llama.cpp type only approximates the rule."""
+    if not export.overrides:
+        return 0.0
+    return sum(1 for n, _ in export.overrides if export.notes.get(n)) / len(export.overrides)
+
+
+__all__ = [
+    "GGML_TYPE_NAMES", "GGUF_BLOCK_NAMES", "LlamaCppExport", "approx_share", "export_all", "gguf_tensor_name",
+    "gptqmodel_dynamic", "gptqmodel_rule_for", "llamacpp_overrides", "module_regex", "nearest_kquant",
+    "parse_tensor_types", "rule_bpw", "save_quantized_model",
+]

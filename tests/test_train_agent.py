@@ -1,0 +1,340 @@
+"""train_agent.py end to end on stories260K: outputs, TensorBoard events, errors, Ctrl-C, resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_ENV = ["--env-kwargs", "n_tokens=512", "seq_len=64", "--n-tokens", "512"]
+TINY_PPO = """\
+QuantLLM-v0:
+  n_timesteps: 256
+  policy: MlpPolicy
+  n_steps: 64
+  batch_size: 32
+  n_epochs: 2
+  learning_rate: lin_1e-3
+  policy_kwargs: {net_arch: [32, 32], activation_fn: tanh}
+  env_kwargs: {budget_bpw: 3.0}
+"""
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"qenv_script_{name}", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_agent = load_script("train_agent")
+
+
+def run_main(module, argv: list[str]) -> int:
+    """``module.main(argv)`` in this process, restoring the torch thread count it changes."""
+    threads = torch.get_num_threads()
+    env_threads = os.environ.get("QENV_TORCH_THREADS")
+    try:
+        return module.main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+        if env_threads is None:
+            os.environ.pop("QENV_TORCH_THREADS", None)
+        else:
+            os.environ["QENV_TORCH_THREADS"] = env_threads
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qenv-cache")
+    old = os.environ.get("QENV_CACHE_DIR")
+    os.environ["QENV_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("QENV_CACHE_DIR", None)
+    else:
+        os.environ["QENV_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny_ppo.yaml"
+    path.write_text(TINY_PPO)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(stories_bin, cache_dir, tiny_config, tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("runs")
+    code = run_main(train_agent, ["--model", stories_bin, "--config", tiny_config, "--logdir", logdir, "--name", "t",
+                                  "--checkpoint-freq", 64, "--no-progress", *SMALL_ENV])
+    assert code == 0
+    return logdir / "t"
+
+
+def subprocess_env(cache_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["QENV_CACHE_DIR"] = str(cache_dir)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def assert_one_line_error(code: int, err: str, needle: str) -> None:
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Fix: " in lines[0]
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+# -- outputs ------------------------------------------------------------------------------------------
+def test_run_folder_outputs(trained):
+    from qenv.quant.rules import Recipe
+
+    for name in ("model.zip", "best_recipe.json", "summary.json", "config.json", "pareto.png"):
+        assert (trained / name).is_file(), name
+    assert list((trained / "checkpoints").glob("step_*.zip"))
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    assert summary["timesteps"] == summary["total_timesteps"] == 256  # n_timesteps from the config
+    assert summary["agent"] == "ppo" and summary["wall_time_s"] > 0
+    assert summary["episodes"] >= 256 // 35 - 1
+    assert summary["train_models"][0]["name"] == "stories260K"
+    final = summary["final"]["stories260K"]
+    for key in ("reward", "kl", "ppl", "top1", "bpw", "model_mb"):
+        assert isinstance(final[key], float)
+    assert final["bpw"] <= 3.0 + 1e-9
+    assert final["reference"]["kl"] > 0 and "uniform RTN" in final["reference"]["description"]
+    assert isinstance(summary["reward_before"]["stories260K"]["reward"], float)
+    best = json.loads((trained / "best_recipe.json").read_text())
+    recipe = Recipe.load(trained / "best_recipe.json")
+    assert len(recipe) == 35 and best["reward"] == summary["best_reward"]
+    assert set(best["metrics"]) >= {"kl", "ppl", "top1", "bpw", "model_mb", "reference_kl"}
+    assert (trained / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_recipe_metrics_come_from_the_evaluator(trained, stories_bin):
+    """The KL logged for the best episode is what the evaluator gives that recipe (plain path)."""
+    import gymnasium as gym
+
+    from qenv.quant.rules import Recipe
+
+    best = json.loads((trained / "best_recipe.json").read_text())
+    env = gym.make("QuantLLM-v0", model=str(stories_bin), n_tokens=512, seq_len=64)
+    metrics = env.unwrapped.task.evaluator.evaluate(Recipe.load(trained / "best_recipe.json"))
+    assert metrics.kl == pytest.approx(best["metrics"]["kl"], rel=1e-4)
+    assert metrics.bpw == pytest.approx(best["metrics"]["bpw"], rel=1e-12)
+
+
+def test_tensorboard_events(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folders = [p for p in (trained / "tb").iterdir() if p.is_dir()]
+    assert len(folders) == 1
+    acc = EventAccumulator(str(folders[0]), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("episode/reward", "episode/kl", "episode/perplexity", "episode/bpw", "episode/model_mb",
+                "episode/clamped_actions", "episode/top1", "rollout/ep_rew_mean", "train/loss"):
+        assert tag in tags["scalars"], tag
+    summary = json.loads((trained / "summary.json").read_text())
+    rewards = acc.Scalars("episode/reward")
+    assert len(rewards) == summary["episodes"]
+    assert max(e.value for e in rewards) == pytest.approx(summary["best_reward"], rel=1e-6)
+    assert all(e.value <= 3.0 + 1e-6 for e in acc.Scalars("episode/bpw"))
+    assert "recipe/bits_per_layer" in tags["histograms"]
+    hist = acc.Histograms("recipe/bits_per_layer")[-1].histogram_value
+    assert hist.num == 35 and 2 <= hist.min <= hist.max <= 16
+    assert "pareto/kl_vs_bpw" in tags["images"]
+    image = acc.Images("pareto/kl_vs_bpw")[-1]
+    assert image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and image.width > 100
+    text_tags = [t for t in tags["tensors"] if t.startswith("recipe/best")]
+    assert text_tags
+    text = acc.Tensors(text_tags[0])[-1].tensor_proto.string_val[0].decode()
+    assert "best reward" in text and "model.layers.0.self_attn.q_proj" in text
+    hparams = acc.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hparams
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+    values = start.session_start_info.hparams
+    assert values["agent"].string_value == "ppo"
+    assert values["agent/n_steps"].number_value == 64
+
+
+def test_default_config_is_read_and_flags_override_it(tmp_path):
+    args = train_agent.build_parser().parse_args(["--env", "QuantLLM-v0", "--budget-bpw", "2.5",
+                                                  "--env-kwargs", "reward=ppl", "seq_len=64"])
+    settings = train_agent.resolve_settings(args)
+    assert Path(settings["config_file"]).name == "ppo.yaml"
+    assert settings["config_section"]["policy"] == "MlpPolicy"
+    assert settings["total_timesteps"] == settings["config_section"]["n_timesteps"]
+    assert settings["env_kwargs"]["budget_bpw"] == 2.5 and settings["env_kwargs"]["reward"] == "ppl"
+    assert settings["env_kwargs"]["seq_len"] == 64 and settings["agent"] == "ppo"
+    hyper = train_agent.agent_hyperparams(settings)
+    assert hyper["n_steps"] == settings["config_section"]["n_steps"] and "n_timesteps" not in hyper
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_agent.build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--env", "--agent", "--config", "--model", "--budget-bpw", "--timesteps", "--n-envs", "--vec-env",
+                 "--seed", "--device", "--logdir", "--name", "--resume", "--env-kwargs", "--data", "--n-tokens",
+                 "--overwrite", "--checkpoint-freq"):
+        assert flag in out, flag
+    assert "default: ppo" in out and "default: runs" in out
+
+
+# -- errors --------------------------------------------------------------------------------------------
+def test_existing_run_folder_is_not_overwritten(trained, stories_bin, tiny_config, capsys):
+    before = (trained / "summary.json").read_text()
+    code = run_main(train_agent, ["--model", stories_bin, "--config", tiny_config, "--logdir", trained.parent,
+                                  "--name", trained.name, "--no-progress", *SMALL_ENV])
+    assert_one_line_error(code, capsys.readouterr().err, "already exists")
+    assert (trained / "summary.json").read_text() == before
+
+
+@pytest.mark.parametrize("case", ["malformed", "unknown_key", "unknown_env_kwarg", "no_section", "unknown_agent",
+                                  "bad_env_kwargs", "bad_int", "unknown_flag", "bad_budget"])
+def test_bad_input_is_one_line(case, tmp_path, stories_bin, cache_dir, capsys):
+    cfg = tmp_path / "c.yaml"
+    argv = ["--model", stories_bin, "--logdir", tmp_path / "runs", "--name", "x", "--no-progress", *SMALL_ENV,
+            "--config", cfg]
+    cfg.write_text(TINY_PPO)
+    needle = {"malformed": "not valid YAML", "unknown_key": "unknown key(s) ['n_stepz']",
+              "unknown_env_kwarg": "unknown environment argument(s) ['budget']", "no_section": "no section",
+              "unknown_agent": "Unknown agent 'nosuchagent'", "bad_env_kwargs": "not key=value",
+              "bad_int": "invalid int value", "unknown_flag": "unrecognized arguments",
+              "bad_budget": "is below the"}[case]
+    if case == "malformed":
+        cfg.write_text("QuantLLM-v0:\n  n_steps: [64\n  policy: MlpPolicy\n")
+    elif case == "unknown_key":
+        cfg.write_text(TINY_PPO.replace("n_steps:", "n_stepz:"))
+    elif case == "unknown_env_kwarg":
+        cfg.write_text(TINY_PPO.replace("budget_bpw:", "budget:"))
+    elif case == "no_section":
+        cfg.write_text("CartPole-v1:\n  n_steps: 64\n")
+    elif case == "unknown_agent":
+        argv += ["--agent", "nosuchagent"]
+    elif case == "bad_env_kwargs":
+        argv += ["--env-kwargs", "seq_len"]
+    elif case == "bad_int":
+        argv += ["--timesteps", "many"]
+    elif case == "unknown_flag":
+        argv += ["--learning-rate", "3"]
+    elif case == "bad_budget":
+        argv += ["--budget-bpw", "0.5"]
+    code = run_main(train_agent, argv)
+    assert_one_line_error(code, capsys.readouterr().err, needle)
+    assert not (tmp_path / "runs" / "x").exists()  # no half-made run folder
+
+
+def test_cli_error_exit_code_without_traceback(tmp_path, cache_dir):
+    proc = subprocess.run([sys.executable, str(REPO / "train_agent.py"), "--agent", "pkg_that_is_not.here:Agent",
+                           "--logdir", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path,
+                          env=subprocess_env(cache_dir), timeout=300)
+    assert_one_line_error(proc.returncode, proc.stderr, "Could not import module 'pkg_that_is_not.here'")
+    assert proc.stdout == ""
+
+
+# -- interruption and resume ----------------------------------------------------------------------------
+def start_training(tmp_path: Path, stories_bin: Path, cache_dir: Path, tiny_config: Path, name: str,
+                   total: int) -> tuple[subprocess.Popen, Path]:
+    logdir = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO / "train_agent.py"), "--model", str(stories_bin), "--config", str(tiny_config),
+           "--timesteps", str(total), "--checkpoint-freq", "64", "--logdir", str(logdir), "--name", name,
+           "--no-progress", *SMALL_ENV]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(cache_dir), cwd=tmp_path)
+    return proc, logdir / name
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list((folder / "checkpoints").glob("step_*.json")):
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training ended before its first checkpoint:\n{out}\n{err}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("no checkpoint appeared in time")
+
+
+def test_resume_after_sigkill_reaches_the_same_total(tmp_path, stories_bin, cache_dir, tiny_config):
+    from qenv.callbacks import latest_checkpoint
+
+    total = 512
+    proc, folder = start_training(tmp_path, stories_bin, cache_dir, tiny_config, "killed", total)
+    wait_for_checkpoint(proc, folder)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    step, _, _ = latest_checkpoint(folder / "checkpoints")
+    assert 0 < step < total
+    assert not (folder / "model.zip").exists()
+    code = run_main(train_agent, ["--resume", folder, "--no-progress"])
+    assert code == 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    assert summary["timesteps"] == summary["total_timesteps"] == total
+    assert summary["sessions"] == 2
+    assert (folder / "model.zip").is_file()
+    from stable_baselines3 import PPO
+
+    assert PPO.load(folder / "model.zip").num_timesteps == total
+    # the episode history continued from the checkpoint
+    assert summary["episodes"] >= total // 35 - 2
+    # resuming a complete run does nothing
+    assert run_main(train_agent, ["--resume", folder, "--no-progress"]) == 0
+
+
+def test_ctrl_c_saves_checkpoint_and_summary(tmp_path, stories_bin, cache_dir, tiny_config, capsys):
+    """A real SIGINT to this process once the first checkpoint exists (what Ctrl-C sends)."""
+    from qenv.callbacks import latest_checkpoint
+
+    folder = tmp_path / "runs" / "interrupted"
+    sent = threading.Event()
+
+    def interrupt_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if list((folder / "checkpoints").glob("step_*.json")):
+                os.kill(os.getpid(), signal.SIGINT)
+                sent.set()
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=interrupt_after_first_checkpoint, daemon=True)
+    watcher.start()
+    code = run_main(train_agent, ["--model", stories_bin, "--config", tiny_config, "--timesteps", 4096,
+                                  "--checkpoint-freq", 64, "--logdir", tmp_path / "runs", "--name", "interrupted",
+                                  "--no-progress", *SMALL_ENV])
+    watcher.join()
+    out, err = capsys.readouterr()
+    assert sent.is_set()
+    assert code == 130, err
+    assert "Traceback" not in err and "Traceback" not in out
+    assert "--resume" in out
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    step, _, state = latest_checkpoint(folder / "checkpoints")
+    assert step == summary["timesteps"] and step % 64 == 0  # rewound to a whole rollout
+    assert 0 < step < 4096 and summary["interrupted_at"] >= step
+    assert json.loads(state.read_text())["num_timesteps"] == step
+    assert (folder / "best_recipe.json").is_file() and (folder / "pareto.png").is_file()

@@ -1,0 +1,630 @@
+#!/usr/bin/env python
+"""Train an agent on QuantLLM-v0 and keep everything in a run folder.
+
+    python train_agent.py --env QuantLLM-v0            # PPO on the embedded model, a few minutes on a CPU
+
+The run folder ``<logdir>/<name>/`` ends up holding ``model.zip`` (the trained agent),
+``best_recipe.json`` (the best-reward recipe of any episode, with its metrics),
+``summary.json`` (settings, timesteps, wall time, best reward, final metrics against the uniform
+reference), ``config.json`` (the resolved settings, used by ``--resume``), ``checkpoints/``,
+``pareto.png`` and TensorBoard events in ``tb/`` (``tensorboard --logdir runs``).
+Every number comes from the environment's evaluator.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from qenv.cli.common import (
+    EXIT_INTERRUPTED,
+    ArgumentParser,
+    check_run_name,
+    default_run_name,
+    fmt,
+    new_run_dir,
+    parse_key_values,
+    plain_table,
+    quiet_libraries,
+    run_cli,
+)
+from qenv.errors import QenvError
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_AGENT = "ppo"
+#: run length when neither --timesteps nor the config's n_timesteps says
+DEFAULT_TIMESTEPS = 8192
+CONFIG_VERSION = 1
+
+EXAMPLES = """\
+examples:
+  python train_agent.py --env QuantLLM-v0
+  python train_agent.py --agent ppo --budget-bpw 2.5 --timesteps 20000 --name ppo-2p5
+  python train_agent.py --model default --model ../shared/data/stories260K/stories260K.bin --n-envs 2
+  python train_agent.py --agent dqn --env-kwargs n_tokens=1024 reward=ppl
+  python train_agent.py --agent mypkg.agents:MyAgent --config my.yaml
+  python train_agent.py --resume runs/ppo-2p5          # after Ctrl-C or a crash
+
+Ctrl-C saves a checkpoint and summary.json, then exits with status 130.
+Errors print one line, 'error: <problem> Fix: <fix>', and exit with status 2.
+"""
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="train_agent.py", description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
+    p.add_argument("--env", default="QuantLLM-v0", help="environment id (default: %(default)s)")
+    p.add_argument("--agent", default=DEFAULT_AGENT,
+                   help="registered agent name (ppo, a2c, dqn, sac, td3, ddpg, recurrent_ppo, uniform, llamacpp, "
+                        "greedy, random, evolution, or an installed plug-in) or a plug-in as package.module:Class "
+                        "(default: %(default)s)")
+    p.add_argument("--config", metavar="YAML",
+                   help="rl-zoo style hyperparameters keyed by env id, e.g. 'QuantLLM-v0: {n_timesteps: ..., "
+                        "policy: MlpPolicy, n_steps: ..., learning_rate: ..., env_kwargs: {...}}' "
+                        "(default: configs/<agent>.yaml when it exists)")
+    p.add_argument("--model", action="append", metavar="SPEC",
+                   help="model to quantize: 'default' (embedded), tiny-<arch>, a llama2.c .bin, a transformers "
+                        "folder or a hub id; repeat for a multi-model env that samples one per episode "
+                        "(default: the config's env_kwargs.model, else 'default')")
+    p.add_argument("--budget-bpw", type=float, metavar="BPW",
+                   help="bits-per-weight budget over the quantizable layers (default: the config's, else 3.0)")
+    p.add_argument("--timesteps", type=int, metavar="N",
+                   help=f"total environment steps, one per layer (default: the config's n_timesteps, else "
+                        f"{DEFAULT_TIMESTEPS}; on-policy agents round up to whole rollouts)")
+    p.add_argument("--n-envs", type=int, metavar="N", help="parallel environments (default: the config's, else 1)")
+    p.add_argument("--vec-env", choices=("dummy", "subproc"),
+                   help="DummyVecEnv (one process) or SubprocVecEnv (one process per env) (default: the config's, "
+                        "else dummy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the agent and the episodes (default: %(default)s)")
+    p.add_argument("--device", metavar="DEV",
+                   help="device of the model under quantization and of the agent: cpu, cuda, cuda:N, auto "
+                        "(default: the model on cuda when present, the agent on cpu)")
+    p.add_argument("--logdir", default="runs", metavar="DIR", help="parent folder of run folders (default: %(default)s)")
+    p.add_argument("--name", help="run folder name under --logdir (default: <agent>-<date>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest checkpoint with the same settings and total timesteps")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--env-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="environment arguments, values parsed as YAML, e.g. reward=ppl seq_len=64 "
+                        "'menu=[{bits: 4}, {bits: 8}]' (override the config's env_kwargs)")
+    p.add_argument("--data", nargs="+", action="extend", metavar="FILE",
+                   help="calibration text file(s) (default: tokens sampled from the model itself)")
+    p.add_argument("--n-tokens", type=int, metavar="N", help="calibration tokens per model (default: the env's, 2048)")
+    p.add_argument("--checkpoint-freq", type=int, metavar="N",
+                   help="timesteps between checkpoints (default: the config's checkpoint_freq, else a tenth of "
+                        "the run)")
+    p.add_argument("--keep-checkpoints", type=int, default=5, metavar="N",
+                   help="checkpoints kept in <run>/checkpoints, newest first; 0 keeps all (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads per process; small models run fastest on one, raise it for large "
+                        "models on a CPU (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+# -- settings -----------------------------------------------------------------------------------------
+def default_config_path(agent: str) -> Path | None:
+    if ":" in agent:
+        return None
+    stem = agent.strip().lower().replace("-", "_")
+    for folder in (Path.cwd() / "configs", REPO_DIR / "configs"):
+        path = folder / f"{stem}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def resolve_settings(args: Any) -> dict[str, Any]:
+    """Everything a fresh run needs, from defaults < config file < --env-kwargs < flags (checked)."""
+    from agents.registry import resolve_agent
+    from qenv.cli.config import AgentConfig, check_env_kwargs, check_hyperparams, load_agent_config
+    from qenv.cli.envs import env_id_of
+
+    env_id = env_id_of(args.env)
+    spec = resolve_agent(args.agent)  # an unknown agent fails here, before anything slow
+    config_path = Path(args.config) if args.config else default_config_path(args.agent)
+    cfg = load_agent_config(config_path, env_id) if config_path else AgentConfig()
+    where = f"{config_path} [{env_id}]" if config_path else "hyperparameters"
+    check_hyperparams(args.agent, cfg.hyperparams, where)
+    env_kwargs = dict(cfg.env_kwargs)
+    env_kwargs.update(check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs"))
+    if args.model:
+        env_kwargs["model"] = args.model[0] if len(args.model) == 1 else list(args.model)
+    if args.budget_bpw is not None:
+        env_kwargs["budget_bpw"] = args.budget_bpw
+    if args.data:
+        env_kwargs["data"] = args.data[0] if len(args.data) == 1 else list(args.data)
+    if args.n_tokens is not None:
+        env_kwargs["n_tokens"] = args.n_tokens
+    if args.device is not None:
+        env_kwargs["device"] = args.device
+    env_kwargs = absolute_paths(env_kwargs)
+    check_agent_action_kind(spec, env_kwargs.get("action_kind", "discrete"))
+    total = args.timesteps if args.timesteps is not None else (cfg.n_timesteps or DEFAULT_TIMESTEPS)
+    if args.keep_checkpoints < 0:
+        raise QenvError(f"--keep-checkpoints={args.keep_checkpoints} is negative.", "pass 0 to keep all, or a count.")
+    for flag, value in (("--timesteps", total), ("--n-envs", args.n_envs), ("--checkpoint-freq", args.checkpoint_freq),
+                        ("--n-tokens", args.n_tokens)):
+        if value is not None and value < 1:
+            raise QenvError(f"{flag}={value} must be at least 1.", f"pass a positive whole number to {flag}.")
+    n_envs = args.n_envs or cfg.n_envs or 1
+    return {
+        "version": CONFIG_VERSION, "env_id": env_id, "agent": args.agent, "seed": args.seed, "total_timesteps": total,
+        "n_envs": n_envs, "vec_env": args.vec_env or cfg.vec_env or "dummy",
+        "checkpoint_freq": args.checkpoint_freq or cfg.checkpoint_freq or max(1, total // 10),
+        "env_kwargs": _jsonable(env_kwargs), "config_file": None if config_path is None else str(config_path),
+        "config_section": _jsonable(cfg.raw), "agent_device": args.device, "keep_checkpoints": args.keep_checkpoints,
+        "argv": list(sys.argv[1:]),
+    }
+
+
+def check_agent_action_kind(spec: Any, kind: Any) -> None:
+    """The registry's action-kind check, before any model is loaded."""
+    import types
+
+    import numpy as np
+    from gymnasium import spaces
+
+    from agents.registry import check_action_kind
+
+    space = {"discrete": spaces.Discrete(2), "multidiscrete": spaces.MultiDiscrete([2, 2]),
+             "continuous": spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)}.get(str(kind))
+    if space is None:
+        return  # the environment reports unknown kinds itself
+    check_action_kind(spec, types.SimpleNamespace(unwrapped=None, action_space=space))
+
+
+def absolute_paths(env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Model and data paths made absolute, so --resume and eval_agent.py work from any folder."""
+    def fix(value: Any) -> Any:
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, str) and value not in ("default",) and Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+        return value
+
+    out = dict(env_kwargs)
+    for key in ("model", "data"):
+        if key in out:
+            out[key] = fix(out[key])
+    return out
+
+
+def agent_hyperparams(settings: dict[str, Any]) -> dict[str, Any]:
+    """The agent's constructor arguments from the stored config section (parsed again: schedules,
+    activation functions)."""
+    from qenv.cli.config import parse_section
+
+    cfg = parse_section(settings.get("config_section") or {}, settings.get("config_file") or "config")
+    return dict(cfg.hyperparams)
+
+
+def model_list(env_kwargs: dict[str, Any]) -> list[str]:
+    model = env_kwargs.get("model", "default")
+    return [str(m) for m in model] if isinstance(model, list) else [str(model)]
+
+
+# -- the run ------------------------------------------------------------------------------------------
+class Run:
+    """One training run: builds envs and agent, trains, saves, summarizes."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any], progress: bool, resumed: bool) -> None:
+        self.folder = folder
+        self.settings = settings
+        self.progress = progress
+        self.resumed = resumed
+        self.ckpt_dir = folder / "checkpoints"
+        self.best_path = folder / "best_recipe.json"
+        self.agent: Any = None
+        self.vec: Any = None
+        self.eval_env: Any = None
+        self.is_sb3 = False
+        self.reward_before: dict[str, Any] = {}
+        self.interrupted_at: int | None = None
+        self.started = resumed
+        self.episodes_cb: Any = None
+
+    # -- building ---------------------------------------------------------------------------------
+    def build_envs(self) -> None:
+        from qenv.cli.envs import make_quant_env
+
+        # Built first, in this process: a bad model or argument is a QenvError here (not a worker's
+        # traceback), and in-process training envs reuse its model and statistics.
+        self.eval_env = make_quant_env(**self.settings["env_kwargs"])
+        self.inner = self.eval_env.unwrapped
+        self.tasks = list(self.inner.tasks)
+
+    def sb3_model(self) -> Any:
+        from stable_baselines3.common.base_class import BaseAlgorithm
+
+        model = getattr(self.agent, "model", None)
+        return model if isinstance(model, BaseAlgorithm) else None
+
+    def build_agent(self, checkpoint: Path | None) -> None:
+        from agents.registry import load_agent, make_agent, resolve_agent
+        from qenv.cli.config import accepts
+        from qenv.cli.envs import make_vec
+
+        s = self.settings
+        name = s["agent"]
+        factory = resolve_agent(name).load()
+        sb3_like = callable(getattr(factory, "algorithm_class", None))
+        if sb3_like:
+            self.vec = make_vec(s["env_kwargs"], n_envs=s["n_envs"], seed=s["seed"], vec_env=s["vec_env"])
+            env: Any = self.vec
+        else:
+            if s["n_envs"] != 1:
+                raise QenvError(f"Agent {name!r} is not a Stable-Baselines3 algorithm and uses one environment, "
+                                f"not --n-envs {s['n_envs']}.", "leave --n-envs at 1 for this agent.")
+            from qenv.callbacks import EpisodeRecorder
+
+            self.recorder = EpisodeRecorder(self.eval_env)
+            env = self.recorder
+        if checkpoint is not None:
+            self.agent = load_agent(name, checkpoint, env=env)
+        else:
+            hyper = agent_hyperparams(s)
+            if sb3_like and accepts(name, "tensorboard_log"):
+                hyper.setdefault("tensorboard_log", str(self.folder / "tb"))
+            if s.get("agent_device") and accepts(name, "device"):
+                hyper["device"] = s["agent_device"]
+            try:
+                self.agent = make_agent(name, env, seed=s["seed"], **hyper)
+            except TypeError as exc:  # a hyperparameter of the wrong type or one the algorithm rejects
+                raise QenvError(f"Agent {name!r} rejected its hyperparameters ({exc}).",
+                                f"check the config file {s.get('config_file')} against the agent's documentation."
+                                ) from None
+        model = self.sb3_model()
+        self.is_sb3 = model is not None
+        if model is not None:
+            model.tensorboard_log = str(self.folder / "tb")
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def deterministic_rewards(self) -> dict[str, Any]:
+        """One deterministic episode of the current policy on each model (the env's own metrics)."""
+        from agents.base import rollout_recipe
+
+        out: dict[str, Any] = {}
+        for i, task in enumerate(self.tasks):
+            _, info = rollout_recipe(self.agent, self.eval_env, deterministic=True, reset_options={"model_index": i})
+            ref = task.reference(self.inner.budget_bpw)
+            out[task.name] = {
+                "reward": info["episode_return"], "fidelity_reward": info["fidelity_reward"], "kl": info["kl"],
+                "ppl": info["ppl"], "top1": info["top1"], "bpw": info["bpw"], "model_mb": info["model_mb"],
+                "clamped_actions": info["clamped_actions"],
+                "reference": {"kl": ref.kl, "ppl": ref.ppl, "top1": ref.top1, "fp_ppl": ref.fp_ppl,
+                              "description": ref.description},
+                "recipe": info["recipe"],
+            }
+        return out
+
+    def references(self) -> dict[str, dict[str, float]]:
+        budget = self.inner.budget_bpw
+        return {t.name: {"kl": t.reference(budget).kl, "bpw": budget} for t in self.tasks}
+
+    # -- saving -------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict(), "wall_time_s": self.watch.total,
+                "reward_before": self.reward_before, "sessions": self.sessions}
+
+    def checkpoint(self, step: int) -> None:
+        from qenv.callbacks import prune_checkpoints, sigint_deferred, write_checkpoint
+
+        with sigint_deferred():
+            write_checkpoint(self.ckpt_dir, self.agent, step, self.state())
+            prune_checkpoints(self.ckpt_dir, int(self.settings.get("keep_checkpoints", 0) or 0))
+            self.write_summary("running", step)
+            tb = self.tb if self.tb is not None else getattr(self.episodes_cb, "tb", None)
+            if tb is not None:
+                tb.flush()
+
+    def train_models(self) -> list[dict[str, Any]]:
+        return [{"spec": spec, "name": t.name, "fingerprint": t.loaded.fingerprint, "n_layers": len(t.layers)}
+                for spec, t in zip(model_list(self.settings["env_kwargs"]), self.tasks)]
+
+    def write_summary(self, status: str, timesteps: int, final: dict[str, Any] | None = None) -> dict[str, Any]:
+        from qenv.io import write_json_atomic
+
+        s = self.settings
+        best = self.tracker.best
+        summary = {
+            "status": status, "env_id": s["env_id"], "agent": s["agent"], "seed": s["seed"],
+            "timesteps": int(timesteps), "total_timesteps": s["total_timesteps"],
+            "wall_time_s": round(self.watch.total, 3), "sessions": self.sessions, "episodes": len(self.tracker),
+            "budget_bpw": self.inner.budget_bpw, "train_models": self.train_models(),
+            "policy_file": self.policy_file.name if self.policy_file is not None else None,
+            "best_reward": None if best is None else best["reward"],
+            "best": None if best is None else {"model": best["model"], "reward": best["reward"], "timestep": best["t"],
+                                               "episode": best["n"], "metrics": best["metrics"]},
+            "episode_reward_first": self.tracker.mean_reward(first=True),
+            "episode_reward_last": self.tracker.mean_reward(first=False),
+            "reward_before": self.reward_before, "final": final,
+            "interrupted_at": self.interrupted_at,
+            "settings": {k: v for k, v in s.items() if k not in ("version",)},
+        }
+        write_json_atomic(self.folder / "summary.json", summary)
+        return summary
+
+    # -- main loop ----------------------------------------------------------------------------------
+    def execute(self) -> int:
+        from qenv.callbacks import EpisodeTracker, Stopwatch, latest_checkpoint
+
+        s = self.settings
+        self.tracker = EpisodeTracker()
+        self.policy_file: Path | None = None
+        self.tb = None
+        self.sessions = 1
+        before_s = 0.0
+        ckpt = latest_checkpoint(self.ckpt_dir) if self.resumed else None
+        if ckpt is not None:
+            state = json.loads(ckpt[2].read_text())
+            self.tracker.load_state_dict(state.get("tracker", {}))
+            before_s = float(state.get("wall_time_s", 0.0))
+            self.reward_before = state.get("reward_before", {})
+            self.sessions = int(state.get("sessions", 1)) + 1
+        self.watch = Stopwatch(before_s)
+        print(f"run folder: {self.folder}", flush=True)
+        self.build_envs()
+        self.build_agent(None if ckpt is None else ckpt[1])
+        if not self.is_sb3:
+            if self.resumed:
+                raise QenvError(f"Agent {s['agent']!r} has no checkpoints to resume from (only Stable-Baselines3 "
+                                "agents are checkpointed).", "start a new run (--overwrite or another --name).")
+            return self.execute_plain()
+        return self.execute_sb3(ckpt[0] if ckpt else 0)
+
+    def execute_sb3(self, done: int) -> int:
+        from stable_baselines3.common.callbacks import CallbackList
+        from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+        from qenv.callbacks import (AtomicCheckpointCallback, QuantEpisodeCallback, TqdmProgressCallback,
+                                    save_agent_atomic, sigint_deferred)
+
+        s = self.settings
+        model = self.sb3_model()
+        total = int(s["total_timesteps"])
+        if not self.reward_before:
+            self.reward_before = self.deterministic_rewards()
+        layer_sizes = {i.name: (i.out_features, i.in_features) for t in self.tasks for i in t.layers}
+        hparams = {"agent": s["agent"], "seed": s["seed"], "total_timesteps": total, "n_envs": s["n_envs"],
+                   "budget_bpw": self.inner.budget_bpw, "models": ",".join(t.name for t in self.tasks),
+                   "action_kind": self.inner.mapper.kind, "reward": self.inner.reward_kind,
+                   "budget_mode": self.inner.budget_mode, "n_tokens": int(self.tasks[0].evaluator.tokens.n_tokens),
+                   **{f"agent/{k}": v for k, v in (s.get("config_section") or {}).items() if k != "env_kwargs"}}
+        episodes = QuantEpisodeCallback(self.tracker, self.best_path, hparams=hparams, layer_sizes=layer_sizes,
+                                        multi_model=len(self.tasks) > 1,
+                                        best_extra={"budget_bpw": self.inner.budget_bpw, "run": self.folder.name})
+        self.episodes_cb = episodes
+        ckpts = AtomicCheckpointCallback(s["checkpoint_freq"], self.checkpoint)
+        bar = TqdmProgressCallback(total, initial=done, desc=s["agent"], disable=not self.progress)
+        remaining = total - done
+        status = "complete"
+        self.started = True
+        if remaining > 0:
+            print(f"training {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.inner.budget_bpw:g} bpw: "
+                  f"{done} -> {total} timesteps" + (" (resumed)" if self.resumed else ""), flush=True)
+            try:
+                self.agent.learn(remaining, callback=CallbackList([episodes, ckpts, bar]), progress_bar=False,
+                                 reset_num_timesteps=not self.resumed, tb_log_name="run")
+                self.tb = episodes.tb
+            except KeyboardInterrupt:
+                self.tb = episodes.tb
+                bar.close()
+                status = "interrupted"
+                self.interrupted_at = int(model.num_timesteps)
+                if isinstance(model, OnPolicyAlgorithm) and ckpts.last_rollout_start is not None:
+                    # the partial rollout is never learned from: rewind so a resumed run ends on the same total
+                    model.num_timesteps = int(ckpts.last_rollout_start)
+            finally:
+                bar.close()
+        steps = int(model.num_timesteps)
+        with sigint_deferred():
+            if status == "interrupted":
+                self.checkpoint(steps)
+                self.close_envs(interrupted=True)
+                self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
+                self.log_pareto(steps)
+                self.write_summary("interrupted", steps)
+                print(f"\ninterrupted at step {self.interrupted_at}: checkpoint at step {steps} and summary saved in "
+                      f"{self.folder}; continue with: python train_agent.py --resume {self.folder}", flush=True)
+                return EXIT_INTERRUPTED
+            self.policy_file = save_agent_atomic(self.agent, self.folder / "model.zip")
+            self.close_envs(interrupted=False)
+            final = self.deterministic_rewards()
+            self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
+            self.log_pareto(steps)
+            summary = self.write_summary("complete", steps, final)
+        self.report(summary)
+        return 0
+
+    def execute_plain(self) -> int:
+        """Agents that are not SB3 algorithms (searchers, plug-ins): learn, record episodes, save."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        from qenv.callbacks import TBLogger, sigint_deferred
+        from qenv.io import atomic_path
+
+        s = self.settings
+        layer_sizes = {i.name: (i.out_features, i.in_features) for t in self.tasks for i in t.layers}
+        writer = SummaryWriter(str(self.folder / "tb" / "run_1"))
+        self.tb = TBLogger(writer, multi_model=len(self.tasks) > 1)
+        self.tb.hparams({"agent": s["agent"], "seed": s["seed"], "total_timesteps": s["total_timesteps"],
+                         "budget_bpw": self.inner.budget_bpw, "models": ",".join(t.name for t in self.tasks)},
+                        {"episode/reward": 0.0, "episode/kl": 0.0})
+        steps = {"n": 0}
+
+        def on_episode(info: dict[str, Any], reward: float, length: int) -> None:
+            steps["n"] += length
+            record, is_best = self.tracker.add(info, reward, steps["n"])
+            self.tb.episode(record, info)
+            if is_best and self.tracker.best is not None:
+                self.tb.best_text(self.tracker.best, layer_sizes)
+                self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
+
+        self.recorder.on_episode = on_episode
+        total = int(s["total_timesteps"])
+        print(f"running {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.inner.budget_bpw:g} bpw "
+              f"for {total} timesteps", flush=True)
+        status = "complete"
+        self.started = True
+        try:
+            self.agent.learn(total, progress_bar=self.progress)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            self.interrupted_at = steps["n"]
+        with sigint_deferred():
+            self.recorder.on_episode = None
+            suffix = ".json" if type(self.agent).__module__.startswith("agents.searchers") else ".zip"
+            try:
+                with atomic_path(self.folder / f"model{suffix}") as tmp:
+                    self.agent.save(tmp)
+                self.policy_file = self.folder / f"model{suffix}"
+            except QenvError as exc:  # e.g. a searcher interrupted before its first evaluation
+                print(f"note: the agent was not saved ({exc.problem})", flush=True)
+            final = self.deterministic_rewards() if status == "complete" else None
+            self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
+            self.log_pareto(steps["n"])
+            summary = self.write_summary(status, steps["n"], final)
+            writer.close()
+        if status == "interrupted":
+            print(f"\ninterrupted: summary saved in {self.folder}", flush=True)
+            return EXIT_INTERRUPTED
+        self.report(summary)
+        return 0
+
+    def close_envs(self, interrupted: bool) -> None:
+        if self.vec is None:
+            return
+        processes = getattr(self.vec, "processes", None)
+        if interrupted and processes:  # a worker may hold an unread reply: stop them instead of close()
+            for proc in processes:
+                proc.terminate()
+            for proc in processes:
+                proc.join(timeout=10)
+            self.vec = None
+            return
+        self.vec.close()
+        self.vec = None
+
+    def log_pareto(self, step: int) -> None:
+        from qenv.callbacks import pareto_figure, save_figure
+
+        if not self.tracker.episodes:
+            return
+        fig = pareto_figure(self.tracker.episodes, self.tracker.best, self.references(), self.inner.budget_bpw,
+                            title=f"{self.settings['agent']}: {len(self.tracker)} episodes, KL vs bpw")
+        save_figure(fig, self.folder / "pareto.png")
+        if self.tb is not None:
+            self.tb.figure("pareto/kl_vs_bpw", fig, step)
+            self.tb.flush()
+
+    # -- report -------------------------------------------------------------------------------------
+    def report(self, summary: dict[str, Any]) -> None:
+        print(f"\ntrained {summary['agent']}: {summary['timesteps']} timesteps, {summary['episodes']} episodes, "
+              f"{summary['wall_time_s']:.1f} s wall time")
+        first, last = summary["episode_reward_first"], summary["episode_reward_last"]
+        if first is not None and last is not None:
+            print(f"mean training-episode reward: first 10% {first:.4f} -> last 10% {last:.4f}")
+        final = summary.get("final") or {}
+        rows = []
+        for name, after in final.items():
+            before = (summary.get("reward_before") or {}).get(name, {})
+            ref = after["reference"]
+            rows.append([name, before.get("reward"), after["reward"], after["kl"], ref["kl"], after["ppl"], ref["ppl"],
+                         ref["fp_ppl"], after["bpw"], after["model_mb"]])
+        if rows:
+            print(f"deterministic policy before -> after training, vs the uniform RTN reference at "
+                  f"{summary['budget_bpw']:g} bpw:")
+            print(plain_table(["model", "reward before", "reward after", "KL", "ref KL", "ppl", "ref ppl", "fp ppl",
+                               "bpw", "MB"], rows))
+        best = summary.get("best")
+        if best:
+            m = best["metrics"]
+            print(f"best episode: reward {best['reward']:.4f} on {best['model']} at step {best['timestep']} "
+                  f"(KL {fmt(m.get('kl'))}, ppl {fmt(m.get('ppl'))}, {fmt(m.get('bpw'))} bpw)")
+        files = [f for f in ("model.zip", "model.json", "best_recipe.json", "summary.json", "pareto.png", "tb")
+                 if (self.folder / f).exists()]
+        print(f"saved in {self.folder}: {', '.join(files)}", flush=True)
+
+
+# -- entry points -------------------------------------------------------------------------------------
+def _given_flags(args: Any, parser: ArgumentParser) -> list[str]:
+    ignored = []
+    for action in parser._actions:
+        dest = action.dest
+        if dest in ("help", "resume", "no_progress", "device", "threads") or not action.option_strings:
+            continue
+        if getattr(args, dest, None) != action.default:
+            ignored.append(action.option_strings[0])
+    return ignored
+
+
+def _prepare_resume(args: Any, parser: ArgumentParser) -> tuple[Path, dict[str, Any]]:
+    folder = Path(args.resume)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise QenvError(f"{folder} is not a run folder of train_agent.py (it has no config.json).",
+                        "pass the folder printed as 'run folder:' by an earlier run.")
+    try:
+        settings = json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise QenvError(f"{config} is not valid JSON ({exc}).", "start a new run instead.") from None
+    ignored = _given_flags(args, parser)
+    if ignored:
+        print(f"note: resuming with the settings in {config}; ignoring {', '.join(ignored)}", flush=True)
+    if args.device is not None:
+        settings["env_kwargs"]["device"] = args.device
+        settings["agent_device"] = args.device
+    return folder, settings
+
+
+def _body(argv: list[str] | None) -> int:
+    from qenv.cli.envs import set_torch_threads
+
+    quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    set_torch_threads(args.threads)
+    if args.resume:
+        folder, settings = _prepare_resume(args, parser)
+        summary = folder / "summary.json"
+        if summary.is_file():
+            data = json.loads(summary.read_text())
+            if data.get("status") == "complete" and (folder / str(data.get("policy_file") or "model.zip")).is_file():
+                print(f"{folder} is already complete ({data.get('timesteps')} of {data.get('total_timesteps')} "
+                      "timesteps); nothing to resume.")
+                return 0
+        return Run(folder, settings, progress=not args.no_progress, resumed=True).execute()
+    settings = resolve_settings(args)
+    logdir = Path(args.logdir)
+    name = check_run_name(args.name) if args.name else default_run_name(logdir, settings["agent"].split(":")[-1].lower())
+    target = logdir / name
+    if target.is_dir() and any(target.iterdir()) and not args.overwrite:
+        raise QenvError(f"Run folder {target} already exists.",
+                        f"pass --resume {target} to continue it, --overwrite to replace it, or another --name.")
+    folder = new_run_dir(logdir, name, overwrite=args.overwrite)
+    from qenv.io import write_json_atomic
+
+    write_json_atomic(folder / "config.json", settings)
+    run = Run(folder, settings, progress=not args.no_progress, resumed=False)
+    try:
+        return run.execute()
+    except (QenvError, KeyboardInterrupt):
+        if not run.started:  # nothing was trained: leave no half-made run folder behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the program; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
+    return run_cli(lambda: _body(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
