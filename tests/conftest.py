@@ -43,3 +43,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def require(path: Path, what: str) -> None:
+    """Skip the calling test with a clear reason when a real-data file is missing."""
+    if not path.exists():
+        pytest.skip(f"{what} missing at {path} (../shared/data must sit beside the repo)")

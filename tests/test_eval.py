@@ -20,6 +20,7 @@ from qenv.models.loading import LoadedModel, load_model
 from qenv.models.tiny import TINY_ARCHITECTURES
 from qenv.quant.presets import preset
 from qenv.quant.rules import KEEP, Rule
+from conftest import require
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -29,25 +30,10 @@ WIKITEXT_TEST = DATA / "wikitext-2" / "test.txt"
 DEFAULT_DIR = REPO / "qenv" / "models" / "builtin" / "wikitext-llama"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module's tiny models on one thread: on 2 shared, busy cores intra-op threads mostly
-    wait for each other (a 2048-token forward of stories260K measured ~10x slower with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _need(path: Path, what: str) -> None:
-    if not path.exists():
-        pytest.skip(f"{what} missing at {path} (../shared/data must sit beside the repo)")
-
-
 @pytest.fixture(scope="module")
 def stories() -> LoadedModel:
     """stories260K with its lm_head (tied to the embedding) among the targeted layers."""
-    _need(STORIES_BIN, "stories260K llama2.c checkpoint")
+    require(STORIES_BIN, "stories260K llama2.c checkpoint")
     lm = load_model(STORIES_BIN, include_lm_head=True)
     assert lm.layers[-1].kind == "lm_head" and lm.layers[-1].tied_to == "model.embed_tokens"
     return lm
@@ -66,7 +52,7 @@ def _assert_same(a: Metrics, b: Metrics) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def test_tokens_from_text_are_deterministic_and_shaped(stories: LoadedModel) -> None:
-    _need(WIKITEXT_TEST, "WikiText-2 test split")
+    require(WIKITEXT_TEST, "WikiText-2 test split")
     a = tokens_from_text(stories.tokenizer, WIKITEXT_TEST, n_tokens=1024, seq_len=128)
     b = tokens_from_text(stories.tokenizer, str(WIKITEXT_TEST), n_tokens=1024, seq_len=128)
     assert a.ids.shape == (8, 128) and a.ids.dtype == torch.long and a.n_tokens == 1024
@@ -117,7 +103,7 @@ def test_token_size_errors(stories: LoadedModel, tmp_path: Path) -> None:
 def test_reference_disk_cache_is_reused_and_damage_is_recomputed(
     stories: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _need(TINYSTORIES, "TinyStories text")
+    require(TINYSTORIES, "TinyStories text")
     tokens = tokens_from_text(stories.tokenizer, TINYSTORIES, n_tokens=512, seq_len=64)
     recipe = preset("awq-w3", stories.layers)  # reads the cached activation statistics
     first = Evaluator(stories, tokens, batch_size=4, cache_dir=tmp_path)
@@ -169,7 +155,7 @@ def test_each_layer_calibration_is_its_own_input_statistics(stories: LoadedModel
     Layers that read the same tensor (q/k/v, gate/up) share statistics; no other layer may: a freed
     activation's address reused by a later tensor once gave unrelated layers the same Hessian.
     """
-    _need(TINYSTORIES, "TinyStories text")
+    require(TINYSTORIES, "TinyStories text")
     tokens = tokens_from_text(stories.tokenizer, TINYSTORIES, n_tokens=512, seq_len=64, offset_tokens=2048)
     inputs: dict[str, list[torch.Tensor]] = {}
     handles = [
@@ -202,7 +188,7 @@ def test_each_layer_calibration_is_its_own_input_statistics(stories: LoadedModel
 # ---------------------------------------------------------------------------------------------
 
 def test_metrics_equal_a_hand_computation(stories: LoadedModel) -> None:
-    _need(TINYSTORIES, "TinyStories text")
+    require(TINYSTORIES, "TinyStories text")
     tokens = tokens_from_text(stories.tokenizer, TINYSTORIES, n_tokens=1024, seq_len=128)
     ev = Evaluator(stories, tokens, batch_size=3, cache_dir=False)  # ragged last batch on purpose
     ids = tokens.ids
@@ -233,12 +219,12 @@ def test_metrics_equal_a_hand_computation(stories: LoadedModel) -> None:
 
 def _stream_model(request: pytest.FixtureRequest) -> tuple[LoadedModel, Evaluator]:
     if request.param == "stories260K":
-        _need(TINYSTORIES, "TinyStories text")
+        require(TINYSTORIES, "TinyStories text")
         lm, text = request.getfixturevalue("stories"), TINYSTORIES
     else:
         if not (DEFAULT_DIR / "config.json").is_file():
             pytest.skip(f"embedded default model not there yet: {DEFAULT_DIR} has no config.json")
-        _need(WIKITEXT_TEST, "WikiText-2 test split")
+        require(WIKITEXT_TEST, "WikiText-2 test split")
         lm, text = load_model("default", include_lm_head=True), WIKITEXT_TEST
     tokens = tokens_from_text(lm.tokenizer, text, n_tokens=1024, seq_len=128)
     return lm, Evaluator(lm, tokens, batch_size=4, cache_dir=False)

@@ -28,16 +28,6 @@ DEFAULT_DIR = REPO / "qenv" / "models" / "builtin" / "wikitext-llama"
 LLAMA_BLOCK = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module's tiny models on one thread: on 2 shared, busy cores intra-op threads mostly
-    wait for each other (a 2048-token forward of stories260K measured ~10x slower with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def stories() -> LoadedModel:
     if not STORIES_BIN.is_file():

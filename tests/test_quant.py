@@ -23,6 +23,7 @@ from qenv.quant.accounting import bits_per_weight, model_bytes, recipe_bits
 from qenv.quant.presets import KQUANT_RULES, llamacpp_mix, preset, uniform
 from qenv.quant.quantizer import LayerCalibration, quantize_matrix
 from qenv.quant.rules import FP16_BITS, KEEP, Recipe, Rule, layer_bits, n_outliers
+from conftest import require
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -34,23 +35,8 @@ DEFAULT_DIR = REPO / "qenv" / "models" / "builtin" / "wikitext-llama"
 UNIFORM_BITS = (8, 6, 5, 4, 3, 2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module's tiny models on one thread: on 2 shared, busy cores intra-op threads mostly
-    wait for each other (a 2048-token forward of stories260K measured ~10x slower with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _need(path: Path, what: str) -> None:
-    if not path.exists():
-        pytest.skip(f"{what} missing at {path} (../shared/data must sit beside the repo)")
-
-
 def _stories() -> LoadedModel:
-    _need(STORIES_BIN, "stories260K llama2.c checkpoint")
+    require(STORIES_BIN, "stories260K llama2.c checkpoint")
     return load_model(STORIES_BIN)
 
 
@@ -495,13 +481,13 @@ class RealModel:
 def _real(spec: str) -> RealModel:
     torch.manual_seed(0)
     if spec == "stories260K":
-        _need(STORIES_BIN, "stories260K llama2.c checkpoint")
-        _need(TINYSTORIES, "TinyStories text")
+        require(STORIES_BIN, "stories260K llama2.c checkpoint")
+        require(TINYSTORIES, "TinyStories text")
         loaded, text = load_model(STORIES_BIN), TINYSTORIES  # evaluated on its own domain
     else:
         if not (DEFAULT_DIR / "config.json").is_file():
             pytest.skip(f"embedded default model not there yet: {DEFAULT_DIR} has no config.json")
-        _need(WIKITEXT_TEST, "WikiText-2 test split")
+        require(WIKITEXT_TEST, "WikiText-2 test split")
         loaded, text = load_model("default"), WIKITEXT_TEST
     tokens = tokens_from_text(loaded.tokenizer, text, n_tokens=2048, seq_len=128)
     return RealModel(loaded, Evaluator(loaded, tokens, batch_size=8, cache_dir=False))
