@@ -21,6 +21,13 @@ so the environment never lowers one of its actions (the llama.cpp mix is the one
 when neither mix fits, the nearer one is reported with its real bpw and ``budget_met=False``).
 Searchers are deterministic for a fixed seed. ``save`` writes the best recipe as JSON.
 
+``pool=`` (an evaluator pool of :mod:`qenv.distributed`, e.g. ``RayEvaluatorPool.from_env(env,
+n_actors=4)``) scores the recipes a searcher has in hand at once (random: a round of proposals;
+evolution: the initial population, each generation's screening and its survivors; uniform: the
+candidates; greedy: its one recipe) in parallel on the pool's workers, each playing the recipe as
+an episode of its own copy of the env. Results, records and budgets are those of the default
+in-process evaluation (``pool=None``), in the same order.
+
 - ``uniform``: the best single rule (of the environment's candidate rules) that fits the budget
   on every layer; candidates are tried costliest first.
 - ``llamacpp``: the llama.cpp-like ``Q4_K_M`` or ``Q3_K_M`` mix (:mod:`qenv.quant.presets`), the
@@ -79,10 +86,11 @@ class Searcher:
     #: evaluations of ``search()`` when no budget is given
     default_evaluations: ClassVar[int] = 32
 
-    def __init__(self, env: Any, seed: int = 0, verbose: int = 0) -> None:
+    def __init__(self, env: Any, seed: int = 0, verbose: int = 0, pool: Any = None) -> None:
         self._kwargs: dict[str, Any] = {"verbose": verbose}
         self.seed = int(seed)
         self.verbose = int(verbose)
+        self.pool = pool  # None: evaluate here, one recipe at a time
         self._reset_state()
         self._bind(env)
 
@@ -99,6 +107,8 @@ class Searcher:
         self.best_info: dict[str, Any] | None = None
         self.best_actions: list[Any] | None = None
         self._seen: dict[tuple[int, ...], float] = {}
+        self._pooled: dict[tuple[int, ...], dict[str, Any]] = {}  # scored by the pool, not yet recorded
+        self._pooled_screens: dict[tuple[int, ...], float] = {}
         self._step = np.zeros(1, dtype=np.int64)
         self._limit = 0.0
         self._stop = False
@@ -144,20 +154,50 @@ class Searcher:
         key = tuple(int(i) for i in choice)
         if key in self._seen:
             return self._seen[key]
-        self.env.reset()
-        total = 0.0
-        info: dict[str, Any] = {}
-        for index in key:
-            _, reward, terminated, truncated, info = self.env.step(self.actions[index])
-            total += float(reward)
-        if not terminated:
-            raise QenvError("The environment did not end after one action per layer.",
-                            "searchers need a plain QuantLLM-v0 env without step-limiting wrappers.")
+        if key in self._pooled:  # already played in the pool's env (see _prefetch)
+            info = dict(self._pooled.pop(key))
+            total = float(info.pop("reward"))
+        else:
+            self.env.reset()
+            total = 0.0
+            info = {}
+            for index in key:
+                _, reward, terminated, truncated, info = self.env.step(self.actions[index])
+                total += float(reward)
+            if not terminated:
+                raise QenvError("The environment did not end after one action per layer.",
+                                "searchers need a plain QuantLLM-v0 env without step-limiting wrappers.")
+            info = {**info, "episode_return": total, "budget_met": info["bpw"] <= self.inner.budget_bpw + _TOL}
         self.num_timesteps += self.n_layers
-        info = {**info, "episode_return": total, "budget_met": info["bpw"] <= self.inner.budget_bpw + _TOL}
         self._seen[key] = total
         self._record(total, info, recipe_of(info), [self.actions[i] for i in key])
         return total
+
+    def _recipe_of(self, choice: tuple[int, ...]) -> Recipe:
+        return Recipe({name: self.rules[j] for name, j in zip(self.layer_names, choice)})
+
+    def _batch_size(self) -> int:
+        """Recipes proposed before evaluating: one here, two rounds of the pool's workers with a pool."""
+        if self.pool is None:
+            return 1
+        return max(1, min(2 * int(getattr(self.pool, "n_workers", 1)), int(self._limit - self.spent + 1e-9)))
+
+    def _prefetch(self, choices: Any) -> None:
+        """With a ``pool``: score at once, in parallel, the new recipes among ``choices`` that a loop
+        evaluating them in order would reach within the budget; ``_evaluate`` then records their
+        results (the same episode, played in the pool's env) instead of playing them here."""
+        if self.pool is None:
+            return
+        spent, batch = self.spent, []
+        for choice in choices:
+            if self._stop or spent + 1.0 > self._limit + 1e-9:
+                break
+            key = tuple(int(i) for i in choice)
+            if key not in self._seen and key not in self._pooled and key not in batch:
+                batch.append(key)
+                spent += 1.0
+        if batch:
+            self._pooled.update(zip(batch, self.pool.evaluate([self._recipe_of(key) for key in batch])))
 
     def _record(self, reward: float, info: dict[str, Any], recipe: Recipe, actions: list[Any]) -> None:
         self.evaluations += 1
@@ -350,6 +390,7 @@ class UniformSearch(Searcher):
         return sorted(fits, key=lambda j: (-totals[j], j))
 
     def _search(self) -> None:
+        self._prefetch([np.full(self.n_layers, j) for j in self.candidates()])
         for j in self.candidates():
             choice = np.full(self.n_layers, j)
             if tuple(choice) in self._seen:
@@ -427,7 +468,9 @@ class GreedySearch(Searcher):
     def _search(self) -> None:
         if self.best_recipe is not None or not self._can_spend():
             return
-        self._evaluate(self.allocate())
+        choice = self.allocate()
+        self._prefetch([choice])
+        self._evaluate(choice)
 
 
 def sample_feasible(costs: np.ndarray, budget_bits: float, rng: np.random.Generator) -> np.ndarray:
@@ -459,12 +502,19 @@ class RandomSearch(Searcher):
     def _search(self) -> None:
         misses = 0
         while self._can_spend() and misses < 1000:
-            choice = sample_feasible(self.costs, self.budget_bits, self.rng)
-            if tuple(int(i) for i in choice) in self._seen:
-                misses += 1
-                continue
-            misses = 0
-            self._evaluate(choice)
+            batch: list[tuple[int, ...]] = []  # one recipe at a time, or a round for the pool
+            while len(batch) < self._batch_size() and misses < 1000:
+                choice = tuple(int(i) for i in sample_feasible(self.costs, self.budget_bits, self.rng))
+                if choice in self._seen or choice in batch:
+                    misses += 1
+                    continue
+                misses = 0
+                batch.append(choice)
+            self._prefetch(batch)
+            for choice in batch:
+                if not self._can_spend():
+                    break
+                self._evaluate(np.array(choice))
 
 
 class EvolutionSearch(Searcher):
@@ -487,7 +537,7 @@ class EvolutionSearch(Searcher):
 
     def __init__(self, env: Any, seed: int = 0, verbose: int = 0, population: int = 4, offspring: int = 8,
                  survivors: int = 2, max_mutations: int = 3, crossover: float = 0.25, knob_rate: float = 0.3,
-                 screen_batches: int | None = 1) -> None:
+                 screen_batches: int | None = 1, pool: Any = None) -> None:
         for label, value in (("population", population), ("offspring", offspring), ("survivors", survivors),
                              ("max_mutations", max_mutations)):
             if int(value) < 1:
@@ -498,7 +548,7 @@ class EvolutionSearch(Searcher):
         self.population_size, self.offspring, self.survivors = int(population), int(offspring), int(survivors)
         self.max_mutations, self.crossover, self.knob_rate = int(max_mutations), float(crossover), float(knob_rate)
         self.screen_batches = int(screen_batches or 0)
-        super().__init__(env, seed=seed, verbose=verbose)
+        super().__init__(env, seed=seed, verbose=verbose, pool=pool)
         self._kwargs.update(population=population, offspring=offspring, survivors=survivors,
                             max_mutations=max_mutations, crossover=crossover, knob_rate=knob_rate,
                             screen_batches=screen_batches)
@@ -605,12 +655,31 @@ class EvolutionSearch(Searcher):
 
     # -- selection -------------------------------------------------------------------------------
     def _screen(self, choice: tuple[int, ...]) -> float:
-        if choice not in self._screened:
+        if choice in self._pooled_screens:  # screened by the pool (see _prefetch_screens)
+            self._screened[choice] = self._pooled_screens.pop(choice)
+            self.screenings += 1
+            self.spent += self.screen_cost
+        elif choice not in self._screened:
             recipe = Recipe({name: self.rules[j] for name, j in zip(self.layer_names, choice)})
             self._screened[choice] = score_recipe(self.inner, recipe, max_batches=self.screen_batches)[0]
             self.screenings += 1
             self.spent += self.screen_cost
         return self._screened[choice]
+
+    def _prefetch_screens(self, children: list[tuple[int, ...]]) -> None:
+        """With a ``pool``: screen at once, in parallel, the children the screening loop will reach."""
+        if self.pool is None:
+            return
+        spent, batch = self.spent, []
+        for child in children:
+            if self._stop or spent + self.screen_cost + 1.0 > self._limit + 1e-9:
+                break
+            if child not in self._screened and child not in self._pooled_screens and child not in batch:
+                batch.append(child)
+                spent += self.screen_cost
+        if batch:
+            results = self.pool.evaluate([self._recipe_of(c) for c in batch], max_batches=self.screen_batches)
+            self._pooled_screens.update((c, r["reward"]) for c, r in zip(batch, results))
 
     def _admit(self, choice: tuple[int, ...], reward: float) -> None:
         if all(c != choice for _, c in self.population):
@@ -628,7 +697,9 @@ class EvolutionSearch(Searcher):
 
     def _search(self) -> None:
         if not self.population:
-            for choice in self._initial():
+            initial = self._initial()
+            self._prefetch(initial)
+            for choice in initial:
                 if not self._can_spend():
                     return
                 self._admit(tuple(int(i) for i in choice), self._evaluate(choice))
@@ -644,12 +715,14 @@ class EvolutionSearch(Searcher):
                 return  # the neighbourhood is exhausted
             if self.screen_cost > 0 and len(children) > self.survivors:
                 screened = []
+                self._prefetch_screens(children)
                 for child in children:
                     if not self._can_spend(self.screen_cost + 1.0):
                         break
                     screened.append((self._screen(child), child))
                 screened.sort(key=lambda sc: -sc[0])
                 children = [c for _, c in screened[: self.survivors]] or children[:1]
+            self._prefetch(children)
             for child in children:
                 if not self._can_spend():
                     return
