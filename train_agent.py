@@ -74,9 +74,10 @@ def build_parser() -> ArgumentParser:
                    help=f"total environment steps, one per layer (default: the config's n_timesteps, else "
                         f"{DEFAULT_TIMESTEPS}; on-policy agents round up to whole rollouts)")
     p.add_argument("--n-envs", type=int, metavar="N", help="parallel environments (default: the config's, else 1)")
-    p.add_argument("--vec-env", choices=("dummy", "subproc"),
-                   help="DummyVecEnv (one process) or SubprocVecEnv (one process per env) (default: the config's, "
-                        "else dummy)")
+    p.add_argument("--vec-env", "--backend", dest="vec_env", choices=("dummy", "subproc", "ray"),
+                   help="where the --n-envs environments run: dummy (one process), subproc (one process per env) "
+                        "or ray (one Ray actor per env, a GPU each when there are GPUs; joins the cluster at "
+                        "RAY_ADDRESS when set; needs pip install qenv[ray]) (default: the config's, else dummy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the agent and the episodes (default: %(default)s)")
     p.add_argument("--device", metavar="DEV",
                    help="device of the model under quantization and of the agent: cpu, cuda, cuda:N, auto "

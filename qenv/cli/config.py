@@ -11,7 +11,7 @@ A config is YAML keyed by environment id, as in rl-baselines3-zoo::
       env_kwargs: {budget_bpw: 3.0}
 
 Besides the agent's own hyperparameters, a section may hold ``n_timesteps``, ``n_envs``,
-``vec_env`` (``dummy`` or ``subproc``), ``checkpoint_freq`` (timesteps) and ``env_kwargs``.
+``vec_env`` (``dummy``, ``subproc`` or ``ray``), ``checkpoint_freq`` (timesteps) and ``env_kwargs``.
 Anything else that the agent does not take is an error naming the accepted keys.
 """
 
@@ -29,7 +29,7 @@ from qenv.errors import QenvError
 
 #: keys of a config section that configure the run, not the agent
 RESERVED_KEYS: tuple[str, ...] = ("n_timesteps", "n_envs", "vec_env", "checkpoint_freq", "env_kwargs")
-VEC_ENVS: tuple[str, ...] = ("dummy", "subproc")
+VEC_ENVS: tuple[str, ...] = ("dummy", "subproc", "ray")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _ACTIVATIONS = {"tanh": "Tanh", "relu": "ReLU", "elu": "ELU", "leaky_relu": "LeakyReLU", "gelu": "GELU",
                 "silu": "SiLU", "sigmoid": "Sigmoid"}

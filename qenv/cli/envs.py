@@ -66,16 +66,13 @@ def make_quant_env(**env_kwargs: Any) -> Any:
 
 
 def make_vec(env_kwargs: dict[str, Any], n_envs: int = 1, seed: int = 0, vec_env: str = "dummy") -> Any:
-    """``n_envs`` monitored copies of the environment in a ``DummyVecEnv`` or ``SubprocVecEnv``."""
-    from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+    """``n_envs`` monitored copies of the environment on a backend: ``dummy`` (one process),
+    ``subproc`` (one process per env) or ``ray`` (one Ray actor per env; see :mod:`qenv.distributed`)."""
+    from qenv.distributed import make_vec_env_backend
 
     if n_envs < 1:
         raise QenvError(f"--n-envs={n_envs} must be at least 1.", "pass --n-envs 1 or more.")
-    if vec_env not in ("dummy", "subproc"):
-        raise QenvError(f"Unknown vectorized env {vec_env!r}.", "use --vec-env dummy or --vec-env subproc.")
-    # Build one env in this process first (callers usually have: the programs keep one for
-    # deterministic evaluation), so a bad argument is a QenvError here, not a worker's traceback;
-    # in-process copies reuse its model and calibration statistics (cached per process).
-    cls = DummyVecEnv if vec_env == "dummy" else SubprocVecEnv
-    return make_vec_env(make_quant_env, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, vec_env_cls=cls)
+    # Callers build one env in this process first (the programs keep one for deterministic
+    # evaluation), so a bad argument is a QenvError here, not a worker's traceback; in-process
+    # copies reuse its model and calibration statistics (cached per process).
+    return make_vec_env_backend(make_quant_env, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, backend=vec_env)
