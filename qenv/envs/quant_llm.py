@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from qenv.errors import QenvError
 from qenv.eval.reference import resolve_cache_dir
 from qenv.io import atomic_path
-from qenv.eval.evaluator import Evaluator, Metrics, Stream, stage_of
+from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.features import OBS_DIM, OBS_LIMIT, static_features
 from qenv.envs.reward import Reference, check_reward_kind, fidelity_reward, uniform_frontier
@@ -91,7 +91,8 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     if key in _TASKS:
         return _TASKS[key]
     loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
-    tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
+    with oom_guard(batch_size):  # sampling calibration tokens runs the model too
+        tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
     evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir,
                           max_weight_cache_bytes=int(weight_cache_gib * 2**30))
     order = sorted(range(len(loaded.layers)), key=lambda i: (stage_of(loaded.layers[i]), i))
@@ -106,6 +107,21 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
                      int(sum(info.numel for info in layers)))
     _TASKS[key] = task
     return task
+
+
+def _check_numbers(**values: Any) -> None:
+    """Counts must be whole numbers (at least 1, the seed at least 0), weights plain numbers: a
+    value of the wrong type (e.g. ``n_tokens=abc`` from a command line) is a clear error here,
+    not a ``TypeError`` deep in token sampling."""
+    for key, value in values.items():
+        if key in ("n_tokens", "seq_len", "batch_size", "seed"):
+            low = 0 if key == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise QenvError(f"{key}={value!r} must be a whole number of at least {low}.",
+                                f"pass e.g. {key}={ {'n_tokens': 2048, 'seq_len': 128, 'batch_size': 8}.get(key, 0)}.")
+        elif isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value) or value < 0:
+            raise QenvError(f"{key}={value!r} must be a number of at least 0.", f"pass e.g. {key}=1.0.")
 
 
 class QuantLLMEnv(gym.Env):
@@ -160,6 +176,9 @@ class QuantLLMEnv(gym.Env):
             raise QenvError(f"budget_bpw={budget_bpw!r} is out of range.", "use a number of bits per weight in (0, 16].")
         if budget_mode not in BUDGET_MODES:
             raise QenvError(f"Unknown budget_mode {budget_mode!r}.", f"use one of {BUDGET_MODES}.")
+        _check_numbers(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                       dense_weight=dense_weight, size_weight=size_weight, penalty_weight=penalty_weight,
+                       weight_cache_gib=weight_cache_gib)
         self.reward_kind = check_reward_kind(reward)
         self.render_mode = render_mode
         self.budget_bpw = float(budget_bpw)

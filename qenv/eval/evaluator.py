@@ -59,7 +59,8 @@ def oom_guard(batch_size: int) -> Iterator[None]:
         yield
     except torch.OutOfMemoryError:
         raise QenvError(f"Out of memory while running batches of {batch_size} sequences.",
-                        "use a smaller batch_size (--batch-size), fewer or shorter calibration sequences, "
+                        "use a smaller batch_size (--env-kwargs batch_size=N), fewer or shorter calibration "
+                        "sequences (n_tokens, seq_len), "
                         "or a lower-precision dtype.") from None
 
 
@@ -147,6 +148,7 @@ class Evaluator:
         self._reference_top1: list[torch.Tensor] | None = None
         self._block_inputs: dict[tuple, tuple[list[torch.Tensor], list[BlockCall]]] = {}
         self._as_tuple: bool | None = None
+        self._streaming_checked = False
         self.weights = QuantizedWeights(self.model, self.layers, self.calibration_of, max_weight_cache_bytes)
         self._prefix: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
         self._prefix_bytes = 0
@@ -221,7 +223,7 @@ class Evaluator:
         key = self.stage_key(recipe, -1)
         if key not in self._block_inputs:
             embed_rules = {info.name: recipe.get(info.name, KEEP) for info in self.stages.get(-1, [])}
-            with torch.inference_mode(), self.weights.applied(embed_rules):
+            with torch.inference_mode(), oom_guard(self.batch_size), self.weights.applied(embed_rules):
                 pairs = [capture_block_inputs(self.model, self._blocks, ids) for ids in self.batches]
             self._block_inputs[key] = ([h for h, _ in pairs], [c for _, c in pairs])
         return self._block_inputs[key]
@@ -241,7 +243,46 @@ class Evaluator:
         # swaps quantized weights in: built lazily in the middle of applying a block's rules (a
         # calibrated rule asks for it), it silently undid the rules applied so far.
         self.reference  # noqa: B018
+        self._check_streaming()
         return Stream(self)
+
+    def _check_streaming(self) -> None:
+        """Refuse, clearly and once, an architecture whose blocks cannot be run one at a time.
+
+        Streaming must reproduce the model's own forward pass. Some architectures load and have
+        linear layers but pass state between blocks in ways the block runner cannot (RWKV's blocks
+        take and return a recurrent state), which would otherwise fail mid-episode with an
+        unrelated traceback. One sequence through both paths tells.
+        """
+        if self._streaming_checked:
+            return
+        ids = self.batches[0][:1]
+        problem = None
+        try:
+            with torch.inference_mode(), oom_guard(self.batch_size):
+                plain = self.model(input_ids=ids, use_cache=False).logits.float()
+                hidden, call = capture_block_inputs(self.model, self._blocks, ids)
+                as_tuple = block_returns_tuple(self._blocks[0], hidden, call)
+                for block in self._blocks:
+                    hidden = run_block(block, hidden, call)
+                streamed = run_head(self.model, self._blocks, ids, hidden, as_tuple).float()
+        except QenvError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever breaks, the architecture cannot be streamed
+            text = str(exc).strip().splitlines()
+            problem = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        else:
+            scale = max(1.0, float(plain.abs().nan_to_num(posinf=0.0, neginf=0.0).max()))
+            tol = (1e-3 if self.loaded.dtype == torch.float32 else 5e-2) * scale
+            if streamed.shape != plain.shape or not torch.allclose(streamed, plain, rtol=0.0, atol=tol, equal_nan=True):
+                problem = "block-by-block logits differ from the model's own forward pass"
+        if problem is not None:
+            raise QenvError(
+                f"Architecture {type(self.model).__name__} is not supported: qenv cannot run its decoder blocks "
+                f"one at a time ({problem}).",
+                "use a model with a supported layout (Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-2, GPT-NeoX, OPT, "
+                "Falcon, or similar decoder-only transformers).")
+        self._streaming_checked = True
 
     def evaluate_blockwise(self, recipe: Mapping[str, Rule]) -> Metrics:
         """The streaming path run to the end in one go (reuses cached prefixes)."""

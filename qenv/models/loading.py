@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,14 +114,28 @@ def check_finite_weights(model: nn.Module) -> None:
 def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     local = Path(source).is_dir()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a pickled object
+        why = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        raise QenvError(f"The weights of {source!r} hold pickled Python objects, not just tensors"
+                        + (f" ({why.rstrip('.')})" if why else "") + "; "
+                        "qenv reads checkpoints with weights_only=True and does not run such code.",
+                        "use a model saved as safetensors (model.safetensors), or re-save these weights as "
+                        "plain tensors where you trust the file.") from None
+    except SafetensorError as exc:
+        raise QenvError(f"The safetensors weights of {source!r} are damaged ({exc}).",
+                        "re-download or re-save the model; the file is incomplete or corrupt.") from None
     except ValueError as exc:
         text = str(exc)
         if "trust_remote_code" in text:
-            raise QenvError(f"Model {source!r} needs custom code from its repository.",
-                            "pass trust_remote_code=True (--trust-remote-code) if you trust its authors.") from None
+            raise QenvError(f"Model {source!r} needs custom code from its repository, which qenv does not run "
+                            "unless asked.",
+                            "if you trust its authors, load it with qenv.load_model(spec, trust_remote_code=True) "
+                            "and pass the loaded model to the environment.") from None
         raise QenvError(f"Model {source!r} is not a causal LM that transformers can load ({text.splitlines()[0]}).",
                         "pass a folder or hub id of a causal language model.") from None
     except OSError as exc:
