@@ -272,6 +272,18 @@ def test_streaming_equals_plain(streamed: tuple[LoadedModel, Evaluator]) -> None
         assert torch.equal(param.detach(), before[name]), name
 
 
+def test_fresh_evaluator_streams_a_calibrated_recipe_first(streamed: tuple[LoadedModel, Evaluator]) -> None:
+    """The first thing a fresh evaluator does is stream a GPTQ recipe: building the reference
+    lazily must not undo rules already swapped into the model."""
+    lm, warm = streamed
+    # the block's first layer needs no calibration, so a rule is already applied when the second
+    # layer's GPTQ asks for the reference
+    recipe = {info.name: Rule(bits=3) if i % 2 == 0 else Rule(bits=3, rounding="gptq")
+              for i, info in enumerate(lm.layers)}
+    fresh = Evaluator(lm, warm.tokens, batch_size=warm.batch_size, cache_dir=False)
+    _assert_same(fresh.evaluate_blockwise(recipe), warm.evaluate(recipe))
+
+
 def test_stream_step_by_step_block_errors_and_prefix_reuse(streamed: tuple[LoadedModel, Evaluator]) -> None:
     lm, ev = streamed
     n = ev.n_blocks
