@@ -50,7 +50,6 @@ in-process evaluation (``pool=None``), in the same order.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import fields
 from pathlib import Path
@@ -63,7 +62,7 @@ from agents.base import base_env, layer_index_of, recipe_of, rule_to_action, sco
 from qenv.envs.features import output_error
 from qenv.envs.spaces import ACTION_SPACE_KINDS
 from qenv.errors import QenvError
-from qenv.io import write_json_atomic
+from qenv.io import read_json, write_json_atomic
 from qenv.quant.presets import llamacpp_mix
 from qenv.quant.rules import Recipe, Rule
 
@@ -311,12 +310,7 @@ class Searcher:
         path = Path(path)
         if not path.is_file() and path.with_name(path.name + ".json").is_file():
             path = path.with_name(path.name + ".json")
-        if not path.is_file():
-            raise QenvError(f"No saved searcher at {path}.", "pass the JSON file written by searcher.save().")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise QenvError(f"{path} is not valid JSON ({exc}).") from None
+        data = read_json(path, "Saved searcher", "pass the JSON file written by searcher.save().")
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise QenvError(f"{path} was not written by a qenv searcher.", "pass the JSON written by searcher.save().")
         klass = SEARCHERS.get(str(data.get("agent")))

@@ -6,7 +6,6 @@ A :class:`Rule` is frozen and hashable so that quantized weights can be cached p
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qenv.errors import QenvError
-from qenv.io import write_json_atomic
+from qenv.io import read_json, write_json_atomic
 
 ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 16)
 ALLOWED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, -1)  # -1: one group per output channel
@@ -207,11 +206,4 @@ class Recipe(Mapping[str, Rule]):
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise QenvError(f"Recipe file {path} does not exist.", "pass the path of a recipe JSON written by qenv.")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise QenvError(f"Recipe file {path} is not valid JSON ({exc}).") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "Recipe file", "pass the path of a recipe JSON written by qenv."))
