@@ -1,0 +1,878 @@
+#!/usr/bin/env python3
+"""Quality benchmark of qenv (issue 5, part 2): searched rules vs human-designed ones.
+
+For every model and budget (bits per weight) it measures, with the project's own environment,
+evaluator, presets and agents (nothing re-implemented here):
+
+- **KL** (mean per-token KL(full precision || quantized)) and **top-1 agreement** on the
+  environment's calibration tokens, and **perplexity on held-out text** (an
+  :class:`~qenv.eval.evaluator.Evaluator` on ``tokens_from_text`` of the held-out file that shares
+  the environment's quantized weights, i.e. rules are calibrated on calibration tokens only:
+  ``eval_agent.scoring_evaluator``), plus held-out KL / top-1 in the JSON;
+- for these methods:
+
+  ========================  ==============================================================
+  ``rtn_frontier``          the uniform-RTN frontier interpolated at the budget, as the env
+                            reports it (``task.reference(budget)``; held-out ppl from the same
+                            function on the held-out evaluator). A reference, not a recipe.
+  ``rtn``, ``gptq``, ``awq``  the best uniform preset of that family that fits the budget
+                            (``rtn-w<b>[-g32|-g64|-gc]`` etc., lowest calibration KL)
+  ``llamacpp``              the llama.cpp-like ``q4_k_m``/``q3_k_m`` mix (the larger that fits,
+                            else the nearer one: its own bpw is reported, marked over budget)
+  ``greedy``                HAWQ-style sensitivity allocation (deterministic, one evaluation)
+  ``random``, ``evolution`` searchers, N evaluations each, seeds 0..S-1
+  ``ppo``                   PPO (``configs/ppo.yaml``), N episodes of training, then one
+                            deterministic rollout; seeds 0..S-1
+  ========================  ==============================================================
+
+  Every seeded method gets the same number of environment evaluations N (``--episodes``): PPO
+  trains for ``N × n_layers`` steps, searchers get ``learn(N × n_layers)`` = N evaluations.
+- **transfer**: PPO trained on a multi-model environment (``--transfer-train``), rolled out
+  zero-shot (deterministic) on models it never saw (``--transfer-test``), against the best
+  human-designed preset at or under the budget on that model.
+
+Layout: ``run`` starts one worker process per (model, budget) and per (transfer budget, seed),
+all at once (each with one torch thread), with a wall-clock deadline; workers append one JSON line
+per finished method to ``<out>/raw/*.jsonl`` as they go (a crash or the deadline loses only the
+unit in flight), then ``report`` turns the lines into ``quality_results.json``, ``.csv``, markdown
+tables (``quality_tables.md``) and one Pareto plot per model (``quality_pareto_<model>.png``).
+Workers for a model given as a folder that does not exist yet wait for it (the GPU run trains the
+bench models with ``scripts/train_bench_models.py`` at the same time).
+
+Examples::
+
+    # CPU smoke test
+    python bench/bench_quality.py run --models stories260K --budgets 3.0 --seeds 0 --episodes 4 \\
+        --out /tmp/q --transfer-train default --transfer-test stories260K --transfer-episodes 8
+    # the GPU run: see BENCHMARKS.md ("## Quality") for the exact command
+    python bench/bench_quality.py report --out /tmp/q
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+FAMILIES = ("rtn", "gptq", "awq")
+PRESET_BITS = (2, 3, 4, 5, 6, 8)
+PRESET_GROUPS = ("", "-g64", "-g32", "-gc")
+SEEDED = ("random", "evolution", "ppo")
+METHOD_ORDER = ("fp16", "rtn_frontier", "rtn", "gptq", "awq", "llamacpp", "greedy", "random", "evolution", "ppo")
+METHOD_LABEL = {
+    "fp16": "full precision", "rtn_frontier": "uniform RTN frontier (env reference, interpolated)",
+    "rtn": "uniform RTN (best fitting)", "gptq": "uniform GPTQ (best fitting)", "awq": "AWQ-like (best fitting)",
+    "llamacpp": "llama.cpp-like mix", "greedy": "greedy (HAWQ-style)", "random": "random search",
+    "evolution": "evolution (EvoPress-like)", "ppo": "PPO",
+}
+HUMAN = ("rtn", "gptq", "awq", "llamacpp")
+SEARCHED = ("greedy", "random", "evolution", "ppo")
+_TOL = 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# models and data
+# ------------------------------------------------------------------------------------------------
+def resolve_model(entry: str, data_dir: Path) -> dict[str, str]:
+    """``stories260K``, ``default``, ``NAME=PATH`` or a path → name, spec and which corpus it speaks."""
+    if "=" in entry:
+        name, spec = entry.split("=", 1)
+    elif entry == "stories260K":
+        name, spec = entry, str(data_dir / "stories260K" / "stories260K.bin")
+    elif entry == "default":
+        name, spec = entry, "default"
+    else:
+        name, spec = Path(entry).name, entry
+    corpus = "tinystories" if spec.endswith(".bin") else "wikitext"
+    return {"name": name, "spec": spec, "corpus": corpus}
+
+
+def corpus_files(corpus: str, data_dir: Path, work: Path) -> tuple[str | None, str]:
+    """(calibration text or None = tokens sampled from the model, held-out text) of a corpus.
+
+    WikiText models calibrate on ``wikitext-2/train.txt`` and are scored on ``test.txt``. The
+    TinyStories model (stories260K) has no training split here: it calibrates on tokens sampled from
+    itself (the env's default) and is scored on the TinyStories validation stories, joined by
+    newlines (the file's ``<|endoftext|>`` separators are not text).
+    """
+    if corpus == "wikitext":
+        return str(data_dir / "wikitext-2" / "train.txt"), str(data_dir / "wikitext-2" / "test.txt")
+    src = data_dir / "tinystories" / "TinyStories-valid-first1000.txt"
+    dst = work / "tinystories-valid-stories.txt"
+    if not dst.is_file():
+        stories = [s.strip() for s in src.read_text(encoding="utf-8").split("\n<|endoftext|>\n") if s.strip()]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+        tmp.write_text("\n".join(stories) + "\n", encoding="utf-8")
+        os.replace(tmp, dst)
+    return None, str(dst)
+
+
+def wait_for_model(spec: str, deadline: float) -> None:
+    """A model folder that is being trained appears (renamed into place) when complete."""
+    path = Path(spec)
+    if spec in ("default",) or spec.endswith(".bin") or not (path.is_absolute() or "/" in spec):
+        return
+    while not (path / "config.json").is_file():
+        if time.time() > deadline:
+            raise RuntimeError(f"model folder {spec} did not appear before the deadline")
+        time.sleep(2.0)
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------------------------
+# worker helpers
+# ------------------------------------------------------------------------------------------------
+class Recorder:
+    """Appends one JSON line per result (flushed at once: a crash loses only the unit in flight)."""
+
+    def __init__(self, path: Path, base: dict[str, Any]) -> None:
+        self.path = path
+        self.base = base
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **row: Any) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({**self.base, **row, "time": time.time()}, default=_json_default) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def measure(task: Any, held: Any, recipe: Any, budget: float) -> dict[str, Any]:
+    """Calibration KL / ppl / top-1 and held-out KL / ppl / top-1 of a recipe (the project's evaluator)."""
+    cal = task.evaluator.evaluate(recipe)
+    hm = held.evaluate(recipe)
+    return {"kl": cal.kl, "calib_ppl": cal.ppl, "top1": cal.top1, "bpw": cal.bpw, "model_mb": cal.model_mb,
+            "ppl": hm.ppl, "held_kl": hm.kl, "held_top1": hm.top1, "over_budget": cal.bpw > budget + _TOL}
+
+
+def preset_candidates(task: Any, budget: float, family: str) -> list[tuple[str, float]]:
+    """Presets of ``family`` that fit the budget, at the widest fitting bit width and the one below."""
+    from qenv.quant.presets import preset
+
+    sizes = []
+    for bits in PRESET_BITS:
+        for group in PRESET_GROUPS:
+            name = f"{family}-w{bits}{group}"
+            bpw = task.evaluator.size(preset(name, task.layers))[0]
+            if bpw <= budget + _TOL:
+                sizes.append((name, bpw, bits))
+    if not sizes:
+        return []
+    top = max(b for _, _, b in sizes)
+    return [(n, bpw) for n, bpw, b in sizes if b >= top - 1 or b == min(x[2] for x in sizes)]
+
+
+def best_preset(task: Any, budget: float, family: str) -> tuple[str, Any] | None:
+    """(name, recipe) of the family's fitting preset with the lowest calibration KL."""
+    from qenv.quant.presets import preset
+
+    best = None
+    for name, _ in preset_candidates(task, budget, family):
+        recipe = preset(name, task.layers)
+        kl = task.evaluator.evaluate(recipe).kl
+        if best is None or kl < best[0]:
+            best = (kl, name, recipe)
+    return None if best is None else (best[1], best[2])
+
+
+def ppo_hyperparams(n_layers: int, episodes: int, per_rollout: bool = True) -> dict[str, Any]:
+    """``configs/ppo.yaml``'s PPO, with rollouts of whole episodes (k episodes, k dividing N, so
+    that training plays exactly N episodes) about as long as the config's 256 steps."""
+    from qenv.cli.config import load_agent_config
+
+    hp = dict(load_agent_config(REPO_ROOT / "configs" / "ppo.yaml", "QuantLLM-v0").hyperparams)
+    if per_rollout:
+        target = max(1.0, hp.get("n_steps", 256) / n_layers)
+        divisors = [k for k in range(1, episodes + 1) if episodes % k == 0]
+        k = min(divisors, key=lambda d: (abs(math.log(d / target)), d))
+        hp["n_steps"] = k * n_layers
+        hp["batch_size"] = max(16, hp["n_steps"] // 2)
+    return hp
+
+
+def deadline_callbacks(deadline: float) -> tuple[Any, Any]:
+    """(SB3 callback, searcher callback) that stop training/search at the deadline."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Deadline(BaseCallback):
+        def _on_step(self) -> bool:
+            return time.time() < deadline
+
+    return Deadline(), (lambda searcher: time.time() < deadline)
+
+
+def common_setup(cfg: dict[str, Any]) -> None:
+    import torch
+
+    from qenv.cli.common import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(int(cfg.get("threads", 1)))
+    os.environ["QENV_TORCH_THREADS"] = str(int(cfg.get("threads", 1)))
+
+
+def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Path) -> tuple[Any, str]:
+    from qenv.cli.envs import make_quant_env
+
+    calib, held_path = corpus_files(model["corpus"], Path(cfg["data_dir"]), work)
+    wait_for_model(model["spec"], cfg["deadline"])
+    env = make_quant_env(model=model["spec"], budget_bpw=budget, data=calib, n_tokens=cfg["n_tokens"],
+                         seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], device=pick_device(cfg["device"]),
+                         dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"])
+    return env, held_path
+
+
+# ------------------------------------------------------------------------------------------------
+# worker: one model at one budget
+# ------------------------------------------------------------------------------------------------
+def quality_job(cfg: dict[str, Any]) -> None:
+    from agents import make_agent, rollout_recipe
+    from agents.base import recipe_of
+    from eval_agent import scoring_evaluator
+    from qenv.envs.reward import uniform_frontier
+
+    common_setup(cfg)
+    model, budget, deadline, episodes = cfg["model"], float(cfg["budget"]), float(cfg["deadline"]), int(cfg["episodes"])
+    out = Path(cfg["out"])
+    rec = Recorder(out / "raw" / f"quality_{model['name']}_{budget:g}.jsonl",
+                   {"kind": "quality", "model": model["name"], "budget": budget})
+    t0 = time.perf_counter()
+    env, held_path = make_env(model, budget, cfg, out / "work")
+    inner = env.unwrapped
+    task = inner.task
+    n_layers = len(task.layers)
+    held, held_desc = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
+    fp_cal = task.evaluator.evaluate({})
+    fp_held = held.evaluate({})
+    ref = task.reference(budget)
+    held_ref = uniform_frontier(held, budget)
+    rec.write(method="meta", n_layers=n_layers, n_params=task.loaded.n_params, device=str(task.loaded.device),
+              calib=task.evaluator.tokens.source, calib_tokens=task.evaluator.tokens.n_tokens, held=held_desc,
+              episodes=episodes, setup_s=time.perf_counter() - t0, reference=ref.description)
+    rec.write(method="fp16", kl=0.0, top1=1.0, calib_ppl=fp_cal.ppl, ppl=fp_held.ppl, held_kl=0.0, held_top1=1.0,
+              bpw=16.0, over_budget=True)
+    rec.write(method="rtn_frontier", kl=ref.kl, top1=ref.top1, calib_ppl=ref.ppl, ppl=held_ref.ppl,
+              held_kl=held_ref.kl, held_top1=held_ref.top1, bpw=budget, over_budget=False, note=ref.description)
+    log(f"{model['name']} @ {budget:g}: {n_layers} layers on {task.loaded.device}, setup {time.perf_counter() - t0:.1f}s,"
+        f" frontier KL {ref.kl:.4g}")
+
+    def unit(method: str, seed: int | None, fn: Any) -> None:
+        if time.time() > deadline:
+            rec.write(method=method, seed=seed, skipped="deadline")
+            return
+        t = time.perf_counter()
+        try:
+            row = fn()
+        except Exception as exc:  # one method's failure must not lose the others
+            traceback.print_exc()
+            rec.write(method=method, seed=seed, error=f"{type(exc).__name__}: {exc}")
+            return
+        row["wall_s"] = time.perf_counter() - t
+        rec.write(method=method, seed=seed, **row)
+        log(f"{model['name']} @ {budget:g} {method} seed={seed}: KL {row.get('kl', float('nan')):.4g} "
+            f"ppl {row.get('ppl', float('nan')):.4g} bpw {row.get('bpw', float('nan')):.3f} ({row['wall_s']:.1f}s)")
+
+    def family(name: str) -> Any:
+        def run() -> dict[str, Any]:
+            found = best_preset(task, budget, name)
+            if found is None:
+                return {"note": "no preset of this family fits the budget", "missing": True}
+            return {**measure(task, held, found[1], budget), "preset": found[0]}
+        return run
+
+    def llamacpp() -> dict[str, Any]:
+        agent = make_agent("llamacpp", env, seed=0)
+        recipe, info = agent.search(env)
+        return {**measure(task, held, recipe, budget), "preset": info.get("mix", "").lower(), "evals": 1}
+
+    def greedy() -> dict[str, Any]:
+        agent = make_agent("greedy", env, seed=0)
+        recipe, _ = agent.search(env, total_timesteps=episodes * n_layers)
+        return {**measure(task, held, recipe, budget), "evals": agent.evaluations}
+
+    sb3_cb, search_cb = deadline_callbacks(deadline)
+
+    def searcher(name: str, seed: int) -> Any:
+        def run() -> dict[str, Any]:
+            agent = make_agent(name, env, seed=seed)
+            agent.learn(episodes * n_layers, callback=search_cb)
+            assert agent.best_recipe is not None
+            return {**measure(task, held, agent.best_recipe, budget), "evals": agent.evaluations,
+                    "evals_spent": agent.spent, "screenings": agent.screenings,
+                    "truncated": agent.spent + 1e-9 < episodes}
+        return run
+
+    def ppo(seed: int) -> dict[str, Any]:
+        hp = ppo_hyperparams(n_layers, episodes)
+        agent = make_agent("ppo", env, seed=seed, **hp)
+        agent.learn(episodes * n_layers, callback=sb3_cb)
+        played = agent.num_timesteps / n_layers
+        recipe, info = rollout_recipe(agent, env, deterministic=True)
+        return {**measure(task, held, recipe_of(info), budget), "evals": played, "n_steps": hp["n_steps"],
+                "truncated": played + 1e-9 < episodes, "clamped_actions": info.get("clamped_actions", 0)}
+
+    for name in ("rtn", "gptq", "awq"):
+        unit(name, None, family(name))
+    unit("llamacpp", None, llamacpp)
+    unit("greedy", None, greedy)
+    for seed in cfg["seeds"]:
+        for name in ("random", "evolution"):
+            unit(name, seed, searcher(name, seed))
+        unit("ppo", seed, lambda seed=seed: ppo(seed))
+    rec.write(method="done", wall_s=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------
+# worker: transfer (PPO on several models, zero-shot on unseen ones)
+# ------------------------------------------------------------------------------------------------
+def transfer_job(cfg: dict[str, Any]) -> None:
+    from agents import make_agent, rollout_recipe
+    from agents.base import recipe_of
+    from eval_agent import scoring_evaluator
+    from qenv.cli.envs import make_quant_env
+
+    common_setup(cfg)
+    budget, seed, deadline = float(cfg["budget"]), int(cfg["seed"]), float(cfg["deadline"])
+    out = Path(cfg["out"])
+    rec = Recorder(out / "raw" / f"transfer_{budget:g}_s{seed}.jsonl", {"kind": "transfer", "budget": budget,
+                                                                        "seed": seed})
+    train_models = cfg["train_models"]
+    data_dir = Path(cfg["data_dir"])
+    corpora = {m["corpus"] for m in train_models}
+    if len(corpora) != 1:
+        raise SystemExit("transfer training models must share one calibration corpus (one env, one `data`)")
+    calib, _ = corpus_files(corpora.pop(), data_dir, out / "work")
+    t0 = time.perf_counter()
+    for m in train_models:
+        wait_for_model(m["spec"], deadline)
+    device = pick_device(cfg["device"])
+    env = make_quant_env(model=[m["spec"] for m in train_models], budget_bpw=budget, data=calib,
+                         n_tokens=cfg["n_tokens"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], device=device,
+                         dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"])
+    steps = int(cfg["timesteps"])
+    hp = ppo_hyperparams(0, 1, per_rollout=False)
+    agent = make_agent("ppo", env, seed=seed, **hp)
+    # training stops early enough to leave time for the zero-shot evaluations
+    sb3_cb, _ = deadline_callbacks(deadline - float(cfg.get("eval_reserve_s", 0.0)))
+    t1 = time.perf_counter()
+    agent.learn(steps, callback=sb3_cb)
+    rec.write(method="train", train_models=[m["name"] for m in train_models], timesteps=agent.num_timesteps,
+              asked_timesteps=steps, truncated=agent.num_timesteps < steps, train_s=time.perf_counter() - t1,
+              setup_s=t1 - t0, device=device)
+    log(f"transfer {budget:g} s{seed}: trained {agent.num_timesteps} steps in {time.perf_counter() - t1:.0f}s")
+    tests = [(m, False) for m in cfg["test_models"]] + [(m, True) for m in train_models]
+    for model, seen in tests:
+        try:
+            tenv, held_path = make_env(model, budget, cfg, out / "work")
+            task = tenv.unwrapped.task
+            held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
+            recipe, info = rollout_recipe(agent, tenv, deterministic=True)
+            policy = measure(task, held, recipe_of(info), budget)
+            humans = []
+            for fam in FAMILIES:
+                found = best_preset(task, budget, fam)
+                if found is not None:
+                    humans.append((found[0], measure(task, held, found[1], budget)))
+            mix_agent = make_agent("llamacpp", tenv, seed=0)
+            mix_recipe, mix_info = mix_agent.search(tenv)
+            mix = measure(task, held, mix_recipe, budget)
+            if not mix["over_budget"]:
+                humans.append((mix_info.get("mix", "llamacpp").lower(), mix))
+            best_name, best = min(humans, key=lambda h: h[1]["kl"])
+            rec.write(method="eval", model=model["name"], seen=seen, policy=policy,
+                      best_human=best_name, human=best, kl_ratio=best["kl"] / max(policy["kl"], 1e-30),
+                      ppl_diff=policy["ppl"] - best["ppl"], top1_diff=policy["top1"] - best["top1"],
+                      clamped_actions=info.get("clamped_actions", 0),
+                      humans={n: {k: m[k] for k in ("kl", "ppl", "top1", "bpw")} for n, m in humans})
+            log(f"transfer {budget:g} s{seed} -> {model['name']} (seen={seen}): policy KL {policy['kl']:.4g} vs "
+                f"{best_name} {best['kl']:.4g}")
+        except Exception as exc:
+            traceback.print_exc()
+            rec.write(method="eval", model=model["name"], seen=seen, error=f"{type(exc).__name__}: {exc}")
+
+
+# ------------------------------------------------------------------------------------------------
+# orchestration
+# ------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out).resolve()
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data_dir).resolve()
+    start = time.time()
+    deadline = start + args.deadline_s
+    models = [resolve_model(m, data_dir) for m in args.models]
+    base = {"data_dir": str(data_dir), "out": str(out), "deadline": deadline, "device": args.device,
+            "dtype": args.dtype,
+            "n_tokens": args.n_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
+            "held_tokens": args.held_tokens, "cache_dir": str(Path(args.cache_dir).resolve()), "threads": 1}
+    jobs: list[tuple[str, dict[str, Any]]] = []
+    for model in models:
+        for budget in args.budgets:
+            jobs.append((f"quality_{model['name']}_{budget:g}", {**base, "job": "quality", "model": model,
+                                                                  "budget": budget, "seeds": args.seeds,
+                                                                  "episodes": args.episodes}))
+    if args.transfer_train and args.transfer_test:
+        train = [resolve_model(m, data_dir) for m in args.transfer_train]
+        test = [resolve_model(m, data_dir) for m in args.transfer_test]
+        for budget in args.transfer_budgets:
+            for seed in args.transfer_seeds:
+                jobs.append((f"transfer_{budget:g}_s{seed}", {**base, "job": "transfer", "budget": budget,
+                                                              "seed": seed, "train_models": train,
+                                                              "test_models": test,
+                                                              "timesteps": args.transfer_timesteps,
+                                                              "eval_reserve_s": args.transfer_eval_reserve_s}))
+    settings = {"command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]), "args": vars(args), "start": start,
+                "models": models}
+    (out / "raw" / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    procs: dict[str, tuple[subprocess.Popen, Any]] = {}
+    pending = list(jobs)
+
+    def launch(name: str, cfg: dict[str, Any]) -> None:
+        spec = out / "logs" / f"{name}.json"
+        spec.write_text(json.dumps(cfg, default=str))
+        handle = open(out / "logs" / f"{name}.log", "w")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "worker", str(spec)]
+        procs[name] = (subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+                                        preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                                             "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}), handle)
+
+    log(f"{len(jobs)} jobs, at most {args.max_procs} at once, deadline in {args.deadline_s:.0f}s")
+    hard = deadline + args.grace_s
+    while pending or procs:
+        while pending and len(procs) < args.max_procs:
+            launch(*pending.pop(0))
+        for name, (proc, handle) in list(procs.items()):
+            if proc.poll() is not None:
+                handle.close()
+                log(f"job {name} ended with code {proc.returncode} ({time.time() - start:.0f}s)")
+                del procs[name]
+        if time.time() > hard:
+            for name, (proc, handle) in procs.items():
+                log(f"job {name} still running at the hard deadline: stopped")
+                proc.send_signal(signal.SIGTERM)
+            time.sleep(3)
+            for name, (proc, handle) in procs.items():
+                if proc.poll() is None:
+                    proc.kill()
+                handle.close()
+            procs.clear()
+            break
+        time.sleep(1.0)
+    for name, _ in pending:
+        log(f"job {name} never started")
+    log(f"all jobs done in {time.time() - start:.0f}s; writing the report")
+    return report(args)
+
+
+def worker(spec_path: str) -> int:
+    cfg = json.loads(Path(spec_path).read_text())
+    if cfg["job"] == "quality":
+        quality_job(cfg)
+    else:
+        transfer_job(cfg)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def load_rows(out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted((out / "raw").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return rows
+
+
+def _unit_key(r: dict[str, Any]) -> tuple:
+    return (r.get("kind"), r.get("model"), r.get("budget"), r.get("method"), r.get("seed"))
+
+
+def merge_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of several runs of the same settings (a later run filling what an earlier one missed).
+
+    Per (model, budget, method, seed) the first complete result wins; a later run's complete result
+    replaces an earlier truncated one; skipped or failed entries are dropped where a result exists.
+    Seeded methods are deterministic per seed, so a unit measured twice gives the same numbers.
+    """
+    chosen: dict[tuple, dict[str, Any]] = {}
+    other: list[dict[str, Any]] = []
+    meta_seen: set[tuple] = set()
+    for index, rows in enumerate(runs):
+        for r in rows:
+            r = {**r, "run": index}
+            if r.get("kind") == "quality" and "kl" in r:
+                key = _unit_key(r)
+                old = chosen.get(key)
+                if old is None or (old.get("truncated") and not r.get("truncated")):
+                    chosen[key] = r
+            elif r.get("kind") == "quality" and r.get("method") == "meta":
+                if (r["model"], r["budget"]) not in meta_seen:
+                    meta_seen.add((r["model"], r["budget"]))
+                    other.append(r)
+            elif r.get("kind") != "quality" or r.get("method") != "done":
+                other.append(r)
+    other = [r for r in other if not ((r.get("error") or r.get("skipped")) and _unit_key(r) in chosen)]
+    return other + list(chosen.values())
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (model, budget, method): mean ± std over complete seeded runs (or the single value)."""
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("kind") != "quality":
+            continue
+        key = f"{r['budget']:g}"
+        if r["method"] == "meta":
+            meta.setdefault(r["model"], {})[key] = r
+            continue
+        if r["method"] == "done" or "kl" not in r:
+            if r.get("error") or r.get("skipped"):
+                cell = cells.setdefault(r["model"], {}).setdefault(key, {}).setdefault(r["method"], {"runs": []})
+                cell.setdefault("problems", []).append(r.get("error") or f"skipped ({r['skipped']})")
+            continue
+        cell = cells.setdefault(r["model"], {}).setdefault(key, {}).setdefault(r["method"], {"runs": []})
+        cell["runs"].append(r)
+    for model, budgets in cells.items():
+        for key, methods in budgets.items():
+            for method, cell in methods.items():
+                runs = cell["runs"]
+                full = [r for r in runs if not r.get("truncated")]
+                use = full or runs
+                cell["n"] = len(use)
+                cell["n_truncated"] = len(runs) - len(full)
+                cell["truncated_only"] = bool(runs) and not full
+                for metric in ("kl", "ppl", "top1", "bpw", "held_kl", "held_top1", "calib_ppl", "wall_s", "evals"):
+                    vals = [float(r[metric]) for r in use if r.get(metric) is not None]
+                    cell[metric] = _mean_std(vals) if vals else (math.nan, math.nan)
+                cell["over_budget"] = any(r.get("over_budget") for r in use)
+                cell["preset"] = sorted({r["preset"] for r in use if r.get("preset")})
+    return {"cells": cells, "meta": meta}
+
+
+def fmt_num(value: float, digits: int = 3) -> str:
+    if value is None or not math.isfinite(value):
+        return "nan"
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000 or abs(value) < 0.001:
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
+
+
+def cell_text(cell: dict[str, Any] | None, method: str) -> str:
+    if not cell or not cell.get("runs"):
+        if cell and cell.get("problems"):
+            return "failed: " + cell["problems"][0][:60]
+        return "—"
+    kl, ppl, top1 = cell["kl"], cell["ppl"], cell["top1"]
+    if method in SEEDED and cell["n"] > 1:
+        text = (f"{fmt_num(kl[0])} ± {fmt_num(kl[1], 2)} / {ppl[0]:.2f} ± {ppl[1]:.2f} / "
+                f"{top1[0]:.3f} ± {top1[1]:.3f}")
+    else:
+        text = f"{fmt_num(kl[0])} / {ppl[0]:.2f} / {top1[0]:.3f}"
+    extra = []
+    if cell.get("preset"):
+        extra.append(",".join(cell["preset"]))
+    if method not in ("rtn_frontier", "fp16"):
+        extra.append(f"{cell['bpw'][0]:.2f} bpw")
+    if method in SEEDED:
+        extra.append(f"n={cell['n']}")
+    if cell.get("truncated_only"):
+        extra.append(f"cut short at {cell['evals'][0]:.0f} evals")
+    text += " (" + ", ".join(extra) + ")" if extra else ""
+    if cell.get("over_budget") and method not in ("fp16",):
+        text = "**over budget** " + text
+    return text
+
+
+def headline(agg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per model and budget: the best searched method vs the best human preset within the budget."""
+    out = []
+    for model, budgets in agg["cells"].items():
+        for key, methods in sorted(budgets.items(), key=lambda kv: float(kv[0])):
+            humans = [(m, methods[m]) for m in HUMAN if m in methods and methods[m].get("runs")
+                      and not methods[m]["over_budget"]]
+            searched = [(m, methods[m]) for m in SEARCHED if m in methods and methods[m].get("runs")]
+            if not humans or not searched:
+                continue
+            h_name, h = min(humans, key=lambda x: x[1]["kl"][0])
+            s_name, s = min(searched, key=lambda x: x[1]["kl"][0])
+            ppo = methods.get("ppo")
+            out.append({"model": model, "budget": float(key), "best_human": h_name,
+                        "best_human_preset": ",".join(h["preset"]), "human_kl": h["kl"][0], "human_ppl": h["ppl"][0],
+                        "best_searched": s_name, "searched_kl": s["kl"][0], "searched_ppl": s["ppl"][0],
+                        "kl_ratio": h["kl"][0] / max(s["kl"][0], 1e-30),
+                        "ppo_kl_ratio": (h["kl"][0] / max(ppo["kl"][0], 1e-30)) if ppo and ppo.get("runs") else None,
+                        "frontier_kl": methods.get("rtn_frontier", {}).get("kl", (math.nan,))[0]})
+    return out
+
+
+def transfer_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    evals: dict[tuple, list[dict[str, Any]]] = {}
+    trains = {}
+    for r in rows:
+        if r.get("kind") != "transfer":
+            continue
+        if r["method"] == "train":
+            trains[(r["budget"], r["seed"])] = r
+        elif r["method"] == "eval" and "policy" in r:
+            evals.setdefault((r["model"], r["budget"], r["seen"]), []).append(r)
+    out = []
+    for (model, budget, seen), rs in sorted(evals.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
+        ratios = [r["kl_ratio"] for r in rs]
+        out.append({"model": model, "budget": budget, "seen": seen, "seeds": [r["seed"] for r in rs],
+                    "policy_kl": _mean_std([r["policy"]["kl"] for r in rs]),
+                    "policy_ppl": _mean_std([r["policy"]["ppl"] for r in rs]),
+                    "policy_top1": _mean_std([r["policy"]["top1"] for r in rs]),
+                    "policy_bpw": _mean_std([r["policy"]["bpw"] for r in rs]),
+                    "best_human": sorted({r["best_human"] for r in rs}), "human_kl": rs[0]["human"]["kl"],
+                    "human_ppl": rs[0]["human"]["ppl"], "human_top1": rs[0]["human"]["top1"],
+                    "human_bpw": rs[0]["human"]["bpw"], "kl_ratio": _mean_std(ratios),
+                    "log_kl_gain": _mean_std([math.log(x) for x in ratios]),
+                    "ppl_diff": _mean_std([r["ppl_diff"] for r in rs]),
+                    "train": [trains.get((budget, s)) for s in [r["seed"] for r in rs]],
+                    "train_timesteps": _mean_std([trains[(budget, s)]["timesteps"] for s in [r["seed"] for r in rs]
+                                                  if (budget, s) in trains])})
+    return out
+
+
+def pareto_png(path: Path, model: str, budgets: dict[str, dict[str, Any]]) -> None:
+    from matplotlib.figure import Figure
+
+    from qenv.callbacks import save_figure
+
+    fig = Figure(figsize=(7.0, 4.6), dpi=90)
+    ax = fig.add_subplot()
+    styles = {"rtn": ("o", "tab:blue"), "gptq": ("s", "tab:cyan"), "awq": ("D", "tab:purple"),
+              "llamacpp": ("P", "tab:brown"), "greedy": ("v", "tab:orange"), "random": ("^", "tab:gray"),
+              "evolution": ("X", "tab:green"), "ppo": ("*", "tab:red")}
+    keys = sorted(budgets, key=float)
+    front = [(float(k), budgets[k]["rtn_frontier"]["kl"][0]) for k in keys
+             if budgets[k].get("rtn_frontier", {}).get("runs")]
+    if front:
+        ax.plot([x for x, _ in front], [y for _, y in front], "--", color="black", linewidth=1,
+                label="uniform RTN frontier (env reference)")
+    for method, (marker, color) in styles.items():
+        xs, ys, xe, ye = [], [], [], []
+        for k in keys:
+            cell = budgets[k].get(method)
+            if not cell or not cell.get("runs") or not cell["kl"][0] > 0:
+                continue
+            xs.append(cell["bpw"][0])
+            ys.append(cell["kl"][0])
+            xe.append(cell["bpw"][1])
+            ye.append(cell["kl"][1])
+        if xs:
+            if method in SEEDED:
+                ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt=marker, color=color, markersize=8 if method == "ppo" else 6,
+                            capsize=2, label=f"{method} (mean ± std)", markeredgecolor="black", markeredgewidth=0.4)
+            else:
+                ax.scatter(xs, ys, marker=marker, color=color, s=45, label=method, edgecolor="black", linewidth=0.4)
+    for k in keys:
+        ax.axvline(float(k), color="gray", linestyle=":", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (quantized layers)")
+    ax.set_ylabel("KL(fp || quantized), calibration tokens")
+    ax.set_title(f"{model}: KL vs bits per weight (dotted: budgets)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def report(args: argparse.Namespace) -> int:
+    out = Path(args.out).resolve()
+    run_dirs = [Path(d).resolve() for d in (getattr(args, "runs", None) or [out])]
+    rows = merge_runs([load_rows(d) for d in run_dirs])
+    agg = aggregate(rows)
+    heads = headline(agg)
+    transfer = transfer_summary(rows)
+    settings, bench_models, machine = [], {}, {}
+    for d in run_dirs:
+        path = d / "raw" / "settings.json"
+        settings.append(json.loads(path.read_text()) if path.is_file() else {})
+        for stats in sorted((d / "train").glob("*.json")):
+            bench_models.setdefault(stats.stem, json.loads(stats.read_text()))
+        if (d / "machine.txt").is_file():
+            machine.setdefault("machine", (d / "machine.txt").read_text())
+    result = {"settings": settings, "machine": machine.get("machine"), "bench_models": bench_models,
+              "meta": agg["meta"], "cells": agg["cells"], "headline": heads, "transfer": transfer}
+    out.mkdir(parents=True, exist_ok=True)
+    for cells in result["cells"].values():
+        for methods in cells.values():
+            for cell in methods.values():
+                for r in cell["runs"]:
+                    r.pop("time", None)
+    (out / "quality_results.json").write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+
+    buf = io.StringIO()
+    cols = ["model", "budget", "method", "seed", "preset", "kl", "ppl", "top1", "bpw", "over_budget", "held_kl",
+            "held_top1", "calib_ppl", "evals", "truncated", "wall_s", "error"]
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        if r.get("kind") == "quality" and r["method"] not in ("meta", "done"):
+            writer.writerow(r)
+    (out / "quality_results.csv").write_text(buf.getvalue())
+
+    md = []
+    for model, budgets in agg["cells"].items():
+        keys = sorted(budgets, key=float)
+        meta = next(iter(agg["meta"].get(model, {}).values()), {})
+        md.append(f"### {model}\n")
+        if meta:
+            md.append(f"{meta.get('n_params', 0):,} parameters, {meta.get('n_layers')} quantized layers, on "
+                      f"{meta.get('device')}; calibration: {meta.get('calib_tokens')} tokens ({meta.get('calib')}); "
+                      f"held-out: {meta.get('held')}; N = {meta.get('episodes')} evaluations per search.\n")
+        md.append("| method | " + " | ".join(f"{k} bpw" for k in keys) + " |")
+        md.append("|---|" + "---|" * len(keys))
+        for method in METHOD_ORDER:
+            if not any(method in budgets[k] for k in keys):
+                continue
+            md.append(f"| {METHOD_LABEL[method]} | " + " | ".join(cell_text(budgets[k].get(method), method)
+                                                                  for k in keys) + " |")
+        md.append("")
+        try:
+            pareto_png(out / f"quality_pareto_{model}.png", model, budgets)
+        except Exception:
+            traceback.print_exc()
+    md.append("### Best searched vs best human-designed recipe within the budget (calibration KL)\n")
+    md.append("| model | budget | best human (KL, ppl) | best searched (KL, ppl) | human KL / searched KL | "
+              "human KL / PPO KL |")
+    md.append("|---|---|---|---|---|---|")
+    for h in heads:
+        ppo = "—" if h["ppo_kl_ratio"] is None else f"{h['ppo_kl_ratio']:.3g}"
+        md.append(f"| {h['model']} | {h['budget']:g} | {h['best_human']} {h['best_human_preset']} "
+                  f"({fmt_num(h['human_kl'])}, {h['human_ppl']:.2f}) | {h['best_searched']} "
+                  f"({fmt_num(h['searched_kl'])}, {h['searched_ppl']:.2f}) | {h['kl_ratio']:.3g} | {ppo} |")
+    md.append("")
+    if transfer:
+        md.append("### Transfer (PPO, deterministic zero-shot rollout)\n")
+        md.append("| model | seen in training | budget | policy KL / ppl / top1 (bpw) | best human at or under budget "
+                  "(KL / ppl / top1, bpw) | human KL / policy KL | ppl policy − human |")
+        md.append("|---|---|---|---|---|---|---|")
+        for t in transfer:
+            n = len(t["seeds"])
+            pm = lambda v: f"{fmt_num(v[0])} ± {fmt_num(v[1], 2)}" if n > 1 else fmt_num(v[0])  # noqa: E731
+            md.append(f"| {t['model']} | {'yes' if t['seen'] else '**no**'} | {t['budget']:g} | {pm(t['policy_kl'])} / "
+                      f"{t['policy_ppl'][0]:.2f} / {t['policy_top1'][0]:.3f} ({t['policy_bpw'][0]:.2f}) | "
+                      f"{','.join(t['best_human'])}: {fmt_num(t['human_kl'])} / {t['human_ppl']:.2f} / "
+                      f"{t['human_top1']:.3f} ({t['human_bpw']:.2f}) | {pm(t['kl_ratio'])} | "
+                      f"{t['ppl_diff'][0]:+.3g} |")
+        steps = transfer[0]["train_timesteps"]
+        md.append(f"\n(n = {len(transfer[0]['seeds'])} seeds, mean ± std where n > 1; PPO trained "
+                  f"{steps[0]:.0f} ± {steps[1]:.0f} timesteps)\n")
+    problems = [r for r in rows if r.get("error")]
+    if problems:
+        md.append("### Failures\n")
+        for r in problems:
+            md.append(f"- {r.get('model', '')} {r.get('budget', '')} {r['method']} seed={r.get('seed')}: "
+                      f"{r['error'][:200]}")
+        md.append("")
+    (out / "quality_tables.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="qenv quality benchmark (issue 5, part 2)")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the benchmark (workers in parallel), then the report")
+    r.add_argument("--models", nargs="+", default=["stories260K", "default"],
+                   help="stories260K, default, NAME=FOLDER or a model folder")
+    r.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0])
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--episodes", type=int, default=128, help="N: evaluations per search = PPO training episodes")
+    r.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder with wikitext-2/, tinystories/, stories260K/")
+    r.add_argument("--out", required=True)
+    r.add_argument("--cache-dir", default=None, help="qenv cache (default <out>/cache)")
+    r.add_argument("--device", default="auto", help="where the models run (auto: cuda if present)")
+    r.add_argument("--dtype", default="float32", help="model dtype during quantization and scoring")
+    r.add_argument("--n-tokens", type=int, default=4096, help="calibration tokens")
+    r.add_argument("--held-tokens", type=int, default=16384, help="held-out tokens")
+    r.add_argument("--seq-len", type=int, default=128)
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--transfer-train", nargs="*", default=[])
+    r.add_argument("--transfer-test", nargs="*", default=[])
+    r.add_argument("--transfer-budgets", nargs="+", type=float, default=[3.0])
+    r.add_argument("--transfer-seeds", nargs="+", type=int, default=[0])
+    r.add_argument("--transfer-timesteps", type=int, default=24576)
+    r.add_argument("--transfer-eval-reserve-s", type=float, default=90.0,
+                   help="transfer training stops this long before the deadline, leaving time for evaluation")
+    r.add_argument("--max-procs", type=int, default=64)
+    r.add_argument("--nice", type=int, default=0, help="niceness of the workers")
+    r.add_argument("--deadline-s", type=float, default=3600.0, help="no new work after this many seconds")
+    r.add_argument("--grace-s", type=float, default=30.0, help="then workers are stopped after this long")
+    w = sub.add_parser("worker", help="(internal) one job")
+    w.add_argument("spec")
+    rp = sub.add_parser("report", help="rebuild tables and plots from <out>/raw")
+    rp.add_argument("--out", required=True, help="where the report goes (and, without --runs, the run to read)")
+    rp.add_argument("--runs", nargs="+", default=None,
+                    help="run folders to merge (a later run fills units an earlier one missed or cut short)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "worker":
+        return worker(args.spec)
+    if args.command == "report":
+        return report(args)
+    if args.cache_dir is None:
+        args.cache_dir = str(Path(args.out) / "cache")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
