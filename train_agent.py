@@ -362,6 +362,10 @@ class Run:
         self.tb = None
         self.sessions = 1
         before_s = 0.0
+        if self.resumed:  # what a process killed mid-write left: temporary files, never renamed into place
+            from qenv.io import remove_stale_temp_files
+
+            remove_stale_temp_files(self.folder)
         ckpt = latest_checkpoint(self.ckpt_dir) if self.resumed else None
         if ckpt is not None:
             state = json.loads(ckpt[2].read_text())
@@ -616,8 +620,8 @@ def _body(argv: list[str] | None) -> int:
     run = Run(folder, settings, progress=not args.no_progress, resumed=False)
     try:
         return run.execute()
-    except (QenvError, KeyboardInterrupt):
-        if not run.started:  # nothing was trained: leave no half-made run folder behind
+    except BaseException:
+        if not run.started:  # nothing was trained: leave no half-made run folder behind, whatever the error
             shutil.rmtree(folder, ignore_errors=True)
         raise
 

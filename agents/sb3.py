@@ -15,7 +15,12 @@ only through their initial weights. Any hyperparameter passed in wins.
 
 from __future__ import annotations
 
+import base64
 import importlib
+import io
+import json
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -84,13 +89,125 @@ class SB3Agent:
         path = Path(path)
         if not path.is_file() and not path.with_name(path.name + ".zip").is_file():
             raise QenvError(f"No saved {cls.name} model at {path}.", "pass the .zip written by agent.save().")
+        file = path if path.is_file() else path.with_name(path.name + ".zip")
+        # SB3 would cloudpickle.loads the zip's non-JSON entries, which runs whatever code the file
+        # holds; they are unpickled here with an allow-list instead and handed over as custom_objects.
+        custom_objects = {**safe_custom_objects(file), **(kwargs.pop("custom_objects", None) or {})}
         agent = cls.__new__(cls)
-        agent.model = cls.algorithm_class().load(path, env=env, device=device, **kwargs)
+        try:
+            agent.model = cls.algorithm_class().load(file, env=env, device=device, custom_objects=custom_objects,
+                                                     **kwargs)
+        except (ValueError, KeyError, AssertionError, RuntimeError) as exc:
+            import torch
+
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise QenvError(f"The saved agent {file} cannot be loaded as {cls.name} for this environment ({first}).",
+                            "evaluate it with the agent that trained it (--agent) on an environment with the same "
+                            "action_kind and menu it was trained with.") from None
         agent.seed = agent.model.seed
         return agent
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.class_name}, seed={self.seed})"
+
+
+# -- safe loading of SB3 zips ---------------------------------------------------------------------
+#: module prefixes an SB3 zip's pickled entries may import from (anything else is refused)
+_SAFE_MODULES: tuple[str, ...] = ("builtins", "copyreg", "collections", "numpy", "gymnasium.spaces",
+                                  "stable_baselines3", "sb3_contrib", "torch.nn.modules", "torch.optim", "qenv.cli.config")
+#: single objects allowed by (module, name); classes of the families in _safe_family are allowed too
+_SAFE_NAMES: frozenset[tuple[str, str]] = frozenset({
+    ("builtins", n) for n in ("set", "frozenset", "slice", "range", "complex", "bytearray", "list", "dict", "tuple",
+                              "int", "float", "bool", "str", "bytes", "object")
+} | {("copyreg", "_reconstructor"), ("collections", "OrderedDict"), ("collections", "deque"),
+     ("collections", "defaultdict"), ("qenv.cli.config", "LinearSchedule"),
+     ("stable_baselines3.common.utils", "FloatSchedule"), ("stable_baselines3.common.utils", "ConstantSchedule"),
+     ("stable_baselines3.common.utils", "LinearSchedule"), ("stable_baselines3.common.type_aliases", "TrainFreq"),
+     ("stable_baselines3.common.type_aliases", "TrainFrequencyUnit"), ("numpy", "dtype"), ("numpy", "ndarray")}
+  | {(m, "_reconstruct") for m in ("numpy.core.multiarray", "numpy._core.multiarray")}
+  | {(m, "scalar") for m in ("numpy.core.multiarray", "numpy._core.multiarray")}
+  | {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
+  | {("numpy.random._pickle", n) for n in ("__generator_ctor", "__bit_generator_ctor", "__randomstate_ctor")}
+  | {("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"), ("numpy.random.bit_generator", "SeedSequence"),
+     ("numpy.random._pcg64", "PCG64"), ("numpy.random._pcg64", "PCG64DXSM"), ("numpy.random._mt19937", "MT19937"), ("numpy.random._philox", "Philox"),
+     ("numpy.random._sfc64", "SFC64"), ("numpy.random._generator", "Generator"), ("numpy.random.mtrand", "RandomState")})
+
+
+def _safe_family(obj: Any) -> bool:
+    """Classes an SB3 zip legitimately refers to: spaces, policies, buffers, feature extractors,
+    action noise, torch modules (activations), optimizers and numpy scalar types. Only classes,
+    never functions."""
+    if not isinstance(obj, type):
+        return False
+    import gymnasium
+    import torch
+    from stable_baselines3.common.buffers import BaseBuffer
+    from stable_baselines3.common.noise import ActionNoise
+    from stable_baselines3.common.policies import BasePolicy
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+
+    families = (gymnasium.spaces.Space, BasePolicy, BaseBuffer, BaseFeaturesExtractor, ActionNoise,
+                torch.nn.Module, torch.optim.Optimizer, np.generic)
+    return issubclass(obj, families)
+
+
+class _Refused(Exception):
+    pass
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if not any(module == m or module.startswith(m + ".") for m in _SAFE_MODULES):
+            raise _Refused(f"{module}.{name}")
+        obj = super().find_class(module, name)
+        if (module, name) in _SAFE_NAMES or _safe_family(obj):
+            return obj
+        raise _Refused(f"{module}.{name}")
+
+
+def safe_custom_objects(path: str | Path) -> dict[str, Any]:
+    """The pickled entries of an SB3 zip's ``data``, unpickled with an allow-list.
+
+    SB3 stores what JSON cannot hold (policy class, spaces, schedules, noise) cloudpickled and
+    would ``cloudpickle.loads`` it, which runs any code the file carries. Passing the entries
+    unpickled here as ``custom_objects`` keeps SB3 from unpickling them; an entry that needs
+    anything outside the allow-list is a :class:`QenvError` and is never executed. (SB3 reads the
+    zip's ``.pth`` tensors with ``torch.load(weights_only=True)`` itself.)
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "data" not in archive.namelist():
+                raise QenvError(f"{path} is not a Stable-Baselines3 agent file (it has no 'data' entry).",
+                                "pass the model.zip written by train_agent.py or agent.save().")
+            data = json.loads(archive.read("data").decode("utf-8"))
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise QenvError(f"{path} is not a readable Stable-Baselines3 agent file ({exc}).",
+                        "pass the model.zip written by train_agent.py or agent.save().") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QenvError(f"{path} is damaged: its 'data' entry is not JSON ({exc}).",
+                        "pass an intact model.zip (e.g. a checkpoint in the run's checkpoints/ folder).") from None
+    if not isinstance(data, dict):
+        raise QenvError(f"{path} is damaged: its 'data' entry is not a JSON object.", "pass an intact model.zip.")
+    out: dict[str, Any] = {}
+    for key, item in data.items():
+        if not (isinstance(item, dict) and ":serialized:" in item):
+            continue
+        try:
+            raw = base64.b64decode(str(item[":serialized:"]).encode())
+            out[key] = _AllowListUnpickler(io.BytesIO(raw)).load()
+        except _Refused as exc:
+            raise QenvError(
+                f"The agent file {path} holds a pickled object in {key!r} that needs {exc}, which qenv does not "
+                "load: unpickling it could run arbitrary code.",
+                "use agent files written by qenv (train_agent.py) or SB3 with standard policies; if you trust this "
+                "file, load it with Stable-Baselines3 directly.") from None
+        except Exception as exc:  # noqa: BLE001 - a corrupt pickle, whatever the error
+            raise QenvError(f"The agent file {path} is damaged: entry {key!r} cannot be read ({type(exc).__name__}).",
+                            "pass an intact model.zip (e.g. a checkpoint in the run's checkpoints/ folder).") from None
+    return out
 
 
 class _OffPolicy(SB3Agent):

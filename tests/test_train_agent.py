@@ -275,6 +275,26 @@ def wait_for_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float = 2
     pytest.fail("no checkpoint appeared in time")
 
 
+def assert_no_partial_files(folder: Path) -> None:
+    """Every file a reader may open is whole: JSON parses, zips pass their CRC check, PNGs end; the
+    only other files are TensorBoard event logs and '.*.tmp' files that were never renamed into place."""
+    import zipfile
+
+    for path in folder.rglob("*"):
+        if not path.is_file() or (path.name.startswith(".") and path.name.endswith(".tmp")):
+            continue
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".zip":
+            with zipfile.ZipFile(path) as archive:
+                assert archive.testzip() is None, path
+        elif path.suffix == ".png":
+            data = path.read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[-8:-4] == b"IEND", path
+        else:
+            assert path.name.startswith("events.out.tfevents."), path
+
+
 def test_resume_after_sigkill_reaches_the_same_total(tmp_path, stories_bin, cache_dir, tiny_config):
     from qenv.callbacks import latest_checkpoint
 
@@ -288,8 +308,15 @@ def test_resume_after_sigkill_reaches_the_same_total(tmp_path, stories_bin, cach
     step, _, _ = latest_checkpoint(folder / "checkpoints")
     assert 0 < step < total
     assert not (folder / "model.zip").exists()
+    assert_no_partial_files(folder)
+    # a kill inside a write leaves the temporary file (atomic_path never renamed it); --resume removes it
+    stale = folder / "checkpoints" / ".step_9999999999.zip.x1y2z3.tmp"
+    stale.write_bytes(b"PK\x03\x04 half a zip")
     code = run_main(train_agent, ["--resume", folder, "--no-progress"])
     assert code == 0
+    assert not stale.exists()
+    assert_no_partial_files(folder)
+    assert not [p for p in folder.rglob(".*.tmp")]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "complete"
     assert summary["timesteps"] == summary["total_timesteps"] == total

@@ -28,21 +28,23 @@ def make_vec_env_backend(env_id: str = "QuantLLM-v0", n_envs: int = 1, seed: int
                          **kwargs: Any) -> Any:
     """SB3's ``make_vec_env`` with the vectorized-env class chosen by ``backend``.
 
-    ``dummy`` → ``DummyVecEnv``, ``subproc`` → ``SubprocVecEnv``, ``ray`` → :class:`RayVecEnv`.
+    ``dummy`` → ``DummyVecEnv``, ``subproc`` → ``SubprocVecEnv`` (whose dead workers raise
+    :class:`QenvError`), ``ray`` → :class:`RayVecEnv`.
     Each env is wrapped in SB3's ``Monitor`` and seeded ``seed + rank`` at the first reset, the
     same for every backend, so the three give the same episodes. Extra keyword arguments go to
     ``make_vec_env`` (``monitor_dir``, ``wrapper_class``, ``vec_env_kwargs`` — for ``ray``:
     ``num_cpus``, ``num_gpus``, ``max_retries``, ``ray_init``).
     """
     from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+    from stable_baselines3.common.vec_env import DummyVecEnv
 
     import qenv  # noqa: F401  (registers QuantLLM-v0)
+    from qenv.distributed.subproc import WorkerGuardedSubprocVecEnv
 
     if backend == "dummy":
         vec_env_cls: Any = DummyVecEnv
     elif backend == "subproc":
-        vec_env_cls = SubprocVecEnv
+        vec_env_cls = WorkerGuardedSubprocVecEnv  # a dead worker is a QenvError, not a pipe traceback
     elif backend == "ray":
         require_ray()
         from qenv.distributed.ray_vec_env import RayVecEnv

@@ -77,8 +77,11 @@ def _static_row(evaluator: Evaluator, info: LayerInfo, total_params: int) -> lis
 
 def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray:
     """``[n_layers, len(STATIC_NAMES)]`` float32, cached on disk beside the reference."""
+    # the batch count is part of the key, as for the reference: calibration statistics summed per batch
+    # differ in the last float bits between batchings, and a cache must not make runs differ
     key = hashlib.sha1(
-        (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)).encode()
+        (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
+         + f"|b{len(evaluator.batches)}").encode()
     ).hexdigest()[:16]
     path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"features-v1-{key}.npy"
     if path is not None and path.is_file():

@@ -110,18 +110,19 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
 
 
 def _check_numbers(**values: Any) -> None:
-    """Counts must be whole numbers (at least 1, the seed at least 0), weights plain numbers: a
-    value of the wrong type (e.g. ``n_tokens=abc`` from a command line) is a clear error here,
-    not a ``TypeError`` deep in token sampling."""
+    """Counts must be whole numbers (at least 1; the seed at least 0) and weights finite numbers: a
+    value of the wrong type (e.g. ``n_tokens=abc`` from a command line) is a clear error here, not
+    a ``TypeError`` deep in token sampling."""
+    examples = {"n_tokens": 2048, "seq_len": 128, "batch_size": 8, "seed": 0}
     for key, value in values.items():
-        if key in ("n_tokens", "seq_len", "batch_size", "seed"):
+        if key in examples:
             low = 0 if key == "seed" else 1
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise QenvError(f"{key}={value!r} must be a whole number of at least {low}.",
-                                f"pass e.g. {key}={ {'n_tokens': 2048, 'seq_len': 128, 'batch_size': 8}.get(key, 0)}.")
+                                f"pass e.g. {key}={examples[key]}.")
         elif isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(value) or value < 0:
-            raise QenvError(f"{key}={value!r} must be a number of at least 0.", f"pass e.g. {key}=1.0.")
+                or not np.isfinite(value):
+            raise QenvError(f"{key}={value!r} must be a number.", f"pass e.g. {key}=1.0.")
 
 
 class QuantLLMEnv(gym.Env):
