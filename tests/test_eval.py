@@ -328,3 +328,13 @@ def test_architecture_streaming_and_kl_order(arch: str) -> None:
         recipe = preset(name, lm.layers)
         _assert_same(ev.evaluate_blockwise(recipe), ev.evaluate(recipe))
     assert ev.evaluate({}).kl == 0.0
+
+
+def test_calibrated_rule_on_a_layer_without_statistics_is_a_clear_error() -> None:
+    """Embeddings never run as a linear module, so GPTQ cannot calibrate them: say which layer."""
+    lm = load_model("tiny-llama", include_embeddings=True)
+    ev = Evaluator(lm, tokens_from_model(lm.model, 128, 32), cache_dir=False)
+    embed = next(info for info in lm.layers if info.kind == "embed")
+    with pytest.raises(QenvError, match=f"activation statistics of layer {embed.name}"):
+        ev.evaluate({embed.name: Rule(bits=3, rounding="gptq")})
+    assert ev.evaluate({embed.name: Rule(bits=3)}).kl > 0

@@ -72,6 +72,11 @@ class QuantizedWeights:
                 raise QenvError(f"Layer {name} holds NaN or inf weights; it cannot be quantized.",
                                 "check the checkpoint: its weights overflowed or are corrupt.")
             calib = self.calibration(name) if self.calibration is not None and rule.needs_calibration else None
+            if rule.needs_calibration and calib is None and self.calibration is not None:
+                raise QenvError(
+                    f"Rule {rule.label()} needs activation statistics of layer {name}, but that layer never ran "
+                    "as a module during the calibration pass (its weight is used directly, or it is an embedding).",
+                    "give this layer a rule without GPTQ, act_scale, mse_clip or activation-based salience.")
             quantized = to_storage_layout(info, quantize_matrix(matrix, rule, calib)).contiguous()
         finally:
             param.data = current
