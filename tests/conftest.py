@@ -9,7 +9,9 @@ import pytest
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STORIES_BIN = DATA_DIR / "stories260K" / "stories260K.bin"
 WIKITEXT_TEST = DATA_DIR / "wikitext-2" / "test.txt"
-BUILTIN_DEFAULT = Path(__file__).resolve().parents[1] / "qenv" / "models" / "builtin" / "wikitext-llama"
+TINYSTORIES = DATA_DIR / "tinystories" / "TinyStories-valid-first1000.txt"
+REPO = Path(__file__).resolve().parents[1]
+BUILTIN_DEFAULT = REPO / "qenv" / "models" / "builtin" / "wikitext-llama"
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +51,46 @@ def require(path: Path, what: str) -> None:
     """Skip the calling test with a clear reason when a real-data file is missing."""
     if not path.exists():
         pytest.skip(f"{what} missing at {path} (../shared/data must sit beside the repo)")
+
+
+def load_script(name: str):
+    """Import one of the repository's programs (``train_agent``, ``eval_agent``) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"qenv_script_{name}", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(module, argv: list) -> int:
+    """``module.main(argv)`` in this process, restoring the torch thread count it changes."""
+    import os
+
+    import torch
+
+    threads = torch.get_num_threads()
+    env_threads = os.environ.get("QENV_TORCH_THREADS")
+    try:
+        return module.main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+        if env_threads is None:
+            os.environ.pop("QENV_TORCH_THREADS", None)
+        else:
+            os.environ["QENV_TORCH_THREADS"] = env_threads
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A qenv cache folder shared by one test module (set as $QENV_CACHE_DIR while it runs)."""
+    import os
+
+    folder = tmp_path_factory.mktemp("qenv-cache")
+    old = os.environ.get("QENV_CACHE_DIR")
+    os.environ["QENV_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("QENV_CACHE_DIR", None)
+    else:
+        os.environ["QENV_CACHE_DIR"] = old

@@ -20,14 +20,8 @@ from qenv.models.loading import LoadedModel, load_model
 from qenv.models.tiny import TINY_ARCHITECTURES
 from qenv.quant.presets import preset
 from qenv.quant.rules import KEEP, Rule
-from conftest import require
+from conftest import STORIES_BIN, TINYSTORIES, WIKITEXT_TEST, BUILTIN_DEFAULT as DEFAULT_DIR, require
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-STORIES_BIN = DATA / "stories260K" / "stories260K.bin"
-TINYSTORIES = DATA / "tinystories" / "TinyStories-valid-first1000.txt"
-WIKITEXT_TEST = DATA / "wikitext-2" / "test.txt"
-DEFAULT_DIR = REPO / "qenv" / "models" / "builtin" / "wikitext-llama"
 
 
 @pytest.fixture(scope="module")

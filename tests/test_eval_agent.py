@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import load_script, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PPO = """\
@@ -25,40 +23,8 @@ PRESETS_AT_3 = {"rtn-w2", "gptq-w2", "awq-w2", "rtn-w3", "gptq-w3", "awq-w3", "q
 SEARCHERS = {"uniform", "llamacpp", "greedy", "random", "evolution"}
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"qenv_script_{name}", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 train_agent = load_script("train_agent")
 eval_agent = load_script("eval_agent")
-
-
-def run_main(module, argv: list[str]) -> int:
-    threads = torch.get_num_threads()
-    env_threads = os.environ.get("QENV_TORCH_THREADS")
-    try:
-        return module.main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
-        if env_threads is None:
-            os.environ.pop("QENV_TORCH_THREADS", None)
-        else:
-            os.environ["QENV_TORCH_THREADS"] = env_threads
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qenv-cache")
-    old = os.environ.get("QENV_CACHE_DIR")
-    os.environ["QENV_CACHE_DIR"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("QENV_CACHE_DIR", None)
-    else:
-        os.environ["QENV_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,10 @@ from qenv.errors import QenvError
 from qenv.eval.tokens import tokens_from_text
 from qenv.models.layers import discover_layers
 from qenv.models.loading import LoadedModel, load_model
+from conftest import BUILTIN_DEFAULT as DEFAULT_DIR, STORIES_BIN
 from qenv.models.tiny import TINY_ARCHITECTURES
 from qenv.quant.presets import llamacpp_mix, preset
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-STORIES_BIN = DATA / "stories260K" / "stories260K.bin"
-DEFAULT_DIR = REPO / "qenv" / "models" / "builtin" / "wikitext-llama"
 
 LLAMA_BLOCK = ["q", "k", "v", "o", "gate", "up", "down"]
 

@@ -23,14 +23,8 @@ from qenv.quant.accounting import bits_per_weight, model_bytes, recipe_bits
 from qenv.quant.presets import KQUANT_RULES, llamacpp_mix, preset, uniform
 from qenv.quant.quantizer import LayerCalibration, quantize_matrix
 from qenv.quant.rules import FP16_BITS, KEEP, Recipe, Rule, layer_bits, n_outliers
-from conftest import require
+from conftest import STORIES_BIN, TINYSTORIES, WIKITEXT_TEST, BUILTIN_DEFAULT as DEFAULT_DIR, require
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-STORIES_BIN = DATA / "stories260K" / "stories260K.bin"
-TINYSTORIES = DATA / "tinystories" / "TinyStories-valid-first1000.txt"
-WIKITEXT_TEST = DATA / "wikitext-2" / "test.txt"
-DEFAULT_DIR = REPO / "qenv" / "models" / "builtin" / "wikitext-llama"
 
 UNIFORM_BITS = (8, 6, 5, 4, 3, 2)
 

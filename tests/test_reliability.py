@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import pickle
@@ -40,34 +39,14 @@ import pytest
 import torch
 
 from qenv.errors import QenvError
+from conftest import load_script, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--env-kwargs", "n_tokens=512", "seq_len=64"]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"qenv_script_{name}", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 train_agent = load_script("train_agent")
 eval_agent = load_script("eval_agent")
-
-
-def run_main(module, argv: list) -> int:
-    """``module.main(argv)`` in this process, restoring the torch thread count it changes."""
-    threads = torch.get_num_threads()
-    env_threads = os.environ.get("QENV_TORCH_THREADS")
-    try:
-        return module.main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
-        if env_threads is None:
-            os.environ.pop("QENV_TORCH_THREADS", None)
-        else:
-            os.environ["QENV_TORCH_THREADS"] = env_threads
 
 
 def assert_one_line_error(code: int, err: str, needle: str) -> None:
@@ -90,18 +69,6 @@ class Payload:
 
 
 # -- fixtures: real files of every kind a user might point qenv at ---------------------------------------
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qenv-cache")
-    old = os.environ.get("QENV_CACHE_DIR")
-    os.environ["QENV_CACHE_DIR"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("QENV_CACHE_DIR", None)
-    else:
-        os.environ["QENV_CACHE_DIR"] = old
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, stories_bin) -> dict[str, Path]:
     """Broken and hostile inputs, built from real models and real files."""
