@@ -290,7 +290,11 @@ def quality_job(cfg: dict[str, Any]) -> None:
     log(f"{model['name']} @ {budget:g}: {n_layers} layers on {task.loaded.device}, setup {time.perf_counter() - t0:.1f}s,"
         f" frontier KL {ref.kl:.4g}")
 
+    skip = [tuple(u) for u in cfg.get("skip", [])]
+
     def unit(method: str, seed: int | None, fn: Any) -> None:
+        if (method, seed) in skip:  # --fill-from: measured by an earlier run
+            return
         if time.time() > deadline:
             rec.write(method=method, seed=seed, skipped="deadline")
             return
@@ -359,6 +363,39 @@ def quality_job(cfg: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 # worker: transfer (PPO on several models, zero-shot on unseen ones)
 # ------------------------------------------------------------------------------------------------
+def human_baselines(task: Any, held: Any, env: Any, budget: float) -> list[tuple[str, dict[str, Any]]]:
+    """The human-designed recipes at or under the budget on one model: the best preset of each
+    family, and the llama.cpp-like mix where it fits."""
+    from agents import make_agent
+
+    humans = []
+    for fam in FAMILIES:
+        found = best_preset(task, budget, fam)
+        if found is not None:
+            humans.append((found[0], measure(task, held, found[1], budget)))
+    mix_agent = make_agent("llamacpp", env, seed=0)
+    mix_recipe, mix_info = mix_agent.search(env)
+    mix = measure(task, held, mix_recipe, budget)
+    if not mix["over_budget"]:
+        humans.append((mix_info.get("mix", "llamacpp").lower(), mix))
+    return humans
+
+
+def eval_row(model: dict[str, str], seen: bool, policy: dict[str, Any], info: dict[str, Any],
+             humans: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One transfer evaluation: the policy's recipe against the best human recipe (lowest KL)."""
+    best_name, best = min(humans, key=lambda h: h[1]["kl"])
+    return {"method": "eval", "model": model["name"], "seen": seen, "policy": policy, "best_human": best_name,
+            "human": best, "kl_ratio": best["kl"] / max(policy["kl"], 1e-30), "ppl_diff": policy["ppl"] - best["ppl"],
+            "top1_diff": policy["top1"] - best["top1"], "clamped_actions": info.get("clamped_actions", 0),
+            "humans": {n: {k: m[k] for k in ("kl", "ppl", "top1", "bpw")} for n, m in humans}}
+
+
+def policy_file(out: Path, budget: float, seed: int) -> Path:
+    """Where a transfer job leaves its trained policy's weights for the evaluation jobs."""
+    return out / "work" / f"transfer_{budget:g}_s{seed}.policy.pt"
+
+
 def transfer_job(cfg: dict[str, Any]) -> None:
     from agents import make_agent, rollout_recipe
     from agents.base import recipe_of
@@ -376,24 +413,39 @@ def transfer_job(cfg: dict[str, Any]) -> None:
     if len(corpora) != 1:
         raise SystemExit("transfer training models must share one calibration corpus (one env, one `data`)")
     calib, _ = corpus_files(corpora.pop(), data_dir, out / "work")
-    t0 = time.perf_counter()
-    for m in train_models:
-        wait_for_model(m["spec"], deadline)
-    device = pick_device(cfg["device"])
-    env = make_quant_env(model=[m["spec"] for m in train_models], budget_bpw=budget, data=calib,
-                         n_tokens=cfg["n_tokens"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], device=device,
-                         dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"])
-    steps = int(cfg["timesteps"])
-    hp = ppo_hyperparams(0, 1, per_rollout=False)
-    agent = make_agent("ppo", env, seed=seed, **hp)
-    # training stops early enough to leave time for the zero-shot evaluations
-    sb3_cb, _ = deadline_callbacks(deadline - float(cfg.get("eval_reserve_s", 0.0)))
-    t1 = time.perf_counter()
-    agent.learn(steps, callback=sb3_cb)
-    rec.write(method="train", train_models=[m["name"] for m in train_models], timesteps=agent.num_timesteps,
-              asked_timesteps=steps, truncated=agent.num_timesteps < steps, train_s=time.perf_counter() - t1,
-              setup_s=t1 - t0, device=device)
-    log(f"transfer {budget:g} s{seed}: trained {agent.num_timesteps} steps in {time.perf_counter() - t1:.0f}s")
+    target = policy_file(out, budget, seed)
+    try:
+        t0 = time.perf_counter()
+        for m in train_models:
+            wait_for_model(m["spec"], deadline)
+        device = pick_device(cfg["device"])
+        env = make_quant_env(model=[m["spec"] for m in train_models], budget_bpw=budget, data=calib,
+                             n_tokens=cfg["n_tokens"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
+                             device=device, dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"])
+        steps = int(cfg["timesteps"])
+        hp = ppo_hyperparams(0, 1, per_rollout=False)
+        agent = make_agent("ppo", env, seed=seed, **hp)
+        # training stops early enough to leave time for the zero-shot evaluations
+        sb3_cb, _ = deadline_callbacks(deadline - float(cfg.get("eval_reserve_s", 0.0)))
+        t1 = time.perf_counter()
+        agent.learn(steps, callback=sb3_cb)
+        rec.write(method="train", train_models=[m["name"] for m in train_models], timesteps=agent.num_timesteps,
+                  asked_timesteps=steps, truncated=agent.num_timesteps < steps, train_s=time.perf_counter() - t1,
+                  setup_s=t1 - t0, device=device)
+        log(f"transfer {budget:g} s{seed}: trained {agent.num_timesteps} steps in {time.perf_counter() - t1:.0f}s")
+        if cfg.get("eval_jobs"):
+            import torch
+
+            # the evaluation jobs (one per model, baselines ready) roll this policy out as soon as it appears
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            torch.save(agent.model.policy.state_dict(), tmp)
+            os.replace(tmp, target)
+            return
+    except BaseException:
+        if cfg.get("eval_jobs"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.with_suffix(".failed").write_text(traceback.format_exc())
+        raise
     tests = [(m, False) for m in cfg["test_models"]] + [(m, True) for m in train_models]
     for model, seen in tests:
         try:
@@ -402,27 +454,74 @@ def transfer_job(cfg: dict[str, Any]) -> None:
             held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
             recipe, info = rollout_recipe(agent, tenv, deterministic=True)
             policy = measure(task, held, recipe_of(info), budget)
-            humans = []
-            for fam in FAMILIES:
-                found = best_preset(task, budget, fam)
-                if found is not None:
-                    humans.append((found[0], measure(task, held, found[1], budget)))
-            mix_agent = make_agent("llamacpp", tenv, seed=0)
-            mix_recipe, mix_info = mix_agent.search(tenv)
-            mix = measure(task, held, mix_recipe, budget)
-            if not mix["over_budget"]:
-                humans.append((mix_info.get("mix", "llamacpp").lower(), mix))
-            best_name, best = min(humans, key=lambda h: h[1]["kl"])
-            rec.write(method="eval", model=model["name"], seen=seen, policy=policy,
-                      best_human=best_name, human=best, kl_ratio=best["kl"] / max(policy["kl"], 1e-30),
-                      ppl_diff=policy["ppl"] - best["ppl"], top1_diff=policy["top1"] - best["top1"],
-                      clamped_actions=info.get("clamped_actions", 0),
-                      humans={n: {k: m[k] for k in ("kl", "ppl", "top1", "bpw")} for n, m in humans})
+            row = eval_row(model, seen, policy, info, human_baselines(task, held, tenv, budget))
+            rec.write(**row)
             log(f"transfer {budget:g} s{seed} -> {model['name']} (seen={seen}): policy KL {policy['kl']:.4g} vs "
-                f"{best_name} {best['kl']:.4g}")
+                f"{row['best_human']} {row['human']['kl']:.4g}")
         except Exception as exc:
             traceback.print_exc()
             rec.write(method="eval", model=model["name"], seen=seen, error=f"{type(exc).__name__}: {exc}")
+
+
+def transfer_eval_job(cfg: dict[str, Any]) -> None:
+    """Zero-shot evaluation of the transfer policies on one model (``--transfer-eval-jobs``).
+
+    The same measurements as the sequential evaluation at the end of :func:`transfer_job`, in a
+    process of its own: it builds the model's env, held-out evaluator and human baselines while
+    the policies train, then rolls out each seed's policy (deterministic) as its weights appear.
+    """
+    import torch
+
+    from agents import make_agent, rollout_recipe
+    from agents.base import recipe_of
+    from eval_agent import scoring_evaluator
+
+    common_setup(cfg)
+    budget = float(cfg["budget"])
+    model, seen = cfg["model"], bool(cfg["seen"])
+    out = Path(cfg["out"])
+    rec = Recorder(out / "raw" / f"transfer_{budget:g}_eval_{model['name']}.jsonl",
+                   {"kind": "transfer", "budget": budget})
+    pending = [int(s) for s in cfg["seeds"]]
+    try:
+        t0 = time.perf_counter()
+        tenv, held_path = make_env(model, budget, cfg, out / "work")
+        task = tenv.unwrapped.task
+        held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
+        humans = human_baselines(task, held, tenv, budget)
+        log(f"transfer {budget:g} eval {model['name']}: baselines ready in {time.perf_counter() - t0:.0f}s")
+    except Exception as exc:
+        traceback.print_exc()
+        for seed in pending:
+            rec.write(method="eval", seed=seed, model=model["name"], seen=seen, error=f"{type(exc).__name__}: {exc}")
+        return
+    hp = ppo_hyperparams(0, 1, per_rollout=False)
+    while pending:
+        for seed in list(pending):
+            path = policy_file(out, budget, seed)
+            if path.with_suffix(".failed").is_file():
+                pending.remove(seed)
+                rec.write(method="eval", seed=seed, model=model["name"], seen=seen, error="training failed")
+                continue
+            if not path.is_file():
+                continue
+            pending.remove(seed)
+            try:
+                agent = make_agent("ppo", tenv, seed=seed, **hp)
+                agent.model.policy.load_state_dict(torch.load(path, map_location=agent.model.device,
+                                                              weights_only=True))
+                recipe, info = rollout_recipe(agent, tenv, deterministic=True)
+                policy = measure(task, held, recipe_of(info), budget)
+                row = eval_row(model, seen, policy, info, humans)
+                rec.write(seed=seed, **row)
+                log(f"transfer {budget:g} s{seed} -> {model['name']} (seen={seen}): policy KL {policy['kl']:.4g} vs "
+                    f"{row['best_human']} {row['human']['kl']:.4g}")
+            except Exception as exc:
+                traceback.print_exc()
+                rec.write(method="eval", seed=seed, model=model["name"], seen=seen,
+                          error=f"{type(exc).__name__}: {exc}")
+        if pending:
+            time.sleep(1.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,11 +540,17 @@ def run(args: argparse.Namespace) -> int:
             "n_tokens": args.n_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
             "held_tokens": args.held_tokens, "cache_dir": str(Path(args.cache_dir).resolve()), "threads": 1}
     jobs: list[tuple[str, dict[str, Any]]] = []
+    done = completed_units(args.fill_from) if args.fill_from else set()
     for model in models:
         for budget in args.budgets:
+            units = [(m, None) for m in ("rtn", "gptq", "awq", "llamacpp", "greedy")]
+            units += [(m, s) for s in args.seeds for m in SEEDED]
+            skip = [[m, s] for m, s in units if (model["name"], float(budget), m, s) in done]
+            if len(skip) == len(units):
+                continue  # --fill-from: every unit of this cell is already measured
             jobs.append((f"quality_{model['name']}_{budget:g}", {**base, "job": "quality", "model": model,
                                                                   "budget": budget, "seeds": args.seeds,
-                                                                  "episodes": args.episodes}))
+                                                                  "episodes": args.episodes, "skip": skip}))
     if args.transfer_train and args.transfer_test:
         train = [resolve_model(m, data_dir) for m in args.transfer_train]
         test = [resolve_model(m, data_dir) for m in args.transfer_test]
@@ -455,7 +560,13 @@ def run(args: argparse.Namespace) -> int:
                                                               "seed": seed, "train_models": train,
                                                               "test_models": test,
                                                               "timesteps": args.transfer_timesteps,
-                                                              "eval_reserve_s": args.transfer_eval_reserve_s}))
+                                                              "eval_reserve_s": args.transfer_eval_reserve_s,
+                                                              "eval_jobs": args.transfer_eval_jobs}))
+            if args.transfer_eval_jobs:
+                for model, seen in [(m, False) for m in test] + [(m, True) for m in train]:
+                    jobs.append((f"transfer_{budget:g}_eval_{model['name']}",
+                                 {**base, "job": "transfer_eval", "budget": budget, "model": model, "seen": seen,
+                                  "seeds": args.transfer_seeds}))
     settings = {"command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]), "args": vars(args), "start": start,
                 "models": models}
     (out / "raw" / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
@@ -504,6 +615,8 @@ def worker(spec_path: str) -> int:
     cfg = json.loads(Path(spec_path).read_text())
     if cfg["job"] == "quality":
         quality_job(cfg)
+    elif cfg["job"] == "transfer_eval":
+        transfer_eval_job(cfg)
     else:
         transfer_job(cfg)
     return 0
@@ -537,20 +650,63 @@ def _unit_key(r: dict[str, Any]) -> tuple:
     return (r.get("kind"), r.get("model"), r.get("budget"), r.get("method"), r.get("seed"))
 
 
-def merge_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def _fp_signature(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Per model: the full-precision calibration and held-out perplexity a run measured. Two runs
+    with different numbers measured different weights (e.g. a bench model trained again)."""
+    return {r["model"]: (float(r["calib_ppl"]), float(r["ppl"])) for r in rows
+            if r.get("kind") == "quality" and r.get("method") == "fp16" and "calib_ppl" in r}
+
+
+def merge_runs(runs: list[list[dict[str, Any]]], notes: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows of several runs of the same settings (a later run filling what an earlier one missed).
 
     Per (model, budget, method, seed) the first complete result wins; a later run's complete result
     replaces an earlier truncated one; skipped or failed entries are dropped where a result exists.
     Seeded methods are deterministic per seed, so a unit measured twice gives the same numbers.
+
+    A later run's quality rows of a model are left out when its full-precision perplexities differ
+    from the first run's: they measured another instance of the model (a bench model trained
+    again) and cannot fill its cells. Transfer rows are merged per (budget, seed): the first run
+    whose training finished (not truncated) supplies that seed's training and evaluations, else
+    the run whose training got furthest (the first of equals). What is left out is described in
+    ``notes``.
     """
+    notes = [] if notes is None else notes
     chosen: dict[tuple, dict[str, Any]] = {}
     other: list[dict[str, Any]] = []
     meta_seen: set[tuple] = set()
+    first_fp: dict[str, tuple[float, float, int]] = {}
+    for index, rows in enumerate(runs):
+        for model, sig in _fp_signature(rows).items():
+            first_fp.setdefault(model, (*sig, index))
+    transfer_run: dict[tuple, tuple[int, bool, int]] = {}
     for index, rows in enumerate(runs):
         for r in rows:
+            if r.get("kind") == "transfer" and r.get("method") == "train":
+                key, cut, steps = (r["budget"], r["seed"]), bool(r.get("truncated")), int(r.get("timesteps", 0))
+                old = transfer_run.get(key)
+                if old is None or (old[1] and (not cut or steps > old[2])):
+                    transfer_run[key] = (index, cut, steps)
+    for index, rows in enumerate(runs):
+        sig = _fp_signature(rows)
+        foreign = {m for m, v in sig.items() if m in first_fp and first_fp[m][2] != index
+                   and v != first_fp[m][:2]}
+        for m in sorted(foreign):
+            notes.append(f"run {index}: quality rows of {m} left out: another instance of the model (full-precision "
+                         f"calibration / held-out ppl {sig[m][0]:.6g} / {sig[m][1]:.6g}, run {first_fp[m][2]}: "
+                         f"{first_fp[m][0]:.6g} / {first_fp[m][1]:.6g})")
+        dropped = set()
+        for r in rows:
             r = {**r, "run": index}
-            if r.get("kind") == "quality" and "kl" in r:
+            if r.get("kind") == "quality" and r.get("model") in foreign:
+                continue
+            if r.get("kind") == "transfer":
+                key = (r.get("budget"), r.get("seed"))
+                if key in transfer_run and transfer_run[key][0] != index:
+                    dropped.add(key)
+                    continue
+                other.append(r)
+            elif r.get("kind") == "quality" and "kl" in r:
                 key = _unit_key(r)
                 old = chosen.get(key)
                 if old is None or (old.get("truncated") and not r.get("truncated")):
@@ -561,8 +717,19 @@ def merge_runs(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
                     other.append(r)
             elif r.get("kind") != "quality" or r.get("method") != "done":
                 other.append(r)
+        for budget, seed in sorted(dropped, key=str):
+            notes.append(f"run {index}: transfer rows of budget {budget:g} seed {seed} left out: run "
+                         f"{transfer_run[(budget, seed)][0]} has that seed's "
+                         f"{'complete' if not transfer_run[(budget, seed)][1] else 'longest'} training")
     other = [r for r in other if not ((r.get("error") or r.get("skipped")) and _unit_key(r) in chosen)]
     return other + list(chosen.values())
+
+
+def completed_units(run_dirs: list[str]) -> set[tuple]:
+    """(model, budget, method, seed) of the quality units that ``run_dirs`` (merged) completed."""
+    rows = merge_runs([load_rows(Path(d)) for d in run_dirs])
+    return {(r["model"], float(r["budget"]), r["method"], r.get("seed")) for r in rows
+            if r.get("kind") == "quality" and "kl" in r and not r.get("truncated")}
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -733,19 +900,24 @@ def pareto_png(path: Path, model: str, budgets: dict[str, dict[str, Any]]) -> No
 def report(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     run_dirs = [Path(d).resolve() for d in (getattr(args, "runs", None) or [out])]
-    rows = merge_runs([load_rows(d) for d in run_dirs])
+    notes: list[str] = []
+    rows = merge_runs([load_rows(d) for d in run_dirs], notes)
     agg = aggregate(rows)
     heads = headline(agg)
     transfer = transfer_summary(rows)
-    settings, bench_models, machine = [], {}, {}
+    settings, bench_models, machine, per_run = [], {}, {}, []
     for d in run_dirs:
         path = d / "raw" / "settings.json"
         settings.append(json.loads(path.read_text()) if path.is_file() else {})
-        for stats in sorted((d / "train").glob("*.json")):
-            bench_models.setdefault(stats.stem, json.loads(stats.read_text()))
+        trained = {stats.stem: json.loads(stats.read_text()) for stats in sorted((d / "train").glob("*.json"))}
+        for name, stats in trained.items():
+            bench_models.setdefault(name, stats)
         if (d / "machine.txt").is_file():
             machine.setdefault("machine", (d / "machine.txt").read_text())
+        per_run.append({"folder": str(d), "bench_models": trained,
+                        "machine": (d / "machine.txt").read_text() if (d / "machine.txt").is_file() else None})
     result = {"settings": settings, "machine": machine.get("machine"), "bench_models": bench_models,
+              "runs": per_run, "merge_notes": notes,
               "meta": agg["meta"], "cells": agg["cells"], "headline": heads, "transfer": transfer}
     out.mkdir(parents=True, exist_ok=True)
     for cells in result["cells"].values():
@@ -812,6 +984,10 @@ def report(args: argparse.Namespace) -> int:
         steps = transfer[0]["train_timesteps"]
         md.append(f"\n(n = {len(transfer[0]['seeds'])} seeds, mean ± std where n > 1; PPO trained "
                   f"{steps[0]:.0f} ± {steps[1]:.0f} timesteps)\n")
+    if notes:
+        md.append("### Merge notes\n")
+        md.extend(f"- {n}" for n in notes)
+        md.append("")
     problems = [r for r in rows if r.get("error")]
     if problems:
         md.append("### Failures\n")
@@ -850,6 +1026,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--transfer-timesteps", type=int, default=24576)
     r.add_argument("--transfer-eval-reserve-s", type=float, default=90.0,
                    help="transfer training stops this long before the deadline, leaving time for evaluation")
+    r.add_argument("--transfer-eval-jobs", action="store_true",
+                   help="evaluate the transfer policies in one worker per model, which prepares the model's "
+                        "baselines while the policies train (same measurements, less time after training)")
+    r.add_argument("--fill-from", nargs="+", default=None, metavar="RUN",
+                   help="earlier run folders: run only the quality units they did not complete (cut short, "
+                        "skipped or failed); merge afterwards with `report --runs RUN... <out>`")
     r.add_argument("--max-procs", type=int, default=64)
     r.add_argument("--nice", type=int, default=0, help="niceness of the workers")
     r.add_argument("--deadline-s", type=float, default=3600.0, help="no new work after this many seconds")
