@@ -262,7 +262,7 @@ class Evaluator:
             with torch.inference_mode(), oom_guard(self.batch_size):
                 plain = self.model(input_ids=ids, use_cache=False).logits.float()
                 hidden, call = capture_block_inputs(self.model, self._blocks, ids)
-                as_tuple = block_returns_tuple(self._blocks[0], hidden, call)
+                as_tuple = self._as_tuple = block_returns_tuple(self._blocks[0], hidden, call)
                 for block in self._blocks:
                     hidden = run_block(block, hidden, call)
                 streamed = run_head(self.model, self._blocks, ids, hidden, as_tuple).float()
@@ -338,8 +338,7 @@ class Stream:
         ev = self.ev
         self.advance(recipe, ev.n_blocks - 1)
         assert self.hidden is not None and self.calls is not None
-        if ev._as_tuple is None:
-            ev._as_tuple = block_returns_tuple(ev._blocks[0], *ev._inputs({})[0][:1], ev._inputs({})[1][0])
+        assert ev._as_tuple is not None  # set by the streaming check when the stream was opened
         # A tied head/embedding matrix is applied before block 0 (stage -1) but is also the head, so the
         # head must run with it quantized too, exactly as in the plain path.
         head_rules = {info.name: recipe.get(info.name, KEEP) for info in ev.layers
