@@ -38,6 +38,10 @@ unit in flight), then ``report`` turns the lines into ``quality_results.json``, 
 tables (``quality_tables.md``) and one Pareto plot per model (``quality_pareto_<model>.png``).
 Workers for a model given as a folder that does not exist yet wait for it (the GPU run trains the
 bench models with ``scripts/train_bench_models.py`` at the same time).
+``--fill-from RUN...`` runs only the quality units that earlier runs did not complete (merge them
+afterwards with ``report --runs RUN... OUT``, which leaves out a later run's rows of a model whose
+full-precision perplexities differ: another instance of it). ``--transfer-eval-jobs`` evaluates the
+transfer policies in one worker per model, which prepares that model's baselines while they train.
 
 Examples::
 
