@@ -332,3 +332,13 @@ def test_calibrated_rule_on_a_layer_without_statistics_is_a_clear_error() -> Non
     with pytest.raises(QenvError, match=f"activation statistics of layer {embed.name}"):
         ev.evaluate({embed.name: Rule(bits=3, rounding="gptq")})
     assert ev.evaluate({embed.name: Rule(bits=3)}).kl > 0
+
+
+def test_reference_cache_is_keyed_by_the_batch_split(stories: LoadedModel, tmp_path: Path) -> None:
+    """16 sequences in batches of 8 or of 12 make two batches each, of different shapes: the
+    cached reference of one must not be read for the other."""
+    tokens = tokens_from_model(stories.model, 16 * 32, 32, seed=3)
+    recipe = dict(preset("rtn-w3", stories.layers))
+    by8 = Evaluator(stories, tokens, batch_size=8, cache_dir=tmp_path).evaluate(recipe)
+    by12 = Evaluator(stories, tokens, batch_size=12, cache_dir=tmp_path).evaluate(recipe)
+    assert by12.kl == pytest.approx(by8.kl, rel=1e-5) and by12.n_tokens == by8.n_tokens

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from qenv.eval.evaluator import Evaluator
+from qenv.eval.reference import batching_key
 from qenv.io import atomic_path
 from qenv.models.layers import LAYER_KINDS, LayerInfo
 from qenv.quant.rules import Rule
@@ -81,7 +82,7 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
     # differ in the last float bits between batchings, and a cache must not make runs differ
     key = hashlib.sha1(
         (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
-         + f"|b{len(evaluator.batches)}").encode()
+         + "|b" + batching_key(evaluator.batches)).encode()
     ).hexdigest()[:16]
     path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"features-v1-{key}.npy"
     if path is not None and path.is_file():

@@ -142,6 +142,11 @@ def compute_reference(model: nn.Module, layers: list[LayerInfo], batches: list[t
     return Reference(logprobs, outputs if keep_block_outputs else None, calibration)
 
 
+def batching_key(batches: list[torch.Tensor]) -> str:
+    """How the tokens are split into batches: cached per-batch tensors are only valid for the same split."""
+    return "x".join(str(int(b.shape[0])) for b in batches)
+
+
 def _cache_file(cache_dir: Path, model_key: str, tokens_key: str) -> Path:
     return cache_dir / f"reference-v{CACHE_VERSION}-{model_key}-{tokens_key}.safetensors"
 
@@ -188,7 +193,7 @@ def cached_reference(model: nn.Module, layers: list[LayerInfo], batches: list[to
     device = next(model.parameters()).device
     layers_key = hashlib.sha1("|".join(info.name for info in layers).encode()).hexdigest()[:8]
     if cache_dir is not None:
-        path = _cache_file(Path(cache_dir), model_key + "-" + layers_key, tokens_key + f"-b{len(batches)}")
+        path = _cache_file(Path(cache_dir), model_key + "-" + layers_key, tokens_key + "-b" + batching_key(batches))
         if path.is_file():
             try:
                 return load_reference(path, len(batches), n_blocks, device)
