@@ -182,3 +182,18 @@ def test_render_rgb_array_draws_bits_per_layer(stories_bin):
     run_episode(env, 0)
     image = env.render()
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
+
+
+def test_close_releases_the_model(stories_bin):
+    import gc
+    import weakref
+
+    from qenv.envs import quant_llm
+
+    env = gym.make("QuantLLM-v0", model=str(stories_bin), seed=5, **SMALL)
+    model = weakref.ref(env.unwrapped.task.loaded.model)
+    assert any(task is env.unwrapped.task for task in quant_llm._TASKS.values())
+    env.close()
+    del env
+    gc.collect()
+    assert model() is None

@@ -333,6 +333,15 @@ class QuantLLMEnv(gym.Env):
         }
         return reward, info
 
+    def close(self) -> None:
+        """Drop this env's models from the per-process task cache: once no other env holds them,
+        the model, its reference and its quantized weights are freed (a program that evaluates
+        several models one after another keeps only one in memory)."""
+        for task in self.tasks:
+            for key in [key for key, cached in _TASKS.items() if cached is task]:
+                del _TASKS[key]
+        super().close()
+
     def render(self) -> str | np.ndarray | None:
         if self.render_mode == "ansi":
             return recipe_table(self.task.layers, self.recipe, self.last_metrics)
