@@ -30,6 +30,7 @@ from typing import Any
 
 from qenv.cli.common import ArgumentParser, fmt, parse_key_values, plain_table, quiet_libraries, run_cli
 from qenv.errors import QenvError
+from qenv.io import read_json
 
 SEARCHERS: tuple[str, ...] = ("uniform", "llamacpp", "greedy", "random", "evolution")
 FRONTIER_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
@@ -89,11 +90,7 @@ def read_run(policy: Path) -> dict[str, Any]:
     for key, name in (("summary", "summary.json"), ("config", "config.json")):
         path = policy.parent / name
         if path.is_file():
-            try:
-                run[key] = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                raise QenvError(f"{path} is not valid JSON.", "pass --agent and --model explicitly, or fix the file."
-                                ) from None
+            run[key] = read_json(path, "Run file", "pass --agent and --model explicitly, or fix the file.")
     settings = (run["summary"] or {}).get("settings") or run["config"] or {}
     run["agent"] = (run["summary"] or {}).get("agent") or settings.get("agent")
     run["env_kwargs"] = dict(settings.get("env_kwargs") or {})

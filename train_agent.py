@@ -32,6 +32,7 @@ from qenv.cli.common import (
     run_cli,
 )
 from qenv.errors import QenvError
+from qenv.io import read_json
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_AGENT = "ppo"
@@ -368,7 +369,7 @@ class Run:
             remove_stale_temp_files(self.folder)
         ckpt = latest_checkpoint(self.ckpt_dir) if self.resumed else None
         if ckpt is not None:
-            state = json.loads(ckpt[2].read_text())
+            state = read_json(ckpt[2], "Checkpoint state", "delete that checkpoint's files to resume from the one before.")
             self.tracker.load_state_dict(state.get("tracker", {}))
             before_s = float(state.get("wall_time_s", 0.0))
             self.reward_before = state.get("reward_before", {})
@@ -452,8 +453,7 @@ class Run:
         """Agents that are not SB3 algorithms (searchers, plug-ins): learn, record episodes, save."""
         from torch.utils.tensorboard import SummaryWriter
 
-        from qenv.callbacks import TBLogger, sigint_deferred
-        from qenv.io import atomic_path
+        from qenv.callbacks import TBLogger, save_agent_atomic, sigint_deferred
 
         s = self.settings
         layer_sizes = {i.name: (i.out_features, i.in_features) for t in self.tasks for i in t.layers}
@@ -487,9 +487,7 @@ class Run:
             self.recorder.on_episode = None
             suffix = ".json" if type(self.agent).__module__.startswith("agents.searchers") else ".zip"
             try:
-                with atomic_path(self.folder / f"model{suffix}") as tmp:
-                    self.agent.save(tmp)
-                self.policy_file = self.folder / f"model{suffix}"
+                self.policy_file = save_agent_atomic(self.agent, self.folder / f"model{suffix}")
             except QenvError as exc:  # e.g. a searcher interrupted before its first evaluation
                 print(f"note: the agent was not saved ({exc.problem})", flush=True)
             final = self.deterministic_rewards() if status == "complete" else None
@@ -576,10 +574,7 @@ def _prepare_resume(args: Any, parser: ArgumentParser) -> tuple[Path, dict[str, 
     if not config.is_file():
         raise QenvError(f"{folder} is not a run folder of train_agent.py (it has no config.json).",
                         "pass the folder printed as 'run folder:' by an earlier run.")
-    try:
-        settings = json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
-        raise QenvError(f"{config} is not valid JSON ({exc}).", "start a new run instead.") from None
+    settings = read_json(config, "Run config", "start a new run instead.")
     ignored = _given_flags(args, parser)
     if ignored:
         print(f"note: resuming with the settings in {config}; ignoring {', '.join(ignored)}", flush=True)
@@ -600,7 +595,7 @@ def _body(argv: list[str] | None) -> int:
         folder, settings = _prepare_resume(args, parser)
         summary = folder / "summary.json"
         if summary.is_file():
-            data = json.loads(summary.read_text())
+            data = read_json(summary, "Run summary", "delete it; the run is resumed from its checkpoints.")
             if data.get("status") == "complete" and (folder / str(data.get("policy_file") or "model.zip")).is_file():
                 print(f"{folder} is already complete ({data.get('timesteps')} of {data.get('total_timesteps')} "
                       "timesteps); nothing to resume.")
