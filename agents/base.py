@@ -23,7 +23,6 @@ import numpy as np
 from qenv.envs.features import EPISODE_NAMES, OBS_DIM, STATIC_NAMES
 from qenv.envs.spaces import KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS, ActionMapper
 from qenv.errors import QenvError
-from qenv.eval.evaluator import Metrics
 from qenv.quant.rules import Recipe, Rule
 
 #: where the "layers left" fraction sits in an observation: 1.0 at the first step of an episode
@@ -147,13 +146,6 @@ def rollout_recipe(agent: Any, env: Any, deterministic: bool = True,
         if terminated or truncated:
             break
     return recipe_of(info), {**info, "episode_return": total}
-
-
-def terminal_reward(env: Any, metrics: Metrics) -> tuple[float, float]:
-    """``(fidelity, reward)`` that ``env`` gives a finished recipe with these metrics (no dense terms)."""
-    inner = base_env(env)
-    reward, info = inner.score(metrics, {})
-    return info["fidelity_reward"], reward
 
 
 def score_recipe(env: Any, recipe: Mapping[str, Rule], max_batches: int | None = None) -> tuple[float, dict[str, Any]]:

@@ -363,9 +363,6 @@ class Searcher:
 
         return min(range(len(self.rules)), key=distance)
 
-    def _cheapest(self) -> np.ndarray:
-        return np.argmin(self.costs, axis=1)
-
     def __repr__(self) -> str:
         best = "none" if self.best_reward == -math.inf else f"{self.best_reward:.4f}"
         return f"{type(self).__name__}(seed={self.seed}, evaluations={self.evaluations}, best_reward={best})"

@@ -330,15 +330,8 @@ def export_all(folder: str | Path, layers: Sequence[LayerInfo], recipe: Mapping[
     return paths
 
 
-def approx_share(export: LlamaCppExport) -> float:
-    """Fraction of exported tensors whose llama.cpp type only approximates the rule."""
-    if not export.overrides:
-        return 0.0
-    return sum(1 for n, _ in export.overrides if export.notes.get(n)) / len(export.overrides)
-
-
 __all__ = [
-    "GGML_TYPE_NAMES", "GGUF_BLOCK_NAMES", "LlamaCppExport", "approx_share", "export_all", "gguf_tensor_name",
+    "GGML_TYPE_NAMES", "GGUF_BLOCK_NAMES", "LlamaCppExport", "export_all", "gguf_tensor_name",
     "gptqmodel_dynamic", "gptqmodel_rule_for", "llamacpp_overrides", "module_regex", "nearest_kquant",
     "parse_tensor_types", "rule_bpw", "save_quantized_model",
 ]

@@ -9,7 +9,6 @@ Both paths score with the same function and must agree.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -348,9 +347,3 @@ class Stream:
             for ids, h, ref_lp, top in zip(ev.batches, self.hidden, ev.reference.logprobs, ev.reference_top1):
                 score.add(run_head(ev.model, ev._blocks, ids, h, ev._as_tuple), ref_lp, ids, top)
         return score.metrics(*ev.size(recipe))
-
-
-def recipe_digest(recipe: Mapping[str, Rule]) -> str:
-    """A stable short hash of a recipe, for file names and logs."""
-    text = "|".join(f"{name}={rule.label()}" for name, rule in sorted(recipe.items()))
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
