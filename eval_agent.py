@@ -33,7 +33,6 @@ from qenv.errors import QenvError
 from qenv.io import read_json
 
 SEARCHERS: tuple[str, ...] = ("uniform", "llamacpp", "greedy", "random", "evolution")
-FRONTIER_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 FIXED_PRESETS: tuple[str, ...] = ("q3_k_m", "q4_k_m", "fp16")
 DEFAULT_SEARCH_EVALS = 16
 _TOL = 1e-9
@@ -108,12 +107,9 @@ def safe_name(name: str) -> str:
 # -- one model ------------------------------------------------------------------------------------------
 def bracketing_presets(evaluator: Any, budget: float) -> list[str]:
     """rtn/gptq/awq at the widest bit width at or under the budget and the next one above it."""
-    from qenv.quant.presets import rtn, uniform
+    from qenv.envs.reward import bracketing_widths
 
-    sizes = [(b, evaluator.size(uniform(evaluator.layers, rtn(b)))[0]) for b in FRONTIER_BITS]
-    below = [b for b, bpw in sizes if bpw <= budget + _TOL]
-    above = [b for b, bpw in sizes if bpw > budget + _TOL]
-    widths = ([below[-1]] if below else []) + ([above[0]] if above else [])
+    widths = [point[1] for point in bracketing_widths(evaluator, budget) if point is not None]
     return [f"{family}-w{b}" for b in widths for family in ("rtn", "gptq", "awq")]
 
 

@@ -50,14 +50,22 @@ def check_reward_kind(kind: str) -> str:
     return kind
 
 
+def bracketing_widths(evaluator: Evaluator, budget_bpw: float) -> tuple[tuple[float, int] | None, tuple[float, int] | None]:
+    """``(bpw, bits)`` of the widest uniform RTN width at or under the budget and of the next one
+    above it (``None`` where there is none): the frontier points a budget falls between."""
+    points = [(evaluator.size(uniform(evaluator.layers, rtn(b)))[0], b) for b in FRONTIER_BITS]
+    below = [p for p in points if p[0] <= budget_bpw + 1e-9]
+    above = [p for p in points if p[0] > budget_bpw + 1e-9]
+    return (below[-1] if below else None), (above[0] if above else None)
+
+
 def uniform_frontier(evaluator: Evaluator, budget_bpw: float) -> Reference:
     """Uniform RTN interpolated at ``budget_bpw`` from the two uniform widths that bracket it."""
     layers = evaluator.layers
-    points = [(evaluator.size(uniform(layers, rtn(b)))[0], b) for b in FRONTIER_BITS]
-    below = [p for p in points if p[0] <= budget_bpw]
-    above = [p for p in points if p[0] > budget_bpw]
-    lo = below[-1] if below else points[0]
-    hi = above[0] if above else points[-1]
+    below, above = bracketing_widths(evaluator, budget_bpw)
+    lo = below or above
+    hi = above or below
+    assert lo is not None and hi is not None
     m_lo = evaluator.evaluate(uniform(layers, rtn(lo[1])))
     m_hi = m_lo if hi == lo else evaluator.evaluate(uniform(layers, rtn(hi[1])))
     t = 0.0 if hi[0] == lo[0] else min(max((budget_bpw - lo[0]) / (hi[0] - lo[0]), 0.0), 1.0)
