@@ -45,8 +45,12 @@ class ModelTask:
     costs: np.ndarray  # [n_layers, n_candidate_rules] storage bits
     rest_min: np.ndarray  # [n_layers + 1] cheapest bits of layers i.. end
     stage_end: list[bool]
-    total_weights: int
+    rest_numel: np.ndarray  # [n_layers + 1] weights in layers i.. end
     references: dict[float, Reference] = field(default_factory=dict)
+
+    @property
+    def total_weights(self) -> int:
+        return int(self.rest_numel[0])
 
     @property
     def name(self) -> str:
@@ -103,8 +107,10 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     rest_min = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0.0]])
     stages = [stage_of(info) for info in layers]
     stage_end = [i + 1 == len(layers) or stages[i + 1] != stages[i] for i in range(len(layers))]
+    numel = np.array([info.numel for info in layers], dtype=np.int64)
+    rest_numel = np.concatenate([np.cumsum(numel[::-1])[::-1], [0]])
     task = ModelTask(loaded, evaluator, layers, static_features(evaluator, layers), costs, rest_min, stage_end,
-                     int(sum(info.numel for info in layers)))
+                     rest_numel)
     _TASKS[key] = task
     return task
 
@@ -233,7 +239,7 @@ class QuantLLMEnv(gym.Env):
         task = self.task
         n = len(task.layers)
         i = min(self.index, n - 1)
-        remaining = float(sum(info.numel for info in task.layers[self.index:]))
+        remaining = float(task.rest_numel[self.index])
         bpw_left = (self.budget_bits - self.spent) / remaining if remaining else 0.0
         prev_index = -1 if self.prev_rule is None else self.mapper.rule_index(self.prev_rule)
         episode = [
