@@ -14,7 +14,7 @@ of the environment's action space, and scoring a recipe with the environment's o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -164,3 +164,18 @@ def score_recipe(env: Any, recipe: Mapping[str, Rule], max_batches: int | None =
     reward, info = inner.score(metrics, full)
     info["episode_return"] = reward
     return reward, info
+
+
+def play_episode(env: Any, actions: Sequence[Any]) -> dict[str, Any]:
+    """Play one episode with these actions: ``{"reward": return, **terminal info, "episode_return",
+    "budget_met"}``."""
+    inner = base_env(env)
+    env.reset()
+    total, info, terminated = 0.0, {}, False
+    for action in actions:
+        _, reward, terminated, truncated, info = env.step(action)
+        total += float(reward)
+    if not terminated:
+        raise QenvError("The environment did not end after one action per layer.",
+                        "evaluate recipes with a plain QuantLLM-v0 env, without step-limiting wrappers.")
+    return {"reward": total, **info, "episode_return": total, "budget_met": info["bpw"] <= inner.budget_bpw + 1e-9}

@@ -58,7 +58,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from agents.base import base_env, layer_index_of, recipe_of, rule_to_action, score_recipe
+from agents.base import base_env, layer_index_of, play_episode, recipe_of, rule_to_action, score_recipe
 from qenv.envs.features import output_error
 from qenv.envs.spaces import ACTION_SPACE_KINDS
 from qenv.errors import QenvError
@@ -157,16 +157,8 @@ class Searcher:
             info = dict(self._pooled.pop(key))
             total = float(info.pop("reward"))
         else:
-            self.env.reset()
-            total = 0.0
-            info = {}
-            for index in key:
-                _, reward, terminated, truncated, info = self.env.step(self.actions[index])
-                total += float(reward)
-            if not terminated:
-                raise QenvError("The environment did not end after one action per layer.",
-                                "searchers need a plain QuantLLM-v0 env without step-limiting wrappers.")
-            info = {**info, "episode_return": total, "budget_met": info["bpw"] <= self.inner.budget_bpw + _TOL}
+            info = play_episode(self.env, [self.actions[i] for i in key])
+            total = float(info.pop("reward"))
         self.num_timesteps += self.n_layers
         self._seen[key] = total
         self._record(total, info, recipe_of(info), [self.actions[i] for i in key])

@@ -154,6 +154,8 @@ def evaluate_recipe(env: gym.Env, recipe: Recipe, max_batches: int | None = None
     if max_batches is None:
         actions = episode_actions(env, recipe)
         if actions is not None:
+            from agents.base import play_episode
+
             return play_episode(env, actions)
     reward, info = score_recipe(env, recipe, max_batches=max_batches)
     return {"reward": reward, **info}
@@ -176,20 +178,3 @@ def episode_actions(env: gym.Env, recipe: Recipe) -> list[Any] | None:
         return [rule_to_action(inner.mapper, rule) for rule in rules]
     except QenvError:
         return None
-
-
-def play_episode(env: gym.Env, actions: Sequence[Any]) -> dict[str, Any]:
-    """Play one episode with these actions: ``{"reward": return, **terminal info, "episode_return",
-    "budget_met"}``."""
-    from agents.base import base_env
-
-    inner = base_env(env)
-    env.reset()
-    total, info, terminated = 0.0, {}, False
-    for action in actions:
-        _, reward, terminated, truncated, info = env.step(action)
-        total += float(reward)
-    if not terminated:
-        raise QenvError("The environment did not end after one action per layer.",
-                        "evaluate recipes with a plain QuantLLM-v0 env, without step-limiting wrappers.")
-    return {"reward": total, **info, "episode_return": total, "budget_met": info["bpw"] <= inner.budget_bpw + 1e-9}
