@@ -37,7 +37,8 @@ from qenv.errors import QenvError
 from qenv.io import write_json_atomic, write_text_atomic
 from qenv.models.layers import LayerInfo
 from qenv.quant.presets import KQUANT_BPW, KQUANT_RULES
-from qenv.quant.rules import KEEP, Recipe, Rule, layer_bits
+from qenv.quant.accounting import rule_bpw
+from qenv.quant.rules import KEEP, Recipe, Rule
 
 #: GGUF tensor name stem of each layer kind inside a block (llama.cpp's LLM_TENSOR names)
 GGUF_BLOCK_NAMES: dict[str, str] = {
@@ -64,11 +65,6 @@ def gguf_tensor_name(info: LayerInfo) -> str | None:
     if stem is None or info.block < 0:
         return None
     return f"blk.{info.block}.{stem}.weight"
-
-
-def rule_bpw(rule: Rule, info: LayerInfo) -> float:
-    """Exact bits per weight of ``rule`` on this layer (codes, scales, zero points, outliers)."""
-    return layer_bits(rule, info.out_features, info.in_features) / info.numel
 
 
 def _approximations(rule: Rule, kquant: str, bpw: float, type_bpw: float) -> list[str]:

@@ -29,6 +29,7 @@ from qenv.envs.reward import Reference, check_reward_kind, fidelity_reward, unif
 from qenv.envs.spaces import ActionMapper
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel, load_model
+from qenv.quant.accounting import rule_bpw
 from qenv.quant.rules import Rule, layer_bits
 
 BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
@@ -361,7 +362,7 @@ def recipe_table(layers: list[LayerInfo], recipe: dict[str, Rule], metrics: Metr
     rows = [("layer", "kind", "block", "rule", "bpw")]
     for info in layers:
         rule = recipe.get(info.name)
-        bpw = "" if rule is None else f"{layer_bits(rule, info.out_features, info.in_features) / info.numel:.3f}"
+        bpw = "" if rule is None else f"{rule_bpw(rule, info):.3f}"
         rows.append((info.name, info.kind, str(info.block), "-" if rule is None else rule.label(), bpw))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
@@ -380,7 +381,7 @@ def recipe_image(layers: list[LayerInfo], recipe: dict[str, Rule], budget_bpw: f
     fig = Figure(figsize=(6, 2.5), dpi=80)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    values = [layer_bits(recipe[i.name], i.out_features, i.in_features) / i.numel if i.name in recipe else 0.0
+    values = [rule_bpw(recipe[i.name], i) if i.name in recipe else 0.0
               for i in layers]
     ax.bar(range(len(layers)), values, color="tab:blue")
     ax.axhline(budget_bpw, color="tab:red", linestyle="--", linewidth=1)

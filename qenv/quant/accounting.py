@@ -16,6 +16,11 @@ from qenv.models.layers import LayerInfo, weight_parameter
 from qenv.quant.rules import FP16_BITS, KEEP, Rule, layer_bits
 
 
+def rule_bpw(rule: Rule, info: LayerInfo) -> float:
+    """Exact bits per weight of ``rule`` on one layer (codes, scales, zero points, survivors)."""
+    return layer_bits(rule, info.out_features, info.in_features) / info.numel
+
+
 def recipe_bits(layers: Iterable[LayerInfo], recipe: Mapping[str, Rule]) -> int:
     """Total storage bits of the targeted layers under ``recipe`` (unnamed layers stay fp16)."""
     return sum(layer_bits(recipe.get(info.name, KEEP), info.out_features, info.in_features) for info in layers)
