@@ -266,6 +266,11 @@ def test_streaming_equals_plain(streamed: tuple[LoadedModel, Evaluator]) -> None
         assert torch.equal(param.detach(), before[name]), name
 
 
+def test_full_precision_ppl_from_the_reference_equals_a_forward(streamed: tuple[LoadedModel, Evaluator]) -> None:
+    _, ev = streamed
+    assert ev.full_precision_ppl == pytest.approx(ev.evaluate({}).ppl, rel=1e-9)
+
+
 def test_fresh_evaluator_streams_a_calibrated_recipe_first(streamed: tuple[LoadedModel, Evaluator]) -> None:
     """The first thing a fresh evaluator does is stream a GPTQ recipe: building the reference
     lazily must not undo rules already swapped into the model."""

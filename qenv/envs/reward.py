@@ -73,7 +73,7 @@ def uniform_frontier(evaluator: Evaluator, budget_bpw: float) -> Reference:
     def log_mix(a: float, b: float) -> float:
         return math.exp((1 - t) * math.log(max(a, KL_FLOOR)) + t * math.log(max(b, KL_FLOOR)))
 
-    fp_ppl = evaluator.evaluate({}).ppl
+    fp_ppl = evaluator.full_precision_ppl
     desc = f"uniform RTN frontier at {budget_bpw:g} bpw (between rtn-w{lo[1]} @ {lo[0]:.3f} and rtn-w{hi[1]} @ {hi[0]:.3f})"
     return Reference(kl=log_mix(m_lo.kl, m_hi.kl), ppl=log_mix(m_lo.ppl, m_hi.ppl),
                      top1=(1 - t) * m_lo.top1 + t * m_hi.top1, bpw=budget_bpw, fp_ppl=fp_ppl, description=desc)

@@ -176,6 +176,16 @@ class Evaluator:
             self._reference_top1 = [lp.argmax(-1) for lp in self.reference.logprobs]
         return self._reference_top1
 
+    @property
+    def full_precision_ppl(self) -> float:
+        """Perplexity of the unquantized model on the tokens, read off the cached reference."""
+        nll, count = 0.0, 0
+        for ids, lp in zip(self.batches, self.reference.logprobs):
+            targets = ids[:, 1:].to(lp.device)
+            nll -= float(lp.gather(-1, targets.unsqueeze(-1)).sum())
+            count += targets.numel()
+        return math.exp(min(nll / max(count, 1), 700.0))
+
     def calibration_of(self, name: str) -> LayerCalibration | None:
         return self.reference.calibration.get(name)
 
