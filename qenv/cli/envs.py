@@ -6,9 +6,9 @@ import multiprocessing
 import signal
 from typing import Any
 
+from qenv import ENV_ID
 from qenv.errors import QenvError
 
-ENV_ID = "QuantLLM-v0"
 #: the id that makes gymnasium import qenv first (needed in fresh worker processes)
 QUALIFIED_ENV_ID = f"qenv:{ENV_ID}"
 #: environment variable holding the torch CPU thread count the programs chose (read by workers)

@@ -26,10 +26,9 @@ import gymnasium as gym
 
 from qenv.distributed import _ray
 from qenv.distributed.worker import EnvWorker, evaluate_recipe
+from qenv import ENV_ID
 from qenv.errors import QenvError
 from qenv.quant.rules import Recipe, Rule
-
-ENV_ID = "QuantLLM-v0"
 
 
 def _recipes(recipes: Sequence[Mapping[str, Rule]]) -> list[Recipe]:
