@@ -143,8 +143,8 @@ def row(method: str, kind: str, metrics: Any, wall: float, budget: float, note: 
 
 def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, budget: float,
                    env_kwargs: dict[str, Any], searchers: list[str], out: Path) -> dict[str, Any]:
-    from agents.base import rollout_recipe
-    from agents.registry import load_agent, make_agent
+    from qenv.agents.base import rollout_recipe
+    from qenv.agents.registry import load_agent, make_agent
     from qenv.cli.envs import make_quant_env
     from qenv.quant.presets import preset
 
@@ -321,7 +321,7 @@ def _body(argv: list[str] | None) -> int:
             raise QenvError(f"Held-out text file {path} does not exist.", "pass an existing UTF-8 text file to --data.")
     run = read_run(policy)
     agent_name = args.agent or run["agent"] or "ppo"
-    from agents.registry import resolve_agent
+    from qenv.agents.registry import resolve_agent
 
     resolve_agent(agent_name)
     env_kwargs = dict(run["env_kwargs"])

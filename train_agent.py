@@ -124,8 +124,8 @@ def _jsonable(value: Any) -> Any:
 
 def resolve_settings(args: Any) -> dict[str, Any]:
     """Everything a fresh run needs, from defaults < config file < --env-kwargs < flags (checked)."""
-    from agents.registry import resolve_agent
-    from qenv.cli.config import AgentConfig, check_env_kwargs, check_hyperparams, load_agent_config
+    from qenv.agents.registry import check_hyperparams, resolve_agent
+    from qenv.cli.config import AgentConfig, check_env_kwargs, load_agent_config
     from qenv.cli.envs import env_id_of
 
     env_id = env_id_of(args.env)
@@ -173,7 +173,7 @@ def check_agent_action_kind(spec: Any, kind: Any) -> None:
     import numpy as np
     from gymnasium import spaces
 
-    from agents.registry import check_action_kind
+    from qenv.agents.registry import check_action_kind
 
     space = {"discrete": spaces.Discrete(2), "multidiscrete": spaces.MultiDiscrete([2, 2]),
              "continuous": spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)}.get(str(kind))
@@ -249,8 +249,8 @@ class Run:
         return model if isinstance(model, BaseAlgorithm) else None
 
     def build_agent(self, checkpoint: Path | None) -> None:
-        from agents.registry import load_agent, make_agent, resolve_agent
-        from qenv.cli.config import accepts
+        from qenv.agents.registry import load_agent, make_agent, resolve_agent
+        from qenv.agents.registry import accepts
         from qenv.cli.envs import make_vec
 
         s = self.settings
@@ -290,7 +290,7 @@ class Run:
     # -- evaluation ---------------------------------------------------------------------------------
     def deterministic_rewards(self) -> dict[str, Any]:
         """One deterministic episode of the current policy on each model (the env's own metrics)."""
-        from agents.base import rollout_recipe
+        from qenv.agents.base import rollout_recipe
 
         out: dict[str, Any] = {}
         for i, task in enumerate(self.tasks):
@@ -485,7 +485,7 @@ class Run:
             self.interrupted_at = steps["n"]
         with sigint_deferred():
             self.recorder.on_episode = None
-            suffix = ".json" if type(self.agent).__module__.startswith("agents.searchers") else ".zip"
+            suffix = ".json" if type(self.agent).__module__.startswith("qenv.agents.searchers") else ".zip"
             try:
                 self.policy_file = save_agent_atomic(self.agent, self.folder / f"model{suffix}")
             except QenvError as exc:  # e.g. a searcher interrupted before its first evaluation

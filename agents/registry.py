@@ -32,7 +32,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from agents.base import Agent, action_kind
+from qenv.agents.base import Agent, action_kind
+from qenv.cli.config import RESERVED_KEYS
 from qenv.envs.spaces import ACTION_SPACE_KINDS
 from qenv.errors import QenvError
 
@@ -225,7 +226,7 @@ def make_agent(name_or_path: str, env: Any, seed: int = 0, **hyperparams: Any) -
     missing = [m for m in ("learn", "predict", "save") if not callable(getattr(agent, m, None))]
     if missing:
         raise QenvError(f"Agent {spec.name!r} built a {type(agent).__name__} without {', '.join(missing)}().",
-                        "implement the agents.base.Agent protocol: learn, predict, save and load.")
+                        "implement the qenv.agents.base.Agent protocol: learn, predict, save and load.")
     return agent
 
 
@@ -242,19 +243,59 @@ def load_agent(name_or_path: str, path: str | Path, env: Any = None) -> Agent:
     return loader(path, env=env)
 
 
+def agent_parameters(agent: str) -> tuple[list[str] | None, Any]:
+    """The hyperparameter names the agent's constructor accepts (``None``: anything), and its factory."""
+    spec = resolve_agent(agent)
+    factory = spec.load()
+    names: set[str] = set()
+    open_ended = False
+    targets = [factory]
+    algorithm = getattr(factory, "algorithm_class", None)
+    if callable(algorithm):  # SB3 wrappers pass extra keywords on to the SB3 algorithm
+        targets.append(algorithm())
+    for n, target in enumerate(targets):
+        try:
+            params = inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            return None, factory
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        names |= {k for k, p in params.items() if k not in ("self", "env", "seed")
+                  and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        if var_kw and n == len(targets) - 1:
+            open_ended = True
+    return (None if open_ended else sorted(names)), factory
+
+
+def check_hyperparams(agent: str, hyperparams: dict[str, Any], where: str) -> None:
+    """Unknown hyperparameters are an error that lists the accepted ones."""
+    accepted, _ = agent_parameters(agent)
+    if accepted is None:
+        return
+    unknown = sorted(set(hyperparams) - set(accepted))
+    if unknown:
+        shown = [k for k in accepted if k not in ("env", "seed")]
+        raise QenvError(f"{where}: unknown key(s) {unknown} for agent {agent!r}.",
+                        f"use {list(RESERVED_KEYS)} or the agent's hyperparameters: {shown}.")
+
+
+def accepts(agent: str, name: str) -> bool:
+    accepted, _ = agent_parameters(agent)
+    return accepted is None or name in accepted
+
+
 _ALL = ACTION_SPACE_KINDS
 for _name, _target, _kinds, _text in (
-    ("ppo", "agents.sb3:PPOAgent", _ALL, "Proximal Policy Optimization (Stable-Baselines3)"),
-    ("a2c", "agents.sb3:A2CAgent", _ALL, "Advantage Actor-Critic (Stable-Baselines3)"),
-    ("dqn", "agents.sb3:DQNAgent", ("discrete",), "Deep Q-Network (Stable-Baselines3)"),
-    ("sac", "agents.sb3:SACAgent", ("continuous",), "Soft Actor-Critic (Stable-Baselines3)"),
-    ("td3", "agents.sb3:TD3Agent", ("continuous",), "Twin Delayed DDPG (Stable-Baselines3)"),
-    ("ddpg", "agents.sb3:DDPGAgent", ("continuous",), "Deep Deterministic Policy Gradient (Stable-Baselines3)"),
-    ("recurrent_ppo", "agents.sb3:RecurrentPPOAgent", _ALL, "PPO with an LSTM policy (needs sb3-contrib)"),
-    ("uniform", "agents.searchers:UniformSearch", _ALL, "best single rule that fits the budget"),
-    ("llamacpp", "agents.searchers:LlamaCppSearch", _ALL, "llama.cpp-like Q4_K_M / Q3_K_M mix"),
-    ("greedy", "agents.searchers:GreedySearch", _ALL, "HAWQ-style sensitivity allocation"),
-    ("random", "agents.searchers:RandomSearch", _ALL, "random budget-feasible recipes, keep the best"),
-    ("evolution", "agents.searchers:EvolutionSearch", _ALL, "EvoPress-like evolutionary search"),
+    ("ppo", "qenv.agents.sb3:PPOAgent", _ALL, "Proximal Policy Optimization (Stable-Baselines3)"),
+    ("a2c", "qenv.agents.sb3:A2CAgent", _ALL, "Advantage Actor-Critic (Stable-Baselines3)"),
+    ("dqn", "qenv.agents.sb3:DQNAgent", ("discrete",), "Deep Q-Network (Stable-Baselines3)"),
+    ("sac", "qenv.agents.sb3:SACAgent", ("continuous",), "Soft Actor-Critic (Stable-Baselines3)"),
+    ("td3", "qenv.agents.sb3:TD3Agent", ("continuous",), "Twin Delayed DDPG (Stable-Baselines3)"),
+    ("ddpg", "qenv.agents.sb3:DDPGAgent", ("continuous",), "Deep Deterministic Policy Gradient (Stable-Baselines3)"),
+    ("recurrent_ppo", "qenv.agents.sb3:RecurrentPPOAgent", _ALL, "PPO with an LSTM policy (needs sb3-contrib)"),
+    ("uniform", "qenv.agents.searchers:UniformSearch", _ALL, "best single rule that fits the budget"),
+    ("llamacpp", "qenv.agents.searchers:LlamaCppSearch", _ALL, "llama.cpp-like Q4_K_M / Q3_K_M mix"),
+    ("greedy", "qenv.agents.searchers:GreedySearch", _ALL, "HAWQ-style sensitivity allocation"),
+    ("random", "qenv.agents.searchers:RandomSearch", _ALL, "random budget-feasible recipes, keep the best"),
+    ("evolution", "qenv.agents.searchers:EvolutionSearch", _ALL, "EvoPress-like evolutionary search"),
 ):
     register_agent(_name, _target, _kinds, _text)

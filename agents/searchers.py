@@ -5,7 +5,7 @@ Every searcher scores a recipe with the environment itself: a recipe is played a
 uniform frontier ``task.reference(budget)``), computed by the same evaluator with the same
 streaming prefix cache. Only recipes that the action space cannot express (the llama.cpp
 mixes) and the evolution's screening are scored directly, by
-:func:`agents.base.score_recipe` with the same evaluator and reward formula.
+:func:`qenv.agents.base.score_recipe` with the same evaluator and reward formula.
 
 Budgets are comparable: ``learn(total_timesteps)`` grants ``total_timesteps // n_layers``
 evaluations (at least one), the number of episodes an RL agent would play with the same steps.
@@ -13,7 +13,7 @@ A full evaluation costs 1; the evolution's screening on the first ``screen_batch
 batches costs ``screen_batches / n_batches``. ``history`` holds the best reward after each full
 evaluation; ``best_recipe`` / ``best_info`` the best recipe and its terminal info.
 ``predict`` replays the best recipe's action for the current layer, so
-:func:`agents.base.rollout_recipe` works for searchers too; ``search(env)`` returns
+:func:`qenv.agents.base.rollout_recipe` works for searchers too; ``search(env)`` returns
 ``(recipe, info)`` directly.
 
 Every recipe a searcher proposes meets the hard budget (``task.costs`` / ``task.rest_min``),
@@ -58,7 +58,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from agents.base import base_env, layer_index_of, play_episode, recipe_of, rule_to_action, score_recipe
+from qenv.agents.base import base_env, layer_index_of, play_episode, recipe_of, rule_to_action, score_recipe
 from qenv.envs.features import output_error
 from qenv.envs.spaces import ACTION_SPACE_KINDS
 from qenv.errors import QenvError

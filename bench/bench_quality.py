@@ -264,8 +264,8 @@ def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Pa
 # worker: one model at one budget
 # ------------------------------------------------------------------------------------------------
 def quality_job(cfg: dict[str, Any]) -> None:
-    from agents import make_agent, rollout_recipe
-    from agents.base import recipe_of
+    from qenv.agents import make_agent, rollout_recipe
+    from qenv.agents.base import recipe_of
     from eval_agent import scoring_evaluator
     from qenv.envs.reward import uniform_frontier
 
@@ -370,7 +370,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
 def human_baselines(task: Any, held: Any, env: Any, budget: float) -> list[tuple[str, dict[str, Any]]]:
     """The human-designed recipes at or under the budget on one model: the best preset of each
     family, and the llama.cpp-like mix where it fits."""
-    from agents import make_agent
+    from qenv.agents import make_agent
 
     humans = []
     for fam in FAMILIES:
@@ -401,8 +401,8 @@ def policy_file(out: Path, budget: float, seed: int) -> Path:
 
 
 def transfer_job(cfg: dict[str, Any]) -> None:
-    from agents import make_agent, rollout_recipe
-    from agents.base import recipe_of
+    from qenv.agents import make_agent, rollout_recipe
+    from qenv.agents.base import recipe_of
     from eval_agent import scoring_evaluator
     from qenv.cli.envs import make_quant_env
 
@@ -476,8 +476,8 @@ def transfer_eval_job(cfg: dict[str, Any]) -> None:
     """
     import torch
 
-    from agents import make_agent, rollout_recipe
-    from agents.base import recipe_of
+    from qenv.agents import make_agent, rollout_recipe
+    from qenv.agents.base import recipe_of
     from eval_agent import scoring_evaluator
 
     common_setup(cfg)

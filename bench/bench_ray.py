@@ -36,7 +36,7 @@ from qenv.quant.rules import Recipe  # noqa: E402
 
 def population(env, n: int, seed: int) -> list[Recipe]:
     """Random recipes under the budget, as the random searcher draws them (played as episodes)."""
-    from agents.searchers import sample_feasible
+    from qenv.agents.searchers import sample_feasible
 
     inner = env.unwrapped
     rules, layers = inner.mapper.rules, inner.task.layers

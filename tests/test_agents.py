@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-import agents
-from agents import AGENTS, DEFAULT_AGENT, available_agents, load_agent, make_agent, register_agent, rollout_recipe
-from agents import registry
-from agents.base import Agent, recipe_of, rule_to_action, score_recipe
-from agents.searchers import SEARCHERS, EvolutionSearch, Searcher, sample_feasible
+from qenv import agents
+from qenv.agents import AGENTS, DEFAULT_AGENT, available_agents, load_agent, make_agent, register_agent, rollout_recipe
+from qenv.agents import registry
+from qenv.agents.base import Agent, recipe_of, rule_to_action, score_recipe
+from qenv.agents.searchers import SEARCHERS, EvolutionSearch, Searcher, sample_feasible
 from qenv.envs.quant_llm import QuantLLMEnv
 from qenv.envs.spaces import ACTION_SPACE_KINDS
 from qenv.errors import QenvError
@@ -171,11 +171,11 @@ def test_plugin_errors(tiny_envs):
     with pytest.raises(QenvError, match="Could not import module 'no_such_pkg_qenv.mod'"):
         make_agent("no_such_pkg_qenv.mod:Agent", env)
     with pytest.raises(QenvError, match="has no attribute 'NoSuchSearch'"):
-        make_agent("agents.searchers:NoSuchSearch", env)
+        make_agent("qenv.agents.searchers:NoSuchSearch", env)
     with pytest.raises(QenvError, match="does not exist"):
         make_agent("docs/examples/missing_agent.py:Agent", env)
     with pytest.raises(QenvError, match="cannot be called"):
-        make_agent("agents.registry:DEFAULT_AGENT", env)
+        make_agent("qenv.agents.registry:DEFAULT_AGENT", env)
 
 
 def test_plugin_by_entry_point(monkeypatch, tiny_envs):
@@ -219,7 +219,7 @@ SB3_CASES = [
 
 @pytest.mark.parametrize("name, kind, hyperparams", SB3_CASES, ids=[c[0] for c in SB3_CASES])
 def test_sb3_agent_trains_and_round_trips(tiny_envs, tmp_path, name, kind, hyperparams):
-    from agents.sb3 import SB3_AGENTS
+    from qenv.agents.sb3 import SB3_AGENTS
 
     env = tiny_envs[kind]
     agent = make_agent(name, env, seed=0, policy_kwargs={"net_arch": [32, 32]}, **hyperparams)

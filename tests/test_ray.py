@@ -245,7 +245,7 @@ def test_pool_reward_is_the_env_reward(ray_pool, local_pool, reference_run):
 ])
 def test_searchers_score_their_populations_on_the_pool(ray_pool, local_pool, name, evaluations, hyperparams):
     """A searcher with pool=RayEvaluatorPool finds, records and spends exactly what it does alone."""
-    from agents import make_agent
+    from qenv.agents import make_agent
 
     env = local_pool.env
     steps = evaluations * len(env.unwrapped.task.layers)

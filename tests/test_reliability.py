@@ -152,7 +152,7 @@ def files(tmp_path_factory, stories_bin) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def policy(stories_bin, cache_dir, tmp_path_factory) -> Path:
     """A real (untrained) PPO agent on stories260K saved as a run folder's model.zip."""
-    from agents.registry import make_agent
+    from qenv.agents.registry import make_agent
     from qenv.envs.quant_llm import QuantLLMEnv
 
     folder = tmp_path_factory.mktemp("run")
@@ -288,7 +288,7 @@ def test_eval_agent_refuses_a_hostile_policy_as_a_process(policy, tmp_path, cach
 def test_sb3_agent_zip_with_pickled_code_is_refused_not_run(policy, tmp_path, stories_bin, cache_dir):
     from stable_baselines3.common.save_util import load_from_zip_file
 
-    from agents.registry import load_agent
+    from qenv.agents.registry import load_agent
     from qenv.envs.quant_llm import QuantLLMEnv
 
     # the payload is live: SB3's own loader runs it
@@ -435,8 +435,8 @@ DETERMINISM_SCRIPT = """
 import json, sys
 import torch
 torch.set_num_threads(1)
-from agents.base import rollout_recipe
-from agents.registry import make_agent
+from qenv.agents.base import rollout_recipe
+from qenv.agents.registry import make_agent
 from qenv.envs.quant_llm import QuantLLMEnv
 
 env = QuantLLMEnv(sys.argv[1], n_tokens=512, seq_len=64, batch_size=4, cache_dir=sys.argv[2], seed=0)

@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from agents.base import rollout_recipe
+from qenv.agents.base import rollout_recipe
 from qenv.envs.features import EPISODE_NAMES, STATIC_NAMES
 
 

@@ -4,7 +4,7 @@ Both pools have one method that matters::
 
     results = pool.evaluate(recipes, max_batches=None)   # list of dicts, in the recipes' order
 
-Each dict is ``{"reward": r, **info}`` exactly as :func:`agents.base.score_recipe` returns it
+Each dict is ``{"reward": r, **info}`` exactly as :func:`qenv.envs.episodes.score_recipe` returns it
 (the environment's evaluator and reward: kl, ppl, top1, bpw, model_bytes, reference_*, recipe,
 ...). :class:`LocalEvaluatorPool` (the default everywhere) runs them one after the other in this
 process, on an environment you already have. :class:`RayEvaluatorPool` keeps ``n_actors`` Ray

@@ -3,7 +3,7 @@
 :class:`EnvWorker` is a plain class; :mod:`qenv.distributed` turns it into a Ray actor with
 ``ray.remote``. It serves both :class:`~qenv.distributed.RayVecEnv` (reset/step with SB3's
 auto-reset, attribute access) and :class:`~qenv.distributed.RayEvaluatorPool` (scoring recipes with
-:func:`agents.base.score_recipe`, the same evaluator and reward code the environment and every
+:func:`qenv.envs.episodes.score_recipe`, the same evaluator and reward code the environment and every
 searcher use). It never imports Ray, so it also runs in-process.
 """
 
@@ -128,7 +128,7 @@ class EnvWorker:
 
     # -- population evaluation -----------------------------------------------------------------
     def evaluate(self, rules: Mapping[str, Mapping[str, Any]], max_batches: int | None = None) -> dict[str, Any]:
-        """``{"reward": ..., **info}`` for one recipe, as :func:`agents.base.score_recipe` gives it."""
+        """``{"reward": ..., **info}`` for one recipe, as :func:`qenv.envs.episodes.score_recipe` gives it."""
         if self.init_error is not None:
             raise self.init_error
         return evaluate_recipe(self.env, Recipe.from_dict(rules), max_batches)
@@ -147,14 +147,14 @@ def evaluate_recipe(env: gym.Env, recipe: Recipe, max_batches: int | None = None
     terms included, and ``info`` is the terminal info plus ``episode_return`` and ``budget_met``
     (what the searchers record). Any other recipe (rules outside the action space, over a hard
     budget, a multi-model env) and the cheap ``max_batches`` estimate are scored by
-    :func:`agents.base.score_recipe`: the same evaluator and terminal reward, without dense terms.
+    :func:`qenv.envs.episodes.score_recipe`: the same evaluator and terminal reward, without dense terms.
     """
-    from agents.base import score_recipe
+    from qenv.envs.episodes import score_recipe
 
     if max_batches is None:
         actions = episode_actions(env, recipe)
         if actions is not None:
-            from agents.base import play_episode
+            from qenv.envs.episodes import play_episode
 
             return play_episode(env, actions)
     reward, info = score_recipe(env, recipe, max_batches=max_batches)
@@ -163,7 +163,7 @@ def evaluate_recipe(env: gym.Env, recipe: Recipe, max_batches: int | None = None
 
 def episode_actions(env: gym.Env, recipe: Recipe) -> list[Any] | None:
     """The actions that make an episode of ``env`` produce exactly ``recipe`` (None if none do)."""
-    from agents.base import base_env, rule_to_action
+    from qenv.envs.episodes import base_env, rule_to_action
 
     inner = base_env(env)
     if len(inner.tasks) > 1:

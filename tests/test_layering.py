@@ -1,0 +1,48 @@
+"""The layout's one-way imports: the library (``qenv/``) never imports the programs' layer, and the
+agents install as ``qenv.agents`` only (a top-level ``agents`` package would shadow other
+distributions', e.g. the OpenAI Agents SDK)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROGRAMS = ("agents", "qenv.agents", "train_agent", "eval_agent")
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [(node.lineno, node.module)]
+    return found
+
+
+def test_library_never_imports_the_programs_layer() -> None:
+    offenders = [f"{path.relative_to(REPO)}:{line} imports {name}"
+                 for path in sorted((REPO / "qenv").rglob("*.py"))
+                 for line, name in _imports(path)
+                 if any(name == p or name.startswith(p + ".") for p in PROGRAMS)]
+    assert offenders == []
+
+
+def test_agents_import_as_qenv_agents_only() -> None:
+    for path in sorted(REPO.rglob("*.py")):
+        if ".git" in path.parts or "build" in path.parts:
+            continue
+        bad = [(line, name) for line, name in _imports(path) if name == "agents" or name.startswith("agents.")]
+        assert bad == [], f"{path.relative_to(REPO)} imports the bare 'agents' package: {bad}"
+    import qenv.agents
+
+    assert Path(qenv.agents.__file__).resolve().parent == REPO / "agents"
+    # run from outside the repository, so the checkout's own folder is not on sys.path
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('agents') is not None)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd="/", check=False).returncode == 0, \
+        "a top-level 'agents' module is importable after installing qenv"
+    assert importlib.util.find_spec("qenv.agents.registry") is not None
