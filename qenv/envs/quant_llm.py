@@ -9,6 +9,7 @@ against the uniform human-designed rule of the same size (see :mod:`qenv.envs.re
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,17 +90,23 @@ def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens:
 
 def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Sequence[str] | None, n_tokens: int,
                seq_len: int, batch_size: int, seed: int, device: str | None, dtype: str | None,
-               include_lm_head: bool, cache_dir: str | Path | None | bool, weight_cache_gib: float = 2.0) -> ModelTask:
+               include_lm_head: bool, cache_dir: str | Path | None | bool, weight_cache_gib: float | None = None,
+               prebuild: bool | None = None) -> ModelTask:
+    """The shared :class:`ModelTask` of these arguments (built once per process; envs that ask for the
+    same model, tokens and menu get the same object: one model copy and one weight cache)."""
     key = (str(spec) if not isinstance(spec, LoadedModel) else id(spec), tuple(mapper.rules),
            str(data), n_tokens, seq_len, batch_size, seed, str(device), str(dtype), include_lm_head, str(cache_dir),
            weight_cache_gib)
     if key in _TASKS:
-        return _TASKS[key]
+        task = _TASKS[key]
+        if prebuild:
+            prebuild_menu(task, mapper.rules)
+        return task
     loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
     with oom_guard(batch_size):  # sampling calibration tokens runs the model too
         tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
     evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir,
-                          max_weight_cache_bytes=int(weight_cache_gib * 2**30))
+                          max_weight_cache_bytes=None if weight_cache_gib is None else int(weight_cache_gib * 2**30))
     order = sorted(range(len(loaded.layers)), key=lambda i: (stage_of(loaded.layers[i]), i))
     layers = [loaded.layers[i] for i in order]
     costs = np.array([[layer_bits(r, info.out_features, info.in_features) for r in mapper.rules] for info in layers],
@@ -112,8 +119,31 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     rest_numel = np.concatenate([np.cumsum(numel[::-1])[::-1], [0]])
     task = ModelTask(loaded, evaluator, layers, static_features(evaluator, layers), costs, rest_min, stage_end,
                      rest_numel)
+    if prebuild:
+        prebuild_menu(task, mapper.rules)
+    elif prebuild is None and loaded.device.type == "cuda":
+        weights = evaluator.weights
+        need = weights.recipe_bytes() * sum(not r.keeps for r in mapper.rules)
+        if need <= weights.max_cache_bytes:
+            prebuild_menu(task, mapper.rules)
+        else:  # not asked for explicitly: quantize on demand rather than fail
+            warnings.warn(f"The menu's quantized weights ({need / 2**30:.1f} GiB) do not fit the weight cache "
+                          f"({weights.max_cache_bytes / 2**30:.1f} GiB); they are quantized on demand instead. "
+                          "Raise weight_cache_gib or shorten the menu to build them up front.", stacklevel=3)
     _TASKS[key] = task
     return task
+
+
+def prebuild_menu(task: ModelTask, rules: Sequence[Rule], progress: bool = True) -> int:
+    """Quantize every (layer, menu rule) pair of the task up front, layers of one shape in batches.
+
+    On a GPU, episodes then only swap cached tensors in: a warm episode costs about one forward
+    pass. Quantizing on demand instead spreads the same work over the first episodes, one layer
+    at a time (GPTQ is launch-bound per layer). See ``QuantizedWeights.prebuild``.
+    """
+    with oom_guard(task.evaluator.batch_size):
+        task.evaluator.reference  # noqa: B018  (calibration statistics first, outside the build's OOM handling)
+    return task.evaluator.weights.prebuild(rules, progress=progress)
 
 
 def _check_numbers(**values: Any) -> None:
@@ -148,8 +178,12 @@ class QuantLLMEnv(gym.Env):
         n_tokens, seq_len, batch_size: calibration size and batching.
         device, dtype: where and how the model runs (default: cuda if present).
         seed: seeds the sampled calibration tokens (episodes are seeded through ``reset``).
-        weight_cache_gib: memory for quantized weights cached per (layer, rule); size it to hold
-            every menu rule of every layer (about menu size × model size) for the fastest episodes.
+        weight_cache_gib: memory for quantized weights cached per (layer, rule). Default: half the
+            free GPU memory (a quarter of the available RAM on a CPU). Size it to hold every menu
+            rule of every layer (about menu size × model size) for the fastest episodes; a size
+            that cannot hold one recipe is an error.
+        prebuild: quantize the whole menu for every layer at construction, in batches, with a
+            progress bar (default: on a GPU only). Envs sharing a task share this work.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -174,7 +208,8 @@ class QuantLLMEnv(gym.Env):
         seed: int = 0,
         include_lm_head: bool = False,
         cache_dir: str | Path | None | bool = None,
-        weight_cache_gib: float = 2.0,
+        weight_cache_gib: float | None = None,
+        prebuild: bool | None = None,
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -186,7 +221,12 @@ class QuantLLMEnv(gym.Env):
             raise QenvError(f"Unknown budget_mode {budget_mode!r}.", f"use one of {BUDGET_MODES}.")
         _check_numbers(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
                        dense_weight=dense_weight, size_weight=size_weight, penalty_weight=penalty_weight,
-                       weight_cache_gib=weight_cache_gib)
+                       **({} if weight_cache_gib is None else {"weight_cache_gib": weight_cache_gib}))
+        if weight_cache_gib is not None and weight_cache_gib <= 0:
+            raise QenvError(f"weight_cache_gib={weight_cache_gib!r} must be positive.",
+                            "pass a size in GiB, or leave it unset to size the cache from free memory.")
+        if prebuild is not None and not isinstance(prebuild, bool):
+            raise QenvError(f"prebuild={prebuild!r} must be true or false.", "pass prebuild=True or prebuild=False.")
         self.reward_kind = check_reward_kind(reward)
         self.render_mode = render_mode
         self.budget_bpw = float(budget_bpw)
@@ -203,7 +243,8 @@ class QuantLLMEnv(gym.Env):
         self.tasks = [
             build_task(spec if isinstance(spec, LoadedModel) else str(spec), self.mapper, data=data, n_tokens=n_tokens,
                        seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                       include_lm_head=include_lm_head, cache_dir=cache_dir, weight_cache_gib=weight_cache_gib)
+                       include_lm_head=include_lm_head, cache_dir=cache_dir, weight_cache_gib=weight_cache_gib,
+                       prebuild=prebuild)
             for spec in specs
         ]
         if self.dense_weight > 0:

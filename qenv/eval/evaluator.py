@@ -87,6 +87,10 @@ class NonFiniteLogits(Exception):
     """Raised by scoring when logits are NaN/inf; the evaluator turns it into a QenvError naming the layer."""
 
 
+#: the largest float32 slice of log-probabilities scoring holds at once
+SCORE_CHUNK_BYTES = 256 << 20
+
+
 class _Score:
     """Running sums of KL, NLL and top-1 agreement over scored positions."""
 
@@ -97,19 +101,29 @@ class _Score:
         self.count = 0
 
     def add(self, logits: torch.Tensor, ref_logprobs: torch.Tensor, ids: torch.Tensor,
-            ref_top1: torch.Tensor | None = None) -> None:
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        ref = ref_logprobs.to(logprobs.device)
-        # Any NaN/inf log-prob makes this sum NaN/inf, so testing the sum is as strict as testing every
-        # element, without another full pass over [batch, seq, vocab] (that pass cost ~25% of scoring).
-        kl = float((ref - logprobs).mul_(ref.exp()).sum())  # in place: one [batch, seq, vocab] temporary fewer
-        if not math.isfinite(kl):
-            raise NonFiniteLogits
-        self.kl += kl
-        targets = ids[:, 1:].to(logprobs.device)
-        self.nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
-        top = ref.argmax(-1) if ref_top1 is None else ref_top1.to(logprobs.device)
-        self.top1 += int((logprobs.argmax(-1) == top).sum())
+            ref_top1: torch.Tensor | None = None, chunk_rows: int | None = None) -> None:
+        """Score one batch. Positions are scored ``chunk_rows`` at a time, so the float32
+        log-probabilities never exceed a bounded slice (``SCORE_CHUNK_BYTES``) even for a
+        large vocabulary (49k tokens x thousands of positions would be gigabytes)."""
+        vocab = logits.shape[-1]
+        rows = logits[:, :-1].reshape(-1, vocab)
+        ref_rows = ref_logprobs.reshape(-1, vocab)
+        targets = ids[:, 1:].reshape(-1).to(logits.device)
+        top_rows = None if ref_top1 is None else ref_top1.reshape(-1)
+        step = chunk_rows or max(1, SCORE_CHUNK_BYTES // (4 * vocab))
+        for start in range(0, rows.shape[0], step):
+            end = start + step
+            logprobs = torch.log_softmax(rows[start:end].float(), dim=-1)
+            ref = ref_rows[start:end].to(logprobs.device)
+            # Any NaN/inf log-prob makes this sum NaN/inf, so testing the sum is as strict as testing every
+            # element, without another full pass over the slice (that pass cost ~25% of scoring).
+            kl = float((ref - logprobs).mul_(ref.exp()).sum())  # in place: one temporary fewer
+            if not math.isfinite(kl):
+                raise NonFiniteLogits
+            self.kl += kl
+            self.nll -= float(logprobs.gather(-1, targets[start:end].unsqueeze(-1)).sum())
+            top = ref.argmax(-1) if top_rows is None else top_rows[start:end].to(logprobs.device)
+            self.top1 += int((logprobs.argmax(-1) == top).sum())
         self.count += targets.numel()
 
     def metrics(self, bpw: float, size: int) -> Metrics:
@@ -130,7 +144,7 @@ class Evaluator:
     """Scores recipes on one model and one token set; everything recipe-independent is cached."""
 
     def __init__(self, loaded: LoadedModel, tokens: TokenSet, *, batch_size: int = 8,
-                 cache_dir: str | Path | None | bool = None, max_weight_cache_bytes: int = 2 << 30,
+                 cache_dir: str | Path | None | bool = None, max_weight_cache_bytes: int | None = None,
                  max_prefix_cache_bytes: int = 1 << 30, progress: bool = False) -> None:
         if batch_size < 1:
             raise QenvError(f"batch_size={batch_size} must be at least 1.")
