@@ -80,6 +80,9 @@ def build_parser() -> ArgumentParser:
                         "or ray (one Ray actor per env, a GPU each when there are GPUs; joins the cluster at "
                         "RAY_ADDRESS when set; needs pip install qenv[ray]) (default: the config's, else dummy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the agent and the episodes (default: %(default)s)")
+    p.add_argument("--weight-cache-gib", type=float, metavar="GIB",
+                   help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
+                        "a quarter of the available RAM on a CPU)")
     p.add_argument("--device", metavar="DEV",
                    help="device of the model under quantization and of the agent: cpu, cuda, cuda:N, auto "
                         "(default: the model on cuda when present, the agent on cpu)")
@@ -144,6 +147,11 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         env_kwargs["data"] = args.data[0] if len(args.data) == 1 else list(args.data)
     if args.n_tokens is not None:
         env_kwargs["n_tokens"] = args.n_tokens
+    if args.weight_cache_gib is not None:
+        if not args.weight_cache_gib > 0:
+            raise QenvError(f"--weight-cache-gib={args.weight_cache_gib:g} must be positive.",
+                            "pass a size in GiB, or leave it out to size the cache from free memory.")
+        env_kwargs["weight_cache_gib"] = args.weight_cache_gib
     if args.device is not None:
         env_kwargs["device"] = args.device
     env_kwargs = absolute_paths(env_kwargs)

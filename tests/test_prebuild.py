@@ -231,3 +231,19 @@ def test_envs_share_one_model_and_cache_and_prebuild(stories_bin) -> None:
             gym.make(qenv.ENV_ID, weight_cache_gib=bad, **small)
     with pytest.raises(QenvError, match="cannot hold even one recipe"):
         gym.make(qenv.ENV_ID, weight_cache_gib=1e-6, **{**small, "seed": 12})
+
+
+@pytest.mark.parametrize("size, needle", [("0", "--weight-cache-gib=0 must be positive"),
+                                          ("1e-6", "cannot hold even one recipe")])
+def test_weight_cache_flag_of_the_programs(stories_bin, cache_dir, tmp_path, capsys, size, needle) -> None:
+    from conftest import load_script, run_main
+
+    train_agent = load_script("train_agent")
+    code = run_main(train_agent, ["--model", stories_bin, "--logdir", tmp_path / "runs", "--name", "x", "--no-progress",
+                                  "--timesteps", 64, "--weight-cache-gib", size,
+                                  "--env-kwargs", "n_tokens=512", "seq_len=64"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and " Fix: " in lines[0], err
+    assert needle in lines[0] and ("weight-cache-gib" in lines[0].split(" Fix: ")[1] or "must be positive" in needle)
+    assert not (tmp_path / "runs" / "x").exists()
