@@ -84,8 +84,8 @@ def build_parser() -> ArgumentParser:
                    help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
                         "a quarter of the available RAM on a CPU)")
     p.add_argument("--device", metavar="DEV",
-                   help="device of the model under quantization and of the agent: cpu, cuda, cuda:N, auto "
-                        "(default: the model on cuda when present, the agent on cpu)")
+                   help="device of the model under quantization: cpu, cuda, cuda:N, auto (default: cuda when "
+                        "present); an MLP policy stays on the cpu, other policies follow it")
     p.add_argument("--logdir", default="runs", metavar="DIR", help="parent folder of run folders (default: %(default)s)")
     p.add_argument("--name", help="run folder name under --logdir (default: <agent>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
@@ -215,6 +215,14 @@ def agent_hyperparams(settings: dict[str, Any]) -> dict[str, Any]:
     return dict(cfg.hyperparams)
 
 
+def policy_device(policy: Any, device: str) -> str:
+    """Where the agent's network runs when ``--device`` is given: an MLP policy (SB3's default,
+    and qenv's observation is a flat vector) stays on the CPU, where SB3 runs small MLPs faster
+    than on a GPU (SB3 warns about it); only other policies follow ``--device`` with the model."""
+    name = policy if isinstance(policy, str) else getattr(policy, "__name__", "")
+    return "cpu" if policy is None or name.startswith("Mlp") else device
+
+
 def model_list(env_kwargs: dict[str, Any]) -> list[str]:
     model = env_kwargs.get("model", "default")
     return [str(m) for m in model] if isinstance(model, list) else [str(model)]
@@ -282,8 +290,8 @@ class Run:
             hyper = agent_hyperparams(s)
             if sb3_like and accepts(name, "tensorboard_log"):
                 hyper.setdefault("tensorboard_log", str(self.folder / "tb"))
-            if s.get("agent_device") and accepts(name, "device"):
-                hyper["device"] = s["agent_device"]
+            if s.get("agent_device") and accepts(name, "device") and "device" not in hyper:
+                hyper["device"] = policy_device(hyper.get("policy"), s["agent_device"])
             try:
                 self.agent = make_agent(name, env, seed=s["seed"], **hyper)
             except TypeError as exc:  # a hyperparameter of the wrong type or one the algorithm rejects

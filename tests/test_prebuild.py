@@ -247,3 +247,13 @@ def test_weight_cache_flag_of_the_programs(stories_bin, cache_dir, tmp_path, cap
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and " Fix: " in lines[0], err
     assert needle in lines[0] and ("weight-cache-gib" in lines[0].split(" Fix: ")[1] or "must be positive" in needle)
     assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_mlp_policies_stay_on_the_cpu_when_the_model_is_on_a_gpu() -> None:
+    from conftest import load_script
+
+    train_agent = load_script("train_agent")
+    assert train_agent.policy_device(None, "cuda") == "cpu"  # the default policy is SB3's MlpPolicy
+    assert train_agent.policy_device("MlpPolicy", "cuda:1") == "cpu"
+    assert train_agent.policy_device("MlpLstmPolicy", "cuda") == "cpu"
+    assert train_agent.policy_device("CnnPolicy", "cuda") == "cuda"
