@@ -257,3 +257,18 @@ def test_mlp_policies_stay_on_the_cpu_when_the_model_is_on_a_gpu() -> None:
     assert train_agent.policy_device("MlpPolicy", "cuda:1") == "cpu"
     assert train_agent.policy_device("MlpLstmPolicy", "cuda") == "cpu"
     assert train_agent.policy_device("CnnPolicy", "cuda") == "cuda"
+
+
+def test_vector_env_sub_envs_share_one_task(stories_bin) -> None:
+    """The programs' in-process vector env: every sub-env uses the same model copy and weight cache."""
+    from qenv.cli.envs import make_vec
+
+    kwargs = {"model": str(stories_bin), "n_tokens": 512, "seq_len": 64, "cache_dir": False, "seed": 13}
+    vec = make_vec(kwargs, n_envs=3, seed=0, vec_env="dummy")
+    try:
+        tasks = {id(e.unwrapped.task) for e in vec.envs}
+        weights = {id(e.unwrapped.task.evaluator.weights) for e in vec.envs}
+        models = {id(e.unwrapped.task.loaded.model) for e in vec.envs}
+        assert len(tasks) == len(weights) == len(models) == 1
+    finally:
+        vec.close()
