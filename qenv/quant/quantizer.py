@@ -216,42 +216,54 @@ def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: 
 def quantize_matrices(weights: Sequence[torch.Tensor], rule: Rule,
                       calibs: Sequence[LayerCalibration | None] | None = None) -> list[torch.Tensor]:
     """The dequantized images of several ``[out, in]`` matrices under one ``rule`` (same dtype and
-    device as each input). Matrices of one shape are quantized as one batch: for GPTQ this is what
-    makes building a whole menu fast on a GPU; for round-to-nearest it is the same math per matrix."""
+    device as each input), exactly what :func:`quantize_matrix` gives for each.
+
+    GPTQ matrices of one shape are quantized as one batch (one column loop for all of them): on a
+    GPU that loop is launch-bound, so this is what makes building a whole menu fast. Every other
+    rule is vectorised within a matrix already and goes through :func:`quantize_matrix` one by one.
+    """
     calibs = [None] * len(weights) if calibs is None else list(calibs)
     if len(calibs) != len(weights):
         raise ValueError("quantize_matrices needs one calibration per weight matrix")
+    if rule.keeps or rule.rounding != "gptq":
+        return [quantize_matrix(w, rule, c) for w, c in zip(weights, calibs)]
     results: list[torch.Tensor | None] = [None] * len(weights)
-    if rule.keeps:
-        return [w.clone() for w in weights]
-    if rule.rounding == "gptq":
-        for calib in calibs:
-            if calib is None or calib.hessian is None:
-                raise QenvError(f"Rule {rule.label()} uses GPTQ rounding, which needs the layer's calibration Hessian.")
     shapes: dict[tuple, list[int]] = {}
     for index, weight in enumerate(weights):
         shapes.setdefault((tuple(weight.shape), weight.device), []).append(index)
     for indices in shapes.values():
-        prepared = [_prepare(weights[i], rule, calibs[i]) for i in indices]
-        if rule.rounding == "gptq":
-            ws = torch.stack([p[1] for p in prepared])
-            keep = torch.stack([p[2] for p in prepared])
-            hessian = torch.stack([p[4] for p in prepared])
-            group = prepared[0][3]
-            quantized = list(_gptq(ws, keep, rule, group, hessian).unbind(0))
-        else:
-            quantized = []
-            for w, ws, keep, group, _, scale, calib in prepared:
-                importance = None if calib is None or not rule.mse_clip else calib.hessian_diag.to(w.device).float()
-                if importance is not None and scale is not None:
-                    importance = importance / scale.square()
-                quantized.append(_fake_quant(ws, _choose_grid(ws, ~keep, rule, group, importance)))
-        for i, (w, _, keep, _, _, scale, _), q in zip(indices, prepared, quantized):
-            if scale is not None:
-                q = q / scale[None, :]
-            q = torch.where(keep, w.half().float(), q)
-            results[i] = q.to(weights[i].dtype)
+        for i, q in zip(indices, _quantize_batch([weights[i] for i in indices], rule, [calibs[i] for i in indices])):
+            results[i] = q
     return [r for r in results if r is not None]
+
+
+def _quantize_batch(weights: Sequence[torch.Tensor], rule: Rule,
+                    calibs: Sequence[LayerCalibration | None]) -> list[torch.Tensor]:
+    """Quantize matrices of one shape under a non-keep rule (GPTQ as one batch)."""
+    if rule.rounding == "gptq":
+        for calib in calibs:
+            if calib is None or calib.hessian is None:
+                raise QenvError(f"Rule {rule.label()} uses GPTQ rounding, which needs the layer's calibration Hessian.")
+    prepared = [_prepare(w, rule, c) for w, c in zip(weights, calibs)]
+    if rule.rounding == "gptq":
+        ws = torch.stack([p[1] for p in prepared])
+        keep = torch.stack([p[2] for p in prepared])
+        hessian = torch.stack([p[4] for p in prepared])
+        quantized = list(_gptq(ws, keep, rule, prepared[0][3], hessian).unbind(0))
+    else:
+        quantized = []
+        for w, ws, keep, group, _, scale, calib in prepared:
+            importance = None if calib is None or not rule.mse_clip else calib.hessian_diag.to(w.device).float()
+            if importance is not None and scale is not None:
+                importance = importance / scale.square()
+            quantized.append(_fake_quant(ws, _choose_grid(ws, ~keep, rule, group, importance)))
+    out = []
+    for weight, (w, _, keep, _, _, scale, _), q in zip(weights, prepared, quantized):
+        if scale is not None:
+            q = q / scale[None, :]
+        q = torch.where(keep, w.half().float(), q)
+        out.append(q.to(weight.dtype))
+    return out
 
 
 def _prepare(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None) -> tuple:
@@ -276,4 +288,6 @@ def _prepare(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None) -
 
 def quantize_matrix(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None = None) -> torch.Tensor:
     """The dequantized image of an ``[out, in]`` matrix under ``rule`` (same dtype and device)."""
-    return quantize_matrices([weight], rule, [calib])[0]
+    if rule.keeps:
+        return weight.clone()
+    return _quantize_batch([weight], rule, [calib])[0]
