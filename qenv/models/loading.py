@@ -6,9 +6,11 @@ name (``default``), or ``tiny-<arch>`` (a random-weight model for tests and spee
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,25 @@ def check_finite_weights(model: nn.Module) -> None:
                             "re-download or re-convert the checkpoint; check it was saved without overflow.")
 
 
+@contextlib.contextmanager
+def _no_weight_loading_bar(active: bool) -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar while reading a local model, then restore the setting.
+
+    Reading a few MB from disk is not the user's business; qenv's own progress (the programs' bars)
+    is unaffected. Hub downloads keep their bar (``active`` is False for them): a download can be long.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if active and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if active and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -118,7 +139,8 @@ def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool)
 
     local = Path(source).is_dir()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        with _no_weight_loading_bar(local):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a pickled object
         why = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
         raise QenvError(f"The weights of {source!r} hold pickled Python objects, not just tensors"
