@@ -117,14 +117,19 @@ def test_library_paths_are_quiet(stories_bin: Path, default_model_dir: Path, cap
     require(WIKITEXT_TEST, "WikiText-2 test split")
     from transformers.utils import logging as hf_logging
 
-    assert hf_logging.is_progress_bar_enabled()
-    capfd.readouterr()
-    lm = load_model("default")
-    assert hf_logging.is_progress_bar_enabled()
-    tokens_from_text(lm.tokenizer, WIKITEXT_TEST, n_tokens=2048, seq_len=256)  # > model_max_length at once
-    stories = load_model(stories_bin)
-    tokens_from_text(stories.tokenizer, WIKITEXT_TEST, n_tokens=2048, seq_len=256)
-    err = capfd.readouterr().err
+    was_enabled = hf_logging.is_progress_bar_enabled()  # the programs, run in-process by other tests, turn it off
+    hf_logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        lm = load_model("default")
+        assert hf_logging.is_progress_bar_enabled()
+        tokens_from_text(lm.tokenizer, WIKITEXT_TEST, n_tokens=2048, seq_len=256)  # > model_max_length at once
+        stories = load_model(stories_bin)
+        tokens_from_text(stories.tokenizer, WIKITEXT_TEST, n_tokens=2048, seq_len=256)
+        err = capfd.readouterr().err
+    finally:
+        if not was_enabled:
+            hf_logging.disable_progress_bar()
     assert "Loading weights" not in err and "Token indices" not in err, err
     # Without verbose=False the same call would have warned (so the check above can fail).
     stories.tokenizer(WIKITEXT_TEST.read_text(encoding="utf-8")[:20000])
