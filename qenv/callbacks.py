@@ -212,9 +212,11 @@ def place_labels(ax: Any, labels: Sequence[tuple[float, float, str, str]], fonts
     frame = ax.get_window_extent(renderer)
     to_px = ax.transData.transform
     taken = []  # boxes (x0, y0, x1, y1) in pixels: the points themselves, the legend, placed labels
+    marks = {}  # each labelled point's own box, which its label may touch
     for x, y in [(m[0], m[1]) for m in merged.values()] + [(float(a), float(b)) for a, b in avoid]:
         px, py = to_px((x, y))
-        taken.append((px - 5, py - 5, px + 5, py + 5))
+        taken.append((px - 7, py - 7, px + 7, py + 7))
+        marks.setdefault((x, y), taken[-1])
     legend = ax.get_legend()
     if legend is not None:
         box = legend.get_window_extent(renderer)
@@ -245,7 +247,8 @@ def place_labels(ax: Any, labels: Sequence[tuple[float, float, str, str]], fonts
             box = (b.x0, b.y0, b.x1, b.y1)
             outside = (max(0.0, frame.x0 - b.x0) + max(0.0, b.x1 - frame.x1)) * b.height + \
                 (max(0.0, frame.y0 - b.y0) + max(0.0, b.y1 - frame.y1)) * b.width
-            cost = outside * 10 + sum(overlap(box, t) for t in taken)
+            own = marks.get((x, y))
+            cost = outside * 10 + sum(overlap(box, t) for t in taken if t is not own)
             if best_cost is None or cost < best_cost:
                 best, best_cost = (dx, dy, ha, va, box), cost
             if cost == 0:
