@@ -5,8 +5,7 @@
 
 For each model, the policy picks a recipe deterministically; every preset (rtn/gptq/awq at the
 two bit widths bracketing the budget, q3_k_m, q4_k_m, fp16) and every searcher (uniform,
-llamacpp, greedy, random, evolution, with the same evaluation budget, --search-evals full
-evaluations; the note column says what each spent) gives one too. All are
+llamacpp, greedy, random, evolution, with the same evaluation budget) gives one too. All are
 scored by the same evaluator on the same tokens (held-out text with --data, else the
 calibration tokens) and printed as one table per model, sorted by bits per weight, with rows
 over the budget marked '*'. Models the policy was not trained on are reported as "unseen model"

@@ -144,8 +144,7 @@ class QuantLLMEnv(gym.Env):
         reward: ``kl`` (default), ``ppl`` or ``top1``; see :mod:`qenv.envs.reward`.
         budget_mode: ``hard`` (actions that would break the budget are lowered; ``info`` says so)
             or ``penalty`` (the return is reduced by ``penalty_weight`` per bit over budget).
-        data: text file(s) for calibration tokens (``<|endoftext|>`` separators become document boundaries,
-            see :mod:`qenv.eval.tokens`); default: tokens sampled from the model itself.
+        data: text file(s) for calibration tokens; default: tokens sampled from the model itself.
         n_tokens, seq_len, batch_size: calibration size and batching.
         device, dtype: where and how the model runs (default: cuda if present).
         seed: seeds the sampled calibration tokens (episodes are seeded through ``reset``).
