@@ -55,44 +55,6 @@ def _check_sizes(n_tokens: int, seq_len: int) -> int:
     return n_tokens // seq_len
 
 
-DOCUMENT_SEPARATORS: tuple[str, ...] = ("<|endoftext|>",)
-"""Strings that mark a boundary between documents in a text file (TinyStories' convention)."""
-
-
-def split_documents(text: str) -> list[str] | None:
-    """The documents of ``text`` (stripped, empty ones dropped), or None when it has no separator."""
-    if not any(sep in text for sep in DOCUMENT_SEPARATORS):
-        return None
-    parts = [text]
-    for sep in DOCUMENT_SEPARATORS:
-        parts = [piece for part in parts for piece in part.split(sep)]
-    return [doc.strip() for doc in parts if doc.strip()]
-
-
-def _encode_documents(tokenizer: object, documents: list[str], need: int) -> list[int]:
-    """Token ids of the documents with their boundaries, stopping once ``need`` ids are there.
-
-    Each document is framed by the tokenizer itself (``add_special_tokens=True``). If the tokenizer
-    adds no special token at all, its EOS (when it has one) ends each document instead, so a
-    boundary is never lost.
-    """
-    probe = "a"
-    frames = len(tokenizer(probe, add_special_tokens=True, verbose=False)["input_ids"]) != len(
-        tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"])
-    eos = getattr(tokenizer, "eos_token_id", None)
-    tail = [] if frames or eos is None else [int(eos)]
-    ids: list[int] = []
-    batch = 64  # tokenise in batches: fast, and only as many documents as needed
-    for start in range(0, len(documents), batch):
-        encoded = tokenizer(documents[start:start + batch], add_special_tokens=True, verbose=False)["input_ids"]
-        for doc_ids in encoded:
-            ids.extend(doc_ids)
-            ids.extend(tail)
-        if len(ids) >= need:
-            break
-    return ids
-
-
 def tokens_from_text(
     tokenizer: object,
     paths: str | Path | Sequence[str | Path],
@@ -136,6 +98,44 @@ def tokens_from_text(
         )
     ids_t = torch.tensor(ids[offset_tokens:need], dtype=torch.long).view(n_seq, seq_len)
     return TokenSet(ids_t, f"text:{','.join(p.name for p in paths)}[{offset_tokens}:{need}]")
+
+
+DOCUMENT_SEPARATORS: tuple[str, ...] = ("<|endoftext|>",)
+"""Strings that mark a boundary between documents in a text file (TinyStories' convention)."""
+
+
+def split_documents(text: str) -> list[str] | None:
+    """The documents of ``text`` (stripped, empty ones dropped), or None when it has no separator."""
+    if not any(sep in text for sep in DOCUMENT_SEPARATORS):
+        return None
+    parts = [text]
+    for sep in DOCUMENT_SEPARATORS:
+        parts = [piece for part in parts for piece in part.split(sep)]
+    return [doc.strip() for doc in parts if doc.strip()]
+
+
+def _encode_documents(tokenizer: object, documents: list[str], need: int) -> list[int]:
+    """Token ids of the documents with their boundaries, stopping once ``need`` ids are there.
+
+    Each document is framed by the tokenizer itself (``add_special_tokens=True``). If the tokenizer
+    adds no special token at all, its EOS (when it has one) ends each document instead, so a
+    boundary is never lost.
+    """
+    probe = "a"
+    frames = len(tokenizer(probe, add_special_tokens=True, verbose=False)["input_ids"]) != len(
+        tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    tail = [] if frames or eos is None else [int(eos)]
+    ids: list[int] = []
+    batch = 64  # tokenise in batches: fast, and only as many documents as needed
+    for start in range(0, len(documents), batch):
+        encoded = tokenizer(documents[start:start + batch], add_special_tokens=True, verbose=False)["input_ids"]
+        for doc_ids in encoded:
+            ids.extend(doc_ids)
+            ids.extend(tail)
+        if len(ids) >= need:
+            break
+    return ids
 
 
 @torch.inference_mode()

@@ -8,11 +8,11 @@ benchmarks).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import json
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,25 +116,31 @@ def check_finite_weights(model: nn.Module) -> None:
                             "re-download or re-convert the checkpoint; check it was saved without overflow.")
 
 
-@contextlib.contextmanager
-def _no_weight_loading_bar(active: bool) -> Iterator[None]:
-    """Hide transformers' "Loading weights" bar while reading a local model, then restore the setting.
+def _quiet_local_load(load: Callable[..., Any]) -> Callable[..., Any]:
+    """Hide transformers' "Loading weights" bar while ``load(source, ...)`` reads a local model,
+    then restore the user's setting.
 
     Reading a few MB from disk is not the user's business; qenv's own progress (the programs' bars)
-    is unaffected. Hub downloads keep their bar (``active`` is False for them): a download can be long.
+    is unaffected. Hub downloads keep their bar (``source`` is not a folder): a download can be long.
     """
-    from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if active and was_enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if active and was_enabled:
-            hf_logging.enable_progress_bar()
+    @functools.wraps(load)
+    def wrapper(source: str, *args: Any, **kwargs: Any) -> Any:
+        from transformers.utils import logging as hf_logging
+
+        hide = Path(source).is_dir() and hf_logging.is_progress_bar_enabled()
+        if hide:
+            hf_logging.disable_progress_bar()
+        try:
+            return load(source, *args, **kwargs)
+        finally:
+            if hide:
+                hf_logging.enable_progress_bar()
+
+    return wrapper
 
 
+@_quiet_local_load
 def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,8 +148,7 @@ def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool)
 
     local = Path(source).is_dir()
     try:
-        with _no_weight_loading_bar(local):
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a pickled object
         why = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
         raise QenvError(f"The weights of {source!r} hold pickled Python objects, not just tensors"
