@@ -126,7 +126,8 @@ def test_prebuild_fills_the_menu_with_what_on_demand_gives(stories_eval: Evaluat
     ev = stories_eval
     weights = QuantizedWeights(ev.model, ev.layers, ev.calibration_of, 1 << 30)
     seen: list[tuple[int, int]] = []
-    built = weights.prebuild(DEFAULT_MENU, progress=lambda done, total: seen.append((done, total)))
+    built = weights.prebuild(DEFAULT_MENU, progress=lambda done, total: seen.append((done, total)),
+                             batch_bytes=1 << 30)  # batches on a CPU too (the default there is one layer)
     n_pairs = len(ev.layers) * sum(not r.keeps for r in DEFAULT_MENU)
     assert built == n_pairs == len(weights._cache) and seen[-1] == (n_pairs, n_pairs)
     assert len(seen) < n_pairs  # layers of one shape were built together
@@ -176,7 +177,7 @@ def test_out_of_memory_during_prebuild(stories_eval: Evaluator, monkeypatch: pyt
     monkeypatch.setattr(apply_module, "quantize_matrices", only_one_at_a_time)
     weights = QuantizedWeights(ev.model, ev.layers, ev.calibration_of, 1 << 30)
     rules = [Rule(bits=4, group_size=128), Rule(bits=3, group_size=128, rounding="gptq")]
-    assert weights.prebuild(rules) == 2 * len(ev.layers)  # halved down to single layers, then built
+    assert weights.prebuild(rules, batch_bytes=1 << 30) == 2 * len(ev.layers)  # halved to single layers, built
     assert max(calls) > 1 and calls[-1] == 1
 
     def out_of_memory_at_gptq(matrices, rule, calibs):
@@ -188,7 +189,7 @@ def test_out_of_memory_during_prebuild(stories_eval: Evaluator, monkeypatch: pyt
     weights = QuantizedWeights(ev.model, ev.layers, ev.calibration_of, 1 << 30)
     before = weights.prebuild([Rule(bits=8, group_size=128)])
     with pytest.raises(QenvError) as err:
-        weights.prebuild(rules)
+        weights.prebuild(rules, batch_bytes=1 << 30)
     text = str(err.value)
     assert "Out of memory while building the menu" in text and "w3g128a-gptq" in text
     assert "lower weight_cache_gib" in err.value.fix and err.value.__cause__ is None

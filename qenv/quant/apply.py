@@ -53,10 +53,12 @@ def default_cache_bytes(originals: Iterator[torch.Tensor] | Sequence[torch.Tenso
 
 
 def default_batch_bytes(device: torch.device) -> int:
-    """Working memory of one prebuild batch: a quarter of the free GPU memory, 512 MiB on a CPU."""
+    """Working memory of one prebuild batch: a quarter of the free GPU memory; on a CPU none (one
+    layer at a time), since a CPU is not launch-bound and batching there was slower (SmolLM2,
+    ``w3g128a-gptq``: 28.3 s batched vs about 22.6 s layer by layer, BENCHMARKS.md)."""
     if device.type == "cuda":
         return max(256 << 20, free_memory_bytes(device) // 4)
-    return 512 << 20
+    return 0
 
 
 def _working_bytes(out_f: int, in_f: int, rule: Rule) -> int:
@@ -197,8 +199,8 @@ class QuantizedWeights:
         """Quantize every (layer, rule) pair of ``rules`` not cached yet, up front; returns how many.
 
         Layers of one shape are quantized together (``quantize_matrices``), in batches of at most
-        ``batch_bytes`` of working memory (default: a quarter of the free device memory, 512 MiB
-        on a CPU). A batch that runs out of memory is split in half and retried. When even one
+        ``batch_bytes`` of working memory (default: a quarter of the free GPU memory; one layer at a
+        time on a CPU). A batch that runs out of memory is split in half and retried. When even one
         layer cannot be quantized, or the pairs cannot all fit in the cache, this raises a
         ``QenvError`` saying what to lower, and every entry this call added is taken out again, so
         the cache holds only whole entries from before.
