@@ -413,7 +413,7 @@ def test_dead_subproc_worker_is_a_clear_error_not_a_hang(stories_bin, cache_dir)
 
 # -- atomic files under SIGKILL -----------------------------------------------------------------------------
 def test_a_process_killed_mid_write_leaves_only_a_temp_file_that_resume_removes(tmp_path):
-    from qenv.io import remove_stale_temp_files
+    from qenv.io import RunLock, remove_stale_temp_files
 
     target = tmp_path / "run" / "summary.json"
     script = ("import os, signal, sys\nfrom qenv.io import atomic_path\n"
@@ -426,7 +426,10 @@ def test_a_process_killed_mid_write_leaves_only_a_temp_file_that_resume_removes(
     assert not target.exists()  # no reader sees the half-written file
     left = sorted(p.name for p in target.parent.iterdir())
     assert len(left) == 1 and left[0].startswith(".summary.json.") and left[0].endswith(".tmp"), left
-    assert remove_stale_temp_files(tmp_path) == [target.parent / left[0]]
+    with pytest.raises(RuntimeError, match="needs the run lock"):  # never without the folder's lock
+        remove_stale_temp_files(tmp_path, RunLock(tmp_path))
+    with RunLock(tmp_path).acquire() as lock:
+        assert remove_stale_temp_files(tmp_path, lock) == [target.parent / left[0]]
     assert list(target.parent.iterdir()) == []
 
 
