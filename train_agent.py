@@ -320,8 +320,9 @@ class Run:
                 hyper["device"] = s["agent_device"]
             try:
                 self.agent = make_agent(name, env, seed=s["seed"], **hyper)
-            except TypeError as exc:  # a hyperparameter of the wrong type or one the algorithm rejects
-                raise QenvError(f"Agent {name!r} rejected its hyperparameters ({exc}).",
+            except (TypeError, ValueError, AssertionError) as exc:  # a hyperparameter the algorithm rejects
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise QenvError(f"Agent {name!r} rejected its hyperparameters ({first}).",
                                 f"check the config file {s.get('config_file')} against the agent's documentation."
                                 ) from None
         model = self.sb3_model()

@@ -70,6 +70,15 @@ def make_dir_like_mkdir(prefix: str, parent: str | Path) -> Path:
     return folder
 
 
+def apply_default_modes(folder: str | Path) -> None:
+    """Give every file and folder under ``folder`` the mode a plain ``open()``/``mkdir`` would (some
+    writers, e.g. transformers' safetensors shards, leave 0600 files behind)."""
+    root = Path(folder)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, default_mode(executable=path.is_dir()))
+
+
 def read_json(path: str | Path, what: str, fix: str) -> Any:
     """Parse a JSON file, or raise one clear error naming ``what`` it should have been."""
     from qenv.errors import QenvError

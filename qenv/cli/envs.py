@@ -56,6 +56,9 @@ def make_quant_env(**env_kwargs: Any) -> Any:
 
     import gymnasium as gym
 
+    from qenv.envs.quant_llm import check_env_arguments
+
+    check_env_arguments(env_kwargs)  # before gymnasium wraps anything (render_mode="human" needs pygame)
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -227,6 +227,12 @@ class QuantLLMEnv(gym.Env):
         seed: seeds the sampled calibration tokens (episodes are seeded through ``reset``).
         weight_cache_gib: memory for quantized weights cached per (layer, rule); size it to hold
             every menu rule of every layer (about menu size × model size) for the fastest episodes.
+
+    Episode length: one step per quantizable layer of the episode's model
+    (:attr:`episode_length`); every episode *terminates* there and none is ever truncated.
+    ``env.spec.max_episode_steps`` is ``None`` on purpose: the length depends on the model (and,
+    with several models, on the episode), so the registration has no single number to give, and a
+    ``TimeLimit`` wrapper could only cut real episodes short.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -309,6 +315,11 @@ class QuantLLMEnv(gym.Env):
         self.dense_return = 0.0
         self.stream: Stream = self.task.evaluator.stream()
         self.last_metrics: Metrics | None = None
+
+    @property
+    def episode_length(self) -> int:
+        """Steps of the current episode: one per quantizable layer of its model."""
+        return len(self.task.layers)
 
     @property
     def budget_bits(self) -> float:
