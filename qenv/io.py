@@ -58,6 +58,10 @@ def atomic_path(path: str | Path, executable: bool = False) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, default_mode(executable))
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a quota, a file-size limit: name the file the user asked for
+        if exc.filename is None or str(exc.filename) == tmp:
+            exc.filename = str(path)
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
 

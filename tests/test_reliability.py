@@ -18,6 +18,20 @@
   ``test_resume_after_sigkill_reaches_the_same_total``, which also checks every file is whole).
 - Determinism: the same seed gives the same recipes and metrics in two fresh processes, for the
   environment, every searcher and a short PPO run.
+
+Issue 13 (round two), the same tables extended, plus:
+
+- One writer per run folder, with real processes: a training process holds its folder (a second
+  ``--resume`` or ``--overwrite`` names its PID and touches nothing), four processes racing to create
+  the same folder get it once, a lock left by a SIGKILLed process is taken over.
+- SIGTERM to a real training process: checkpoint, summary, exit 143. A disk error (a real EFBIG from
+  RLIMIT_FSIZE): one line, exit 74, only whole files.
+- Resume: after a real SIGINT inside an uncheckpointed rollout every episode is counted once (summary
+  and TensorBoard, whose steps never go back); a run without checkpoints is refused.
+- A checkpoint is scored on its run's model; the environment refuses NaN actions, unknown model
+  indices, mistyped arguments, "human" rendering and sequences longer than the model's context.
+- Agent zips: exact pickle names only (torch.fx.GraphModule, torch.jit.ScriptModule, dotted names);
+  the algorithm is read from the zip. Output files honour the umask.
 """
 
 from __future__ import annotations
@@ -926,3 +940,30 @@ def test_unwritable_logdir_is_one_line_even_for_root(stories_bin, cache_dir, tmp
                           capture_output=True, text=True, cwd=tmp_path, env=child_env(cache_dir), timeout=300)
     assert_one_line_error(proc.returncode, proc.stderr, f"--logdir {locked / 'runs'} cannot be written")
     assert list(locked.iterdir()) == []
+
+
+# -- a disk error --------------------------------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_a_disk_error_is_one_line_and_leaves_only_whole_files(stories_bin, cache_dir, tiny_ppo, tmp_path):
+    """A real write failure: the process may not write files over 36 kB (RLIMIT_FSIZE, EFBIG), so the
+    first checkpoint's agent zip (about 41 kB) fails halfway. One line, exit status 74, and every file
+    in the run folder is whole (nothing half-written, no temporary file left)."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (36_000, 36_000))
+
+    logdir = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, str(REPO / "train_agent.py"),
+                           *train_argv(stories_bin, tiny_ppo, logdir, "full", 256), "--env-kwargs", "cache_dir=false"],
+                          capture_output=True, text=True, env=child_env(cache_dir), cwd=tmp_path, timeout=280,
+                          preexec_fn=limit)
+    ckpt = logdir / "full" / "checkpoints" / "step_0000000064.zip"
+    assert_one_line_error(proc.returncode if proc.returncode != 74 else 2, proc.stderr,
+                          f"Writing {ckpt} failed: File too large")
+    assert proc.returncode == 74 and "--resume" in proc.stderr
+    for path in (logdir / "full").rglob("*"):
+        assert not path.name.endswith(".tmp"), path
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+    assert not ckpt.exists() and not (logdir / "full" / ".lock").exists()

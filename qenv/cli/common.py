@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -19,6 +20,9 @@ from qenv.io import LOCK_NAME, RunLock, check_output_dir, default_mode
 from qenv.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_status, signal_name, terminate_as_interrupt
 
 EXIT_ERROR = 2
+EXIT_IO_ERROR = 74  # sysexits' EX_IOERR: the disk refused a write (full, quota, read-only, I/O error)
+#: errors of the storage, not of the input: reported in one line, like input errors
+DISK_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
 
 
@@ -45,6 +49,16 @@ def run_cli(body: Callable[[], int | None], stderr: Any = None) -> int:
     except KeyboardInterrupt as exc:
         print("interrupted" if signal_name(exc) == "SIGINT" else "terminated (SIGTERM)", file=err, flush=True)
         return exit_status(exc)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        where = f"Writing {exc.filename}" if exc.filename else "Writing a file"
+        print(format_error(QenvError(
+            f"{where} failed: {exc.strerror or os.strerror(exc.errno)}. Files written before are whole (each is "
+            "written under a temporary name and renamed into place).",
+            "free disk space (or fix the file system), then run the command again; a training run continues from "
+            "its last checkpoint with --resume <run folder>.")), file=err, flush=True)
+        return EXIT_IO_ERROR
 
 
 class ArgumentParser(argparse.ArgumentParser):
