@@ -344,10 +344,19 @@ def _body(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     set_torch_threads(args.threads)
     policy = Path(args.policy)
+    if policy.is_dir():  # a run folder: its final agent
+        inside = [policy / n for n in ("model.zip", "model.json") if (policy / n).is_file()]
+        if not inside:
+            raise QenvError(f"--policy {policy} is a folder without model.zip or model.json (an unfinished run?).",
+                            f"pass a checkpoint, e.g. {policy / 'checkpoints' / 'step_<N>.zip'}, or finish the run "
+                            f"with train_agent.py --resume {policy}.")
+        policy = inside[0]
     if not policy.is_file():
         raise QenvError(f"Policy file {policy} does not exist.", "pass the model.zip of a run folder written by "
                                                                   "train_agent.py.")
     args.policy = policy
+    if args.seed < 0:
+        raise QenvError(f"--seed={args.seed} is negative.", "pass a seed of 0 or more.")
     if args.search_evals < 1:
         raise QenvError(f"--search-evals={args.search_evals} must be at least 1.", "give each searcher at least one evaluation.")
     if args.n_tokens is not None and args.n_tokens < 1:

@@ -148,6 +148,8 @@ def resolve_settings(args: Any) -> dict[str, Any]:
     env_kwargs = absolute_paths(env_kwargs)
     check_agent_action_kind(spec, env_kwargs.get("action_kind", "discrete"))
     total = args.timesteps if args.timesteps is not None else (cfg.n_timesteps or DEFAULT_TIMESTEPS)
+    if args.seed < 0:
+        raise QenvError(f"--seed={args.seed} is negative.", "pass a seed of 0 or more.")
     if args.keep_checkpoints < 0:
         raise QenvError(f"--keep-checkpoints={args.keep_checkpoints} is negative.", "pass 0 to keep all, or a count.")
     for flag, value in (("--timesteps", total), ("--n-envs", args.n_envs), ("--checkpoint-freq", args.checkpoint_freq),
@@ -320,7 +322,11 @@ class Run:
                 hyper["device"] = s["agent_device"]
             try:
                 self.agent = make_agent(name, env, seed=s["seed"], **hyper)
-            except (TypeError, ValueError, AssertionError) as exc:  # a hyperparameter the algorithm rejects
+            except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # a hyperparameter it rejects
+                import torch
+
+                if isinstance(exc, torch.OutOfMemoryError):
+                    raise
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise QenvError(f"Agent {name!r} rejected its hyperparameters ({first}).",
                                 f"check the config file {s.get('config_file')} against the agent's documentation."

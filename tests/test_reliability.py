@@ -162,7 +162,8 @@ def files(tmp_path_factory, stories_bin) -> dict[str, Path]:
     cfg.write_text("QuantLLM-v0:\n  n_steps: 64\nn_timesteps: 100\n")
     out["yaml_top_key"] = cfg
     for key, line in (("lr_fast", "learning_rate: fast"), ("n_steps_negative", "n_steps: -1"),
-                      ("policy_unknown", "policy: NoSuchPolicy"), ("gamma_list", "gamma: [1, 2]")):
+                      ("policy_unknown", "policy: NoSuchPolicy"), ("gamma_list", "gamma: [1, 2]"),
+                      ("net_arch_negative", "policy_kwargs: {net_arch: [-3]}")):
         (root / f"{key}.yaml").write_text(f"QuantLLM-v0:\n  {line}\n")
         out[f"yaml_{key}"] = root / f"{key}.yaml"
     # an encoder (bidirectional attention) saved as a transformers folder: loads as a "causal LM"
@@ -290,6 +291,9 @@ TRAIN_CASES = {
     "n_envs_above_timesteps": (lambda f, s: ["--model", s, "--n-envs", 1000], "--n-envs 1000 is more than the 64"),
     "flag_and_env_kwarg_disagree": (lambda f, s: ["--model", s, "--budget-bpw", 3.0, "--env-kwargs", "budget_bpw=4.5"],
                                     "--budget-bpw 3.0 and --env-kwargs budget_bpw=4.5 disagree"),
+    "seed_negative": (lambda f, s: ["--model", s, "--seed", -1], "--seed=-1 is negative"),
+    "policy_kwargs_negative_width": (lambda f, s: ["--model", s, "--config", f["yaml_net_arch_negative"]],
+                                     "rejected its hyperparameters (Trying to create tensor with negative dimension"),
 }
 
 
@@ -347,6 +351,7 @@ EVAL_CASES = {
     "ppo_zip_as_a2c": (lambda f, p, t: ["--policy", p, "--agent", "a2c"], "was trained with PPO (ppo), not A2C (a2c)"),
     "flag_and_env_kwarg_disagree": (lambda f, p, t: ["--policy", p, "--budget-bpw", 3, "--env-kwargs", "budget_bpw=4.5"],
                                     "disagree"),
+    "policy_folder_without_agent": (lambda f, p, t: ["--policy", f["not_a_model"]], "is a folder without model.zip"),
 }
 
 
@@ -788,6 +793,9 @@ def test_a_checkpoint_is_scored_on_its_runs_model(policy, stories_bin, tmp_path,
     assert results["run"] == str(run)
     assert [m["spec"] for m in results["models"]] == [str(stories_bin)] and results["models"][0]["seen"]
     assert "stories260K" in capsys.readouterr().out
+    # a run folder stands for its final agent
+    assert run_main(eval_agent, ["--policy", policy.parent, "--searchers", "none", "--out", tmp_path / "out2"]) == 0
+    assert json.loads((tmp_path / "out2" / "results.json").read_text())["policy"] == str(policy)
 
 
 # -- the environment's own checks --------------------------------------------------------------------------
