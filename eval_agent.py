@@ -370,7 +370,8 @@ def _body(argv: list[str] | None) -> int:
 
     for path in args.data or []:
         if not Path(path).is_file():
-            raise QenvError(f"Held-out text file {path} does not exist.", "pass an existing UTF-8 text file to --data.")
+            what = "is a folder, not a text file" if Path(path).is_dir() else "does not exist"
+            raise QenvError(f"Held-out text file {path} {what}.", "pass an existing UTF-8 text file to --data.")
         read_text_file(path)  # binary or undecodable text is refused now, not after the evaluation
     run = read_run(policy)
     agent_name = args.agent or run["agent"] or saved_algorithm(policy) or "ppo"

@@ -975,3 +975,25 @@ def test_a_disk_error_is_one_line_and_leaves_only_whole_files(stories_bin, cache
         if path.suffix == ".json":
             json.loads(path.read_text())
     assert not ckpt.exists() and not (logdir / "full" / ".lock").exists()
+
+
+@pytest.mark.parametrize("agent", ["ppo", "a2c", "dqn", "sac", "td3", "ddpg", "recurrent_ppo"])
+def test_every_sb3_agent_is_recognised_in_its_zip(agent, stories_bin, cache_dir, tmp_path):
+    """With qenv's entry, and without it (a zip written by SB3 itself), the algorithm is told apart, so
+    loading it as another one is refused by name."""
+    if agent == "recurrent_ppo":
+        pytest.importorskip("sb3_contrib")
+    from qenv.agents.registry import load_agent, make_agent
+    from qenv.agents.sb3 import agent_name_of_zip
+    from qenv.envs.quant_llm import QuantLLMEnv
+
+    kind = "continuous" if agent in ("sac", "td3", "ddpg") else "discrete"
+    env = QuantLLMEnv(str(stories_bin), n_tokens=512, seq_len=64, cache_dir=cache_dir, action_kind=kind)
+    made = make_agent(agent, env, seed=0, policy_kwargs={"net_arch": [8]},
+                      **({"buffer_size": 64} if agent in ("dqn", "sac", "td3", "ddpg") else {}))
+    ours = made.save(tmp_path / "ours.zip")
+    made.model.save(tmp_path / "sb3.zip")  # SB3's own writer: no qenv entry
+    assert agent_name_of_zip(ours) == agent_name_of_zip(tmp_path / "sb3.zip") == agent
+    other = "a2c" if agent == "ppo" else "ppo" if kind == "discrete" else ("td3" if agent != "td3" else "sac")
+    with pytest.raises(QenvError, match=f"was trained with .* \\({agent}\\), not"):
+        load_agent(other, tmp_path / "sb3.zip", env=env)
