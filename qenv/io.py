@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import tempfile
@@ -160,6 +159,8 @@ class RunLock:
         return self.fd is not None
 
     def acquire(self, what: str = "run folder") -> RunLock:
+        import fcntl  # POSIX only: imported here so that the rest of this module works everywhere
+
         from qenv.errors import QenvError
 
         for _ in range(100):  # a holder may remove the file between our open and our flock: retry
