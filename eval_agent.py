@@ -397,7 +397,9 @@ def _body(argv: list[str] | None) -> int:
         held.add(Path(c).resolve())
     if args.data and any(Path(d).resolve() in held for d in args.data):
         print("note: --data is also the calibration text: scores are not held-out", flush=True)
-    out = Path(args.out) if args.out else run["folder"] / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out).expanduser() if args.out else run["folder"] / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.save_model:
+        args.save_model = str(Path(args.save_model).expanduser())
     check_outputs(args, out)
 
     print(f"evaluating {policy} ({agent_name}) at {budget:g} bpw on {', '.join(models)}", flush=True)
