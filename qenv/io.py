@@ -164,7 +164,11 @@ class RunLock:
         from qenv.errors import QenvError
 
         for _ in range(100):  # a holder may remove the file between our open and our flock: retry
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, default_mode())
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, default_mode())
+            except OSError as exc:
+                raise QenvError(f"The {what} {self.folder} cannot be locked for writing ({exc.strerror}).",
+                                "work on a copy of it that you can write to, or fix its permissions.") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

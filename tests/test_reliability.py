@@ -948,6 +948,16 @@ def test_unwritable_logdir_is_one_line_even_for_root(stories_bin, cache_dir, tmp
                           capture_output=True, text=True, cwd=tmp_path, env=child_env(cache_dir), timeout=300)
     assert_one_line_error(proc.returncode, proc.stderr, f"--logdir {locked / 'runs'} cannot be written")
     assert list(locked.iterdir()) == []
+    # a run folder that cannot be written to cannot be resumed (its lock cannot even be taken)
+    run = tmp_path / "readonly-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"agent": "ppo", "env_kwargs": {}}))
+    run.chmod(0o555)
+    proc = subprocess.run(["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", sys.executable,
+                           str(REPO / "train_agent.py"), "--resume", str(run), "--no-progress"],
+                          capture_output=True, text=True, cwd=tmp_path, env=child_env(cache_dir), timeout=300)
+    assert_one_line_error(proc.returncode, proc.stderr, f"run folder {run} cannot be locked for writing")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
 
 
 # -- a disk error --------------------------------------------------------------------------------------------
