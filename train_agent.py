@@ -197,6 +197,9 @@ def fit_rollout(agent: str, section: dict[str, Any], n_envs: int, total: int) ->
     if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps * n_envs <= total:
         return section
     fitted = max(1, total // n_envs)
+    if fitted * n_envs < 2:
+        raise QenvError(f"--timesteps {total} is too short for {agent}: one rollout of an on-policy agent takes at "
+                        "least 2 timesteps.", "pass --timesteps 2 or more (a useful run takes thousands).")
     out = {**section, "n_steps": fitted}
     note = (f"note: n_steps lowered from {n_steps} to {fitted} so that one rollout (n_steps x --n-envs {n_envs}) "
             f"fits in the {total} timesteps asked for")
@@ -480,13 +483,16 @@ class Run:
         status = "complete"
         self.started = True
         if remaining > 0:
-            end = total
+            end, rollout = total, 0
             if isinstance(model, OnPolicyAlgorithm):  # learn() stops at the end of a whole rollout
                 rollout = int(model.n_steps) * int(model.n_envs)
+            elif str(getattr(getattr(model, "train_freq", None), "unit", "")).endswith("STEP"):  # off-policy
+                rollout = int(model.train_freq.frequency) * int(model.n_envs)
+            if rollout > 0:
                 end = done + -(-remaining // rollout) * rollout
             print(f"training {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.inner.budget_bpw:g} bpw: "
                   f"{done} -> {total} timesteps" + (" (resumed)" if self.resumed else "")
-                  + (f", run to {end} (whole rollouts of n_steps x n_envs = {rollout})" if end != total else ""),
+                  + (f", run to {end} (whole rollouts of {rollout} timesteps)" if end != total else ""),
                   flush=True)
             try:
                 self.agent.learn(remaining, callback=CallbackList([episodes, ckpts, bar]), progress_bar=False,

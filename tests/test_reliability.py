@@ -292,6 +292,7 @@ TRAIN_CASES = {
     "flag_and_env_kwarg_disagree": (lambda f, s: ["--model", s, "--budget-bpw", 3.0, "--env-kwargs", "budget_bpw=4.5"],
                                     "--budget-bpw 3.0 and --env-kwargs budget_bpw=4.5 disagree"),
     "seed_negative": (lambda f, s: ["--model", s, "--seed", -1], "--seed=-1 is negative"),
+    "timesteps_too_short_for_a_rollout": (lambda f, s: ["--model", s, "--timesteps", 1], "--timesteps 1 is too short"),
     "policy_kwargs_negative_width": (lambda f, s: ["--model", s, "--config", f["yaml_net_arch_negative"]],
                                      "rejected its hyperparameters (Trying to create tensor with negative dimension"),
 }
@@ -862,6 +863,15 @@ def test_rollout_is_fitted_to_the_timesteps_asked_for(capsys):
     assert train_agent.fit_rollout("dqn", {}, n_envs=4, total=64) == {}
     with pytest.raises(QenvError, match="--n-envs 65 is more than the 64 timesteps"):
         train_agent.fit_rollout("dqn", {}, n_envs=65, total=64)
+
+
+def test_the_timesteps_that_really_run_are_said(stories_bin, cache_dir, tmp_path, capsys):
+    """DQN collects train_freq (4) steps at a time: asked for 5 timesteps, it runs 8, and says so."""
+    code = run_main(train_agent, ["--model", stories_bin, "--agent", "dqn", "--timesteps", 5, "--logdir",
+                                  tmp_path / "runs", "--name", "d", "--no-progress", *SMALL])
+    assert code == 0
+    assert "0 -> 5 timesteps, run to 8 (whole rollouts of 4 timesteps)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "d" / "summary.json").read_text())["timesteps"] == 8
 
 
 # -- pickles: exact names only -----------------------------------------------------------------------------
