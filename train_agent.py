@@ -654,6 +654,25 @@ def _given_flags(args: Any, parser: ArgumentParser) -> list[str]:
     return ignored
 
 
+#: what a run's config.json must hold to be resumed, and of which type
+RUN_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
+    "env_id": str, "agent": str, "seed": int, "total_timesteps": int, "n_envs": int, "vec_env": str,
+    "checkpoint_freq": int, "env_kwargs": dict, "config_section": dict, "keep_checkpoints": int,
+}
+
+
+def check_run_config(settings: Any, path: Path) -> None:
+    """A config.json that was edited by hand or written by something else is refused by name, not
+    met later as a KeyError in the middle of a resumed run."""
+    if not isinstance(settings, dict):
+        raise QenvError(f"Run config {path} is not a JSON object.", "start a new run instead.")
+    bad = sorted(k for k, t in RUN_CONFIG_KEYS.items()
+                 if not isinstance(settings.get(k), t) or isinstance(settings.get(k), bool))
+    if bad:
+        raise QenvError(f"Run config {path} lacks or garbles {', '.join(bad)} (edited by hand, or not written by "
+                        "train_agent.py).", "restore it from the run's summary.json ('settings'), or start a new run.")
+
+
 def _prepare_resume(args: Any, parser: ArgumentParser) -> tuple[Path, dict[str, Any]]:
     folder = Path(args.resume)
     config = folder / "config.json"
@@ -661,6 +680,7 @@ def _prepare_resume(args: Any, parser: ArgumentParser) -> tuple[Path, dict[str, 
         raise QenvError(f"{folder} is not a run folder of train_agent.py (it has no config.json).",
                         "pass the folder printed as 'run folder:' by an earlier run.")
     settings = read_json(config, "Run config", "start a new run instead.")
+    check_run_config(settings, config)
     ignored = _given_flags(args, parser)
     if ignored:
         print(f"note: resuming with the settings in {config}; ignoring {', '.join(ignored)}", flush=True)

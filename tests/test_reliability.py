@@ -775,11 +775,17 @@ def test_resume_after_ctrl_c_counts_every_episode_once(stories_bin, cache_dir, t
 def test_resume_without_checkpoints_is_refused(tmp_path, capsys):
     folder = tmp_path / "runs" / "gone"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"agent": "ppo", "argv": ["--name", "gone", "--timesteps", "999"],
-                                                    "env_kwargs": {}}))
+    config = {"env_id": "QuantLLM-v0", "agent": "ppo", "seed": 0, "total_timesteps": 999, "n_envs": 1,
+              "vec_env": "dummy", "checkpoint_freq": 64, "env_kwargs": {}, "config_section": {}, "keep_checkpoints": 5,
+              "argv": ["--name", "gone", "--timesteps", "999"]}
+    (folder / "config.json").write_text(json.dumps(config))
     code = run_main(train_agent, ["--resume", folder, "--no-progress"])
     assert_one_line_error(code, capsys.readouterr().err, "has no complete checkpoint to resume from")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json"]  # nothing written, lock released
+    # a config.json edited by hand is refused by name
+    (folder / "config.json").write_text(json.dumps({**config, "n_envs": "two", "agent": None}))
+    code = run_main(train_agent, ["--resume", folder, "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, "lacks or garbles agent, n_envs")
 
 
 def test_a_checkpoint_is_scored_on_its_runs_model(policy, stories_bin, tmp_path, capsys):
