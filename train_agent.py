@@ -458,7 +458,7 @@ class Run:
         from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
         from qenv.callbacks import (AtomicCheckpointCallback, QuantEpisodeCallback, TqdmProgressCallback,
-                                    save_agent_atomic, sigint_deferred)
+                                    save_agent_atomic, sigint_deferred, wait_past_event_files)
         from qenv.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, signal_name
 
         s = self.settings
@@ -490,6 +490,8 @@ class Run:
                 rollout = int(model.train_freq.frequency) * int(model.n_envs)
             if rollout > 0:
                 end = done + -(-remaining // rollout) * rollout
+            if self.resumed:  # this session's events must be read after the earlier ones (they purge them)
+                wait_past_event_files(self.folder / "tb")
             print(f"training {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.inner.budget_bpw:g} bpw: "
                   f"{done} -> {total} timesteps" + (" (resumed)" if self.resumed else "")
                   + (f", run to {end} (whole rollouts of {rollout} timesteps)" if end != total else ""),

@@ -270,6 +270,20 @@ def purge_tensorboard(writer: Any, step: int) -> None:
     writer.flush()
 
 
+def wait_past_event_files(folder: str | Path) -> None:
+    """Wait (at most a second) until a new TensorBoard event file would sort after every one in ``folder``.
+
+    TensorBoard reads a run's event files in name order, and a name starts with its creation time
+    in whole seconds (then host and PID): a resumed session that starts in the same second as the
+    session it continues could be read first, and its purge of that session's later steps lost.
+    """
+    stamps = [int(part) for p in Path(folder).rglob("events.out.tfevents.*")
+              if len(parts := p.name.split(".")) > 3 and (part := parts[3]).isdigit()]
+    newest = max(stamps, default=0)
+    while int(time.time()) <= newest:
+        time.sleep(0.02)
+
+
 def sb3_tensorboard_writer(logger: Any) -> Any | None:
     """The ``SummaryWriter`` of an SB3 logger's TensorBoard output, if it has one."""
     from stable_baselines3.common.logger import TensorBoardOutputFormat

@@ -772,6 +772,20 @@ def test_resume_after_ctrl_c_counts_every_episode_once(stories_bin, cache_dir, t
     assert abs(summary["episodes"] - 384 / 35) <= 2  # about one episode per 35 layers, not more
 
 
+def test_a_resumed_session_starts_its_event_file_in_a_later_second(tmp_path):
+    """TensorBoard orders event files by name (creation second, host, PID): a resumed session that
+    started in the same second as the one it continues could be read first, losing its purge."""
+    import time
+
+    from qenv.callbacks import wait_past_event_files
+
+    now = int(time.time())
+    (tmp_path / "run_1").mkdir()
+    (tmp_path / "run_1" / f"events.out.tfevents.{now}.host.99999.0").write_bytes(b"")
+    wait_past_event_files(tmp_path)
+    assert int(time.time()) > now
+
+
 def test_resume_without_checkpoints_is_refused(tmp_path, capsys):
     folder = tmp_path / "runs" / "gone"
     folder.mkdir(parents=True)
