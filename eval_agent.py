@@ -391,6 +391,9 @@ def _body(argv: list[str] | None) -> int:
         raise QenvError(f"--budget-bpw={budget} is out of range.", "use a number of bits per weight in (0, 16].")
     models = list(args.model or [m["spec"] for m in run["train_models"]] or ["default"])
     args.models = models
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:  # their exports and saved models would land in the same folder, after all the work
+        raise QenvError(f"--model {', '.join(twice)} is given more than once.", "list each model once.")
     held = set()
     calib = env_kwargs.get("data")
     for c in [calib] if isinstance(calib, str) else list(calib or []):

@@ -353,6 +353,8 @@ EVAL_CASES = {
     "flag_and_env_kwarg_disagree": (lambda f, p, t: ["--policy", p, "--budget-bpw", 3, "--env-kwargs", "budget_bpw=4.5"],
                                     "disagree"),
     "policy_folder_without_agent": (lambda f, p, t: ["--policy", f["not_a_model"]], "is a folder without model.zip"),
+    "model_given_twice": (lambda f, p, t: ["--policy", p, "--model", "tiny-llama", "--model", "tiny-llama"],
+                          "--model tiny-llama is given more than once"),
 }
 
 
