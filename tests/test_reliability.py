@@ -788,12 +788,16 @@ def test_a_resumed_session_starts_its_event_file_in_a_later_second(tmp_path):
     assert int(time.time()) > now
 
 
+#: a run's config.json as train_agent.py writes it (what --resume needs before it looks at checkpoints)
+RUN_CONFIG = {"env_id": "QuantLLM-v0", "agent": "ppo", "seed": 0, "total_timesteps": 999, "n_envs": 1,
+              "vec_env": "dummy", "checkpoint_freq": 64, "env_kwargs": {}, "config_section": {}, "keep_checkpoints": 5,
+              "argv": ["--name", "gone", "--timesteps", "999"]}
+
+
 def test_resume_without_checkpoints_is_refused(tmp_path, capsys):
     folder = tmp_path / "runs" / "gone"
     folder.mkdir(parents=True)
-    config = {"env_id": "QuantLLM-v0", "agent": "ppo", "seed": 0, "total_timesteps": 999, "n_envs": 1,
-              "vec_env": "dummy", "checkpoint_freq": 64, "env_kwargs": {}, "config_section": {}, "keep_checkpoints": 5,
-              "argv": ["--name", "gone", "--timesteps", "999"]}
+    config = RUN_CONFIG
     (folder / "config.json").write_text(json.dumps(config))
     code = run_main(train_agent, ["--resume", folder, "--no-progress"])
     assert_one_line_error(code, capsys.readouterr().err, "has no complete checkpoint to resume from")
@@ -983,7 +987,7 @@ def test_unwritable_logdir_is_one_line_even_for_root(stories_bin, cache_dir, tmp
     # a run folder that cannot be written to cannot be resumed (its lock cannot even be taken)
     run = tmp_path / "readonly-run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"agent": "ppo", "env_kwargs": {}}))
+    (run / "config.json").write_text(json.dumps(RUN_CONFIG))
     run.chmod(0o555)
     proc = subprocess.run(["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", sys.executable,
                            str(REPO / "train_agent.py"), "--resume", str(run), "--no-progress"],
