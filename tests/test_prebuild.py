@@ -227,7 +227,7 @@ def test_envs_share_one_model_and_cache_and_prebuild(stories_bin) -> None:
     while not done:
         _, _, done, _, _ = second.step(second.action_space.sample())
     assert weights.misses == misses  # the whole episode ran on prebuilt weights
-    for bad, word in ((0, "positive"), (-1.0, "positive"), ("big", "number")):
+    for bad, word in ((0, "positive"), (-1.0, "positive"), ("big", "positive number")):
         with pytest.raises(QenvError, match=word):
             gym.make(qenv.ENV_ID, weight_cache_gib=bad, **small)
     with pytest.raises(QenvError, match="cannot hold even one recipe"):

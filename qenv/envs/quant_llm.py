@@ -202,9 +202,16 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key == "budget_bpw":
             if not _is_number(value) or not 0 < value <= 16:
                 raise QenvError(f"budget_bpw={value!r} is out of range.", "use a number of bits per weight in (0, 16].")
-        elif key in ("dense_weight", "size_weight", "penalty_weight", "weight_cache_gib"):
+        elif key in ("dense_weight", "size_weight", "penalty_weight"):
             if not _is_number(value) or value < 0:
                 fail(key, value, "must be a number of at least 0", "1.0")
+        elif key == "weight_cache_gib":  # None: sized from free memory
+            if value is not None and (not _is_number(value) or value <= 0):
+                raise QenvError(f"weight_cache_gib={value!r} must be a positive number of GiB.",
+                                "pass e.g. weight_cache_gib=8, or leave it unset to size the cache from free memory.")
+        elif key == "prebuild":
+            if value is not None and not isinstance(value, (bool, np.bool_)):
+                fail(key, value, "must be true or false", "true")
         elif key in ("n_tokens", "seq_len", "batch_size", "seed"):
             low = {"seed": 0, "seq_len": 2}.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
@@ -306,11 +313,6 @@ class QuantLLMEnv(gym.Env):
         _check_numbers(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
                        dense_weight=dense_weight, size_weight=size_weight, penalty_weight=penalty_weight,
                        **({} if weight_cache_gib is None else {"weight_cache_gib": weight_cache_gib}))
-        if weight_cache_gib is not None and weight_cache_gib <= 0:
-            raise QenvError(f"weight_cache_gib={weight_cache_gib!r} must be positive.",
-                            "pass a size in GiB, or leave it unset to size the cache from free memory.")
-        if prebuild is not None and not isinstance(prebuild, bool):
-            raise QenvError(f"prebuild={prebuild!r} must be true or false.", "pass prebuild=True or prebuild=False.")
         self.reward_kind = check_reward_kind(reward)
         self.render_mode = render_mode
         self.budget_bpw = float(budget_bpw)
