@@ -205,10 +205,9 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key in ("dense_weight", "size_weight", "penalty_weight"):
             if not _is_number(value) or value < 0:
                 fail(key, value, "must be a number of at least 0", "1.0")
-        elif key == "weight_cache_gib":  # None: sized from free memory
-            if value is not None and (not _is_number(value) or value <= 0):
-                raise QenvError(f"weight_cache_gib={value!r} must be a positive number of GiB.",
-                                "pass e.g. weight_cache_gib=8, or leave it unset to size the cache from free memory.")
+        elif key == "weight_cache_gib":  # None: sized from free memory; too small for a recipe: QuantizedWeights says so
+            if value is not None and (not _is_number(value) or value < 0):
+                fail(key, value, "must be a number of at least 0", "8 (or leave it unset to size it from free memory)")
         elif key == "prebuild":
             if value is not None and not isinstance(value, (bool, np.bool_)):
                 fail(key, value, "must be true or false", "true")
