@@ -218,6 +218,8 @@ def preset(name: str, layers: list[LayerInfo]) -> Recipe:
     if key in LLAMACPP_PRESETS:
         imatrix = key.endswith("-im")
         return llamacpp_mix(layers, key.removesuffix("-im"), imatrix=imatrix)
+    if key.upper() in MIX_NEEDS_IMATRIX:
+        llamacpp_mix(layers, key)  # raises: this mix needs the importance matrix
     match = re.fullmatch(r"(rtn|gptq|awq)-w(\d+)(?:-g(\d+|c))?", key)
     if match:
         family, bits, group = match.groups()
