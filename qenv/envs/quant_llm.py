@@ -29,7 +29,7 @@ from qenv.envs.reward import Reference, check_reward_kind, fidelity_reward, unif
 from qenv.envs.spaces import ActionMapper
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel, load_model
-from qenv.quant.accounting import rule_bpw
+from qenv.quant.accounting import fallbacks, rule_bpw, rule_text
 from qenv.quant.rules import Rule, layer_bits
 
 BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
@@ -291,8 +291,8 @@ class QuantLLMEnv(gym.Env):
         self.clamped += int(clamped)
         self.prev_rule = rule
         reward = 0.0
-        info: dict[str, Any] = {"layer": info_layer.name, "rule": rule.label(), "asked": asked.label(),
-                                "clamped": clamped}
+        info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
+                                "asked": asked.label(), "clamped": clamped}
         if task.stage_end[self.index]:
             stage = stage_of(info_layer)
             if 0 <= stage < task.evaluator.n_blocks:
@@ -336,6 +336,8 @@ class QuantLLMEnv(gym.Env):
             "reference_top1": ref.top1, "reference": ref.description, "fidelity_reward": fidelity,
             "budget_bpw": self.budget_bpw, "budget_met": metrics.bpw <= self.budget_bpw + 1e-9,
             "recipe": {info.name: recipe[info.name].label() for info in task.layers if info.name in recipe},
+            # GGUF rules whose type llama.cpp cannot hold on the layer's rows: scored and charged as the fallback
+            "fallback": fallbacks(task.layers, recipe),
             "recipe_rules": {info.name: recipe[info.name].to_dict() for info in task.layers if info.name in recipe},
         }
         return reward, info
@@ -363,7 +365,7 @@ def recipe_table(layers: list[LayerInfo], recipe: dict[str, Rule], metrics: Metr
     for info in layers:
         rule = recipe.get(info.name)
         bpw = "" if rule is None else f"{rule_bpw(rule, info):.3f}"
-        rows.append((info.name, info.kind, str(info.block), "-" if rule is None else rule.label(), bpw))
+        rows.append((info.name, info.kind, str(info.block), "-" if rule is None else rule_text(rule, info), bpw))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

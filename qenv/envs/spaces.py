@@ -16,6 +16,7 @@ import numpy as np
 from gymnasium import spaces
 
 from qenv.errors import QenvError
+from qenv.quant import gguf as _gguf
 from qenv.quant.rules import Rule
 
 ACTION_SPACE_KINDS: tuple[str, ...] = ("discrete", "multidiscrete", "continuous")
@@ -36,6 +37,12 @@ DEFAULT_MENU: tuple[Rule, ...] = (
     Rule(bits=8, group_size=128),
 )
 
+#: ``menu="gguf"``: llama.cpp's own types (quantized by llama.cpp, charged at its bytes), with and without
+#: the importance matrix, from 2.3 to 8.5 bpw (:data:`qenv.quant.gguf.MENU_TYPES`)
+GGUF_MENU: tuple[Rule, ...] = tuple(Rule(gguf=t, imatrix=im) for t, im in _gguf.MENU_TYPES)
+#: named menus
+MENUS: dict[str, tuple[Rule, ...]] = {"default": DEFAULT_MENU, "gguf": GGUF_MENU}
+
 #: knob values of the multidiscrete and continuous kinds
 KNOB_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 KNOB_GROUPS: tuple[int, ...] = (32, 64, 128, -1)
@@ -47,8 +54,11 @@ def parse_menu(menu: Sequence[Rule | dict[str, Any] | str] | None) -> tuple[Rule
     """A menu from rules, rule dicts or preset-style labels; rejects an empty or malformed menu."""
     if menu is None:
         return DEFAULT_MENU
+    if isinstance(menu, str) and menu.lower() in MENUS:
+        return MENUS[menu.lower()]
     if isinstance(menu, (str, bytes)) or not isinstance(menu, Sequence):
-        raise QenvError("The rule menu must be a list of rules.", "pass e.g. menu=[{'bits': 4}, {'bits': 8}].")
+        raise QenvError(f"The rule menu must be a list of rules or one of {sorted(MENUS)}, got {menu!r}.",
+                        "pass e.g. menu='gguf' or menu=[{'bits': 4}, {'bits': 8}].")
     if len(menu) == 0:
         raise QenvError("The rule menu is empty.", "pass at least one rule, or omit `menu` for the default menu.")
     rules = []

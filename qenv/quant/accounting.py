@@ -13,12 +13,39 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from qenv.models.layers import LayerInfo, weight_parameter
+from qenv.quant import gguf as _gguf
 from qenv.quant.rules import FP16_BITS, KEEP, Rule, layer_bits
 
 
 def rule_bpw(rule: Rule, info: LayerInfo) -> float:
     """Exact bits per weight of ``rule`` on one layer (codes, scales, zero points, survivors)."""
     return layer_bits(rule, info.out_features, info.in_features) / info.numel
+
+
+def stored_type(rule: Rule, info: LayerInfo) -> str | None:
+    """The llama.cpp type a GGUF rule is really stored as on this layer (its row fallback), else ``None``."""
+    if rule.gguf is None:
+        return None
+    return _gguf.effective_type(rule.gguf, info.in_features)
+
+
+def rule_text(rule: Rule, info: LayerInfo) -> str:
+    """The rule's label, with llama-quantize's fallback when the layer's rows do not fit the type
+    (``Q4_K->Q5_0``): what is scored and charged is the fallback type."""
+    stored = stored_type(rule, info)
+    if stored is None or stored == rule.gguf:
+        return rule.label()
+    return f"{rule.label()}->{stored}"
+
+
+def fallbacks(layers: Iterable[LayerInfo], recipe: Mapping[str, Rule]) -> dict[str, str]:
+    """``{layer: "Q4_K->Q5_0"}`` for every layer whose GGUF type falls back on its row length."""
+    out = {}
+    for info in layers:
+        rule = recipe.get(info.name)
+        if rule is not None and rule.gguf is not None and stored_type(rule, info) != rule.gguf:
+            out[info.name] = rule_text(rule, info)
+    return out
 
 
 def recipe_bits(layers: Iterable[LayerInfo], recipe: Mapping[str, Rule]) -> int:
