@@ -13,7 +13,9 @@ with the policy's gain over the best preset at or under the budget.
 
 Writes results.json, results.csv and pareto.png (KL vs bpw of every method) into --out
 (default: <run folder>/eval-<date>-<time>); --export adds the policy's recipe per model as
-JSON, llama.cpp --tensor-type overrides and a GPTQModel dynamic config; --save-model writes the
+JSON, llama.cpp --tensor-type overrides (llamacpp-quantize.sh), the quantized model as model.gguf
+(recipes of GGUF rules, e.g. from menu=gguf: exactly the scored model) and a GPTQModel dynamic
+config (recipes GPTQModel runs as measured); skipped.txt says why one was not written; --save-model writes the
 quantized model (dequantized weights, safetensors) that transformers loads back.
 """
 
@@ -69,8 +71,8 @@ def build_parser() -> ArgumentParser:
                    help="override environment arguments of the run (YAML values), e.g. seq_len=64")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <policy's folder>/eval-<date>-<time>)")
     p.add_argument("--export", action="store_true",
-                   help="also write the policy's recipe per model as JSON, llama.cpp --tensor-type overrides and a "
-                        "GPTQModel dynamic config (into <out>/export/<model>/)")
+                   help="also write the policy's recipe per model as JSON, llama.cpp --tensor-type overrides, "
+                        "model.gguf (GGUF rules) and a GPTQModel dynamic config (into <out>/export/<model>/)")
     p.add_argument("--save-model", metavar="DIR",
                    help="write the policy-quantized model(s) with save_pretrained (safetensors, dequantized weights, "
                         "recipe in config.qenv_recipe, tokenizer); with several models, one subfolder each")
@@ -208,10 +210,13 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         from qenv.export import export_all
 
         folder = out / "export" / safe_name(task.name)
-        export_all(folder, task.layers, recipe, {"model": task.name, "budget_bpw": budget, "agent": agent_name,
-                                                 "policy": str(args.policy), "metrics": policy_metrics.to_dict(),
-                                                 "tokens": tokens_desc})
+        paths = export_all(folder, task.layers, recipe,
+                           {"model": task.name, "budget_bpw": budget, "agent": agent_name,
+                            "policy": str(args.policy), "metrics": policy_metrics.to_dict(), "tokens": tokens_desc},
+                           evaluator=task.evaluator)
         result["export"] = str(folder)
+        if "skipped" in paths:
+            notes.extend(line for line in paths["skipped"].read_text().splitlines() if line)
     if args.save_model:
         from qenv.export import save_quantized_model
 
