@@ -344,3 +344,22 @@ def test_gguf_export_refuses_other_architectures(tmp_path) -> None:
     ev = Evaluator(lm, tokens_from_model(lm.model, 64, 16, seed=0), cache_dir=False)
     with pytest.raises(QenvError, match="Llama-architecture"):
         write_gguf(ev, {}, tmp_path / "x.gguf")
+
+
+def test_missing_extra_is_one_line(tmp_path) -> None:
+    """Without llama-cpp-python a GGUF rule fails with one line naming the extra (run in a fresh process
+    where importing llama_cpp is impossible)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['llama_cpp'] = None\n"
+            "import torch, qenv\n"
+            "try:\n"
+            "    qenv.quantize_matrix(torch.ones(4, 256), qenv.Rule(gguf='Q4_K'))\n"
+            "except qenv.QenvError as e:\n"
+            "    print(e)\n")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo,
+                         env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and "qenv[gguf]" in lines[0], out.stdout + out.stderr
