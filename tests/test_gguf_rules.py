@@ -363,3 +363,49 @@ def test_missing_extra_is_one_line(tmp_path) -> None:
                          env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}, timeout=120)
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1 and "qenv[gguf]" in lines[0], out.stdout + out.stderr
+
+
+# -- foldable AWQ ------------------------------------------------------------------------------------------------
+def test_unfoldable_awq_scales_are_charged(models) -> None:
+    from qenv.quant.accounting import input_groups, recipe_bits, unfoldable_scales
+
+    ev = models["default"]
+    layers = ev.layers
+    groups = input_groups(layers)
+    q, k, v = (f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    assert groups[q] == (q, k, v) and groups["model.layers.0.mlp.up_proj"] == (
+        "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+    plain, awq = Rule(bits=4, group_size=32), Rule(bits=4, group_size=32, act_scale=0.5)
+    shared = {i.name: awq for i in layers}
+    assert unfoldable_scales(layers, shared) == []
+    mixed = dict(shared) | {k: plain}
+    assert sorted(unfoldable_scales(layers, mixed)) == sorted([q, v])
+    # q and v need their own per-channel multiply: 16 bits per input channel each
+    assert recipe_bits(layers, mixed) - recipe_bits(layers, shared) == 2 * 16 * 128
+    assert unfoldable_scales(layers, dict(shared) | {k: Rule(bits=16)}) == []  # a kept layer takes any scale
+
+
+def test_env_makes_shared_inputs_share_one_awq_scale(stories_bin, tmp_path) -> None:
+    import gymnasium as gym
+
+    from qenv.envs.spaces import DEFAULT_MENU
+    from qenv.quant.accounting import unfoldable_scales
+
+    env = gym.make("QuantLLM-v0", model=str(stories_bin), n_tokens=256, seq_len=64, budget_bpw=8.0,
+                   cache_dir=str(tmp_path)).unwrapped
+    awq = next(i for i, r in enumerate(DEFAULT_MENU) if r.act_scale > 0 and r.bits == 4)
+    plain = next(i for i, r in enumerate(DEFAULT_MENU) if r.act_scale == 0 and r.bits == 4)
+    env.reset(seed=0)
+    inherited = []
+    for i in range(len(env.task.layers)):
+        _, _, done, _, info = env.step(awq if i % 2 == 0 else plain)  # alternate: q AWQ, k plain, v AWQ, ...
+        inherited.append(info["act_scale_inherited"])
+    recipe = recipe_of_info(info)
+    assert any(inherited) and unfoldable_scales(env.task.layers, recipe) == []
+    assert info["act_scales_inherited"] == sum(inherited)
+    k = recipe["model.layers.0.self_attn.k_proj"]
+    assert k.act_scale == recipe["model.layers.0.self_attn.q_proj"].act_scale > 0 and not k.mse_clip
+
+
+def recipe_of_info(info: dict) -> Recipe:
+    return Recipe({n: Rule.from_dict(r) for n, r in info["recipe_rules"].items()})

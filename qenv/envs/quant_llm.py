@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from qenv.envs.reward import Reference, check_reward_kind, fidelity_reward, unif
 from qenv.envs.spaces import ActionMapper
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel, load_model
-from qenv.quant.accounting import fallbacks, rule_bpw, rule_text
+from qenv.quant.accounting import fallbacks, input_groups, rule_bpw, rule_text
 from qenv.quant.rules import Rule, layer_bits
 
 BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
@@ -48,6 +49,7 @@ class ModelTask:
     stage_end: list[bool]
     rest_numel: np.ndarray  # [n_layers + 1] weights in layers i.. end
     references: dict[float, Reference] = field(default_factory=dict)
+    input_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layers sharing an input (AWQ folding)
 
     @property
     def total_weights(self) -> int:
@@ -111,7 +113,7 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     numel = np.array([info.numel for info in layers], dtype=np.int64)
     rest_numel = np.concatenate([np.cumsum(numel[::-1])[::-1], [0]])
     task = ModelTask(loaded, evaluator, layers, static_features(evaluator, layers), costs, rest_min, stage_end,
-                     rest_numel)
+                     rest_numel, input_groups=input_groups(layers))
     _TASKS[key] = task
     return task
 
@@ -228,6 +230,7 @@ class QuantLLMEnv(gym.Env):
         self.spent = 0.0
         self.prev_rule: Rule | None = None
         self.clamped = 0
+        self.inherited = 0
         self.dense_return = 0.0
         self.stream: Stream = self.task.evaluator.stream()
         self.last_metrics: Metrics | None = None
@@ -267,6 +270,20 @@ class QuantLLMEnv(gym.Env):
         best = fits[np.argmax(costs[fits])]
         return self.mapper.rules[int(best)], True
 
+    def _fold_act_scale(self, info: LayerInfo, rule: Rule) -> tuple[Rule, bool]:
+        """Layers reading the same input (q/k/v, gate/up) share one AWQ scale, so that it folds into the
+        norm before them: a later layer inherits the ``act_scale`` its group already chose. Bits do not
+        depend on ``act_scale``, so the budget is unaffected; ``info["act_scale_inherited"]`` says so."""
+        if rule.keeps or rule.gguf is not None:
+            return rule, False
+        group = self.task.input_groups.get(info.name, ())
+        chosen = next((self.recipe[m] for m in group if m in self.recipe and not self.recipe[m].keeps
+                       and self.recipe[m].gguf is None), None)
+        if chosen is None or chosen.act_scale == rule.act_scale:
+            return rule, False
+        self.inherited += 1
+        return _replace(rule, act_scale=chosen.act_scale), True
+
     # -- gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
@@ -286,13 +303,14 @@ class QuantLLMEnv(gym.Env):
         asked = self.mapper.to_rule(action)
         rule, clamped = self._fit_budget(asked)
         info_layer = task.layers[self.index]
+        rule, inherited = self._fold_act_scale(info_layer, rule)
         self.recipe[info_layer.name] = rule
         self.spent += layer_bits(rule, info_layer.out_features, info_layer.in_features)
         self.clamped += int(clamped)
         self.prev_rule = rule
         reward = 0.0
         info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
-                                "asked": asked.label(), "clamped": clamped}
+                                "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited}
         if task.stage_end[self.index]:
             stage = stage_of(info_layer)
             if 0 <= stage < task.evaluator.n_blocks:
@@ -308,7 +326,8 @@ class QuantLLMEnv(gym.Env):
             self.last_metrics = metrics
             final, final_info = self.score(metrics, self.recipe)
             reward += final
-            final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped})
+            final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped,
+                               "act_scales_inherited": self.inherited})
             info.update(final_info)
         obs = self._observation()
         if self.render_mode == "ansi" and terminated:

@@ -48,9 +48,49 @@ def fallbacks(layers: Iterable[LayerInfo], recipe: Mapping[str, Rule]) -> dict[s
     return out
 
 
+#: layer kinds of one block that read the same (normalised) input tensor
+SHARED_INPUT_KINDS: tuple[frozenset[str], ...] = (frozenset({"q", "k", "v"}), frozenset({"gate", "up"}))
+
+
+def input_groups(layers: Iterable[LayerInfo]) -> dict[str, tuple[str, ...]]:
+    """``{layer: names of the layers reading the same input, in forward order}`` (q/k/v, gate/up of a block).
+
+    AWQ's input-channel scale folds into the op that produces the input (the norm before q/k/v or
+    gate/up) only when every layer reading that input uses the same scale.
+    """
+    groups: dict[tuple[int, int], list[str]] = {}
+    for info in layers:
+        for g, kinds in enumerate(SHARED_INPUT_KINDS):
+            if info.kind in kinds and info.block >= 0:
+                groups.setdefault((info.block, g), []).append(info.name)
+    return {name: tuple(members) for members in groups.values() for name in members}
+
+
+def unfoldable_scales(layers: Iterable[LayerInfo], recipe: Mapping[str, Rule]) -> list[str]:
+    """Layers whose ``act_scale`` cannot fold into the previous op, because another layer reading the
+    same input uses a different scale (layers kept in fp16 take any scale into their weights)."""
+    layers = list(layers)
+    out = []
+    for name, members in input_groups(layers).items():
+        rule = recipe.get(name, KEEP)
+        if rule.keeps or rule.act_scale <= 0:
+            continue
+        others = [recipe.get(m, KEEP) for m in members if m != name]
+        if any(not o.keeps and o.act_scale != rule.act_scale for o in others):
+            out.append(name)
+    return out
+
+
 def recipe_bits(layers: Iterable[LayerInfo], recipe: Mapping[str, Rule]) -> int:
-    """Total storage bits of the targeted layers under ``recipe`` (unnamed layers stay fp16)."""
-    return sum(layer_bits(recipe.get(info.name, KEEP), info.out_features, info.in_features) for info in layers)
+    """Total storage bits of the targeted layers under ``recipe`` (unnamed layers stay fp16).
+
+    A layer whose AWQ scale cannot fold (:func:`unfoldable_scales`) is charged its extra per-channel
+    multiply: one fp16 value per input channel.
+    """
+    layers = list(layers)
+    by_name = {info.name: info for info in layers}
+    extra = sum(FP16_BITS * by_name[name].in_features for name in unfoldable_scales(layers, recipe))
+    return extra + sum(layer_bits(recipe.get(info.name, KEEP), info.out_features, info.in_features) for info in layers)
 
 
 def bits_per_weight(layers: Iterable[LayerInfo], recipe: Mapping[str, Rule]) -> float:
