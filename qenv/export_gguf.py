@@ -164,7 +164,9 @@ def _add_vocab(writer: Any, gguf: Any, loaded: Any, vocab_size: int) -> None:
             types.append(int(gguf.TokenType.UNUSED))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    # GPT-2's own split regex (what a ByteLevel pre-tokenizer with use_regex applies); llama.cpp's
+    # "default" splits digits apart and would tokenize text differently
+    writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -320,6 +320,27 @@ def test_fp16_gguf_export_matches_the_model(models, tmp_path) -> None:
     assert _kl(fp, _llama_cpp_logprobs(path, ids)) < 1e-4
 
 
+@pytest.mark.parametrize("spec", ["stories", "default"])
+def test_gguf_vocabulary_tokenizes_as_the_model_does(models, tmp_path, spec: str) -> None:
+    """llama.cpp reading the written vocabulary (sentencepiece -> "llama", byte-level BPE -> "gpt2")
+    gives the model's own token ids on real text, special tokens included."""
+    import llama_cpp
+
+    from conftest import TINYSTORIES, WIKITEXT_TEST
+    from qenv.export_gguf import write_gguf
+
+    text_file = TINYSTORIES if spec == "stories" else WIKITEXT_TEST
+    require(text_file, "real text")
+    ev = models[str(STORIES_BIN) if spec == "stories" else "default"]
+    path = write_gguf(ev, {}, tmp_path / "v.gguf")
+    # sentencepiece strips trailing whitespace (remove_extra_whitespaces), llama.cpp's SPM tokenizer does not
+    text = text_file.read_text(encoding="utf-8")[:6000].rstrip()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    ours = ev.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours
+    assert llm.token_bos() == ev.loaded.tokenizer.bos_token_id
+
+
 def test_gguf_export_refuses_what_llama_cpp_cannot_run(models, tmp_path) -> None:
     from qenv.export_gguf import gguf_tensor_types, write_gguf
 
