@@ -142,7 +142,12 @@ class QuantLLMEnv(gym.Env):
             episode samples one, for policies that transfer across models.
         budget_bpw: target bits per weight over the quantizable layers.
         action_kind: ``discrete`` (menu of rules), ``multidiscrete`` or ``continuous``.
-        menu: the rules of the discrete kind (default :data:`qenv.envs.spaces.DEFAULT_MENU`).
+        menu: the rules of the discrete kind (default :data:`qenv.envs.spaces.DEFAULT_MENU`), or
+            ``"gguf"``: llama.cpp's own types (:data:`qenv.envs.spaces.GGUF_MENU`, quantized by
+            llama.cpp, charged at its bytes; needs the ``gguf`` extra). ``info["fallback"]`` lists
+            layers whose rows a type cannot hold (scored and charged as llama-quantize's fallback).
+            Layers reading the same input (q/k/v, gate/up) share one AWQ ``act_scale`` so that it
+            folds into the norm: a later layer inherits its group's (``info["act_scale_inherited"]``).
         reward: ``kl`` (default), ``ppl`` or ``top1``; see :mod:`qenv.envs.reward`.
         budget_mode: ``hard`` (actions that would break the budget are lowered; ``info`` says so)
             or ``penalty`` (the return is reduced by ``penalty_weight`` per bit over budget).
