@@ -430,3 +430,24 @@ def test_env_makes_shared_inputs_share_one_awq_scale(stories_bin, tmp_path) -> N
 
 def recipe_of_info(info: dict) -> Recipe:
     return Recipe({n: Rule.from_dict(r) for n, r in info["recipe_rules"].items()})
+
+
+@pytest.mark.parametrize("kind", ["discrete", "multidiscrete", "continuous"])
+def test_env_on_the_gguf_menu(stories_bin, tmp_path, kind: str) -> None:
+    """Every action kind acts over llama.cpp's types; info names the row fallback, bits are llama.cpp's."""
+    import gymnasium as gym
+
+    from qenv.envs.spaces import GGUF_MENU
+
+    env = gym.make("QuantLLM-v0", model=str(stories_bin), menu="gguf", action_kind=kind, budget_bpw=7.6,
+                   n_tokens=256, seq_len=64, cache_dir=str(tmp_path), render_mode="ansi").unwrapped
+    assert all(r.gguf for r in env.mapper.rules) and (kind != "discrete" or env.mapper.rules == GGUF_MENU)
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    done = False
+    while not done:
+        _, _, done, _, info = env.step(env.action_space.sample())
+    recipe = recipe_of_info(info)
+    assert info["budget_met"] and info["bpw"] == pytest.approx(env.task.evaluator.size(recipe)[0])
+    down = "model.layers.0.mlp.down_proj"  # 172-wide rows: every type falls back to F16
+    assert info["fallback"][down].endswith("->F16") and "->F16" in info["table"]
