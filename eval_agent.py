@@ -70,7 +70,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--n-tokens", type=int, metavar="N",
                    help="tokens scored (and calibration tokens of new envs) (default: the run's, else 2048)")
     p.add_argument("--search-evals", type=int, default=DEFAULT_SEARCH_EVALS, metavar="N",
-                   help="evaluation budget of each searcher, in full evaluations (default: %(default)s)")
+                   help="evaluation budget of each searcher, in full evaluations: one recipe scored on all the "
+                        "tokens, the cost of one RL episode; uniform, greedy and llamacpp may need fewer, evolution "
+                        "spends part on cheap screenings (the table's note says what each spent) (default: %(default)s)")
     p.add_argument("--searchers", default=",".join(SEARCHERS), metavar="LIST",
                    help="comma-separated searchers to compare, or 'none' (default: %(default)s)")
     p.add_argument("--env-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -182,6 +184,23 @@ def scoring_evaluator(task: Any, data: list[str] | None, n_tokens: int, seq_len:
     return held, f"held-out text ({tokens.n_tokens} tokens of {', '.join(Path(d).name for d in data)})"
 
 
+def short_agent_name(agent: str) -> str:
+    """The agent's name for a table: ``ppo``, or the class name of a plug-in given as ``path/file.py:Class``
+    or ``package.module:Class`` (the whole path would swamp the method column)."""
+    return agent.rpartition(":")[2] or agent
+
+
+def evaluations_note(evaluations: int | None, screenings: int = 0) -> str:
+    """What a searcher spent: full evaluations (one recipe scored on every token, the cost of one RL
+    episode) and, for the evolution, cheap screenings on the first token batch."""
+    if evaluations is None:
+        return ""
+    note = f"{evaluations} evaluation{'s' if evaluations != 1 else ''}"
+    if screenings:
+        note += f" + {screenings} screening{'s' if screenings != 1 else ''}"
+    return note
+
+
 def row(method: str, kind: str, metrics: Any, wall: float, budget: float, note: str = "") -> dict[str, Any]:
     return {"method": method, "kind": kind, "bpw": metrics.bpw, "model_mb": metrics.model_mb, "kl": metrics.kl,
             "ppl": metrics.ppl, "top1": metrics.top1, "wall_s": wall, "over_budget": metrics.bpw > budget + _TOL,
@@ -219,7 +238,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     agent = load_agent(agent_name, args.policy, env=env)
     recipe, info = rollout_recipe(agent, env, deterministic=True)
     policy_metrics = scorer.evaluate(recipe)
-    policy_row = row(f"policy ({agent_name})", "policy", policy_metrics, time.perf_counter() - t0, budget,
+    policy_row = row(f"policy ({short_agent_name(agent_name)})", "policy", policy_metrics, time.perf_counter() - t0, budget,
                      f"{info.get('clamped_actions', 0)} actions lowered by the budget"
                      if info.get("clamped_actions") else "")
     rows.append(policy_row)
@@ -233,8 +252,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         searcher = make_agent(name, env, seed=args.seed)
         s_recipe, s_info = searcher.search(env, total_timesteps=args.search_evals * len(task.layers))
         metrics = scorer.evaluate(s_recipe)
-        evals = getattr(searcher, "evaluations", None)
-        note = f"{evals} evaluations" if evals is not None else ""
+        note = evaluations_note(getattr(searcher, "evaluations", None), getattr(searcher, "screenings", 0))
         if s_info.get("mix"):
             note += f", {s_info['mix']}"
         rows.append(row(name, "searcher", metrics, time.perf_counter() - t0, budget, note.strip(", ")))
@@ -341,20 +359,22 @@ def write_csv(path: Path, results: list[dict[str, Any]]) -> None:
 def pareto_plot(path: Path, results: list[dict[str, Any]]) -> None:
     from matplotlib.figure import Figure
 
-    from qenv.callbacks import save_figure
+    from qenv.callbacks import place_labels, save_figure
 
     n = len(results)
     fig = Figure(figsize=(6.4 * min(n, 3), 4.6 * ((n + 2) // 3)), dpi=100)
     styles = {"policy": ("*", "tab:red", 180), "preset": ("o", "tab:blue", 40), "searcher": ("^", "tab:green", 50)}
+    axes_labels = []
     for k, result in enumerate(results):
         ax = fig.add_subplot((n + 2) // 3, min(n, 3), k + 1)
+        labels = []
         for kind, (marker, color, size) in styles.items():
             pts = [r for r in result["rows"] if r["kind"] == kind and r["kl"] > 0]
             if pts:
                 ax.scatter([r["bpw"] for r in pts], [r["kl"] for r in pts], marker=marker, color=color, s=size,
                            label=kind, zorder=3 if kind == "policy" else 2, edgecolor="black", linewidth=0.4)
-            for r in pts:
-                ax.annotate(r["method"], (r["bpw"], r["kl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            labels += [(r["bpw"], r["kl"], r["method"], "black") for r in pts]
+        axes_labels.append((ax, labels))
         ax.axvline(result["budget_bpw"], color="gray", linestyle="--", linewidth=1,
                    label=f"budget {result['budget_bpw']:g}")
         ax.set_yscale("log")
@@ -365,6 +385,8 @@ def pareto_plot(path: Path, results: list[dict[str, Any]]) -> None:
         ax.legend(fontsize=7)
     fig.suptitle("KL vs bits per weight (fp16 has KL 0 and is not drawn)", fontsize=9)
     fig.tight_layout()
+    for ax, labels in axes_labels:  # once the layout is final: labels avoid each other, the legend and the edges
+        place_labels(ax, labels, fontsize=6)
     save_figure(fig, path)
 
 

@@ -459,9 +459,6 @@ class Run:
         layer_sizes = {i.name: (i.out_features, i.in_features) for t in self.tasks for i in t.layers}
         writer = SummaryWriter(str(self.folder / "tb" / "run_1"))
         self.tb = TBLogger(writer, multi_model=len(self.tasks) > 1)
-        self.tb.hparams({"agent": s["agent"], "seed": s["seed"], "total_timesteps": s["total_timesteps"],
-                         "budget_bpw": self.inner.budget_bpw, "models": ",".join(t.name for t in self.tasks)},
-                        {"episode/reward": 0.0, "episode/kl": 0.0})
         steps = {"n": 0}
 
         def on_episode(info: dict[str, Any], reward: float, length: int) -> None:
@@ -485,6 +482,12 @@ class Run:
             self.interrupted_at = steps["n"]
         with sigint_deferred():
             self.recorder.on_episode = None
+            # logged after learning: total_timesteps is the environment steps the agent really played (a plug-in
+            # may play fewer than it was granted, or none); the grant is beside it
+            self.tb.hparams({"agent": s["agent"], "seed": s["seed"], "total_timesteps": steps["n"],
+                             "granted_timesteps": total, "budget_bpw": self.inner.budget_bpw,
+                             "models": ",".join(t.name for t in self.tasks)},
+                            {"episode/reward": 0.0, "episode/kl": 0.0})
             suffix = ".json" if type(self.agent).__module__.startswith("qenv.agents.searchers") else ".zip"
             try:
                 self.policy_file = save_agent_atomic(self.agent, self.folder / f"model{suffix}")

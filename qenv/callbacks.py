@@ -157,13 +157,13 @@ def pareto_figure(episodes: Sequence[Mapping[str, Any]], best: Mapping[str, Any]
         sc = ax.scatter([e["bpw"] for e in pts], [e["kl"] for e in pts], c=[e["reward"] for e in pts], cmap="viridis",
                         vmin=vmin, vmax=vmax, s=14, alpha=0.75, marker=markers[k % len(markers)],
                         label=model if len(models) > 1 else None)
+    labels: list[tuple[float, float, str, str]] = []
     if references:
         for model, ref in references.items():
             if (_float(ref.get("kl")) or 0) > 0 and _float(ref.get("bpw")) is not None:
                 ax.scatter([ref["bpw"]], [ref["kl"]], marker="x", color="tab:red", s=60, zorder=5)
-                ax.annotate(f"uniform ref ({model})" if len(references) > 1 else "uniform RTN reference",
-                            (ref["bpw"], ref["kl"]), fontsize=7, color="tab:red", xytext=(4, 4),
-                            textcoords="offset points")
+                labels.append((ref["bpw"], ref["kl"],
+                               f"uniform ref ({model})" if len(references) > 1 else "uniform RTN reference", "tab:red"))
     if best is not None and (_float(best.get("metrics", {}).get("kl")) or 0) > 0:
         m = best["metrics"]
         ax.scatter([m["bpw"]], [m["kl"]], marker="*", color="tab:orange", edgecolor="black", s=160, zorder=6,
@@ -180,7 +180,86 @@ def pareto_figure(episodes: Sequence[Mapping[str, Any]], best: Mapping[str, Any]
     if handles:
         ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
+    star = best.get("metrics", {}) if best is not None else {}
+    place_labels(ax, labels, fontsize=7,
+                 avoid=[(star["bpw"], star["kl"])] if (_float(star.get("kl")) or 0) > 0 else [])
     return fig
+
+
+def place_labels(ax: Any, labels: Sequence[tuple[float, float, str, str]], fontsize: float = 7,
+                 avoid: Sequence[tuple[float, float]] = ()) -> list[Any]:
+    """Annotate points ``(x, y, text, color)`` so that labels stay inside the axes and overlap
+    neither each other, the legend nor the marked points (and the points in ``avoid``), where any
+    free spot allows. Labels sit on a light box, readable over a dense scatter.
+
+    Call it after the figure's layout is final (after ``tight_layout``): positions are measured
+    in display space. Points at the same place get one label joined by " = ". Each label tries
+    spots around its point, nearest first, and takes the first free one, else the least covered.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = ax.figure
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    renderer = fig.canvas.get_renderer()
+    merged: dict[tuple[float, float], list[Any]] = {}
+    for x, y, text, color in labels:
+        key = (round(float(x), 9), round(float(y), 12))
+        if key in merged:
+            merged[key][2] += f" = {text}"
+        else:
+            merged[key] = [float(x), float(y), text, color]
+    frame = ax.get_window_extent(renderer)
+    to_px = ax.transData.transform
+    taken = []  # boxes (x0, y0, x1, y1) in pixels: the points themselves, the legend, placed labels
+    marks = {}  # each labelled point's own box, which its label may touch
+    for x, y in [(m[0], m[1]) for m in merged.values()] + [(float(a), float(b)) for a, b in avoid]:
+        px, py = to_px((x, y))
+        taken.append((px - 7, py - 7, px + 7, py + 7))
+        marks.setdefault((x, y), taken[-1])
+    legend = ax.get_legend()
+    if legend is not None:
+        box = legend.get_window_extent(renderer)
+        taken.append((box.x0, box.y0, box.x1, box.y1))
+    # (dx, dy) in points and the alignment that keeps the text on that side of the point
+    spots = [(4, 3, "left", "bottom"), (-4, 3, "right", "bottom"), (4, -3, "left", "top"), (-4, -3, "right", "top"),
+             (0, 6, "center", "bottom"), (0, -6, "center", "top"), (6, 12, "left", "bottom"),
+             (-6, 12, "right", "bottom"), (6, -12, "left", "top"), (-6, -12, "right", "top"),
+             (0, 18, "center", "bottom"), (0, -18, "center", "top")]
+
+    def overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    placed = []
+    for x, y, text, color in sorted(merged.values(), key=lambda m: (m[0], m[1])):
+        ann = ax.annotate(text, (x, y), fontsize=fontsize, color=color, textcoords="offset points",
+                          xytext=spots[0][:2], ha=spots[0][2], va=spots[0][3], annotation_clip=False, zorder=7,
+                          bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+        ann.set_in_layout(False)
+        best, best_cost = None, None
+        for dx, dy, ha, va in spots:
+            ann.set_position((dx, dy))
+            ann.set_ha(ha)
+            ann.set_va(va)
+            b = ann.get_window_extent(renderer)
+            box = (b.x0, b.y0, b.x1, b.y1)
+            outside = (max(0.0, frame.x0 - b.x0) + max(0.0, b.x1 - frame.x1)) * b.height + \
+                (max(0.0, frame.y0 - b.y0) + max(0.0, b.y1 - frame.y1)) * b.width
+            own = marks.get((x, y))
+            cost = outside * 10 + sum(overlap(box, t) for t in taken if t is not own)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = (dx, dy, ha, va, box), cost
+            if cost == 0:
+                break
+        dx, dy, ha, va, box = best
+        ann.set_position((dx, dy))
+        ann.set_ha(ha)
+        ann.set_va(va)
+        taken.append(box)
+        placed.append(ann)
+    return placed
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

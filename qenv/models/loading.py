@@ -8,9 +8,11 @@ benchmarks).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,31 @@ def check_finite_weights(model: nn.Module) -> None:
                             "re-download or re-convert the checkpoint; check it was saved without overflow.")
 
 
+def _quiet_local_load(load: Callable[..., Any]) -> Callable[..., Any]:
+    """Hide transformers' "Loading weights" bar while ``load(source, ...)`` reads a local model,
+    then restore the user's setting.
+
+    Reading a few MB from disk is not the user's business; qenv's own progress (the programs' bars)
+    is unaffected. Hub downloads keep their bar (``source`` is not a folder): a download can be long.
+    """
+
+    @functools.wraps(load)
+    def wrapper(source: str, *args: Any, **kwargs: Any) -> Any:
+        from transformers.utils import logging as hf_logging
+
+        hide = Path(source).is_dir() and hf_logging.is_progress_bar_enabled()
+        if hide:
+            hf_logging.disable_progress_bar()
+        try:
+            return load(source, *args, **kwargs)
+        finally:
+            if hide:
+                hf_logging.enable_progress_bar()
+
+    return wrapper
+
+
+@_quiet_local_load
 def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
