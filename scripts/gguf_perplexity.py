@@ -6,7 +6,8 @@
 The text is tokenized by the .gguf's own tokenizer (llama.cpp's), and its first ``--n-tokens``
 tokens are cut into windows of ``--ctx`` tokens exactly as qenv's ``tokens_from_text(n_tokens,
 seq_len=ctx)`` cuts them (no BOS added), so the number is comparable with the held-out perplexity
-``eval_agent.py --data`` prints. Every window is evaluated by llama.cpp with all logits kept;
+``eval_agent.py --data`` prints (for text without ``<|endoftext|>`` separators, which qenv turns
+into document boundaries and this script does not). Every window is evaluated by llama.cpp with all logits kept;
 perplexity is ``exp(mean NLL)`` of each next token inside a window. Needs the gguf extra:
 ``pip install 'qenv[gguf]'``.
 """
