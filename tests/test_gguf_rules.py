@@ -451,3 +451,76 @@ def test_env_on_the_gguf_menu(stories_bin, tmp_path, kind: str) -> None:
     assert info["budget_met"] and info["bpw"] == pytest.approx(env.task.evaluator.size(recipe)[0])
     down = "model.layers.0.mlp.down_proj"  # 172-wide rows: every type falls back to F16
     assert info["fallback"][down].endswith("->F16") and "->F16" in info["table"]
+
+
+class _TensorOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("type", ctypes.c_int)]
+
+
+def _run_llama_quantize(command: str, source: Path, target: Path) -> None:
+    """What ``llama-quantize`` does with the script's flags: its library call ``llama_model_quantize``
+    (the tool parses the flags into these same params; names are lower-cased as the tool does)."""
+    import shlex
+
+    args = shlex.split(command)
+    assert args[0] == "llama-quantize"
+    llama = ctypes.CDLL(str(LIB_DIR / "libllama.so"))
+    llama.llama_model_quantize_default_params.restype = _QParams
+    llama.llama_model_quantize.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_QParams)]
+    llama.llama_model_quantize.restype = ctypes.c_uint32
+    params = llama.llama_model_quantize_default_params()
+    params.nthread = 1
+    overrides = []
+    rest = args[1:]
+    i = 0
+    positional = []
+    while i < len(rest):
+        flag = rest[i]
+        if flag == "--pure":
+            params.pure = True
+        elif flag in ("--token-embedding-type", "--output-tensor-type"):
+            type_id = G.GGML_TYPES[rest[i + 1].upper()][0]
+            setattr(params, "token_embedding_type" if flag.startswith("--token") else "output_tensor_type", type_id)
+            i += 1
+        elif flag == "--tensor-type":
+            name, qtype = rest[i + 1].split("=")
+            overrides.append((name.lower().encode(), G.GGML_TYPES[qtype.upper()][0]))
+            i += 1
+        elif flag.startswith("--"):
+            raise AssertionError(f"unexpected flag {flag}")
+        else:
+            positional.append(flag)
+        i += 1
+    table = (_TensorOverride * (len(overrides) + 1))(*[_TensorOverride(p, t) for p, t in overrides],
+                                                     _TensorOverride(None, 0))
+    params.tt_overrides = ctypes.cast(table, ctypes.c_void_p)
+    params.ftype = FTYPES[positional[-1]] if positional[-1] in FTYPES else {"Q8_0": 7, "Q4_0": 2, "Q5_0": 8,
+                                                                           "Q5_1": 9, "IQ4_NL": 25}[positional[-1]]
+    assert llama.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.mark.slow
+def test_llamacpp_quantize_script_gives_exactly_the_measured_model(models, tmp_path) -> None:
+    """llamacpp-quantize.sh's flags (--pure, every tensor named, f16 embedding/output), run by llama.cpp's own
+    quantizer on an f16 .gguf of the model, give the same bytes as qenv's model.gguf of the recipe.
+    The default model's weights are float16 values, so its f16 file loses nothing."""
+    from gguf import GGUFReader
+
+    from qenv.export import llamacpp_overrides
+    from qenv.export_gguf import write_gguf
+
+    ev = models["default"]
+    recipe = dict(preset("q3_k_m", ev.layers))
+    recipe[ev.layers[0].name] = Rule(gguf="Q8_0")
+    recipe[ev.layers[1].name] = Rule(gguf="Q4_K")  # an override equal to what the mix would give elsewhere
+    ours = write_gguf(ev, recipe, tmp_path / "qenv.gguf")
+    source = write_gguf(ev, {}, tmp_path / "f16.gguf")
+    command = llamacpp_overrides(ev.layers, recipe).command()
+    _run_llama_quantize(command, source, tmp_path / "llama.gguf")
+    a = {t.name: t for t in GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in GGUFReader(str(tmp_path / "llama.gguf")).tensors}
+    assert set(a) == set(b)
+    assert a["blk.0.attn_q.weight"].tensor_type.name == "Q8_0" and a["blk.1.ffn_down.weight"].tensor_type.name != "F16"
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        assert bytes(a[name].data.tobytes()) == bytes(b[name].data.tobytes()), name
