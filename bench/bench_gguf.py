@@ -57,6 +57,15 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         mixes[mix] = {"bpw": m.bpw, "kl": m.kl, "ppl": m.ppl, "top1": m.top1,
                       "fallback_layers": len(fallbacks(task.layers, recipe))}
         print(f"{name} {mix:12s} {m.bpw:7.3f} bpw  KL {m.kl:.4g}", flush=True)
+    uniforms = {}
+    for label in args.uniform:  # uniform rules: GGUF types by name, or qenv presets (rtn-w4-g32, ...)
+        from qenv.quant.presets import uniform
+        from qenv.quant.rules import Rule
+
+        recipe = (uniform(task.layers, Rule(gguf=label)) if label.upper() == label else preset(label, task.layers))
+        m = ev.evaluate(recipe)
+        uniforms[label] = {"bpw": m.bpw, "kl": m.kl, "ppl": m.ppl, "top1": m.top1}
+        print(f"{name} uniform {label:10s} {m.bpw:7.3f} bpw  KL {m.kl:.4g}", flush=True)
     searched = {}
     for mix in args.at:
         budget = mixes[mix]["bpw"]
@@ -74,7 +83,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         searched[mix] = row
     shapes = sorted({(i.out_features, i.in_features) for i in task.layers})
     return {"model": task.name, "n_layers": len(task.layers), "shapes": shapes, "tokens": args.n_tokens,
-            "seq_len": args.seq_len, "fp_ppl": ev.full_precision_ppl, "mixes": mixes, "searched": searched,
+            "seq_len": args.seq_len, "fp_ppl": ev.full_precision_ppl, "mixes": mixes, "uniform": uniforms, "searched": searched,
             "wall_s": time.perf_counter() - t0}
 
 
@@ -89,6 +98,11 @@ def tables(results: list[dict]) -> str:
         for mix, m in sorted(r["mixes"].items(), key=lambda kv: (kv[1]["bpw"], kv[0])):
             out.append(f"| {mix} | {m['bpw']:.3f} | {m['kl']:.4g} | {m['ppl']:.4g} | {m['top1']:.3f} | "
                        f"{m['fallback_layers']} |")
+        if r.get("uniform"):
+            out.append("\n| uniform rule | bpw | KL |")
+            out.append("|---|---:|---:|")
+            for label, m in r["uniform"].items():
+                out.append(f"| {label} | {m['bpw']:.3f} | {m['kl']:.4g} |")
         if r["searched"]:
             out.append("\n| at the bpw of | mix KL | greedy (bpw, KL) | evolution (bpw, KL, evals) |")
             out.append("|---|---:|---:|---:|")
@@ -102,8 +116,10 @@ def tables(results: list[dict]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["stories260K", "default"])
-    p.add_argument("--at", nargs="+", default=["q3_k_m", "q4_k_m", "iq3_xxs-im"],
+    p.add_argument("--at", nargs="*", default=["q3_k_m", "q4_k_m", "iq3_xxs-im"],
                    help="mixes whose bpw is a search budget")
+    p.add_argument("--uniform", nargs="*", default=[],
+                   help="uniform rules to score too: llama.cpp types (Q4_1) or presets (rtn-w4-g32)")
     p.add_argument("--evals", type=int, default=16)
     p.add_argument("--n-tokens", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=128)
