@@ -51,7 +51,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     task = probe.task
     ev = task.evaluator
     mixes = {}
-    for mix in LLAMACPP_PRESETS:
+    for mix in (LLAMACPP_PRESETS if args.mixes is None else args.mixes):
         recipe = preset(mix, task.layers)
         m = ev.evaluate(recipe)
         mixes[mix] = {"bpw": m.bpw, "kl": m.kl, "ppl": m.ppl, "top1": m.top1,
@@ -118,6 +118,7 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["stories260K", "default"])
     p.add_argument("--at", nargs="*", default=["q3_k_m", "q4_k_m", "iq3_xxs-im"],
                    help="mixes whose bpw is a search budget")
+    p.add_argument("--mixes", nargs="*", default=None, help="llama.cpp mixes to score (default: all)")
     p.add_argument("--uniform", nargs="*", default=[],
                    help="uniform rules to score too: llama.cpp types (Q4_1) or presets (rtn-w4-g32)")
     p.add_argument("--evals", type=int, default=16)
