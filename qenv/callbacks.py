@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import math
 import re
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qenv.io import atomic_path, write_json_atomic
+from qenv.signals import stop_signals_deferred
 from qenv.quant.rules import Recipe, Rule
 
 #: terminal-info keys copied into each episode record
@@ -110,6 +109,18 @@ class EpisodeTracker:
 
     def state_dict(self) -> dict[str, Any]:
         return {"episodes": self.episodes, "best": self.best, "best_by_model": self.best_by_model}
+
+    def truncate(self, timestep: int) -> int:
+        """Forget the episodes that ended after ``timestep``; returns how many.
+
+        An interrupted on-policy run is rewound to its last whole rollout and resumed from there, so
+        the episodes of the partial rollout are played again: kept, they would be counted twice.
+        The best recipe stays even if one of them found it: it was measured, and is still the best.
+        """
+        kept = [e for e in self.episodes if int(e["t"]) <= int(timestep)]
+        dropped = len(self.episodes) - len(kept)
+        self.episodes = kept
+        return dropped
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.episodes = list(state.get("episodes", []))
@@ -323,6 +334,35 @@ class TBLogger:
         self.writer.flush()
 
 
+def purge_tensorboard(writer: Any, step: int) -> None:
+    """Tell TensorBoard to drop what earlier sessions logged at ``step`` and after.
+
+    A resumed run starts again from its checkpoint: whatever the interrupted (or killed) session
+    logged after it is replaced by what the resumed one logs, instead of both showing and the curves
+    jumping back. This is what ``SummaryWriter(purge_step=...)`` writes: a session-start event at
+    ``step``, on which TensorBoard discards earlier events at that step or later.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    writer.file_writer.add_event(Event(step=int(step), file_version="brain.Event:2"))
+    writer.file_writer.add_event(Event(step=int(step), session_log=SessionLog(status=SessionLog.START)))
+    writer.flush()
+
+
+def wait_past_event_files(folder: str | Path) -> None:
+    """Wait (at most a second) until a new TensorBoard event file would sort after every one in ``folder``.
+
+    TensorBoard reads a run's event files in name order, and a name starts with its creation time
+    in whole seconds (then host and PID): a resumed session that starts in the same second as the
+    session it continues could be read first, and its purge of that session's later steps lost.
+    """
+    stamps = [int(part) for p in Path(folder).rglob("events.out.tfevents.*")
+              if len(parts := p.name.split(".")) > 3 and (part := parts[3]).isdigit()]
+    newest = max(stamps, default=0)
+    while int(time.time()) <= newest:
+        time.sleep(0.02)
+
+
 def sb3_tensorboard_writer(logger: Any) -> Any | None:
     """The ``SummaryWriter`` of an SB3 logger's TensorBoard output, if it has one."""
     from stable_baselines3.common.logger import TensorBoardOutputFormat
@@ -346,8 +386,10 @@ class QuantEpisodeCallback(BaseCallback):
 
     def __init__(self, tracker: EpisodeTracker, best_path: str | Path | None = None,
                  hparams: Mapping[str, Any] | None = None, layer_sizes: Mapping[str, tuple[int, int]] | None = None,
-                 multi_model: bool = False, best_extra: Mapping[str, Any] | None = None, verbose: int = 0) -> None:
+                 multi_model: bool = False, best_extra: Mapping[str, Any] | None = None,
+                 purge_step: int | None = None, verbose: int = 0) -> None:
         super().__init__(verbose)
+        self.purge_step = purge_step
         self.tracker = tracker
         self.best_path = None if best_path is None else Path(best_path)
         self.hparam_dict = dict(hparams or {})
@@ -360,6 +402,8 @@ class QuantEpisodeCallback(BaseCallback):
     def _on_training_start(self) -> None:
         writer = sb3_tensorboard_writer(self.logger)
         self.tb = None if writer is None else TBLogger(writer, self.multi_model)
+        if writer is not None and self.purge_step is not None:
+            purge_tensorboard(writer, self.purge_step)
         self._returns = np.zeros(self.training_env.num_envs, dtype=np.float64)
         if self.tb is not None and self.hparam_dict:
             from stable_baselines3.common.logger import HParam
@@ -510,32 +554,9 @@ def latest_checkpoint(folder: str | Path) -> tuple[int, Path, Path] | None:
     return max(found) if found else None
 
 
-@contextmanager
 def sigint_deferred() -> Any:
-    """Hold Ctrl-C back while files are being saved (main thread only).
-
-    A Ctrl-C that arrives inside the block is not lost: it is raised as ``KeyboardInterrupt``
-    (through the previous handler) once the block has finished writing.
-    """
-    hits: list[int] = []
-
-    def remember(signum: int, frame: Any) -> None:
-        hits.append(signum)
-
-    try:
-        previous = signal.signal(signal.SIGINT, remember)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if hits:
-            if callable(previous):
-                previous(signal.SIGINT, None)
-            elif previous == signal.SIG_DFL:
-                raise KeyboardInterrupt
+    """Hold Ctrl-C and SIGTERM back while files are being saved; see :func:`qenv.signals.stop_signals_deferred`."""
+    return stop_signals_deferred()
 
 
 class Stopwatch:

@@ -18,8 +18,6 @@ deploy a model other than the one measured.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from qenv.errors import QenvError
+from qenv.io import atomic_path
 from qenv.models.layers import LayerInfo
 from qenv.quant import gguf as _gguf
 from qenv.quant.quantizer import gguf_encode
@@ -252,10 +251,7 @@ def write_gguf(evaluator: Any, recipe: Mapping[str, Rule], path: str | Path,
         tensors.append((new_name, np.ascontiguousarray(data), raw, qtype))
         counts[qtype] += info.numel
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(str(loaded.name))
         writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
@@ -285,9 +281,6 @@ def write_gguf(evaluator: Any, recipe: Mapping[str, Rule], path: str | Path,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -55,6 +55,27 @@ def _check_sizes(n_tokens: int, seq_len: int) -> int:
     return n_tokens // seq_len
 
 
+def read_text_file(path: str | Path, encoding: str = "utf-8") -> str:
+    """The text of ``path``, refusing what is not text: a binary file (NUL bytes) or bytes that are
+    not valid in ``encoding``. Decoding with replacement would calibrate on garbage silently."""
+    path = Path(path)
+    data = path.read_bytes()
+    if b"\x00" in data[: 1 << 20] and encoding.replace("-", "").replace("_", "").lower() in ("utf8", "ascii", "latin1",
+                                                                                             "iso88591", "cp1252"):
+        at = data.index(b"\x00")
+        raise QenvError(f"Text file {path} is a binary file, not text (a NUL byte at offset {at}).",
+                        "pass a plain-text file (e.g. a .txt of the corpus), not a model, archive or binary dump.")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise QenvError(f"Text file {path} is not valid {encoding} text (byte 0x{data[exc.start]:02x} at offset "
+                        f"{exc.start} cannot be decoded).",
+                        f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}, "
+                        "or pass a UTF-8 text file.") from None
+    except LookupError:
+        raise QenvError(f"Unknown text encoding {encoding!r}.", "use e.g. utf-8 or latin-1.") from None
+
+
 def tokens_from_text(
     tokenizer: object,
     paths: str | Path | Sequence[str | Path],
@@ -76,7 +97,7 @@ def tokens_from_text(
     for path in paths:
         if not path.is_file():
             raise QenvError(f"Text file {path} does not exist.", "pass an existing UTF-8 text file.")
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+        texts.append(read_text_file(path))
     text = "\n".join(texts)
     if not text.strip():
         raise QenvError(f"Text file(s) {', '.join(map(str, paths))} are empty.", "pass a file with text in it.")
