@@ -27,7 +27,7 @@ from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.features import OBS_DIM, OBS_LIMIT, static_features
 from qenv.envs.reward import Reference, check_reward_kind, fidelity_reward, uniform_frontier
-from qenv.envs.spaces import ActionMapper
+from qenv.envs.spaces import MENUS, ActionMapper
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel, check_context, load_model
 from qenv.quant.accounting import fallbacks, input_groups, rule_bpw, rule_text
@@ -207,8 +207,10 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
             if value is not None and not isinstance(value, bool) and not _is_path_like(value):
                 fail(key, value, "must be a folder, or false to cache nothing", "false")
         elif key == "menu":
-            if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
-                raise QenvError("The rule menu must be a list of rules.", "pass e.g. menu=[{'bits': 4}, {'bits': 8}].")
+            named = isinstance(value, str) and value.lower() in MENUS  # menu="gguf"
+            if value is not None and not named and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
+                raise QenvError("The rule menu must be a list of rules or one of "
+                                f"{sorted(MENUS)}.", "pass e.g. menu='gguf' or menu=[{'bits': 4}, {'bits': 8}].")
 
 
 class QuantLLMEnv(gym.Env):
