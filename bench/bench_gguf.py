@@ -104,13 +104,23 @@ def tables(results: list[dict]) -> str:
             for label, m in r["uniform"].items():
                 out.append(f"| {label} | {m['bpw']:.3f} | {m['kl']:.4g} |")
         if r["searched"]:
-            out.append("\n| at the bpw of | mix KL | greedy (bpw, KL) | evolution (bpw, KL, evals) |")
-            out.append("|---|---:|---:|---:|")
+            out.append("\n| at the bpw of | mix KL | same mix with imatrix, KL | greedy (bpw, KL) | "
+                       "evolution (bpw, KL, evals) |")
+            out.append("|---|---:|---:|---:|---:|")
             for mix, row in r["searched"].items():
                 g, e = row["greedy"], row["evolution"]
-                out.append(f"| {mix} @ {r['mixes'][mix]['bpw']:.3f} | {r['mixes'][mix]['kl']:.4g} | "
+                base = mix.removesuffix("-im")
+                im = r["mixes"].get(base + "-im")
+                im_text = "-" if im is None or base + "-im" == mix else f"{im['kl']:.4g}"
+                out.append(f"| {mix} @ {r['mixes'][mix]['bpw']:.3f} | {r['mixes'][mix]['kl']:.4g} | {im_text} | "
                            f"{g['bpw']:.3f}, {g['kl']:.4g} | {e['bpw']:.3f}, {e['kl']:.4g}, {e['evaluations']} |")
     return "\n".join(out) + "\n"
+
+
+def report(path: str) -> None:
+    """Rewrite ``<path>.md`` from ``<path>.json`` (tables only, nothing re-run)."""
+    results = json.loads(Path(path + ".json").read_text())["results"]
+    Path(path + ".md").write_text(tables(results))
 
 
 def main() -> int:
@@ -126,7 +136,12 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--weight-cache-gib", type=float, default=2.0)
     p.add_argument("--out", default="bench/results/gguf_cpu")
+    p.add_argument("--report", action="store_true", help="only rewrite <out>.md from <out>.json")
     args = p.parse_args()
+    if args.report:
+        report(args.out)
+        print(Path(args.out + ".md").read_text())
+        return 0
     results = [run_model(name, args) for name in args.models]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"argv": sys.argv, "results": results}, indent=1))
