@@ -252,6 +252,10 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     t0 = time.perf_counter()
     agent = load_agent(agent_name, args.policy, env=env)
     recipe, info = rollout_recipe(agent, env, deterministic=True)
+    if args.save_model and any(rule.gguf is not None for rule in recipe.values()):
+        raise QenvError(f"The policy's recipe on {task.name} uses llama.cpp types, which qenv scores as llama.cpp runs "
+                        "them: --save-model would write dequantized weights that are not the model measured.",
+                        "drop --save-model and use --export, which writes model.gguf.")
     policy_metrics = scorer.evaluate(recipe)
     policy_row = row(f"policy ({short_agent_name(agent_name)})", "policy", policy_metrics, time.perf_counter() - t0, budget,
                      f"{info.get('clamped_actions', 0)} actions lowered by the budget"

@@ -524,3 +524,32 @@ def test_llamacpp_quantize_script_gives_exactly_the_measured_model(models, tmp_p
     for name in a:
         assert a[name].tensor_type == b[name].tensor_type, name
         assert bytes(a[name].data.tobytes()) == bytes(b[name].data.tobytes()), name
+
+
+@pytest.mark.slow
+def test_programs_search_the_gguf_menu_and_export_model_gguf(stories_bin, tmp_path, capsys) -> None:
+    """train_agent on menu=gguf, then eval_agent --export writes a model.gguf that llama.cpp loads with the
+    recipe's types; --save-model of such a recipe is refused before anything is written."""
+    from conftest import load_script, run_main
+
+    from qenv.export import gguf_tensor_name
+    from qenv.export_gguf import gguf_tensor_types
+
+    train_agent, eval_agent = load_script("train_agent"), load_script("eval_agent")
+    common = ["--env-kwargs", "menu=gguf", "n_tokens=256", "seq_len=64"]
+    assert run_main(train_agent, ["--agent", "greedy", "--model", stories_bin, "--budget-bpw", 7.6, "--name", "g",
+                                  "--logdir", tmp_path, "--no-progress", *common]) == 0
+    policy = tmp_path / "g" / "model.json"
+    assert run_main(eval_agent, ["--policy", policy, "--searchers", "none", "--export", "--out", tmp_path / "e"]) == 0
+    folder = next((tmp_path / "e" / "export").iterdir())
+    recipe = Recipe.load(folder / "recipe.json")
+    types = gguf_tensor_types(folder / "model.gguf")
+    lm = load_model(str(stories_bin))
+    for info in lm.layers:
+        assert types[gguf_tensor_name(info)] == G.effective_type(recipe[info.name].gguf, info.in_features)
+    capsys.readouterr()
+    assert run_main(eval_agent, ["--policy", policy, "--searchers", "none", "--save-model", tmp_path / "sm",
+                                 "--out", tmp_path / "e2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.gguf" in err[0]
+    assert not (tmp_path / "sm").exists() and not (tmp_path / "e2").exists()
