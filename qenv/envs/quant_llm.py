@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,10 @@ from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.features import OBS_DIM, OBS_LIMIT, static_features
 from qenv.envs.reward import Reference, check_reward_kind, fidelity_reward, uniform_frontier
-from qenv.envs.spaces import ActionMapper
+from qenv.envs.spaces import MENUS, ActionMapper
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel, check_context, load_model
-from qenv.quant.accounting import rule_bpw
+from qenv.quant.accounting import fallbacks, input_groups, rule_bpw, rule_text
 from qenv.quant.rules import Rule, layer_bits
 
 BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
@@ -49,6 +50,7 @@ class ModelTask:
     stage_end: list[bool]
     rest_numel: np.ndarray  # [n_layers + 1] weights in layers i.. end
     references: dict[float, Reference] = field(default_factory=dict)
+    input_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layers sharing an input (AWQ folding)
 
     @property
     def total_weights(self) -> int:
@@ -123,7 +125,7 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     numel = np.array([info.numel for info in layers], dtype=np.int64)
     rest_numel = np.concatenate([np.cumsum(numel[::-1])[::-1], [0]])
     task = ModelTask(loaded, evaluator, layers, static_features(evaluator, layers), costs, rest_min, stage_end,
-                     rest_numel)
+                     rest_numel, input_groups=input_groups(layers))
     if prebuild:
         prebuild_menu(task, mapper.rules)
     elif prebuild is None and loaded.device.type == "cuda":
@@ -241,8 +243,10 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
             if value is not None and not isinstance(value, bool) and not _is_path_like(value):
                 fail(key, value, "must be a folder, or false to cache nothing", "false")
         elif key == "menu":
-            if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
-                raise QenvError("The rule menu must be a list of rules.", "pass e.g. menu=[{'bits': 4}, {'bits': 8}].")
+            named = isinstance(value, str) and value.lower() in MENUS  # menu="gguf"
+            if value is not None and not named and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
+                raise QenvError("The rule menu must be a list of rules or one of "
+                                f"{sorted(MENUS)}.", "pass e.g. menu='gguf' or menu=[{'bits': 4}, {'bits': 8}].")
 
 
 class QuantLLMEnv(gym.Env):
@@ -253,7 +257,12 @@ class QuantLLMEnv(gym.Env):
             episode samples one, for policies that transfer across models.
         budget_bpw: target bits per weight over the quantizable layers.
         action_kind: ``discrete`` (menu of rules), ``multidiscrete`` or ``continuous``.
-        menu: the rules of the discrete kind (default :data:`qenv.envs.spaces.DEFAULT_MENU`).
+        menu: the rules of the discrete kind (default :data:`qenv.envs.spaces.DEFAULT_MENU`), or
+            ``"gguf"``: llama.cpp's own types (:data:`qenv.envs.spaces.GGUF_MENU`, quantized by
+            llama.cpp, charged at its bytes; needs the ``gguf`` extra). ``info["fallback"]`` lists
+            layers whose rows a type cannot hold (scored and charged as llama-quantize's fallback).
+            Layers reading the same input (q/k/v, gate/up) share one AWQ ``act_scale`` so that it
+            folds into the norm: a later layer inherits its group's (``info["act_scale_inherited"]``).
         reward: ``kl`` (default), ``ppl`` or ``top1``; see :mod:`qenv.envs.reward`.
         budget_mode: ``hard`` (actions that would break the budget are lowered; ``info`` says so)
             or ``penalty`` (the return is reduced by ``penalty_weight`` per bit over budget).
@@ -354,6 +363,7 @@ class QuantLLMEnv(gym.Env):
         self.spent = 0.0
         self.prev_rule: Rule | None = None
         self.clamped = 0
+        self.inherited = 0
         self.dense_return = 0.0
         self.stream: Stream = self.task.evaluator.stream()
         self.last_metrics: Metrics | None = None
@@ -398,6 +408,20 @@ class QuantLLMEnv(gym.Env):
         best = fits[np.argmax(costs[fits])]
         return self.mapper.rules[int(best)], True
 
+    def _fold_act_scale(self, info: LayerInfo, rule: Rule) -> tuple[Rule, bool]:
+        """Layers reading the same input (q/k/v, gate/up) share one AWQ scale, so that it folds into the
+        norm before them: a later layer inherits the ``act_scale`` its group already chose. Bits do not
+        depend on ``act_scale``, so the budget is unaffected; ``info["act_scale_inherited"]`` says so."""
+        if rule.keeps or rule.gguf is not None:
+            return rule, False
+        group = self.task.input_groups.get(info.name, ())
+        chosen = next((self.recipe[m] for m in group if m in self.recipe and not self.recipe[m].keeps
+                       and self.recipe[m].gguf is None), None)
+        if chosen is None or chosen.act_scale == rule.act_scale:
+            return rule, False
+        self.inherited += 1
+        return _replace(rule, act_scale=chosen.act_scale), True
+
     # -- gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
@@ -422,13 +446,14 @@ class QuantLLMEnv(gym.Env):
         asked = self.mapper.to_rule(action)
         rule, clamped = self._fit_budget(asked)
         info_layer = task.layers[self.index]
+        rule, inherited = self._fold_act_scale(info_layer, rule)
         self.recipe[info_layer.name] = rule
         self.spent += layer_bits(rule, info_layer.out_features, info_layer.in_features)
         self.clamped += int(clamped)
         self.prev_rule = rule
         reward = 0.0
-        info: dict[str, Any] = {"layer": info_layer.name, "rule": rule.label(), "asked": asked.label(),
-                                "clamped": clamped}
+        info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
+                                "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited}
         if task.stage_end[self.index]:
             stage = stage_of(info_layer)
             if 0 <= stage < task.evaluator.n_blocks:
@@ -444,7 +469,8 @@ class QuantLLMEnv(gym.Env):
             self.last_metrics = metrics
             final, final_info = self.score(metrics, self.recipe)
             reward += final
-            final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped})
+            final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped,
+                               "act_scales_inherited": self.inherited})
             info.update(final_info)
         obs = self._observation()
         if self.render_mode == "ansi" and terminated:
@@ -472,6 +498,8 @@ class QuantLLMEnv(gym.Env):
             "reference_top1": ref.top1, "reference": ref.description, "fidelity_reward": fidelity,
             "budget_bpw": self.budget_bpw, "budget_met": metrics.bpw <= self.budget_bpw + 1e-9,
             "recipe": {info.name: recipe[info.name].label() for info in task.layers if info.name in recipe},
+            # GGUF rules whose type llama.cpp cannot hold on the layer's rows: scored and charged as the fallback
+            "fallback": fallbacks(task.layers, recipe),
             "recipe_rules": {info.name: recipe[info.name].to_dict() for info in task.layers if info.name in recipe},
         }
         return reward, info
@@ -499,7 +527,7 @@ def recipe_table(layers: list[LayerInfo], recipe: dict[str, Rule], metrics: Metr
     for info in layers:
         rule = recipe.get(info.name)
         bpw = "" if rule is None else f"{rule_bpw(rule, info):.3f}"
-        rows.append((info.name, info.kind, str(info.block), "-" if rule is None else rule.label(), bpw))
+        rows.append((info.name, info.kind, str(info.block), "-" if rule is None else rule_text(rule, info), bpw))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
