@@ -130,7 +130,9 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
         prebuild_menu(task, mapper.rules)
     elif prebuild is None and loaded.device.type == "cuda":
         weights = evaluator.weights
-        need = weights.recipe_bytes() * sum(not r.keeps for r in mapper.rules)
+        later, variants = inherited_scale_variants(task, mapper.rules)
+        need = weights.recipe_bytes() * sum(not r.keeps for r in mapper.rules) + sum(
+            weights.layer_bytes(name) for name in later) * len(variants)
         if need <= weights.max_cache_bytes:
             prebuild_menu(task, mapper.rules)
         else:  # not asked for explicitly: quantize on demand rather than fail
@@ -150,7 +152,24 @@ def prebuild_menu(task: ModelTask, rules: Sequence[Rule], progress: bool = True)
     """
     with oom_guard(task.evaluator.batch_size):
         task.evaluator.reference  # noqa: B018  (calibration statistics first, outside the build's OOM handling)
-    return task.evaluator.weights.prebuild(rules, progress=progress)
+    weights = task.evaluator.weights
+    built = weights.prebuild(rules, progress=progress)
+    # A later layer of an input group inherits the AWQ scale its group chose (QuantLLMEnv._fold_act_scale),
+    # so it can need a menu rule with another menu rule's act_scale: build those variants for those layers.
+    later, variants = inherited_scale_variants(task, rules)
+    if later and variants:
+        built += weights.prebuild(variants, progress=progress, names=later)
+    return built
+
+
+def inherited_scale_variants(task: ModelTask, rules: Sequence[Rule]) -> tuple[list[str], list[Rule]]:
+    """``(later layers of input groups, menu rules with another menu rule's act_scale)``: what an
+    episode can quantize beyond the menu itself, since a later layer of a group inherits its
+    group's AWQ scale."""
+    later = [name for name, members in task.input_groups.items() if members and members[0] != name]
+    scalable = [r for r in rules if not r.keeps and r.gguf is None]
+    scales = sorted({r.act_scale for r in scalable})
+    return later, [_replace(r, act_scale=s) for r in scalable for s in scales if s != r.act_scale]
 
 
 def _check_numbers(**values: Any) -> None:

@@ -195,11 +195,17 @@ class QuantizedWeights:
 
     def recipe_bytes(self) -> int:
         """Bytes of one recipe's quantized weights (every targeted layer, in the model's dtype)."""
-        return sum(t.numel() * t.element_size() for t in self._originals.values())
+        return sum(self.layer_bytes(name) for name in self._originals)
+
+    def layer_bytes(self, name: str) -> int:
+        """Bytes of one layer's quantized weight in the cache (the model's dtype)."""
+        t = self._originals[name]
+        return t.numel() * t.element_size()
 
     def prebuild(self, rules: Sequence[Rule], *, progress: bool | Callable[[int, int], None] = False,
-                 batch_bytes: int | None = None) -> int:
+                 batch_bytes: int | None = None, names: Sequence[str] | None = None) -> int:
         """Quantize every (layer, rule) pair of ``rules`` not cached yet, up front; returns how many.
+        ``names`` limits the layers (default: every layer).
 
         Layers of one shape are quantized together (``quantize_matrices``), in batches of at most
         ``batch_bytes`` of working memory (default: a quarter of the free GPU memory; one layer at a
@@ -209,10 +215,11 @@ class QuantizedWeights:
         the cache holds only whole entries from before.
         """
         wanted = [r for r in dict.fromkeys(rules) if not r.keeps]
-        todo = [(name, rule) for rule in wanted for name in self._params if (name, rule) not in self._cache]
+        layers = self._params if names is None else [n for n in self._params if n in set(names)]
+        todo = [(name, rule) for rule in wanted for name in layers if (name, rule) not in self._cache]
         if not todo:
             return 0
-        need = sum(self._originals[name].numel() * self._originals[name].element_size() for name, _ in todo)
+        need = sum(self.layer_bytes(name) for name, _ in todo)
         if self._cache_bytes + need > self.max_cache_bytes:
             raise QenvError(
                 f"The quantized-weight cache ({self.max_cache_bytes / 2**30:.2f} GiB) cannot hold the menu's "
