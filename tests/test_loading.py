@@ -17,7 +17,7 @@ from qenv.errors import QenvError
 from qenv.eval.tokens import tokens_from_text
 from qenv.models.layers import discover_layers
 from qenv.models.loading import LoadedModel, load_model
-from conftest import BUILTIN_DEFAULT as DEFAULT_DIR, STORIES_BIN
+from conftest import BUILTIN_DEFAULT as DEFAULT_DIR, STORIES_BIN, clear_error
 from qenv.models.tiny import TINY_ARCHITECTURES
 from qenv.quant.presets import llamacpp_mix, preset
 
@@ -32,15 +32,6 @@ def stories() -> LoadedModel:
     return load_model(STORIES_BIN)
 
 
-def _clear(err: pytest.ExceptionInfo[QenvError], *words: str) -> str:
-    """One QenvError naming the problem (``words``) and a fix, with no traceback chained behind it."""
-    e = err.value
-    text = str(e)
-    assert e.problem and e.fix, text
-    assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), "chained traceback"
-    for word in words:
-        assert word.lower() in text.lower(), f"{word!r} not in {text!r}"
-    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,46 +125,46 @@ def test_folder_spec_round_trip(tmp_path: Path) -> None:
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(QenvError) as err:
         load_model(tmp_path / "no-such-model")
-    _clear(err, "not found", "no-such-model")
+    clear_error(err, "not found", "no-such-model")
     with pytest.raises(QenvError) as err:
         load_model(str(tmp_path / "missing" / "model.bin"))
-    _clear(err, "not found")
+    clear_error(err, "not found")
 
 
 def test_folder_that_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(QenvError) as err:
         load_model(tmp_path)
-    _clear(err, "config.json", str(tmp_path))
+    clear_error(err, "config.json", str(tmp_path))
     with pytest.raises(QenvError) as err:
         load_model(tmp_path / "notes.txt")  # a file that is neither a folder nor a .bin
-    _clear(err, "neither", "notes.txt")
+    clear_error(err, "neither", "notes.txt")
 
 
 def test_unknown_model_type(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bogus-arch"}))
     with pytest.raises(QenvError) as err:
         load_model(tmp_path)
-    _clear(err, "bogus-arch", "causal LM")
+    clear_error(err, "bogus-arch", "causal LM")
 
 
 def test_unknown_tiny_architecture_dtype_and_device() -> None:
     with pytest.raises(QenvError) as err:
         load_model("tiny-bogus")
-    _clear(err, "bogus", "llama")
+    clear_error(err, "bogus", "llama")
     with pytest.raises(QenvError) as err:
         load_model("tiny-llama", dtype="int8")
-    _clear(err, "dtype", "int8")
+    clear_error(err, "dtype", "int8")
     with pytest.raises(QenvError) as err:
         load_model("tiny-llama", device="warp-drive")
-    _clear(err, "device", "warp-drive")
+    clear_error(err, "device", "warp-drive")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU, so 'cuda' is valid here")
 def test_cuda_on_a_cpu_machine() -> None:
     with pytest.raises(QenvError) as err:
         load_model("tiny-llama", device="cuda")
-    _clear(err, "cuda", "no CUDA GPU")
+    clear_error(err, "cuda", "no CUDA GPU")
 
 
 class _ConvNet(nn.Module):
@@ -188,7 +179,7 @@ def test_model_without_linear_layers() -> None:
     for module in (_ConvNet(), nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))):
         with pytest.raises(QenvError) as err:
             discover_layers(module)
-        _clear(err, "no quantizable linear layers", type(module).__name__)
+        clear_error(err, "no quantizable linear layers", type(module).__name__)
 
 
 def test_text_file_too_short_or_empty(stories: LoadedModel, tmp_path: Path) -> None:
@@ -196,23 +187,23 @@ def test_text_file_too_short_or_empty(stories: LoadedModel, tmp_path: Path) -> N
     short.write_text("Once upon a time, there was a little girl named Lily.")
     with pytest.raises(QenvError) as err:
         tokens_from_text(stories.tokenizer, short, n_tokens=512, seq_len=64)
-    _clear(err, "short.txt", "only 15 tokens", "512")
+    clear_error(err, "short.txt", "only 15 tokens", "512")
     for content in ("", "  \n\n \t\n"):
         empty = tmp_path / "empty.txt"
         empty.write_text(content)
         with pytest.raises(QenvError) as err:
             tokens_from_text(stories.tokenizer, empty, n_tokens=512, seq_len=64)
-        _clear(err, "empty.txt", "empty")
+        clear_error(err, "empty.txt", "empty")
 
 
 def test_unknown_preset(stories: LoadedModel) -> None:
     for name in ("bogus", "q5_k_x", "rtn-4", "gptq-w4-g100x"):
         with pytest.raises(QenvError) as err:
             preset(name, stories.layers)
-        _clear(err, "unknown preset", name, "rtn-w4")
+        clear_error(err, "unknown preset", name, "rtn-w4")
     with pytest.raises(QenvError) as err:
         preset("rtn-w7", stories.layers)  # a well-formed name with an unsupported bit width
-    _clear(err, "bits=7")
+    clear_error(err, "bits=7")
     with pytest.raises(QenvError) as err:
         llamacpp_mix(stories.layers, "Q7_K_M")
-    _clear(err, "Q7_K_M", "Q4_K_M")
+    clear_error(err, "Q7_K_M", "Q4_K_M")
