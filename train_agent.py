@@ -170,16 +170,13 @@ def check_agent_action_kind(spec: Any, kind: Any) -> None:
     """The registry's action-kind check, before any model is loaded."""
     import types
 
-    import numpy as np
-    from gymnasium import spaces
-
     from qenv.agents.registry import check_action_kind
+    from qenv.envs.spaces import ActionMapper
 
-    space = {"discrete": spaces.Discrete(2), "multidiscrete": spaces.MultiDiscrete([2, 2]),
-             "continuous": spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)}.get(str(kind))
-    if space is None:
-        return  # the environment reports unknown kinds itself
-    check_action_kind(spec, types.SimpleNamespace(unwrapped=None, action_space=space))
+    mapper = ActionMapper(str(kind))  # an unknown kind is a one-line error here, before any model loads
+    probe = types.SimpleNamespace(mapper=mapper, action_space=mapper.space)
+    probe.unwrapped = probe
+    check_action_kind(spec, probe)
 
 
 def absolute_paths(env_kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qenv.envs.spaces import ACTION_SPACE_KINDS
+from qenv.envs.spaces import ACTION_SPACE_KINDS, MASKABLE_KINDS
 from qenv.errors import QenvError
 
 
@@ -254,6 +254,38 @@ class RecurrentPPOAgent(SB3Agent):
     install_hint = "pip install sb3-contrib (or pip install 'qenv[contrib]')"
 
 
+class MaskablePPOAgent(SB3Agent):
+    """sb3-contrib's MaskablePPO: samples only actions that ``env.action_masks()`` allows, so the
+    budget is never broken and nothing is lowered; ``predict`` reads the masks of the env it was
+    given (or of ``action_masks=`` when passed)."""
+
+    name, module, class_name = "maskable_ppo", "sb3_contrib", "MaskablePPO"
+    action_kinds = MASKABLE_KINDS
+    install_hint = "pip install sb3-contrib (or pip install 'qenv[contrib]')"
+
+    def predict(self, observation: Any, state: Any = None, episode_start: Any = None,
+                deterministic: bool = True, action_masks: Any = None) -> tuple[np.ndarray, Any]:
+        if action_masks is None:
+            action_masks = _masks_of(self.model.get_env())
+        return self.model.predict(observation, state=state, episode_start=episode_start, deterministic=deterministic,
+                                  action_masks=action_masks)
+
+
+def _masks_of(env: Any) -> Any:
+    """The current action masks of a (vector) env, or ``None``."""
+    if env is None:
+        return None
+    if hasattr(env, "env_method"):
+        try:
+            return np.stack(env.env_method("action_masks"))
+        except (AttributeError, QenvError):
+            return None
+    inner = getattr(env, "unwrapped", env)
+    method = getattr(inner, "action_masks", None)
+    return method() if callable(method) else None
+
+
 SB3_AGENTS: dict[str, type[SB3Agent]] = {
-    cls.name: cls for cls in (PPOAgent, A2CAgent, DQNAgent, SACAgent, TD3Agent, DDPGAgent, RecurrentPPOAgent)
+    cls.name: cls for cls in (PPOAgent, MaskablePPOAgent, A2CAgent, DQNAgent, SACAgent, TD3Agent, DDPGAgent,
+                              RecurrentPPOAgent)
 }

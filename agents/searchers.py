@@ -60,7 +60,7 @@ import torch
 
 from qenv.agents.base import base_env, layer_index_of, play_episode, recipe_of, rule_to_action, score_recipe
 from qenv.envs.allocation import greedy_allocation, rule_errors
-from qenv.envs.spaces import ACTION_SPACE_KINDS
+from qenv.envs.spaces import RULE_KINDS
 from qenv.errors import QenvError
 from qenv.io import read_json, write_json_atomic
 from qenv.quant.presets import llamacpp_mix
@@ -81,7 +81,7 @@ class Searcher:
     """Base class: budget bookkeeping, env evaluation, replay, save/load."""
 
     name: ClassVar[str] = "searcher"
-    action_kinds: ClassVar[tuple[str, ...]] = ACTION_SPACE_KINDS
+    action_kinds: ClassVar[tuple[str, ...]] = RULE_KINDS
     #: evaluations of ``search()`` when no budget is given
     default_evaluations: ClassVar[int] = 32
 

@@ -101,12 +101,21 @@ def rollout_recipe(agent: Any, env: Any, deterministic: bool = True,
     ``info`` is the environment's terminal info (kl, ppl, top1, bpw, reference_kl, recipe, ...)
     plus ``episode_return``, the sum of the episode's rewards.
     """
+    import inspect
+
     obs, _ = env.reset(options=reset_options)
     state: Any = None
     start = True
     total = 0.0
+    try:
+        masked = "action_masks" in inspect.signature(agent.predict).parameters
+    except (TypeError, ValueError):
+        masked = False
+    masks_of = getattr(getattr(env, "unwrapped", env), "action_masks", None) if masked else None
     while True:
-        action, state = agent.predict(obs, state=state, episode_start=np.array([start]), deterministic=deterministic)
+        extra = {"action_masks": masks_of()} if callable(masks_of) else {}
+        action, state = agent.predict(obs, state=state, episode_start=np.array([start]), deterministic=deterministic,
+                                      **extra)
         obs, reward, terminated, truncated, info = env.step(action)
         total += float(reward)
         start = False
