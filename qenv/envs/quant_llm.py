@@ -29,7 +29,7 @@ from qenv.eval.reference import resolve_cache_dir
 from qenv.io import atomic_path
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
-from qenv.envs.allocation import fill_budget, greedy_allocation, rule_errors
+from qenv.envs.allocation import fill_budget, greedy_allocation, lagrangian_allocation, rule_errors
 from qenv.envs.features import OBS_DIM, OBS_LIMIT, ladder_rules, model_relative, static_features
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
 from qenv.envs.spaces import MASKABLE_KINDS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
@@ -237,7 +237,8 @@ class QuantLLMEnv(gym.Env):
     residual        Discrete(7)                 shift along the layer's cost-sorted menu from
                                                 greedy's plan (0, +1, -1, +2, -2, +3, -3); action 0
                                                 on every layer is the greedy searcher's recipe;
-                                                a deviation re-plans the rest greedily (maskable)
+                                                a deviation re-plans the rest (Lagrangian
+                                                greedy, filled to the budget) (maskable)
     allocation      Box(-1, 1, (1,))            the layer's preference p; after the last layer
                                                 greedy on sensitivities × exp(3p), then filled,
                                                 gives a recipe at or under the budget with less
@@ -533,9 +534,11 @@ class QuantLLMEnv(gym.Env):
         self.clamped += int(clamped)
         self.prev_rule = rule
         if kind == "residual" and self.plan is not None and rule != self.mapper.rules[int(self.plan[self.index])]:
-            rest = slice(self.index + 1, len(task.layers))  # a deviation: greedy re-plans the layers left
-            self.plan[rest] = greedy_allocation(task.costs[rest], task.menu_sensitivity()[rest],
-                                                self.budget_bits - self.spent)
+            # a deviation: the layers left are re-planned on what is left (Lagrangian greedy, then
+            # filled: greedy's convex-hull form, fast enough for every step of a 200-layer model)
+            rest = slice(self.index + 1, len(task.layers))
+            costs, sens, left = task.costs[rest], task.menu_sensitivity()[rest], self.budget_bits - self.spent
+            self.plan[rest] = fill_budget(costs, sens, lagrangian_allocation(costs, sens, left), left)
         reward = 0.0
         info: dict[str, Any] = {"layer": info_layer.name, "rule": rule.label(), "asked": asked.label(),
                                 "clamped": clamped}
