@@ -8,8 +8,10 @@ two bit widths bracketing the budget, q3_k_m, q4_k_m, fp16) and every searcher (
 llamacpp, greedy, random, evolution, with the same evaluation budget) gives one too. All are
 scored by the same evaluator on the same tokens (held-out text with --data, else the
 calibration tokens) and printed as one table per model, sorted by bits per weight, with rows
-over the budget marked '*'. Models the policy was not trained on are reported as "unseen model"
-with the policy's gain over the best preset at or under the budget.
+over the budget marked '*'. Models the policy was not trained on are reported as "zero-shot"
+with the policy's gain over the best preset at or under the budget; models a policy was
+fine-tuned on (a run started with ``train_agent.py --init-from``) as "fine-tuned", and the summary
+lists the two groups separately.
 
 Writes results.json, results.csv and pareto.png (KL vs bpw of every method) into --out
 (default: <run folder>/eval-<date>-<time>); --export adds the policy's recipe per model as
@@ -94,6 +96,7 @@ def read_run(policy: Path) -> dict[str, Any]:
     run["agent"] = (run["summary"] or {}).get("agent") or settings.get("agent")
     run["env_kwargs"] = dict(settings.get("env_kwargs") or {})
     run["train_models"] = list((run["summary"] or {}).get("train_models") or [])
+    run["init_from"] = (run["summary"] or {}).get("init_from") or settings.get("init_from")
     if not run["train_models"] and settings.get("env_kwargs"):
         model = settings["env_kwargs"].get("model", "default")
         run["train_models"] = [{"spec": m} for m in (model if isinstance(model, list) else [model])]
@@ -166,6 +169,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     train_prints = {m.get("fingerprint") for m in run["train_models"] if m.get("fingerprint")}
     train_specs = {str(m.get("spec")) for m in run["train_models"]}
     seen = task.loaded.fingerprint in train_prints if train_prints else spec in train_specs
+    status = ("fine-tuned" if run.get("init_from") else "trained-on") if seen else "zero-shot"
 
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -180,10 +184,13 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         t0 = time.perf_counter()
         metrics = scorer.evaluate(preset(name, task.layers))
         rows.append(row(name, "preset", metrics, time.perf_counter() - t0, budget))
+    search_env = env
+    if inner.mapper.stateful:  # searchers replay rules, which these kinds' actions do not name: same task, menu kind
+        search_env = make_quant_env(model=loaded, **{**kwargs, "action_kind": "discrete"})
     for name in searchers:
         t0 = time.perf_counter()
-        searcher = make_agent(name, env, seed=args.seed)
-        s_recipe, s_info = searcher.search(env, total_timesteps=args.search_evals * len(task.layers))
+        searcher = make_agent(name, search_env, seed=args.seed)
+        s_recipe, s_info = searcher.search(search_env, total_timesteps=args.search_evals * len(task.layers))
         metrics = scorer.evaluate(s_recipe)
         evals = getattr(searcher, "evaluations", None)
         note = f"{evals} evaluations" if evals is not None else ""
@@ -200,7 +207,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         gain = {"best_preset": best["method"], "preset_kl": best["kl"], "preset_ppl": best["ppl"],
                 "preset_bpw": best["bpw"], "policy_kl": policy_row["kl"], "policy_ppl": policy_row["ppl"],
                 "kl_ratio": ratio, "ppl_diff": policy_row["ppl"] - best["ppl"]}
-    result = {"model": task.name, "spec": spec, "seen": seen, "fingerprint": task.loaded.fingerprint,
+    result = {"model": task.name, "spec": spec, "seen": seen, "status": status, "fingerprint": task.loaded.fingerprint,
               "n_layers": len(task.layers), "tokens": tokens_desc, "budget_bpw": budget, "rows": rows, "gain": gain,
               "policy_recipe": recipe.to_dict(), "policy_over_budget": policy_row["over_budget"], "notes": notes}
 
@@ -227,7 +234,8 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
 # -- output ---------------------------------------------------------------------------------------------
 def print_model(result: dict[str, Any]) -> None:
     budget = result["budget_bpw"]
-    status = "trained-on model" if result["seen"] else "unseen model"
+    status = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model",
+              "trained-on": "trained-on model"}[result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
     print(f"\n{result['model']} ({status}), budget {budget:g} bpw, scored on {result['tokens']}")
     table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}", f"{r['model_mb']:.4f}",
               fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", f"{r['wall_s']:.2f}", r["note"]]
@@ -236,7 +244,8 @@ def print_model(result: dict[str, Any]) -> None:
                       align="llrrrrrrl"))
     print(f"  (* over the {budget:g} bpw budget)")
     gain = result["gain"]
-    prefix = "unseen model" if not result["seen"] else "trained-on model"
+    prefix = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model", "trained-on": "trained-on model"}[
+        result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
     if gain is None:
         print(f"{prefix} {result['model']}: no preset fits the {budget:g} bpw budget to compare with")
     else:
@@ -351,9 +360,18 @@ def _body(argv: list[str] | None) -> int:
         result = evaluate_model(spec, args, run, agent_name, budget, env_kwargs, searchers, out)
         print_model(result)
         results.append(result)
+    for group in ("zero-shot", "fine-tuned"):
+        rows = [r for r in results if r["status"] == group and r["gain"] is not None]
+        if rows:
+            wins = sum(r["gain"]["kl_ratio"] > 1 for r in rows)
+            print(f"{group} ({'models the policy never saw' if group == 'zero-shot' else 'after --init-from'}): "
+                  f"policy better than the best preset on {wins} of {len(rows)} model(s): "
+                  + ", ".join(f"{r['model']} {r['gain']['kl_ratio']:.3g}x" for r in rows))
     payload = {"policy": str(policy), "agent": agent_name, "run": str(run["folder"]), "budget_bpw": budget,
                "search_evals": args.search_evals, "seed": args.seed, "held_out": list(args.data or []),
-               "train_models": run["train_models"], "models": results}
+               "train_models": run["train_models"], "init_from": run.get("init_from"),
+               "zero_shot": [r["model"] for r in results if r["status"] == "zero-shot"],
+               "fine_tuned": [r["model"] for r in results if r["status"] == "fine-tuned"], "models": results}
     write_json_atomic(out / "results.json", json.loads(json.dumps(payload, default=str)))
     write_csv(out / "results.csv", results)
     pareto_plot(out / "pareto.png", results)

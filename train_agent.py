@@ -48,6 +48,8 @@ examples:
   python train_agent.py --agent dqn --env-kwargs n_tokens=1024 reward=ppl
   python train_agent.py --agent mypkg.agents:MyAgent --config my.yaml
   python train_agent.py --resume runs/ppo-2p5          # after Ctrl-C or a crash
+  python train_agent.py --model default --model ../shared/data/stories260K/stories260K.bin --name zoo
+  python train_agent.py --init-from runs/zoo/model.zip --model tiny-qwen2 --timesteps 2048   # fine-tune
 
 Ctrl-C saves a checkpoint and summary.json, then exits with status 130.
 Errors print one line, 'error: <problem> Fix: <fix>', and exit with status 2.
@@ -85,6 +87,10 @@ def build_parser() -> ArgumentParser:
                         "(default: the model on cuda when present, the agent on cpu)")
     p.add_argument("--logdir", default="runs", metavar="DIR", help="parent folder of run folders (default: %(default)s)")
     p.add_argument("--name", help="run folder name under --logdir (default: <agent>-<date>-<time>)")
+    p.add_argument("--init-from", metavar="MODEL_ZIP",
+                   help="start from this trained policy's weights (e.g. runs/x/model.zip) instead of from scratch: "
+                        "fine-tune it on --model with few episodes; it must have the same observation and action "
+                        "spaces (same --agent family and action_kind)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its latest checkpoint with the same settings and total timesteps")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
@@ -156,7 +162,9 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         if value is not None and value < 1:
             raise QenvError(f"{flag}={value} must be at least 1.", f"pass a positive whole number to {flag}.")
     n_envs = args.n_envs or cfg.n_envs or 1
-    return {
+    init_from = check_init_from(args.init_from, spec, env_kwargs.get("action_kind", "discrete"),
+                                env_kwargs.get("menu")) if args.init_from else None
+    return {"init_from": init_from,
         "version": CONFIG_VERSION, "env_id": env_id, "agent": args.agent, "seed": args.seed, "total_timesteps": total,
         "n_envs": n_envs, "vec_env": args.vec_env or cfg.vec_env or "dummy",
         "checkpoint_freq": args.checkpoint_freq or cfg.checkpoint_freq or max(1, total // 10),
@@ -164,6 +172,33 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         "config_section": _jsonable(cfg.raw), "agent_device": args.device, "keep_checkpoints": args.keep_checkpoints,
         "argv": list(sys.argv[1:]),
     }
+
+
+def check_init_from(path: str, spec: Any, kind: Any, menu: Any) -> str:
+    """The absolute path of an ``--init-from`` policy whose spaces fit this run (checked before any
+    model loads): the same observation size and the same action space."""
+    from qenv.agents.sb3 import safe_custom_objects
+    from qenv.envs.features import OBS_DIM
+    from qenv.envs.spaces import ActionMapper
+
+    file = Path(path)
+    if not file.is_file():
+        raise QenvError(f"--init-from {file} does not exist.", "pass the model.zip of an earlier run of train_agent.py.")
+    factory = spec.load()
+    if not callable(getattr(factory, "algorithm_class", None)):
+        raise QenvError(f"--init-from needs a Stable-Baselines3 agent; {spec.name!r} is not one.",
+                        "pass --agent ppo, maskable_ppo, a2c, ... (the agent that trained the policy).")
+    objects = safe_custom_objects(file)
+    obs_space, act_space = objects.get("observation_space"), objects.get("action_space")
+    shape = tuple(getattr(obs_space, "shape", ()) or ())
+    if shape != (OBS_DIM,):
+        raise QenvError(f"--init-from {file} takes observations of size {shape}, but QuantLLM-v0 now gives ({OBS_DIM},).",
+                        "fine-tune a policy trained with this version of qenv, or train from scratch.")
+    mapper = ActionMapper(str(kind), menu)
+    if act_space is not None and act_space != mapper.space:
+        raise QenvError(f"--init-from {file} acts in {act_space}, but action_kind={kind!r} gives {mapper.space}.",
+                        "pass the action_kind (--env-kwargs action_kind=...) and menu the policy was trained with.")
+    return str(file.resolve())
 
 
 def check_agent_action_kind(spec: Any, kind: Any) -> None:
@@ -279,6 +314,13 @@ class Run:
                 raise QenvError(f"Agent {name!r} rejected its hyperparameters ({exc}).",
                                 f"check the config file {s.get('config_file')} against the agent's documentation."
                                 ) from None
+            if s.get("init_from"):
+                try:  # the policy's weights only (torch tensors); its pickled settings are not read
+                    self.agent.model.set_parameters(s["init_from"], exact_match=True, device=self.agent.model.device)
+                except (RuntimeError, ValueError, KeyError) as exc:
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise QenvError(f"--init-from {s['init_from']} does not fit agent {name!r} ({first}).",
+                                    "pass the agent and policy_kwargs (net_arch) the policy was trained with.") from None
         model = self.sb3_model()
         self.is_sb3 = model is not None
         if model is not None:
@@ -344,7 +386,7 @@ class Run:
             "episode_reward_first": self.tracker.mean_reward(first=True),
             "episode_reward_last": self.tracker.mean_reward(first=False),
             "reward_before": self.reward_before, "final": final,
-            "interrupted_at": self.interrupted_at,
+            "interrupted_at": self.interrupted_at, "init_from": s.get("init_from"),
             "settings": {k: v for k, v in s.items() if k not in ("version",)},
         }
         write_json_atomic(self.folder / "summary.json", summary)

@@ -345,9 +345,15 @@ class QuantLLMEnv(gym.Env):
             for task in self.tasks:
                 floor = task.rest_min[0] / task.total_weights
                 if floor > self.budget_bpw + 1e-12:
+                    zoo = (f" (one of the {len(self.tasks)} models of this zoo, which all share the budget)"
+                           if len(self.tasks) > 1 else "")
+                    floors = max(t.rest_min[0] / t.total_weights for t in self.tasks)
                     raise QenvError(
-                        f"budget_bpw={self.budget_bpw:g} is below the {floor:.3f} bpw that the cheapest rules reach on {task.name}.",
-                        f"raise the budget to at least {floor:.3f} or add cheaper rules to the menu.",
+                        f"budget_bpw={self.budget_bpw:g} is below the {floor:.3f} bpw that the cheapest rules reach on "
+                        f"{task.name}{zoo}.",
+                        f"raise the budget to at least {floors:.3f}"
+                        + (", train the models that cannot meet it separately," if zoo else "")
+                        + " or add cheaper rules to the menu.",
                     )
         self.task = self.tasks[0]
         self._reset_episode()
