@@ -174,6 +174,11 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     agent = load_agent(agent_name, args.policy, env=env)
+    stats = Path(args.policy).parent / "vecnormalize.json"
+    if stats.is_file():  # trained behind VecNormalize (`normalize` in its config): act on scaled observations
+        from qenv.agents.sb3 import NormalizedAgent
+
+        agent = NormalizedAgent(agent, read_json(stats, "Normalisation statistics", "delete it or retrain."))
     recipe, info = rollout_recipe(agent, env, deterministic=True)
     policy_metrics = scorer.evaluate(recipe)
     policy_row = row(f"policy ({agent_name})", "policy", policy_metrics, time.perf_counter() - t0, budget,

@@ -35,6 +35,8 @@ from qenv.errors import QenvError
 from qenv.io import read_json
 
 REPO_DIR = Path(__file__).resolve().parent
+#: VecNormalize's observation statistics of a run with `normalize` in its config (JSON, no pickle)
+NORMALIZER_FILE = "vecnormalize.json"
 DEFAULT_AGENT = "ppo"
 #: run length when neither --timesteps nor the config's n_timesteps says
 DEFAULT_TIMESTEPS = 8192
@@ -164,7 +166,7 @@ def resolve_settings(args: Any) -> dict[str, Any]:
     n_envs = args.n_envs or cfg.n_envs or 1
     init_from = check_init_from(args.init_from, spec, env_kwargs.get("action_kind", "discrete"),
                                 env_kwargs.get("menu")) if args.init_from else None
-    return {"init_from": init_from,
+    return {"init_from": init_from, "normalize": cfg.normalize,
         "version": CONFIG_VERSION, "env_id": env_id, "agent": args.agent, "seed": args.seed, "total_timesteps": total,
         "n_envs": n_envs, "vec_env": args.vec_env or cfg.vec_env or "dummy",
         "checkpoint_freq": args.checkpoint_freq or cfg.checkpoint_freq or max(1, total // 10),
@@ -291,6 +293,17 @@ class Run:
         sb3_like = callable(getattr(factory, "algorithm_class", None))
         if sb3_like:
             self.vec = make_vec(s["env_kwargs"], n_envs=s["n_envs"], seed=s["seed"], vec_env=s["vec_env"])
+            if s.get("normalize") is not None:  # rl-zoo's `normalize`: VecNormalize around the training envs
+                from stable_baselines3.common.vec_env import VecNormalize
+
+                from qenv.agents.sb3 import load_normalizer_state
+
+                kwargs = {"gamma": float(agent_hyperparams(s).get("gamma", 0.99)), **s["normalize"]}
+                self.vec = VecNormalize(self.vec, **kwargs)
+                stats = self.folder / NORMALIZER_FILE
+                if checkpoint is not None and stats.is_file():
+                    load_normalizer_state(self.vec, read_json(stats, "Normalisation statistics",
+                                                              "delete it to resume with fresh statistics."))
             env: Any = self.vec
         else:
             if s["n_envs"] != 1:
@@ -332,8 +345,15 @@ class Run:
         from qenv.agents.base import rollout_recipe
 
         out: dict[str, Any] = {}
+        agent = self.agent
+        if self.settings.get("normalize") is not None:
+            from qenv.agents.sb3 import NormalizedAgent
+
+            self.save_normalizer()
+            agent = NormalizedAgent(self.agent, read_json(self.folder / NORMALIZER_FILE, "Normalisation statistics",
+                                                          "delete it; it is written again from the training envs."))
         for i, task in enumerate(self.tasks):
-            _, info = rollout_recipe(self.agent, self.eval_env, deterministic=True, reset_options={"model_index": i})
+            _, info = rollout_recipe(agent, self.eval_env, deterministic=True, reset_options={"model_index": i})
             ref = task.reference(self.inner.budget_bpw)
             out[task.name] = {
                 "reward": info["episode_return"], "fidelity_reward": info["fidelity_reward"], "kl": info["kl"],
@@ -354,10 +374,21 @@ class Run:
         return {"tracker": self.tracker.state_dict(), "wall_time_s": self.watch.total,
                 "reward_before": self.reward_before, "sessions": self.sessions}
 
+    def save_normalizer(self) -> None:
+        """The VecNormalize statistics as JSON beside the model (kept after the envs close)."""
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        from qenv.agents.sb3 import normalizer_state
+        from qenv.io import write_json_atomic
+
+        if isinstance(self.vec, VecNormalize):
+            write_json_atomic(self.folder / NORMALIZER_FILE, normalizer_state(self.vec))
+
     def checkpoint(self, step: int) -> None:
         from qenv.callbacks import prune_checkpoints, sigint_deferred, write_checkpoint
 
         with sigint_deferred():
+            self.save_normalizer()
             write_checkpoint(self.ckpt_dir, self.agent, step, self.state())
             prune_checkpoints(self.ckpt_dir, int(self.settings.get("keep_checkpoints", 0) or 0))
             self.write_summary("running", step)
@@ -480,6 +511,7 @@ class Run:
                       f"{self.folder}; continue with: python train_agent.py --resume {self.folder}", flush=True)
                 return EXIT_INTERRUPTED
             self.policy_file = save_agent_atomic(self.agent, self.folder / "model.zip")
+            self.save_normalizer()
             self.close_envs(interrupted=False)
             final = self.deterministic_rewards()
             self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
@@ -590,7 +622,8 @@ class Run:
             m = best["metrics"]
             print(f"best episode: reward {best['reward']:.4f} on {best['model']} at step {best['timestep']} "
                   f"(KL {fmt(m.get('kl'))}, ppl {fmt(m.get('ppl'))}, {fmt(m.get('bpw'))} bpw)")
-        files = [f for f in ("model.zip", "model.json", "best_recipe.json", "summary.json", "pareto.png", "tb")
+        files = [f for f in ("model.zip", "model.json", NORMALIZER_FILE, "best_recipe.json", "summary.json", "pareto.png",
+                             "tb")
                  if (self.folder / f).exists()]
         print(f"saved in {self.folder}: {', '.join(files)}", flush=True)
 

@@ -293,3 +293,18 @@ def test_configs_load_and_train_in_rl_zoo3(tmp_path):
         model = manager.setup_experiment()[0]
         manager.learn(model)
         assert model.num_timesteps >= 64
+
+
+def test_normalize_from_the_config_trains_behind_vecnormalize(stories_bin, tmp_path, capsys):
+    (tmp_path / "n.yaml").write_text(TINY.replace("  env_kwargs:", "  normalize: {norm_obs: true, norm_reward: false}\n"
+                                                                    "  env_kwargs:"))
+    code = run_main(train_agent, ["--config", tmp_path / "n.yaml", "--model", stories_bin, "--logdir", tmp_path,
+                                  "--name", "n", "--no-progress", "--env-kwargs", "n_tokens=256", "seq_len=32",
+                                  "cache_dir=false"])
+    assert code == 0
+    stats = json.loads((tmp_path / "n" / "vecnormalize.json").read_text())
+    assert stats["count"] > 64 and not stats["norm_reward"] and len(stats["mean"]) == len(STATIC_NAMES + EPISODE_NAMES)
+    assert any(abs(m) > 1e-3 for m in stats["mean"])  # statistics were gathered during training
+    code = run_main(eval_agent, ["--policy", tmp_path / "n" / "model.zip", "--searchers", "none", "--out",
+                                 tmp_path / "ev"])
+    assert code == 0, capsys.readouterr()
