@@ -308,3 +308,26 @@ def test_normalize_from_the_config_trains_behind_vecnormalize(stories_bin, tmp_p
     code = run_main(eval_agent, ["--policy", tmp_path / "n" / "model.zip", "--searchers", "none", "--out",
                                  tmp_path / "ev"])
     assert code == 0, capsys.readouterr()
+
+
+def test_caches_are_keyed_on_the_thread_count(tmp_path):
+    """Float results depend on torch's thread count (reduction order), so a cache written by a
+    process with other threads must not be read: each count gets its own files."""
+    import torch
+
+    from qenv.eval.reference import numerics_key
+
+    before = torch.get_num_threads()
+    try:
+        names = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            env = gym.make("QuantLLM-v0", model="tiny-llama", n_tokens=128, seq_len=32, cache_dir=str(tmp_path)).unwrapped
+            names.append(numerics_key(env.task.loaded.device))
+            env.close()  # drops the task from the per-process cache: the next env reads the disk cache
+        files = sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        torch.set_num_threads(before)
+    assert names[0] != names[1]
+    for prefix in ("reference-", "features-", "errors-"):
+        assert len([f for f in files if f.startswith(prefix)]) == 2, files

@@ -25,20 +25,12 @@ import numpy as np
 import torch
 
 from qenv.eval.evaluator import Evaluator
-from qenv.eval.reference import batching_key
+from qenv.eval.reference import batching_key, numerics_key
 from qenv.io import atomic_path
 from qenv.models.layers import LayerInfo
 from qenv.quant.rules import Rule
 
 _TOL = 1e-9
-
-
-def numerics_key() -> str:
-    """What changes float results on one machine besides the inputs: torch's CPU thread count
-    (intra-op reductions split their sums by thread) and torch's version. Caches of measured
-    numbers are keyed on it, so a cache written by a process with other threads is never read
-    (runs of the same command were bit-identical within one set-up and differed across set-ups)."""
-    return f"t{torch.get_num_threads()}-torch{torch.__version__}"
 
 
 def rule_errors(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequence[Rule]) -> np.ndarray:
@@ -48,7 +40,7 @@ def rule_errors(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequen
 
     text = (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
             + "|b" + batching_key(evaluator.batches) + "|" + "|".join(r.label() + repr(r) for r in rules)
-            + "|" + numerics_key() + "|" + str(evaluator.loaded.device))
+            + "|" + numerics_key(evaluator.loaded.device))
     key = hashlib.sha1(text.encode()).hexdigest()[:16]
     path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"errors-v1-{key}.npy"
     if path is not None and path.is_file():

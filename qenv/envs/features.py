@@ -95,11 +95,12 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
     """``[n_layers, len(STATIC_NAMES)]`` float32, cached on disk beside the reference."""
     # the batch count is part of the key, as for the reference: calibration statistics summed per batch
     # differ in the last float bits between batchings, and a cache must not make runs differ
-    from qenv.envs.allocation import numerics_key, rule_errors
+    from qenv.envs.allocation import rule_errors
+    from qenv.eval.reference import numerics_key
 
     key = hashlib.sha1(
         (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
-         + "|b" + batching_key(evaluator.batches) + "|" + numerics_key() + "|" + str(evaluator.loaded.device)).encode()
+         + "|b" + batching_key(evaluator.batches) + "|" + numerics_key(evaluator.loaded.device)).encode()
     ).hexdigest()[:16]
     path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"features-v2-{key}.npy"
     if path is not None and path.is_file():

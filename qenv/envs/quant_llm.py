@@ -14,6 +14,7 @@ an agent never picks a rule that makes the budget unreachable.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from gymnasium import spaces
 from safetensors.torch import load_file, save_file
 
 from qenv.errors import QenvError
-from qenv.eval.reference import resolve_cache_dir
+from qenv.eval.reference import numerics_key, resolve_cache_dir
 from qenv.io import atomic_path
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
@@ -134,7 +135,9 @@ def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens:
     if data:
         return tokens_from_text(loaded.tokenizer, data, n_tokens, seq_len)
     folder = resolve_cache_dir(cache_dir)
-    path = None if folder is None else folder / f"tokens-{loaded.fingerprint}-s{seed}-n{n_tokens}-l{seq_len}.safetensors"
+    numerics = hashlib.sha1(numerics_key(loaded.device).encode()).hexdigest()[:8]  # sampling reads the logits
+    path = None if folder is None else folder / (f"tokens-{loaded.fingerprint}-s{seed}-n{n_tokens}-l{seq_len}"
+                                                 f"-n{numerics}.safetensors")
     if path is not None and path.is_file():
         try:
             return TokenSet(load_file(str(path))["ids"], f"sampled:seed={seed}")
