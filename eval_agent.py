@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import ArgumentParser, fmt, parse_key_values, plain_table, quiet_libraries, run_cli
+from qenv.cli.common import ArgumentParser, fmt, merge_flag, parse_key_values, plain_table, quiet_libraries, run_cli
 from qenv.errors import QenvError
 from qenv.io import read_json
 
@@ -64,7 +64,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--n-tokens", type=int, metavar="N",
                    help="tokens scored (and calibration tokens of new envs) (default: the run's, else 2048)")
     p.add_argument("--search-evals", type=int, default=DEFAULT_SEARCH_EVALS, metavar="N",
-                   help="evaluation budget of each searcher, in full evaluations (default: %(default)s)")
+                   help="evaluation budget of each searcher, in full evaluations: one recipe scored on all the "
+                        "tokens, the cost of one RL episode; uniform, greedy and llamacpp may need fewer, evolution "
+                        "spends part on cheap screenings (the table's note says what each spent) (default: %(default)s)")
     p.add_argument("--searchers", default=",".join(SEARCHERS), metavar="LIST",
                    help="comma-separated searchers to compare, or 'none' (default: %(default)s)")
     p.add_argument("--env-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -85,11 +87,26 @@ def build_parser() -> ArgumentParser:
 
 
 # -- the run the policy came from -------------------------------------------------------------------------
+def run_folder_of(policy: Path) -> Path | None:
+    """The run folder ``policy`` belongs to: its own folder for ``model.zip``, the run folder above
+    ``checkpoints/`` for a checkpoint (``<run>/checkpoints/step_*.zip``); ``None`` if neither holds
+    a ``config.json`` or ``summary.json`` of train_agent.py."""
+    folder = policy.resolve().parent
+    for candidate in (folder, folder.parent) if folder.name == "checkpoints" else (folder,):
+        if (candidate / "config.json").is_file() or (candidate / "summary.json").is_file():
+            return candidate
+    return None
+
+
 def read_run(policy: Path) -> dict[str, Any]:
-    """What the run folder of ``policy`` says: agent, env kwargs, training models (may be empty)."""
-    run: dict[str, Any] = {"folder": policy.parent, "summary": None, "config": None}
+    """What the run folder of ``policy`` says: agent, env kwargs, training models (may be empty).
+
+    A checkpoint is read with its run's settings (the folder above ``checkpoints/``), so it is
+    scored on the model it was trained on, not the built-in default."""
+    found = run_folder_of(policy)
+    run: dict[str, Any] = {"folder": found or policy.parent, "summary": None, "config": None, "found": found}
     for key, name in (("summary", "summary.json"), ("config", "config.json")):
-        path = policy.parent / name
+        path = run["folder"] / name
         if path.is_file():
             run[key] = read_json(path, "Run file", "pass --agent and --model explicitly, or fix the file.")
     settings = (run["summary"] or {}).get("settings") or run["config"] or {}
@@ -138,6 +155,23 @@ def scoring_evaluator(task: Any, data: list[str] | None, n_tokens: int, seq_len:
     return held, f"held-out text ({tokens.n_tokens} tokens of {', '.join(Path(d).name for d in data)})"
 
 
+def short_agent_name(agent: str) -> str:
+    """The agent's name for a table: ``ppo``, or the class name of a plug-in given as ``path/file.py:Class``
+    or ``package.module:Class`` (the whole path would swamp the method column)."""
+    return agent.rpartition(":")[2] or agent
+
+
+def evaluations_note(evaluations: int | None, screenings: int = 0) -> str:
+    """What a searcher spent: full evaluations (one recipe scored on every token, the cost of one RL
+    episode) and, for the evolution, cheap screenings on the first token batch."""
+    if evaluations is None:
+        return ""
+    note = f"{evaluations} evaluation{'s' if evaluations != 1 else ''}"
+    if screenings:
+        note += f" + {screenings} screening{'s' if screenings != 1 else ''}"
+    return note
+
+
 def row(method: str, kind: str, metrics: Any, wall: float, budget: float, note: str = "") -> dict[str, Any]:
     return {"method": method, "kind": kind, "bpw": metrics.bpw, "model_mb": metrics.model_mb, "kl": metrics.kl,
             "ppl": metrics.ppl, "top1": metrics.top1, "wall_s": wall, "over_budget": metrics.bpw > budget + _TOL,
@@ -181,7 +215,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         agent = NormalizedAgent(agent, read_json(stats, "Normalisation statistics", "delete it or retrain."))
     recipe, info = rollout_recipe(agent, env, deterministic=True)
     policy_metrics = scorer.evaluate(recipe)
-    policy_row = row(f"policy ({agent_name})", "policy", policy_metrics, time.perf_counter() - t0, budget,
+    policy_row = row(f"policy ({short_agent_name(agent_name)})", "policy", policy_metrics, time.perf_counter() - t0, budget,
                      f"{info.get('clamped_actions', 0)} actions lowered by the budget"
                      if info.get("clamped_actions") else "")
     rows.append(policy_row)
@@ -197,8 +231,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         searcher = make_agent(name, search_env, seed=args.seed)
         s_recipe, s_info = searcher.search(search_env, total_timesteps=args.search_evals * len(task.layers))
         metrics = scorer.evaluate(s_recipe)
-        evals = getattr(searcher, "evaluations", None)
-        note = f"{evals} evaluations" if evals is not None else ""
+        note = evaluations_note(getattr(searcher, "evaluations", None), getattr(searcher, "screenings", 0))
         if s_info.get("mix"):
             note += f", {s_info['mix']}"
         rows.append(row(name, "searcher", metrics, time.perf_counter() - t0, budget, note.strip(", ")))
@@ -280,20 +313,22 @@ def write_csv(path: Path, results: list[dict[str, Any]]) -> None:
 def pareto_plot(path: Path, results: list[dict[str, Any]]) -> None:
     from matplotlib.figure import Figure
 
-    from qenv.callbacks import save_figure
+    from qenv.callbacks import place_labels, save_figure
 
     n = len(results)
     fig = Figure(figsize=(6.4 * min(n, 3), 4.6 * ((n + 2) // 3)), dpi=100)
     styles = {"policy": ("*", "tab:red", 180), "preset": ("o", "tab:blue", 40), "searcher": ("^", "tab:green", 50)}
+    axes_labels = []
     for k, result in enumerate(results):
         ax = fig.add_subplot((n + 2) // 3, min(n, 3), k + 1)
+        labels = []
         for kind, (marker, color, size) in styles.items():
             pts = [r for r in result["rows"] if r["kind"] == kind and r["kl"] > 0]
             if pts:
                 ax.scatter([r["bpw"] for r in pts], [r["kl"] for r in pts], marker=marker, color=color, s=size,
                            label=kind, zorder=3 if kind == "policy" else 2, edgecolor="black", linewidth=0.4)
-            for r in pts:
-                ax.annotate(r["method"], (r["bpw"], r["kl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            labels += [(r["bpw"], r["kl"], r["method"], "black") for r in pts]
+        axes_labels.append((ax, labels))
         ax.axvline(result["budget_bpw"], color="gray", linestyle="--", linewidth=1,
                    label=f"budget {result['budget_bpw']:g}")
         ax.set_yscale("log")
@@ -304,10 +339,38 @@ def pareto_plot(path: Path, results: list[dict[str, Any]]) -> None:
         ax.legend(fontsize=7)
     fig.suptitle("KL vs bits per weight (fp16 has KL 0 and is not drawn)", fontsize=9)
     fig.tight_layout()
+    for ax, labels in axes_labels:  # once the layout is final: labels avoid each other, the legend and the edges
+        place_labels(ax, labels, fontsize=6)
     save_figure(fig, path)
 
 
 # -- entry points ---------------------------------------------------------------------------------------
+def saved_algorithm(policy: Path) -> str | None:
+    """The agent name an SB3 zip was saved by (``None`` for other files or when it cannot tell)."""
+    if policy.suffix != ".zip":
+        return None
+    from qenv.agents.sb3 import agent_name_of_zip
+
+    try:
+        return agent_name_of_zip(policy)
+    except QenvError:
+        return None  # the loader reports a damaged file with its own message
+
+
+def check_outputs(args: Any, out: Path) -> None:
+    """Every output path, before any model is loaded: a bad one would otherwise fail after the
+    whole evaluation (the same checker as train_agent.py's --logdir)."""
+    from qenv.io import check_output_dir
+
+    check_output_dir(out, "--out", "pass --out a folder you can write to (or that can be created).")
+    if args.save_model:
+        target = check_output_dir(args.save_model, "--save-model",
+                                  "pass --save-model a folder you can write to (or that can be created).")
+        if len(args.models) == 1 and target.is_dir() and any(target.iterdir()) and not args.overwrite:
+            raise QenvError(f"Folder {target} already exists and is not empty.",
+                            "pick another --save-model folder, remove it, or pass --overwrite.")
+
+
 def _body(argv: list[str] | None) -> int:
     from qenv.cli.config import check_env_kwargs
     from qenv.cli.envs import set_torch_threads
@@ -317,10 +380,19 @@ def _body(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     set_torch_threads(args.threads)
     policy = Path(args.policy)
+    if policy.is_dir():  # a run folder: its final agent
+        inside = [policy / n for n in ("model.zip", "model.json") if (policy / n).is_file()]
+        if not inside:
+            raise QenvError(f"--policy {policy} is a folder without model.zip or model.json (an unfinished run?).",
+                            f"pass a checkpoint, e.g. {policy / 'checkpoints' / 'step_<N>.zip'}, or finish the run "
+                            f"with train_agent.py --resume {policy}.")
+        policy = inside[0]
     if not policy.is_file():
         raise QenvError(f"Policy file {policy} does not exist.", "pass the model.zip of a run folder written by "
                                                                   "train_agent.py.")
     args.policy = policy
+    if args.seed < 0:
+        raise QenvError(f"--seed={args.seed} is negative.", "pass a seed of 0 or more.")
     if args.search_evals < 1:
         raise QenvError(f"--search-evals={args.search_evals} must be at least 1.", "give each searcher at least one evaluation.")
     if args.n_tokens is not None and args.n_tokens < 1:
@@ -330,34 +402,44 @@ def _body(argv: list[str] | None) -> int:
     if unknown:
         raise QenvError(f"Unknown searcher(s) {unknown}.", f"use a comma-separated subset of {','.join(SEARCHERS)}, "
                                                             "or none.")
+    from qenv.eval.tokens import read_text_file
+
     for path in args.data or []:
         if not Path(path).is_file():
-            raise QenvError(f"Held-out text file {path} does not exist.", "pass an existing UTF-8 text file to --data.")
+            what = "is a folder, not a text file" if Path(path).is_dir() else "does not exist"
+            raise QenvError(f"Held-out text file {path} {what}.", "pass an existing UTF-8 text file to --data.")
+        read_text_file(path)  # binary or undecodable text is refused now, not after the evaluation
     run = read_run(policy)
-    agent_name = args.agent or run["agent"] or "ppo"
+    agent_name = args.agent or run["agent"] or saved_algorithm(policy) or "ppo"
     from qenv.agents.registry import resolve_agent
 
     resolve_agent(agent_name)
     env_kwargs = dict(run["env_kwargs"])
-    env_kwargs.update(check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs"))
+    given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
+    env_kwargs.update(given)
     env_kwargs.pop("model", None)
-    if args.device is not None:
-        env_kwargs["device"] = args.device
-    if args.n_tokens is not None:
-        env_kwargs["n_tokens"] = args.n_tokens
-    budget = args.budget_bpw if args.budget_bpw is not None else float(env_kwargs.pop("budget_bpw", 3.0))
+    for key, flag, value in (("device", "--device", args.device), ("n_tokens", "--n-tokens", args.n_tokens),
+                             ("budget_bpw", "--budget-bpw", args.budget_bpw)):
+        merge_flag(env_kwargs, key, flag, value, given)
+    budget = float(env_kwargs.pop("budget_bpw", 3.0))
     env_kwargs.pop("budget_bpw", None)
     if not 0 < budget <= 16:
         raise QenvError(f"--budget-bpw={budget} is out of range.", "use a number of bits per weight in (0, 16].")
     models = list(args.model or [m["spec"] for m in run["train_models"]] or ["default"])
     args.models = models
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:  # their exports and saved models would land in the same folder, after all the work
+        raise QenvError(f"--model {', '.join(twice)} is given more than once.", "list each model once.")
     held = set()
     calib = env_kwargs.get("data")
     for c in [calib] if isinstance(calib, str) else list(calib or []):
         held.add(Path(c).resolve())
     if args.data and any(Path(d).resolve() in held for d in args.data):
         print("note: --data is also the calibration text: scores are not held-out", flush=True)
-    out = Path(args.out) if args.out else policy.parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out).expanduser() if args.out else run["folder"] / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.save_model:
+        args.save_model = str(Path(args.save_model).expanduser())
+    check_outputs(args, out)
 
     print(f"evaluating {policy} ({agent_name}) at {budget:g} bpw on {', '.join(models)}", flush=True)
     results = []

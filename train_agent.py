@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from qenv.cli.common import (
-    EXIT_INTERRUPTED,
     ArgumentParser,
     check_run_name,
     default_run_name,
     fmt,
+    merge_flag,
     new_run_dir,
     parse_key_values,
     plain_table,
@@ -53,7 +53,8 @@ examples:
   python train_agent.py --model default --model ../shared/data/stories260K/stories260K.bin --name zoo
   python train_agent.py --init-from runs/zoo/model.zip --model tiny-qwen2 --timesteps 2048   # fine-tune
 
-Ctrl-C saves a checkpoint and summary.json, then exits with status 130.
+Ctrl-C saves a checkpoint and summary.json, then exits with status 130; SIGTERM does the same and
+exits with status 143. One process writes to a run folder at a time (a second one is refused).
 Errors print one line, 'error: <problem> Fix: <fix>', and exit with status 2.
 """
 
@@ -143,20 +144,20 @@ def resolve_settings(args: Any) -> dict[str, Any]:
     where = f"{config_path} [{env_id}]" if config_path else "hyperparameters"
     check_hyperparams(args.agent, cfg.hyperparams, where)
     env_kwargs = dict(cfg.env_kwargs)
-    env_kwargs.update(check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs"))
-    if args.model:
-        env_kwargs["model"] = args.model[0] if len(args.model) == 1 else list(args.model)
-    if args.budget_bpw is not None:
-        env_kwargs["budget_bpw"] = args.budget_bpw
-    if args.data:
-        env_kwargs["data"] = args.data[0] if len(args.data) == 1 else list(args.data)
-    if args.n_tokens is not None:
-        env_kwargs["n_tokens"] = args.n_tokens
-    if args.device is not None:
-        env_kwargs["device"] = args.device
+    given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
+    env_kwargs.update(given)
+    for key, flag, value in (
+            ("model", "--model", None if not args.model else args.model[0] if len(args.model) == 1 else list(args.model)),
+            ("budget_bpw", "--budget-bpw", args.budget_bpw),
+            ("data", "--data", None if not args.data else args.data[0] if len(args.data) == 1 else list(args.data)),
+            ("n_tokens", "--n-tokens", args.n_tokens), ("device", "--device", args.device)):
+        merge_flag(env_kwargs, key, flag, value, given)
+    check_env_kwargs(env_kwargs, "the environment arguments")  # flags pass the same type checks
     env_kwargs = absolute_paths(env_kwargs)
     check_agent_action_kind(spec, env_kwargs.get("action_kind", "discrete"))
     total = args.timesteps if args.timesteps is not None else (cfg.n_timesteps or DEFAULT_TIMESTEPS)
+    if args.seed < 0:
+        raise QenvError(f"--seed={args.seed} is negative.", "pass a seed of 0 or more.")
     if args.keep_checkpoints < 0:
         raise QenvError(f"--keep-checkpoints={args.keep_checkpoints} is negative.", "pass 0 to keep all, or a count.")
     for flag, value in (("--timesteps", total), ("--n-envs", args.n_envs), ("--checkpoint-freq", args.checkpoint_freq),
@@ -166,12 +167,13 @@ def resolve_settings(args: Any) -> dict[str, Any]:
     n_envs = args.n_envs or cfg.n_envs or 1
     init_from = check_init_from(args.init_from, spec, env_kwargs.get("action_kind", "discrete"),
                                 env_kwargs.get("menu")) if args.init_from else None
+    section = fit_rollout(args.agent, dict(cfg.raw), n_envs, total)
     return {"init_from": init_from, "normalize": cfg.normalize,
         "version": CONFIG_VERSION, "env_id": env_id, "agent": args.agent, "seed": args.seed, "total_timesteps": total,
         "n_envs": n_envs, "vec_env": args.vec_env or cfg.vec_env or "dummy",
         "checkpoint_freq": args.checkpoint_freq or cfg.checkpoint_freq or max(1, total // 10),
         "env_kwargs": _jsonable(env_kwargs), "config_file": None if config_path is None else str(config_path),
-        "config_section": _jsonable(cfg.raw), "agent_device": args.device, "keep_checkpoints": args.keep_checkpoints,
+        "config_section": _jsonable(section), "agent_device": args.device, "keep_checkpoints": args.keep_checkpoints,
         "argv": list(sys.argv[1:]),
     }
 
@@ -201,6 +203,49 @@ def check_init_from(path: str, spec: Any, kind: Any, menu: Any) -> str:
         raise QenvError(f"--init-from {file} acts in {act_space}, but action_kind={kind!r} gives {mapper.space}.",
                         "pass the action_kind (--env-kwargs action_kind=...) and menu the policy was trained with.")
     return str(file.resolve())
+
+
+def fit_rollout(agent: str, section: dict[str, Any], n_envs: int, total: int) -> dict[str, Any]:
+    """The config section with ``n_steps`` (and ``batch_size``) lowered so that one rollout of an
+    on-policy agent, ``n_steps`` x ``n_envs`` timesteps, fits in the ``total`` asked for; says so.
+
+    On-policy algorithms (PPO, A2C, RecurrentPPO) only stop at the end of a rollout: with PPO's
+    default n_steps 2048, ``--n-envs 1000 --timesteps 64`` would run 2,048,000 timesteps.
+    """
+    import inspect
+
+    from qenv.agents.registry import agent_parameters
+
+    if n_envs > total:
+        raise QenvError(f"--n-envs {n_envs} is more than the {total} timesteps of the run: every step of "
+                        f"{n_envs} environments takes {n_envs} timesteps.",
+                        f"pass --n-envs {total} or fewer, or more --timesteps.")
+    _, factory = agent_parameters(agent)
+    algorithm = getattr(factory, "algorithm_class", None)
+    if not callable(algorithm):
+        return section
+    from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+    algo = algorithm()
+    if not (isinstance(algo, type) and issubclass(algo, OnPolicyAlgorithm)):
+        return section
+    params = inspect.signature(algo.__init__).parameters
+    n_steps = section.get("n_steps", params["n_steps"].default if "n_steps" in params else None)
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps * n_envs <= total:
+        return section
+    fitted = max(1, total // n_envs)
+    if fitted * n_envs < 2:
+        raise QenvError(f"--timesteps {total} is too short for {agent}: one rollout of an on-policy agent takes at "
+                        "least 2 timesteps.", "pass --timesteps 2 or more (a useful run takes thousands).")
+    out = {**section, "n_steps": fitted}
+    note = (f"note: n_steps lowered from {n_steps} to {fitted} so that one rollout (n_steps x --n-envs {n_envs}) "
+            f"fits in the {total} timesteps asked for")
+    batch = section.get("batch_size", params["batch_size"].default if "batch_size" in params else None)
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch > fitted * n_envs:
+        out["batch_size"] = max(2, fitted * n_envs)
+        note += f"; batch_size lowered from {batch} to {out['batch_size']}"
+    print(note, flush=True)
+    return out
 
 
 def check_agent_action_kind(spec: Any, kind: Any) -> None:
@@ -250,8 +295,9 @@ def model_list(env_kwargs: dict[str, Any]) -> list[str]:
 class Run:
     """One training run: builds envs and agent, trains, saves, summarizes."""
 
-    def __init__(self, folder: Path, settings: dict[str, Any], progress: bool, resumed: bool) -> None:
+    def __init__(self, folder: Path, settings: dict[str, Any], progress: bool, resumed: bool, lock: Any = None) -> None:
         self.folder = folder
+        self.lock = lock  # the run folder's RunLock, held by this process
         self.settings = settings
         self.progress = progress
         self.resumed = resumed
@@ -265,6 +311,7 @@ class Run:
         self.interrupted_at: int | None = None
         self.started = resumed
         self.episodes_cb: Any = None
+        self.stopped_by: str | None = None  # SIGINT or SIGTERM
 
     # -- building ---------------------------------------------------------------------------------
     def build_envs(self) -> None:
@@ -323,8 +370,13 @@ class Run:
                 hyper["device"] = s["agent_device"]
             try:
                 self.agent = make_agent(name, env, seed=s["seed"], **hyper)
-            except TypeError as exc:  # a hyperparameter of the wrong type or one the algorithm rejects
-                raise QenvError(f"Agent {name!r} rejected its hyperparameters ({exc}).",
+            except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # a hyperparameter it rejects
+                import torch
+
+                if isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise QenvError(f"Agent {name!r} rejected its hyperparameters ({first}).",
                                 f"check the config file {s.get('config_file')} against the agent's documentation."
                                 ) from None
             if s.get("init_from"):
@@ -417,7 +469,7 @@ class Run:
             "episode_reward_first": self.tracker.mean_reward(first=True),
             "episode_reward_last": self.tracker.mean_reward(first=False),
             "reward_before": self.reward_before, "final": final,
-            "interrupted_at": self.interrupted_at, "init_from": s.get("init_from"),
+            "interrupted_at": self.interrupted_at, "stopped_by": self.stopped_by, "init_from": s.get("init_from"),
             "settings": {k: v for k, v in s.items() if k not in ("version",)},
         }
         write_json_atomic(self.folder / "summary.json", summary)
@@ -436,8 +488,10 @@ class Run:
         if self.resumed:  # what a process killed mid-write left: temporary files, never renamed into place
             from qenv.io import remove_stale_temp_files
 
-            remove_stale_temp_files(self.folder)
+            remove_stale_temp_files(self.folder, self.lock)
         ckpt = latest_checkpoint(self.ckpt_dir) if self.resumed else None
+        if self.resumed and ckpt is None:
+            self.refuse_resume_without_checkpoint()
         if ckpt is not None:
             state = read_json(ckpt[2], "Checkpoint state", "delete that checkpoint's files to resume from the one before.")
             self.tracker.load_state_dict(state.get("tracker", {}))
@@ -455,12 +509,27 @@ class Run:
             return self.execute_plain()
         return self.execute_sb3(ckpt[0] if ckpt else 0)
 
+    def refuse_resume_without_checkpoint(self) -> None:
+        """Nothing to resume from: restarting at step 0 under "(resumed)" would append a second
+        history to the first (episodes, TensorBoard, best recipe); say so instead."""
+        from qenv.agents.registry import resolve_agent
+
+        s = self.settings
+        if not callable(getattr(resolve_agent(s["agent"]).load(), "algorithm_class", None)):
+            raise QenvError(f"Agent {s['agent']!r} has no checkpoints to resume from (only Stable-Baselines3 "
+                            "agents are checkpointed).", "start a new run (--overwrite or another --name).")
+        argv = " ".join(a for a in s.get("argv", []) if a != "--overwrite")
+        raise QenvError(f"Run folder {self.folder} has no complete checkpoint to resume from (its checkpoints/ "
+                        "folder is empty or missing), so it can only start again from step 0.",
+                        f"start it again with: python train_agent.py {argv} --overwrite".rstrip() + ".")
+
     def execute_sb3(self, done: int) -> int:
         from stable_baselines3.common.callbacks import CallbackList
         from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
         from qenv.callbacks import (AtomicCheckpointCallback, QuantEpisodeCallback, TqdmProgressCallback,
-                                    save_agent_atomic, sigint_deferred)
+                                    save_agent_atomic, sigint_deferred, wait_past_event_files)
+        from qenv.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, signal_name
 
         s = self.settings
         model = self.sb3_model()
@@ -475,7 +544,8 @@ class Run:
                    **{f"agent/{k}": v for k, v in (s.get("config_section") or {}).items() if k != "env_kwargs"}}
         episodes = QuantEpisodeCallback(self.tracker, self.best_path, hparams=hparams, layer_sizes=layer_sizes,
                                         multi_model=len(self.tasks) > 1,
-                                        best_extra={"budget_bpw": self.inner.budget_bpw, "run": self.folder.name})
+                                        best_extra={"budget_bpw": self.inner.budget_bpw, "run": self.folder.name},
+                                        purge_step=done + 1 if self.resumed else None)
         self.episodes_cb = episodes
         ckpts = AtomicCheckpointCallback(s["checkpoint_freq"], self.checkpoint)
         bar = TqdmProgressCallback(total, initial=done, desc=s["agent"], disable=not self.progress)
@@ -483,20 +553,34 @@ class Run:
         status = "complete"
         self.started = True
         if remaining > 0:
+            end, rollout = total, 0
+            if isinstance(model, OnPolicyAlgorithm):  # learn() stops at the end of a whole rollout
+                rollout = int(model.n_steps) * int(model.n_envs)
+            elif str(getattr(getattr(model, "train_freq", None), "unit", "")).endswith("STEP"):  # off-policy
+                rollout = int(model.train_freq.frequency) * int(model.n_envs)
+            if rollout > 0:
+                end = done + -(-remaining // rollout) * rollout
+            if self.resumed:  # this session's events must be read after the earlier ones (they purge them)
+                wait_past_event_files(self.folder / "tb")
             print(f"training {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.inner.budget_bpw:g} bpw: "
-                  f"{done} -> {total} timesteps" + (" (resumed)" if self.resumed else ""), flush=True)
+                  f"{done} -> {total} timesteps" + (" (resumed)" if self.resumed else "")
+                  + (f", run to {end} (whole rollouts of {rollout} timesteps)" if end != total else ""),
+                  flush=True)
             try:
                 self.agent.learn(remaining, callback=CallbackList([episodes, ckpts, bar]), progress_bar=False,
                                  reset_num_timesteps=not self.resumed, tb_log_name="run")
                 self.tb = episodes.tb
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (qenv.signals.Terminated)
                 self.tb = episodes.tb
                 bar.close()
                 status = "interrupted"
+                self.stopped_by = signal_name(exc)
                 self.interrupted_at = int(model.num_timesteps)
                 if isinstance(model, OnPolicyAlgorithm) and ckpts.last_rollout_start is not None:
                     # the partial rollout is never learned from: rewind so a resumed run ends on the same total
                     model.num_timesteps = int(ckpts.last_rollout_start)
+                # ... and the episodes of that rollout, played again after a resume, are not kept twice
+                self.tracker.truncate(int(model.num_timesteps))
             finally:
                 bar.close()
         steps = int(model.num_timesteps)
@@ -507,9 +591,10 @@ class Run:
                 self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
                 self.log_pareto(steps)
                 self.write_summary("interrupted", steps)
-                print(f"\ninterrupted at step {self.interrupted_at}: checkpoint at step {steps} and summary saved in "
+                what = "terminated (SIGTERM)" if self.stopped_by == "SIGTERM" else "interrupted"
+                print(f"\n{what} at step {self.interrupted_at}: checkpoint at step {steps} and summary saved in "
                       f"{self.folder}; continue with: python train_agent.py --resume {self.folder}", flush=True)
-                return EXIT_INTERRUPTED
+                return EXIT_TERMINATED if self.stopped_by == "SIGTERM" else EXIT_INTERRUPTED
             self.policy_file = save_agent_atomic(self.agent, self.folder / "model.zip")
             self.save_normalizer()
             self.close_envs(interrupted=False)
@@ -525,14 +610,12 @@ class Run:
         from torch.utils.tensorboard import SummaryWriter
 
         from qenv.callbacks import TBLogger, save_agent_atomic, sigint_deferred
+        from qenv.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, signal_name
 
         s = self.settings
         layer_sizes = {i.name: (i.out_features, i.in_features) for t in self.tasks for i in t.layers}
         writer = SummaryWriter(str(self.folder / "tb" / "run_1"))
         self.tb = TBLogger(writer, multi_model=len(self.tasks) > 1)
-        self.tb.hparams({"agent": s["agent"], "seed": s["seed"], "total_timesteps": s["total_timesteps"],
-                         "budget_bpw": self.inner.budget_bpw, "models": ",".join(t.name for t in self.tasks)},
-                        {"episode/reward": 0.0, "episode/kl": 0.0})
         steps = {"n": 0}
 
         def on_episode(info: dict[str, Any], reward: float, length: int) -> None:
@@ -551,11 +634,18 @@ class Run:
         self.started = True
         try:
             self.agent.learn(total, progress_bar=self.progress)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (qenv.signals.Terminated)
             status = "interrupted"
+            self.stopped_by = signal_name(exc)
             self.interrupted_at = steps["n"]
         with sigint_deferred():
             self.recorder.on_episode = None
+            # logged after learning: total_timesteps is the environment steps the agent really played (a plug-in
+            # may play fewer than it was granted, or none); the grant is beside it
+            self.tb.hparams({"agent": s["agent"], "seed": s["seed"], "total_timesteps": steps["n"],
+                             "granted_timesteps": total, "budget_bpw": self.inner.budget_bpw,
+                             "models": ",".join(t.name for t in self.tasks)},
+                            {"episode/reward": 0.0, "episode/kl": 0.0})
             suffix = ".json" if type(self.agent).__module__.startswith("qenv.agents.searchers") else ".zip"
             try:
                 self.policy_file = save_agent_atomic(self.agent, self.folder / f"model{suffix}")
@@ -567,8 +657,9 @@ class Run:
             summary = self.write_summary(status, steps["n"], final)
             writer.close()
         if status == "interrupted":
-            print(f"\ninterrupted: summary saved in {self.folder}", flush=True)
-            return EXIT_INTERRUPTED
+            what = "terminated (SIGTERM)" if self.stopped_by == "SIGTERM" else "interrupted"
+            print(f"\n{what}: summary saved in {self.folder}", flush=True)
+            return EXIT_TERMINATED if self.stopped_by == "SIGTERM" else EXIT_INTERRUPTED
         self.report(summary)
         return 0
 
@@ -578,7 +669,7 @@ class Run:
         processes = getattr(self.vec, "processes", None)
         if interrupted and processes:  # a worker may hold an unread reply: stop them instead of close()
             for proc in processes:
-                proc.terminate()
+                proc.kill()  # workers ignore SIGINT and SIGTERM (the main process handles both)
             for proc in processes:
                 proc.join(timeout=10)
             self.vec = None
@@ -640,6 +731,25 @@ def _given_flags(args: Any, parser: ArgumentParser) -> list[str]:
     return ignored
 
 
+#: what a run's config.json must hold to be resumed, and of which type
+RUN_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
+    "env_id": str, "agent": str, "seed": int, "total_timesteps": int, "n_envs": int, "vec_env": str,
+    "checkpoint_freq": int, "env_kwargs": dict, "config_section": dict, "keep_checkpoints": int,
+}
+
+
+def check_run_config(settings: Any, path: Path) -> None:
+    """A config.json that was edited by hand or written by something else is refused by name, not
+    met later as a KeyError in the middle of a resumed run."""
+    if not isinstance(settings, dict):
+        raise QenvError(f"Run config {path} is not a JSON object.", "start a new run instead.")
+    bad = sorted(k for k, t in RUN_CONFIG_KEYS.items()
+                 if not isinstance(settings.get(k), t) or isinstance(settings.get(k), bool))
+    if bad:
+        raise QenvError(f"Run config {path} lacks or garbles {', '.join(bad)} (edited by hand, or not written by "
+                        "train_agent.py).", "restore it from the run's summary.json ('settings'), or start a new run.")
+
+
 def _prepare_resume(args: Any, parser: ArgumentParser) -> tuple[Path, dict[str, Any]]:
     folder = Path(args.resume)
     config = folder / "config.json"
@@ -647,6 +757,7 @@ def _prepare_resume(args: Any, parser: ArgumentParser) -> tuple[Path, dict[str, 
         raise QenvError(f"{folder} is not a run folder of train_agent.py (it has no config.json).",
                         "pass the folder printed as 'run folder:' by an earlier run.")
     settings = read_json(config, "Run config", "start a new run instead.")
+    check_run_config(settings, config)
     ignored = _given_flags(args, parser)
     if ignored:
         print(f"note: resuming with the settings in {config}; ignoring {', '.join(ignored)}", flush=True)
@@ -664,37 +775,39 @@ def _body(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     set_torch_threads(args.threads)
     if args.resume:
+        from qenv.io import RunLock
+
         folder, settings = _prepare_resume(args, parser)
-        summary = folder / "summary.json"
-        if summary.is_file():
-            data = read_json(summary, "Run summary", "delete it; the run is resumed from its checkpoints.")
-            if data.get("status") == "complete" and (folder / str(data.get("policy_file") or "model.zip")).is_file():
-                print(f"{folder} is already complete ({data.get('timesteps')} of {data.get('total_timesteps')} "
-                      "timesteps); nothing to resume.")
-                return 0
-        return Run(folder, settings, progress=not args.no_progress, resumed=True).execute()
+        with RunLock(folder).acquire() as lock:  # one writer per run folder, for the whole run
+            if lock.recovered_from is not None:
+                print(f"note: took over the lock of PID {lock.recovered_from}, which is no longer running", flush=True)
+            summary = folder / "summary.json"
+            if summary.is_file():
+                data = read_json(summary, "Run summary", "delete it; the run is resumed from its checkpoints.")
+                if data.get("status") == "complete" and (folder / str(data.get("policy_file") or "model.zip")).is_file():
+                    print(f"{folder} is already complete ({data.get('timesteps')} of {data.get('total_timesteps')} "
+                          "timesteps); nothing to resume.")
+                    return 0
+            return Run(folder, settings, progress=not args.no_progress, resumed=True, lock=lock).execute()
     settings = resolve_settings(args)
     logdir = Path(args.logdir)
     name = check_run_name(args.name) if args.name else default_run_name(logdir, settings["agent"].split(":")[-1].lower())
-    target = logdir / name
-    if target.is_dir() and any(target.iterdir()) and not args.overwrite:
-        raise QenvError(f"Run folder {target} already exists.",
-                        f"pass --resume {target} to continue it, --overwrite to replace it, or another --name.")
-    folder = new_run_dir(logdir, name, overwrite=args.overwrite)
-    from qenv.io import write_json_atomic
+    folder, lock = new_run_dir(logdir, name, overwrite=args.overwrite, numbered=not args.name)
+    with lock:
+        from qenv.io import write_json_atomic
 
-    write_json_atomic(folder / "config.json", settings)
-    run = Run(folder, settings, progress=not args.no_progress, resumed=False)
-    try:
-        return run.execute()
-    except BaseException:
-        if not run.started:  # nothing was trained: leave no half-made run folder behind, whatever the error
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
+        write_json_atomic(folder / "config.json", settings)
+        run = Run(folder, settings, progress=not args.no_progress, resumed=False, lock=lock)
+        try:
+            return run.execute()
+        except BaseException:
+            if not run.started:  # nothing was trained: leave no half-made run folder behind, whatever the error
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the program; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
+    """Run the program; returns the exit status (0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM)."""
     return run_cli(lambda: _body(argv))
 
 

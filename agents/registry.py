@@ -270,13 +270,103 @@ def agent_parameters(agent: str) -> tuple[list[str] | None, Any]:
 def check_hyperparams(agent: str, hyperparams: dict[str, Any], where: str) -> None:
     """Unknown hyperparameters are an error that lists the accepted ones."""
     accepted, _ = agent_parameters(agent)
-    if accepted is None:
-        return
-    unknown = sorted(set(hyperparams) - set(accepted))
-    if unknown:
+    unknown = sorted(set(hyperparams) - set(accepted)) if accepted is not None else []
+    if unknown and accepted is not None:
         shown = [k for k in accepted if k not in ("env", "seed")]
         raise QenvError(f"{where}: unknown key(s) {unknown} for agent {agent!r}.",
                         f"use {list(RESERVED_KEYS)} or the agent's hyperparameters: {shown}.")
+    check_hyperparam_values(agent, hyperparams, where)
+
+
+#: value ranges of common SB3 hyperparameters: (low, high, low inclusive); numbers only
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    **{k: (1, float("inf"), True) for k in ("n_steps", "batch_size", "n_epochs", "buffer_size", "target_update_interval",
+                                            "policy_delay", "stats_window_size")},
+    **{k: (0, 1, True) for k in ("gamma", "gae_lambda", "tau", "exploration_fraction", "exploration_initial_eps",
+                                 "exploration_final_eps")},
+    **{k: (0, float("inf"), False) for k in ("learning_rate", "clip_range", "clip_range_vf", "max_grad_norm",
+                                             "rms_prop_eps", "target_kl")},
+    **{k: (0, float("inf"), True) for k in ("ent_coef", "vf_coef", "learning_starts", "target_policy_noise",
+                                            "target_noise_clip")},
+}
+
+
+def _matches(value: Any, annotation: Any) -> bool | None:
+    """Whether ``value`` fits a constructor annotation; ``None`` when the annotation is not understood."""
+    import collections.abc
+    import types
+    import typing
+
+    if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, (str, typing.ForwardRef)):
+        return None
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        results = [_matches(value, a) for a in typing.get_args(annotation)]
+        return True if any(r is True for r in results) else (None if any(r is None for r in results) else False)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        import math
+
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is collections.abc.Callable or annotation is collections.abc.Callable:
+        return callable(value) and not isinstance(value, type)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if origin in (tuple, list) or annotation in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if origin is type:
+        return isinstance(value, type)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return None
+
+
+def check_hyperparam_values(agent: str, hyperparams: dict[str, Any], where: str) -> None:
+    """Types and ranges of hyperparameters, from the agent's own constructor annotations (and SB3's),
+    before anything is built: ``learning_rate: fast``, ``n_steps: -1``, ``policy: NoSuchPolicy`` or
+    ``gamma: [1, 2]`` (which SB3 accepts and only fails on after the first rollout) are one clear
+    error instead of a traceback, or a run that ``--resume`` cannot continue."""
+    _, factory = agent_parameters(agent)
+    targets = [factory]
+    algorithm = getattr(factory, "algorithm_class", None)
+    algo = algorithm() if callable(algorithm) else None
+    if algo is not None:
+        targets.append(algo)
+    params: dict[str, inspect.Parameter] = {}
+    for target in reversed(targets):  # the wrapper's own annotations win
+        try:
+            params.update(inspect.signature(target).parameters)
+        except (TypeError, ValueError):
+            continue
+    for key, value in hyperparams.items():
+        if key == "policy" and algo is not None:
+            aliases = sorted(getattr(algo, "policy_aliases", {}) or {})
+            if isinstance(value, str) and aliases and value not in aliases:
+                raise QenvError(f"{where}: policy={value!r} is not a policy of {algo.__name__}.",
+                                f"use one of {aliases}.")
+            continue
+        param = params.get(key)
+        if param is not None and _matches(value, param.annotation) is False:
+            shown = param.annotation.__name__ if isinstance(param.annotation, type) else \
+                str(param.annotation).replace("collections.abc.", "").replace("typing.", "")
+            example = param.default if param.default is not inspect.Parameter.empty and param.default is not None else ""
+            raise QenvError(f"{where}: {key}={value!r} has the wrong type (expected {shown}).",
+                            f"write e.g. {key}: {example}." if example != "" else f"give {key} a value of type {shown}.")
+        if key in _RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high, inclusive = _RANGES[key]
+            if value > high or value < low or (value == low and not inclusive):
+                span = f"{'[' if inclusive else '('}{low:g}, {high:g}]" if high != float("inf") else \
+                    (f"at least {low:g}" if inclusive else f"more than {low:g}")
+                raise QenvError(f"{where}: {key}={value!r} is out of range ({span}).",
+                                f"write e.g. {key}: {param.default}." if param is not None and
+                                param.default not in (inspect.Parameter.empty, None) else f"use a value {span}.")
 
 
 def accepts(agent: str, name: str) -> bool:

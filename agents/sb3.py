@@ -79,10 +79,16 @@ class SB3Agent:
         return self.model.predict(observation, state=state, episode_start=episode_start, deterministic=deterministic)
 
     def save(self, path: str | Path) -> Path:
-        """Save the SB3 model (SB3 appends ``.zip`` when ``path`` has no suffix); returns the file."""
+        """Save the SB3 model (SB3 appends ``.zip`` when ``path`` has no suffix); returns the file.
+
+        The zip also records which agent wrote it (``qenv_agent.json``, which SB3 ignores), so that
+        loading it as another algorithm is refused by name instead of failing or mislabelling."""
         path = Path(path)
         self.model.save(path)
-        return path if path.suffix else path.with_name(path.name + ".zip")
+        file = path if path.suffix else path.with_name(path.name + ".zip")
+        with zipfile.ZipFile(file, "a") as archive:
+            archive.writestr(AGENT_ENTRY, json.dumps({"agent": self.name, "algorithm": self.class_name}))
+        return file
 
     @classmethod
     def load(cls, path: str | Path, env: Any = None, device: str = "cpu", **kwargs: Any) -> SB3Agent:
@@ -90,6 +96,12 @@ class SB3Agent:
         if not path.is_file() and not path.with_name(path.name + ".zip").is_file():
             raise QenvError(f"No saved {cls.name} model at {path}.", "pass the .zip written by agent.save().")
         file = path if path.is_file() else path.with_name(path.name + ".zip")
+        saved = agent_name_of_zip(file)
+        if saved is not None and saved != cls.name:
+            algorithm = SB3_AGENTS[saved].class_name if saved in SB3_AGENTS else saved
+            raise QenvError(f"The saved agent {file} was trained with {algorithm} ({saved}), not {cls.class_name} "
+                            f"({cls.name}).", f"load it as {saved} (--agent {saved}), or leave --agent out to use the "
+                                              "run's agent.")
         # SB3 would cloudpickle.loads the zip's non-JSON entries, which runs whatever code the file
         # holds; they are unpickled here with an allow-list instead and handed over as custom_objects.
         custom_objects = {**safe_custom_objects(file), **(kwargs.pop("custom_objects", None) or {})}
@@ -114,43 +126,50 @@ class SB3Agent:
 
 
 # -- safe loading of SB3 zips ---------------------------------------------------------------------
-#: module prefixes an SB3 zip's pickled entries may import from (anything else is refused)
-_SAFE_MODULES: tuple[str, ...] = ("builtins", "copyreg", "collections", "numpy", "gymnasium.spaces",
-                                  "stable_baselines3", "sb3_contrib", "torch.nn.modules", "torch.optim", "qenv.cli.config")
-#: single objects allowed by (module, name); classes of the families in _safe_family are allowed too
-_SAFE_NAMES: frozenset[tuple[str, str]] = frozenset({
-    ("builtins", n) for n in ("set", "frozenset", "slice", "range", "complex", "bytearray", "list", "dict", "tuple",
-                              "int", "float", "bool", "str", "bytes", "object")
-} | {("copyreg", "_reconstructor"), ("collections", "OrderedDict"), ("collections", "deque"),
-     ("collections", "defaultdict"), ("qenv.cli.config", "LinearSchedule"),
-     ("stable_baselines3.common.utils", "FloatSchedule"), ("stable_baselines3.common.utils", "ConstantSchedule"),
-     ("stable_baselines3.common.utils", "LinearSchedule"), ("stable_baselines3.common.type_aliases", "TrainFreq"),
-     ("stable_baselines3.common.type_aliases", "TrainFrequencyUnit"), ("numpy", "dtype"), ("numpy", "ndarray")}
-  | {(m, "_reconstruct") for m in ("numpy.core.multiarray", "numpy._core.multiarray")}
-  | {(m, "scalar") for m in ("numpy.core.multiarray", "numpy._core.multiarray")}
-  | {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
-  | {("numpy.random._pickle", n) for n in ("__generator_ctor", "__bit_generator_ctor", "__randomstate_ctor")}
-  | {("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"), ("numpy.random.bit_generator", "SeedSequence"),
-     ("numpy.random._pcg64", "PCG64"), ("numpy.random._pcg64", "PCG64DXSM"), ("numpy.random._mt19937", "MT19937"), ("numpy.random._philox", "Philox"),
-     ("numpy.random._sfc64", "SFC64"), ("numpy.random._generator", "Generator"), ("numpy.random.mtrand", "RandomState")})
+def _names(module: str, *names: str) -> set[tuple[str, str]]:
+    return {(module, n) for n in names}
 
 
-def _safe_family(obj: Any) -> bool:
-    """Classes an SB3 zip legitimately refers to: spaces, policies, buffers, feature extractors,
-    action noise, torch modules (activations), optimizers and numpy scalar types. Only classes,
-    never functions."""
-    if not isinstance(obj, type):
-        return False
-    import gymnasium
-    import torch
-    from stable_baselines3.common.buffers import BaseBuffer
-    from stable_baselines3.common.noise import ActionNoise
-    from stable_baselines3.common.policies import BasePolicy
-    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
-
-    families = (gymnasium.spaces.Space, BasePolicy, BaseBuffer, BaseFeaturesExtractor, ActionNoise,
-                torch.nn.Module, torch.optim.Optimizer, np.generic)
-    return issubclass(obj, families)
+#: every object an SB3 zip's pickled entries may refer to, as exact (module, name) pairs: no module
+#: prefixes, no dotted names, no "any subclass of" (through those, torch.fx.GraphModule and
+#: torch.jit.ScriptModule, both torch.nn.Module subclasses, got in). Gathered from the zips of every
+#: built-in agent and action kind, plus the activations, optimizers, extractors and noises a config
+#: may name.
+_SAFE_NAMES: frozenset[tuple[str, str]] = frozenset(
+    _names("builtins", "set", "frozenset", "slice", "range", "complex", "bytearray", "list", "dict", "tuple", "int",
+           "float", "bool", "str", "bytes", "object")
+    | _names("copyreg", "_reconstructor") | _names("collections", "OrderedDict", "deque", "defaultdict")
+    | _names("qenv.cli.config", "LinearSchedule")
+    | _names("stable_baselines3.common.utils", "FloatSchedule", "ConstantSchedule", "LinearSchedule")
+    | _names("stable_baselines3.common.type_aliases", "TrainFreq", "TrainFrequencyUnit")
+    | _names("stable_baselines3.common.policies", "ActorCriticPolicy", "ActorCriticCnnPolicy",
+             "MultiInputActorCriticPolicy")
+    | _names("stable_baselines3.dqn.policies", "DQNPolicy", "CnnPolicy", "MultiInputPolicy")
+    | _names("stable_baselines3.sac.policies", "SACPolicy", "CnnPolicy", "MultiInputPolicy")
+    | _names("stable_baselines3.td3.policies", "TD3Policy", "CnnPolicy", "MultiInputPolicy")
+    | _names("sb3_contrib.common.recurrent.policies", "RecurrentActorCriticPolicy",
+             "RecurrentActorCriticCnnPolicy", "RecurrentMultiInputActorCriticPolicy")
+    | _names("stable_baselines3.common.buffers", "ReplayBuffer", "RolloutBuffer", "DictReplayBuffer",
+             "DictRolloutBuffer")
+    | _names("sb3_contrib.common.recurrent.buffers", "RecurrentRolloutBuffer", "RecurrentDictRolloutBuffer")
+    | _names("stable_baselines3.common.noise", "NormalActionNoise", "OrnsteinUhlenbeckActionNoise")
+    | _names("stable_baselines3.common.torch_layers", "FlattenExtractor", "MlpExtractor")
+    | _names("torch.nn.modules.activation", "Tanh", "ReLU", "ELU", "LeakyReLU", "GELU", "SiLU", "Sigmoid")
+    | _names("torch.optim.adam", "Adam") | _names("torch.optim.adamw", "AdamW") | _names("torch.optim.sgd", "SGD")
+    | _names("torch.optim.rmsprop", "RMSprop")
+    | _names("gymnasium.spaces.box", "Box") | _names("gymnasium.spaces.discrete", "Discrete")
+    | _names("gymnasium.spaces.multi_discrete", "MultiDiscrete") | _names("gymnasium.spaces.multi_binary", "MultiBinary")
+    | _names("gymnasium.spaces.dict", "Dict") | _names("gymnasium.spaces.tuple", "Tuple")
+    | _names("numpy", "dtype", "ndarray", "bool_", "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+             "uint8", "uint16", "uint32", "uint64")
+    | {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    | {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
+    | _names("numpy.random._pickle", "__generator_ctor", "__bit_generator_ctor", "__randomstate_ctor")
+    | _names("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence", "SeedSequence")
+    | _names("numpy.random._pcg64", "PCG64", "PCG64DXSM") | _names("numpy.random._mt19937", "MT19937")
+    | _names("numpy.random._philox", "Philox") | _names("numpy.random._sfc64", "SFC64")
+    | _names("numpy.random._generator", "Generator") | _names("numpy.random.mtrand", "RandomState")
+)
 
 
 class _Refused(Exception):
@@ -158,13 +177,51 @@ class _Refused(Exception):
 
 
 class _AllowListUnpickler(pickle.Unpickler):
+    """Resolves only the exact (module, name) pairs of :data:`_SAFE_NAMES`; nothing is imported or
+    looked up for anything else."""
+
     def find_class(self, module: str, name: str) -> Any:
-        if not any(module == m or module.startswith(m + ".") for m in _SAFE_MODULES):
+        if (module, name) not in _SAFE_NAMES:
             raise _Refused(f"{module}.{name}")
-        obj = super().find_class(module, name)
-        if (module, name) in _SAFE_NAMES or _safe_family(obj):
-            return obj
-        raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+#: the zip entry in which qenv records the agent that saved an SB3 zip
+AGENT_ENTRY = "qenv_agent.json"
+
+
+def agent_name_of_zip(path: str | Path) -> str | None:
+    """The qenv agent name (``ppo``, ``a2c``, ...) an SB3 zip was saved by; ``None`` if it cannot tell.
+
+    qenv's own zips say so in :data:`AGENT_ENTRY`. For other SB3 zips it is read from what SB3 stored:
+    the policy class (resolved through the same allow-list, never executed) and the algorithm's own
+    hyperparameters (PPO stores ``clip_range``, A2C does not; DDPG is TD3 with ``policy_delay`` 1).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if AGENT_ENTRY in names:
+                name = json.loads(archive.read(AGENT_ENTRY).decode("utf-8")).get("agent")
+                return str(name) if name else None
+            if "data" not in names:
+                return None
+            data = json.loads(archive.read("data").decode("utf-8"))
+        raw = base64.b64decode(str(data["policy_class"][":serialized:"]).encode())
+        policy = _AllowListUnpickler(io.BytesIO(raw)).load()
+    except (zipfile.BadZipFile, OSError, KeyError, TypeError, ValueError, _Refused, pickle.UnpicklingError, EOFError):
+        return None
+    module = getattr(policy, "__module__", "")
+    if module.startswith("stable_baselines3.dqn"):
+        return "dqn"
+    if module.startswith("stable_baselines3.sac"):
+        return "sac"
+    if module.startswith("stable_baselines3.td3"):
+        return "ddpg" if data.get("policy_delay") == 1 and data.get("target_noise_clip") == 0.0 else "td3"
+    if module.startswith("sb3_contrib.common.recurrent"):
+        return "recurrent_ppo"
+    if module == "stable_baselines3.common.policies":
+        return "ppo" if "clip_range" in data else "a2c"
+    return None
 
 
 def safe_custom_objects(path: str | Path) -> dict[str, Any]:

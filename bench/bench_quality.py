@@ -112,20 +112,13 @@ def corpus_files(corpus: str, data_dir: Path, work: Path) -> tuple[str | None, s
 
     WikiText models calibrate on ``wikitext-2/train.txt`` and are scored on ``test.txt``. The
     TinyStories model (stories260K) has no training split here: it calibrates on tokens sampled from
-    itself (the env's default) and is scored on the TinyStories validation stories, joined by
-    newlines (the file's ``<|endoftext|>`` separators are not text).
+    itself (the env's default) and is scored on the TinyStories validation stories, whose
+    ``<|endoftext|>`` separators ``tokens_from_text`` turns into document boundaries (BOS + story, as
+    llama2.c trained it; see ``qenv/eval/tokens.py``). ``work`` is unused, kept for the callers.
     """
     if corpus == "wikitext":
         return str(data_dir / "wikitext-2" / "train.txt"), str(data_dir / "wikitext-2" / "test.txt")
-    src = data_dir / "tinystories" / "TinyStories-valid-first1000.txt"
-    dst = work / "tinystories-valid-stories.txt"
-    if not dst.is_file():
-        stories = [s.strip() for s in src.read_text(encoding="utf-8").split("\n<|endoftext|>\n") if s.strip()]
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-        tmp.write_text("\n".join(stories) + "\n", encoding="utf-8")
-        os.replace(tmp, dst)
-    return None, str(dst)
+    return None, str(data_dir / "tinystories" / "TinyStories-valid-first1000.txt")
 
 
 def wait_for_model(spec: str, deadline: float) -> None:

@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 ENV_ID = "QuantLLM-v0"
 
 if ENV_ID not in gymnasium.registry:
+    # no max_episode_steps: an episode is one step per layer of its model, so it has no fixed length
+    # (see QuantLLMEnv's docstring); every episode terminates by itself
     gymnasium.register(id=ENV_ID, entry_point="qenv.envs.quant_llm:QuantLLMEnv")
 
 __all__ = [

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import math
 import re
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qenv.io import atomic_path, write_json_atomic
+from qenv.signals import stop_signals_deferred
 from qenv.quant.rules import Recipe, Rule
 
 #: terminal-info keys copied into each episode record
@@ -111,6 +110,18 @@ class EpisodeTracker:
     def state_dict(self) -> dict[str, Any]:
         return {"episodes": self.episodes, "best": self.best, "best_by_model": self.best_by_model}
 
+    def truncate(self, timestep: int) -> int:
+        """Forget the episodes that ended after ``timestep``; returns how many.
+
+        An interrupted on-policy run is rewound to its last whole rollout and resumed from there, so
+        the episodes of the partial rollout are played again: kept, they would be counted twice.
+        The best recipe stays even if one of them found it: it was measured, and is still the best.
+        """
+        kept = [e for e in self.episodes if int(e["t"]) <= int(timestep)]
+        dropped = len(self.episodes) - len(kept)
+        self.episodes = kept
+        return dropped
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.episodes = list(state.get("episodes", []))
         self.best = state.get("best")
@@ -157,13 +168,13 @@ def pareto_figure(episodes: Sequence[Mapping[str, Any]], best: Mapping[str, Any]
         sc = ax.scatter([e["bpw"] for e in pts], [e["kl"] for e in pts], c=[e["reward"] for e in pts], cmap="viridis",
                         vmin=vmin, vmax=vmax, s=14, alpha=0.75, marker=markers[k % len(markers)],
                         label=model if len(models) > 1 else None)
+    labels: list[tuple[float, float, str, str]] = []
     if references:
         for model, ref in references.items():
             if (_float(ref.get("kl")) or 0) > 0 and _float(ref.get("bpw")) is not None:
                 ax.scatter([ref["bpw"]], [ref["kl"]], marker="x", color="tab:red", s=60, zorder=5)
-                ax.annotate(f"uniform ref ({model})" if len(references) > 1 else "uniform RTN reference",
-                            (ref["bpw"], ref["kl"]), fontsize=7, color="tab:red", xytext=(4, 4),
-                            textcoords="offset points")
+                labels.append((ref["bpw"], ref["kl"],
+                               f"uniform ref ({model})" if len(references) > 1 else "uniform RTN reference", "tab:red"))
     if best is not None and (_float(best.get("metrics", {}).get("kl")) or 0) > 0:
         m = best["metrics"]
         ax.scatter([m["bpw"]], [m["kl"]], marker="*", color="tab:orange", edgecolor="black", s=160, zorder=6,
@@ -180,7 +191,86 @@ def pareto_figure(episodes: Sequence[Mapping[str, Any]], best: Mapping[str, Any]
     if handles:
         ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
+    star = best.get("metrics", {}) if best is not None else {}
+    place_labels(ax, labels, fontsize=7,
+                 avoid=[(star["bpw"], star["kl"])] if (_float(star.get("kl")) or 0) > 0 else [])
     return fig
+
+
+def place_labels(ax: Any, labels: Sequence[tuple[float, float, str, str]], fontsize: float = 7,
+                 avoid: Sequence[tuple[float, float]] = ()) -> list[Any]:
+    """Annotate points ``(x, y, text, color)`` so that labels stay inside the axes and overlap
+    neither each other, the legend nor the marked points (and the points in ``avoid``), where any
+    free spot allows. Labels sit on a light box, readable over a dense scatter.
+
+    Call it after the figure's layout is final (after ``tight_layout``): positions are measured
+    in display space. Points at the same place get one label joined by " = ". Each label tries
+    spots around its point, nearest first, and takes the first free one, else the least covered.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = ax.figure
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    renderer = fig.canvas.get_renderer()
+    merged: dict[tuple[float, float], list[Any]] = {}
+    for x, y, text, color in labels:
+        key = (round(float(x), 9), round(float(y), 12))
+        if key in merged:
+            merged[key][2] += f" = {text}"
+        else:
+            merged[key] = [float(x), float(y), text, color]
+    frame = ax.get_window_extent(renderer)
+    to_px = ax.transData.transform
+    taken = []  # boxes (x0, y0, x1, y1) in pixels: the points themselves, the legend, placed labels
+    marks = {}  # each labelled point's own box, which its label may touch
+    for x, y in [(m[0], m[1]) for m in merged.values()] + [(float(a), float(b)) for a, b in avoid]:
+        px, py = to_px((x, y))
+        taken.append((px - 7, py - 7, px + 7, py + 7))
+        marks.setdefault((x, y), taken[-1])
+    legend = ax.get_legend()
+    if legend is not None:
+        box = legend.get_window_extent(renderer)
+        taken.append((box.x0, box.y0, box.x1, box.y1))
+    # (dx, dy) in points and the alignment that keeps the text on that side of the point
+    spots = [(4, 3, "left", "bottom"), (-4, 3, "right", "bottom"), (4, -3, "left", "top"), (-4, -3, "right", "top"),
+             (0, 6, "center", "bottom"), (0, -6, "center", "top"), (6, 12, "left", "bottom"),
+             (-6, 12, "right", "bottom"), (6, -12, "left", "top"), (-6, -12, "right", "top"),
+             (0, 18, "center", "bottom"), (0, -18, "center", "top")]
+
+    def overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    placed = []
+    for x, y, text, color in sorted(merged.values(), key=lambda m: (m[0], m[1])):
+        ann = ax.annotate(text, (x, y), fontsize=fontsize, color=color, textcoords="offset points",
+                          xytext=spots[0][:2], ha=spots[0][2], va=spots[0][3], annotation_clip=False, zorder=7,
+                          bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+        ann.set_in_layout(False)
+        best, best_cost = None, None
+        for dx, dy, ha, va in spots:
+            ann.set_position((dx, dy))
+            ann.set_ha(ha)
+            ann.set_va(va)
+            b = ann.get_window_extent(renderer)
+            box = (b.x0, b.y0, b.x1, b.y1)
+            outside = (max(0.0, frame.x0 - b.x0) + max(0.0, b.x1 - frame.x1)) * b.height + \
+                (max(0.0, frame.y0 - b.y0) + max(0.0, b.y1 - frame.y1)) * b.width
+            own = marks.get((x, y))
+            cost = outside * 10 + sum(overlap(box, t) for t in taken if t is not own)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = (dx, dy, ha, va, box), cost
+            if cost == 0:
+                break
+        dx, dy, ha, va, box = best
+        ann.set_position((dx, dy))
+        ann.set_ha(ha)
+        ann.set_va(va)
+        taken.append(box)
+        placed.append(ann)
+    return placed
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
@@ -244,6 +334,35 @@ class TBLogger:
         self.writer.flush()
 
 
+def purge_tensorboard(writer: Any, step: int) -> None:
+    """Tell TensorBoard to drop what earlier sessions logged at ``step`` and after.
+
+    A resumed run starts again from its checkpoint: whatever the interrupted (or killed) session
+    logged after it is replaced by what the resumed one logs, instead of both showing and the curves
+    jumping back. This is what ``SummaryWriter(purge_step=...)`` writes: a session-start event at
+    ``step``, on which TensorBoard discards earlier events at that step or later.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    writer.file_writer.add_event(Event(step=int(step), file_version="brain.Event:2"))
+    writer.file_writer.add_event(Event(step=int(step), session_log=SessionLog(status=SessionLog.START)))
+    writer.flush()
+
+
+def wait_past_event_files(folder: str | Path) -> None:
+    """Wait (at most a second) until a new TensorBoard event file would sort after every one in ``folder``.
+
+    TensorBoard reads a run's event files in name order, and a name starts with its creation time
+    in whole seconds (then host and PID): a resumed session that starts in the same second as the
+    session it continues could be read first, and its purge of that session's later steps lost.
+    """
+    stamps = [int(part) for p in Path(folder).rglob("events.out.tfevents.*")
+              if len(parts := p.name.split(".")) > 3 and (part := parts[3]).isdigit()]
+    newest = max(stamps, default=0)
+    while int(time.time()) <= newest:
+        time.sleep(0.02)
+
+
 def sb3_tensorboard_writer(logger: Any) -> Any | None:
     """The ``SummaryWriter`` of an SB3 logger's TensorBoard output, if it has one."""
     from stable_baselines3.common.logger import TensorBoardOutputFormat
@@ -267,8 +386,10 @@ class QuantEpisodeCallback(BaseCallback):
 
     def __init__(self, tracker: EpisodeTracker, best_path: str | Path | None = None,
                  hparams: Mapping[str, Any] | None = None, layer_sizes: Mapping[str, tuple[int, int]] | None = None,
-                 multi_model: bool = False, best_extra: Mapping[str, Any] | None = None, verbose: int = 0) -> None:
+                 multi_model: bool = False, best_extra: Mapping[str, Any] | None = None,
+                 purge_step: int | None = None, verbose: int = 0) -> None:
         super().__init__(verbose)
+        self.purge_step = purge_step
         self.tracker = tracker
         self.best_path = None if best_path is None else Path(best_path)
         self.hparam_dict = dict(hparams or {})
@@ -281,6 +402,8 @@ class QuantEpisodeCallback(BaseCallback):
     def _on_training_start(self) -> None:
         writer = sb3_tensorboard_writer(self.logger)
         self.tb = None if writer is None else TBLogger(writer, self.multi_model)
+        if writer is not None and self.purge_step is not None:
+            purge_tensorboard(writer, self.purge_step)
         self._returns = np.zeros(self.training_env.num_envs, dtype=np.float64)
         if self.tb is not None and self.hparam_dict:
             from stable_baselines3.common.logger import HParam
@@ -431,32 +554,9 @@ def latest_checkpoint(folder: str | Path) -> tuple[int, Path, Path] | None:
     return max(found) if found else None
 
 
-@contextmanager
 def sigint_deferred() -> Any:
-    """Hold Ctrl-C back while files are being saved (main thread only).
-
-    A Ctrl-C that arrives inside the block is not lost: it is raised as ``KeyboardInterrupt``
-    (through the previous handler) once the block has finished writing.
-    """
-    hits: list[int] = []
-
-    def remember(signum: int, frame: Any) -> None:
-        hits.append(signum)
-
-    try:
-        previous = signal.signal(signal.SIGINT, remember)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if hits:
-            if callable(previous):
-                previous(signal.SIGINT, None)
-            elif previous == signal.SIG_DFL:
-                raise KeyboardInterrupt
+    """Hold Ctrl-C and SIGTERM back while files are being saved; see :func:`qenv.signals.stop_signals_deferred`."""
+    return stop_signals_deferred()
 
 
 class Stopwatch:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from qenv.errors import QenvError
-from qenv.io import write_json_atomic, write_text_atomic
+from qenv.io import apply_default_modes, make_dir_like_mkdir, write_json_atomic, write_text_atomic
 from qenv.models.layers import LayerInfo
 from qenv.quant.presets import KQUANT_BPW, KQUANT_RULES
 from qenv.quant.accounting import rule_bpw
@@ -289,7 +289,7 @@ def save_quantized_model(evaluator: Any, recipe: Mapping[str, Rule], folder: str
     payload = {"format": "qenv-recipe", "version": 1, "model": loaded.name, "rules": recipe.to_dict(),
                "labels": {info.name: recipe.rule_for(info.name).label() for info in evaluator.layers},
                **dict(metadata or {})}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = make_dir_like_mkdir(f".{folder.name}.", folder.parent)  # 0755 under umask 022, not mkdtemp's 0700
     config = getattr(model, "config", None)
     try:
         if config is not None:
@@ -298,6 +298,7 @@ def save_quantized_model(evaluator: Any, recipe: Mapping[str, Rule], folder: str
             model.save_pretrained(str(tmp))
         if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
             loaded.tokenizer.save_pretrained(str(tmp))
+        apply_default_modes(tmp)
         _replace_folder(tmp, folder, overwrite)
     finally:
         if config is not None and hasattr(config, "qenv_recipe"):
@@ -321,7 +322,7 @@ def export_all(folder: str | Path, layers: Sequence[LayerInfo], recipe: Mapping[
               "# usage: sh llamacpp-quantize.sh model-f16.gguf model-qenv.gguf\n"
               'set -e\nSRC="${1:-model-f16.gguf}"\nDST="${2:-model-qenv.gguf}"\n'
               + llama.command('"$SRC"', '"$DST"') + "\n")
-    paths["llamacpp_command"] = write_text_atomic(folder / "llamacpp-quantize.sh", script)
+    paths["llamacpp_command"] = write_text_atomic(folder / "llamacpp-quantize.sh", script, executable=True)
     paths["gptqmodel"] = write_json_atomic(folder / "gptqmodel-quantize-config.json", gptqmodel_dynamic(layers, recipe))
     return paths
 

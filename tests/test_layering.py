@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,9 @@ def test_agents_import_as_qenv_agents_only() -> None:
     import qenv.agents
 
     assert Path(qenv.agents.__file__).resolve().parent == REPO / "agents"
-    # run from outside the repository, so the checkout's own folder is not on sys.path
+    # run from outside the repository, without PYTHONPATH, so the checkout's own folder is not on sys.path
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('agents') is not None)"
-    assert subprocess.run([sys.executable, "-c", probe], cwd="/", check=False).returncode == 0, \
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert subprocess.run([sys.executable, "-c", probe], cwd="/", env=env, check=False).returncode == 0, \
         "a top-level 'agents' module is importable after installing qenv"
     assert importlib.util.find_spec("qenv.agents.registry") is not None

@@ -247,8 +247,8 @@ def assert_no_partial_files(folder: Path) -> None:
     import zipfile
 
     for path in folder.rglob("*"):
-        if not path.is_file() or (path.name.startswith(".") and path.name.endswith(".tmp")):
-            continue
+        if not path.is_file() or (path.name.startswith(".") and path.name.endswith(".tmp")) or path.name == ".lock":
+            continue  # .lock: the run lock a killed process leaves (recovered by the next writer)
         if path.suffix == ".json":
             json.loads(path.read_text())
         elif path.suffix == ".zip":
@@ -274,14 +274,22 @@ def test_resume_after_sigkill_reaches_the_same_total(tmp_path, stories_bin, cach
     step, _, _ = latest_checkpoint(folder / "checkpoints")
     assert 0 < step < total
     assert not (folder / "model.zip").exists()
+    assert (folder / ".lock").read_text().strip() == str(proc.pid)  # the dead writer's lock: stale, taken over
     assert_no_partial_files(folder)
     # a kill inside a write leaves the temporary file (atomic_path never renamed it); --resume removes it
     stale = folder / "checkpoints" / ".step_9999999999.zip.x1y2z3.tmp"
     stale.write_bytes(b"PK\x03\x04 half a zip")
     code = run_main(train_agent, ["--resume", folder, "--no-progress"])
     assert code == 0
-    assert not stale.exists()
+    assert not stale.exists() and not (folder / ".lock").exists()
     assert_no_partial_files(folder)
+    # what the killed session logged after its checkpoint was purged: TensorBoard's steps never go back
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder / "tb" / "run_1"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("episode/reward")]
+    assert steps == sorted(set(steps)), steps
     assert not [p for p in folder.rglob(".*.tmp")]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "complete"

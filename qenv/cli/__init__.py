@@ -11,6 +11,7 @@ from __future__ import annotations
 from qenv.cli.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     ArgumentParser,
     new_run_dir,
     parse_key_values,
@@ -21,7 +22,7 @@ from qenv.cli.config import RESERVED_KEYS, AgentConfig, load_agent_config
 from qenv.cli.envs import ENV_ID, env_id_of, make_quant_env, make_vec, strip_env_id
 
 __all__ = [
-    "ENV_ID", "EXIT_ERROR", "EXIT_INTERRUPTED", "RESERVED_KEYS", "AgentConfig", "ArgumentParser", "env_id_of",
+    "ENV_ID", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "RESERVED_KEYS", "AgentConfig", "ArgumentParser", "env_id_of",
     "load_agent_config", "make_quant_env", "make_vec", "new_run_dir", "parse_key_values", "quiet_libraries",
     "run_cli", "strip_env_id",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -15,9 +16,13 @@ from typing import Any, NoReturn
 import yaml
 
 from qenv.errors import QenvError
+from qenv.io import LOCK_NAME, RunLock, check_output_dir, default_mode
+from qenv.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_status, signal_name, terminate_as_interrupt
 
 EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_IO_ERROR = 74  # sysexits' EX_IOERR: the disk refused a write (full, quota, read-only, I/O error)
+#: errors of the storage, not of the input: reported in one line, like input errors
+DISK_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
 
 
@@ -28,20 +33,32 @@ def format_error(exc: QenvError) -> str:
 
 
 def run_cli(body: Callable[[], int | None], stderr: Any = None) -> int:
-    """Run a program body: a :class:`QenvError` prints one line and returns 2; Ctrl-C returns 130.
+    """Run a program body: a :class:`QenvError` prints one line and returns 2; Ctrl-C returns 130,
+    SIGTERM 143 (it is raised as :class:`qenv.signals.Terminated`, a ``KeyboardInterrupt``).
 
-    The body handles its own Ctrl-C when it has something to save; this is the last resort for
-    an interrupt during start-up (loading models, computing references).
+    The body handles its own Ctrl-C / SIGTERM when it has something to save; this is the last
+    resort for one during start-up (loading models, computing references).
     """
     err = sys.stderr if stderr is None else stderr
     try:
-        return int(body() or 0)
+        with terminate_as_interrupt():
+            return int(body() or 0)
     except QenvError as exc:
         print(format_error(exc), file=err, flush=True)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=err, flush=True)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        print("interrupted" if signal_name(exc) == "SIGINT" else "terminated (SIGTERM)", file=err, flush=True)
+        return exit_status(exc)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        where = f"Writing {exc.filename}" if exc.filename else "Writing a file"
+        print(format_error(QenvError(
+            f"{where} failed: {exc.strerror or os.strerror(exc.errno)}. Files written before are whole (each is "
+            "written under a temporary name and renamed into place).",
+            "free disk space (or fix the file system), then run the command again; a training run continues from "
+            "its last checkpoint with --resume <run folder>.")), file=err, flush=True)
+        return EXIT_IO_ERROR
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -84,27 +101,72 @@ def check_run_name(name: str) -> str:
 
 
 def default_run_name(logdir: Path, stem: str) -> str:
-    """``<stem>-YYYYmmdd-HHMMSS``, with ``-2``, ``-3``, ... when that folder already exists."""
-    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    name, n = base, 1
-    while (logdir / name).exists():
-        n += 1
-        name = f"{base}-{n}"
-    return name
+    """``<stem>-YYYYmmdd-HHMMSS`` (:func:`new_run_dir` adds ``-2``, ``-3``, ... when it is taken)."""
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def new_run_dir(logdir: str | Path, name: str, overwrite: bool = False) -> Path:
-    """Create ``logdir/name``; an existing non-empty folder is an error unless ``overwrite``."""
-    folder = Path(logdir) / check_run_name(name)
-    if folder.exists() and not folder.is_dir():
-        raise QenvError(f"{folder} exists and is not a folder.", "pick another --name or --logdir.")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise QenvError(f"Run folder {folder} already exists.",
-                            f"pass --resume {folder} to continue it, --overwrite to replace it, or another --name.")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+def new_run_dir(logdir: str | Path, name: str, overwrite: bool = False,
+                numbered: bool = False) -> tuple[Path, RunLock]:
+    """Create ``logdir/name`` and lock it for this process; returns the folder and its held lock.
+
+    The creation is one ``mkdir``, which exactly one of several racing processes wins; with
+    ``numbered``, a taken name gets ``-2``, ``-3``, ... instead. An existing folder is locked
+    first (a second writer gets the holder's PID), then refused unless it is empty, or
+    ``overwrite`` (its contents are removed under the lock).
+    """
+    logdir = check_output_dir(logdir, "--logdir", "pass a --logdir folder that you can write to (or that can be "
+                                                  "created), e.g. --logdir runs.")
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QenvError(f"--logdir {logdir} cannot be created ({exc.strerror}).",
+                        "pass a --logdir folder that you can write to.") from None
+    base = check_run_name(name)
+    n = 1
+    while True:
+        folder = logdir / (base if n == 1 else f"{base}-{n}")
+        try:
+            os.mkdir(folder, default_mode(executable=True))
+            created = True
+        except FileExistsError:
+            if numbered:
+                n += 1
+                continue
+            if not folder.is_dir():
+                raise QenvError(f"{folder} exists and is not a folder.", "pick another --name or --logdir.") from None
+            created = False
+        break
+    lock = RunLock(folder)
+    try:
+        lock.acquire()
+        others = [p for p in folder.iterdir() if p.name != LOCK_NAME]
+        if others:
+            if not overwrite:
+                raise QenvError(f"Run folder {folder} already exists.",
+                                f"pass --resume {folder} to continue it, --overwrite to replace it, or another --name.")
+            for path in others:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+    except BaseException:
+        lock.release()
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder, lock
+
+
+def merge_flag(env_kwargs: dict[str, Any], key: str, flag: str, value: Any, given: dict[str, Any]) -> None:
+    """Set ``env_kwargs[key] = value`` for a flag that was given, refusing a different value for the
+    same key in ``--env-kwargs`` (``given``): one setting, said twice two ways, is a mistake to show,
+    not a tie to break silently."""
+    if value is None:
+        return
+    if key in given and given[key] != value:
+        raise QenvError(f"{flag} {value} and --env-kwargs {key}={given[key]} disagree.",
+                        f"give {key} once: either {flag} or --env-kwargs {key}=...")
+    env_kwargs[key] = value
 
 
 def quiet_libraries() -> None:

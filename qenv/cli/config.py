@@ -153,7 +153,14 @@ def check_env_kwargs(env_kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     unknown = sorted(set(env_kwargs) - set(known))
     if unknown:
         raise QenvError(f"{where}: unknown environment argument(s) {unknown}.", f"use only {known}.")
-    return {k: _convert_value(k, v, where) for k, v in env_kwargs.items()}
+    out = {k: _convert_value(k, v, where) for k, v in env_kwargs.items()}
+    from qenv.envs.quant_llm import check_env_arguments
+
+    try:
+        check_env_arguments(out)
+    except QenvError as exc:
+        raise QenvError(f"{where}: {exc.problem}", exc.fix) from None
+    return out
 
 
 def read_yaml(path: Path) -> Any:

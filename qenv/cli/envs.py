@@ -49,15 +49,19 @@ def env_id_of(env_id: str) -> str:
 def make_quant_env(**env_kwargs: Any) -> Any:
     """``gymnasium.make("qenv:QuantLLM-v0", **env_kwargs)``.
 
-    In a worker process (``SubprocVecEnv``) Ctrl-C is ignored: the main process handles it,
-    saves a checkpoint and closes the workers, so no worker prints a traceback.
+    In a worker process (``SubprocVecEnv``) Ctrl-C and SIGTERM are ignored: the main process handles
+    them, saves a checkpoint and stops the workers, so no worker dies first or prints a traceback.
     """
     import os
 
     import gymnasium as gym
 
+    from qenv.envs.quant_llm import check_env_arguments
+
+    check_env_arguments(env_kwargs)  # before gymnasium wraps anything (render_mode="human" needs pygame)
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if os.environ.get(THREADS_VAR, "").isdigit():
             import torch
 

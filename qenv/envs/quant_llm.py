@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from qenv.errors import QenvError
 from qenv.eval.reference import numerics_key, resolve_cache_dir
-from qenv.io import atomic_path
+from qenv.io import atomic_path, check_output_dir
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.allocation import fill_budget, greedy_allocation, lagrangian_allocation, rule_errors
@@ -35,7 +35,7 @@ from qenv.envs.features import OBS_DIM, OBS_LIMIT, ladder_rules, model_relative,
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
 from qenv.envs.spaces import MASKABLE_KINDS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
 from qenv.models.layers import LayerInfo
-from qenv.models.loading import DEFAULT_MODEL, LoadedModel, load_model
+from qenv.models.loading import DEFAULT_MODEL, LoadedModel, check_context, load_model
 from qenv.quant.accounting import rule_bpw
 from qenv.quant.presets import rtn, uniform
 from qenv.quant.rules import Rule, layer_bits
@@ -159,7 +159,12 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
            weight_cache_gib)
     if key in _TASKS:
         return _TASKS[key]
+    folder = resolve_cache_dir(cache_dir)
+    if folder is not None:  # checked before the slow part: the first write comes after the reference
+        check_output_dir(folder, "The cache folder", "set QENV_CACHE_DIR to a folder you can write to, or pass "
+                                                     "cache_dir=False to cache nothing.")
     loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
+    check_context(loaded, seq_len)
     with oom_guard(batch_size):  # sampling calibration tokens runs the model too
         tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
     evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir,
@@ -201,6 +206,78 @@ def _check_numbers(**values: Any) -> None:
             raise QenvError(f"{key}={value!r} must be a number.", f"pass e.g. {key}=1.0.")
 
 
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
+        and bool(np.isfinite(value))
+
+
+def _is_path_like(value: Any) -> bool:
+    return isinstance(value, (str, Path)) and str(value).strip() != ""
+
+
+def check_env_arguments(arguments: dict[str, Any]) -> None:
+    """Check the types and values of the environment's arguments that are given (others are skipped).
+
+    The environment calls it first thing, and the programs call it on ``--env-kwargs`` and config
+    files before anything slow, so a value of the wrong type (``include_lm_head="maybe"``, which
+    Python would count as true) or out of range (``weight_cache_gib=-1``) is a one-line error, not
+    a silent misreading or a traceback later.
+    """
+    from qenv.envs.spaces import ACTION_SPACE_KINDS
+    from qenv.envs.reward import REWARD_KINDS
+
+    def fail(key: str, value: Any, need: str, example: str) -> None:
+        raise QenvError(f"{key}={value!r} {need}.", f"pass e.g. {key}={example}.")
+
+    for key, value in arguments.items():
+        if key == "model":
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if not items or not all(_is_path_like(v) or isinstance(v, LoadedModel) for v in items):
+                fail(key, value, "must be a model spec (a path, hub id or built-in name) or a list of them", "default")
+        elif key == "data":
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and (not items or not all(_is_path_like(v) for v in items)):
+                fail(key, value, "must be a text file path or a list of them", "train.txt")
+        elif key == "budget_bpw":
+            if not _is_number(value) or not 0 < value <= 16:
+                raise QenvError(f"budget_bpw={value!r} is out of range.", "use a number of bits per weight in (0, 16].")
+        elif key in ("dense_weight", "size_weight", "penalty_weight", "weight_cache_gib"):
+            if not _is_number(value) or value < 0:
+                fail(key, value, "must be a number of at least 0", "1.0")
+        elif key in ("n_tokens", "seq_len", "batch_size", "seed"):
+            low = {"seed": 0, "seq_len": 2}.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise QenvError(f"{key}={value!r} must be a whole number of at least {low}.",
+                                f"pass e.g. {key}={ {'n_tokens': 2048, 'seq_len': 128, 'batch_size': 8, 'seed': 0}[key]}.")
+        elif key == "include_lm_head":
+            if not isinstance(value, (bool, np.bool_)):
+                fail(key, value, "must be true or false", "true")
+        elif key == "action_kind":
+            if value not in ACTION_SPACE_KINDS:
+                raise QenvError(f"Unknown action space kind {value!r}.", f"use one of {ACTION_SPACE_KINDS}.")
+        elif key == "reward":
+            if value not in REWARD_KINDS:
+                raise QenvError(f"Unknown reward {value!r}.", f"use one of {REWARD_KINDS}.")
+        elif key == "budget_mode":
+            if value not in BUDGET_MODES:
+                raise QenvError(f"Unknown budget_mode {value!r}.", f"use one of {BUDGET_MODES}.")
+        elif key == "render_mode":
+            if value is not None and value not in QuantLLMEnv.metadata["render_modes"]:
+                raise QenvError(f"render_mode={value!r} is not supported: the environment draws no window.",
+                                "use render_mode='ansi' (a text table) or 'rgb_array' (an image), or leave it unset.")
+        elif key in ("device", "dtype"):
+            import torch
+
+            if value is not None and not isinstance(value, (str, torch.device, torch.dtype)):
+                fail(key, value, "must be a name", "cpu" if key == "device" else "float32")
+        elif key == "cache_dir":
+            if value is not None and not isinstance(value, bool) and not _is_path_like(value):
+                fail(key, value, "must be a folder, or false to cache nothing", "false")
+        elif key == "menu":
+            if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
+                raise QenvError("The rule menu must be a list of rules.", "pass e.g. menu=[{'bits': 4}, {'bits': 8}].")
+
+
 class QuantLLMEnv(gym.Env):
     """Pick a survival rule for each quantizable layer of a causal LM, under a bits-per-weight budget.
 
@@ -225,7 +302,7 @@ class QuantLLMEnv(gym.Env):
 
     **Action space** (``action_kind``):
 
-    ==============  ==========================  ====================================================
+    ==============  ==========================  =============================================
     kind            space                       an action means
     ==============  ==========================  ====================================================
     discrete        Discrete(len(menu))         the menu rule with that index (maskable)
@@ -280,6 +357,12 @@ class QuantLLMEnv(gym.Env):
     ``−Φ_last``, where ``Φ_b = −w · log(err_b / err_b^ref)`` compares the block's streamed
     output error with the uniform RTN width's: potential-based shaping (γ = 1, Φ = 0 at both
     ends), so every episode's return and the optimal policy are unchanged.
+=======
+    Episode length: one step per quantizable layer of the episode's model
+    (:attr:`episode_length`); every episode *terminates* there and none is ever truncated.
+    ``env.spec.max_episode_steps`` is ``None`` on purpose: the length depends on the model (and,
+    with several models, on the episode), so the registration has no single number to give, and a
+    ``TimeLimit`` wrapper could only cut real episodes short.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -309,6 +392,7 @@ class QuantLLMEnv(gym.Env):
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
+        check_env_arguments({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise QenvError(f"Unknown render_mode {render_mode!r}.", "use 'ansi', 'rgb_array' or leave it unset.")
         if not isinstance(budget_bpw, (int, float)) or not 0 < budget_bpw <= 16:
@@ -376,6 +460,11 @@ class QuantLLMEnv(gym.Env):
         self.plan: np.ndarray | None = None  # residual kind: greedy's plan, re-planned after a deviation
         if self.mapper.kind in ("residual", "allocation"):
             self.plan = self.task.greedy_plan(self.budget_bpw).copy()
+
+    @property
+    def episode_length(self) -> int:
+        """Steps of the current episode: one per quantizable layer of its model."""
+        return len(self.task.layers)
 
     @property
     def budget_bits(self) -> float:
@@ -517,7 +606,12 @@ class QuantLLMEnv(gym.Env):
         super().reset(seed=seed)
         options = options or {}
         if "model_index" in options:
-            self.task = self.tasks[int(options["model_index"])]
+            index = options["model_index"]
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(self.tasks):
+                raise QenvError(f"reset(options={{'model_index': {index!r}}}) names no model: this environment has "
+                                f"{len(self.tasks)} model(s), numbered from 0.",
+                                f"pass a model_index from 0 to {len(self.tasks) - 1}.")
+            self.task = self.tasks[int(index)]
         elif len(self.tasks) > 1:
             self.task = self.tasks[int(self.np_random.integers(len(self.tasks)))]
         self._reset_episode()

@@ -157,8 +157,14 @@ class ActionMapper:
         if self.stateful:
             raise QenvError(f"A {self.kind!r} action has no rule of its own: it is read against the episode's state.",
                             "step the environment with it (env.step), or use a discrete/multidiscrete/continuous/rule env.")
+        raw = np.asarray(action)
+        if raw.size == 0 or (np.issubdtype(raw.dtype, np.number) and not np.isfinite(raw.astype(np.float64)).all()) \
+                or not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
+            raise QenvError(f"Action {action!r} is not a finite number (NaN, inf or not numeric).",
+                            "check the agent's output: a policy that returns NaN has diverged (lower the learning "
+                            "rate, or clip the actions it returns).")
         if self.kind == "discrete":
-            index = int(np.asarray(action).reshape(-1)[0])
+            index = int(raw.reshape(-1)[0])
             if not 0 <= index < len(self.menu):
                 raise QenvError(f"Action {index} is outside the menu of {len(self.menu)} rules.")
             return self.menu[index]

@@ -23,7 +23,7 @@ from qenv.eval.blocks import BlockCall, block_returns_tuple, capture_block_input
 from qenv.eval.reference import Reference, cached_reference, resolve_cache_dir
 from qenv.eval.tokens import TokenSet
 from qenv.models.layers import LayerInfo, find_blocks
-from qenv.models.loading import LoadedModel
+from qenv.models.loading import LoadedModel, check_context
 from qenv.quant.accounting import bits_per_weight, model_bytes
 from qenv.quant.apply import QuantizedWeights
 from qenv.quant.quantizer import LayerCalibration
@@ -134,6 +134,7 @@ class Evaluator:
                  max_prefix_cache_bytes: int = 1 << 30, progress: bool = False) -> None:
         if batch_size < 1:
             raise QenvError(f"batch_size={batch_size} must be at least 1.")
+        check_context(loaded, int(tokens.ids.shape[-1]))
         self.loaded = loaded
         self.model = loaded.model
         self.tokens = tokens

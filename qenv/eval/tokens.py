@@ -2,6 +2,16 @@
 
 Tokens come from text files, or are sampled from the full-precision model itself with a fixed
 seed, so that any model can be evaluated with no dataset at all.
+
+Documents. A corpus such as TinyStories joins its documents with the separator ``<|endoftext|>``
+(:data:`DOCUMENT_SEPARATORS`). The separator is markup, not text: read literally it becomes a dozen
+tokens the model never saw in training, which inflates every KL measured on them. So wherever qenv
+turns text into tokens (:func:`tokens_from_text`, used by the env, ``eval_agent.py`` and
+``bench/``), text that contains a separator is split into documents, and each document is
+tokenised as the model's own tokenizer frames one text (``add_special_tokens=True``): for llama2.c models and the embedded model that is BOS
+at the start of every document, as they were trained; a tokenizer that adds BOS/EOS adds both. A
+tokenizer that adds no special tokens itself (GPT-2 style) gets its EOS token between documents, the
+boundary it was trained with. Text with no separator (WikiText) is running text, tokenised as is.
 """
 
 from __future__ import annotations
@@ -45,6 +55,27 @@ def _check_sizes(n_tokens: int, seq_len: int) -> int:
     return n_tokens // seq_len
 
 
+def read_text_file(path: str | Path, encoding: str = "utf-8") -> str:
+    """The text of ``path``, refusing what is not text: a binary file (NUL bytes) or bytes that are
+    not valid in ``encoding``. Decoding with replacement would calibrate on garbage silently."""
+    path = Path(path)
+    data = path.read_bytes()
+    if b"\x00" in data[: 1 << 20] and encoding.replace("-", "").replace("_", "").lower() in ("utf8", "ascii", "latin1",
+                                                                                             "iso88591", "cp1252"):
+        at = data.index(b"\x00")
+        raise QenvError(f"Text file {path} is a binary file, not text (a NUL byte at offset {at}).",
+                        "pass a plain-text file (e.g. a .txt of the corpus), not a model, archive or binary dump.")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise QenvError(f"Text file {path} is not valid {encoding} text (byte 0x{data[exc.start]:02x} at offset "
+                        f"{exc.start} cannot be decoded).",
+                        f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}, "
+                        "or pass a UTF-8 text file.") from None
+    except LookupError:
+        raise QenvError(f"Unknown text encoding {encoding!r}.", "use e.g. utf-8 or latin-1.") from None
+
+
 def tokens_from_text(
     tokenizer: object,
     paths: str | Path | Sequence[str | Path],
@@ -52,7 +83,11 @@ def tokens_from_text(
     seq_len: int,
     offset_tokens: int = 0,
 ) -> TokenSet:
-    """The first ``n_tokens`` tokens (after ``offset_tokens``) of the files, cut into sequences."""
+    """The first ``n_tokens`` tokens (after ``offset_tokens``) of the files, cut into sequences.
+
+    Document separators (``<|endoftext|>``) become document boundaries as the model's tokenizer
+    defines them (BOS at each document start for llama2.c models); see the module docstring.
+    """
     n_seq = _check_sizes(n_tokens, seq_len)
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if tokenizer is None:
@@ -62,17 +97,21 @@ def tokens_from_text(
     for path in paths:
         if not path.is_file():
             raise QenvError(f"Text file {path} does not exist.", "pass an existing UTF-8 text file.")
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+        texts.append(read_text_file(path))
     text = "\n".join(texts)
     if not text.strip():
         raise QenvError(f"Text file(s) {', '.join(map(str, paths))} are empty.", "pass a file with text in it.")
     need = n_seq * seq_len + offset_tokens
-    chars = min(len(text), max(4096, need * 8))
-    while True:  # tokenize only as much text as needed: corpora can be large
-        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) >= need or chars >= len(text):
-            break
-        chars = min(len(text), chars * 2)
+    documents = split_documents(text)
+    if documents is not None:
+        ids = _encode_documents(tokenizer, documents, need)
+    else:
+        chars = min(len(text), max(4096, need * 8))
+        while True:  # tokenize only as much text as needed: corpora can be large
+            ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
+            if len(ids) >= need or chars >= len(text):
+                break
+            chars = min(len(text), chars * 2)
     if len(ids) < need:
         raise QenvError(
             f"Text file(s) {', '.join(map(str, paths))} hold only {len(ids)} tokens, fewer than the {need} asked for.",
@@ -80,6 +119,44 @@ def tokens_from_text(
         )
     ids_t = torch.tensor(ids[offset_tokens:need], dtype=torch.long).view(n_seq, seq_len)
     return TokenSet(ids_t, f"text:{','.join(p.name for p in paths)}[{offset_tokens}:{need}]")
+
+
+DOCUMENT_SEPARATORS: tuple[str, ...] = ("<|endoftext|>",)
+"""Strings that mark a boundary between documents in a text file (TinyStories' convention)."""
+
+
+def split_documents(text: str) -> list[str] | None:
+    """The documents of ``text`` (stripped, empty ones dropped), or None when it has no separator."""
+    if not any(sep in text for sep in DOCUMENT_SEPARATORS):
+        return None
+    parts = [text]
+    for sep in DOCUMENT_SEPARATORS:
+        parts = [piece for part in parts for piece in part.split(sep)]
+    return [doc.strip() for doc in parts if doc.strip()]
+
+
+def _encode_documents(tokenizer: object, documents: list[str], need: int) -> list[int]:
+    """Token ids of the documents with their boundaries, stopping once ``need`` ids are there.
+
+    Each document is framed by the tokenizer itself (``add_special_tokens=True``). If the tokenizer
+    adds no special token at all, its EOS (when it has one) ends each document instead, so a
+    boundary is never lost.
+    """
+    probe = "a"
+    frames = len(tokenizer(probe, add_special_tokens=True, verbose=False)["input_ids"]) != len(
+        tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    tail = [] if frames or eos is None else [int(eos)]
+    ids: list[int] = []
+    batch = 64  # tokenise in batches: fast, and only as many documents as needed
+    for start in range(0, len(documents), batch):
+        encoded = tokenizer(documents[start:start + batch], add_special_tokens=True, verbose=False)["input_ids"]
+        for doc_ids in encoded:
+            ids.extend(doc_ids)
+            ids.extend(tail)
+        if len(ids) >= need:
+            break
+    return ids
 
 
 @torch.inference_mode()

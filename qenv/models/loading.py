@@ -8,9 +8,11 @@ benchmarks).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,68 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model was built for (``None`` when its config does not say)."""
+        return context_length(self.model)
+
+
+#: config fields that hold a model's context length, most specific first
+_CONTEXT_FIELDS: tuple[str, ...] = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
+                                    "max_sequence_length")
+
+
+def context_length(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in _CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_context(loaded: LoadedModel, seq_len: int) -> None:
+    """Refuse sequences longer than the model's context: learned position tables run out (an
+    IndexError deep in the forward pass) and rotary ones are silently scored outside what the model
+    was trained on (stories260K's full-precision perplexity goes from 3.15 to 3.66 at 1024 tokens)."""
+    limit = loaded.context_length
+    if limit is not None and seq_len > limit:
+        raise QenvError(f"seq_len={seq_len} is longer than the {limit}-token context of {loaded.name}.",
+                        f"pass seq_len={limit} or less (e.g. --env-kwargs seq_len={min(limit, 128)}).")
+
+
+def check_causal(model: nn.Module, source: str) -> None:
+    """Refuse a model whose predictions look ahead (BERT-like encoders load as "causal LMs" too).
+
+    The test itself, not a list of architectures: change the last tokens of a short sequence and
+    check that the logits of the earlier positions do not move. In a causal LM they cannot.
+    """
+    config = getattr(model, "config", None)
+    vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None else 0
+    if vocab < 2:
+        return
+    limit = context_length(model) or 8
+    n = max(2, min(8, limit))
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randint(vocab, (1, n), generator=gen)
+    second = first.clone()
+    second[0, n // 2:] = (first[0, n // 2:] + 1 + torch.randint(vocab - 1, (n - n // 2,), generator=gen)) % vocab
+    ids = torch.cat([first, second]).to(device)
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+    except Exception:  # noqa: BLE001 - models that cannot run this probe are judged by the evaluator later
+        return
+    head = logits[:, : n // 2]
+    scale = float(head.abs().max()) + 1e-6
+    if float((head[0] - head[1]).abs().max()) > 1e-3 * scale:
+        kind = getattr(config, "model_type", type(model).__name__)
+        raise QenvError(f"Model {source!r} ({kind}) is not a causal language model: its prediction at a position "
+                        "depends on the tokens after it, so perplexity and KL would be meaningless.",
+                        "pass a decoder-only causal LM (e.g. Llama, GPT-2, Qwen, SmolLM); encoders such as BERT "
+                        "cannot be scored this way.")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -114,6 +178,31 @@ def check_finite_weights(model: nn.Module) -> None:
                             "re-download or re-convert the checkpoint; check it was saved without overflow.")
 
 
+def _quiet_local_load(load: Callable[..., Any]) -> Callable[..., Any]:
+    """Hide transformers' "Loading weights" bar while ``load(source, ...)`` reads a local model,
+    then restore the user's setting.
+
+    Reading a few MB from disk is not the user's business; qenv's own progress (the programs' bars)
+    is unaffected. Hub downloads keep their bar (``source`` is not a folder): a download can be long.
+    """
+
+    @functools.wraps(load)
+    def wrapper(source: str, *args: Any, **kwargs: Any) -> Any:
+        from transformers.utils import logging as hf_logging
+
+        hide = Path(source).is_dir() and hf_logging.is_progress_bar_enabled()
+        if hide:
+            hf_logging.disable_progress_bar()
+        try:
+            return load(source, *args, **kwargs)
+        finally:
+            if hide:
+                hf_logging.enable_progress_bar()
+
+    return wrapper
+
+
+@_quiet_local_load
 def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,7 +210,8 @@ def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool)
 
     local = Path(source).is_dir()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                           output_loading_info=True)
     except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a pickled object
         why = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
         raise QenvError(f"The weights of {source!r} hold pickled Python objects, not just tensors"
@@ -145,6 +235,30 @@ def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool)
         where = "folder" if local else "hub id"
         raise QenvError(f"Could not load {where} {source!r} as a transformers model ({str(exc).splitlines()[0]}).",
                         "check the path holds config.json and weights, or that the hub is reachable.") from None
+    except RuntimeError as exc:  # e.g. weights whose shapes do not match config.json (intermediate_size, ...)
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "ignore_mismatched_sizes" in first:  # name the tensors (a second load, on this error path only)
+            try:
+                _, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                               output_loading_info=True, ignore_mismatched_sizes=True)
+                bad = [f"{k[0]} is {list(k[1])} in the file, {list(k[2])} by config.json"
+                       if isinstance(k, (tuple, list)) and len(k) == 3 else str(k)
+                       for k in info.get("mismatched_keys") or []]
+                first = "size mismatch: " + "; ".join(sorted(bad)[:3]) + (" ..." if len(bad) > 3 else "")
+            except Exception:  # noqa: BLE001 - keep the first message
+                pass
+        raise QenvError(f"The weights of {source!r} do not fit its config.json ({first}).",
+                        "use the config.json saved with these weights (check sizes such as hidden_size and "
+                        "intermediate_size).") from None
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
+    if any(problems.values()):
+        shown = ", ".join(f"{k.replace('_keys', '')}: {', '.join(map(str, v[:3]))}" + (" ..." if len(v) > 3 else "")
+                          for k, v in problems.items() if v)
+        raise QenvError(f"The weights of {source!r} do not fit its config.json ({shown}); these tensors would be "
+                        "random.", "use the config.json saved with these weights, or complete the checkpoint.")
+    check_causal(model, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):

@@ -1,0 +1,103 @@
+"""qenv's on-disk cache: where it is, what it holds, and clearing it.
+
+Everything that does not depend on a recipe is computed once and kept in one folder,
+``$QENV_CACHE_DIR`` or else ``~/.cache/qenv``: the full-precision reference of a model on a token
+set (log-probabilities, block outputs and each layer's input statistics: the bulk, up to GBs on
+large models), tokens sampled from a model, and the layers' observation features. Each file's
+name carries the fingerprints of what it was computed from, so a changed model or token set
+never reads a stale file; a damaged file is recomputed. Deleting the cache only costs time.
+
+``python -m qenv cache --info`` prints this summary; ``python -m qenv cache --clear`` deletes
+qenv's files (and only those: other files in the folder are counted and left alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qenv.eval.reference import default_cache_dir
+
+#: file-name prefix -> what those files hold (every cache file qenv writes is ``<kind>-<keys>.<ext>``)
+CACHE_KINDS: dict[str, str] = {
+    "reference": "full-precision references: log-probs, block outputs, layer input statistics",
+    "tokens": "calibration tokens sampled from a model",
+    "features": "layers' observation features",
+}
+
+
+@dataclass
+class CacheInfo:
+    """What the cache folder holds: per kind, the files and their total size in bytes."""
+
+    folder: Path
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    other: list[Path] = field(default_factory=list)  # files in the folder that are not qenv's
+
+    def size(self, kind: str) -> int:
+        return sum(_size(p) for p in self.files.get(kind, []))
+
+    @property
+    def total_files(self) -> int:
+        return sum(len(v) for v in self.files.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.size(kind) for kind in self.files)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # removed meanwhile by another process
+        return 0
+
+
+def _kind_of(name: str) -> str | None:
+    """The cache kind of a file name, for finished files and for :func:`qenv.io.atomic_path`'s
+    temporary ``.<name>.<random>.tmp`` files (left behind when a writer is killed)."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:]
+    for kind in CACHE_KINDS:
+        if name.startswith(f"{kind}-"):
+            return kind
+    return None
+
+
+def cache_info(folder: str | Path | None = None) -> CacheInfo:
+    """The cache's content (``folder`` defaults to ``$QENV_CACHE_DIR`` or ``~/.cache/qenv``)."""
+    info = CacheInfo(Path(folder) if folder is not None else default_cache_dir())
+    info.files = {kind: [] for kind in CACHE_KINDS}
+    if info.folder.is_dir():
+        for path in sorted(info.folder.iterdir()):
+            if not path.is_file():
+                continue
+            kind = _kind_of(path.name)
+            if kind is None:
+                info.other.append(path)
+            else:
+                info.files[kind].append(path)
+    return info
+
+
+def clear_cache(folder: str | Path | None = None) -> CacheInfo:
+    """Delete qenv's cache files in ``folder`` (nothing else); returns what was there before.
+
+    Safe while nothing runs: every cache file is recomputed when it is needed again. A run that is
+    using the cache at the same time recomputes what it loses.
+    """
+    info = cache_info(folder)
+    for paths in info.files.values():
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return info
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover
