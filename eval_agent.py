@@ -80,6 +80,9 @@ def build_parser() -> ArgumentParser:
                         "recipe in config.qenv_recipe, tokenizer); with several models, one subfolder each")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-model folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the searchers (default: %(default)s)")
+    p.add_argument("--weight-cache-gib", type=float, metavar="GIB",
+                   help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
+                        "a quarter of the available RAM on a CPU)")
     p.add_argument("--device", metavar="DEV", help="device of the models: cpu, cuda, cuda:N, auto (default: auto)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch CPU threads (default: %(default)s; small models run fastest on one)")
@@ -418,8 +421,12 @@ def _body(argv: list[str] | None) -> int:
     given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
     env_kwargs.update(given)
     env_kwargs.pop("model", None)
+    if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:
+        raise QenvError(f"--weight-cache-gib={args.weight_cache_gib:g} must be positive.",
+                        "pass a size in GiB, or leave it out to size the cache from free memory.")
     for key, flag, value in (("device", "--device", args.device), ("n_tokens", "--n-tokens", args.n_tokens),
-                             ("budget_bpw", "--budget-bpw", args.budget_bpw)):
+                             ("budget_bpw", "--budget-bpw", args.budget_bpw),
+                             ("weight_cache_gib", "--weight-cache-gib", args.weight_cache_gib)):
         merge_flag(env_kwargs, key, flag, value, given)
     budget = float(env_kwargs.pop("budget_bpw", 3.0))
     env_kwargs.pop("budget_bpw", None)

@@ -85,9 +85,12 @@ def build_parser() -> ArgumentParser:
                         "or ray (one Ray actor per env, a GPU each when there are GPUs; joins the cluster at "
                         "RAY_ADDRESS when set; needs pip install qenv[ray]) (default: the config's, else dummy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the agent and the episodes (default: %(default)s)")
+    p.add_argument("--weight-cache-gib", type=float, metavar="GIB",
+                   help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
+                        "a quarter of the available RAM on a CPU)")
     p.add_argument("--device", metavar="DEV",
-                   help="device of the model under quantization and of the agent: cpu, cuda, cuda:N, auto "
-                        "(default: the model on cuda when present, the agent on cpu)")
+                   help="device of the model under quantization: cpu, cuda, cuda:N, auto (default: cuda when "
+                        "present); an MLP policy stays on the cpu, other policies follow it")
     p.add_argument("--logdir", default="runs", metavar="DIR", help="parent folder of run folders (default: %(default)s)")
     p.add_argument("--name", help="run folder name under --logdir (default: <agent>-<date>-<time>)")
     p.add_argument("--init-from", metavar="MODEL_ZIP",
@@ -144,13 +147,17 @@ def resolve_settings(args: Any) -> dict[str, Any]:
     where = f"{config_path} [{env_id}]" if config_path else "hyperparameters"
     check_hyperparams(args.agent, cfg.hyperparams, where)
     env_kwargs = dict(cfg.env_kwargs)
+    if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:
+        raise QenvError(f"--weight-cache-gib={args.weight_cache_gib:g} must be positive.",
+                        "pass a size in GiB, or leave it out to size the cache from free memory.")
     given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
     env_kwargs.update(given)
     for key, flag, value in (
             ("model", "--model", None if not args.model else args.model[0] if len(args.model) == 1 else list(args.model)),
             ("budget_bpw", "--budget-bpw", args.budget_bpw),
             ("data", "--data", None if not args.data else args.data[0] if len(args.data) == 1 else list(args.data)),
-            ("n_tokens", "--n-tokens", args.n_tokens), ("device", "--device", args.device)):
+            ("n_tokens", "--n-tokens", args.n_tokens), ("device", "--device", args.device),
+            ("weight_cache_gib", "--weight-cache-gib", args.weight_cache_gib)):
         merge_flag(env_kwargs, key, flag, value, given)
     check_env_kwargs(env_kwargs, "the environment arguments")  # flags pass the same type checks
     env_kwargs = absolute_paths(env_kwargs)
@@ -286,6 +293,14 @@ def agent_hyperparams(settings: dict[str, Any]) -> dict[str, Any]:
     return dict(cfg.hyperparams)
 
 
+def policy_device(policy: Any, device: str) -> str:
+    """Where the agent's network runs when ``--device`` is given: an MLP policy (SB3's default,
+    and qenv's observation is a flat vector) stays on the CPU, where SB3 runs small MLPs faster
+    than on a GPU (SB3 warns about it); only other policies follow ``--device`` with the model."""
+    name = policy if isinstance(policy, str) else getattr(policy, "__name__", "")
+    return "cpu" if policy is None or name.startswith("Mlp") else device
+
+
 def model_list(env_kwargs: dict[str, Any]) -> list[str]:
     model = env_kwargs.get("model", "default")
     return [str(m) for m in model] if isinstance(model, list) else [str(model)]
@@ -366,8 +381,8 @@ class Run:
             hyper = agent_hyperparams(s)
             if sb3_like and accepts(name, "tensorboard_log"):
                 hyper.setdefault("tensorboard_log", str(self.folder / "tb"))
-            if s.get("agent_device") and accepts(name, "device"):
-                hyper["device"] = s["agent_device"]
+            if s.get("agent_device") and accepts(name, "device") and "device" not in hyper:
+                hyper["device"] = policy_device(hyper.get("policy"), s["agent_device"])
             try:
                 self.agent = make_agent(name, env, seed=s["seed"], **hyper)
             except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # a hyperparameter it rejects

@@ -254,7 +254,7 @@ def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Pa
     env = make_quant_env(model=model["spec"], budget_bpw=budget, data=calib, n_tokens=cfg["n_tokens"],
                          seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], device=pick_device(cfg["device"]),
                          dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"], action_kind=action_kind,
-                         weight_cache_gib=float(cfg.get("weight_cache_gib", 2.0)))
+                         weight_cache_gib=cfg.get("weight_cache_gib"))
     return env, held_path
 
 
@@ -1088,7 +1088,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these quality methods (default: all)")
     r.add_argument("--transfer-search-evals", type=int, default=0,
                    help="evaluations of random search and evolution on each transfer test model (0: only greedy)")
-    r.add_argument("--weight-cache-gib", type=float, default=2.0, help="the env's quantized-weight cache")
+    r.add_argument("--weight-cache-gib", type=float, default=None,
+                   help="the env's quantized-weight cache (default: the env's, sized from free memory)")
     r.add_argument("--max-procs", type=int, default=64)
     r.add_argument("--nice", type=int, default=0, help="niceness of the workers")
     r.add_argument("--deadline-s", type=float, default=3600.0, help="no new work after this many seconds")

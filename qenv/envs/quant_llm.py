@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,12 +154,18 @@ def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens:
 
 def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Sequence[str] | None, n_tokens: int,
                seq_len: int, batch_size: int, seed: int, device: str | None, dtype: str | None,
-               include_lm_head: bool, cache_dir: str | Path | None | bool, weight_cache_gib: float = 2.0) -> ModelTask:
+               include_lm_head: bool, cache_dir: str | Path | None | bool, weight_cache_gib: float | None = None,
+               prebuild: bool | None = None) -> ModelTask:
+    """The shared :class:`ModelTask` of these arguments (built once per process; envs that ask for the
+    same model, tokens and menu get the same object: one model copy and one weight cache)."""
     key = (str(spec) if not isinstance(spec, LoadedModel) else id(spec), tuple(mapper.rules),
            str(data), n_tokens, seq_len, batch_size, seed, str(device), str(dtype), include_lm_head, str(cache_dir),
            weight_cache_gib)
     if key in _TASKS:
-        return _TASKS[key]
+        task = _TASKS[key]
+        if prebuild:
+            prebuild_menu(task, mapper.rules)
+        return task
     folder = resolve_cache_dir(cache_dir)
     if folder is not None:  # checked before the slow part: the first write comes after the reference
         check_output_dir(folder, "The cache folder", "set QENV_CACHE_DIR to a folder you can write to, or pass "
@@ -168,7 +175,7 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     with oom_guard(batch_size):  # sampling calibration tokens runs the model too
         tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
     evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir,
-                          max_weight_cache_bytes=int(weight_cache_gib * 2**30))
+                          max_weight_cache_bytes=None if weight_cache_gib is None else int(weight_cache_gib * 2**30))
     order = sorted(range(len(loaded.layers)), key=lambda i: (stage_of(loaded.layers[i]), i))
     layers = [loaded.layers[i] for i in order]
     costs = np.array([[layer_bits(r, info.out_features, info.in_features) for r in mapper.rules] for info in layers],
@@ -186,8 +193,31 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     ladder_sens = rule_errors(evaluator, layers, ladder) * numel[:, None].astype(np.float64)
     task = ModelTask(loaded, evaluator, layers, static, costs, rest_min, stage_end, rest_numel, ladder_costs,
                      ladder_sens, tuple(mapper.rules))
+    if prebuild:
+        prebuild_menu(task, mapper.rules)
+    elif prebuild is None and loaded.device.type == "cuda":
+        weights = evaluator.weights
+        need = weights.recipe_bytes() * sum(not r.keeps for r in mapper.rules)
+        if need <= weights.max_cache_bytes:
+            prebuild_menu(task, mapper.rules)
+        else:  # not asked for explicitly: quantize on demand rather than fail
+            warnings.warn(f"The menu's quantized weights ({need / 2**30:.1f} GiB) do not fit the weight cache "
+                          f"({weights.max_cache_bytes / 2**30:.1f} GiB); they are quantized on demand instead. "
+                          "Raise weight_cache_gib or shorten the menu to build them up front.", stacklevel=3)
     _TASKS[key] = task
     return task
+
+
+def prebuild_menu(task: ModelTask, rules: Sequence[Rule], progress: bool = True) -> int:
+    """Quantize every (layer, menu rule) pair of the task up front, layers of one shape in batches.
+
+    On a GPU, episodes then only swap cached tensors in: a warm episode costs about one forward
+    pass. Quantizing on demand instead spreads the same work over the first episodes, one layer
+    at a time (GPTQ is launch-bound per layer). See ``QuantizedWeights.prebuild``.
+    """
+    with oom_guard(task.evaluator.batch_size):
+        task.evaluator.reference  # noqa: B018  (calibration statistics first, outside the build's OOM handling)
+    return task.evaluator.weights.prebuild(rules, progress=progress)
 
 
 def _check_numbers(**values: Any) -> None:
@@ -241,9 +271,15 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key == "budget_bpw":
             if not _is_number(value) or not 0 < value <= 16:
                 raise QenvError(f"budget_bpw={value!r} is out of range.", "use a number of bits per weight in (0, 16].")
-        elif key in ("dense_weight", "size_weight", "penalty_weight", "weight_cache_gib"):
+        elif key in ("dense_weight", "size_weight", "penalty_weight"):
             if not _is_number(value) or value < 0:
                 fail(key, value, "must be a number of at least 0", "1.0")
+        elif key == "weight_cache_gib":  # None: sized from free memory; too small for a recipe: QuantizedWeights says so
+            if value is not None and (not _is_number(value) or value < 0):
+                fail(key, value, "must be a number of at least 0", "8 (or leave it unset to size it from free memory)")
+        elif key == "prebuild":
+            if value is not None and not isinstance(value, (bool, np.bool_)):
+                fail(key, value, "must be true or false", "true")
         elif key in ("n_tokens", "seq_len", "batch_size", "seed"):
             low = {"seed": 0, "seq_len": 2}.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
@@ -297,8 +333,12 @@ class QuantLLMEnv(gym.Env):
         n_tokens, seq_len, batch_size: calibration size and batching.
         device, dtype: where and how the model runs (default: cuda if present).
         seed: seeds the sampled calibration tokens (episodes are seeded through ``reset``).
-        weight_cache_gib: memory for quantized weights cached per (layer, rule); size it to hold
-            every menu rule of every layer (about menu size × model size) for the fastest episodes.
+        weight_cache_gib: memory for quantized weights cached per (layer, rule). Default: half the
+            free GPU memory (a quarter of the available RAM on a CPU). Size it to hold every menu
+            rule of every layer (about menu size × model size) for the fastest episodes; a size
+            that cannot hold one recipe is an error.
+        prebuild: quantize the whole menu for every layer at construction, in batches, with a
+            progress bar (default: on a GPU only). Envs sharing a task share this work.
 
     **Action space** (``action_kind``):
 
@@ -388,7 +428,8 @@ class QuantLLMEnv(gym.Env):
         seed: int = 0,
         include_lm_head: bool = False,
         cache_dir: str | Path | None | bool = None,
-        weight_cache_gib: float = 2.0,
+        weight_cache_gib: float | None = None,
+        prebuild: bool | None = None,
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -402,7 +443,7 @@ class QuantLLMEnv(gym.Env):
         _check_numbers(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
                        dense_weight=dense_weight, size_weight=size_weight, penalty_weight=penalty_weight,
                        shaping_weight=shaping_weight,
-                       weight_cache_gib=weight_cache_gib)
+                       **({} if weight_cache_gib is None else {"weight_cache_gib": weight_cache_gib}))
         self.reward_kind = check_reward_kind(reward)
         self.render_mode = render_mode
         self.budget_bpw = float(budget_bpw)
@@ -420,7 +461,8 @@ class QuantLLMEnv(gym.Env):
         self.tasks = [
             build_task(spec if isinstance(spec, LoadedModel) else str(spec), self.mapper, data=data, n_tokens=n_tokens,
                        seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                       include_lm_head=include_lm_head, cache_dir=cache_dir, weight_cache_gib=weight_cache_gib)
+                       include_lm_head=include_lm_head, cache_dir=cache_dir, weight_cache_gib=weight_cache_gib,
+                       prebuild=prebuild)
             for spec in specs
         ]
         if self.dense_weight > 0 or self.shaping_weight > 0:

@@ -24,7 +24,7 @@ from qenv.eval.reference import Reference, cached_reference, resolve_cache_dir
 from qenv.eval.tokens import TokenSet
 from qenv.models.layers import LayerInfo, find_blocks
 from qenv.models.loading import LoadedModel, check_context
-from qenv.quant.accounting import bits_per_weight, model_bytes
+from qenv.quant.accounting import bits_per_weight, model_bytes, untargeted_params
 from qenv.quant.apply import QuantizedWeights
 from qenv.quant.quantizer import LayerCalibration
 from qenv.quant.rules import KEEP, Rule
@@ -87,6 +87,17 @@ class NonFiniteLogits(Exception):
     """Raised by scoring when logits are NaN/inf; the evaluator turns it into a QenvError naming the layer."""
 
 
+#: the largest float32 slice of log-probabilities scoring holds at once on a GPU (few, large kernels)
+SCORE_CHUNK_BYTES = 256 << 20
+#: ... and on a CPU, where a slice that stays in cache is about twice as fast as a large one
+SCORE_CHUNK_BYTES_CPU = 4 << 20
+
+
+def score_chunk_bytes(device: torch.device) -> int:
+    """How many bytes of float32 log-probabilities scoring computes at once on ``device``."""
+    return SCORE_CHUNK_BYTES if device.type == "cuda" else SCORE_CHUNK_BYTES_CPU
+
+
 class _Score:
     """Running sums of KL, NLL and top-1 agreement over scored positions."""
 
@@ -97,19 +108,37 @@ class _Score:
         self.count = 0
 
     def add(self, logits: torch.Tensor, ref_logprobs: torch.Tensor, ids: torch.Tensor,
-            ref_top1: torch.Tensor | None = None) -> None:
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        ref = ref_logprobs.to(logprobs.device)
-        # Any NaN/inf log-prob makes this sum NaN/inf, so testing the sum is as strict as testing every
-        # element, without another full pass over [batch, seq, vocab] (that pass cost ~25% of scoring).
-        kl = float((ref - logprobs).mul_(ref.exp()).sum())  # in place: one [batch, seq, vocab] temporary fewer
-        if not math.isfinite(kl):
-            raise NonFiniteLogits
-        self.kl += kl
-        targets = ids[:, 1:].to(logprobs.device)
-        self.nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
-        top = ref.argmax(-1) if ref_top1 is None else ref_top1.to(logprobs.device)
-        self.top1 += int((logprobs.argmax(-1) == top).sum())
+            ref_top1: torch.Tensor | None = None, chunk_rows: int | None = None) -> None:
+        """Score one batch. Positions are scored ``chunk_rows`` at a time (default: a slice of
+        :func:`score_chunk_bytes`), so the float32 log-probabilities never exceed a bounded slice
+        even for a large vocabulary (49k tokens x thousands of positions would be gigabytes)."""
+        vocab = logits.shape[-1]
+        rows = logits[:, :-1].reshape(-1, vocab)
+        ref_rows = ref_logprobs.reshape(-1, vocab)
+        targets = ids[:, 1:].reshape(-1).to(logits.device)
+        top_rows = None if ref_top1 is None else ref_top1.reshape(-1)
+        step = chunk_rows or max(1, score_chunk_bytes(logits.device) // (4 * vocab))
+        kl = nll = top1 = None
+        for start in range(0, rows.shape[0], step):
+            end = start + step
+            logprobs = torch.log_softmax(rows[start:end].float(), dim=-1)
+            ref = ref_rows[start:end].to(logprobs.device)
+            # Any NaN/inf log-prob makes the KL sum NaN/inf, so testing the sum is as strict as testing
+            # every element, without another pass over the slice (that pass cost ~25% of scoring).
+            part = (ref - logprobs).mul_(ref.exp()).sum(dtype=torch.float64)  # in place: one temporary fewer
+            nll_part = logprobs.gather(-1, targets[start:end].unsqueeze(-1)).sum(dtype=torch.float64)
+            top = ref.max(-1).indices if top_rows is None else top_rows[start:end].to(logprobs.device)
+            # max(-1).indices is argmax (first maximum on ties), several times faster on a CPU
+            hits = (logprobs.max(-1).indices == top).sum()
+            kl, nll, top1 = (part, nll_part, hits) if kl is None else (kl + part, nll + nll_part, top1 + hits)
+        # one device-to-host copy per batch (each float() on a GPU waits for the queue to drain)
+        if kl is not None:
+            kl_v, nll_v, top_v = torch.stack([kl, nll, top1.to(torch.float64)]).tolist()
+            if not math.isfinite(kl_v):
+                raise NonFiniteLogits
+            self.kl += kl_v
+            self.nll -= nll_v
+            self.top1 += int(top_v)
         self.count += targets.numel()
 
     def metrics(self, bpw: float, size: int) -> Metrics:
@@ -130,7 +159,7 @@ class Evaluator:
     """Scores recipes on one model and one token set; everything recipe-independent is cached."""
 
     def __init__(self, loaded: LoadedModel, tokens: TokenSet, *, batch_size: int = 8,
-                 cache_dir: str | Path | None | bool = None, max_weight_cache_bytes: int = 2 << 30,
+                 cache_dir: str | Path | None | bool = None, max_weight_cache_bytes: int | None = None,
                  max_prefix_cache_bytes: int = 1 << 30, progress: bool = False) -> None:
         if batch_size < 1:
             raise QenvError(f"batch_size={batch_size} must be at least 1.")
@@ -155,6 +184,7 @@ class Evaluator:
         self.max_prefix_cache_bytes = max_prefix_cache_bytes
         self.prefix_hits = 0
         self.blocks_run = 0
+        self._untargeted: int | None = None
         self.stages: dict[int, list[LayerInfo]] = {}
         for info in self.layers:
             self.stages.setdefault(stage_of(info), []).append(info)
@@ -183,7 +213,7 @@ class Evaluator:
         nll, count = 0.0, 0
         for ids, lp in zip(self.batches, self.reference.logprobs):
             targets = ids[:, 1:].to(lp.device)
-            nll -= float(lp.gather(-1, targets.unsqueeze(-1)).sum())
+            nll -= float(lp.gather(-1, targets.unsqueeze(-1)).sum(dtype=torch.float64))  # as _Score sums
             count += targets.numel()
         return math.exp(min(nll / max(count, 1), 700.0))
 
@@ -196,7 +226,9 @@ class Evaluator:
 
     def size(self, recipe: Mapping[str, Rule]) -> tuple[float, int]:
         """(bits per weight over targeted layers, total model bytes) of a recipe."""
-        return bits_per_weight(self.layers, recipe), model_bytes(self.model, self.layers, recipe)
+        if self._untargeted is None:
+            self._untargeted = untargeted_params(self.model, self.layers)
+        return bits_per_weight(self.layers, recipe), model_bytes(self.model, self.layers, recipe, self._untargeted)
 
     # -- plain path ------------------------------------------------------------------------------
     @torch.inference_mode()

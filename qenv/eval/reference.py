@@ -111,6 +111,20 @@ class _StatsCollector:
         return {name: shared[owner] for name, owner in self.owner.items()}
 
 
+def _log_softmax_chunked(logits: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
+    """float32 log-softmax over the last dimension, converting ``chunk_bytes`` of rows at a time
+    (the stored result is float32; the temporaries stay bounded for a large vocabulary)."""
+    vocab = logits.shape[-1]
+    rows = logits.reshape(-1, vocab)
+    out = torch.empty(rows.shape, dtype=torch.float32, device=logits.device)
+    if chunk_bytes is None:
+        chunk_bytes = (256 << 20) if logits.device.type == "cuda" else (4 << 20)
+    step = max(1, chunk_bytes // (4 * vocab))
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = torch.log_softmax(rows[start:start + step].float(), dim=-1)
+    return out.view(*logits.shape[:-1], vocab)
+
+
 @torch.inference_mode()
 def compute_reference(model: nn.Module, layers: list[LayerInfo], batches: list[torch.Tensor],
                       keep_block_outputs: bool = True, progress: bool = False) -> Reference:
@@ -133,7 +147,7 @@ def compute_reference(model: nn.Module, layers: list[LayerInfo], batches: list[t
     try:
         for ids in iterator:
             logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits
-            logprobs.append(torch.log_softmax(logits[:, :-1].float(), dim=-1))
+            logprobs.append(_log_softmax_chunked(logits[:, :-1]))
             stats.next_batch()
     finally:
         for handle in handles:

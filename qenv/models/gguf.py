@@ -89,8 +89,11 @@ def read_gguf_architecture(path: str | Path) -> tuple[str, Any]:
     if magic != GGUF_MAGIC:
         raise QenvError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}).",
                         "pass a .gguf written by llama.cpp's convert_hf_to_gguf.py or llama-quantize.")
-    from gguf import GGUFReader
-
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise QenvError(f"Reading the GGUF file {path.name} needs the gguf package, which is not installed.",
+                        "pip install gguf") from None
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # gguf-py raises ValueError/IndexError/struct errors on a truncated file

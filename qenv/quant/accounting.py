@@ -32,9 +32,20 @@ def bits_per_weight(layers: Iterable[LayerInfo], recipe: Mapping[str, Rule]) -> 
     return recipe_bits(layers, recipe) / max(weights, 1)
 
 
-def model_bytes(model: nn.Module, layers: Iterable[LayerInfo], recipe: Mapping[str, Rule]) -> int:
-    """Bytes to store the whole model: quantized layers exactly, all other parameters in fp16."""
+def model_bytes(model: nn.Module, layers: Iterable[LayerInfo], recipe: Mapping[str, Rule],
+                untargeted: int | None = None) -> int:
+    """Bytes to store the whole model: quantized layers exactly, all other parameters in fp16.
+
+    ``untargeted`` is :func:`untargeted_params` of the same model and layers, when the caller keeps it
+    (it does not depend on the recipe, and counting it walks every parameter).
+    """
     layers = list(layers)
+    other = untargeted_params(model, layers) if untargeted is None else untargeted
+    return math.ceil((recipe_bits(layers, recipe) + other * FP16_BITS) / 8)
+
+
+def untargeted_params(model: nn.Module, layers: Iterable[LayerInfo]) -> int:
+    """Parameters outside the targeted layers (stored in fp16), a tied tensor counted once."""
     targeted = {id(weight_parameter(model, info)) for info in layers}
     seen: set[int] = set()
     other = 0
@@ -43,4 +54,4 @@ def model_bytes(model: nn.Module, layers: Iterable[LayerInfo], recipe: Mapping[s
             continue
         seen.add(id(param))
         other += param.numel()
-    return math.ceil((recipe_bits(layers, recipe) + other * FP16_BITS) / 8)
+    return other

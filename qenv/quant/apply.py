@@ -8,7 +8,7 @@ storage back, so the original weights return bit for bit and nothing is reloaded
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -16,10 +16,86 @@ from torch import nn
 
 from qenv.errors import QenvError
 from qenv.models.layers import LayerInfo, get_weight, to_storage_layout, weight_parameter
-from qenv.quant.quantizer import LayerCalibration, quantize_matrix
+from qenv.quant.quantizer import LayerCalibration, quantize_matrices
 from qenv.quant.rules import Rule
 
 CalibrationSource = Callable[[str], "LayerCalibration | None"]
+
+
+#: share of free device memory (GPU) or available RAM (CPU) the weight cache takes when not set
+CACHE_SHARE_GPU = 0.5
+CACHE_SHARE_CPU = 0.25
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory where quantized weights live: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def default_cache_bytes(originals: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> int:
+    """The weight cache's size when the user does not set it: a share of the free memory on the
+    model's device, so that a whole menu fits where there is room (a fixed 2 GiB was too small
+    from about 1B parameters) without crowding out the evaluation itself."""
+    tensors = list(originals)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    share = CACHE_SHARE_GPU if device.type == "cuda" else CACHE_SHARE_CPU
+    return int(free_memory_bytes(device) * share)
+
+
+def default_batch_bytes(device: torch.device) -> int:
+    """Working memory of one prebuild batch: a quarter of the free GPU memory; on a CPU none (one
+    layer at a time), since a CPU is not launch-bound and batching there was slower (SmolLM2,
+    ``w3g128a-gptq``: 28.3 s batched vs about 22.6 s layer by layer, BENCHMARKS.md)."""
+    if device.type == "cuda":
+        return max(256 << 20, free_memory_bytes(device) // 4)
+    return 0
+
+
+def _working_bytes(out_f: int, in_f: int, rule: Rule) -> int:
+    """Rough float32 working memory to quantize one ``[out, in]`` matrix under ``rule``."""
+    matrix = 4 * out_f * in_f
+    if rule.rounding == "gptq":
+        return 6 * matrix + 4 * 4 * in_f * in_f  # weights, result, mask, updates; Hessian and its factors
+    return (8 if rule.mse_clip else 5) * matrix
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _progress(progress: bool | Callable[[int, int], None], total: int) -> Callable[..., None]:
+    """A ``report(n, close=False)`` that advances a tqdm bar, calls the user's callback, or nothing."""
+    if callable(progress):
+        done = [0]
+
+        def call(n: int, close: bool = False) -> None:
+            if n:
+                done[0] += n
+                progress(done[0], total)
+        return call
+    if not progress:
+        return lambda n, close=False: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="building menu weights", unit="layer-rule", leave=False)
+
+    def advance(n: int, close: bool = False) -> None:
+        if n:
+            bar.update(n)
+        if close:
+            bar.close()
+    return advance
 
 
 class QuantizedWeights:
@@ -30,14 +106,24 @@ class QuantizedWeights:
         model: nn.Module,
         layers: list[LayerInfo],
         calibration: CalibrationSource | None = None,
-        max_cache_bytes: int = 2 << 30,
+        max_cache_bytes: int | None = None,
     ) -> None:
         self.model = model
         self.layers = {info.name: info for info in layers}
         self.calibration = calibration
-        self.max_cache_bytes = max_cache_bytes
         self._params = {name: weight_parameter(model, info) for name, info in self.layers.items()}
         self._originals = {name: param.data for name, param in self._params.items()}
+        self.max_cache_bytes = default_cache_bytes(self._originals.values()) if max_cache_bytes is None \
+            else int(max_cache_bytes)
+        one_recipe = self.recipe_bytes()
+        if self.max_cache_bytes < one_recipe:
+            where = "set" if max_cache_bytes is not None else "sized from free memory"
+            raise QenvError(
+                f"The quantized-weight cache ({self.max_cache_bytes / 2**30:.3f} GiB, {where}) cannot hold even one "
+                f"recipe of this model ({one_recipe / 2**30:.3f} GiB of quantized weights): every step would "
+                "quantize again.",
+                f"raise weight_cache_gib (--weight-cache-gib) to at least {one_recipe / 2**30:.3f}, or free "
+                "memory / use a smaller model or a lower-precision dtype.")
         self._cache: OrderedDict[tuple[str, Rule], torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
         self.hits = 0
@@ -51,6 +137,44 @@ class QuantizedWeights:
     def original(self, name: str) -> torch.Tensor:
         return self._originals[name]
 
+    def _original_matrix(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s original ``[out, in]`` matrix, whatever recipe is applied right now."""
+        info = self.layers[name]
+        param = self._params[name]
+        current = param.data
+        param.data = self._originals[name]
+        try:
+            matrix = get_weight(self.model, info)
+        finally:
+            param.data = current
+        if not torch.isfinite(matrix).all():
+            raise QenvError(f"Layer {name} holds NaN or inf weights; it cannot be quantized.",
+                            "check the checkpoint: its weights overflowed or are corrupt.")
+        return matrix
+
+    def _calibration_for(self, name: str, rule: Rule) -> LayerCalibration | None:
+        calib = self.calibration(name) if self.calibration is not None and rule.needs_calibration else None
+        if rule.needs_calibration and calib is None and self.calibration is not None:
+            raise QenvError(
+                f"Rule {rule.label()} needs activation statistics of layer {name}, but that layer never ran "
+                "as a module during the calibration pass (its weight is used directly, or it is an embedding).",
+                "give this layer a rule without GPTQ, act_scale, mse_clip or activation-based salience.")
+        return calib
+
+    def _quantize(self, names: Sequence[str], rule: Rule) -> list[torch.Tensor]:
+        """Quantized tensors of ``names`` under ``rule`` (one batch per shape), in storage layout."""
+        matrices = [self._original_matrix(name) for name in names]
+        calibs = [self._calibration_for(name, rule) for name in names]
+        out = quantize_matrices(matrices, rule, calibs)
+        return [to_storage_layout(self.layers[name], q).contiguous() for name, q in zip(names, out)]
+
+    def _insert(self, key: tuple[str, Rule], quantized: torch.Tensor) -> None:
+        self._cache[key] = quantized
+        self._cache_bytes += quantized.numel() * quantized.element_size()
+        while self._cache_bytes > self.max_cache_bytes and len(self._cache) > 1:
+            _, evicted = self._cache.popitem(last=False)
+            self._cache_bytes -= evicted.numel() * evicted.element_size()
+
     def weight_for(self, name: str, rule: Rule) -> torch.Tensor:
         """The quantized tensor of layer ``name`` under ``rule``, in the parameter's own layout."""
         if rule.keeps:
@@ -62,31 +186,87 @@ class QuantizedWeights:
             self._cache.move_to_end(key)
             return cached
         self.misses += 1
-        info = self.layers[name]
-        param = self._params[name]
-        current = param.data
-        param.data = self._originals[name]
-        try:
-            matrix = get_weight(self.model, info)
-            if not torch.isfinite(matrix).all():
-                raise QenvError(f"Layer {name} holds NaN or inf weights; it cannot be quantized.",
-                                "check the checkpoint: its weights overflowed or are corrupt.")
-            calib = self.calibration(name) if self.calibration is not None and rule.needs_calibration else None
-            if rule.needs_calibration and calib is None and self.calibration is not None:
-                raise QenvError(
-                    f"Rule {rule.label()} needs activation statistics of layer {name}, but that layer never ran "
-                    "as a module during the calibration pass (its weight is used directly, or it is an embedding).",
-                    "give this layer a rule without GPTQ, act_scale, mse_clip or activation-based salience.")
-            quantized = to_storage_layout(info, quantize_matrix(matrix, rule, calib)).contiguous()
-        finally:
-            param.data = current
-        size = quantized.numel() * quantized.element_size()
-        self._cache[key] = quantized
-        self._cache_bytes += size
-        while self._cache_bytes > self.max_cache_bytes and len(self._cache) > 1:
-            _, evicted = self._cache.popitem(last=False)
-            self._cache_bytes -= evicted.numel() * evicted.element_size()
+        quantized = self._quantize([name], rule)[0]
+        self._insert(key, quantized)
         return quantized
+
+    def recipe_bytes(self) -> int:
+        """Bytes of one recipe's quantized weights (every targeted layer, in the model's dtype)."""
+        return sum(t.numel() * t.element_size() for t in self._originals.values())
+
+    def prebuild(self, rules: Sequence[Rule], *, progress: bool | Callable[[int, int], None] = False,
+                 batch_bytes: int | None = None) -> int:
+        """Quantize every (layer, rule) pair of ``rules`` not cached yet, up front; returns how many.
+
+        Layers of one shape are quantized together (``quantize_matrices``), in batches of at most
+        ``batch_bytes`` of working memory (default: a quarter of the free GPU memory; one layer at a
+        time on a CPU). A batch that runs out of memory is split in half and retried. When even one
+        layer cannot be quantized, or the pairs cannot all fit in the cache, this raises a
+        ``QenvError`` saying what to lower, and every entry this call added is taken out again, so
+        the cache holds only whole entries from before.
+        """
+        wanted = [r for r in dict.fromkeys(rules) if not r.keeps]
+        todo = [(name, rule) for rule in wanted for name in self._params if (name, rule) not in self._cache]
+        if not todo:
+            return 0
+        need = sum(self._originals[name].numel() * self._originals[name].element_size() for name, _ in todo)
+        if self._cache_bytes + need > self.max_cache_bytes:
+            raise QenvError(
+                f"The quantized-weight cache ({self.max_cache_bytes / 2**30:.2f} GiB) cannot hold the menu's "
+                f"weights ({(self._cache_bytes + need) / 2**30:.2f} GiB for {len(wanted)} rules x {len(self._params)} "
+                "layers).",
+                f"raise weight_cache_gib (--weight-cache-gib) to at least {(self._cache_bytes + need) / 2**30:.2f}, "
+                "use a shorter menu, or turn prebuilding off (prebuild=False) to quantize on demand.")
+        device = next(iter(self._originals.values())).device
+        budget = batch_bytes if batch_bytes is not None else default_batch_bytes(device)
+        added: list[tuple[str, Rule]] = []
+        report = _progress(progress, len(todo))
+        try:
+            for rule in wanted:
+                by_shape: dict[tuple, list[str]] = {}
+                for name, r in todo:
+                    if r == rule:
+                        info = self.layers[name]
+                        by_shape.setdefault((info.out_features, info.in_features), []).append(name)
+                for (out_f, in_f), names in by_shape.items():
+                    per_layer = _working_bytes(out_f, in_f, rule)
+                    size = max(1, min(len(names), budget // max(per_layer, 1)))
+                    start = 0
+                    while start < len(names):
+                        chunk = names[start:start + size]
+                        try:
+                            quantized = self._quantize(chunk, rule)
+                        except torch.OutOfMemoryError:
+                            if size == 1:
+                                raise
+                            size = max(1, size // 2)
+                            _empty_cache(device)
+                            continue
+                        for name, q in zip(chunk, quantized):
+                            self._insert((name, rule), q)
+                            added.append((name, rule))
+                        start += len(chunk)
+                        report(len(chunk))
+        except torch.OutOfMemoryError:
+            self._drop(added)
+            _empty_cache(device)
+            raise QenvError(
+                f"Out of memory while building the menu's quantized weights on {device} (rule "
+                f"{rule.label()}, one layer of shape {out_f}x{in_f}); nothing was kept from this build.",
+                "lower weight_cache_gib (--weight-cache-gib), the calibration batch_size or n_tokens, or turn "
+                "prebuilding off (prebuild=False).") from None
+        except BaseException:
+            self._drop(added)
+            raise
+        finally:
+            report(0, close=True)
+        return len(added)
+
+    def _drop(self, keys: Sequence[tuple[str, Rule]]) -> None:
+        for key in keys:
+            tensor = self._cache.pop(key, None)
+            if tensor is not None:
+                self._cache_bytes -= tensor.numel() * tensor.element_size()
 
     def apply(self, rules: Mapping[str, Rule]) -> None:
         """Put the quantized weights of ``rules`` into the model (other layers are untouched)."""

@@ -8,6 +8,7 @@ rule does. The math runs in float32; scales are rounded to fp16 exactly as they 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -151,51 +152,123 @@ def _channel_scale(rule: Rule, calib: LayerCalibration | None, device: torch.dev
     return s / torch.sqrt(s.max() * s.min())
 
 
-def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: torch.Tensor) -> torch.Tensor:
-    """GPTQ: quantize column by column, spreading each column's error over later columns."""
-    out_f, in_f = w.shape
-    w = w.clone()
-    h = hessian.to(w.device, torch.float32).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    h += torch.eye(in_f, device=w.device) * (GPTQ_DAMP * torch.diagonal(h).mean())
+def _gptq_hinv(hessian: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of the damped inverse Hessian, for a batch ``[B, in, in]``."""
+    h = hessian.to(torch.float32).clone()
+    in_f = h.shape[-1]
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)  # a view: writes go into h
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)  # h[dead, dead] = 1 (a dead input channel)
+    damp = GPTQ_DAMP * diag.mean(dim=-1)
+    diag += damp[:, None]
     try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError:
         raise QenvError("GPTQ failed: the calibration Hessian is not positive definite.",
                         "use more calibration tokens or a rule with rounding='nearest'.") from None
+
+
+def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ on a batch of matrices ``[B, out, in]`` (each with its Hessian ``[B, in, in]``): quantize
+    column by column, spreading each column's error over later columns.
+
+    The batch runs one column loop for all its matrices, so quantizing every layer of one shape
+    costs the kernel launches of one layer (on a GPU the loop is launch-bound: about ten small
+    kernels per column). Each matrix's arithmetic is the per-matrix algorithm's, in the same order
+    (lazy block updates of ``GPTQ_BLOCK`` columns), so results agree with one-at-a-time GPTQ
+    within float noise.
+    """
+    n_b, out_f, in_f = w.shape
+    w = w.clone()
+    hinv = _gptq_hinv(hessian.to(w.device))
     result = torch.zeros_like(w)
     valid = ~keep
-    grid: _Grid | None = None
+    scale = zero = None
+    maxq = 2**rule.bits - 1
     for start in range(0, in_f, GPTQ_BLOCK):
         end = min(start + GPTQ_BLOCK, in_f)
-        w_block = w[:, start:end].clone()
+        w_block = w[:, :, start:end].clone()
         err_block = torch.zeros_like(w_block)
-        hinv_block = hinv[start:end, start:end]
+        hinv_block = hinv[:, start:end, start:end]
         for i in range(end - start):
             col = start + i
             if col % group == 0:
                 # Scales of a group come from the weights as updated so far (GPTQ's non-static groups).
+                # Rows are independent here, so the batch is flattened to rows for the grid search.
                 g_end = min(col + group, in_f)
-                current = torch.cat([w_block[:, i:], w[:, end:]], dim=1)[:, : g_end - col]
-                sub = _choose_grid(current, valid[:, col:g_end], rule, group, None)
-                grid = _Grid(sub.scale[:, :1], sub.zero[:, :1], sub.maxq)
-            assert grid is not None
-            wc = w_block[:, i : i + 1]
-            qc = _fake_quant(wc, grid)
-            qc = torch.where(keep[:, col : col + 1], wc, qc)
-            result[:, col : col + 1] = qc
-            err = (wc - qc) / hinv_block[i, i]
-            w_block[:, i:] -= err @ hinv_block[i : i + 1, i:]
-            err_block[:, i : i + 1] = err
-        w[:, end:] -= err_block @ hinv[start:end, end:]
+                current = torch.cat([w_block[:, :, i:], w[:, :, end:]], dim=2)[:, :, : g_end - col]
+                sub = _choose_grid(current.reshape(n_b * out_f, -1), valid[:, :, col:g_end].reshape(n_b * out_f, -1),
+                                   rule, group, None)
+                scale = sub.scale[:, :1].reshape(n_b, out_f, 1)
+                zero = sub.zero[:, :1].reshape(n_b, out_f, 1)
+            assert scale is not None and zero is not None
+            wc = w_block[:, :, i : i + 1]
+            qc = _fake_quant(wc, _Grid(scale, zero, maxq))
+            qc = torch.where(keep[:, :, col : col + 1], wc, qc)
+            result[:, :, col : col + 1] = qc
+            err = (wc - qc) / hinv_block[:, i : i + 1, i : i + 1]
+            w_block[:, :, i:] -= err @ hinv_block[:, i : i + 1, i:]
+            err_block[:, :, i : i + 1] = err
+        w[:, :, end:] -= err_block @ hinv[:, start:end, end:]
     return result
 
 
-def quantize_matrix(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None = None) -> torch.Tensor:
-    """The dequantized image of an ``[out, in]`` matrix under ``rule`` (same dtype and device)."""
-    if rule.keeps:
-        return weight.clone()
+def quantize_matrices(weights: Sequence[torch.Tensor], rule: Rule,
+                      calibs: Sequence[LayerCalibration | None] | None = None) -> list[torch.Tensor]:
+    """The dequantized images of several ``[out, in]`` matrices under one ``rule`` (same dtype and
+    device as each input), exactly what :func:`quantize_matrix` gives for each.
+
+    GPTQ matrices of one shape are quantized as one batch (one column loop for all of them): on a
+    GPU that loop is launch-bound, so this is what makes building a whole menu fast. Every other
+    rule is vectorised within a matrix already and goes through :func:`quantize_matrix` one by one.
+    """
+    calibs = [None] * len(weights) if calibs is None else list(calibs)
+    if len(calibs) != len(weights):
+        raise ValueError("quantize_matrices needs one calibration per weight matrix")
+    if rule.keeps or rule.rounding != "gptq":
+        return [quantize_matrix(w, rule, c) for w, c in zip(weights, calibs)]
+    results: list[torch.Tensor | None] = [None] * len(weights)
+    shapes: dict[tuple, list[int]] = {}
+    for index, weight in enumerate(weights):
+        shapes.setdefault((tuple(weight.shape), weight.device), []).append(index)
+    for indices in shapes.values():
+        for i, q in zip(indices, _quantize_batch([weights[i] for i in indices], rule, [calibs[i] for i in indices])):
+            results[i] = q
+    return [r for r in results if r is not None]
+
+
+def _quantize_batch(weights: Sequence[torch.Tensor], rule: Rule,
+                    calibs: Sequence[LayerCalibration | None]) -> list[torch.Tensor]:
+    """Quantize matrices of one shape under a non-keep rule (GPTQ as one batch)."""
+    if rule.rounding == "gptq":
+        for calib in calibs:
+            if calib is None or calib.hessian is None:
+                raise QenvError(f"Rule {rule.label()} uses GPTQ rounding, which needs the layer's calibration Hessian.")
+    prepared = [_prepare(w, rule, c) for w, c in zip(weights, calibs)]
+    if rule.rounding == "gptq":
+        ws = torch.stack([p[1] for p in prepared])
+        keep = torch.stack([p[2] for p in prepared])
+        hessian = torch.stack([p[4] for p in prepared])
+        quantized = list(_gptq(ws, keep, rule, prepared[0][3], hessian).unbind(0))
+    else:
+        quantized = []
+        for w, ws, keep, group, _, scale, calib in prepared:
+            importance = None if calib is None or not rule.mse_clip else calib.hessian_diag.to(w.device).float()
+            if importance is not None and scale is not None:
+                importance = importance / scale.square()
+            quantized.append(_fake_quant(ws, _choose_grid(ws, ~keep, rule, group, importance)))
+    out = []
+    for weight, (w, _, keep, _, _, scale, _), q in zip(weights, prepared, quantized):
+        if scale is not None:
+            q = q / scale[None, :]
+        q = torch.where(keep, w.half().float(), q)
+        out.append(q.to(weight.dtype))
+    return out
+
+
+def _prepare(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None) -> tuple:
+    """Per-matrix set-up shared by both roundings: float32 weights, outlier mask, group size, the
+    activation channel scale (AWQ-like) and the Hessian in the scaled coordinates."""
     w = weight.detach().float()
     if not torch.isfinite(w).all():
         raise QenvError("The weight matrix holds NaN or inf values; it cannot be quantized.")
@@ -204,19 +277,17 @@ def quantize_matrix(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | 
     keep = _outlier_mask(w, rule, calib)
     scale = _channel_scale(rule, calib, w.device)
     ws = w if scale is None else w * scale[None, :]
+    hessian = None
     if rule.rounding == "gptq":
-        if calib is None or calib.hessian is None:
-            raise QenvError(f"Rule {rule.label()} uses GPTQ rounding, which needs the layer's calibration Hessian.")
+        assert calib is not None and calib.hessian is not None
         hessian = calib.hessian.to(w.device).float()
         if scale is not None:
             hessian = hessian / scale[None, :] / scale[:, None]
-        q = _gptq(ws, keep, rule, group, hessian)
-    else:
-        importance = None if calib is None or not rule.mse_clip else calib.hessian_diag.to(w.device).float()
-        if importance is not None and scale is not None:
-            importance = importance / scale.square()
-        q = _fake_quant(ws, _choose_grid(ws, ~keep, rule, group, importance))
-    if scale is not None:
-        q = q / scale[None, :]
-    q = torch.where(keep, w.half().float(), q)
-    return q.to(weight.dtype)
+    return w, ws, keep, group, hessian, scale, calib
+
+
+def quantize_matrix(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None = None) -> torch.Tensor:
+    """The dequantized image of an ``[out, in]`` matrix under ``rule`` (same dtype and device)."""
+    if rule.keeps:
+        return weight.clone()
+    return _quantize_batch([weight], rule, [calib])[0]

@@ -6,6 +6,7 @@ A :class:`Rule` is frozen and hashable so that quantized weights can be cached p
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -110,9 +111,9 @@ class Rule:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["salience"] = list(self.salience)
-        return data
+        # asdict is slow (it deep-copies); episodes write every layer's rule into their info, so the
+        # fields of each (immutable) rule are computed once
+        return {**_rule_fields(self), "salience": list(self.salience)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Rule:
@@ -132,6 +133,11 @@ class Rule:
 
 
 KEEP = Rule(bits=16)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rule_fields(rule: Rule) -> dict[str, Any]:
+    return asdict(rule)
 
 
 def _storage_bits_for_index(numel: int) -> int:
