@@ -474,6 +474,7 @@ def transfer_job(cfg: dict[str, Any]) -> None:
             import torch
 
             # the evaluation jobs (one per model, baselines ready) roll this policy out as soon as it appears
+            target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             torch.save(agent.model.policy.state_dict(), tmp)
             os.replace(tmp, target)
