@@ -4,18 +4,22 @@
     python eval_agent.py --policy runs/<run>/model.zip [--model SPEC ...] [--budget-bpw B] [--data held-out.txt]
 
 For each model, the policy picks a recipe deterministically; every preset (rtn/gptq/awq at the
-two bit widths bracketing the budget, q3_k_m, q4_k_m, fp16) and every searcher (uniform,
+bit widths bracketing the budget and the policy's own bpw, llama.cpp's real mixes with and without
+the importance matrix, quantized by llama.cpp itself, fp16) and every searcher (uniform,
 llamacpp, greedy, random, evolution, with the same evaluation budget) gives one too. All are
 scored by the same evaluator on the same tokens (held-out text with --data, else the
 calibration tokens) and printed as one table per model, sorted by bits per weight, with rows
-over the budget marked '*'. Models the policy was not trained on are reported as "zero-shot"
-with the policy's gain over the best preset at or under the budget; models a policy was
-fine-tuned on (a run started with ``train_agent.py --init-from``) as "fine-tuned", and the summary
-lists the two groups separately.
+over the budget marked '*'. The summary compares the policy with the best preset at or under the
+budget, showing both sizes, and with each human family's frontier interpolated at the policy's own
+bits per weight (the equal-size comparison). Models the policy was not trained on are reported as
+"unseen model" (zero-shot); models a policy was fine-tuned on (a run started with ``train_agent.py
+--init-from``) as "fine-tuned model", and the summary lists the two groups separately.
 
 Writes results.json, results.csv and pareto.png (KL vs bpw of every method) into --out
 (default: <run folder>/eval-<date>-<time>); --export adds the policy's recipe per model as
-JSON, llama.cpp --tensor-type overrides and a GPTQModel dynamic config; --save-model writes the
+JSON, llama.cpp --tensor-type overrides (llamacpp-quantize.sh), the quantized model as model.gguf
+(recipes of GGUF rules, e.g. from menu=gguf: exactly the scored model) and a GPTQModel dynamic
+config (recipes GPTQModel runs as measured); skipped.txt says why one was not written; --save-model writes the
 quantized model (dequantized weights, safetensors) that transformers loads back.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import sys
 import time
@@ -35,7 +40,9 @@ from qenv.errors import QenvError
 from qenv.io import read_json
 
 SEARCHERS: tuple[str, ...] = ("uniform", "llamacpp", "greedy", "random", "evolution")
-FIXED_PRESETS: tuple[str, ...] = ("q3_k_m", "q4_k_m", "fp16")
+FIXED_PRESETS: tuple[str, ...] = ("fp16",)
+#: human families whose frontier is interpolated at the policy's own bits per weight
+FAMILIES: tuple[str, ...] = ("rtn", "gptq", "awq", "llama.cpp", "llama.cpp+imatrix")
 DEFAULT_SEARCH_EVALS = 16
 _TOL = 1e-9
 
@@ -73,8 +80,8 @@ def build_parser() -> ArgumentParser:
                    help="override environment arguments of the run (YAML values), e.g. seq_len=64")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <policy's folder>/eval-<date>-<time>)")
     p.add_argument("--export", action="store_true",
-                   help="also write the policy's recipe per model as JSON, llama.cpp --tensor-type overrides and a "
-                        "GPTQModel dynamic config (into <out>/export/<model>/)")
+                   help="also write the policy's recipe per model as JSON, llama.cpp --tensor-type overrides, "
+                        "model.gguf (GGUF rules) and a GPTQModel dynamic config (into <out>/export/<model>/)")
     p.add_argument("--save-model", metavar="DIR",
                    help="write the policy-quantized model(s) with save_pretrained (safetensors, dequantized weights, "
                         "recipe in config.qenv_recipe, tokenizer); with several models, one subfolder each")
@@ -128,12 +135,51 @@ def safe_name(name: str) -> str:
 
 
 # -- one model ------------------------------------------------------------------------------------------
-def bracketing_presets(evaluator: Any, budget: float) -> list[str]:
-    """rtn/gptq/awq at the widest bit width at or under the budget and the next one above it."""
+def bracketing_presets(evaluator: Any, *bpws: float) -> list[str]:
+    """rtn/gptq/awq at the widest bit width at or under each of ``bpws`` and the next one above it
+    (the budget, and the policy's own size, so that each family's frontier brackets both)."""
     from qenv.envs.reward import bracketing_widths
 
-    widths = [point[1] for point in bracketing_widths(evaluator, budget) if point is not None]
+    widths = sorted({point[1] for bpw in bpws for point in bracketing_widths(evaluator, bpw) if point is not None})
     return [f"{family}-w{b}" for b in widths for family in ("rtn", "gptq", "awq")]
+
+
+def llamacpp_presets() -> list[str]:
+    """llama.cpp's real mixes (with and without the importance matrix), quantized by llama.cpp itself."""
+    from qenv.quant.presets import LLAMACPP_PRESETS
+
+    return list(LLAMACPP_PRESETS)
+
+
+def family_of(method: str) -> str | None:
+    """The human family a preset row belongs to (``None`` for fp16)."""
+    from qenv.quant.presets import LLAMACPP_PRESETS
+
+    if method in LLAMACPP_PRESETS:
+        return "llama.cpp+imatrix" if method.endswith("-im") else "llama.cpp"
+    head = method.split("-w")[0]
+    return head if head in ("rtn", "gptq", "awq") else None
+
+
+def frontier_at(rows: list[dict[str, Any]], family: str, bpw: float) -> dict[str, Any] | None:
+    """``family``'s KL interpolated (log-linearly) at ``bpw`` between its rows that bracket it, else ``None``.
+
+    The lower envelope of the family's points is used, so a dominated mix never props the frontier up.
+    """
+    points = sorted((r["bpw"], r["kl"], r["method"]) for r in rows
+                    if r["kind"] == "preset" and family_of(r["method"]) == family and r["kl"] > 0)
+    front: list[tuple[float, float, str]] = []
+    for point in points:  # keep points that no cheaper point beats
+        if not front or point[1] < min(p[1] for p in front):
+            front.append(point)
+    below = [p for p in front if p[0] <= bpw + _TOL]
+    above = [p for p in front if p[0] >= bpw - _TOL]
+    if not below or not above:
+        return None
+    lo, hi = below[-1], above[0]
+    t = 0.0 if hi[0] == lo[0] else (bpw - lo[0]) / (hi[0] - lo[0])
+    kl = math.exp((1 - t) * math.log(lo[1]) + t * math.log(hi[1]))
+    return {"kl": kl, "between": f"{lo[2]} @ {lo[0]:.3f} and {hi[2]} @ {hi[0]:.3f}"}
 
 
 def scoring_evaluator(task: Any, data: list[str] | None, n_tokens: int, seq_len: int, batch_size: int) -> tuple[Any, str]:
@@ -217,12 +263,17 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
 
         agent = NormalizedAgent(agent, read_json(stats, "Normalisation statistics", "delete it or retrain."))
     recipe, info = rollout_recipe(agent, env, deterministic=True)
+    if args.save_model and any(rule.gguf is not None for rule in recipe.values()):
+        raise QenvError(f"The policy's recipe on {task.name} uses llama.cpp types, which qenv scores as llama.cpp runs "
+                        "them: --save-model would write dequantized weights that are not the model measured.",
+                        "drop --save-model and use --export, which writes model.gguf.")
     policy_metrics = scorer.evaluate(recipe)
     policy_row = row(f"policy ({short_agent_name(agent_name)})", "policy", policy_metrics, time.perf_counter() - t0, budget,
                      f"{info.get('clamped_actions', 0)} actions lowered by the budget"
                      if info.get("clamped_actions") else "")
     rows.append(policy_row)
-    for name in bracketing_presets(task.evaluator, budget) + list(FIXED_PRESETS):
+    for name in bracketing_presets(task.evaluator, budget, policy_metrics.bpw) + llamacpp_presets() + \
+            list(FIXED_PRESETS):
         t0 = time.perf_counter()
         metrics = scorer.evaluate(preset(name, task.layers))
         rows.append(row(name, "preset", metrics, time.perf_counter() - t0, budget))
@@ -247,7 +298,16 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         ratio = best["kl"] / policy_row["kl"] if policy_row["kl"] > 0 else float("inf")
         gain = {"best_preset": best["method"], "preset_kl": best["kl"], "preset_ppl": best["ppl"],
                 "preset_bpw": best["bpw"], "policy_kl": policy_row["kl"], "policy_ppl": policy_row["ppl"],
-                "kl_ratio": ratio, "ppl_diff": policy_row["ppl"] - best["ppl"]}
+                "policy_bpw": policy_row["bpw"], "kl_ratio": ratio, "ppl_diff": policy_row["ppl"] - best["ppl"]}
+    # equal-size comparison: every human family's frontier at the policy's own bits per weight
+    frontiers = {}
+    for family in FAMILIES:
+        point = frontier_at(rows, family, policy_row["bpw"])
+        if point is not None:
+            point["kl_ratio"] = point["kl"] / policy_row["kl"] if policy_row["kl"] > 0 else float("inf")
+        frontiers[family] = point
+    if gain is not None:
+        gain["frontiers_at_policy_bpw"] = frontiers
     result = {"model": task.name, "spec": spec, "seen": seen, "status": status, "fingerprint": task.loaded.fingerprint,
               "n_layers": len(task.layers), "tokens": tokens_desc, "budget_bpw": budget, "rows": rows, "gain": gain,
               "policy_recipe": recipe.to_dict(), "policy_over_budget": policy_row["over_budget"], "notes": notes}
@@ -256,10 +316,13 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         from qenv.export import export_all
 
         folder = out / "export" / safe_name(task.name)
-        export_all(folder, task.layers, recipe, {"model": task.name, "budget_bpw": budget, "agent": agent_name,
-                                                 "policy": str(args.policy), "metrics": policy_metrics.to_dict(),
-                                                 "tokens": tokens_desc})
+        paths = export_all(folder, task.layers, recipe,
+                           {"model": task.name, "budget_bpw": budget, "agent": agent_name,
+                            "policy": str(args.policy), "metrics": policy_metrics.to_dict(), "tokens": tokens_desc},
+                           evaluator=task.evaluator)
         result["export"] = str(folder)
+        if "skipped" in paths:
+            notes.extend(line for line in paths["skipped"].read_text().splitlines() if line)
     if args.save_model:
         from qenv.export import save_quantized_model
 
@@ -292,10 +355,25 @@ def print_model(result: dict[str, Any]) -> None:
     else:
         over = " (policy over budget!)" if result["policy_over_budget"] else ""
         verdict = "policy better" if gain["kl_ratio"] > 1 else ("equal" if gain["kl_ratio"] == 1 else "policy worse")
-        print(f"{prefix} {result['model']}: policy vs the best preset at or under {budget:g} bpw "
-              f"({gain['best_preset']}): KL {fmt(gain['policy_kl'])} vs {fmt(gain['preset_kl'])}, "
+        size = ("same size" if abs(gain["preset_bpw"] - gain["policy_bpw"]) < 1e-3 else
+                f"not the same size: the preset has {gain['policy_bpw'] - gain['preset_bpw']:.3f} bpw less"
+                if gain["preset_bpw"] < gain["policy_bpw"] else
+                f"not the same size: the preset has {gain['preset_bpw'] - gain['policy_bpw']:.3f} bpw more")
+        print(f"{prefix} {result['model']}: policy ({gain['policy_bpw']:.3f} bpw) vs the best preset at or under "
+              f"{budget:g} bpw ({gain['best_preset']} @ {gain['preset_bpw']:.3f} bpw, {size}): "
+              f"KL {fmt(gain['policy_kl'])} vs {fmt(gain['preset_kl'])}, "
               f"KL ratio preset/policy {gain['kl_ratio']:.3g}x ({verdict}); ppl {fmt(gain['policy_ppl'])} vs "
               f"{fmt(gain['preset_ppl'])} ({gain['ppl_diff']:+.4g}){over}")
+    policy_row = next((r for r in result["rows"] if r["kind"] == "policy"), None)
+    if policy_row is not None and gain is not None:
+        parts = []
+        for family, point in gain.get("frontiers_at_policy_bpw", {}).items():
+            if point is None:
+                parts.append(f"{family} n/a (no bracketing presets)")
+            else:
+                parts.append(f"{family} KL {fmt(point['kl'])} ({point['kl_ratio']:.3g}x; {point['between']})")
+        print(f"  at the policy's own {policy_row['bpw']:.3f} bpw, each human family's frontier (KL ratio "
+              f"frontier/policy): " + "; ".join(parts))
     for note in result.get("notes", []):
         print(f"note: {note}")
 

@@ -30,8 +30,8 @@ in-process evaluation (``pool=None``), in the same order.
 
 - ``uniform``: the best single rule (of the environment's candidate rules) that fits the budget
   on every layer; candidates are tried costliest first.
-- ``llamacpp``: the llama.cpp-like ``Q4_K_M`` or ``Q3_K_M`` mix (:mod:`qenv.quant.presets`), the
-  larger one that fits, else the nearer one.
+- ``llamacpp``: llama.cpp's own mixes (:mod:`qenv.quant.presets`, quantized by llama.cpp), the
+  largest that fits, else the nearest.
 - ``greedy``: HAWQ-style allocation: every layer starts at its cheapest rule; the upgrade with the
   largest drop in measured output error (:func:`qenv.envs.features.output_error` × layer size)
   per extra bit is applied until nothing fits. One evaluation.
@@ -63,7 +63,7 @@ from qenv.envs.allocation import greedy_allocation, rule_errors
 from qenv.envs.spaces import RULE_KINDS
 from qenv.errors import QenvError
 from qenv.io import read_json, write_json_atomic
-from qenv.quant.presets import llamacpp_mix
+from qenv.quant.presets import LLAMACPP_PRESETS, preset
 from qenv.quant.rules import Recipe, Rule
 
 FORMAT = "qenv-searcher"
@@ -346,12 +346,14 @@ class Searcher:
         from qenv.quant.rules import layer_bits
 
         target = layer_bits(rule, info.out_features, info.in_features)
-        names = [f.name for f in fields(Rule)]
+        # act_scale last: the env makes a layer inherit its input group's AWQ scale, so a recipe's rule can
+        # differ from the action that produced it in act_scale alone
+        names = [f.name for f in fields(Rule) if f.name != "act_scale"]
 
-        def distance(j: int) -> tuple[float, int, int]:
+        def distance(j: int) -> tuple[float, int, bool, int]:
             other = self.rules[j]
             mismatches = sum(getattr(other, n) != getattr(rule, n) for n in names)
-            return abs(self.costs[i, j] - target), mismatches, j
+            return abs(self.costs[i, j] - target), mismatches, other.act_scale != rule.act_scale, j
 
         return min(range(len(self.rules)), key=distance)
 
@@ -387,22 +389,23 @@ class UniformSearch(Searcher):
 
 
 class LlamaCppSearch(Searcher):
-    """The llama.cpp-like Q4_K_M / Q3_K_M mix: the larger one that fits, else the nearer one."""
+    """llama.cpp's own mixes (``llama-quantize`` Q2_K ... Q6_K, IQ2_XS ... IQ4_XS, with the importance
+    matrix where it exists): the largest that fits, the imatrix variant on a tie; else the nearest."""
 
     name = "llamacpp"
     default_evaluations = 1
-    MIXES: ClassVar[tuple[str, ...]] = ("Q4_K_M", "Q3_K_M")
+    MIXES: ClassVar[tuple[str, ...]] = LLAMACPP_PRESETS
 
     def choose(self) -> tuple[str, Recipe, float]:
         options = []
         for mix in self.MIXES:
-            recipe = llamacpp_mix(self.task.layers, mix)
-            options.append((mix, recipe, self.task.evaluator.size(recipe)[0]))
+            recipe = preset(mix, self.task.layers)
+            options.append((mix.upper(), recipe, self.task.evaluator.size(recipe)[0]))
         budget = self.inner.budget_bpw
         fits = [o for o in options if o[2] <= budget + _TOL]
         if fits:
-            return max(fits, key=lambda o: o[2])
-        return min(options, key=lambda o: abs(o[2] - budget))
+            return max(fits, key=lambda o: (o[2], o[0].endswith("-IM"), o[0]))
+        return min(options, key=lambda o: (abs(o[2] - budget), not o[0].endswith("-IM"), o[0]))
 
     def _search(self) -> None:
         if self.best_recipe is not None or not self._can_spend():

@@ -3,13 +3,14 @@
 - :func:`llamacpp_overrides`: ``llama-quantize --tensor-type NAME=TYPE`` overrides. Each layer is
   named as in GGUF (``model.layers.3.self_attn.v_proj`` -> ``blk.3.attn_v.weight``,
   ``mlp.down_proj`` -> ``blk.3.ffn_down.weight``, ``lm_head`` -> ``output.weight``) and each rule
-  is mapped to the k-quant type nearest in bits per weight (:data:`qenv.quant.presets.KQUANT_BPW`).
-  Where llama.cpp cannot express the rule (GPTQ rounding, surviving outliers, AWQ scaling, MSE or
+  is mapped to its own llama.cpp type (GGUF rules, exact) or the k-quant type nearest in bits per
+  weight (:data:`qenv.quant.presets.KQUANT_BPW`). Where llama.cpp cannot express the rule (GPTQ rounding, surviving outliers, AWQ scaling, MSE or
   ratio clipping, group sizes other than the type's own super-block layout), the line is
   annotated as approximate.
 - :func:`gptqmodel_dynamic`: a GPTQModel ``QuantizeConfig`` with a ``dynamic`` map
   (``"+:regex": {bits, group_size, sym}`` per layer whose rule differs from the base;
-  ``"-:regex": {}`` for layers kept in fp16), with notes where GPTQModel differs.
+  ``"-:regex": {}`` for layers kept in fp16), for recipes GPTQModel runs exactly (others: a clear error).
+- :func:`qenv.export_gguf.write_gguf`: the quantized model itself as a ``.gguf`` (GGUF rules: exact).
 - :func:`save_quantized_model`: the model with the recipe's dequantized weights, written with
   ``save_pretrained`` (safetensors) beside its tokenizer; ``config.json`` carries the recipe as
   ``qenv_recipe``, so ``AutoModelForCausalLM.from_pretrained`` gives back exactly the model the
@@ -36,7 +37,8 @@ from typing import Any
 from qenv.errors import QenvError
 from qenv.io import apply_default_modes, make_dir_like_mkdir, write_json_atomic, write_text_atomic
 from qenv.models.layers import LayerInfo
-from qenv.quant.presets import KQUANT_BPW, KQUANT_RULES
+from qenv.quant.gguf import nominal_bpw as _gguf_bpw
+from qenv.quant.presets import KQUANT_BPW
 from qenv.quant.accounting import rule_bpw
 from qenv.quant.rules import KEEP, Recipe, Rule
 
@@ -47,8 +49,15 @@ GGUF_BLOCK_NAMES: dict[str, str] = {
     "fc_in": "ffn_up", "fc_out": "ffn_down",
 }
 #: llama.cpp ``ggml_type_name`` of each exported type (``llama-quantize`` matches them case-insensitively)
-GGML_TYPE_NAMES: dict[str, str] = {"Q2_K": "q2_K", "Q3_K": "q3_K", "Q4_K": "q4_K", "Q5_K": "q5_K", "Q6_K": "q6_K",
-                                   "Q8_0": "q8_0", "F16": "f16"}
+GGML_TYPE_NAMES: dict[str, str] = {
+    "Q2_K": "q2_K", "Q3_K": "q3_K", "Q4_K": "q4_K", "Q5_K": "q5_K", "Q6_K": "q6_K", "Q8_0": "q8_0", "F16": "f16",
+    "Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "IQ2_XXS": "iq2_xxs", "IQ2_XS": "iq2_xs",
+    "IQ2_S": "iq2_s", "IQ3_XXS": "iq3_xxs", "IQ3_S": "iq3_s", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs",
+}
+#: the oldest llama.cpp whose ``llama-quantize`` gives exactly the named types with this script: ``--pure``
+#: ignored ``--tensor-type`` until PR #25716 (2026-07), and an override equal to the base type's default was
+#: not always applied until PR #22572. The llama.cpp vendored in llama-cpp-python 0.3.36 has both.
+LLAMACPP_MIN_VERSION = "llama.cpp with PR #25716 (2026-07; e.g. the one vendored in llama-cpp-python 0.3.36)"
 #: bits per weight of f16 in llama.cpp
 F16_BPW = 16.0
 #: bit widths GPTQModel's kernels quantize to
@@ -68,11 +77,12 @@ def gguf_tensor_name(info: LayerInfo) -> str | None:
 
 
 def _approximations(rule: Rule, kquant: str, bpw: float, type_bpw: float) -> list[str]:
-    """Why a rule is only approximated by llama.cpp's ``kquant`` type."""
-    notes = []
-    native = KQUANT_RULES.get(kquant)
-    if native is not None and rule.bits != native.bits:
-        notes.append(f"{rule.bits}-bit codes -> {native.bits}-bit type (nearest by bpw)")
+    """Why a qenv rule is only approximated by llama.cpp's ``kquant`` type (empty for GGUF rules)."""
+    if rule.gguf is not None:
+        if rule.imatrix:
+            return ["importance matrix: pass --imatrix from llama-imatrix (qenv used its calibration tokens' matrix)"]
+        return []
+    notes = [f"{rule.label()} is not a llama.cpp type: {kquant} is the nearest by bits per weight"]
     if rule.rounding == "gptq":
         notes.append("GPTQ rounding (llama.cpp rounds per block, optionally with an imatrix)")
     if rule.outlier_fraction > 0:
@@ -83,22 +93,19 @@ def _approximations(rule: Rule, kquant: str, bpw: float, type_bpw: float) -> lis
         notes.append("per-group MSE clipping search")
     elif rule.clip < 1.0:
         notes.append(f"clip {rule.clip:g}")
-    if native is not None:
-        if rule.group_size != native.group_size:
-            group = "per-channel" if rule.group_size == -1 else f"groups of {rule.group_size}"
-            notes.append(f"{group} (k-quants use 256-wide super-blocks of {native.group_size}/16-wide sub-blocks)")
-        if rule.symmetric != native.symmetric:
-            notes.append(f"{'symmetric' if rule.symmetric else 'asymmetric'} grid (the type's is "
-                         f"{'symmetric' if native.symmetric else 'asymmetric'})")
     if abs(bpw - type_bpw) > 0.25:
         notes.append(f"{bpw:.3f} bpw -> {type_bpw:g} bpw")
     return notes
 
 
 def nearest_kquant(rule: Rule, info: LayerInfo | None = None) -> tuple[str, float, list[str]]:
-    """``(type, type_bpw, approximation notes)``: the llama.cpp type nearest to the rule in bpw."""
+    """``(type, type_bpw, approximation notes)``: the rule's own llama.cpp type for a GGUF rule (exact),
+    else the k-quant type nearest to the rule in bits per weight."""
     if rule.keeps:
         return "F16", F16_BPW, []
+    if rule.gguf is not None:
+        bpw = rule_bpw(rule, info) if info is not None else _gguf_bpw(rule.gguf)
+        return rule.gguf, bpw, _approximations(rule, rule.gguf, bpw, bpw)
     bpw = rule_bpw(rule, info) if info is not None else float(rule.bits)
     kquant = min(KQUANT_BPW, key=lambda t: (abs(KQUANT_BPW[t] - bpw), KQUANT_BPW[t]))
     return kquant, KQUANT_BPW[kquant], _approximations(rule, kquant, bpw, KQUANT_BPW[kquant])
@@ -121,8 +128,9 @@ class LlamaCppExport:
         """One ``NAME=TYPE`` per line (``--tensor-type-file`` format), with ``#`` comments."""
         out = ["# llama-quantize tensor types from a qenv recipe (one NAME=TYPE per line).",
                "# NAME is the GGUF tensor name (used by llama-quantize as a regular expression);",
-               "# TYPE is the llama.cpp type nearest in bits per weight to the qenv rule.",
-               f"# base type: {self.base_type}"]
+               "# TYPE is the rule's llama.cpp type (GGUF rules: exact), else the type nearest in bits per weight.",
+               f"# base type: {self.base_type}; pass --pure so that tensors are typed only by these lines.",
+               f"# needs {LLAMACPP_MIN_VERSION}."]
         approx = [n for n in self.notes if self.notes[n]]
         if approx:
             out.append(f"# {len(approx)} of {len(self.overrides)} tensors are approximate; see the notes below.")
@@ -135,8 +143,21 @@ class LlamaCppExport:
         return "\n".join(out) + "\n"
 
     def command(self, source: str = "model-f16.gguf", target: str = "model-qenv.gguf") -> str:
+        """``llama-quantize --pure`` with every quantized tensor named, and the embedding / output
+        tensors qenv left unquantized kept in f16: llama.cpp's own mix heuristics type nothing."""
         args = " ".join(f"--tensor-type {line}" for line in self.lines())
-        return f"llama-quantize {args} {source} {target} {self.base_type}"
+        named = {name for name, _ in self.overrides}
+        keep = []
+        if "token_embd.weight" not in named:
+            keep.append("--token-embedding-type f16")
+        if "output.weight" not in named:
+            keep.append("--output-tensor-type f16")
+        imatrix = " --imatrix imatrix.gguf" if self.needs_imatrix else ""
+        return f"llama-quantize --pure{imatrix} {' '.join(keep)} {args} {source} {target} {self.base_type}"
+
+    @property
+    def needs_imatrix(self) -> bool:
+        return any("importance matrix" in note for notes in self.notes.values() for note in notes)
 
 
 def llamacpp_overrides(layers: Sequence[LayerInfo], recipe: Mapping[str, Rule]) -> LlamaCppExport:
@@ -158,7 +179,9 @@ def llamacpp_overrides(layers: Sequence[LayerInfo], recipe: Mapping[str, Rule]) 
     quantized = {t: n for t, n in counts.items() if t != "F16"}
     base = max(quantized, key=lambda t: (quantized[t], t)) if quantized else "Q8_0"
     base_type = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
-                 "Q8_0": "Q8_0"}[base]
+                 "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
+                 "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_S", "IQ3_XXS": "IQ3_XXS", "IQ3_S": "IQ3_S",
+                 "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS"}[base]
     return LlamaCppExport(overrides, notes, skipped, base_type, layer_of)
 
 
@@ -182,38 +205,61 @@ def module_regex(name: str) -> str:
     return "^" + re.escape(name) + "$"
 
 
-def _gptq_settings(rule: Rule) -> tuple[dict[str, Any], list[str]]:
-    notes = []
-    bits = rule.bits
-    if bits not in GPTQMODEL_BITS:
-        up = min(b for b in GPTQMODEL_BITS if b >= bits)
-        notes.append(f"{bits}-bit is not a GPTQModel width: {up}-bit")
-        bits = up
-    if rule.rounding != "gptq":
-        notes.append("round-to-nearest rule: GPTQModel always uses GPTQ rounding")
-    if rule.outlier_fraction > 0:
-        notes.append(f"{rule.outlier_fraction * 100:g}% fp16 outliers (not expressible)")
-    if rule.act_scale > 0:
-        notes.append("AWQ activation scaling (not expressible in GPTQ)")
-    if rule.mse_clip or rule.clip < 1.0:
-        notes.append("clipping (GPTQModel uses its own grid search only with mse>0)")
-    return {"bits": int(bits), "group_size": int(rule.group_size), "sym": bool(rule.symmetric)}, notes
+#: group sizes GPTQModel quantizes with (-1: one group per output channel)
+GPTQMODEL_GROUPS: tuple[int, ...] = (-1, 32, 64, 128)
+
+
+def nearest_gptqmodel_rule(rule: Rule) -> Rule:
+    """The GPTQModel-runnable rule nearest to ``rule``: GPTQ rounding, bits 2/3/4/8, no outliers/AWQ/clipping."""
+    bits = min(GPTQMODEL_BITS, key=lambda b: (abs(b - rule.bits), -b))
+    group = rule.group_size if rule.gguf is None and rule.group_size in GPTQMODEL_GROUPS else 128
+    return Rule(bits=bits, group_size=group, symmetric=rule.symmetric if rule.gguf is None else True,
+                rounding="gptq")
+
+
+def _gptq_settings(rule: Rule, layer: str) -> dict[str, Any]:
+    """GPTQModel's ``bits/group_size/sym`` for a rule it runs exactly as qenv measured it, else a clear error."""
+    why = None
+    if rule.gguf is not None:
+        why = "is a llama.cpp type"
+    elif rule.bits not in GPTQMODEL_BITS:
+        why = f"has {rule.bits}-bit codes (GPTQModel runs {', '.join(map(str, GPTQMODEL_BITS))})"
+    elif rule.group_size not in GPTQMODEL_GROUPS:
+        why = f"has groups of {rule.group_size}"
+    elif rule.rounding != "gptq":
+        why = "rounds to nearest (GPTQModel always uses GPTQ rounding)"
+    elif rule.outlier_fraction > 0:
+        why = "keeps fp16 outliers"
+    elif rule.act_scale > 0:
+        why = "scales by activations (AWQ)"
+    elif rule.mse_clip or rule.clip < 1.0:
+        why = "clips its groups"
+    if why is not None:
+        nearest = nearest_gptqmodel_rule(rule)
+        raise QenvError(f"Layer {layer} has rule {rule.label()}, which {why}: GPTQModel cannot run what qenv measured.",
+                        f"use GPTQModel-runnable rules (the nearest is {nearest.label()}: "
+                        f"{nearest.to_dict()}), or export to llama.cpp/safetensors instead.")
+    return {"bits": int(rule.bits), "group_size": int(rule.group_size), "sym": bool(rule.symmetric)}
 
 
 def gptqmodel_dynamic(layers: Sequence[LayerInfo], recipe: Mapping[str, Rule]) -> dict[str, Any]:
     """A GPTQModel ``QuantizeConfig`` dict: base ``bits/group_size/sym`` and per-layer ``dynamic`` rules.
 
+    Only rules GPTQModel runs as qenv measured them are accepted (GPTQ rounding, 2/3/4/8 bits, its
+    group sizes, symmetric or not, nothing else); any other rule is a :class:`QenvError` naming the
+    layer and the nearest runnable rule.
+
     GPTQModel walks ``dynamic`` in order and applies the first pattern that ``re.match``-es the
     module name: ``"-:regex"`` skips the module (kept in fp16), ``"+:regex"`` overrides settings.
     """
-    settings: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    settings: dict[str, dict[str, Any]] = {}
     counts: Counter[tuple[int, int, bool]] = Counter()
     for info in layers:
         rule = recipe.get(info.name, KEEP)
         if rule.keeps:
             continue
-        setting, notes = _gptq_settings(rule)
-        settings[info.name] = (setting, notes)
+        setting = _gptq_settings(rule, info.name)
+        settings[info.name] = setting
         counts[(setting["bits"], setting["group_size"], setting["sym"])] += info.numel
     if counts:
         bits, group, sym = max(counts, key=lambda k: (counts[k], k))
@@ -221,7 +267,6 @@ def gptqmodel_dynamic(layers: Sequence[LayerInfo], recipe: Mapping[str, Rule]) -
         bits, group, sym = 4, 128, False
     base = {"bits": bits, "group_size": group, "sym": sym}
     dynamic: dict[str, dict[str, Any]] = {}
-    notes_out: dict[str, list[str]] = {}
     lm_head = False
     for info in layers:
         rule = recipe.get(info.name, KEEP)
@@ -230,12 +275,10 @@ def gptqmodel_dynamic(layers: Sequence[LayerInfo], recipe: Mapping[str, Rule]) -
             continue
         if info.kind == "lm_head":
             lm_head = True
-        setting, notes = settings[info.name]
+        setting = settings[info.name]
         if setting != base:
             dynamic[f"+:{module_regex(info.name)}"] = dict(setting)
-        if notes:
-            notes_out[info.name] = notes
-    return {**base, "desc_act": False, "lm_head": lm_head, "dynamic": dynamic, "qenv_notes": notes_out}
+    return {**base, "desc_act": False, "lm_head": lm_head, "dynamic": dynamic}
 
 
 def gptqmodel_rule_for(config: Mapping[str, Any], module_name: str) -> dict[str, Any] | None:
@@ -283,9 +326,14 @@ def save_quantized_model(evaluator: Any, recipe: Mapping[str, Rule], folder: str
     if not hasattr(model, "save_pretrained"):
         raise QenvError(f"{type(model).__name__} cannot be saved with save_pretrained.",
                         "export the recipe instead (JSON, llama.cpp or GPTQModel).")
+    recipe = Recipe(dict(recipe))
+    for name, rule in recipe.items():
+        if rule.gguf is not None:
+            raise QenvError(f"Layer {name} has llama.cpp type {rule.label()}, which qenv scores as llama.cpp runs it "
+                            "(with 8-bit activations): a transformers folder of dequantized weights would not be the "
+                            "model measured.", "write the .gguf instead (eval_agent.py --export writes model.gguf).")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(dict(recipe))
     payload = {"format": "qenv-recipe", "version": 1, "model": loaded.name, "rules": recipe.to_dict(),
                "labels": {info.name: recipe.rule_for(info.name).label() for info in evaluator.layers},
                **dict(metadata or {})}
@@ -310,20 +358,46 @@ def save_quantized_model(evaluator: Any, recipe: Mapping[str, Rule], folder: str
 
 # -- everything at once -------------------------------------------------------------------------------
 def export_all(folder: str | Path, layers: Sequence[LayerInfo], recipe: Mapping[str, Rule],
-               metadata: Mapping[str, Any] | None = None) -> dict[str, Path]:
-    """Write ``recipe.json``, ``llamacpp-tensor-types.txt``, ``llamacpp-quantize.sh`` and
-    ``gptqmodel-quantize-config.json`` into ``folder``; returns the paths by kind."""
+               metadata: Mapping[str, Any] | None = None, evaluator: Any = None) -> dict[str, Path]:
+    """Write ``recipe.json``, ``llamacpp-tensor-types.txt``, ``llamacpp-quantize.sh``, and where the
+    recipe allows, ``gptqmodel-quantize-config.json`` (GPTQModel-runnable rules only) and ``model.gguf``
+    (GGUF rules, with ``evaluator``: the quantized model itself, see :mod:`qenv.export_gguf`) into
+    ``folder``; returns the paths by kind. Why an export was not written is in ``skipped.txt``."""
     folder = Path(folder)
     recipe = Recipe(dict(recipe))
     paths = {"recipe": recipe.save(folder / "recipe.json", **dict(metadata or {}))}
     llama = llamacpp_overrides(layers, recipe)
     paths["llamacpp"] = write_text_atomic(folder / "llamacpp-tensor-types.txt", llama.text())
+    approx = sum(1 for n in llama.notes.values() if n and not all("importance matrix" in x for x in n))
     script = ("#!/bin/sh\n# Quantize an f16 GGUF of this model with the qenv recipe's per-tensor types.\n"
               "# usage: sh llamacpp-quantize.sh model-f16.gguf model-qenv.gguf\n"
-              'set -e\nSRC="${1:-model-f16.gguf}"\nDST="${2:-model-qenv.gguf}"\n'
+              f"# needs {LLAMACPP_MIN_VERSION}:\n"
+              "# --pure and a --tensor-type for every quantized tensor, so that llama.cpp's own mix heuristics\n"
+              "# re-type nothing; llama-quantize still applies its fallback to rows a type cannot hold, as qenv did.\n"
+              + (f"# {approx} tensor(s) are approximations of qenv rules (see llamacpp-tensor-types.txt).\n"
+                 if approx else "# every tensor is the llama.cpp type qenv measured.\n")
+              + 'set -e\nSRC="${1:-model-f16.gguf}"\nDST="${2:-model-qenv.gguf}"\n'
+              'llama-quantize --help 2>&1 | grep -q -- "--tensor-type" || '
+              '{ echo "llama-quantize is too old: it has no --tensor-type" >&2; exit 2; }\n'
               + llama.command('"$SRC"', '"$DST"') + "\n")
     paths["llamacpp_command"] = write_text_atomic(folder / "llamacpp-quantize.sh", script, executable=True)
-    paths["gptqmodel"] = write_json_atomic(folder / "gptqmodel-quantize-config.json", gptqmodel_dynamic(layers, recipe))
+    skipped = []
+    try:
+        config = gptqmodel_dynamic(layers, recipe)
+    except QenvError as exc:
+        skipped.append(f"gptqmodel-quantize-config.json: {exc}")
+    else:
+        paths["gptqmodel"] = write_json_atomic(folder / "gptqmodel-quantize-config.json", config)
+    if evaluator is not None:
+        from qenv.export_gguf import write_gguf
+
+        try:
+            paths["gguf"] = write_gguf(evaluator, recipe, folder / "model.gguf",
+                                       {k: v for k, v in dict(metadata or {}).items() if not isinstance(v, dict)})
+        except QenvError as exc:
+            skipped.append(f"model.gguf: {exc}")
+    if skipped:
+        paths["skipped"] = write_text_atomic(folder / "skipped.txt", "\n".join(skipped) + "\n")
     return paths
 
 

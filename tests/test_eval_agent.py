@@ -19,7 +19,9 @@ QuantLLM-v0:
   n_epochs: 2
   policy_kwargs: {net_arch: [32, 32]}
 """
-PRESETS_AT_3 = {"rtn-w2", "gptq-w2", "awq-w2", "rtn-w3", "gptq-w3", "awq-w3", "q3_k_m", "q4_k_m", "fp16"}
+from qenv.quant.presets import LLAMACPP_PRESETS  # noqa: E402
+
+PRESETS_AT_3 = {"rtn-w2", "gptq-w2", "awq-w2", "rtn-w3", "gptq-w3", "awq-w3", "fp16"} | set(LLAMACPP_PRESETS)
 SEARCHERS = {"uniform", "llamacpp", "greedy", "random", "evolution"}
 
 
@@ -73,6 +75,11 @@ def test_unseen_model_gain_line(evaluated):
     assert len(lines) == 1
     line = lines[0]
     assert "the best preset at or under 3 bpw" in line and "KL ratio preset/policy" in line and "ppl" in line
+    # both sizes are named, and the equal-size comparison follows
+    assert f"@ {gain_bpw(evaluated, 'tiny-llama'):.3f} bpw" in line
+    text = evaluated["stdout"]
+    at_own = [t for t in text.splitlines() if t.startswith("  at the policy's own ")]
+    assert len(at_own) == 2 and all("rtn" in t and "llama.cpp" in t for t in at_own)
     results = json.loads((evaluated["out"] / "results.json").read_text())
     tiny = next(m for m in results["models"] if m["model"] == "tiny-llama")
     gain = tiny["gain"]
@@ -81,8 +88,32 @@ def test_unseen_model_gain_line(evaluated):
     fair = [r for r in tiny["rows"] if r["kind"] == "preset" and not r["over_budget"]]
     assert gain["preset_kl"] == min(r["kl"] for r in fair)
     assert f"KL ratio preset/policy {gain['kl_ratio']:.3g}x" in line
-    assert f"({gain['best_preset']})" in line
+    assert f"({gain['best_preset']} @ {gain['preset_bpw']:.3f} bpw" in line
     assert ("policy better" in line) == (gain["kl_ratio"] > 1)
+
+
+def gain_bpw(evaluated, model: str) -> float:
+    results = json.loads((evaluated["out"] / "results.json").read_text())
+    return next(m for m in results["models"] if m["model"] == model)["gain"]["preset_bpw"]
+
+
+def test_family_frontiers_at_the_policys_bpw(evaluated):
+    """Each family's frontier is interpolated between its two presets that bracket the policy's bpw."""
+    import math
+
+    results = json.loads((evaluated["out"] / "results.json").read_text())
+    for model in results["models"]:
+        policy = next(r for r in model["rows"] if r["kind"] == "policy")
+        fronts = model["gain"]["frontiers_at_policy_bpw"]
+        point = fronts["rtn"]
+        if point is None:
+            continue
+        rows = {r["method"]: r for r in model["rows"]}
+        lo_name, hi_name = (part.split(" @ ")[0] for part in point["between"].split(" and "))
+        lo, hi = rows[lo_name], rows[hi_name]
+        assert lo["bpw"] <= policy["bpw"] + 1e-9 <= hi["bpw"] + 2e-9
+        t = 0.0 if hi["bpw"] == lo["bpw"] else (policy["bpw"] - lo["bpw"]) / (hi["bpw"] - lo["bpw"])
+        assert point["kl"] == pytest.approx(math.exp((1 - t) * math.log(lo["kl"]) + t * math.log(hi["kl"])))
 
 
 def test_results_files(evaluated, stories_bin):
@@ -136,7 +167,11 @@ def test_export_and_saved_model_written(evaluated):
     for model in results["models"]:
         folder = Path(model["export"])
         assert Recipe.load(folder / "recipe.json") == Recipe.from_dict(model["policy_recipe"])
-        assert (folder / "llamacpp-tensor-types.txt").is_file() and (folder / "gptqmodel-quantize-config.json").is_file()
+        assert (folder / "llamacpp-tensor-types.txt").is_file()
+        # the default menu's RTN/AWQ rules are neither GPTQModel- nor llama.cpp-runnable as measured: said why
+        skipped = (folder / "skipped.txt").read_text() if (folder / "skipped.txt").is_file() else ""
+        assert (folder / "gptqmodel-quantize-config.json").is_file() or "gptqmodel-quantize-config.json:" in skipped
+        assert (folder / "model.gguf").is_file() or "model.gguf:" in skipped
         saved = Path(model["saved_model"])
         config = AutoConfig.from_pretrained(saved)
         assert Recipe.from_dict(config.qenv_recipe["rules"]) == Recipe.from_dict(model["policy_recipe"])

@@ -114,7 +114,11 @@ def recipe(task) -> Recipe:
 def test_recipe_json_round_trip(task, recipe, tmp_path):
     paths = export_all(tmp_path / "x", task.layers, recipe, {"model": task.name, "budget_bpw": 3.0})
     assert Recipe.load(paths["recipe"]) == recipe
-    assert set(paths) == {"recipe", "llamacpp", "llamacpp_command", "gptqmodel"}
+    # the recipe holds rules GPTQModel cannot run as measured: no config, and skipped.txt says why
+    assert set(paths) == {"recipe", "llamacpp", "llamacpp_command", "skipped"}
+    assert "gptqmodel-quantize-config.json: Layer" in paths["skipped"].read_text()
+    script = paths["llamacpp_command"].read_text()
+    assert "PR #25716" in script and "llama-quantize --pure" in script
 
 
 def test_llamacpp_names_match_a_real_gguf(task, recipe, tmp_path):
@@ -169,15 +173,38 @@ def test_llamacpp_mapping_names_and_annotations(task, recipe):
     assert nearest_kquant(Rule(bits=2, group_size=64), task.layers[0])[0] == "Q2_K"
     assert nearest_kquant(Rule(bits=5, group_size=128), task.layers[0])[0] == "Q5_K"
     command = shlex.split(export.command("in.gguf", "out.gguf"))
-    assert command[0] == "llama-quantize" and command[-3:] == ["in.gguf", "out.gguf", export.base_type]
-    flags = command[1:-3]
+    assert command[:2] == ["llama-quantize", "--pure"] and command[-3:] == ["in.gguf", "out.gguf", export.base_type]
+    # the untargeted embedding/output stay f16 (as qenv charges them), every quantized tensor is named
+    assert command[2:6] == ["--token-embedding-type", "f16", "--output-tensor-type", "f16"]
+    flags = command[6:-3]
     assert flags[::2] == ["--tensor-type"] * len(task.layers)
     assert [tuple(f.split("=")) for f in flags[1::2]] == export.overrides
 
 
-def test_gptqmodel_dynamic_matches_intended_modules(task, recipe, stories_bin):
+GPTQ_RULES = [Rule(bits=2, group_size=64, rounding="gptq"), Rule(bits=3, group_size=128, rounding="gptq"),
+              Rule(bits=4, group_size=-1, symmetric=True, rounding="gptq"), Rule(bits=8, group_size=32, rounding="gptq"),
+              KEEP]
+
+
+def test_gptqmodel_refuses_rules_it_cannot_run(task, recipe):
+    from qenv.export import nearest_gptqmodel_rule
+
+    for bad in (Rule(bits=5, group_size=128, rounding="gptq"), Rule(bits=4, group_size=128),
+                Rule(bits=3, group_size=64, rounding="gptq", outlier_fraction=0.005), KQUANT_RULES["Q4_K"],
+                Rule(bits=4, group_size=128, act_scale=0.5, mse_clip=True, rounding="gptq")):
+        layer = task.layers[2].name
+        mixed = {info.name: GPTQ_RULES[0] for info in task.layers} | {layer: bad}
+        with pytest.raises(QenvError) as err:
+            gptqmodel_dynamic(task.layers, mixed)
+        nearest = nearest_gptqmodel_rule(bad)
+        assert layer in str(err.value) and nearest.label() in str(err.value), str(err.value)
+        gptqmodel_dynamic(task.layers, mixed | {layer: nearest})  # the suggestion is runnable
+
+
+def test_gptqmodel_dynamic_matches_intended_modules(task, stories_bin):
     from qenv import load_model
 
+    recipe = Recipe({info.name: GPTQ_RULES[i % len(GPTQ_RULES)] for i, info in enumerate(task.layers)})
     config = gptqmodel_dynamic(task.layers, recipe)
     modules = [name for name, _ in load_model(str(stories_bin)).model.named_modules() if name]
     for pattern, overrides in config["dynamic"].items():
@@ -192,10 +219,7 @@ def test_gptqmodel_dynamic_matches_intended_modules(task, recipe, stories_bin):
         if rule == KEEP:
             assert got is None
             continue
-        expected_bits = rule.bits if rule.bits in (2, 3, 4, 8) else 8
-        assert got == {"bits": expected_bits, "group_size": rule.group_size, "sym": rule.symmetric}
-        if rule.bits in (5, 6) or rule.outlier_fraction or rule.act_scale or rule.rounding != "gptq":
-            assert config["qenv_notes"][info.name]
+        assert got == {"bits": rule.bits, "group_size": rule.group_size, "sym": rule.symmetric}
     assert config["lm_head"] is False and config["desc_act"] is False
 
 
@@ -209,9 +233,20 @@ def _kl_of(model, evaluator) -> float:
     return kl / count
 
 
+def test_saved_model_refuses_llama_cpp_types(task, recipe, tmp_path):
+    with pytest.raises(QenvError, match="model.gguf"):
+        save_quantized_model(task.evaluator, recipe, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def _no_gguf(recipe: Recipe) -> Recipe:
+    return Recipe({n: Rule(bits=r.bits, group_size=32) if r.gguf else r for n, r in recipe.items()})
+
+
 def test_saved_model_reproduces_the_evaluators_kl(task, recipe, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    recipe = _no_gguf(recipe)
     ev = task.evaluator
     metrics = ev.evaluate(recipe)
     folder = save_quantized_model(ev, recipe, tmp_path / "q", {"metrics": metrics.to_dict()})
@@ -229,6 +264,7 @@ def test_saved_model_reproduces_the_evaluators_kl(task, recipe, tmp_path):
 
 
 def test_saved_model_folder_is_not_overwritten(task, recipe, tmp_path):
+    recipe = _no_gguf(recipe)
     target = tmp_path / "q"
     target.mkdir()
     (target / "keep.txt").write_text("mine")

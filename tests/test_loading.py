@@ -206,7 +206,7 @@ def test_text_file_too_short_or_empty(stories: LoadedModel, tmp_path: Path) -> N
 
 
 def test_unknown_preset(stories: LoadedModel) -> None:
-    for name in ("bogus", "q5_k_m", "rtn-4", "gptq-w4-g100x"):
+    for name in ("bogus", "q5_k_x", "rtn-4", "gptq-w4-g100x"):
         with pytest.raises(QenvError) as err:
             preset(name, stories.layers)
         _clear(err, "unknown preset", name, "rtn-w4")
@@ -214,5 +214,5 @@ def test_unknown_preset(stories: LoadedModel) -> None:
         preset("rtn-w7", stories.layers)  # a well-formed name with an unsupported bit width
     _clear(err, "bits=7")
     with pytest.raises(QenvError) as err:
-        llamacpp_mix(stories.layers, "Q2_K_S")
-    _clear(err, "Q2_K_S", "Q4_K_M")
+        llamacpp_mix(stories.layers, "Q7_K_M")
+    _clear(err, "Q7_K_M", "Q4_K_M")

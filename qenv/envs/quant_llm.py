@@ -18,6 +18,7 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,10 @@ from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.allocation import fill_budget, greedy_allocation, lagrangian_allocation, rule_errors
 from qenv.envs.features import OBS_DIM, OBS_LIMIT, ladder_rules, model_relative, static_features
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
-from qenv.envs.spaces import MASKABLE_KINDS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
+from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel, check_context, load_model
-from qenv.quant.accounting import rule_bpw
+from qenv.quant.accounting import fallbacks, input_groups, rule_bpw, rule_text
 from qenv.quant.presets import rtn, uniform
 from qenv.quant.rules import Rule, layer_bits
 
@@ -60,6 +61,7 @@ class ModelTask:
     ladder_sens: np.ndarray  # [n_layers, len(SENSITIVITY_BITS)] error x layer size of the ladder rules
     rules: tuple[Rule, ...] = ()
     references: dict[float, Reference] = field(default_factory=dict)
+    input_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layers sharing an input (AWQ folding)
     plans: dict[float, np.ndarray] = field(default_factory=dict)
     block_refs: dict[float, list[float]] = field(default_factory=dict)
     _menu_sens: np.ndarray | None = None
@@ -192,7 +194,7 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
                             dtype=np.float64)
     ladder_sens = rule_errors(evaluator, layers, ladder) * numel[:, None].astype(np.float64)
     task = ModelTask(loaded, evaluator, layers, static, costs, rest_min, stage_end, rest_numel, ladder_costs,
-                     ladder_sens, tuple(mapper.rules))
+                     ladder_sens, tuple(mapper.rules), input_groups=input_groups(layers))
     if prebuild:
         prebuild_menu(task, mapper.rules)
     elif prebuild is None and loaded.device.type == "cuda":
@@ -310,8 +312,10 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
             if value is not None and not isinstance(value, bool) and not _is_path_like(value):
                 fail(key, value, "must be a folder, or false to cache nothing", "false")
         elif key == "menu":
-            if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
-                raise QenvError("The rule menu must be a list of rules.", "pass e.g. menu=[{'bits': 4}, {'bits': 8}].")
+            named = isinstance(value, str) and value.lower() in MENUS  # menu="gguf"
+            if value is not None and not named and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
+                raise QenvError("The rule menu must be a list of rules or one of "
+                                f"{sorted(MENUS)}.", "pass e.g. menu='gguf' or menu=[{'bits': 4}, {'bits': 8}].")
 
 
 class QuantLLMEnv(gym.Env):
@@ -322,7 +326,12 @@ class QuantLLMEnv(gym.Env):
             episode samples one, for policies that transfer across models.
         budget_bpw: target bits per weight over the quantizable layers.
         action_kind: one of :data:`qenv.envs.spaces.ACTION_SPACE_KINDS` (table below).
-        menu: the rules of the menu kinds (default :data:`qenv.envs.spaces.DEFAULT_MENU`).
+        menu: the rules of the menu kinds (default :data:`qenv.envs.spaces.DEFAULT_MENU`), or
+            ``"gguf"``: llama.cpp's own types (:data:`qenv.envs.spaces.GGUF_MENU`, quantized by
+            llama.cpp, charged at its bytes; needs the ``gguf`` extra). ``info["fallback"]`` lists
+            layers whose rows a type cannot hold (scored and charged as llama-quantize's fallback).
+            Layers reading the same input (q/k/v, gate/up) share one AWQ ``act_scale`` so that it
+            folds into the norm: a later layer inherits its group's (``info["act_scale_inherited"]``).
         reward: ``kl`` (default), ``ppl`` or ``top1``; see :mod:`qenv.envs.reward`.
         dense_weight: ``-dense_weight · err_b`` at the end of each block (changes the optimum).
         shaping_weight: potential-based shaping from the streamed block errors (keeps the optimum).
@@ -494,6 +503,7 @@ class QuantLLMEnv(gym.Env):
         self.spent = 0.0
         self.prev_rule: Rule | None = None
         self.clamped = 0
+        self.inherited = 0
         self.dense_return = 0.0
         self.potential = 0.0
         self.stream: Stream = self.task.evaluator.stream()
@@ -549,7 +559,7 @@ class QuantLLMEnv(gym.Env):
         if fits.size == 0:  # cannot happen once the budget passed the floor check; be safe
             return self.mapper.rules[int(np.argmin(costs))], True
         best = self.mapper.rules[int(fits[np.argmax(costs[fits])])]
-        if self.mapper.kind in ("continuous", "rule"):
+        if self.mapper.kind in ("continuous", "rule") and not self.mapper.gguf:
             best = dataclasses.replace(best, clip=rule.clip, mse_clip=rule.mse_clip, salience=rule.salience,
                                        act_scale=rule.act_scale, symmetric=rule.symmetric)
         return best, True
@@ -613,6 +623,13 @@ class QuantLLMEnv(gym.Env):
         group, zero point and bits) until the box fits."""
         info = self.task.layers[self.index]
         knobs = self.mapper.knobs
+        if self.mapper.gguf:  # (type, imatrix): a type is allowed when each of its rules fits
+            costs = self.task.costs[self.index]
+            worst = {t: max(c for r, c in zip(self.mapper.rules, costs) if r.gguf == t) for t in knobs[0]}
+            types = np.array([worst[t] <= allowed for t in knobs[0]])
+            if not types.any():
+                types[int(np.argmin([worst[t] for t in knobs[0]]))] = True
+            return np.concatenate([types, np.ones(len(knobs[1]), dtype=bool)])
         keep = [list(range(len(k))) for k in knobs]
         group_cost = {g: (info.in_features if g == -1 else g) for g in knobs[1]}
 
@@ -643,6 +660,20 @@ class QuantLLMEnv(gym.Env):
                 break
         return np.concatenate([np.isin(np.arange(len(k)), keep[d]) for d, k in enumerate(knobs)])
 
+    def _fold_act_scale(self, info: LayerInfo, rule: Rule) -> tuple[Rule, bool]:
+        """Layers reading the same input (q/k/v, gate/up) share one AWQ scale, so that it folds into the
+        norm before them: a later layer inherits the ``act_scale`` its group already chose. Bits do not
+        depend on ``act_scale``, so the budget is unaffected; ``info["act_scale_inherited"]`` says so."""
+        if rule.keeps or rule.gguf is not None:
+            return rule, False
+        group = self.task.input_groups.get(info.name, ())
+        chosen = next((self.recipe[m] for m in group if m in self.recipe and not self.recipe[m].keeps
+                       and self.recipe[m].gguf is None), None)
+        if chosen is None or chosen.act_scale == rule.act_scale:
+            return rule, False
+        self.inherited += 1
+        return _replace(rule, act_scale=chosen.act_scale), True
+
     # -- gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
@@ -665,8 +696,10 @@ class QuantLLMEnv(gym.Env):
         if self.index >= len(task.layers):
             raise QenvError("step() was called after the episode ended.", "call reset() first.")
         kind = self.mapper.kind
+        choice = -1
         if self.mapper.stateful:
-            asked = self.mapper.rules[self._menu_choice(action)]
+            choice = self._menu_choice(action)
+            asked = self.mapper.rules[choice]
             if kind == "allocation":
                 value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
                 self.preferences.append(float(np.clip(value if np.isfinite(value) else 0.0, -1.0, 1.0)))
@@ -674,19 +707,20 @@ class QuantLLMEnv(gym.Env):
             asked = self.mapper.to_rule(action)
         rule, clamped = self._fit_budget(asked)
         info_layer = task.layers[self.index]
+        rule, inherited = self._fold_act_scale(info_layer, rule)
         self.recipe[info_layer.name] = rule
         self.spent += layer_bits(rule, info_layer.out_features, info_layer.in_features)
         self.clamped += int(clamped)
         self.prev_rule = rule
-        if kind == "residual" and self.plan is not None and rule != self.mapper.rules[int(self.plan[self.index])]:
+        if kind == "residual" and self.plan is not None and (clamped or choice != int(self.plan[self.index])):
             # a deviation: the layers left are re-planned on what is left (Lagrangian greedy, then
             # filled: greedy's convex-hull form, fast enough for every step of a 200-layer model)
             rest = slice(self.index + 1, len(task.layers))
             costs, sens, left = task.costs[rest], task.menu_sensitivity()[rest], self.budget_bits - self.spent
             self.plan[rest] = fill_budget(costs, sens, lagrangian_allocation(costs, sens, left), left)
         reward = 0.0
-        info: dict[str, Any] = {"layer": info_layer.name, "rule": rule.label(), "asked": asked.label(),
-                                "clamped": clamped}
+        info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
+                                "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited}
         if task.stage_end[self.index] and kind != "allocation":
             stage = stage_of(info_layer)
             if 0 <= stage < task.evaluator.n_blocks:
@@ -715,7 +749,8 @@ class QuantLLMEnv(gym.Env):
             reward += final - self.potential  # the potential returns to 0 at the end
             self.dense_return -= self.potential
             self.potential = 0.0
-            final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped})
+            final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped,
+                               "act_scales_inherited": self.inherited})
             info.update(final_info)
         obs = self._observation()
         if self.render_mode == "ansi" and terminated:
@@ -730,7 +765,10 @@ class QuantLLMEnv(gym.Env):
         sens = task.menu_sensitivity() * weights[:, None]
         choice = greedy_allocation(task.costs, sens, self.budget_bits)
         choice = fill_budget(task.costs, sens, choice, self.budget_bits)
-        self.recipe = {info.name: self.mapper.rules[int(j)] for info, j in zip(task.layers, choice)}
+        self.recipe = {}
+        self.inherited = 0
+        for info, j in zip(task.layers, choice):  # layers sharing an input share one AWQ scale, as in step()
+            self.recipe[info.name] = self._fold_act_scale(info, self.mapper.rules[int(j)])[0]
         self.spent = float(task.costs[np.arange(len(task.layers)), choice].sum())
         self.clamped = 0
 
@@ -755,6 +793,8 @@ class QuantLLMEnv(gym.Env):
             "reference_top1": ref.top1, "reference": ref.description, "fidelity_reward": fidelity,
             "budget_bpw": self.budget_bpw, "budget_met": metrics.bpw <= self.budget_bpw + 1e-9,
             "recipe": {info.name: recipe[info.name].label() for info in task.layers if info.name in recipe},
+            # GGUF rules whose type llama.cpp cannot hold on the layer's rows: scored and charged as the fallback
+            "fallback": fallbacks(task.layers, recipe),
             "recipe_rules": {info.name: recipe[info.name].to_dict() for info in task.layers if info.name in recipe},
         }
         return reward, info
@@ -782,7 +822,7 @@ def recipe_table(layers: list[LayerInfo], recipe: dict[str, Rule], metrics: Metr
     for info in layers:
         rule = recipe.get(info.name)
         bpw = "" if rule is None else f"{rule_bpw(rule, info):.3f}"
-        rows.append((info.name, info.kind, str(info.block), "-" if rule is None else rule.label(), bpw))
+        rows.append((info.name, info.kind, str(info.block), "-" if rule is None else rule_text(rule, info), bpw))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -3,7 +3,8 @@
 Kinds whose action names one rule, whatever the state (``RULE_KINDS``):
 
 - ``discrete``: an index into a menu of rules (PPO, A2C, DQN, MaskablePPO);
-- ``multidiscrete``: one index per knob (bits × group × surviving fraction × rounding);
+- ``multidiscrete``: one index per knob (bits × group × surviving fraction × rounding;
+  with ``menu="gguf"``: llama.cpp type × importance matrix, also for ``continuous`` and ``rule``);
 - ``continuous``: a Box in [-1, 1] split HAQ-style into equal bins per knob, over every knob a
   :class:`~qenv.quant.rules.Rule` has (``FULL_KNOBS``: bits, group, outlier fraction, rounding,
   clip (or MSE-searched clip), salience exponents a, b, c, ``act_scale``, symmetric), so SAC,
@@ -35,6 +36,7 @@ import numpy as np
 from gymnasium import spaces
 
 from qenv.errors import QenvError
+from qenv.quant import gguf as _gguf
 from qenv.quant.rules import Rule
 
 ACTION_SPACE_KINDS: tuple[str, ...] = ("discrete", "multidiscrete", "continuous", "relative", "allocation",
@@ -64,6 +66,12 @@ DEFAULT_MENU: tuple[Rule, ...] = (
     Rule(bits=8, group_size=128),
 )
 
+#: ``menu="gguf"``: llama.cpp's own types (quantized by llama.cpp, charged at its bytes), with and without
+#: the importance matrix, from 2.3 to 8.5 bpw (:data:`qenv.quant.gguf.MENU_TYPES`)
+GGUF_MENU: tuple[Rule, ...] = tuple(Rule(gguf=t, imatrix=im) for t, im in _gguf.MENU_TYPES)
+#: named menus
+MENUS: dict[str, tuple[Rule, ...]] = {"default": DEFAULT_MENU, "gguf": GGUF_MENU}
+
 #: knob values of the multidiscrete and continuous kinds
 KNOB_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 KNOB_GROUPS: tuple[int, ...] = (32, 64, 128, -1)
@@ -87,8 +95,11 @@ def parse_menu(menu: Sequence[Rule | dict[str, Any] | str] | None) -> tuple[Rule
     """A menu from rules, rule dicts or preset-style labels; rejects an empty or malformed menu."""
     if menu is None:
         return DEFAULT_MENU
+    if isinstance(menu, str) and menu.lower() in MENUS:
+        return MENUS[menu.lower()]
     if isinstance(menu, (str, bytes)) or not isinstance(menu, Sequence):
-        raise QenvError("The rule menu must be a list of rules.", "pass e.g. menu=[{'bits': 4}, {'bits': 8}].")
+        raise QenvError(f"The rule menu must be a list of rules or one of {sorted(MENUS)}, got {menu!r}.",
+                        "pass e.g. menu='gguf' or menu=[{'bits': 4}, {'bits': 8}].")
     if len(menu) == 0:
         raise QenvError("The rule menu is empty.", "pass at least one rule, or omit `menu` for the default menu.")
     rules = []
@@ -113,6 +124,7 @@ class ActionMapper:
         self.kind = kind
         self.menu = parse_menu(menu)
         self.knobs: tuple[tuple[Any, ...], ...] = ()
+        self.gguf = False
         if kind in ("discrete", "relative", "residual", "allocation"):
             self.rules: tuple[Rule, ...] = self.menu
             if kind == "discrete":
@@ -124,9 +136,16 @@ class ActionMapper:
             else:
                 self.space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         else:
-            lattice = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS)
-            self.rules = tuple(self._knob_rule(*combo) for combo in itertools.product(*lattice))
-            self.knobs = lattice if kind == "multidiscrete" else FULL_KNOBS
+            # over llama.cpp's types when the menu is the GGUF one: (type, importance matrix)
+            self.gguf = all(r.gguf is not None for r in self.menu)
+            if self.gguf:
+                types = tuple(dict.fromkeys(r.gguf for r in sorted(self.menu, key=lambda r: _gguf.nominal_bpw(r.gguf))))
+                lattice: tuple[tuple[Any, ...], ...] = (types, (False, True))
+                self.knobs = lattice
+            else:
+                lattice = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS)
+                self.knobs = lattice if kind == "multidiscrete" else FULL_KNOBS
+            self.rules = tuple(dict.fromkeys(self._knob_rule(*combo) for combo in itertools.product(*lattice)))
             if kind == "continuous":
                 self.space = spaces.Box(-1.0, 1.0, shape=(len(self.knobs),), dtype=np.float32)
             else:
@@ -137,9 +156,15 @@ class ActionMapper:
         """True when an action's rule depends on the episode (relative, residual, allocation)."""
         return self.kind not in RULE_KINDS
 
+    def _knob_rule(self, *values: Any) -> Rule:
+        if getattr(self, "gguf", False):
+            qtype, imatrix = values
+            return Rule(gguf=qtype, imatrix=bool(imatrix) or qtype in _gguf.REQUIRES_IMATRIX)
+        return self._lattice_rule(*values)
+
     @staticmethod
-    def _knob_rule(bits: int, group: int, outliers: float, rounding: str, clip: float | str = 1.0, a: float = 1.0,
-                   b: float = 0.0, c: float = 0.0, act_scale: float = 0.0, symmetric: bool = False) -> Rule:
+    def _lattice_rule(bits: int, group: int, outliers: float, rounding: str, clip: float | str = 1.0, a: float = 1.0,
+                      b: float = 0.0, c: float = 0.0, act_scale: float = 0.0, symmetric: bool = False) -> Rule:
         return Rule(bits=bits, group_size=group, outlier_fraction=outliers, rounding=rounding,
                     clip=1.0 if clip == "mse" else float(clip), mse_clip=clip == "mse", salience=(a, b, c),
                     act_scale=act_scale, symmetric=symmetric)
@@ -148,7 +173,8 @@ class ActionMapper:
         """The knob indices of a multidiscrete, continuous or rule action."""
         values = np.asarray(action, dtype=np.float64).reshape(-1)
         if values.shape[0] != len(self.knobs):
-            raise QenvError(f"Action {action!r} must have {len(self.knobs)} entries, one per knob.")
+            names = "(type, imatrix)" if getattr(self, "gguf", False) else "one per knob"
+            raise QenvError(f"Action {action!r} must have {len(self.knobs)} entries, {names}.")
         if self.kind == "continuous":  # HAQ-style: [-1, 1] split into equal bins per knob
             return [int(np.clip(np.floor((v + 1.0) / 2.0 * len(k)), 0, len(k) - 1)) for v, k in zip(values, self.knobs)]
         return [int(np.clip(v, 0, len(k) - 1)) for v, k in zip(values, self.knobs)]
@@ -173,8 +199,11 @@ class ActionMapper:
 
     def rule_indices(self, rule: Rule) -> list[int] | None:
         """The knob indices that produce ``rule`` (``None`` when the knobs cannot)."""
-        values = (rule.bits, rule.group_size, rule.outlier_fraction, rule.rounding,
-                  "mse" if rule.mse_clip else rule.clip, *rule.salience, rule.act_scale, rule.symmetric)
+        if getattr(self, "gguf", False):
+            values: tuple[Any, ...] = (rule.gguf, rule.imatrix)
+        else:
+            values = (rule.bits, rule.group_size, rule.outlier_fraction, rule.rounding,
+                      "mse" if rule.mse_clip else rule.clip, *rule.salience, rule.act_scale, rule.symmetric)
         values = values[:len(self.knobs)]
         if not all(v in k for v, k in zip(values, self.knobs)):
             return None

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from qenv.errors import QenvError
-from qenv.models.layers import LayerInfo, get_weight, to_storage_layout, weight_parameter
+from qenv.models.layers import LayerInfo, get_module, get_weight, to_storage_layout, weight_parameter
+from qenv.quant import gguf as _gguf
 from qenv.quant.quantizer import LayerCalibration, quantize_matrices
 from qenv.quant.rules import Rule
 
@@ -126,6 +127,8 @@ class QuantizedWeights:
                 "memory / use a smaller model or a lower-precision dtype.")
         self._cache: OrderedDict[tuple[str, Rule], torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
+        # layers under a GGUF rule round their inputs as llama.cpp's CPU matmul does: {name: (type, hook)}
+        self._act_hooks: dict[str, tuple[str, torch.utils.hooks.RemovableHandle]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -269,16 +272,44 @@ class QuantizedWeights:
                 self._cache_bytes -= tensor.numel() * tensor.element_size()
 
     def apply(self, rules: Mapping[str, Rule]) -> None:
-        """Put the quantized weights of ``rules`` into the model (other layers are untouched)."""
+        """Put the quantized weights of ``rules`` into the model (other layers are untouched).
+
+        A layer under a GGUF rule also gets its input rounded as llama.cpp's CPU backend rounds it
+        (:func:`qenv.quant.gguf.round_activations`), so the score is the one llama.cpp computes.
+        """
         for name, rule in rules.items():
             if name not in self._params:
                 continue
             self._params[name].data = self.weight_for(name, rule)
+            self._set_activation_rounding(name, rule)
+
+    def _set_activation_rounding(self, name: str, rule: Rule) -> None:
+        info = self.layers[name]
+        kind = None
+        if rule.gguf is not None and info.kind != "embed":
+            kind = _gguf.VEC_DOT_TYPE[_gguf.effective_type(rule.gguf, info.in_features)]
+        current = self._act_hooks.get(name)
+        if current is not None and current[0] == kind:
+            return
+        if current is not None:
+            current[1].remove()
+            del self._act_hooks[name]
+        if kind is None:
+            return
+        module = get_module(self.model, name)
+
+        def hook(mod: nn.Module, args: tuple, kind: str = kind) -> tuple:
+            return (_gguf.round_activations(args[0], kind), *args[1:])
+
+        self._act_hooks[name] = (kind, module.register_forward_pre_hook(hook))
 
     def restore(self, names: list[str] | None = None) -> None:
         """Put the original weights back (all targeted layers unless ``names`` is given)."""
         for name in self._params if names is None else names:
             self._params[name].data = self._originals[name]
+            hooked = self._act_hooks.pop(name, None)
+            if hooked is not None:
+                hooked[1].remove()
 
     @contextmanager
     def applied(self, rules: Mapping[str, Rule]) -> Iterator[None]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from qenv.errors import QenvError
+from qenv.quant import gguf as _gguf
 from qenv.quant.rules import Rule, n_outliers
 
 #: clip ratios tried per group when ``Rule.mse_clip`` is set
@@ -286,8 +287,35 @@ def _prepare(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None) -
     return w, ws, keep, group, hessian, scale, calib
 
 
+def gguf_encode(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None = None) -> tuple[str, "object"]:
+    """``(type, bytes)``: llama.cpp's encoding of an ``[out, in]`` matrix under a GGUF rule.
+
+    ``type`` is what llama-quantize writes for these rows (the rule's type, or its fallback when the
+    row length is not a multiple of the type's block); ``bytes`` is the ``[out, row_bytes]`` uint8
+    array from ``ggml_quantize_chunk``, with the calibration importance matrix when ``rule.imatrix``.
+    """
+    if rule.gguf is None:
+        raise QenvError(f"Rule {rule.label()} is not a llama.cpp type.", "give the rule gguf='<type>'.")
+    w = weight.detach().float().cpu()
+    if not torch.isfinite(w).all():
+        raise QenvError("The weight matrix holds NaN or inf values; it cannot be quantized.")
+    qtype = _gguf.effective_type(rule.gguf, w.shape[1])
+    imatrix = None
+    if rule.imatrix:
+        if calib is None:
+            raise QenvError(f"Rule {rule.label()} uses an importance matrix but no calibration was given.")
+        imatrix = _gguf.imatrix_from_rms(calib.act_rms)
+    if qtype in _gguf.REQUIRES_IMATRIX and imatrix is None:  # cannot happen for a valid rule; ggml would abort
+        raise QenvError(f"llama.cpp type {qtype} needs an importance matrix.")
+    return qtype, _gguf.quantize_rows(w.numpy(), qtype, imatrix)
+
+
 def quantize_matrix(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None = None) -> torch.Tensor:
     """The dequantized image of an ``[out, in]`` matrix under ``rule`` (same dtype and device)."""
     if rule.keeps:
         return weight.clone()
+    if rule.gguf is not None:
+        qtype, data = gguf_encode(weight, rule, calib)
+        image = _gguf.dequantize_rows(data, qtype, weight.shape[1])
+        return torch.from_numpy(image).to(device=weight.device, dtype=weight.dtype)
     return _quantize_batch([weight], rule, [calib])[0]

@@ -15,6 +15,7 @@ from typing import Any
 
 from qenv.errors import QenvError
 from qenv.io import read_json, write_json_atomic
+from qenv.quant import gguf as _gguf
 
 ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 16)
 ALLOWED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, -1)  # -1: one group per output channel
@@ -37,6 +38,12 @@ class Rule:
     ``rounding="gptq"`` feeds the rounding error forward through the calibration Hessian;
     ``act_scale`` > 0 scales input channels by ``rms(x)^act_scale`` before quantizing and back
     after (AWQ's equivalent transform, free at inference because it folds into the previous op).
+
+    ``gguf="Q4_K"`` (a llama.cpp type, see :data:`qenv.quant.gguf.RULE_TYPES`) makes the rule
+    llama.cpp's own: the layer is quantized by llama.cpp's ``ggml_quantize_chunk`` (with the
+    calibration importance matrix when ``imatrix=True``) and charged at llama.cpp's exact bytes,
+    after llama-quantize's fallback for rows the type cannot hold. The other knobs do not apply
+    to such a rule and are normalised away; ``bits`` reports the type's nominal width.
     """
 
     bits: int = 4
@@ -48,8 +55,27 @@ class Rule:
     salience: tuple[float, float, float] = (1.0, 0.0, 0.0)
     rounding: str = "nearest"
     act_scale: float = 0.0
+    gguf: str | None = None
+    imatrix: bool = False
 
     def __post_init__(self) -> None:
+        if self.gguf is not None:
+            qtype = _gguf.check_type(self.gguf)
+            imatrix = self.imatrix
+            if not isinstance(imatrix, bool):
+                raise QenvError(f"Rule imatrix={imatrix!r} must be true or false.")
+            if qtype in _gguf.REQUIRES_IMATRIX and not imatrix:
+                raise QenvError(f"llama.cpp type {qtype} needs an importance matrix (llama-quantize refuses it "
+                                "without one).", f"use {{'gguf': '{qtype}', 'imatrix': true}}.")
+            for f in fields(self):
+                object.__setattr__(self, f.name, f.default)
+            object.__setattr__(self, "bits", _gguf.RULE_TYPES[qtype])
+            object.__setattr__(self, "gguf", qtype)
+            object.__setattr__(self, "imatrix", imatrix)
+            return
+        if self.imatrix:
+            raise QenvError("Rule imatrix=True applies only to llama.cpp types.",
+                            "add gguf='<type>' (e.g. gguf='Q4_K') or drop imatrix.")
         if self.bits not in ALLOWED_BITS:
             raise QenvError(f"Rule bits={self.bits!r} is not supported.", f"use one of {ALLOWED_BITS}.")
         if self.group_size not in ALLOWED_GROUP_SIZES:
@@ -86,6 +112,8 @@ class Rule:
     @property
     def needs_calibration(self) -> bool:
         """True when quantizing with this rule reads activation statistics."""
+        if self.gguf is not None:
+            return self.imatrix
         b, c = self.salience[1], self.salience[2]
         uses_salience = self.outlier_fraction > 0 and (b != 0 or c != 0)
         return self.rounding == "gptq" or self.act_scale > 0 or uses_salience or self.mse_clip
@@ -94,6 +122,8 @@ class Rule:
         """A short human-readable name, e.g. ``w4g128a`` or ``w3g64s-gptq-o1%``."""
         if self.keeps:
             return "fp16"
+        if self.gguf is not None:
+            return self.gguf + ("-im" if self.imatrix else "")
         group = "c" if self.group_size == -1 else str(self.group_size)
         text = f"w{self.bits}g{group}{'s' if self.symmetric else 'a'}"
         if self.rounding == "gptq":
@@ -113,7 +143,11 @@ class Rule:
     def to_dict(self) -> dict[str, Any]:
         # asdict is slow (it deep-copies); episodes write every layer's rule into their info, so the
         # fields of each (immutable) rule are computed once
-        return {**_rule_fields(self), "salience": list(self.salience)}
+        if self.gguf is not None:
+            return {"gguf": self.gguf, "imatrix": self.imatrix}
+        data = {**_rule_fields(self), "salience": list(self.salience)}
+        del data["gguf"], data["imatrix"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Rule:
@@ -156,11 +190,15 @@ def layer_bits(rule: Rule, out_features: int, in_features: int) -> int:
 
     Counts the codes (``bits`` per weight), one fp16 scale per group, one ``bits``-wide zero
     point per group when asymmetric, and for each surviving weight its fp16 value plus a flat
-    index of ``ceil(log2(out*in))`` bits. A kept layer costs 16 bits per weight.
+    index of ``ceil(log2(out*in))`` bits. A kept layer costs 16 bits per weight. A GGUF rule costs
+    llama.cpp's bytes of the type llama-quantize writes for rows of ``in_features`` (its fallback
+    type when the row is not a multiple of the type's block).
     """
     numel = out_features * in_features
     if rule.keeps:
         return FP16_BITS * numel
+    if rule.gguf is not None:  # llama.cpp's bytes (ggml_row_size) of the type it really writes
+        return _gguf.tensor_bits(rule.gguf, out_features, in_features)
     group = in_features if rule.group_size == -1 else rule.group_size
     groups = out_features * math.ceil(in_features / group)
     per_group = FP16_BITS + (0 if rule.symmetric else rule.bits)
