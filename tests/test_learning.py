@@ -101,8 +101,7 @@ def test_allocation_meets_the_budget_within_one_menu_step(stories_bin):
         env = make(model, "allocation", budget)
         rng = np.random.default_rng(seed)
         info = play_episode(env, [rng.uniform(-1, 1, size=1).astype(np.float32) for _ in env.task.layers])
-        choice = np.array([env.mapper.rules.index(env.recipe[layer.name]) for layer in env.task.layers])
-        unused, step = unused_step(env.task.costs, choice, env.budget_bits)
+        unused, step = unused_step(env.task.costs, env.allocation_choice, env.budget_bits)
         assert info["bpw"] <= budget + 1e-9
         assert 0 <= unused < step, (model, budget, seed, unused, step)
 

@@ -765,6 +765,7 @@ class QuantLLMEnv(gym.Env):
         sens = task.menu_sensitivity() * weights[:, None]
         choice = greedy_allocation(task.costs, sens, self.budget_bits)
         choice = fill_budget(task.costs, sens, choice, self.budget_bits)
+        self.allocation_choice = choice  # the menu index of each layer (before AWQ scales are shared)
         self.recipe = {}
         self.inherited = 0
         for info, j in zip(task.layers, choice):  # layers sharing an input share one AWQ scale, as in step()
