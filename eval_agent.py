@@ -12,7 +12,8 @@ calibration tokens) and printed as one table per model, sorted by bits per weigh
 over the budget marked '*'. The summary compares the policy with the best preset at or under the
 budget, showing both sizes, and with each human family's frontier interpolated at the policy's own
 bits per weight (the equal-size comparison). Models the policy was not trained on are reported as
-"unseen model".
+"unseen model" (zero-shot); models a policy was fine-tuned on (a run started with ``train_agent.py
+--init-from``) as "fine-tuned model", and the summary lists the two groups separately.
 
 Writes results.json, results.csv and pareto.png (KL vs bpw of every method) into --out
 (default: <run folder>/eval-<date>-<time>); --export adds the policy's recipe per model as
@@ -122,6 +123,7 @@ def read_run(policy: Path) -> dict[str, Any]:
     run["agent"] = (run["summary"] or {}).get("agent") or settings.get("agent")
     run["env_kwargs"] = dict(settings.get("env_kwargs") or {})
     run["train_models"] = list((run["summary"] or {}).get("train_models") or [])
+    run["init_from"] = (run["summary"] or {}).get("init_from") or settings.get("init_from")
     if not run["train_models"] and settings.get("env_kwargs"):
         model = settings["env_kwargs"].get("model", "default")
         run["train_models"] = [{"spec": m} for m in (model if isinstance(model, list) else [model])]
@@ -250,10 +252,16 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     train_prints = {m.get("fingerprint") for m in run["train_models"] if m.get("fingerprint")}
     train_specs = {str(m.get("spec")) for m in run["train_models"]}
     seen = task.loaded.fingerprint in train_prints if train_prints else spec in train_specs
+    status = ("fine-tuned" if run.get("init_from") else "trained-on") if seen else "zero-shot"
 
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     agent = load_agent(agent_name, args.policy, env=env)
+    stats = Path(args.policy).parent / "vecnormalize.json"
+    if stats.is_file():  # trained behind VecNormalize (`normalize` in its config): act on scaled observations
+        from qenv.agents.sb3 import NormalizedAgent
+
+        agent = NormalizedAgent(agent, read_json(stats, "Normalisation statistics", "delete it or retrain."))
     recipe, info = rollout_recipe(agent, env, deterministic=True)
     if args.save_model and any(rule.gguf is not None for rule in recipe.values()):
         raise QenvError(f"The policy's recipe on {task.name} uses llama.cpp types, which qenv scores as llama.cpp runs "
@@ -269,10 +277,13 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         t0 = time.perf_counter()
         metrics = scorer.evaluate(preset(name, task.layers))
         rows.append(row(name, "preset", metrics, time.perf_counter() - t0, budget))
+    search_env = env
+    if inner.mapper.stateful:  # searchers replay rules, which these kinds' actions do not name: same task, menu kind
+        search_env = make_quant_env(model=loaded, **{**kwargs, "action_kind": "discrete"})
     for name in searchers:
         t0 = time.perf_counter()
-        searcher = make_agent(name, env, seed=args.seed)
-        s_recipe, s_info = searcher.search(env, total_timesteps=args.search_evals * len(task.layers))
+        searcher = make_agent(name, search_env, seed=args.seed)
+        s_recipe, s_info = searcher.search(search_env, total_timesteps=args.search_evals * len(task.layers))
         metrics = scorer.evaluate(s_recipe)
         note = evaluations_note(getattr(searcher, "evaluations", None), getattr(searcher, "screenings", 0))
         if s_info.get("mix"):
@@ -297,7 +308,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         frontiers[family] = point
     if gain is not None:
         gain["frontiers_at_policy_bpw"] = frontiers
-    result = {"model": task.name, "spec": spec, "seen": seen, "fingerprint": task.loaded.fingerprint,
+    result = {"model": task.name, "spec": spec, "seen": seen, "status": status, "fingerprint": task.loaded.fingerprint,
               "n_layers": len(task.layers), "tokens": tokens_desc, "budget_bpw": budget, "rows": rows, "gain": gain,
               "policy_recipe": recipe.to_dict(), "policy_over_budget": policy_row["over_budget"], "notes": notes}
 
@@ -327,7 +338,8 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
 # -- output ---------------------------------------------------------------------------------------------
 def print_model(result: dict[str, Any]) -> None:
     budget = result["budget_bpw"]
-    status = "trained-on model" if result["seen"] else "unseen model"
+    status = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model",
+              "trained-on": "trained-on model"}[result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
     print(f"\n{result['model']} ({status}), budget {budget:g} bpw, scored on {result['tokens']}")
     table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}", f"{r['model_mb']:.4f}",
               fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", f"{r['wall_s']:.2f}", r["note"]]
@@ -336,7 +348,8 @@ def print_model(result: dict[str, Any]) -> None:
                       align="llrrrrrrl"))
     print(f"  (* over the {budget:g} bpw budget)")
     gain = result["gain"]
-    prefix = "unseen model" if not result["seen"] else "trained-on model"
+    prefix = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model", "trained-on": "trained-on model"}[
+        result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
     if gain is None:
         print(f"{prefix} {result['model']}: no preset fits the {budget:g} bpw budget to compare with")
     else:
@@ -519,9 +532,18 @@ def _body(argv: list[str] | None) -> int:
         result = evaluate_model(spec, args, run, agent_name, budget, env_kwargs, searchers, out)
         print_model(result)
         results.append(result)
+    for group in ("zero-shot", "fine-tuned"):
+        rows = [r for r in results if r["status"] == group and r["gain"] is not None]
+        if rows:
+            wins = sum(r["gain"]["kl_ratio"] > 1 for r in rows)
+            print(f"{group} ({'models the policy never saw' if group == 'zero-shot' else 'after --init-from'}): "
+                  f"policy better than the best preset on {wins} of {len(rows)} model(s): "
+                  + ", ".join(f"{r['model']} {r['gain']['kl_ratio']:.3g}x" for r in rows))
     payload = {"policy": str(policy), "agent": agent_name, "run": str(run["folder"]), "budget_bpw": budget,
                "search_evals": args.search_evals, "seed": args.seed, "held_out": list(args.data or []),
-               "train_models": run["train_models"], "models": results}
+               "train_models": run["train_models"], "init_from": run.get("init_from"),
+               "zero_shot": [r["model"] for r in results if r["status"] == "zero-shot"],
+               "fine_tuned": [r["model"] for r in results if r["status"] == "fine-tuned"], "models": results}
     write_json_atomic(out / "results.json", json.loads(json.dumps(payload, default=str)))
     write_csv(out / "results.csv", results)
     pareto_plot(out / "pareto.png", results)

@@ -35,6 +35,8 @@ from qenv.errors import QenvError
 from qenv.io import read_json
 
 REPO_DIR = Path(__file__).resolve().parent
+#: VecNormalize's observation statistics of a run with `normalize` in its config (JSON, no pickle)
+NORMALIZER_FILE = "vecnormalize.json"
 DEFAULT_AGENT = "ppo"
 #: run length when neither --timesteps nor the config's n_timesteps says
 DEFAULT_TIMESTEPS = 8192
@@ -48,6 +50,8 @@ examples:
   python train_agent.py --agent dqn --env-kwargs n_tokens=1024 reward=ppl
   python train_agent.py --agent mypkg.agents:MyAgent --config my.yaml
   python train_agent.py --resume runs/ppo-2p5          # after Ctrl-C or a crash
+  python train_agent.py --model default --model ../shared/data/stories260K/stories260K.bin --name zoo
+  python train_agent.py --init-from runs/zoo/model.zip --model tiny-qwen2 --timesteps 2048   # fine-tune
 
 Ctrl-C saves a checkpoint and summary.json, then exits with status 130; SIGTERM does the same and
 exits with status 143. One process writes to a run folder at a time (a second one is refused).
@@ -89,6 +93,10 @@ def build_parser() -> ArgumentParser:
                         "present); an MLP policy stays on the cpu, other policies follow it")
     p.add_argument("--logdir", default="runs", metavar="DIR", help="parent folder of run folders (default: %(default)s)")
     p.add_argument("--name", help="run folder name under --logdir (default: <agent>-<date>-<time>)")
+    p.add_argument("--init-from", metavar="MODEL_ZIP",
+                   help="start from this trained policy's weights (e.g. runs/x/model.zip) instead of from scratch: "
+                        "fine-tune it on --model with few episodes; it must have the same observation and action "
+                        "spaces (same --agent family and action_kind)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its latest checkpoint with the same settings and total timesteps")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
@@ -164,8 +172,10 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         if value is not None and value < 1:
             raise QenvError(f"{flag}={value} must be at least 1.", f"pass a positive whole number to {flag}.")
     n_envs = args.n_envs or cfg.n_envs or 1
+    init_from = check_init_from(args.init_from, spec, env_kwargs.get("action_kind", "discrete"),
+                                env_kwargs.get("menu")) if args.init_from else None
     section = fit_rollout(args.agent, dict(cfg.raw), n_envs, total)
-    return {
+    return {"init_from": init_from, "normalize": cfg.normalize,
         "version": CONFIG_VERSION, "env_id": env_id, "agent": args.agent, "seed": args.seed, "total_timesteps": total,
         "n_envs": n_envs, "vec_env": args.vec_env or cfg.vec_env or "dummy",
         "checkpoint_freq": args.checkpoint_freq or cfg.checkpoint_freq or max(1, total // 10),
@@ -173,6 +183,33 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         "config_section": _jsonable(section), "agent_device": args.device, "keep_checkpoints": args.keep_checkpoints,
         "argv": list(sys.argv[1:]),
     }
+
+
+def check_init_from(path: str, spec: Any, kind: Any, menu: Any) -> str:
+    """The absolute path of an ``--init-from`` policy whose spaces fit this run (checked before any
+    model loads): the same observation size and the same action space."""
+    from qenv.agents.sb3 import safe_custom_objects
+    from qenv.envs.features import OBS_DIM
+    from qenv.envs.spaces import ActionMapper
+
+    file = Path(path)
+    if not file.is_file():
+        raise QenvError(f"--init-from {file} does not exist.", "pass the model.zip of an earlier run of train_agent.py.")
+    factory = spec.load()
+    if not callable(getattr(factory, "algorithm_class", None)):
+        raise QenvError(f"--init-from needs a Stable-Baselines3 agent; {spec.name!r} is not one.",
+                        "pass --agent ppo, maskable_ppo, a2c, ... (the agent that trained the policy).")
+    objects = safe_custom_objects(file)
+    obs_space, act_space = objects.get("observation_space"), objects.get("action_space")
+    shape = tuple(getattr(obs_space, "shape", ()) or ())
+    if shape != (OBS_DIM,):
+        raise QenvError(f"--init-from {file} takes observations of size {shape}, but QuantLLM-v0 now gives ({OBS_DIM},).",
+                        "fine-tune a policy trained with this version of qenv, or train from scratch.")
+    mapper = ActionMapper(str(kind), menu)
+    if act_space is not None and act_space != mapper.space:
+        raise QenvError(f"--init-from {file} acts in {act_space}, but action_kind={kind!r} gives {mapper.space}.",
+                        "pass the action_kind (--env-kwargs action_kind=...) and menu the policy was trained with.")
+    return str(file.resolve())
 
 
 def fit_rollout(agent: str, section: dict[str, Any], n_envs: int, total: int) -> dict[str, Any]:
@@ -222,16 +259,13 @@ def check_agent_action_kind(spec: Any, kind: Any) -> None:
     """The registry's action-kind check, before any model is loaded."""
     import types
 
-    import numpy as np
-    from gymnasium import spaces
-
     from qenv.agents.registry import check_action_kind
+    from qenv.envs.spaces import ActionMapper
 
-    space = {"discrete": spaces.Discrete(2), "multidiscrete": spaces.MultiDiscrete([2, 2]),
-             "continuous": spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)}.get(str(kind))
-    if space is None:
-        return  # the environment reports unknown kinds itself
-    check_action_kind(spec, types.SimpleNamespace(unwrapped=None, action_space=space))
+    mapper = ActionMapper(str(kind))  # an unknown kind is a one-line error here, before any model loads
+    probe = types.SimpleNamespace(mapper=mapper, action_space=mapper.space)
+    probe.unwrapped = probe
+    check_action_kind(spec, probe)
 
 
 def absolute_paths(env_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -321,6 +355,17 @@ class Run:
         sb3_like = callable(getattr(factory, "algorithm_class", None))
         if sb3_like:
             self.vec = make_vec(s["env_kwargs"], n_envs=s["n_envs"], seed=s["seed"], vec_env=s["vec_env"])
+            if s.get("normalize") is not None:  # rl-zoo's `normalize`: VecNormalize around the training envs
+                from stable_baselines3.common.vec_env import VecNormalize
+
+                from qenv.agents.sb3 import load_normalizer_state
+
+                kwargs = {"gamma": float(agent_hyperparams(s).get("gamma", 0.99)), **s["normalize"]}
+                self.vec = VecNormalize(self.vec, **kwargs)
+                stats = self.folder / NORMALIZER_FILE
+                if checkpoint is not None and stats.is_file():
+                    load_normalizer_state(self.vec, read_json(stats, "Normalisation statistics",
+                                                              "delete it to resume with fresh statistics."))
             env: Any = self.vec
         else:
             if s["n_envs"] != 1:
@@ -349,6 +394,13 @@ class Run:
                 raise QenvError(f"Agent {name!r} rejected its hyperparameters ({first}).",
                                 f"check the config file {s.get('config_file')} against the agent's documentation."
                                 ) from None
+            if s.get("init_from"):
+                try:  # the policy's weights only (torch tensors); its pickled settings are not read
+                    self.agent.model.set_parameters(s["init_from"], exact_match=True, device=self.agent.model.device)
+                except (RuntimeError, ValueError, KeyError) as exc:
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise QenvError(f"--init-from {s['init_from']} does not fit agent {name!r} ({first}).",
+                                    "pass the agent and policy_kwargs (net_arch) the policy was trained with.") from None
         model = self.sb3_model()
         self.is_sb3 = model is not None
         if model is not None:
@@ -360,8 +412,15 @@ class Run:
         from qenv.agents.base import rollout_recipe
 
         out: dict[str, Any] = {}
+        agent = self.agent
+        if self.settings.get("normalize") is not None:
+            from qenv.agents.sb3 import NormalizedAgent
+
+            self.save_normalizer()
+            agent = NormalizedAgent(self.agent, read_json(self.folder / NORMALIZER_FILE, "Normalisation statistics",
+                                                          "delete it; it is written again from the training envs."))
         for i, task in enumerate(self.tasks):
-            _, info = rollout_recipe(self.agent, self.eval_env, deterministic=True, reset_options={"model_index": i})
+            _, info = rollout_recipe(agent, self.eval_env, deterministic=True, reset_options={"model_index": i})
             ref = task.reference(self.inner.budget_bpw)
             out[task.name] = {
                 "reward": info["episode_return"], "fidelity_reward": info["fidelity_reward"], "kl": info["kl"],
@@ -382,10 +441,21 @@ class Run:
         return {"tracker": self.tracker.state_dict(), "wall_time_s": self.watch.total,
                 "reward_before": self.reward_before, "sessions": self.sessions}
 
+    def save_normalizer(self) -> None:
+        """The VecNormalize statistics as JSON beside the model (kept after the envs close)."""
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        from qenv.agents.sb3 import normalizer_state
+        from qenv.io import write_json_atomic
+
+        if isinstance(self.vec, VecNormalize):
+            write_json_atomic(self.folder / NORMALIZER_FILE, normalizer_state(self.vec))
+
     def checkpoint(self, step: int) -> None:
         from qenv.callbacks import prune_checkpoints, sigint_deferred, write_checkpoint
 
         with sigint_deferred():
+            self.save_normalizer()
             write_checkpoint(self.ckpt_dir, self.agent, step, self.state())
             prune_checkpoints(self.ckpt_dir, int(self.settings.get("keep_checkpoints", 0) or 0))
             self.write_summary("running", step)
@@ -414,7 +484,7 @@ class Run:
             "episode_reward_first": self.tracker.mean_reward(first=True),
             "episode_reward_last": self.tracker.mean_reward(first=False),
             "reward_before": self.reward_before, "final": final,
-            "interrupted_at": self.interrupted_at, "stopped_by": self.stopped_by,
+            "interrupted_at": self.interrupted_at, "stopped_by": self.stopped_by, "init_from": s.get("init_from"),
             "settings": {k: v for k, v in s.items() if k not in ("version",)},
         }
         write_json_atomic(self.folder / "summary.json", summary)
@@ -541,6 +611,7 @@ class Run:
                       f"{self.folder}; continue with: python train_agent.py --resume {self.folder}", flush=True)
                 return EXIT_TERMINATED if self.stopped_by == "SIGTERM" else EXIT_INTERRUPTED
             self.policy_file = save_agent_atomic(self.agent, self.folder / "model.zip")
+            self.save_normalizer()
             self.close_envs(interrupted=False)
             final = self.deterministic_rewards()
             self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
@@ -657,7 +728,8 @@ class Run:
             m = best["metrics"]
             print(f"best episode: reward {best['reward']:.4f} on {best['model']} at step {best['timestep']} "
                   f"(KL {fmt(m.get('kl'))}, ppl {fmt(m.get('ppl'))}, {fmt(m.get('bpw'))} bpw)")
-        files = [f for f in ("model.zip", "model.json", "best_recipe.json", "summary.json", "pareto.png", "tb")
+        files = [f for f in ("model.zip", "model.json", NORMALIZER_FILE, "best_recipe.json", "summary.json", "pareto.png",
+                             "tb")
                  if (self.folder / f).exists()]
         print(f"saved in {self.folder}: {', '.join(files)}", flush=True)
 

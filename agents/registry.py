@@ -2,7 +2,8 @@
 
 ``make_agent(name_or_path, env, seed=0, **hyperparams)`` accepts
 
-- a registered name: ``ppo`` (default), ``a2c``, ``dqn``, ``sac``, ``td3``, ``ddpg``,
+- a registered name: ``ppo`` (default), ``maskable_ppo`` (needs sb3-contrib; samples only the
+  actions ``env.action_masks()`` allows), ``a2c``, ``dqn``, ``sac``, ``td3``, ``ddpg``,
   ``recurrent_ppo`` (needs sb3-contrib), and the searchers ``uniform``, ``llamacpp``, ``greedy``,
   ``random``, ``evolution``;
 - a plug-in ``package.module:Class`` (or ``path/to/file.py:Class``), called as
@@ -34,7 +35,7 @@ from typing import Any
 
 from qenv.agents.base import Agent, action_kind
 from qenv.cli.config import RESERVED_KEYS
-from qenv.envs.spaces import ACTION_SPACE_KINDS
+from qenv.envs.spaces import ACTION_SPACE_KINDS, MASKABLE_KINDS, RULE_KINDS, SPACE_FAMILY
 from qenv.errors import QenvError
 
 DEFAULT_AGENT = "ppo"
@@ -374,18 +375,22 @@ def accepts(agent: str, name: str) -> bool:
 
 
 _ALL = ACTION_SPACE_KINDS
+_DISCRETE = tuple(k for k, family in SPACE_FAMILY.items() if family == "discrete")
+_BOX = tuple(k for k, family in SPACE_FAMILY.items() if family == "continuous")
 for _name, _target, _kinds, _text in (
     ("ppo", "qenv.agents.sb3:PPOAgent", _ALL, "Proximal Policy Optimization (Stable-Baselines3)"),
+    ("maskable_ppo", "qenv.agents.sb3:MaskablePPOAgent", MASKABLE_KINDS,
+     "PPO that only samples actions allowed by env.action_masks() (needs sb3-contrib)"),
     ("a2c", "qenv.agents.sb3:A2CAgent", _ALL, "Advantage Actor-Critic (Stable-Baselines3)"),
-    ("dqn", "qenv.agents.sb3:DQNAgent", ("discrete",), "Deep Q-Network (Stable-Baselines3)"),
-    ("sac", "qenv.agents.sb3:SACAgent", ("continuous",), "Soft Actor-Critic (Stable-Baselines3)"),
-    ("td3", "qenv.agents.sb3:TD3Agent", ("continuous",), "Twin Delayed DDPG (Stable-Baselines3)"),
-    ("ddpg", "qenv.agents.sb3:DDPGAgent", ("continuous",), "Deep Deterministic Policy Gradient (Stable-Baselines3)"),
+    ("dqn", "qenv.agents.sb3:DQNAgent", _DISCRETE, "Deep Q-Network (Stable-Baselines3)"),
+    ("sac", "qenv.agents.sb3:SACAgent", _BOX, "Soft Actor-Critic (Stable-Baselines3)"),
+    ("td3", "qenv.agents.sb3:TD3Agent", _BOX, "Twin Delayed DDPG (Stable-Baselines3)"),
+    ("ddpg", "qenv.agents.sb3:DDPGAgent", _BOX, "Deep Deterministic Policy Gradient (Stable-Baselines3)"),
     ("recurrent_ppo", "qenv.agents.sb3:RecurrentPPOAgent", _ALL, "PPO with an LSTM policy (needs sb3-contrib)"),
-    ("uniform", "qenv.agents.searchers:UniformSearch", _ALL, "best single rule that fits the budget"),
-    ("llamacpp", "qenv.agents.searchers:LlamaCppSearch", _ALL, "llama.cpp-like Q4_K_M / Q3_K_M mix"),
-    ("greedy", "qenv.agents.searchers:GreedySearch", _ALL, "HAWQ-style sensitivity allocation"),
-    ("random", "qenv.agents.searchers:RandomSearch", _ALL, "random budget-feasible recipes, keep the best"),
-    ("evolution", "qenv.agents.searchers:EvolutionSearch", _ALL, "EvoPress-like evolutionary search"),
+    ("uniform", "qenv.agents.searchers:UniformSearch", RULE_KINDS, "best single rule that fits the budget"),
+    ("llamacpp", "qenv.agents.searchers:LlamaCppSearch", RULE_KINDS, "llama.cpp-like Q4_K_M / Q3_K_M mix"),
+    ("greedy", "qenv.agents.searchers:GreedySearch", RULE_KINDS, "HAWQ-style sensitivity allocation"),
+    ("random", "qenv.agents.searchers:RandomSearch", RULE_KINDS, "random budget-feasible recipes, keep the best"),
+    ("evolution", "qenv.agents.searchers:EvolutionSearch", RULE_KINDS, "EvoPress-like evolutionary search"),
 ):
     register_agent(_name, _target, _kinds, _text)

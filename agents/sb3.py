@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qenv.envs.spaces import ACTION_SPACE_KINDS
+from qenv.envs.spaces import ACTION_SPACE_KINDS, MASKABLE_KINDS
 from qenv.errors import QenvError
 
 
@@ -311,6 +311,85 @@ class RecurrentPPOAgent(SB3Agent):
     install_hint = "pip install sb3-contrib (or pip install 'qenv[contrib]')"
 
 
+class MaskablePPOAgent(SB3Agent):
+    """sb3-contrib's MaskablePPO: samples only actions that ``env.action_masks()`` allows, so the
+    budget is never broken and nothing is lowered; ``predict`` reads the masks of the env it was
+    given (or of ``action_masks=`` when passed)."""
+
+    name, module, class_name = "maskable_ppo", "sb3_contrib", "MaskablePPO"
+    action_kinds = MASKABLE_KINDS
+    install_hint = "pip install sb3-contrib (or pip install 'qenv[contrib]')"
+
+    def predict(self, observation: Any, state: Any = None, episode_start: Any = None,
+                deterministic: bool = True, action_masks: Any = None) -> tuple[np.ndarray, Any]:
+        if action_masks is None:
+            action_masks = _masks_of(self.model.get_env())
+        return self.model.predict(observation, state=state, episode_start=episode_start, deterministic=deterministic,
+                                  action_masks=action_masks)
+
+
+def _masks_of(env: Any) -> Any:
+    """The current action masks of a (vector) env, or ``None``."""
+    if env is None:
+        return None
+    if hasattr(env, "env_method"):
+        try:
+            return np.stack(env.env_method("action_masks"))
+        except (AttributeError, QenvError):
+            return None
+    inner = getattr(env, "unwrapped", env)
+    method = getattr(inner, "action_masks", None)
+    return method() if callable(method) else None
+
+
 SB3_AGENTS: dict[str, type[SB3Agent]] = {
-    cls.name: cls for cls in (PPOAgent, A2CAgent, DQNAgent, SACAgent, TD3Agent, DDPGAgent, RecurrentPPOAgent)
+    cls.name: cls for cls in (PPOAgent, MaskablePPOAgent, A2CAgent, DQNAgent, SACAgent, TD3Agent, DDPGAgent,
+                              RecurrentPPOAgent)
 }
+
+
+# -- observation normalisation (rl-zoo's ``normalize``) ------------------------------------------
+def normalizer_state(vec: Any) -> dict[str, Any]:
+    """The observation statistics of a ``VecNormalize`` as plain JSON numbers (not a pickle, so
+    that reading them back can run no code)."""
+    rms = vec.obs_rms
+    return {"norm_obs": bool(vec.norm_obs), "norm_reward": bool(vec.norm_reward), "mean": np.asarray(rms.mean).tolist(),
+            "var": np.asarray(rms.var).tolist(), "count": float(rms.count), "clip_obs": float(vec.clip_obs),
+            "clip_reward": float(vec.clip_reward), "epsilon": float(vec.epsilon), "gamma": float(vec.gamma)}
+
+
+def load_normalizer_state(vec: Any, state: dict[str, Any]) -> None:
+    """Put saved statistics back into a ``VecNormalize`` (resuming a run)."""
+    vec.obs_rms.mean = np.asarray(state["mean"], dtype=np.float64)
+    vec.obs_rms.var = np.asarray(state["var"], dtype=np.float64)
+    vec.obs_rms.count = float(state["count"])
+
+
+class NormalizedAgent:
+    """An agent trained behind ``VecNormalize``, acting on raw observations: ``predict`` scales
+    them with the training statistics first (the rest is the wrapped agent's)."""
+
+    def __init__(self, agent: Any, state: dict[str, Any]) -> None:
+        self.agent = agent
+        self.state = state
+        self._mean = np.asarray(state["mean"], dtype=np.float64)
+        self._scale = np.sqrt(np.asarray(state["var"], dtype=np.float64) + float(state["epsilon"]))
+
+    def normalize(self, observation: Any) -> np.ndarray:
+        obs = np.asarray(observation, dtype=np.float64)
+        if not self.state.get("norm_obs", True):
+            return obs.astype(np.float32)
+        clip = float(self.state["clip_obs"])
+        return np.clip((obs - self._mean) / self._scale, -clip, clip).astype(np.float32)
+
+    def predict(self, observation: Any, state: Any = None, episode_start: Any = None, deterministic: bool = True,
+                action_masks: Any = None) -> tuple[np.ndarray, Any]:
+        import inspect
+
+        takes_masks = "action_masks" in inspect.signature(self.agent.predict).parameters
+        extra = {"action_masks": action_masks} if action_masks is not None and takes_masks else {}
+        return self.agent.predict(self.normalize(observation), state=state, episode_start=episode_start,
+                                  deterministic=deterministic, **extra)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.agent, name)

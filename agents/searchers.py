@@ -59,8 +59,8 @@ import numpy as np
 import torch
 
 from qenv.agents.base import base_env, layer_index_of, play_episode, recipe_of, rule_to_action, score_recipe
-from qenv.envs.features import output_error
-from qenv.envs.spaces import ACTION_SPACE_KINDS
+from qenv.envs.allocation import greedy_allocation, rule_errors
+from qenv.envs.spaces import RULE_KINDS
 from qenv.errors import QenvError
 from qenv.io import read_json, write_json_atomic
 from qenv.quant.presets import LLAMACPP_PRESETS, preset
@@ -81,7 +81,7 @@ class Searcher:
     """Base class: budget bookkeeping, env evaluation, replay, save/load."""
 
     name: ClassVar[str] = "searcher"
-    action_kinds: ClassVar[tuple[str, ...]] = ACTION_SPACE_KINDS
+    action_kinds: ClassVar[tuple[str, ...]] = RULE_KINDS
     #: evaluations of ``search()`` when no budget is given
     default_evaluations: ClassVar[int] = 32
 
@@ -423,33 +423,14 @@ class GreedySearch(Searcher):
     default_evaluations = 1
 
     def sensitivity(self) -> np.ndarray:
-        """``[n_layers, n_rules]`` measured output error × layer size (computed once)."""
+        """``[n_layers, n_rules]`` measured output error × layer size (computed once, cached on disk)."""
         if self._sensitivity is None:
-            ev = self.task.evaluator
-            with torch.inference_mode():
-                err = np.array([[output_error(ev, info, rule) for rule in self.rules] for info in self.task.layers])
+            err = rule_errors(self.task.evaluator, self.task.layers, self.rules)
             self._sensitivity = err * self.numel[:, None]
         return self._sensitivity
 
     def allocate(self) -> np.ndarray:
-        err = self.sensitivity()
-        rows = np.arange(self.n_layers)
-        costs = self.costs
-        # start at each layer's cheapest rule (the most accurate among equally cheap ones)
-        choice = np.array([min(range(len(self.rules)), key=lambda j: (costs[i, j], err[i, j], j)) for i in rows])
-        spent = self._total(choice)
-        while True:
-            d_cost = costs - costs[rows, choice][:, None]
-            d_err = err[rows, choice][:, None] - err
-            ok = (d_err > 0) & (spent + d_cost <= self.budget_bits + _TOL)
-            if not ok.any():
-                return choice
-            gain = np.where(d_cost > 0, d_err / np.maximum(d_cost, 1e-12), np.inf)
-            ci, cj = np.nonzero(ok)  # best gain, then largest drop, then first layer and rule
-            best = np.lexsort((cj, ci, -d_err[ci, cj], -gain[ci, cj]))[0]
-            i, j = int(ci[best]), int(cj[best])
-            spent += d_cost[i, j]
-            choice[i] = j
+        return greedy_allocation(self.costs, self.sensitivity(), self.budget_bits)
 
     def _search(self) -> None:
         if self.best_recipe is not None or not self._can_spend():

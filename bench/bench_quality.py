@@ -83,7 +83,7 @@ METHOD_LABEL = {
     "fp16": "full precision", "rtn_frontier": "uniform RTN frontier (env reference, interpolated)",
     "rtn": "uniform RTN (best fitting)", "gptq": "uniform GPTQ (best fitting)", "awq": "AWQ-like (best fitting)",
     "llamacpp": "llama.cpp-like mix", "greedy": "greedy (HAWQ-style)", "random": "random search",
-    "evolution": "evolution (EvoPress-like)", "ppo": "PPO",
+    "evolution": "evolution (EvoPress-like)", "ppo": "RL policy (--rl-agent on --action-kind)",
 }
 HUMAN = ("rtn", "gptq", "awq", "llamacpp")
 SEARCHED = ("greedy", "random", "evolution", "ppo")
@@ -206,12 +206,13 @@ def best_preset(task: Any, budget: float, family: str) -> tuple[str, Any] | None
     return None if best is None else (best[1], best[2])
 
 
-def ppo_hyperparams(n_layers: int, episodes: int, per_rollout: bool = True) -> dict[str, Any]:
-    """``configs/ppo.yaml``'s PPO, with rollouts of whole episodes (k episodes, k dividing N, so
-    that training plays exactly N episodes) about as long as the config's 256 steps."""
+def ppo_hyperparams(n_layers: int, episodes: int, per_rollout: bool = True, agent: str = "ppo") -> dict[str, Any]:
+    """``configs/<agent>.yaml``'s hyperparameters (PPO's family), with rollouts of whole episodes
+    (k episodes, k dividing N, so that training plays exactly N episodes) about as long as the
+    config's 256 steps."""
     from qenv.cli.config import load_agent_config
 
-    hp = dict(load_agent_config(REPO_ROOT / "configs" / "ppo.yaml", "QuantLLM-v0").hyperparams)
+    hp = dict(load_agent_config(REPO_ROOT / "configs" / f"{agent}.yaml", "QuantLLM-v0").hyperparams)
     if per_rollout:
         target = max(1.0, hp.get("n_steps", 256) / n_layers)
         divisors = [k for k in range(1, episodes + 1) if episodes % k == 0]
@@ -242,15 +243,24 @@ def common_setup(cfg: dict[str, Any]) -> None:
     os.environ["QENV_TORCH_THREADS"] = str(int(cfg.get("threads", 1)))
 
 
-def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Path) -> tuple[Any, str]:
+def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Path,
+             action_kind: str = "discrete") -> tuple[Any, str]:
+    """The model's env (searchers and presets use the menu kind; the RL agent ``cfg['action_kind']``:
+    both share one task, i.e. one model, evaluator and cache, in the process)."""
     from qenv.cli.envs import make_quant_env
 
     calib, held_path = corpus_files(model["corpus"], Path(cfg["data_dir"]), work)
     wait_for_model(model["spec"], cfg["deadline"])
     env = make_quant_env(model=model["spec"], budget_bpw=budget, data=calib, n_tokens=cfg["n_tokens"],
                          seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], device=pick_device(cfg["device"]),
-                         dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"])
+                         dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"], action_kind=action_kind,
+                         weight_cache_gib=cfg.get("weight_cache_gib"))
     return env, held_path
+
+
+def rl_settings(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(agent, action kind) of the RL method (``--rl-agent``, ``--action-kind``)."""
+    return str(cfg.get("rl_agent", "ppo")), str(cfg.get("action_kind", "discrete"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,23 +347,33 @@ def quality_job(cfg: dict[str, Any]) -> None:
                     "truncated": agent.spent + 1e-9 < episodes}
         return run
 
+    rl_agent, rl_kind = rl_settings(cfg)
+    rl_env = env if rl_kind == "discrete" else make_env(model, budget, cfg, out / "work", rl_kind)[0]
+
     def ppo(seed: int) -> dict[str, Any]:
-        hp = ppo_hyperparams(n_layers, episodes)
-        agent = make_agent("ppo", env, seed=seed, **hp)
+        hp = ppo_hyperparams(n_layers, episodes, agent=rl_agent)
+        agent = make_agent(rl_agent, rl_env, seed=seed, **hp)
         agent.learn(episodes * n_layers, callback=sb3_cb)
         played = agent.num_timesteps / n_layers
-        recipe, info = rollout_recipe(agent, env, deterministic=True)
+        recipe, info = rollout_recipe(agent, rl_env, deterministic=True)
         return {**measure(task, held, recipe_of(info), budget), "evals": played, "n_steps": hp["n_steps"],
-                "truncated": played + 1e-9 < episodes, "clamped_actions": info.get("clamped_actions", 0)}
+                "truncated": played + 1e-9 < episodes, "clamped_actions": info.get("clamped_actions", 0),
+                "agent": rl_agent, "action_kind": rl_kind}
 
+    only = set(cfg.get("methods") or METHOD_ORDER)
     for name in ("rtn", "gptq", "awq"):
-        unit(name, None, family(name))
-    unit("llamacpp", None, llamacpp)
-    unit("greedy", None, greedy)
+        if name in only:
+            unit(name, None, family(name))
+    if "llamacpp" in only:
+        unit("llamacpp", None, llamacpp)
+    if "greedy" in only:
+        unit("greedy", None, greedy)
     for seed in cfg["seeds"]:
         for name in ("random", "evolution"):
-            unit(name, seed, searcher(name, seed))
-        unit("ppo", seed, lambda seed=seed: ppo(seed))
+            if name in only:
+                unit(name, seed, searcher(name, seed))
+        if "ppo" in only:
+            unit("ppo", seed, lambda seed=seed: ppo(seed))
     rec.write(method="done", wall_s=time.perf_counter() - t0)
 
 
@@ -376,6 +396,24 @@ def human_baselines(task: Any, held: Any, env: Any, budget: float) -> list[tuple
     if not mix["over_budget"]:
         humans.append((mix_info.get("mix", "llamacpp").lower(), mix))
     return humans
+
+
+def searched_baselines(task: Any, held: Any, env: Any, budget: float, evals: int) -> dict[str, dict[str, Any]]:
+    """Greedy (one evaluation) and, with ``evals`` > 0, random search and evolution (seed 0, that
+    many evaluations each) on one model: what a zero-shot policy is compared with."""
+    from qenv.agents import make_agent
+
+    out: dict[str, dict[str, Any]] = {}
+    n_layers = len(task.layers)
+    for name, budget_evals in (("greedy", 1), ("random", evals), ("evolution", evals)):
+        if budget_evals < 1:
+            continue
+        t = time.perf_counter()
+        agent = make_agent(name, env, seed=0)
+        recipe, _ = agent.search(env, total_timesteps=budget_evals * n_layers)
+        out[name] = {**measure(task, held, recipe, budget), "evals": agent.evaluations,
+                     "wall_s": time.perf_counter() - t}
+    return out
 
 
 def eval_row(model: dict[str, str], seen: bool, policy: dict[str, Any], info: dict[str, Any],
@@ -416,12 +454,14 @@ def transfer_job(cfg: dict[str, Any]) -> None:
         for m in train_models:
             wait_for_model(m["spec"], deadline)
         device = pick_device(cfg["device"])
+        rl_agent, rl_kind = rl_settings(cfg)
         env = make_quant_env(model=[m["spec"] for m in train_models], budget_bpw=budget, data=calib,
                              n_tokens=cfg["n_tokens"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
-                             device=device, dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"])
+                             device=device, dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"],
+                             action_kind=rl_kind)
         steps = int(cfg["timesteps"])
-        hp = ppo_hyperparams(0, 1, per_rollout=False)
-        agent = make_agent("ppo", env, seed=seed, **hp)
+        hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent)
+        agent = make_agent(rl_agent, env, seed=seed, **hp)
         # training stops early enough to leave time for the zero-shot evaluations
         sb3_cb, _ = deadline_callbacks(deadline - float(cfg.get("eval_reserve_s", 0.0)))
         t1 = time.perf_counter()
@@ -434,6 +474,7 @@ def transfer_job(cfg: dict[str, Any]) -> None:
             import torch
 
             # the evaluation jobs (one per model, baselines ready) roll this policy out as soon as it appears
+            target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             torch.save(agent.model.policy.state_dict(), tmp)
             os.replace(tmp, target)
@@ -447,9 +488,10 @@ def transfer_job(cfg: dict[str, Any]) -> None:
     for model, seen in tests:
         try:
             tenv, held_path = make_env(model, budget, cfg, out / "work")
+            renv = tenv if rl_kind == "discrete" else make_env(model, budget, cfg, out / "work", rl_kind)[0]
             task = tenv.unwrapped.task
             held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
-            recipe, info = rollout_recipe(agent, tenv, deterministic=True)
+            recipe, info = rollout_recipe(agent, renv, deterministic=True)
             policy = measure(task, held, recipe_of(info), budget)
             row = eval_row(model, seen, policy, info, human_baselines(task, held, tenv, budget))
             rec.write(**row)
@@ -483,16 +525,20 @@ def transfer_eval_job(cfg: dict[str, Any]) -> None:
     try:
         t0 = time.perf_counter()
         tenv, held_path = make_env(model, budget, cfg, out / "work")
+        rl_agent, rl_kind = rl_settings(cfg)
+        renv = tenv if rl_kind == "discrete" else make_env(model, budget, cfg, out / "work", rl_kind)[0]
         task = tenv.unwrapped.task
         held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
         humans = human_baselines(task, held, tenv, budget)
         log(f"transfer {budget:g} eval {model['name']}: baselines ready in {time.perf_counter() - t0:.0f}s")
+        searched = searched_baselines(task, held, tenv, budget, int(cfg.get("search_evals", 0)))
+        log(f"transfer {budget:g} eval {model['name']}: searchers done in {time.perf_counter() - t0:.0f}s")
     except Exception as exc:
         traceback.print_exc()
         for seed in pending:
             rec.write(method="eval", seed=seed, model=model["name"], seen=seen, error=f"{type(exc).__name__}: {exc}")
         return
-    hp = ppo_hyperparams(0, 1, per_rollout=False)
+    hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent)
     while pending:
         for seed in list(pending):
             path = policy_file(out, budget, seed)
@@ -504,12 +550,15 @@ def transfer_eval_job(cfg: dict[str, Any]) -> None:
                 continue
             pending.remove(seed)
             try:
-                agent = make_agent("ppo", tenv, seed=seed, **hp)
+                agent = make_agent(rl_agent, renv, seed=seed, **hp)
                 agent.model.policy.load_state_dict(torch.load(path, map_location=agent.model.device,
                                                               weights_only=True))
-                recipe, info = rollout_recipe(agent, tenv, deterministic=True)
+                t1 = time.perf_counter()
+                recipe, info = rollout_recipe(agent, renv, deterministic=True)
                 policy = measure(task, held, recipe_of(info), budget)
+                policy["rollout_s"] = time.perf_counter() - t1
                 row = eval_row(model, seen, policy, info, humans)
+                row["searched"] = searched
                 rec.write(seed=seed, **row)
                 log(f"transfer {budget:g} s{seed} -> {model['name']} (seen={seen}): policy KL {policy['kl']:.4g} vs "
                     f"{row['best_human']} {row['human']['kl']:.4g}")
@@ -535,7 +584,9 @@ def run(args: argparse.Namespace) -> int:
     base = {"data_dir": str(data_dir), "out": str(out), "deadline": deadline, "device": args.device,
             "dtype": args.dtype,
             "n_tokens": args.n_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
-            "held_tokens": args.held_tokens, "cache_dir": str(Path(args.cache_dir).resolve()), "threads": 1}
+            "held_tokens": args.held_tokens, "cache_dir": str(Path(args.cache_dir).resolve()), "threads": 1,
+            "rl_agent": args.rl_agent, "action_kind": args.action_kind, "methods": args.methods,
+            "search_evals": args.transfer_search_evals, "weight_cache_gib": args.weight_cache_gib}
     jobs: list[tuple[str, dict[str, Any]]] = []
     done = completed_units(args.fill_from) if args.fill_from else set()
     for model in models:
@@ -846,6 +897,8 @@ def transfer_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "log_kl_gain": _mean_std([math.log(x) for x in ratios]),
                     "ppl_diff": _mean_std([r["ppl_diff"] for r in rs]),
                     "train": [trains.get((budget, s)) for s in [r["seed"] for r in rs]],
+                    "searched": {k: {m: v[m] for m in ("kl", "ppl", "top1", "bpw") if m in v}
+                                 for k, v in (rs[0].get("searched") or {}).items()},
                     "train_timesteps": _mean_std([trains[(budget, s)]["timesteps"] for s in [r["seed"] for r in rs]
                                                   if (budget, s) in trains])})
     return out
@@ -1002,7 +1055,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="qenv quality benchmark (issue 5, part 2)")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the benchmark (workers in parallel), then the report")
-    r.add_argument("--models", nargs="+", default=["stories260K", "default"],
+    r.add_argument("--models", nargs="*", default=["stories260K", "default"],
                    help="stories260K, default, NAME=FOLDER or a model folder")
     r.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0])
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -1029,6 +1082,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fill-from", nargs="+", default=None, metavar="RUN",
                    help="earlier run folders: run only the quality units they did not complete (cut short, "
                         "skipped or failed); merge afterwards with `report --runs RUN... <out>`")
+    r.add_argument("--rl-agent", default="maskable_ppo",
+                   help="the RL method's agent (its configs/<agent>.yaml hyperparameters; default: %(default)s)")
+    r.add_argument("--action-kind", default="residual", help="the RL method's action kind (default: %(default)s)")
+    r.add_argument("--methods", nargs="+", default=None, choices=METHOD_ORDER[2:],
+                   help="run only these quality methods (default: all)")
+    r.add_argument("--transfer-search-evals", type=int, default=0,
+                   help="evaluations of random search and evolution on each transfer test model (0: only greedy)")
+    r.add_argument("--weight-cache-gib", type=float, default=None,
+                   help="the env's quantized-weight cache (default: the env's, sized from free memory)")
     r.add_argument("--max-procs", type=int, default=64)
     r.add_argument("--nice", type=int, default=0, help="niceness of the workers")
     r.add_argument("--deadline-s", type=float, default=3600.0, help="no new work after this many seconds")

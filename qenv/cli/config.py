@@ -11,7 +11,18 @@ A config is YAML keyed by environment id, as in rl-baselines3-zoo::
       env_kwargs: {budget_bpw: 3.0}
 
 Besides the agent's own hyperparameters, a section may hold ``n_timesteps``, ``n_envs``,
-``vec_env`` (``dummy``, ``subproc`` or ``ray``), ``checkpoint_freq`` (timesteps) and ``env_kwargs``.
+``env_kwargs`` and ``normalize`` (rl-zoo's keys: ``true`` or VecNormalize arguments such as
+``{norm_obs: true, norm_reward: false}``), and ``vec_env`` (``dummy``, ``subproc`` or ``ray``)
+and ``checkpoint_freq`` (timesteps). rl-zoo3 passes every key of the environment's section that
+it does not know to the algorithm, so qenv-only keys belong in a top-level ``qenv:`` section,
+which rl-zoo3 never reads; the files in ``configs/`` load in ``python -m rl_zoo3.train``::
+
+    QuantLLM-v0:
+      n_timesteps: 24576
+      policy: MlpPolicy
+    qenv:                       # read by train_agent.py only
+      checkpoint_freq: 2048
+
 Anything else that the agent does not take is an error naming the accepted keys.
 """
 
@@ -28,7 +39,10 @@ import yaml
 from qenv.errors import QenvError
 
 #: keys of a config section that configure the run, not the agent
-RESERVED_KEYS: tuple[str, ...] = ("n_timesteps", "n_envs", "vec_env", "checkpoint_freq", "env_kwargs")
+RESERVED_KEYS: tuple[str, ...] = ("n_timesteps", "n_envs", "vec_env", "checkpoint_freq", "env_kwargs", "normalize")
+#: the top-level section of qenv-only run settings (rl-zoo3 reads only the environment's section)
+QENV_SECTION = "qenv"
+QENV_ONLY_KEYS: tuple[str, ...] = ("vec_env", "checkpoint_freq")
 VEC_ENVS: tuple[str, ...] = ("dummy", "subproc", "ray")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _ACTIVATIONS = {"tanh": "Tanh", "relu": "ReLU", "elu": "ELU", "leaky_relu": "LeakyReLU", "gelu": "GELU",
@@ -57,6 +71,7 @@ class AgentConfig:
     n_envs: int | None = None
     vec_env: str | None = None
     checkpoint_freq: int | None = None
+    normalize: dict[str, Any] | None = None  # VecNormalize arguments; None: no normalisation
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     hyperparams: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +119,24 @@ def _policy_kwargs(value: Any, where: str) -> dict[str, Any]:
                             f"use one of {sorted(_ACTIVATIONS)}.")
         out["activation_fn"] = cls
     return out
+
+
+_NORMALIZE_KEYS = ("norm_obs", "norm_reward", "clip_obs", "clip_reward", "gamma", "epsilon")
+
+
+def _normalize_kwargs(value: Any, where: str) -> dict[str, Any] | None:
+    """rl-zoo's ``normalize``: ``true``/``false`` or a mapping of VecNormalize arguments."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, str) and value.strip().startswith("dict("):
+        raise QenvError(f"{where}: normalize={value!r} is code; configs are not evaluated.",
+                        "write it as a YAML mapping, e.g. normalize: {norm_obs: true, norm_reward: false}.")
+    if not isinstance(value, dict) or set(value) - set(_NORMALIZE_KEYS):
+        raise QenvError(f"{where}: normalize={value!r} is not true/false or VecNormalize arguments.",
+                        f"write normalize: true, or a mapping of {list(_NORMALIZE_KEYS)}.")
+    return {k: _convert_value(k, v, where) for k, v in value.items()}
 
 
 def env_kwarg_names() -> list[str]:
@@ -158,13 +191,26 @@ def load_agent_config(path: str | Path, env_id: str) -> AgentConfig:
                         f"start it with a line '{env_id}:' followed by indented hyperparameters.")
     aliases = {env_id, f"qenv:{env_id}"}
     for key in data:
+        if key == QENV_SECTION:
+            continue
         if key not in aliases and (not isinstance(key, str) or key not in gym.registry):
             raise QenvError(f"Config file {path} has an unknown top-level key {key!r}.",
                             f"top-level keys are environment ids; put the hyperparameters under '{env_id}:'.")
     sections = [k for k in data if k in aliases]
     if not sections:
         raise QenvError(f"Config file {path} has no section for {env_id}.", f"add a '{env_id}:' section.")
-    return parse_section(data[sections[0]] or {}, f"{path} [{env_id}]", source=str(path))
+    cfg = parse_section(data[sections[0]] or {}, f"{path} [{env_id}]", source=str(path))
+    extra = data.get(QENV_SECTION) or {}
+    if not isinstance(extra, dict) or set(extra) - set(QENV_ONLY_KEYS):
+        bad = sorted(set(extra) - set(QENV_ONLY_KEYS)) if isinstance(extra, dict) else extra
+        raise QenvError(f"Config file {path}: the '{QENV_SECTION}:' section holds {bad!r}.",
+                        f"put only {list(QENV_ONLY_KEYS)} there; hyperparameters go under '{env_id}:'.")
+    if extra:
+        qenv_cfg = parse_section(extra, f"{path} [{QENV_SECTION}]")
+        cfg.vec_env = qenv_cfg.vec_env or cfg.vec_env
+        cfg.checkpoint_freq = qenv_cfg.checkpoint_freq or cfg.checkpoint_freq
+        cfg.raw = {**cfg.raw, **extra}
+    return cfg
 
 
 def parse_section(section: Any, where: str, source: str | None = None) -> AgentConfig:
@@ -187,6 +233,8 @@ def parse_section(section: Any, where: str, source: str | None = None) -> AgentC
             cfg.vec_env = value
         elif key == "env_kwargs":
             cfg.env_kwargs = check_env_kwargs(value or {}, where)
+        elif key == "normalize":
+            cfg.normalize = _normalize_kwargs(value, where)
         elif key == "policy_kwargs":
             cfg.hyperparams[key] = _policy_kwargs(value, where)
         else:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from qenv.envs.features import EPISODE_NAMES, OBS_DIM, STATIC_NAMES
-from qenv.envs.spaces import KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS, ActionMapper
+from qenv.envs.spaces import ActionMapper
 from qenv.errors import QenvError
 from qenv.quant.rules import Recipe, Rule
 
@@ -31,7 +31,7 @@ def base_env(env: Any) -> Any:
 
 
 def action_kind(env: Any) -> str:
-    """``discrete``, ``multidiscrete`` or ``continuous``: the kind of ``env``'s action space."""
+    """The action kind of ``env`` (``discrete``, ``residual``, ...; a plain Gymnasium env: its space's family)."""
     from gymnasium import spaces
 
     mapper = getattr(getattr(env, "unwrapped", env), "mapper", None)
@@ -54,22 +54,23 @@ def rule_to_action(mapper: ActionMapper, rule: Rule) -> np.ndarray:
     Discrete: the menu index; multidiscrete: the knob indices; continuous: the centre of each
     knob's bin in [-1, 1]. A rule the space cannot produce is a :class:`QenvError`.
     """
+    if mapper.stateful:
+        raise QenvError(f"The {mapper.kind!r} action space has no fixed action per rule (its actions are read against "
+                        "the episode's state).", "use an env with action_kind discrete, multidiscrete, continuous or rule.")
     if mapper.kind == "discrete":
         if rule not in mapper.menu:
             raise QenvError(f"Rule {rule.label()} is not on the environment's menu.",
                             "add it to the env's menu, or use a rule from env.mapper.rules.")
         action = np.asarray(mapper.menu.index(rule), dtype=np.int64)
     else:
-        knobs = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS)
-        values = (rule.bits, rule.group_size, rule.outlier_fraction, rule.rounding)
-        if not all(v in k for v, k in zip(values, knobs)):
+        idx = mapper.rule_indices(rule)
+        if idx is None:
             raise QenvError(f"Rule {rule.label()} is not one the {mapper.kind} action space can produce.",
                             "use a rule from env.mapper.rules.")
-        idx = [k.index(v) for v, k in zip(values, knobs)]
-        if mapper.kind == "multidiscrete":
+        if mapper.kind != "continuous":
             action = np.asarray(idx, dtype=np.int64)
         else:
-            action = np.asarray([(2 * i + 1) / len(k) - 1.0 for i, k in zip(idx, knobs)], dtype=np.float32)
+            action = np.asarray([(2 * i + 1) / len(k) - 1.0 for i, k in zip(idx, mapper.knobs)], dtype=np.float32)
     if mapper.to_rule(action) != rule:
         raise QenvError(f"Rule {rule.label()} is not one the {mapper.kind} action space can produce.",
                         "use a rule from env.mapper.rules.")
@@ -100,12 +101,21 @@ def rollout_recipe(agent: Any, env: Any, deterministic: bool = True,
     ``info`` is the environment's terminal info (kl, ppl, top1, bpw, reference_kl, recipe, ...)
     plus ``episode_return``, the sum of the episode's rewards.
     """
+    import inspect
+
     obs, _ = env.reset(options=reset_options)
     state: Any = None
     start = True
     total = 0.0
+    try:
+        masked = "action_masks" in inspect.signature(agent.predict).parameters
+    except (TypeError, ValueError):
+        masked = False
+    masks_of = getattr(getattr(env, "unwrapped", env), "action_masks", None) if masked else None
     while True:
-        action, state = agent.predict(obs, state=state, episode_start=np.array([start]), deterministic=deterministic)
+        extra = {"action_masks": masks_of()} if callable(masks_of) else {}
+        action, state = agent.predict(obs, state=state, episode_start=np.array([start]), deterministic=deterministic,
+                                      **extra)
         obs, reward, terminated, truncated, info = env.step(action)
         total += float(reward)
         start = False

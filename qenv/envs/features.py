@@ -4,6 +4,12 @@ Static features (position, kind, size, weight and input-activation statistics, a
 output error of the layer at each candidate bit width — the sensitivity signal that lets one
 policy transfer across models) are computed once per model and evaluator and cached on disk.
 Episode features (budget left, progress, previous action) are appended at every step.
+
+Raw sensitivities differ by orders of magnitude between models, so the observation also says
+where a layer stands *within its model*: its error at each width z-scored over the model's
+layers, the bits that a greedy allocation of the budget left gives it, how much one more bit
+would remove here relative to the model's median, and its share of the sensitivity left. These
+are what greedy's advantage comes from, and they mean the same thing on every model.
 """
 
 from __future__ import annotations
@@ -27,10 +33,14 @@ STATIC_NAMES: tuple[str, ...] = (
     + ("log_fan_in", "log_fan_out", "log_numel", "param_share", "w_log_std", "w_log_kurtosis", "w_log_peak",
        "x_log_rms", "x_log_peak_ratio")
     + tuple(f"log_err_w{b}" for b in SENSITIVITY_BITS)
+    + tuple(f"z_log_err_w{b}" for b in SENSITIVITY_BITS)
 )
 EPISODE_NAMES: tuple[str, ...] = (
     "budget_bpw", "bpw_left_for_rest", "budget_used", "params_left", "prev_bits", "prev_rule", "layers_left",
+    "greedy_bits", "greedy_minus_even", "gain_vs_median", "sensitivity_share_left",
 )
+#: the width whose error measures a layer's share of the sensitivity left
+SHARE_BITS = 3
 OBS_DIM = len(STATIC_NAMES) + len(EPISODE_NAMES)
 OBS_LIMIT = 10.0
 
@@ -55,7 +65,12 @@ def output_error(evaluator: Evaluator, info: LayerInfo, rule: Rule) -> float:
     return float(num / den.clamp_min(1e-30))
 
 
-def _static_row(evaluator: Evaluator, info: LayerInfo, total_params: int) -> list[float]:
+def ladder_rules() -> list[Rule]:
+    """The rules whose errors describe a layer's sensitivity: round-to-nearest at each of ``SENSITIVITY_BITS``."""
+    return [Rule(bits=b) for b in SENSITIVITY_BITS]
+
+
+def _static_row(evaluator: Evaluator, info: LayerInfo, total_params: int, errors: np.ndarray) -> list[float]:
     w = evaluator.weights.original(info.name).float()
     std = float(w.std().clamp_min(1e-12))
     centered = w - w.mean()
@@ -70,7 +85,7 @@ def _static_row(evaluator: Evaluator, info: LayerInfo, total_params: int) -> lis
         x_rms, x_peak = 1.0, 1.0
     depth = 0.0 if info.block < 0 else min(1.0, (info.block + 0.5) / max(info.n_blocks, 1))
     kind = [1.0 if info.kind == k else 0.0 for k in LAYER_KINDS]
-    errors = [math.log10(max(output_error(evaluator, info, Rule(bits=b)), 1e-12)) / 4.0 for b in SENSITIVITY_BITS]
+    errors = [math.log10(max(float(e), 1e-12)) / 4.0 for e in errors]
     return [depth, *kind, math.log2(info.in_features) / 16, math.log2(info.out_features) / 16,
             math.log10(info.numel) / 10, info.numel / total_params, math.log10(std), math.log10(kurtosis) / 2,
             math.log10(peak) / 2, math.log10(x_rms) / 2, math.log10(x_peak) / 2, *errors]
@@ -80,11 +95,14 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
     """``[n_layers, len(STATIC_NAMES)]`` float32, cached on disk beside the reference."""
     # the batch count is part of the key, as for the reference: calibration statistics summed per batch
     # differ in the last float bits between batchings, and a cache must not make runs differ
+    from qenv.envs.allocation import rule_errors
+    from qenv.eval.reference import numerics_key
+
     key = hashlib.sha1(
         (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
-         + "|b" + batching_key(evaluator.batches)).encode()
+         + "|b" + batching_key(evaluator.batches) + "|" + numerics_key(evaluator.loaded.device)).encode()
     ).hexdigest()[:16]
-    path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"features-v1-{key}.npy"
+    path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"features-v2-{key}.npy"
     if path is not None and path.is_file():
         try:
             cached = np.load(path)
@@ -93,11 +111,48 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
         except (OSError, ValueError):
             pass
     total = sum(info.numel for info in layers)
+    errors = rule_errors(evaluator, layers, ladder_rules())
     with torch.inference_mode():
-        rows = np.asarray([_static_row(evaluator, info, total) for info in layers], dtype=np.float32)
+        rows = np.asarray([_static_row(evaluator, info, total, e) for info, e in zip(layers, errors)],
+                          dtype=np.float64)
+    # where each layer stands within its model: its log error at each width, z-scored over the layers
+    log_err = np.log10(np.maximum(errors, 1e-12))
+    z = (log_err - log_err.mean(axis=0)) / np.maximum(log_err.std(axis=0), 1e-6)
+    rows = np.concatenate([rows, z / 2.0], axis=1).astype(np.float32)
     rows = np.clip(np.nan_to_num(rows, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT), -OBS_LIMIT, OBS_LIMIT)
     if path is not None:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, rows)
     return rows
+
+
+def model_relative(costs: np.ndarray, sensitivity: np.ndarray, index: int, bits_left: float,
+                   bpw_left: float, numel: np.ndarray) -> list[float]:
+    """The episode's model-relative features of layer ``index`` (see :data:`EPISODE_NAMES`).
+
+    ``costs`` / ``sensitivity`` are ``[n_layers, len(SENSITIVITY_BITS)]``: storage bits and
+    ``error × layer size`` of the ladder rules. The layers from ``index`` on share ``bits_left``;
+    the (Lagrangian) greedy allocation of it gives this layer ``greedy_bits``.
+    """
+    from qenv.envs.allocation import lagrangian_allocation
+
+    n = costs.shape[0]
+    if index >= n:
+        return [0.0, 0.0, 0.0, 0.0]
+    c, e = costs[index:], sensitivity[index:]
+    plan = lagrangian_allocation(c, e, bits_left)
+    rows = np.arange(len(plan))
+    widths = np.asarray(SENSITIVITY_BITS, dtype=np.float64)
+    bits = float(widths[plan[0]])
+    # the error one more rung removes per extra bit, at each layer's planned rung
+    nxt = np.minimum(plan + 1, c.shape[1] - 1)
+    d_err = e[rows, plan] - e[rows, nxt]
+    d_bits = np.maximum(c[rows, nxt] - c[rows, plan], 1.0)
+    gain = np.where(nxt > plan, d_err / d_bits, 0.0)
+    positive = gain[gain > 0]
+    median = float(np.median(positive)) if positive.size else 1.0
+    rel_gain = math.log10(max(float(gain[0]), 1e-12 * max(median, 1e-30)) / max(median, 1e-30)) / 2.0
+    share_col = SENSITIVITY_BITS.index(SHARE_BITS)
+    share = float(e[0, share_col] / max(float(e[:, share_col].sum()), 1e-30))
+    return [bits / 16, (bits - bpw_left) / 4, rel_gain, share]

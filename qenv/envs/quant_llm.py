@@ -5,10 +5,16 @@ the next layer; whenever all layers of a block are fixed, the block runs on the 
 of the quantized prefix (streaming evaluation), so an episode costs about one forward pass over
 the calibration tokens. The episode ends at or under the bit budget, with a reward measured
 against the uniform human-designed rule of the same size (see :mod:`qenv.envs.reward`).
+
+How an action becomes a rule depends on ``action_kind`` (:mod:`qenv.envs.spaces`); the
+Discrete and MultiDiscrete kinds expose ``action_masks()`` (sb3-contrib's convention) so that
+an agent never picks a rule that makes the budget unreachable.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,16 +28,18 @@ from gymnasium import spaces
 from safetensors.torch import load_file, save_file
 
 from qenv.errors import QenvError
-from qenv.eval.reference import resolve_cache_dir
+from qenv.eval.reference import numerics_key, resolve_cache_dir
 from qenv.io import atomic_path, check_output_dir
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
-from qenv.envs.features import OBS_DIM, OBS_LIMIT, static_features
-from qenv.envs.reward import Reference, check_reward_kind, fidelity_reward, uniform_frontier
-from qenv.envs.spaces import MENUS, ActionMapper
+from qenv.envs.allocation import fill_budget, greedy_allocation, lagrangian_allocation, rule_errors
+from qenv.envs.features import OBS_DIM, OBS_LIMIT, ladder_rules, model_relative, static_features
+from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
+from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel, check_context, load_model
 from qenv.quant.accounting import fallbacks, input_groups, rule_bpw, rule_text
+from qenv.quant.presets import rtn, uniform
 from qenv.quant.rules import Rule, layer_bits
 
 BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
@@ -49,8 +57,15 @@ class ModelTask:
     rest_min: np.ndarray  # [n_layers + 1] cheapest bits of layers i.. end
     stage_end: list[bool]
     rest_numel: np.ndarray  # [n_layers + 1] weights in layers i.. end
+    ladder_costs: np.ndarray  # [n_layers, len(SENSITIVITY_BITS)] bits of the ladder rules
+    ladder_sens: np.ndarray  # [n_layers, len(SENSITIVITY_BITS)] error x layer size of the ladder rules
+    rules: tuple[Rule, ...] = ()
     references: dict[float, Reference] = field(default_factory=dict)
     input_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layers sharing an input (AWQ folding)
+    plans: dict[float, np.ndarray] = field(default_factory=dict)
+    block_refs: dict[float, list[float]] = field(default_factory=dict)
+    _menu_sens: np.ndarray | None = None
+    _ladder: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def total_weights(self) -> int:
@@ -65,6 +80,53 @@ class ModelTask:
             self.references[budget_bpw] = uniform_frontier(self.evaluator, budget_bpw)
         return self.references[budget_bpw]
 
+    @property
+    def numel(self) -> np.ndarray:
+        return np.diff(-self.rest_numel).astype(np.float64)
+
+    def menu_sensitivity(self) -> np.ndarray:
+        """``[n_layers, n_rules]`` measured output error × layer size of the action space's rules
+        (what the greedy searcher ranks; computed on first use, cached on disk)."""
+        if self._menu_sens is None:
+            self._menu_sens = rule_errors(self.evaluator, self.layers, self.rules) * self.numel[:, None]
+        return self._menu_sens
+
+    def menu_ladder(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each layer's rules sorted by (cost, error, index): ``order[i, k]`` is the k-th rule of layer
+        i, ``position[i, j]`` where rule j stands (the residual kind shifts along it)."""
+        if self._ladder is None:
+            sens = self.menu_sensitivity()
+            m = self.costs.shape[1]
+            order = np.array([np.lexsort((np.arange(m), sens[i], self.costs[i])) for i in range(len(self.layers))],
+                             dtype=np.int64).reshape(len(self.layers), m)
+            position = np.empty_like(order)
+            rows = np.arange(len(self.layers))[:, None]
+            position[rows, order] = np.arange(m)[None, :]
+            self._ladder = (order, position)
+        return self._ladder
+
+    def greedy_plan(self, budget_bpw: float) -> np.ndarray:
+        """The ``greedy`` searcher's recipe at this budget, as rule indices (computed once per budget)."""
+        if budget_bpw not in self.plans:
+            self.plans[budget_bpw] = greedy_allocation(self.costs, self.menu_sensitivity(),
+                                                       budget_bpw * self.total_weights)
+        return self.plans[budget_bpw]
+
+    def block_reference(self, budget_bpw: float) -> list[float]:
+        """Each block's output error under the uniform RTN width at or under the budget: the scale
+        of the potential-based shaping (so that its values mean the same on every model)."""
+        if budget_bpw not in self.block_refs:
+            below, above = bracketing_widths(self.evaluator, budget_bpw)
+            bits = (below or above)[1]  # type: ignore[index]
+            recipe = dict(uniform(self.layers, rtn(bits)))
+            stream = self.evaluator.stream()
+            errors = []
+            for block in range(self.evaluator.n_blocks):
+                stream.advance(recipe, block)
+                errors.append(stream.block_error(block))
+            self.block_refs[budget_bpw] = errors
+        return self.block_refs[budget_bpw]
+
 
 _TASKS: dict[tuple, ModelTask] = {}
 
@@ -76,7 +138,9 @@ def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens:
     if data:
         return tokens_from_text(loaded.tokenizer, data, n_tokens, seq_len)
     folder = resolve_cache_dir(cache_dir)
-    path = None if folder is None else folder / f"tokens-{loaded.fingerprint}-s{seed}-n{n_tokens}-l{seq_len}.safetensors"
+    numerics = hashlib.sha1(numerics_key(loaded.device).encode()).hexdigest()[:8]  # sampling reads the logits
+    path = None if folder is None else folder / (f"tokens-{loaded.fingerprint}-s{seed}-n{n_tokens}-l{seq_len}"
+                                                 f"-n{numerics}.safetensors")
     if path is not None and path.is_file():
         try:
             return TokenSet(load_file(str(path))["ids"], f"sampled:seed={seed}")
@@ -124,8 +188,13 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     stage_end = [i + 1 == len(layers) or stages[i + 1] != stages[i] for i in range(len(layers))]
     numel = np.array([info.numel for info in layers], dtype=np.int64)
     rest_numel = np.concatenate([np.cumsum(numel[::-1])[::-1], [0]])
-    task = ModelTask(loaded, evaluator, layers, static_features(evaluator, layers), costs, rest_min, stage_end,
-                     rest_numel, input_groups=input_groups(layers))
+    static = static_features(evaluator, layers)
+    ladder = ladder_rules()
+    ladder_costs = np.array([[layer_bits(r, info.out_features, info.in_features) for r in ladder] for info in layers],
+                            dtype=np.float64)
+    ladder_sens = rule_errors(evaluator, layers, ladder) * numel[:, None].astype(np.float64)
+    task = ModelTask(loaded, evaluator, layers, static, costs, rest_min, stage_end, rest_numel, ladder_costs,
+                     ladder_sens, tuple(mapper.rules), input_groups=input_groups(layers))
     if prebuild:
         prebuild_menu(task, mapper.rules)
     elif prebuild is None and loaded.device.type == "cuda":
@@ -275,16 +344,19 @@ class QuantLLMEnv(gym.Env):
         model: a model spec (see :func:`qenv.load_model`) or a list of them; with a list, each
             episode samples one, for policies that transfer across models.
         budget_bpw: target bits per weight over the quantizable layers.
-        action_kind: ``discrete`` (menu of rules), ``multidiscrete`` or ``continuous``.
-        menu: the rules of the discrete kind (default :data:`qenv.envs.spaces.DEFAULT_MENU`), or
+        action_kind: one of :data:`qenv.envs.spaces.ACTION_SPACE_KINDS` (table below).
+        menu: the rules of the menu kinds (default :data:`qenv.envs.spaces.DEFAULT_MENU`), or
             ``"gguf"``: llama.cpp's own types (:data:`qenv.envs.spaces.GGUF_MENU`, quantized by
             llama.cpp, charged at its bytes; needs the ``gguf`` extra). ``info["fallback"]`` lists
             layers whose rows a type cannot hold (scored and charged as llama-quantize's fallback).
             Layers reading the same input (q/k/v, gate/up) share one AWQ ``act_scale`` so that it
             folds into the norm: a later layer inherits its group's (``info["act_scale_inherited"]``).
         reward: ``kl`` (default), ``ppl`` or ``top1``; see :mod:`qenv.envs.reward`.
-        budget_mode: ``hard`` (actions that would break the budget are lowered; ``info`` says so)
-            or ``penalty`` (the return is reduced by ``penalty_weight`` per bit over budget).
+        dense_weight: ``-dense_weight · err_b`` at the end of each block (changes the optimum).
+        shaping_weight: potential-based shaping from the streamed block errors (keeps the optimum).
+        budget_mode: ``hard`` (actions that would break the budget are lowered; ``info`` says so;
+            the maskable kinds also expose ``action_masks()``) or ``penalty`` (the return is
+            reduced by ``penalty_weight`` per bit over budget).
         data: text file(s) for calibration tokens; default: tokens sampled from the model itself.
         n_tokens, seq_len, batch_size: calibration size and batching.
         device, dtype: where and how the model runs (default: cuda if present).
@@ -296,6 +368,64 @@ class QuantLLMEnv(gym.Env):
         prebuild: quantize the whole menu for every layer at construction, in batches, with a
             progress bar (default: on a GPU only). Envs sharing a task share this work.
 
+    **Action space** (``action_kind``):
+
+    ==============  ==========================  =============================================
+    kind            space                       an action means
+    ==============  ==========================  ====================================================
+    discrete        Discrete(len(menu))         the menu rule with that index (maskable)
+    multidiscrete   MultiDiscrete([6, 4, 3, 2]) bits, group, outlier fraction, rounding (maskable)
+    continuous      Box(-1, 1, (10,))           every Rule knob, HAQ-style bins: bits, group,
+                                                outliers, rounding, clip/mse, salience a, b, c,
+                                                act_scale, symmetric
+    rule            MultiDiscrete(10 knobs)     the same ten knobs by index (maskable)
+    relative        Discrete(7)                 bpw above the even share of the budget left
+                                                (0, +.5, -.5, +1, -1, +2, -2); the most accurate
+                                                menu rule at or under it (maskable)
+    residual        Discrete(7)                 shift along the layer's cost-sorted menu from
+                                                greedy's plan (0, +1, -1, +2, -2, +3, -3); action 0
+                                                on every layer is the greedy searcher's recipe;
+                                                a deviation re-plans the rest (Lagrangian
+                                                greedy, filled to the budget) (maskable)
+    allocation      Box(-1, 1, (1,))            the layer's preference p; after the last layer
+                                                greedy on sensitivities × exp(3p), then filled,
+                                                gives a recipe at or under the budget with less
+                                                than one menu step unused
+    ==============  ==========================  ====================================================
+
+    **Observation** (``Box(-10, 10, (OBS_DIM,))``; :mod:`qenv.envs.features`): the layer's static
+    features, then the episode's.
+
+    ============================  ==================================================================
+    entries                       meaning
+    ============================  ==================================================================
+    depth                         block position, 0..1 through the model
+    kind_*                        one-hot layer kind (q, k, v, o, gate, up, down, ...)
+    log_fan_in/out, log_numel     log2 sizes / 16, log10 weights / 10
+    param_share                   the layer's share of the quantizable weights
+    w_log_std/kurtosis/peak       weight statistics (log10)
+    x_log_rms/peak_ratio          input-activation statistics (log10)
+    log_err_w{2,3,4,6,8}          log10 relative output error at RTN width b, / 4
+    z_log_err_w{2,3,4,6,8}        the same, z-scored over the model's layers, / 2 (model-relative)
+    budget_bpw, bpw_left_for_rest  the budget and the bits per weight left for this and later layers, / 16
+    budget_used, params_left      spent / budget bits; weights left / all weights
+    prev_bits, prev_rule          the previous layer's bits / 16 and rule index (0: none)
+    layers_left                   layers left (this one included) / layers
+    greedy_bits                   bits greedy (Lagrangian, RTN ladder) gives this layer from what is left, / 16
+    greedy_minus_even             (greedy_bits - bpw_left_for_rest) / 4
+    gain_vs_median                log10 of the error one more bit removes here / the median over
+                                  the layers left (at greedy's widths), / 2
+    sensitivity_share_left        this layer's share of the 3-bit error × size of the layers left
+    ============================  ==================================================================
+
+    **Reward**: 0 per step, plus at the last step the fidelity reward against the uniform RTN
+    frontier at the budget (``log(KL_ref / KL)`` for ``kl``; :mod:`qenv.envs.reward`), which
+    means the same on every model (0 = as good as the human reference at that size). With
+    ``shaping_weight`` w > 0, each finished block b adds ``Φ_b − Φ_{b−1}`` and the last step
+    ``−Φ_last``, where ``Φ_b = −w · log(err_b / err_b^ref)`` compares the block's streamed
+    output error with the uniform RTN width's: potential-based shaping (γ = 1, Φ = 0 at both
+    ends), so every episode's return and the optimal policy are unchanged.
+=======
     Episode length: one step per quantizable layer of the episode's model
     (:attr:`episode_length`); every episode *terminates* there and none is ever truncated.
     ``env.spec.max_episode_steps`` is ``None`` on purpose: the length depends on the model (and,
@@ -313,6 +443,7 @@ class QuantLLMEnv(gym.Env):
         menu: Sequence[Rule | dict[str, Any]] | None = None,
         reward: str = "kl",
         dense_weight: float = 0.0,
+        shaping_weight: float = 0.0,
         size_weight: float = 0.0,
         budget_mode: str = "hard",
         penalty_weight: float = 1.0,
@@ -339,12 +470,14 @@ class QuantLLMEnv(gym.Env):
             raise QenvError(f"Unknown budget_mode {budget_mode!r}.", f"use one of {BUDGET_MODES}.")
         _check_numbers(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
                        dense_weight=dense_weight, size_weight=size_weight, penalty_weight=penalty_weight,
+                       shaping_weight=shaping_weight,
                        **({} if weight_cache_gib is None else {"weight_cache_gib": weight_cache_gib}))
         self.reward_kind = check_reward_kind(reward)
         self.render_mode = render_mode
         self.budget_bpw = float(budget_bpw)
         self.budget_mode = budget_mode
         self.dense_weight = float(dense_weight)
+        self.shaping_weight = float(shaping_weight)
         self.size_weight = float(size_weight)
         self.penalty_weight = float(penalty_weight)
         self.mapper = ActionMapper(action_kind, menu)
@@ -360,17 +493,24 @@ class QuantLLMEnv(gym.Env):
                        prebuild=prebuild)
             for spec in specs
         ]
-        if self.dense_weight > 0:
+        if self.dense_weight > 0 or self.shaping_weight > 0:
             for task in self.tasks:
                 if task.evaluator.reference.block_outputs is None:
-                    raise QenvError("dense_weight > 0 needs the reference block outputs, which were not kept.")
+                    raise QenvError("dense_weight or shaping_weight > 0 needs the reference block outputs, which "
+                                    "were not kept.")
         if budget_mode == "hard":
             for task in self.tasks:
                 floor = task.rest_min[0] / task.total_weights
                 if floor > self.budget_bpw + 1e-12:
+                    zoo = (f" (one of the {len(self.tasks)} models of this zoo, which all share the budget)"
+                           if len(self.tasks) > 1 else "")
+                    floors = max(t.rest_min[0] / t.total_weights for t in self.tasks)
                     raise QenvError(
-                        f"budget_bpw={self.budget_bpw:g} is below the {floor:.3f} bpw that the cheapest rules reach on {task.name}.",
-                        f"raise the budget to at least {floor:.3f} or add cheaper rules to the menu.",
+                        f"budget_bpw={self.budget_bpw:g} is below the {floor:.3f} bpw that the cheapest rules reach on "
+                        f"{task.name}{zoo}.",
+                        f"raise the budget to at least {floors:.3f}"
+                        + (", train the models that cannot meet it separately," if zoo else "")
+                        + " or add cheaper rules to the menu.",
                     )
         self.task = self.tasks[0]
         self._reset_episode()
@@ -384,8 +524,13 @@ class QuantLLMEnv(gym.Env):
         self.clamped = 0
         self.inherited = 0
         self.dense_return = 0.0
+        self.potential = 0.0
         self.stream: Stream = self.task.evaluator.stream()
         self.last_metrics: Metrics | None = None
+        self.preferences: list[float] = []  # allocation kind
+        self.plan: np.ndarray | None = None  # residual kind: greedy's plan, re-planned after a deviation
+        if self.mapper.kind in ("residual", "allocation"):
+            self.plan = self.task.greedy_plan(self.budget_bpw).copy()
 
     @property
     def episode_length(self) -> int:
@@ -408,24 +553,131 @@ class QuantLLMEnv(gym.Env):
             0.0 if self.prev_rule is None else self.prev_rule.bits / 16,
             (prev_index + 1) / len(self.mapper.rules), (n - self.index) / n,
         ]
+        bits_left = self.budget_bits - self.spent
+        episode += model_relative(task.ladder_costs, task.ladder_sens, i, bits_left if self.index < n else 0.0,
+                                  bpw_left, task.numel)
         obs = np.concatenate([task.static[i], np.asarray(episode, dtype=np.float32)])
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
+    def _allowed_bits(self) -> float:
+        """The most bits this layer may take so that the rest can still meet the budget."""
+        return self.budget_bits - self.spent - self.task.rest_min[self.index + 1]
+
     def _fit_budget(self, rule: Rule) -> tuple[Rule, bool]:
-        """In hard mode, the costliest producible rule that still lets the rest meet the budget."""
+        """In hard mode, the costliest producible rule that still lets the rest meet the budget
+        (the continuous and rule kinds keep the asked rule's other knobs)."""
         task = self.task
         i = self.index
         info = task.layers[i]
         cost = layer_bits(rule, info.out_features, info.in_features)
-        allowed = self.budget_bits - self.spent - task.rest_min[i + 1]
+        allowed = self._allowed_bits()
         if self.budget_mode != "hard" or cost <= allowed + 1e-9:
             return rule, False
         costs = task.costs[i]
         fits = np.flatnonzero(costs <= allowed + 1e-9)
         if fits.size == 0:  # cannot happen once the budget passed the floor check; be safe
             return self.mapper.rules[int(np.argmin(costs))], True
-        best = fits[np.argmax(costs[fits])]
-        return self.mapper.rules[int(best)], True
+        best = self.mapper.rules[int(fits[np.argmax(costs[fits])])]
+        if self.mapper.kind in ("continuous", "rule") and not self.mapper.gguf:
+            best = dataclasses.replace(best, clip=rule.clip, mse_clip=rule.mse_clip, salience=rule.salience,
+                                       act_scale=rule.act_scale, symmetric=rule.symmetric)
+        return best, True
+
+    # -- state-dependent kinds -----------------------------------------------------------------
+    def _menu_choice(self, action: Any) -> int:
+        """The menu index a relative, residual or allocation action asks for at this layer."""
+        task = self.task
+        i = self.index
+        index = int(np.asarray(action).reshape(-1)[0]) if self.mapper.kind != "allocation" else 0
+        if self.mapper.kind == "allocation":
+            assert self.plan is not None
+            return int(self.plan[i])
+        if not 0 <= index < self.action_space.n:  # type: ignore[attr-defined]
+            raise QenvError(f"Action {index} is outside the {self.mapper.kind} space of {self.action_space.n} actions.")  # type: ignore[attr-defined]
+        if self.mapper.kind == "residual":
+            assert self.plan is not None
+            order, position = task.menu_ladder()
+            k = int(np.clip(position[i, self.plan[i]] + RESIDUAL_SHIFTS[index], 0, order.shape[1] - 1))
+            return int(order[i, k])
+        # relative: the most accurate menu rule at or under the even share left plus the delta
+        remaining = float(task.rest_numel[i])
+        target = (self.budget_bits - self.spent) / remaining + RELATIVE_DELTAS[index]
+        bpw = task.costs[i] / float(task.numel[i])
+        sens = task.menu_sensitivity()[i]
+        ok = np.flatnonzero(bpw <= target + 1e-9)
+        if ok.size == 0:
+            return int(np.lexsort((sens, task.costs[i]))[0])
+        return int(ok[np.argmin(sens[ok])])
+
+    def action_masks(self) -> np.ndarray:
+        """Which actions keep the budget reachable (sb3-contrib's convention: a flat bool array;
+        MultiDiscrete: the per-knob masks concatenated). Every allowed action's rule leaves the
+        later layers room for their cheapest rules, so no lowering happens; at least one action
+        is always allowed. In the ``penalty`` budget mode everything is allowed."""
+        if self.mapper.kind not in MASKABLE_KINDS:
+            raise QenvError(f"The {self.mapper.kind!r} action space (a Box) has no action masks.",
+                            f"use one of {MASKABLE_KINDS}, or an agent that needs no masks.")
+        space = self.action_space
+        n_total = int(space.n) if isinstance(space, spaces.Discrete) else int(np.sum(space.nvec))  # type: ignore[attr-defined]
+        if self.budget_mode != "hard" or self.index >= len(self.task.layers):
+            return np.ones(n_total, dtype=bool)
+        task = self.task
+        i = self.index
+        allowed = self._allowed_bits() + 1e-9
+        if self.mapper.kind == "discrete":
+            return task.costs[i] <= allowed
+        if self.mapper.kind in ("residual", "relative"):
+            saved = self.plan
+            mask = np.array([task.costs[i, self._menu_choice(a)] <= allowed for a in range(n_total)], dtype=bool)
+            self.plan = saved
+            if not mask.any():  # cannot happen (action 0 of residual always fits); be safe
+                mask[0] = True
+            return mask
+        return self._knob_masks(allowed)
+
+    def _knob_masks(self, allowed: float) -> np.ndarray:
+        """MultiDiscrete masks: a box of knob values whose costliest combination fits, so every
+        combination the masks allow fits. Cost grows with bits, smaller groups, more outliers and
+        asymmetric zero points; values are dropped from the costliest end (outliers first, then
+        group, zero point and bits) until the box fits."""
+        info = self.task.layers[self.index]
+        knobs = self.mapper.knobs
+        if self.mapper.gguf:  # (type, imatrix): a type is allowed when each of its rules fits
+            costs = self.task.costs[self.index]
+            worst = {t: max(c for r, c in zip(self.mapper.rules, costs) if r.gguf == t) for t in knobs[0]}
+            types = np.array([worst[t] <= allowed for t in knobs[0]])
+            if not types.any():
+                types[int(np.argmin([worst[t] for t in knobs[0]]))] = True
+            return np.concatenate([types, np.ones(len(knobs[1]), dtype=bool)])
+        keep = [list(range(len(k))) for k in knobs]
+        group_cost = {g: (info.in_features if g == -1 else g) for g in knobs[1]}
+
+        def costliest(keep: list[list[int]]) -> Rule:
+            bits = max(knobs[0][j] for j in keep[0])
+            group = min((knobs[1][j] for j in keep[1]), key=lambda g: group_cost[g])
+            outliers = max(knobs[2][j] for j in keep[2])
+            symmetric = all(knobs[9][j] for j in keep[9]) if len(knobs) > 9 else False
+            return Rule(bits=bits, group_size=group, outlier_fraction=outliers, symmetric=symmetric)
+
+        def drop(dim: int) -> bool:
+            if len(keep[dim]) <= 1:
+                return False
+            if dim == 0:
+                worst = max(keep[0], key=lambda j: knobs[0][j])
+            elif dim == 1:
+                worst = min(keep[1], key=lambda j: group_cost[knobs[1][j]])
+            elif dim == 2:
+                worst = max(keep[2], key=lambda j: knobs[2][j])
+            else:
+                worst = min(keep[9], key=lambda j: knobs[9][j])  # asymmetric (False) costs more
+            keep[dim].remove(worst)
+            return True
+
+        order = (2, 1, 9, 0) if len(knobs) > 9 else (2, 1, 0)
+        while layer_bits(costliest(keep), info.out_features, info.in_features) > allowed:
+            if not any(drop(dim) for dim in order):
+                break
+        return np.concatenate([np.isin(np.arange(len(k)), keep[d]) for d, k in enumerate(knobs)])
 
     def _fold_act_scale(self, info: LayerInfo, rule: Rule) -> tuple[Rule, bool]:
         """Layers reading the same input (q/k/v, gate/up) share one AWQ scale, so that it folds into the
@@ -462,7 +714,16 @@ class QuantLLMEnv(gym.Env):
         task = self.task
         if self.index >= len(task.layers):
             raise QenvError("step() was called after the episode ended.", "call reset() first.")
-        asked = self.mapper.to_rule(action)
+        kind = self.mapper.kind
+        choice = -1
+        if self.mapper.stateful:
+            choice = self._menu_choice(action)
+            asked = self.mapper.rules[choice]
+            if kind == "allocation":
+                value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
+                self.preferences.append(float(np.clip(value if np.isfinite(value) else 0.0, -1.0, 1.0)))
+        else:
+            asked = self.mapper.to_rule(action)
         rule, clamped = self._fit_budget(asked)
         info_layer = task.layers[self.index]
         rule, inherited = self._fold_act_scale(info_layer, rule)
@@ -470,24 +731,43 @@ class QuantLLMEnv(gym.Env):
         self.spent += layer_bits(rule, info_layer.out_features, info_layer.in_features)
         self.clamped += int(clamped)
         self.prev_rule = rule
+        if kind == "residual" and self.plan is not None and (clamped or choice != int(self.plan[self.index])):
+            # a deviation: the layers left are re-planned on what is left (Lagrangian greedy, then
+            # filled: greedy's convex-hull form, fast enough for every step of a 200-layer model)
+            rest = slice(self.index + 1, len(task.layers))
+            costs, sens, left = task.costs[rest], task.menu_sensitivity()[rest], self.budget_bits - self.spent
+            self.plan[rest] = fill_budget(costs, sens, lagrangian_allocation(costs, sens, left), left)
         reward = 0.0
         info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
                                 "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited}
-        if task.stage_end[self.index]:
+        if task.stage_end[self.index] and kind != "allocation":
             stage = stage_of(info_layer)
             if 0 <= stage < task.evaluator.n_blocks:
                 self.stream.advance(self.recipe, stage)
+                if self.dense_weight > 0 or self.shaping_weight > 0:
+                    error = self.stream.block_error(stage)
                 if self.dense_weight > 0:
-                    dense = -self.dense_weight * self.stream.block_error(stage)
+                    dense = -self.dense_weight * error
                     self.dense_return += dense
                     reward += dense
+                if self.shaping_weight > 0:
+                    ref = task.block_reference(self.budget_bpw)[stage]
+                    phi = -self.shaping_weight * float(np.log(max(error, 1e-12) / max(ref, 1e-12)))
+                    reward += phi - self.potential
+                    self.dense_return += phi - self.potential
+                    self.potential = phi
         self.index += 1
         terminated = self.index == len(task.layers)
         if terminated:
+            if kind == "allocation":
+                self._project()
+                self.stream = task.evaluator.stream()
             metrics = self.stream.finish(self.recipe)
             self.last_metrics = metrics
             final, final_info = self.score(metrics, self.recipe)
-            reward += final
+            reward += final - self.potential  # the potential returns to 0 at the end
+            self.dense_return -= self.potential
+            self.potential = 0.0
             final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped,
                                "act_scales_inherited": self.inherited})
             info.update(final_info)
@@ -495,6 +775,22 @@ class QuantLLMEnv(gym.Env):
         if self.render_mode == "ansi" and terminated:
             info["table"] = self.render()
         return obs, float(reward), terminated, False, info
+
+    def _project(self) -> None:
+        """The allocation kind's projection: greedy on the sensitivities weighted by exp(3·preference),
+        then filled, so the recipe meets the budget with less than one menu step unused."""
+        task = self.task
+        weights = np.exp(3.0 * np.asarray(self.preferences, dtype=np.float64))
+        sens = task.menu_sensitivity() * weights[:, None]
+        choice = greedy_allocation(task.costs, sens, self.budget_bits)
+        choice = fill_budget(task.costs, sens, choice, self.budget_bits)
+        self.allocation_choice = choice  # the menu index of each layer (before AWQ scales are shared)
+        self.recipe = {}
+        self.inherited = 0
+        for info, j in zip(task.layers, choice):  # layers sharing an input share one AWQ scale, as in step()
+            self.recipe[info.name] = self._fold_act_scale(info, self.mapper.rules[int(j)])[0]
+        self.spent = float(task.costs[np.arange(len(task.layers)), choice].sum())
+        self.clamped = 0
 
     def score(self, metrics: Metrics, recipe: dict[str, Rule]) -> tuple[float, dict[str, Any]]:
         """The final reward of a finished recipe (no dense terms) and the terminal ``info`` keys.

@@ -1,10 +1,29 @@
 """Action-space kinds: how an agent's action becomes a survival rule.
 
-``discrete`` picks from a menu of rules (PPO, A2C, DQN); ``multidiscrete`` picks each knob
-(bits × group × surviving fraction × rounding; with ``menu="gguf"``: llama.cpp type × importance
-matrix); ``continuous`` maps a Box in [-1, 1] to the same knobs HAQ-style, so SAC, TD3 and DDPG
-have something to act on. Every kind can also list the
-rules it can produce, which the budget enforcement uses to find a cheaper substitute.
+Kinds whose action names one rule, whatever the state (``RULE_KINDS``):
+
+- ``discrete``: an index into a menu of rules (PPO, A2C, DQN, MaskablePPO);
+- ``multidiscrete``: one index per knob (bits × group × surviving fraction × rounding;
+  with ``menu="gguf"``: llama.cpp type × importance matrix, also for ``continuous`` and ``rule``);
+- ``continuous``: a Box in [-1, 1] split HAQ-style into equal bins per knob, over every knob a
+  :class:`~qenv.quant.rules.Rule` has (``FULL_KNOBS``: bits, group, outlier fraction, rounding,
+  clip (or MSE-searched clip), salience exponents a, b, c, ``act_scale``, symmetric), so SAC,
+  TD3 and DDPG can invent rules that no menu lists;
+- ``rule``: the same full knob set as a MultiDiscrete (one index per knob, maskable).
+
+Budget-complete kinds, whose action is read against the episode's state (the environment
+decodes them; ``mapper.rules`` is the menu they choose from):
+
+- ``relative``: a shift of bits per weight from the even share of the budget left
+  (``RELATIVE_DELTAS``); the layer gets the most accurate menu rule at or under that width;
+- ``residual``: a shift along the layer's menu rules (sorted by cost) from greedy's plan
+  (``RESIDUAL_SHIFTS``); action 0 everywhere reproduces the ``greedy`` searcher's recipe;
+- ``allocation``: a preference in [-1, 1] per layer; after the last layer a deterministic
+  projection (greedy on preference-weighted sensitivities, then filled) turns the preferences
+  into a recipe that meets the budget with less than one menu step unused.
+
+Every kind lists the rules it can produce (``rules``), which the budget enforcement uses to find
+a cheaper substitute.
 """
 
 from __future__ import annotations
@@ -20,7 +39,16 @@ from qenv.errors import QenvError
 from qenv.quant import gguf as _gguf
 from qenv.quant.rules import Rule
 
-ACTION_SPACE_KINDS: tuple[str, ...] = ("discrete", "multidiscrete", "continuous")
+ACTION_SPACE_KINDS: tuple[str, ...] = ("discrete", "multidiscrete", "continuous", "relative", "allocation",
+                                       "residual", "rule")
+#: kinds whose action always names the same rule (searchers replay recipes through these)
+RULE_KINDS: tuple[str, ...] = ("discrete", "multidiscrete", "continuous", "rule")
+#: kinds with an ``action_masks()`` (Discrete and MultiDiscrete spaces)
+MASKABLE_KINDS: tuple[str, ...] = ("discrete", "multidiscrete", "relative", "residual", "rule")
+#: the Gymnasium space family of each kind (what an algorithm must handle)
+SPACE_FAMILY: dict[str, str] = {"discrete": "discrete", "multidiscrete": "multidiscrete", "continuous": "continuous",
+                                "relative": "discrete", "residual": "discrete", "allocation": "continuous",
+                                "rule": "multidiscrete"}
 
 DEFAULT_MENU: tuple[Rule, ...] = (
     Rule(bits=2, group_size=64),
@@ -49,6 +77,18 @@ KNOB_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 KNOB_GROUPS: tuple[int, ...] = (32, 64, 128, -1)
 KNOB_OUTLIERS: tuple[float, ...] = (0.0, 0.005, 0.01)
 KNOB_ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
+#: the further knobs of the continuous and rule kinds ("mse": the clip searched per group)
+KNOB_CLIPS: tuple[float | str, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, "mse")
+KNOB_SALIENCE: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+KNOB_ACT_SCALES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+KNOB_SYMMETRIC: tuple[bool, ...] = (False, True)
+#: every knob of a Rule, in action order: bits, group, outliers, rounding, clip, a, b, c, act_scale, symmetric
+FULL_KNOBS: tuple[tuple[Any, ...], ...] = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS, KNOB_CLIPS,
+                                           KNOB_SALIENCE, KNOB_SALIENCE, KNOB_SALIENCE, KNOB_ACT_SCALES, KNOB_SYMMETRIC)
+#: residual kind: action -> shift along the layer's cost-sorted menu from greedy's plan (0 = greedy)
+RESIDUAL_SHIFTS: tuple[int, ...] = (0, 1, -1, 2, -2, 3, -3)
+#: relative kind: action -> bits per weight above the even share of the budget left
+RELATIVE_DELTAS: tuple[float, ...] = (0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -2.0)
 
 
 def parse_menu(menu: Sequence[Rule | dict[str, Any] | str] | None) -> tuple[Rule, ...]:
@@ -76,40 +116,73 @@ def parse_menu(menu: Sequence[Rule | dict[str, Any] | str] | None) -> tuple[Rule
 
 
 class ActionMapper:
-    """Maps actions of one space kind to rules."""
+    """Maps actions of one space kind to rules (state-dependent kinds are decoded by the env)."""
 
     def __init__(self, kind: str, menu: Sequence[Rule] | None = None) -> None:
         if kind not in ACTION_SPACE_KINDS:
             raise QenvError(f"Unknown action space kind {kind!r}.", f"use one of {ACTION_SPACE_KINDS}.")
         self.kind = kind
         self.menu = parse_menu(menu)
-        if kind == "discrete":
-            self.space: spaces.Space = spaces.Discrete(len(self.menu))
+        self.knobs: tuple[tuple[Any, ...], ...] = ()
+        self.gguf = False
+        if kind in ("discrete", "relative", "residual", "allocation"):
             self.rules: tuple[Rule, ...] = self.menu
+            if kind == "discrete":
+                self.space: spaces.Space = spaces.Discrete(len(self.menu))
+            elif kind == "relative":
+                self.space = spaces.Discrete(len(RELATIVE_DELTAS))
+            elif kind == "residual":
+                self.space = spaces.Discrete(len(RESIDUAL_SHIFTS))
+            else:
+                self.space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         else:
             # over llama.cpp's types when the menu is the GGUF one: (type, importance matrix)
             self.gguf = all(r.gguf is not None for r in self.menu)
-            knobs = self._knobs()
-            self.rules = tuple(dict.fromkeys(self._knob_rule(*combo) for combo in itertools.product(*knobs)))
-            if kind == "multidiscrete":
-                self.space = spaces.MultiDiscrete([len(k) for k in knobs])
+            if self.gguf:
+                types = tuple(dict.fromkeys(r.gguf for r in sorted(self.menu, key=lambda r: _gguf.nominal_bpw(r.gguf))))
+                lattice: tuple[tuple[Any, ...], ...] = (types, (False, True))
+                self.knobs = lattice
             else:
-                self.space = spaces.Box(-1.0, 1.0, shape=(len(knobs),), dtype=np.float32)
+                lattice = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS)
+                self.knobs = lattice if kind == "multidiscrete" else FULL_KNOBS
+            self.rules = tuple(dict.fromkeys(self._knob_rule(*combo) for combo in itertools.product(*lattice)))
+            if kind == "continuous":
+                self.space = spaces.Box(-1.0, 1.0, shape=(len(self.knobs),), dtype=np.float32)
+            else:
+                self.space = spaces.MultiDiscrete([len(k) for k in self.knobs])
 
-    def _knobs(self) -> tuple[tuple[Any, ...], ...]:
-        if getattr(self, "gguf", False):
-            types = tuple(dict.fromkeys(r.gguf for r in sorted(self.menu, key=lambda r: _gguf.nominal_bpw(r.gguf))))
-            return (types, (False, True))
-        return (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS)
+    @property
+    def stateful(self) -> bool:
+        """True when an action's rule depends on the episode (relative, residual, allocation)."""
+        return self.kind not in RULE_KINDS
 
     def _knob_rule(self, *values: Any) -> Rule:
         if getattr(self, "gguf", False):
             qtype, imatrix = values
             return Rule(gguf=qtype, imatrix=bool(imatrix) or qtype in _gguf.REQUIRES_IMATRIX)
-        bits, group, outliers, rounding = values
-        return Rule(bits=bits, group_size=group, outlier_fraction=outliers, rounding=rounding)
+        return self._lattice_rule(*values)
+
+    @staticmethod
+    def _lattice_rule(bits: int, group: int, outliers: float, rounding: str, clip: float | str = 1.0, a: float = 1.0,
+                      b: float = 0.0, c: float = 0.0, act_scale: float = 0.0, symmetric: bool = False) -> Rule:
+        return Rule(bits=bits, group_size=group, outlier_fraction=outliers, rounding=rounding,
+                    clip=1.0 if clip == "mse" else float(clip), mse_clip=clip == "mse", salience=(a, b, c),
+                    act_scale=act_scale, symmetric=symmetric)
+
+    def knob_indices(self, action: Any) -> list[int]:
+        """The knob indices of a multidiscrete, continuous or rule action."""
+        values = np.asarray(action, dtype=np.float64).reshape(-1)
+        if values.shape[0] != len(self.knobs):
+            names = "(type, imatrix)" if getattr(self, "gguf", False) else "one per knob"
+            raise QenvError(f"Action {action!r} must have {len(self.knobs)} entries, {names}.")
+        if self.kind == "continuous":  # HAQ-style: [-1, 1] split into equal bins per knob
+            return [int(np.clip(np.floor((v + 1.0) / 2.0 * len(k)), 0, len(k) - 1)) for v, k in zip(values, self.knobs)]
+        return [int(np.clip(v, 0, len(k) - 1)) for v, k in zip(values, self.knobs)]
 
     def to_rule(self, action: Any) -> Rule:
+        if self.stateful:
+            raise QenvError(f"A {self.kind!r} action has no rule of its own: it is read against the episode's state.",
+                            "step the environment with it (env.step), or use a discrete/multidiscrete/continuous/rule env.")
         raw = np.asarray(action)
         if raw.size == 0 or (np.issubdtype(raw.dtype, np.number) and not np.isfinite(raw.astype(np.float64)).all()) \
                 or not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
@@ -121,16 +194,21 @@ class ActionMapper:
             if not 0 <= index < len(self.menu):
                 raise QenvError(f"Action {index} is outside the menu of {len(self.menu)} rules.")
             return self.menu[index]
-        knobs = self._knobs()
-        values = np.asarray(action, dtype=np.float64).reshape(-1)
-        if values.shape[0] != len(knobs):
-            names = "(type, imatrix)" if getattr(self, "gguf", False) else "(bits, group, outliers, rounding)"
-            raise QenvError(f"Action {action!r} must have {len(knobs)} entries {names}.")
-        if self.kind == "multidiscrete":
-            idx = [int(np.clip(v, 0, len(k) - 1)) for v, k in zip(values, knobs)]
-        else:  # HAQ-style: [-1, 1] split into equal bins per knob
-            idx = [int(np.clip(np.floor((v + 1.0) / 2.0 * len(k)), 0, len(k) - 1)) for v, k in zip(values, knobs)]
-        return self._knob_rule(*(k[i] for k, i in zip(knobs, idx)))
+        idx = self.knob_indices(action)
+        return self._knob_rule(*(k[i] for k, i in zip(self.knobs, idx)))
+
+    def rule_indices(self, rule: Rule) -> list[int] | None:
+        """The knob indices that produce ``rule`` (``None`` when the knobs cannot)."""
+        if getattr(self, "gguf", False):
+            values: tuple[Any, ...] = (rule.gguf, rule.imatrix)
+        else:
+            values = (rule.bits, rule.group_size, rule.outlier_fraction, rule.rounding,
+                      "mse" if rule.mse_clip else rule.clip, *rule.salience, rule.act_scale, rule.symmetric)
+        values = values[:len(self.knobs)]
+        if not all(v in k for v, k in zip(values, self.knobs)):
+            return None
+        idx = [k.index(v) for v, k in zip(values, self.knobs)]
+        return idx if self._knob_rule(*(k[i] for k, i in zip(self.knobs, idx))) == rule else None
 
     def rule_index(self, rule: Rule) -> int:
         """Position of ``rule`` among the rules this space can produce (for observations)."""

@@ -156,6 +156,16 @@ def compute_reference(model: nn.Module, layers: list[LayerInfo], batches: list[t
     return Reference(logprobs, outputs if keep_block_outputs else None, calibration)
 
 
+def numerics_key(device: torch.device | str | None = None) -> str:
+    """What changes float results on one machine besides the inputs: torch's CPU thread count
+    (intra-op reductions split their sums by thread: the reference KL of the default model is
+    1.3228236034 with one thread and 1.3228236772 with two), torch's version and the device.
+    Caches of measured numbers are keyed on it, so that a cache written by a process with other
+    threads is never read: the same command gave bit-identical runs within one set-up and
+    different RL runs across set-ups."""
+    return f"t{torch.get_num_threads()}-torch{torch.__version__}-{device}"
+
+
 def batching_key(batches: list[torch.Tensor]) -> str:
     """How the tokens are split into batches: cached per-batch tensors are only valid for the same split."""
     return "x".join(str(int(b.shape[0])) for b in batches)
@@ -207,7 +217,9 @@ def cached_reference(model: nn.Module, layers: list[LayerInfo], batches: list[to
     device = next(model.parameters()).device
     layers_key = hashlib.sha1("|".join(info.name for info in layers).encode()).hexdigest()[:8]
     if cache_dir is not None:
-        path = _cache_file(Path(cache_dir), model_key + "-" + layers_key, tokens_key + "-b" + batching_key(batches))
+        numerics = hashlib.sha1(numerics_key(device).encode()).hexdigest()[:8]
+        path = _cache_file(Path(cache_dir), model_key + "-" + layers_key,
+                           tokens_key + "-b" + batching_key(batches) + "-n" + numerics)
         if path.is_file():
             try:
                 return load_reference(path, len(batches), n_blocks, device)

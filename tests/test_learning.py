@@ -1,0 +1,332 @@
+"""What makes the problem learnable and transferable: masks, budget-complete action kinds,
+model-relative features, shaping, MaskablePPO, fine-tuning (--init-from), zoo errors, rl-zoo3 configs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from conftest import load_script, run_main
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import qenv  # noqa: F401  (registers QuantLLM-v0)
+from qenv import QenvError
+from qenv.envs.allocation import unused_step
+from qenv.envs.episodes import play_episode, rule_to_action
+from qenv.envs.features import EPISODE_NAMES, SENSITIVITY_BITS, STATIC_NAMES
+from qenv.envs.spaces import ACTION_SPACE_KINDS, MASKABLE_KINDS
+from qenv.quant.rules import Rule, layer_bits
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"n_tokens": 256, "seq_len": 32, "cache_dir": False}
+
+
+def make(model, kind="discrete", budget=3.0, **extra):
+    return gym.make("QuantLLM-v0", model=str(model), action_kind=kind, budget_bpw=budget, **SMALL, **extra).unwrapped
+
+
+def decoded_rule(env, action) -> Rule:
+    """The rule an allowed action asks for at the current layer (before any lowering)."""
+    if env.mapper.stateful:
+        return env.mapper.rules[env._menu_choice(action)]
+    return env.mapper.to_rule(action)
+
+
+def allowed_actions(env, mask, rng, samples=24):
+    space = env.action_space
+    if isinstance(space, gym.spaces.Discrete):
+        return [int(a) for a in np.flatnonzero(mask)]
+    options, off = [], 0
+    for n in space.nvec:
+        options.append(np.flatnonzero(mask[off:off + n]))
+        off += n
+    return [np.array([rng.choice(o) for o in options]) for _ in range(samples)]
+
+
+@pytest.mark.parametrize("kind", [k for k in MASKABLE_KINDS])
+def test_masks_never_allow_a_budget_breaking_rule(stories_bin, kind):
+    """Random masked rollouts on three models and three budgets: every allowed action's rule
+    leaves the later layers room for their cheapest rules, nothing is lowered, the budget holds."""
+    rng = np.random.default_rng(0)
+    for model, budget in itertools.product([stories_bin, "tiny-llama", "tiny-gpt2"], [2.5, 3.0, 4.0]):
+        env = make(model, kind, budget)
+        env.reset(seed=1)
+        done, info = False, {}
+        while not done:
+            mask = env.action_masks()
+            assert mask.dtype == bool and mask.any()
+            info_layer = env.task.layers[env.index]
+            room = env._allowed_bits() + 1e-9
+            choices = allowed_actions(env, mask, rng)
+            for action in choices:
+                rule = decoded_rule(env, action)
+                assert layer_bits(rule, info_layer.out_features, info_layer.in_features) <= room, (model, budget, rule)
+            action = choices[int(rng.integers(len(choices)))]
+            _, _, done, _, info = env.step(action)
+            assert not info["clamped"]
+        assert info["bpw"] <= budget + 1e-9 and info["clamped_actions"] == 0
+
+
+def test_masks_do_forbid_rules_when_the_budget_is_tight(stories_bin):
+    env = make(stories_bin, "discrete", 2.5)
+    env.reset(seed=0)
+    for _ in range(len(env.task.layers) // 2):  # spend as much as allowed early
+        mask = env.action_masks()
+        env.step(int(np.flatnonzero(mask)[np.argmax(env.task.costs[env.index][mask])]))
+    assert not env.action_masks().all()
+    with pytest.raises(QenvError, match="no action masks"):
+        make(stories_bin, "continuous").action_masks()
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 4.0])
+def test_residual_zero_reproduces_greedy_exactly(stories_bin, budget):
+    from qenv.agents import make_agent
+
+    for model in (stories_bin, "tiny-llama"):
+        env = make(model, "residual", budget)
+        info = play_episode(env, [0] * len(env.task.layers))
+        greedy = make_agent("greedy", make(model, "discrete", budget))
+        greedy.learn(1)
+        assert info["recipe"] == greedy.best_info["recipe"]
+        assert info["kl"] == greedy.best_info["kl"] and info["clamped_actions"] == 0
+
+
+def test_allocation_meets_the_budget_within_one_menu_step(stories_bin):
+    for model, budget, seed in itertools.product([stories_bin, "tiny-qwen2"], [2.5, 3.0, 4.0], [0, 1]):
+        env = make(model, "allocation", budget)
+        rng = np.random.default_rng(seed)
+        info = play_episode(env, [rng.uniform(-1, 1, size=1).astype(np.float32) for _ in env.task.layers])
+        unused, step = unused_step(env.task.costs, env.allocation_choice, env.budget_bits)
+        assert info["bpw"] <= budget + 1e-9
+        assert 0 <= unused < step, (model, budget, seed, unused, step)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "relative", "allocation", "residual", "rule"])
+def test_new_kinds_pass_both_check_envs(stories_bin, kind):
+    env = make(stories_bin, kind)
+    gym_check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=True)
+
+
+def test_continuous_and_rule_kinds_reach_every_rule_knob(stories_bin):
+    invented = Rule(bits=3, group_size=64, outlier_fraction=0.005, rounding="gptq", clip=0.9,
+                    salience=(0.5, 2.0, 1.0), act_scale=0.25, symmetric=True)
+    mse = Rule(bits=4, group_size=32, mse_clip=True, act_scale=0.75)
+    for kind in ("continuous", "rule"):
+        env = make(stories_bin, kind)
+        for rule in (invented, mse):
+            assert env.mapper.to_rule(rule_to_action(env.mapper, rule)) == rule
+        env.reset(seed=0)
+        _, _, _, _, info = env.step(rule_to_action(env.mapper, invented))
+        assert info["rule"] == invented.label()  # the budget has room: the invented rule is applied as asked
+
+
+def test_every_kind_is_registered_and_unknown_kinds_fail_clearly(stories_bin):
+    assert set(ACTION_SPACE_KINDS) >= {"discrete", "multidiscrete", "continuous", "relative", "allocation",
+                                       "residual", "rule"}
+    with pytest.raises(QenvError, match="Unknown action space kind 'bogus'"):
+        make(stories_bin, "bogus")
+
+
+def test_model_relative_features(stories_bin):
+    env = make(stories_bin, "discrete", 3.0)
+    obs, _ = env.reset(seed=0)
+    z = np.array([env.task.static[:, STATIC_NAMES.index(f"z_log_err_w{b}")] for b in SENSITIVITY_BITS])
+    assert np.allclose(z.mean(axis=1), 0.0, atol=1e-5) and np.all(z.std(axis=1) > 0.1)
+    names = STATIC_NAMES + EPISODE_NAMES
+    assert obs[names.index("greedy_bits")] * 16 in SENSITIVITY_BITS
+    shares = []
+    done = False
+    while not done:
+        shares.append(obs[names.index("sensitivity_share_left")])
+        obs, _, done, _, _ = env.step(0)
+    assert 0 < shares[0] < 1 and shares[-1] == pytest.approx(1.0)
+
+
+def test_potential_shaping_leaves_every_return_unchanged(stories_bin):
+    plain = make(stories_bin, "discrete", 3.0)
+    shaped = make(stories_bin, "discrete", 3.0, shaping_weight=0.5)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        actions = [int(rng.integers(plain.action_space.n)) for _ in plain.task.layers]
+        rewards = []
+        shaped.reset(seed=0)
+        for a in actions:
+            rewards.append(shaped.step(a)[1])
+        assert any(r != 0.0 for r in rewards[:-1])  # dense signal during the episode
+        assert sum(rewards) == pytest.approx(play_episode(plain, actions)["reward"], abs=1e-9)
+
+
+def test_maskable_ppo_trains_and_never_lowers(stories_bin):
+    pytest.importorskip("sb3_contrib")
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from qenv.agents import make_agent, rollout_recipe
+
+    env = make(stories_bin, "residual", 2.5)
+    agent = make_agent("maskable_ppo", DummyVecEnv([lambda: make(stories_bin, "residual", 2.5)]), seed=0,
+                       n_steps=64, batch_size=32, n_epochs=1, policy_kwargs={"net_arch": [16]})
+    agent.learn(64)
+    _, info = rollout_recipe(agent, env, deterministic=True)
+    assert info["clamped_actions"] == 0 and info["bpw"] <= 2.5 + 1e-9
+    with pytest.raises(QenvError, match="does not support the 'continuous'"):
+        make_agent("maskable_ppo", make(stories_bin, "continuous"))
+    with pytest.raises(QenvError, match="does not support the 'residual'"):
+        make_agent("greedy", env)
+
+
+# -- programs: zoo, fine-tuning, bad input -------------------------------------------------------------
+train_agent = load_script("train_agent")
+eval_agent = load_script("eval_agent")
+TINY = """\
+QuantLLM-v0:
+  n_timesteps: 64
+  policy: MlpPolicy
+  n_steps: 32
+  batch_size: 32
+  n_epochs: 1
+  policy_kwargs: {net_arch: [16]}
+  env_kwargs: {action_kind: residual}
+"""
+
+
+def one_line_error(capsys, code: int, *needles: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+@pytest.fixture(scope="module")
+def zoo_run(stories_bin, tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    (root / "tiny.yaml").write_text(TINY)
+    args = ["--config", root / "tiny.yaml", "--logdir", root, "--no-progress", "--env-kwargs", "n_tokens=256",
+            "seq_len=32", "cache_dir=false"]
+    assert run_main(train_agent, ["--model", stories_bin, "--model", "tiny-llama", "--name", "zoo", *args]) == 0
+    assert run_main(train_agent, ["--init-from", root / "zoo" / "model.zip", "--model", "tiny-qwen2",
+                                  "--name", "ft", "--timesteps", 32, *args]) == 0
+    return root
+
+
+def test_zoo_training_then_fine_tuning_on_a_new_model(zoo_run, capsys):
+    zoo = json.loads((zoo_run / "zoo" / "summary.json").read_text())
+    assert [m["name"] for m in zoo["train_models"]][1] == "tiny-llama" and len(zoo["train_models"]) == 2
+    ft = json.loads((zoo_run / "ft" / "summary.json").read_text())
+    assert ft["init_from"] == str((zoo_run / "zoo" / "model.zip").resolve())
+    capsys.readouterr()
+    code = run_main(eval_agent, ["--policy", zoo_run / "ft" / "model.zip", "--model", "tiny-qwen2", "--model",
+                                 "tiny-gpt2", "--searchers", "greedy", "--out", zoo_run / "ev"])
+    out = capsys.readouterr().out
+    assert code == 0
+    results = json.loads((zoo_run / "ev" / "results.json").read_text())
+    assert results["fine_tuned"] == ["tiny-qwen2"] and results["zero_shot"] == ["tiny-gpt2"]
+    assert "tiny-qwen2 (fine-tuned model)" in out and "tiny-gpt2 (unseen model)" in out
+
+
+def test_init_from_a_policy_with_another_observation_size(tmp_path, capsys):
+    from stable_baselines3 import PPO
+
+    other = gym.make("CartPole-v1")  # 4 observations, 2 actions
+    PPO("MlpPolicy", other, n_steps=32, batch_size=32).save(tmp_path / "cartpole")
+    code = run_main(train_agent, ["--init-from", tmp_path / "cartpole.zip", "--logdir", tmp_path, "--no-progress"])
+    one_line_error(capsys, code, "observations of size (4,)", "Fix:")
+    assert not any((tmp_path / d).is_dir() for d in ("ppo",)) and not list(tmp_path.glob("ppo-*"))
+
+
+def test_init_from_with_another_action_kind(zoo_run, tmp_path, capsys):
+    code = run_main(train_agent, ["--init-from", zoo_run / "zoo" / "model.zip", "--env-kwargs",
+                                  "action_kind=discrete", "--logdir", tmp_path, "--no-progress"])
+    one_line_error(capsys, code, "acts in Discrete(7)", "action_kind")
+
+
+def test_zoo_with_a_budget_one_model_cannot_meet(stories_bin, tmp_path, capsys):
+    # the cheapest menu rules reach 2.281 bpw on tiny-llama but 2.289 on stories260K
+    code = run_main(train_agent, ["--model", "tiny-llama", "--model", stories_bin, "--budget-bpw", 2.285,
+                                  "--logdir", tmp_path, "--name", "z", "--no-progress", "--env-kwargs",
+                                  "n_tokens=256", "seq_len=32"])
+    one_line_error(capsys, code, "stories260K (one of the 2 models of this zoo", "at least 2.289")
+    assert not (tmp_path / "z").exists()
+
+
+def test_unknown_action_kind_in_the_program(tmp_path, capsys):
+    code = run_main(train_agent, ["--env-kwargs", "action_kind=bogus", "--logdir", tmp_path, "--no-progress"])
+    one_line_error(capsys, code, "Unknown action space kind 'bogus'", "residual")
+
+
+# -- configs --------------------------------------------------------------------------------------------
+CONFIGS = {"ppo": "ppo", "maskable_ppo": "ppo", "a2c": "a2c", "dqn": "dqn", "sac": "sac", "td3": "td3", "ddpg": "ddpg"}
+
+
+def test_every_algorithm_has_a_config_qenv_accepts():
+    from qenv.agents.registry import check_hyperparams
+    from qenv.cli.config import load_agent_config
+
+    for agent in CONFIGS:
+        cfg = load_agent_config(REPO / "configs" / f"{agent}.yaml", "QuantLLM-v0")
+        check_hyperparams(agent, cfg.hyperparams, agent)
+        assert cfg.checkpoint_freq == 2048 and cfg.env_kwargs["action_kind"]
+
+
+@pytest.mark.slow
+def test_configs_load_and_train_in_rl_zoo3(tmp_path):
+    """rl-zoo3's own ExperimentManager reads each config, builds the env and trains a few steps
+    (MaskablePPO's file is read as PPO: rl-zoo3 has no MaskablePPO, the hyperparameters are PPO's)."""
+    pytest.importorskip("rl_zoo3")
+    import argparse
+
+    import yaml
+    from rl_zoo3.exp_manager import ExperimentManager
+
+    for agent, zoo_algo in CONFIGS.items():
+        path = REPO / "configs" / f"{agent}.yaml"
+        env_kwargs = {**yaml.safe_load(path.read_text())["QuantLLM-v0"].get("env_kwargs", {}), "model": "tiny-llama",
+                      **SMALL}
+        manager = ExperimentManager(argparse.Namespace(), zoo_algo, "QuantLLM-v0", str(tmp_path), config=str(path),
+                                    env_kwargs=env_kwargs, n_timesteps=64, verbose=0, device="cpu", log_interval=-1)
+        model = manager.setup_experiment()[0]
+        manager.learn(model)
+        assert model.num_timesteps >= 64
+
+
+def test_normalize_from_the_config_trains_behind_vecnormalize(stories_bin, tmp_path, capsys):
+    (tmp_path / "n.yaml").write_text(TINY.replace("  env_kwargs:", "  normalize: {norm_obs: true, norm_reward: false}\n"
+                                                                    "  env_kwargs:"))
+    code = run_main(train_agent, ["--config", tmp_path / "n.yaml", "--model", stories_bin, "--logdir", tmp_path,
+                                  "--name", "n", "--no-progress", "--env-kwargs", "n_tokens=256", "seq_len=32",
+                                  "cache_dir=false"])
+    assert code == 0
+    stats = json.loads((tmp_path / "n" / "vecnormalize.json").read_text())
+    assert stats["count"] > 64 and not stats["norm_reward"] and len(stats["mean"]) == len(STATIC_NAMES + EPISODE_NAMES)
+    assert any(abs(m) > 1e-3 for m in stats["mean"])  # statistics were gathered during training
+    code = run_main(eval_agent, ["--policy", tmp_path / "n" / "model.zip", "--searchers", "none", "--out",
+                                 tmp_path / "ev"])
+    assert code == 0, capsys.readouterr()
+
+
+def test_caches_are_keyed_on_the_thread_count(tmp_path):
+    """Float results depend on torch's thread count (reduction order), so a cache written by a
+    process with other threads must not be read: each count gets its own files."""
+    import torch
+
+    from qenv.eval.reference import numerics_key
+
+    before = torch.get_num_threads()
+    try:
+        names = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            env = gym.make("QuantLLM-v0", model="tiny-llama", n_tokens=128, seq_len=32, cache_dir=str(tmp_path)).unwrapped
+            names.append(numerics_key(env.task.loaded.device))
+            env.close()  # drops the task from the per-process cache: the next env reads the disk cache
+        files = sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        torch.set_num_threads(before)
+    assert names[0] != names[1]
+    for prefix in ("reference-", "features-", "errors-"):
+        assert len([f for f in files if f.startswith(prefix)]) == 2, files
