@@ -3,7 +3,8 @@
 Everything that does not depend on a recipe is computed once and kept in one folder,
 ``$QENV_CACHE_DIR`` or else ``~/.cache/qenv``: the full-precision reference of a model on a token
 set (log-probabilities, block outputs and each layer's input statistics: the bulk, up to GBs on
-large models), tokens sampled from a model, and the layers' observation features. Each file's
+large models), tokens sampled from a model, the layers' observation features and their output
+errors under each menu rule. Each file's
 name carries the fingerprints of what it was computed from, so a changed model or token set
 never reads a stale file; a damaged file is recomputed. Deleting the cache only costs time.
 
@@ -23,6 +24,7 @@ CACHE_KINDS: dict[str, str] = {
     "reference": "full-precision references: log-probs, block outputs, layer input statistics",
     "tokens": "calibration tokens sampled from a model",
     "features": "layers' observation features",
+    "errors": "each layer's output error under each menu rule (greedy plan, allocation, residual kinds)",
 }
 
 

@@ -172,3 +172,18 @@ def test_cache_command_errors_are_one_line(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and "Fix: " in err[0], err
+
+
+def test_cache_info_knows_every_file_the_env_writes(tmp_path):
+    """Every file an env writes in its cache (including the per-rule error table of the greedy
+    plan behind the residual kind) is counted as qenv's, so ``cache --clear`` removes it."""
+    import gymnasium as gym
+
+    from qenv.cache import cache_info
+
+    env = gym.make("QuantLLM-v0", model="tiny-llama", action_kind="residual", n_tokens=128, seq_len=32,
+                   cache_dir=str(tmp_path))
+    env.reset(seed=0)
+    env.close()
+    info = cache_info(tmp_path)
+    assert info.total_files >= 3 and info.other == [], info.other
