@@ -188,7 +188,7 @@ def resolve_settings(args: Any) -> dict[str, Any]:
 def check_init_from(path: str, spec: Any, kind: Any, menu: Any) -> str:
     """The absolute path of an ``--init-from`` policy whose spaces fit this run (checked before any
     model loads): the same observation size and the same action space."""
-    from qenv.agents.sb3 import safe_custom_objects
+    from qenv.agents.sb3 import agent_name_of_zip, safe_custom_objects
     from qenv.envs.features import OBS_DIM
     from qenv.envs.spaces import ActionMapper
 
@@ -199,6 +199,11 @@ def check_init_from(path: str, spec: Any, kind: Any, menu: Any) -> str:
     if not callable(getattr(factory, "algorithm_class", None)):
         raise QenvError(f"--init-from needs a Stable-Baselines3 agent; {spec.name!r} is not one.",
                         "pass --agent ppo, maskable_ppo, a2c, ... (the agent that trained the policy).")
+    saved = agent_name_of_zip(file)
+    same_network = {"ppo", "maskable_ppo"}  # one policy network and optimizer: a PPO policy fine-tunes as MaskablePPO
+    if saved is not None and saved != spec.name and not {saved, spec.name} <= same_network:
+        raise QenvError(f"--init-from {file} was trained by {saved!r}, not by --agent {spec.name!r}.",
+                        f"pass --agent {saved} (its network and optimizer state only fit that algorithm).")
     objects = safe_custom_objects(file)
     obs_space, act_space = objects.get("observation_space"), objects.get("action_space")
     shape = tuple(getattr(obs_space, "shape", ()) or ())

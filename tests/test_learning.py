@@ -245,6 +245,15 @@ def test_init_from_with_another_action_kind(zoo_run, tmp_path, capsys):
     one_line_error(capsys, code, "acts in Discrete(7)", "action_kind")
 
 
+def test_init_from_a_policy_of_another_algorithm(zoo_run, tmp_path, capsys):
+    # a PPO zip fine-tuned as A2C loaded (same policy network) and then failed in A2C's optimizer
+    # (KeyError 'square_avg') after writing the run folder
+    code = run_main(train_agent, ["--init-from", zoo_run / "zoo" / "model.zip", "--agent", "a2c", "--env-kwargs",
+                                  "action_kind=residual", "--logdir", tmp_path, "--name", "a", "--no-progress"])
+    one_line_error(capsys, code, "trained by 'ppo'", "--agent ppo")
+    assert not (tmp_path / "a").exists()
+
+
 def test_zoo_with_a_budget_one_model_cannot_meet(stories_bin, tmp_path, capsys):
     # the cheapest menu rules reach 2.281 bpw on tiny-llama but 2.289 on stories260K
     code = run_main(train_agent, ["--model", "tiny-llama", "--model", stories_bin, "--budget-bpw", 2.285,
