@@ -149,6 +149,9 @@ _SAFE_NAMES: frozenset[tuple[str, str]] = frozenset(
     | _names("stable_baselines3.td3.policies", "TD3Policy", "CnnPolicy", "MultiInputPolicy")
     | _names("sb3_contrib.common.recurrent.policies", "RecurrentActorCriticPolicy",
              "RecurrentActorCriticCnnPolicy", "RecurrentMultiInputActorCriticPolicy")
+    | _names("sb3_contrib.common.maskable.policies", "MaskableActorCriticPolicy", "MaskableActorCriticCnnPolicy",
+             "MaskableMultiInputActorCriticPolicy")
+    | _names("sb3_contrib.common.maskable.buffers", "MaskableRolloutBuffer", "MaskableDictRolloutBuffer")
     | _names("stable_baselines3.common.buffers", "ReplayBuffer", "RolloutBuffer", "DictReplayBuffer",
              "DictRolloutBuffer")
     | _names("sb3_contrib.common.recurrent.buffers", "RecurrentRolloutBuffer", "RecurrentDictRolloutBuffer")
@@ -219,6 +222,8 @@ def agent_name_of_zip(path: str | Path) -> str | None:
         return "ddpg" if data.get("policy_delay") == 1 and data.get("target_noise_clip") == 0.0 else "td3"
     if module.startswith("sb3_contrib.common.recurrent"):
         return "recurrent_ppo"
+    if module.startswith("sb3_contrib.common.maskable"):
+        return "maskable_ppo"
     if module == "stable_baselines3.common.policies":
         return "ppo" if "clip_range" in data else "a2c"
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import zipfile
 from pathlib import Path
 
 import gymnasium as gym
@@ -162,11 +163,12 @@ def test_potential_shaping_leaves_every_return_unchanged(stories_bin):
         assert sum(rewards) == pytest.approx(play_episode(plain, actions)["reward"], abs=1e-9)
 
 
-def test_maskable_ppo_trains_and_never_lowers(stories_bin):
+def test_maskable_ppo_trains_and_never_lowers(stories_bin, tmp_path):
     pytest.importorskip("sb3_contrib")
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from qenv.agents import make_agent, rollout_recipe
+    from qenv.agents.sb3 import agent_name_of_zip
 
     env = make(stories_bin, "residual", 2.5)
     agent = make_agent("maskable_ppo", DummyVecEnv([lambda: make(stories_bin, "residual", 2.5)]), seed=0,
@@ -174,6 +176,20 @@ def test_maskable_ppo_trains_and_never_lowers(stories_bin):
     agent.learn(64)
     _, info = rollout_recipe(agent, env, deterministic=True)
     assert info["clamped_actions"] == 0 and info["bpw"] <= 2.5 + 1e-9
+    # its zip loads back through qenv's allow-list unpickler (eval_agent.py, --resume): its policy and
+    # rollout buffer classes were refused as "could run arbitrary code"
+    from qenv.agents import load_agent
+    from qenv.agents.sb3 import safe_custom_objects
+
+    file = agent.save(tmp_path / "masked")
+    assert {"policy_class", "rollout_buffer_class"} <= set(safe_custom_objects(file))
+    with zipfile.ZipFile(file) as src, zipfile.ZipFile(tmp_path / "plain.zip", "w") as dst:
+        for item in src.namelist():
+            if item != "qenv_agent.json":
+                dst.writestr(item, src.read(item))
+    assert agent_name_of_zip(tmp_path / "plain.zip") == "maskable_ppo"
+    loaded = load_agent("maskable_ppo", file, env=DummyVecEnv([lambda: make(stories_bin, "residual", 2.5)]))
+    assert rollout_recipe(loaded, env, deterministic=True)[1]["bpw"] == info["bpw"]
     with pytest.raises(QenvError, match="does not support the 'continuous'"):
         make_agent("maskable_ppo", make(stories_bin, "continuous"))
     with pytest.raises(QenvError, match="does not support the 'residual'"):
