@@ -32,7 +32,8 @@ from qenv.eval.reference import numerics_key, resolve_cache_dir
 from qenv.io import atomic_path, check_output_dir
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
-from qenv.envs.allocation import fill_budget, greedy_allocation, lagrangian_allocation, rule_errors
+from qenv.envs.allocation import (LagrangianSuffix, fill_budget, greedy_allocation, lagrangian_allocation,
+                                  rule_errors)
 from qenv.envs.features import OBS_DIM, OBS_LIMIT, ladder_rules, model_relative, static_features
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
 from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
@@ -66,6 +67,7 @@ class ModelTask:
     block_refs: dict[float, list[float]] = field(default_factory=dict)
     _menu_sens: np.ndarray | None = None
     _ladder: tuple[np.ndarray, np.ndarray] | None = None
+    _ladder_table: LagrangianSuffix | None = None
 
     @property
     def total_weights(self) -> int:
@@ -83,6 +85,14 @@ class ModelTask:
     @property
     def numel(self) -> np.ndarray:
         return np.diff(-self.rest_numel).astype(np.float64)
+
+    @property
+    def ladder_table(self) -> LagrangianSuffix:
+        """The ladder's :class:`LagrangianSuffix`: the observation's greedy plan of the layers left,
+        computed at every step, in a lookup per bisection step (built on first use)."""
+        if self._ladder_table is None:
+            self._ladder_table = LagrangianSuffix(self.ladder_costs, self.ladder_sens)
+        return self._ladder_table
 
     def menu_sensitivity(self) -> np.ndarray:
         """``[n_layers, n_rules]`` measured output error × layer size of the action space's rules
@@ -555,7 +565,7 @@ class QuantLLMEnv(gym.Env):
         ]
         bits_left = self.budget_bits - self.spent
         episode += model_relative(task.ladder_costs, task.ladder_sens, i, bits_left if self.index < n else 0.0,
-                                  bpw_left, task.numel)
+                                  bpw_left, task.numel, task.ladder_table)
         obs = np.concatenate([task.static[i], np.asarray(episode, dtype=np.float32)])
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
