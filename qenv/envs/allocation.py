@@ -18,6 +18,7 @@ One place for what both the environment and the searchers need:
 from __future__ import annotations
 
 import hashlib
+import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from pathlib import Path
@@ -219,7 +220,7 @@ class LagrangianSuffix:
     change at each crossing, summed per suffix: a total is then one lookup. A λ within a margin
     of any crossing (where float rounding could pick another rule than the exact minimum) is
     evaluated the plain way instead. Used only when every cost is a whole number (exact sums),
-    no two rules of a layer cost the same and every error is finite; else the plain function runs.
+    and every error is finite; else the plain function runs.
     """
 
     _EPS = 5e-14  # margin around crossings: over 200x float64's rounding of a difference of err + λ·cost
@@ -235,8 +236,7 @@ class LagrangianSuffix:
         self.max_err = np.maximum.accumulate(e.max(axis=1)[::-1])[::-1] if n else np.zeros(0)
         self.min_pos = np.minimum.accumulate(positive.min(axis=1)[::-1])[::-1] if n else np.zeros(0)
         self.fast = bool(n and np.all(c >= 0) and np.all(np.isfinite(e)) and float(c.sum()) < 2.0**52
-                         and np.array_equal(c, np.floor(c))
-                         and all(len(set(row)) == m for row in c.tolist()))
+                         and np.array_equal(c, np.floor(c)))
         if not self.fast:
             return
         eps = self._EPS
@@ -248,9 +248,13 @@ class LagrangianSuffix:
             cross, own = [], []
             for j in range(m):
                 for k in range(j + 1, m):
-                    a, d = cr[k] - cr[j], er[k] - er[j]  # v_k - v_j = d + λ a, a != 0
+                    a, d = cr[k] - cr[j], er[k] - er[j]  # v_k - v_j = d + λ a
                     big = abs(er[j]) + abs(er[k])
                     small = cr[j] + cr[k]
+                    if a == 0:  # equal costs: the order is fixed, but rounding can tie them once λ·cost is large
+                        if d != 0 and small > 0:
+                            own.append((max((abs(d) - eps * big) / (eps * small), 0.0) * (1 - 1e-15), math.inf))
+                        continue
                     if a > 0:
                         lo, hi = (-eps * big - d) / (a + eps * small), (eps * big - d) / (a - eps * small)
                     else:
@@ -265,9 +269,12 @@ class LagrangianSuffix:
                     if points else [1.0])
             picks = [min(range(m), key=lambda j: (er[j] + lam * cr[j], j)) for lam in reps]
             # a representative λ must itself be safe, else give up the fast path (never seen in practice)
-            if any(lo <= lam <= hi for lam in reps for lo, hi in own):
-                self.fast = False
-                return
+            if own:
+                bounds = np.asarray(own)
+                at = np.asarray(reps)[:, None]
+                if np.any((bounds[:, 0] <= at) & (at <= bounds[:, 1])):
+                    self.fast = False
+                    return
             unsafe += own
             self.base[r] = cr[picks[0]]
             for t, x in enumerate(points):
