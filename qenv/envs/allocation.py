@@ -295,6 +295,7 @@ class LagrangianSuffix:
                 merged[-1][1] = max(merged[-1][1], hi)
             else:
                 merged.append([lo, hi])
+        self._rows: dict[int, list[float]] = {}
         self.unsafe_lo = [lo for lo, _ in merged]
         self.unsafe_hi = [hi for _, hi in merged]
 
@@ -321,7 +322,9 @@ class LagrangianSuffix:
         # Python floats hold the same float64 values as numpy's scalars, and are faster to compare
         lo, hi = float(np.log(scale) - 60.0), float(np.log(scale) + 5.0)
         limit = budget_bits + _TOL
-        row = (self.cum[start] + self.base_suffix[start]).tolist()
+        row = self._rows.get(start)
+        if row is None:  # each suffix's totals per event interval, as Python floats (built once per suffix)
+            row = self._rows[start] = (self.cum[start] + self.base_suffix[start]).tolist()
         if self._total(start, float(np.exp(hi)), row) > limit:
             return np.argmin(costs + 1e-12 * err, axis=1)
         for _ in range(iterations):
