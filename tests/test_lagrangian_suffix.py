@@ -89,3 +89,32 @@ def test_observation_features_equal_a_straight_recomputation():
             bpw = float(rng.uniform(1, 8))
             assert model_relative(costs, err, index, bits, bpw, numel, table) == \
                 model_relative(costs, err, index, bits, bpw, numel)
+
+
+def plain_greedy(costs: np.ndarray, err: np.ndarray, budget_bits: float) -> np.ndarray:
+    """greedy_allocation as it was written before the speed-up (a lexsort of every candidate)."""
+    n, m = costs.shape
+    rows = np.arange(n)
+    choice = np.array([min(range(m), key=lambda j: (costs[i, j], err[i, j], j)) for i in rows], dtype=np.int64)
+    spent = float(costs[rows, choice].sum())
+    while True:
+        d_cost = costs - costs[rows, choice][:, None]
+        d_err = err[rows, choice][:, None] - err
+        ok = (d_err > 0) & (spent + d_cost <= budget_bits + 1e-9)
+        if not ok.any():
+            return choice
+        gain = np.where(d_cost > 0, d_err / np.maximum(d_cost, 1e-12), np.inf)
+        ci, cj = np.nonzero(ok)
+        best = np.lexsort((cj, ci, -d_err[ci, cj], -gain[ci, cj]))[0]
+        i, j = int(ci[best]), int(cj[best])
+        spent += d_cost[i, j]
+        choice[i] = j
+
+
+def test_greedy_allocation_equals_the_lexsort_version():
+    from qenv.envs.allocation import greedy_allocation
+
+    for rng, costs, err in _cases(2, 150):
+        low, high = costs.min(axis=1).sum(), costs.max(axis=1).sum()
+        for budget in (low, float(rng.uniform(low, high + 1))):
+            assert np.array_equal(greedy_allocation(costs, err, budget), plain_greedy(costs, err, budget))

@@ -83,9 +83,17 @@ def greedy_allocation(costs: np.ndarray, sensitivity: np.ndarray, budget_bits: f
         if not ok.any():
             return choice
         gain = np.where(d_cost > 0, d_err / np.maximum(d_cost, 1e-12), np.inf)
-        ci, cj = np.nonzero(ok)  # best gain, then largest drop, then first layer and rule
-        best = np.lexsort((cj, ci, -d_err[ci, cj], -gain[ci, cj]))[0]
-        i, j = int(ci[best]), int(cj[best])
+        # best gain, then largest drop, then first layer and rule (row-major order): the maxima
+        # narrowed step by step, as a lexsort of the candidates would order them, without sorting
+        g = np.where(ok, gain, -np.inf)
+        if np.isnan(g).any():  # NaN sorts last in a lexsort but poisons a max: sort
+            ci, cj = np.nonzero(ok)
+            best = np.lexsort((cj, ci, -d_err[ci, cj], -gain[ci, cj]))[0]
+            i, j = int(ci[best]), int(cj[best])
+        else:
+            top = ok & (g == g.max())
+            top &= d_err == np.where(top, d_err, -np.inf).max()
+            i, j = divmod(int(np.argmax(top)), m)
         spent += d_cost[i, j]
         choice[i] = j
 
