@@ -118,3 +118,32 @@ def test_greedy_allocation_equals_the_lexsort_version():
         low, high = costs.min(axis=1).sum(), costs.max(axis=1).sum()
         for budget in (low, float(rng.uniform(low, high + 1))):
             assert np.array_equal(greedy_allocation(costs, err, budget), plain_greedy(costs, err, budget))
+
+
+def plain_fill(costs: np.ndarray, err: np.ndarray, choice: np.ndarray, budget_bits: float) -> np.ndarray:
+    """fill_budget as it was written before the speed-up (lexsorts of every candidate)."""
+    choice = np.array(choice, dtype=np.int64)
+    rows = np.arange(costs.shape[0])
+    spent = float(costs[rows, choice].sum())
+    while True:
+        d_cost = costs - costs[rows, choice][:, None]
+        ok = (d_cost > 0) & (spent + d_cost <= budget_bits + 1e-9)
+        if not ok.any():
+            return choice
+        ci, cj = np.nonzero(ok)
+        best = np.lexsort((cj, err[ci, cj], ci))
+        cand = best[np.unique(ci[best], return_index=True)[1]]
+        pick = cand[np.lexsort((ci[cand], err[ci[cand], cj[cand]], d_cost[ci[cand], cj[cand]]))[0]]
+        i, j = int(ci[pick]), int(cj[pick])
+        spent += d_cost[i, j]
+        choice[i] = j
+
+
+def test_fill_budget_equals_the_lexsort_version():
+    from qenv.envs.allocation import fill_budget
+
+    for rng, costs, err in _cases(3, 150):
+        n, m = costs.shape
+        start = rng.integers(0, m, n)
+        budget = float(costs[np.arange(n), start].sum() + rng.uniform(0, costs.sum() / 3 + 1))
+        assert np.array_equal(fill_budget(costs, err, start, budget), plain_fill(costs, err, start, budget))

@@ -113,13 +113,24 @@ def fill_budget(costs: np.ndarray, sensitivity: np.ndarray, choice: np.ndarray, 
         ok = (d_cost > 0) & (spent + d_cost <= budget_bits + _TOL)
         if not ok.any():
             return choice
-        ci, cj = np.nonzero(ok)
-        # the most accurate fitting costlier rule of each candidate layer; move the layer whose best costs least
-        best = np.lexsort((cj, err[ci, cj], ci))
-        first = np.unique(ci[best], return_index=True)[1]
-        cand = best[first]
-        pick = cand[np.lexsort((ci[cand], err[ci[cand], cj[cand]], d_cost[ci[cand], cj[cand]]))[0]]
-        i, j = int(ci[pick]), int(cj[pick])
+        if np.isfinite(err[ok]).all():  # the same choice as the lexsorts below, by narrowing minima
+            masked = np.where(ok, err, np.inf)
+            layers = np.flatnonzero(ok.any(axis=1))
+            # the most accurate fitting costlier rule of each candidate layer (ties: the first rule)
+            js = np.argmax(ok[layers] & (masked[layers] == masked[layers].min(axis=1)[:, None]), axis=1)
+            dc, de = d_cost[layers, js], err[layers, js]
+            top = dc == dc.min()  # move the layer whose best costs least; ties: lower error, then first layer
+            top &= de == np.where(top, de, np.inf).min()
+            k = int(np.argmax(top))
+            i, j = int(layers[k]), int(js[k])
+        else:
+            ci, cj = np.nonzero(ok)
+            # the most accurate fitting costlier rule of each candidate layer; move the layer whose best costs least
+            best = np.lexsort((cj, err[ci, cj], ci))
+            first = np.unique(ci[best], return_index=True)[1]
+            cand = best[first]
+            pick = cand[np.lexsort((ci[cand], err[ci[cand], cj[cand]], d_cost[ci[cand], cj[cand]]))[0]]
+            i, j = int(ci[pick]), int(cj[pick])
         spent += d_cost[i, j]
         choice[i] = j
 
