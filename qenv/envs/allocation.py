@@ -274,6 +274,9 @@ class LagrangianSuffix:
                         if d != 0 and small > 0:
                             own.append((max((abs(d) - eps * big) / (eps * small), 0.0) * (1 - 1e-15), math.inf))
                         continue
+                    if abs(a) <= 2 * eps * small:  # costs near 1e13 bits and more: the margins below fail
+                        self.fast = False
+                        return
                     if a > 0:
                         lo, hi = (-eps * big - d) / (a + eps * small), (eps * big - d) / (a - eps * small)
                     else:
