@@ -18,6 +18,8 @@ One place for what both the environment and the searchers need:
 from __future__ import annotations
 
 import hashlib
+import math
+from bisect import bisect_right
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,9 +83,17 @@ def greedy_allocation(costs: np.ndarray, sensitivity: np.ndarray, budget_bits: f
         if not ok.any():
             return choice
         gain = np.where(d_cost > 0, d_err / np.maximum(d_cost, 1e-12), np.inf)
-        ci, cj = np.nonzero(ok)  # best gain, then largest drop, then first layer and rule
-        best = np.lexsort((cj, ci, -d_err[ci, cj], -gain[ci, cj]))[0]
-        i, j = int(ci[best]), int(cj[best])
+        # best gain, then largest drop, then first layer and rule (row-major order): the maxima
+        # narrowed step by step, as a lexsort of the candidates would order them, without sorting
+        g = np.where(ok, gain, -np.inf)
+        if np.isnan(g).any():  # NaN sorts last in a lexsort but poisons a max: sort
+            ci, cj = np.nonzero(ok)
+            best = np.lexsort((cj, ci, -d_err[ci, cj], -gain[ci, cj]))[0]
+            i, j = int(ci[best]), int(cj[best])
+        else:
+            top = ok & (g == g.max())
+            top &= d_err == np.where(top, d_err, -np.inf).max()
+            i, j = divmod(int(np.argmax(top)), m)
         spent += d_cost[i, j]
         choice[i] = j
 
@@ -103,13 +113,24 @@ def fill_budget(costs: np.ndarray, sensitivity: np.ndarray, choice: np.ndarray, 
         ok = (d_cost > 0) & (spent + d_cost <= budget_bits + _TOL)
         if not ok.any():
             return choice
-        ci, cj = np.nonzero(ok)
-        # the most accurate fitting costlier rule of each candidate layer; move the layer whose best costs least
-        best = np.lexsort((cj, err[ci, cj], ci))
-        first = np.unique(ci[best], return_index=True)[1]
-        cand = best[first]
-        pick = cand[np.lexsort((ci[cand], err[ci[cand], cj[cand]], d_cost[ci[cand], cj[cand]]))[0]]
-        i, j = int(ci[pick]), int(cj[pick])
+        if np.isfinite(err[ok]).all():  # the same choice as the lexsorts below, by narrowing minima
+            masked = np.where(ok, err, np.inf)
+            layers = np.flatnonzero(ok.any(axis=1))
+            # the most accurate fitting costlier rule of each candidate layer (ties: the first rule)
+            js = np.argmax(ok[layers] & (masked[layers] == masked[layers].min(axis=1)[:, None]), axis=1)
+            dc, de = d_cost[layers, js], err[layers, js]
+            top = dc == dc.min()  # move the layer whose best costs least; ties: lower error, then first layer
+            top &= de == np.where(top, de, np.inf).min()
+            k = int(np.argmax(top))
+            i, j = int(layers[k]), int(js[k])
+        else:
+            ci, cj = np.nonzero(ok)
+            # the most accurate fitting costlier rule of each candidate layer; move the layer whose best costs least
+            best = np.lexsort((cj, err[ci, cj], ci))
+            first = np.unique(ci[best], return_index=True)[1]
+            cand = best[first]
+            pick = cand[np.lexsort((ci[cand], err[ci[cand], cj[cand]], d_cost[ci[cand], cj[cand]]))[0]]
+            i, j = int(ci[pick]), int(cj[pick])
         spent += d_cost[i, j]
         choice[i] = j
 
@@ -128,7 +149,12 @@ def lagrangian_allocation(costs: np.ndarray, sensitivity: np.ndarray, budget_bit
                           iterations: int = 40) -> np.ndarray:
     """Each layer's rule minimising ``sensitivity + λ · cost``, with the smallest λ (bisected in
     log space) whose total fits the budget; the cheapest rules when none does. Greedy's
-    convex-hull counterpart, in ``O(iterations · n_layers · n_rules)``."""
+    convex-hull counterpart, in ``O(iterations · n_layers · n_rules)``.
+
+    The observation computes it at every step, so the bisection skips work without changing a
+    bit of its result: once the bracket is narrow, most layers pick the same rule at every λ in
+    it (provably, from the monotonicity of rounding: see :func:`_decided_rows`), and only the
+    others are evaluated; their (whole-number) bit costs sum exactly in any order."""
     costs = np.asarray(costs, dtype=np.float64)
     err = np.asarray(sensitivity, dtype=np.float64)
     rows = np.arange(costs.shape[0])
@@ -143,11 +169,190 @@ def lagrangian_allocation(costs: np.ndarray, sensitivity: np.ndarray, budget_bit
     best = pick(np.exp(hi))
     if costs[rows, best].sum() > budget_bits + _TOL:
         return np.argmin(costs + 1e-12 * err, axis=1)
-    for _ in range(iterations):
+    # the shortcut needs sums that are exact in any order (whole numbers below 2**53), costs >= 0
+    # (so that each rule's value grows with λ) and finite errors; anything else runs the plain loop
+    exact = bool(np.all(costs >= 0) and np.all(np.isfinite(err)) and float(costs.sum()) < 2.0**52
+                 and np.array_equal(costs, np.floor(costs)))
+    active, fixed, moved = rows, 0.0, False
+    sub_err, sub_costs = err, costs
+    few: list[tuple[list[float], list[float]]] | None = None  # the last few undecided rows, as Python floats
+    for it in range(iterations):
+        if exact and few is None and it >= 8 and it % 3 == 2:
+            keep, bits = _decided_rows(sub_err, sub_costs, float(np.exp(lo)), float(np.exp(hi)))
+            if not keep.all():
+                fixed += bits
+                active = active[keep]
+                sub_err, sub_costs = err[active], costs[active]
+            if active.size <= 4:  # numpy's per-call overhead dominates: the same float operations in Python
+                few = [(err[r].tolist(), costs[r].tolist()) for r in active]
         mid = 0.5 * (lo + hi)
-        trial = pick(np.exp(mid))
-        if costs[rows, trial].sum() <= budget_bits + _TOL:
-            best, hi = trial, mid
+        lam = np.exp(mid)
+        if few is not None:
+            total = fixed
+            lam_f = float(lam)
+            for e_row, c_row in few:  # argmin of e + λ·c: the first smallest, as np.argmin
+                best_v, best_c = e_row[0] + lam_f * c_row[0], c_row[0]
+                for e_j, c_j in zip(e_row, c_row):
+                    v = e_j + lam_f * c_j
+                    if v < best_v:
+                        best_v, best_c = v, c_j
+                total += best_c
+            fits = total <= budget_bits + _TOL
+        else:
+            trial = np.argmin(sub_err + lam * sub_costs, axis=1)
+            fits = fixed + sub_costs[np.arange(active.size), trial].sum() <= budget_bits + _TOL
+        if fits:
+            hi, moved = mid, True
         else:
             lo = mid
-    return best
+    return pick(np.exp(hi)) if moved else best
+
+
+def _decided_rows(err: np.ndarray, costs: np.ndarray, lam_lo: float, lam_hi: float) -> tuple[np.ndarray, float]:
+    """``(rows still undecided, summed cost of the decided ones)`` for λ anywhere in the bracket.
+
+    Each rule's value ``fl(err + fl(λ · cost))`` grows with λ (rounding is monotone, cost >= 0),
+    so a row whose argmin ``j`` at the top of the bracket is below every earlier rule's value at
+    the bottom (and not above any later one's: argmin takes the first of equal values) picks
+    ``j`` at every λ between. The bracket is widened by 1e-9 to cover ``np.exp``'s rounding."""
+    a, b = lam_lo * (1 - 1e-9), lam_hi * (1 + 1e-9)
+    v_lo = err + a * costs
+    v_hi = err + b * costs
+    j = np.argmin(v_hi, axis=1)
+    n_rows, m = costs.shape
+    r = np.arange(n_rows)
+    top = v_hi[r, j][:, None]
+    cols = np.arange(m)[None, :]
+    ok = np.where(cols < j[:, None], top < v_lo, top <= v_lo)
+    ok[r, j] = True
+    decided = ok.all(axis=1)
+    return ~decided, float(costs[r[decided], j[decided]].sum())
+
+
+class LagrangianSuffix:
+    """:func:`lagrangian_allocation` of the layers from ``start`` on, for any budget, bit for bit,
+    at a fraction of its cost (the observation computes it at every step of every episode).
+
+    The bisection only asks, 40 times, whether the suffix's total cost at some λ fits. Built
+    once per model: each layer's rule as a function of λ (the pairwise crossing points of
+    ``err + λ · cost`` split λ into intervals of one rule each) and, over all layers, the cost
+    change at each crossing, summed per suffix: a total is then one lookup. A λ within a margin
+    of any crossing (where float rounding could pick another rule than the exact minimum) is
+    evaluated the plain way instead. Used only when every cost is a whole number (exact sums),
+    and every error is finite; else the plain function runs.
+    """
+
+    _EPS = 5e-14  # margin around crossings: over 200x float64's rounding of a difference of err + λ·cost
+
+    def __init__(self, costs: np.ndarray, sensitivity: np.ndarray) -> None:
+        self.costs = np.ascontiguousarray(costs, dtype=np.float64)
+        self.err = np.ascontiguousarray(sensitivity, dtype=np.float64)
+        n, m = self.costs.shape
+        self.n = n
+        c, e = self.costs, self.err
+        positive = np.where(c > 0, c, np.inf)
+        # suffix max error and min positive cost: the bisection's starting bracket, as np.max / np.min give them
+        self.max_err = np.maximum.accumulate(e.max(axis=1)[::-1])[::-1] if n else np.zeros(0)
+        self.min_pos = np.minimum.accumulate(positive.min(axis=1)[::-1])[::-1] if n else np.zeros(0)
+        self.fast = bool(n and np.all(c >= 0) and np.all(np.isfinite(e)) and float(c.sum()) < 2.0**52
+                         and np.array_equal(c, np.floor(c)))
+        if not self.fast:
+            return
+        eps = self._EPS
+        events: list[tuple[float, int, float]] = []  # (λ, layer, cost change)
+        unsafe: list[tuple[float, float]] = []
+        self.base = np.empty(n, dtype=np.float64)  # each layer's cost as λ -> 0+
+        for r in range(n):
+            er, cr = e[r].tolist(), c[r].tolist()
+            cross, own = [], []
+            for j in range(m):
+                for k in range(j + 1, m):
+                    a, d = cr[k] - cr[j], er[k] - er[j]  # v_k - v_j = d + λ a
+                    big = abs(er[j]) + abs(er[k])
+                    small = cr[j] + cr[k]
+                    if a == 0:  # equal costs: the order is fixed, but rounding can tie them once λ·cost is large
+                        if d != 0 and small > 0:
+                            own.append((max((abs(d) - eps * big) / (eps * small), 0.0) * (1 - 1e-15), math.inf))
+                        continue
+                    if abs(a) <= 2 * eps * small:  # costs near 1e13 bits and more: the margins below fail
+                        self.fast = False
+                        return
+                    if a > 0:
+                        lo, hi = (-eps * big - d) / (a + eps * small), (eps * big - d) / (a - eps * small)
+                    else:
+                        lo, hi = (eps * big - d) / (a - eps * small), (-eps * big - d) / (a + eps * small)
+                    if hi > 0 and hi >= lo:
+                        own.append((max(lo, 0.0) * (1 - 1e-15), hi * (1 + 1e-15)))
+                    x = -d / a
+                    if x > 0:
+                        cross.append(x)
+            points = sorted(set(cross))
+            reps = ([points[0] / 2] + [(p * q) ** 0.5 for p, q in zip(points, points[1:])] + [points[-1] * 2]
+                    if points else [1.0])
+            picks = [min(range(m), key=lambda j: (er[j] + lam * cr[j], j)) for lam in reps]
+            # a representative λ must itself be safe, else give up the fast path (never seen in practice)
+            if own:
+                bounds = np.asarray(own)
+                at = np.asarray(reps)[:, None]
+                if np.any((bounds[:, 0] <= at) & (at <= bounds[:, 1])):
+                    self.fast = False
+                    return
+            unsafe += own
+            self.base[r] = cr[picks[0]]
+            for t, x in enumerate(points):
+                if cr[picks[t + 1]] != cr[picks[t]]:
+                    events.append((x, r, cr[picks[t + 1]] - cr[picks[t]]))
+        events.sort()
+        self.event_lam = [x for x, _, _ in events]
+        # cum[i, k]: cost change of the first k events over layers >= i (whole numbers: exact)
+        change = np.zeros((n + 1, len(events) + 1), dtype=np.float64)
+        for k, (_, r, delta) in enumerate(events):
+            change[: r + 1, k + 1] = delta
+        self.cum = np.cumsum(change, axis=1)
+        self.base_suffix = np.concatenate([np.cumsum(self.base[::-1])[::-1], [0.0]])
+        unsafe.sort()
+        merged: list[list[float]] = []
+        for lo, hi in unsafe:
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self._rows: dict[int, list[float]] = {}
+        self.unsafe_lo = [lo for lo, _ in merged]
+        self.unsafe_hi = [hi for _, hi in merged]
+
+    def _total(self, start: int, lam: float, row: list[float]) -> float:
+        """The suffix's total cost at ``lam``, as ``costs[rows, argmin(err + lam·costs)].sum()``
+        (``row``: ``cum[start]`` as a list)."""
+        u = bisect_right(self.unsafe_lo, lam) - 1
+        if u >= 0 and lam <= self.unsafe_hi[u]:  # near a crossing: the plain way
+            c, e = self.costs[start:], self.err[start:]
+            return float(c[np.arange(c.shape[0]), np.argmin(e + lam * c, axis=1)].sum())
+        return row[bisect_right(self.event_lam, lam)]
+
+    def allocate(self, start: int, budget_bits: float, iterations: int = 40) -> np.ndarray:
+        """Exactly ``lagrangian_allocation(costs[start:], sensitivity[start:], budget_bits, iterations)``."""
+        costs, err = self.costs[start:], self.err[start:]
+        if not self.fast or start >= self.n:
+            return lagrangian_allocation(costs, err, budget_bits, iterations)
+
+        def pick(lam: float) -> np.ndarray:
+            return np.argmin(err + lam * costs, axis=1)
+
+        min_pos = float(self.min_pos[start])
+        scale = max(float(self.max_err[start]), 1e-30) / max(min_pos if np.isfinite(min_pos) else 1.0, 1e-30)
+        # Python floats hold the same float64 values as numpy's scalars, and are faster to compare
+        lo, hi = float(np.log(scale) - 60.0), float(np.log(scale) + 5.0)
+        limit = budget_bits + _TOL
+        row = self._rows.get(start)
+        if row is None:  # each suffix's totals per event interval, as Python floats (built once per suffix)
+            row = self._rows[start] = (self.cum[start] + self.base_suffix[start]).tolist()
+        if self._total(start, float(np.exp(hi)), row) > limit:
+            return np.argmin(costs + 1e-12 * err, axis=1)
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if self._total(start, float(np.exp(mid)), row) <= limit:
+                hi = mid
+            else:
+                lo = mid
+        return pick(np.exp(hi))

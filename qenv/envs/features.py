@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from qenv.eval.reference import batching_key
 from qenv.io import atomic_path
 from qenv.models.layers import LAYER_KINDS, LayerInfo
 from qenv.quant.rules import Rule
+
+if TYPE_CHECKING:
+    from qenv.envs.allocation import LagrangianSuffix
 
 SENSITIVITY_BITS: tuple[int, ...] = (2, 3, 4, 6, 8)
 STATIC_NAMES: tuple[str, ...] = (
@@ -128,12 +132,14 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
 
 
 def model_relative(costs: np.ndarray, sensitivity: np.ndarray, index: int, bits_left: float,
-                   bpw_left: float, numel: np.ndarray) -> list[float]:
+                   bpw_left: float, numel: np.ndarray, table: LagrangianSuffix | None = None) -> list[float]:
     """The episode's model-relative features of layer ``index`` (see :data:`EPISODE_NAMES`).
 
     ``costs`` / ``sensitivity`` are ``[n_layers, len(SENSITIVITY_BITS)]``: storage bits and
     ``error × layer size`` of the ladder rules. The layers from ``index`` on share ``bits_left``;
-    the (Lagrangian) greedy allocation of it gives this layer ``greedy_bits``.
+    the (Lagrangian) greedy allocation of it gives this layer ``greedy_bits``. ``table``, a
+    :class:`~qenv.envs.allocation.LagrangianSuffix` of ``costs`` and ``sensitivity`` built once
+    per model, computes that allocation faster with the same result.
     """
     from qenv.envs.allocation import lagrangian_allocation
 
@@ -141,7 +147,7 @@ def model_relative(costs: np.ndarray, sensitivity: np.ndarray, index: int, bits_
     if index >= n:
         return [0.0, 0.0, 0.0, 0.0]
     c, e = costs[index:], sensitivity[index:]
-    plan = lagrangian_allocation(c, e, bits_left)
+    plan = table.allocate(index, bits_left) if table is not None else lagrangian_allocation(c, e, bits_left)
     rows = np.arange(len(plan))
     widths = np.asarray(SENSITIVITY_BITS, dtype=np.float64)
     bits = float(widths[plan[0]])

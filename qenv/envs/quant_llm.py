@@ -32,7 +32,7 @@ from qenv.eval.reference import numerics_key, resolve_cache_dir
 from qenv.io import atomic_path, check_output_dir
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
-from qenv.envs.allocation import fill_budget, greedy_allocation, lagrangian_allocation, rule_errors
+from qenv.envs.allocation import LagrangianSuffix, fill_budget, greedy_allocation, rule_errors
 from qenv.envs.features import OBS_DIM, OBS_LIMIT, ladder_rules, model_relative, static_features
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
 from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
@@ -66,6 +66,9 @@ class ModelTask:
     block_refs: dict[float, list[float]] = field(default_factory=dict)
     _menu_sens: np.ndarray | None = None
     _ladder: tuple[np.ndarray, np.ndarray] | None = None
+    _ladder_table: LagrangianSuffix | None = None
+    _menu_table: LagrangianSuffix | None = None
+    _numel: np.ndarray | None = None
 
     @property
     def total_weights(self) -> int:
@@ -82,7 +85,24 @@ class ModelTask:
 
     @property
     def numel(self) -> np.ndarray:
-        return np.diff(-self.rest_numel).astype(np.float64)
+        if self._numel is None:  # read at every step: computed once
+            self._numel = np.diff(-self.rest_numel).astype(np.float64)
+        return self._numel
+
+    @property
+    def ladder_table(self) -> LagrangianSuffix:
+        """The ladder's :class:`LagrangianSuffix`: the observation's greedy plan of the layers left,
+        computed at every step, in a lookup per bisection step (built on first use)."""
+        if self._ladder_table is None:
+            self._ladder_table = LagrangianSuffix(self.ladder_costs, self.ladder_sens)
+        return self._ladder_table
+
+    @property
+    def menu_table(self) -> LagrangianSuffix:
+        """The menu's :class:`LagrangianSuffix`: the residual kind's re-plan of the layers left."""
+        if self._menu_table is None:
+            self._menu_table = LagrangianSuffix(self.costs, self.menu_sensitivity())
+        return self._menu_table
 
     def menu_sensitivity(self) -> np.ndarray:
         """``[n_layers, n_rules]`` measured output error × layer size of the action space's rules
@@ -555,7 +575,7 @@ class QuantLLMEnv(gym.Env):
         ]
         bits_left = self.budget_bits - self.spent
         episode += model_relative(task.ladder_costs, task.ladder_sens, i, bits_left if self.index < n else 0.0,
-                                  bpw_left, task.numel)
+                                  bpw_left, task.numel, task.ladder_table)
         obs = np.concatenate([task.static[i], np.asarray(episode, dtype=np.float32)])
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
@@ -677,7 +697,10 @@ class QuantLLMEnv(gym.Env):
         while layer_bits(costliest(keep), info.out_features, info.in_features) > allowed:
             if not any(drop(dim) for dim in order):
                 break
-        return np.concatenate([np.isin(np.arange(len(k)), keep[d]) for d, k in enumerate(knobs)])
+        masks = [np.zeros(len(k), dtype=bool) for k in knobs]
+        for mask, kept in zip(masks, keep):
+            mask[kept] = True
+        return np.concatenate(masks)
 
     def _fold_act_scale(self, info: LayerInfo, rule: Rule) -> tuple[Rule, bool]:
         """Layers reading the same input (q/k/v, gate/up) share one AWQ scale, so that it folds into the
@@ -736,7 +759,7 @@ class QuantLLMEnv(gym.Env):
             # filled: greedy's convex-hull form, fast enough for every step of a 200-layer model)
             rest = slice(self.index + 1, len(task.layers))
             costs, sens, left = task.costs[rest], task.menu_sensitivity()[rest], self.budget_bits - self.spent
-            self.plan[rest] = fill_budget(costs, sens, lagrangian_allocation(costs, sens, left), left)
+            self.plan[rest] = fill_budget(costs, sens, task.menu_table.allocate(self.index + 1, left), left)
         reward = 0.0
         info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
                                 "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited}

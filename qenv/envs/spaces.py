@@ -125,6 +125,7 @@ class ActionMapper:
         self.menu = parse_menu(menu)
         self.knobs: tuple[tuple[Any, ...], ...] = ()
         self.gguf = False
+        self._rule_positions: dict[Rule, int] | None = None  # rule -> its index, built on first use
         if kind in ("discrete", "relative", "residual", "allocation"):
             self.rules: tuple[Rule, ...] = self.menu
             if kind == "discrete":
@@ -212,7 +213,9 @@ class ActionMapper:
 
     def rule_index(self, rule: Rule) -> int:
         """Position of ``rule`` among the rules this space can produce (for observations)."""
-        try:
-            return self.rules.index(rule)
-        except ValueError:
-            return -1
+        if self._rule_positions is None:  # built once: a scan of the rules is slow for big spaces
+            positions: dict[Rule, int] = {}
+            for i, r in enumerate(self.rules):
+                positions.setdefault(r, i)  # the first, as tuple.index
+            self._rule_positions = positions
+        return self._rule_positions.get(rule, -1)

@@ -17,7 +17,7 @@ from torch import nn
 from qenv.errors import QenvError
 from qenv.models.layers import LayerInfo, get_module, get_weight, to_storage_layout, weight_parameter
 from qenv.quant import gguf as _gguf
-from qenv.quant.quantizer import LayerCalibration, quantize_matrices
+from qenv.quant.quantizer import LayerCalibration, gguf_encode, quantize_matrices
 from qenv.quant.rules import Rule
 
 CalibrationSource = Callable[[str], "LayerCalibration | None"]
@@ -128,7 +128,8 @@ class QuantizedWeights:
         self._cache: OrderedDict[tuple[str, Rule], torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
         # layers under a GGUF rule round their inputs as llama.cpp's CPU matmul does: {name: (type, hook)}
-        self._act_hooks: dict[str, tuple[str, torch.utils.hooks.RemovableHandle]] = {}
+        self._act_hooks: dict[str, tuple[object, list[torch.utils.hooks.RemovableHandle]]] = {}
+        self._mins: dict[tuple[str, Rule], torch.Tensor] = {}  # Q4_1 / Q5_1 block minimums (_block_mins)
         self.hits = 0
         self.misses = 0
 
@@ -295,11 +296,14 @@ class QuantizedWeights:
         kind = None
         if rule.gguf is not None and info.kind != "embed":
             kind = _gguf.VEC_DOT_TYPE[_gguf.effective_type(rule.gguf, info.in_features)]
+        # Q8_1 (Q4_1 / Q5_1 weights) also needs the rule's block minimums, so its hooks are per rule
+        key = (kind, rule) if kind == "Q8_1" else kind
         current = self._act_hooks.get(name)
-        if current is not None and current[0] == kind:
+        if current is not None and current[0] == key:
             return
         if current is not None:
-            current[1].remove()
+            for handle in current[1]:
+                handle.remove()
             del self._act_hooks[name]
         if kind is None:
             return
@@ -308,7 +312,30 @@ class QuantizedWeights:
         def hook(mod: nn.Module, args: tuple, kind: str = kind) -> tuple:
             return (_gguf.round_activations(args[0], kind), *args[1:])
 
-        self._act_hooks[name] = (kind, module.register_forward_pre_hook(hook))
+        if kind != "Q8_1":
+            self._act_hooks[name] = (key, [module.register_forward_pre_hook(hook)])
+            return
+        # llama.cpp adds each block's minimum times the activations' fp16 block sum (q8_1_sum_error)
+        mins = self._block_mins(name, rule)
+        error: list[torch.Tensor] = []
+
+        def sum_hook(mod: nn.Module, args: tuple) -> tuple:
+            error.append(_gguf.q8_1_sum_error(args[0]))
+            return hook(mod, args)
+
+        def add_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            return out + (error.pop() @ mins.t().to(device=out.device, dtype=torch.float32)).to(out.dtype)
+
+        self._act_hooks[name] = (key, [module.register_forward_pre_hook(sum_hook),
+                                       module.register_forward_hook(add_hook)])
+
+    def _block_mins(self, name: str, rule: Rule) -> torch.Tensor:
+        """The ``[out, in/32]`` block minimums of layer ``name`` under a Q4_1 / Q5_1 rule (cached)."""
+        key = (name, rule)
+        if key not in self._mins:
+            qtype, data = gguf_encode(self._original_matrix(name), rule, self._calibration_for(name, rule))
+            self._mins[key] = torch.from_numpy(_gguf.block_mins(data, qtype))
+        return self._mins[key]
 
     def restore(self, names: list[str] | None = None) -> None:
         """Put the original weights back (all targeted layers unless ``names`` is given)."""
@@ -316,7 +343,8 @@ class QuantizedWeights:
             self._params[name].data = self._originals[name]
             hooked = self._act_hooks.pop(name, None)
             if hooked is not None:
-                hooked[1].remove()
+                for handle in hooked[1]:
+                    handle.remove()
 
     @contextmanager
     def applied(self, rules: Mapping[str, Rule]) -> Iterator[None]:

@@ -207,7 +207,7 @@ def nominal_bpw(name: str) -> float:
 __all__ = [
     "EXTRA_FIX", "FALLBACK", "GGML_TYPES", "MENU_TYPES", "REQUIRES_IMATRIX", "RULE_TYPES", "check_type",
     "dequantize_rows", "effective_type", "ggml", "imatrix_from_rms", "library_path", "nominal_bpw",
-    "quantize_rows", "row_bytes", "tensor_bits",
+    "quantize_rows", "row_bytes", "tensor_bits", "block_mins", "q8_1_sum_error",
 ]
 
 
@@ -250,3 +250,35 @@ def round_activations(x: "torch.Tensor", vec_dot_type: str) -> "torch.Tensor":
         inv = torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
         out = torch.round(v * inv) * d
     return out.reshape(shape).to(x.dtype)
+
+
+def block_mins(data: np.ndarray, name: str) -> np.ndarray:
+    """The fp16 minimum ``m`` of every block of Q4_1 / Q5_1 rows (``[rows, row_bytes]`` bytes) as float32
+    ``[rows, n_blocks]`` (each block starts with its fp16 scale ``d`` and then ``m``)."""
+    if name not in ("Q4_1", "Q5_1"):
+        raise QenvError(f"{name} blocks have no minimum; only Q4_1 and Q5_1 do.")
+    _, _, size = GGML_TYPES[name]
+    rows = data.shape[0]
+    blocks = np.ascontiguousarray(data).reshape(rows, -1, size)
+    return np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def q8_1_sum_error(x: "torch.Tensor") -> "torch.Tensor":
+    """Per block of 32 inputs, llama.cpp's Q8_1 block sum ``s`` minus the sum of the rounded activations.
+
+    A Q4_1 / Q5_1 weight is ``d*q + m``; llama.cpp's ``vec_dot_q{4,5}_1_q8_1`` adds each block's
+    ``m`` times the activation block's stored sum ``s = fp16(d_x * sum(q_x))`` (``quantize_row_q8_1``,
+    with ``d_x = amax / 127`` in float32), not times the sum of the rounded activations
+    ``fp16(d_x) * sum(q_x)`` that a float matmul of the rounded input computes. The two differ by
+    fp16 rounding only, but the difference enters every output through the block minimum and does
+    not average out: without it, an all-Q5_1 default model drifts from llama.cpp by KL 4e-3 at the
+    first position. The result (``[..., n_blocks]``) times the blocks' minimums is the correction.
+    """
+    import torch
+
+    v = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    amax = v.abs().amax(dim=-1)
+    d = amax / 127.0
+    inv = torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
+    sq = torch.round(v * inv.unsqueeze(-1)).sum(-1)
+    return (d * sq).half().float() - d.half().float() * sq
