@@ -35,9 +35,11 @@ class CacheInfo:
     folder: Path
     files: dict[str, list[Path]] = field(default_factory=dict)
     other: list[Path] = field(default_factory=list)  # files in the folder that are not qenv's
+    sizes: dict[Path, int] = field(default_factory=dict)  # bytes per file when the folder was read
 
     def size(self, kind: str) -> int:
-        return sum(_size(p) for p in self.files.get(kind, []))
+        # read at scan time: after clear_cache the files are gone, and the size freed must still show
+        return sum(self.sizes[p] if p in self.sizes else _size(p) for p in self.files.get(kind, []))
 
     @property
     def total_files(self) -> int:
@@ -79,6 +81,7 @@ def cache_info(folder: str | Path | None = None) -> CacheInfo:
                 info.other.append(path)
             else:
                 info.files[kind].append(path)
+                info.sizes[path] = _size(path)
     return info
 
 

@@ -159,7 +159,7 @@ def test_cache_info_and_clear(tmp_path, monkeypatch, capsys):
     assert rows["reference"][1] == "2" and rows["tokens"][1] == "1" and rows["features"][1] == "1"
     assert rows["total"][1] == "4" and "1 other file" in out
     assert main(["cache", "--clear"]) == 0
-    assert "removed 4 file(s)" in capsys.readouterr().out
+    assert "removed 4 file(s), 3.0 KiB" in capsys.readouterr().out  # the size freed (it said 0 B)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing of the user's is deleted
     assert main(["cache", "--info"]) == 0
     assert "total          0" in capsys.readouterr().out
