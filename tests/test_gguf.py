@@ -124,3 +124,17 @@ def test_gguf_package_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(QenvError) as err:
         load_model(path)
     clear_error(err, "needs the gguf package", "pip install gguf")
+
+
+def test_loading_a_gguf_shows_no_conversion_bar(capfd: pytest.CaptureFixture[str]) -> None:
+    """transformers' "Converting and de-quantizing GGUF tensors" bar is not the user's business."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stories260K" / "stories260K.gguf"
+    require(path, "stories260K GGUF")
+    bar = gguf_utils.tqdm
+    lm = load_model(path)
+    assert len(lm.layers) > 0
+    err = capfd.readouterr().err
+    assert "de-quantizing" not in err, err
+    assert gguf_utils.tqdm is bar  # put back afterwards

@@ -17,8 +17,11 @@ with :func:`importlib.util.find_spec` and never imports the package (which needs
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +108,24 @@ def read_gguf_architecture(path: str | Path) -> tuple[str, Any]:
     return architecture, reader
 
 
+@contextlib.contextmanager
+def _no_conversion_bar() -> Iterator[None]:
+    """Hide transformers' "Converting and de-quantizing GGUF tensors" bar: a plain ``tqdm`` in
+    ``modeling_gguf_pytorch_utils`` that its progress-bar switch does not reach, and loading a local
+    file is not the user's business (qenv keeps its own progress for long work)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """A dequantized ``*ForCausalLM`` and its tokenizer from a GGUF file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -122,10 +143,15 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.
     folder, name = str(path.parent), path.name
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        pad = getattr(config, "pad_token_id", None)
+        if pad is not None and not 0 <= pad < config.vocab_size:
+            # llama.cpp's converter writes "no padding token" as -1, read back as 4294967295 (uint32)
+            config.pad_token_id = None
         with torch.device("cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         extra = {"torch_dtype": dtype} if "torch_dtype" in inspect.signature(load_gguf_checkpoint).parameters else {}
-        loaded = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model, **extra)
+        with _no_conversion_bar():
+            loaded = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model, **extra)
     except QenvError:
         raise
     except ValueError as exc:
@@ -149,6 +175,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.
         model.tie_weights()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (OSError, ValueError, TypeError, KeyError, NotImplementedError):
+    except (OSError, ValueError, TypeError, KeyError, IndexError, NotImplementedError):
+        # (transformers' GGUF tokenizer conversion fails on e.g. stories260K.gguf with an IndexError)
         tokenizer = None  # a GGUF without a usable tokenizer still works with sampled tokens
     return model, tokenizer
