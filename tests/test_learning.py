@@ -355,3 +355,27 @@ def test_caches_are_keyed_on_the_thread_count(tmp_path):
     assert names[0] != names[1]
     for prefix in ("reference-", "features-", "errors-"):
         assert len([f for f in files if f.startswith(prefix)]) == 2, files
+
+
+@pytest.mark.parametrize("kind", ["allocation", "relative", "residual"])
+def test_nan_actions_of_the_stateful_kinds_are_refused(kind: str) -> None:
+    """A diverged policy's NaN is an error in every kind, never read as 0 or cast to an index."""
+    env = make("tiny-llama", kind, 4.0)
+    env.reset(seed=0)
+    for bad in (np.array([np.nan]), np.array([np.inf])):
+        with pytest.raises(QenvError, match="not a finite number"):
+            env.step(bad)
+    env.close()
+
+
+@pytest.mark.parametrize("kind", ["multidiscrete", "rule"])
+def test_out_of_range_knob_indices_are_refused(kind: str) -> None:
+    """As the discrete kind refuses an index past its menu, knob indices past their range are refused,
+    not clipped to the last choice."""
+    env = make("tiny-llama", kind, 4.0)
+    env.reset(seed=0)
+    too_big = np.asarray(env.action_space.nvec) + 5
+    with pytest.raises(QenvError, match="outside its range"):
+        env.step(too_big)
+    env.step(np.zeros_like(too_big))  # in range still works
+    env.close()

@@ -35,7 +35,7 @@ from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.allocation import LagrangianSuffix, fill_budget, greedy_allocation, rule_errors
 from qenv.envs.features import OBS_DIM, OBS_LIMIT, ladder_rules, model_relative, static_features
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
-from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
+from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper, check_finite_action
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel, check_context, load_model
 from qenv.quant.accounting import fallbacks, input_groups, rule_bpw, rule_text
@@ -740,11 +740,12 @@ class QuantLLMEnv(gym.Env):
         kind = self.mapper.kind
         choice = -1
         if self.mapper.stateful:
+            check_finite_action(action)
             choice = self._menu_choice(action)
             asked = self.mapper.rules[choice]
             if kind == "allocation":
                 value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
-                self.preferences.append(float(np.clip(value if np.isfinite(value) else 0.0, -1.0, 1.0)))
+                self.preferences.append(float(np.clip(value, -1.0, 1.0)))
         else:
             asked = self.mapper.to_rule(action)
         rule, clamped = self._fit_budget(asked)

@@ -115,6 +115,18 @@ def parse_menu(menu: Sequence[Rule | dict[str, Any] | str] | None) -> tuple[Rule
     return tuple(rules)
 
 
+def check_finite_action(action: Any) -> np.ndarray:
+    """``action`` as an array, or a clear error when it is empty, not numeric, NaN or infinite (a
+    policy that returns NaN has diverged; rounding or clipping it would hide that)."""
+    raw = np.asarray(action)
+    if raw.size == 0 or (np.issubdtype(raw.dtype, np.number) and not np.isfinite(raw.astype(np.float64)).all()) \
+            or not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
+        raise QenvError(f"Action {action!r} is not a finite number (NaN, inf or not numeric).",
+                        "check the agent's output: a policy that returns NaN has diverged (lower the learning "
+                        "rate, or clip the actions it returns).")
+    return raw
+
+
 class ActionMapper:
     """Maps actions of one space kind to rules (state-dependent kinds are decoded by the env)."""
 
@@ -178,18 +190,18 @@ class ActionMapper:
             raise QenvError(f"Action {action!r} must have {len(self.knobs)} entries, {names}.")
         if self.kind == "continuous":  # HAQ-style: [-1, 1] split into equal bins per knob
             return [int(np.clip(np.floor((v + 1.0) / 2.0 * len(k)), 0, len(k) - 1)) for v, k in zip(values, self.knobs)]
-        return [int(np.clip(v, 0, len(k) - 1)) for v, k in zip(values, self.knobs)]
+        for v, k in zip(values, self.knobs):
+            if not 0 <= v < len(k):
+                raise QenvError(f"Action {action!r} has a knob index outside its range: {v:g} is not in 0..{len(k) - 1}.",
+                                f"give one index per knob within the action space ({self.kind}: "
+                                f"{[len(k) for k in self.knobs]} choices).")
+        return [int(v) for v in values]
 
     def to_rule(self, action: Any) -> Rule:
         if self.stateful:
             raise QenvError(f"A {self.kind!r} action has no rule of its own: it is read against the episode's state.",
                             "step the environment with it (env.step), or use a discrete/multidiscrete/continuous/rule env.")
-        raw = np.asarray(action)
-        if raw.size == 0 or (np.issubdtype(raw.dtype, np.number) and not np.isfinite(raw.astype(np.float64)).all()) \
-                or not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
-            raise QenvError(f"Action {action!r} is not a finite number (NaN, inf or not numeric).",
-                            "check the agent's output: a policy that returns NaN has diverged (lower the learning "
-                            "rate, or clip the actions it returns).")
+        raw = check_finite_action(action)
         if self.kind == "discrete":
             index = int(raw.reshape(-1)[0])
             if not 0 <= index < len(self.menu):
