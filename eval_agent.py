@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import ArgumentParser, fmt, merge_flag, parse_key_values, plain_table, quiet_libraries, run_cli
+from qenv.cli.common import (ArgumentParser, fmt, merge_flag, parse_key_values, plain_table, quiet_libraries,
+                             refuse_repeated_models, run_cli)
 from qenv.errors import QenvError
 from qenv.io import read_json
 
@@ -512,9 +513,7 @@ def _body(argv: list[str] | None) -> int:
         raise QenvError(f"--budget-bpw={budget} is out of range.", "use a number of bits per weight in (0, 16].")
     models = list(args.model or [m["spec"] for m in run["train_models"]] or ["default"])
     args.models = models
-    twice = sorted({m for m in models if models.count(m) > 1})
-    if twice:  # their exports and saved models would land in the same folder, after all the work
-        raise QenvError(f"--model {', '.join(twice)} is given more than once.", "list each model once.")
+    refuse_repeated_models(models, "their exports and saved models would land in the same folder")
     held = set()
     calib = env_kwargs.get("data")
     for c in [calib] if isinstance(calib, str) else list(calib or []):

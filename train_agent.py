@@ -29,6 +29,7 @@ from qenv.cli.common import (
     parse_key_values,
     plain_table,
     quiet_libraries,
+    refuse_repeated_models,
     run_cli,
 )
 from qenv.errors import QenvError
@@ -152,6 +153,7 @@ def resolve_settings(args: Any) -> dict[str, Any]:
                         "pass a size in GiB, or leave it out to size the cache from free memory.")
     given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
     env_kwargs.update(given)
+    refuse_repeated_models(args.model or [], "a zoo samples each model once per episode draw; a repeat only skews it")
     for key, flag, value in (
             ("model", "--model", None if not args.model else args.model[0] if len(args.model) == 1 else list(args.model)),
             ("budget_bpw", "--budget-bpw", args.budget_bpw),

@@ -286,6 +286,7 @@ TRAIN_CASES = {
     "text_random_bytes": (lambda f, s: ["--model", s, "--data", f["random_txt"]], "random.bin.txt is not valid utf-8"),
     "env_kwarg_bool_not_bool": (lambda f, s: ["--model", s, "--env-kwargs", "include_lm_head=maybe"],
                                 "include_lm_head='maybe' must be true or false"),
+    "zoo_model_twice": (lambda f, s: ["--model", s, "--model", s], "is given more than once"),
     "env_kwarg_negative_cache": (lambda f, s: ["--model", s, "--env-kwargs", "weight_cache_gib=-1"],
                                  "weight_cache_gib=-1 must be a number of at least 0"),
     "n_envs_above_timesteps": (lambda f, s: ["--model", s, "--n-envs", 1000], "--n-envs 1000 is more than the 64"),
@@ -834,6 +835,7 @@ ENV_CASES = {
     "model_index_not_an_int": ({}, lambda env: env.reset(options={"model_index": "0"}), "names no model"),
     "bool_kwarg_as_text": ({"include_lm_head": "maybe"}, None, "must be true or false"),
     "negative_weight_cache": ({"weight_cache_gib": -1}, None, "must be a number of at least 0"),
+    "negative_shaping_weight": ({"shaping_weight": -2}, None, "shaping_weight=-2 must be a number of at least 0"),
     "render_mode_human": ({"render_mode": "human"}, None, "draws no window"),
     "seq_len_above_context": ({"seq_len": 1024, "n_tokens": 2048}, None, "longer than the 512-token context"),
 }

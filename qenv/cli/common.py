@@ -169,6 +169,13 @@ def merge_flag(env_kwargs: dict[str, Any], key: str, flag: str, value: Any, give
     env_kwargs[key] = value
 
 
+def refuse_repeated_models(models: Sequence[str], why: str) -> None:
+    """A model listed twice in ``--model`` is a mistake to show (``why`` says what it would do)."""
+    twice = sorted({m for m in models if list(models).count(m) > 1})
+    if twice:
+        raise QenvError(f"--model {', '.join(twice)} is given more than once ({why}).", "list each model once.")
+
+
 def quiet_libraries() -> None:
     """Keep the programs' output to their own lines and progress bar."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -312,7 +312,7 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key == "budget_bpw":
             if not _is_number(value) or not 0 < value <= 16:
                 raise QenvError(f"budget_bpw={value!r} is out of range.", "use a number of bits per weight in (0, 16].")
-        elif key in ("dense_weight", "size_weight", "penalty_weight"):
+        elif key in ("dense_weight", "shaping_weight", "size_weight", "penalty_weight"):
             if not _is_number(value) or value < 0:
                 fail(key, value, "must be a number of at least 0", "1.0")
         elif key == "weight_cache_gib":  # None: sized from free memory; too small for a recipe: QuantizedWeights says so
