@@ -241,3 +241,28 @@ def remove_stale_temp_files(folder: str | Path, lock: RunLock) -> list[Path]:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
+
+
+def read_cached_array(path: Path | None, shape: tuple[int, ...]) -> Any:
+    """A numpy array cached at ``path`` if it is there, readable and of ``shape``; else ``None``
+    (a damaged or stale cache file is recomputed, not an error)."""
+    import numpy as np
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        cached = np.load(path)
+    except (OSError, ValueError):
+        return None
+    return cached if cached.shape == shape else None
+
+
+def write_cached_array(path: Path | None, array: Any) -> None:
+    """Cache ``array`` at ``path`` (nothing when ``path`` is None), written whole or not at all."""
+    import numpy as np
+
+    if path is None:
+        return
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)

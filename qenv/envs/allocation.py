@@ -28,7 +28,7 @@ import torch
 
 from qenv.eval.evaluator import Evaluator
 from qenv.eval.reference import batching_key, numerics_key
-from qenv.io import atomic_path
+from qenv.io import read_cached_array, write_cached_array
 from qenv.models.layers import LayerInfo
 from qenv.quant.rules import Rule
 
@@ -45,20 +45,13 @@ def rule_errors(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequen
             + "|" + numerics_key(evaluator.loaded.device))
     key = hashlib.sha1(text.encode()).hexdigest()[:16]
     path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"errors-v1-{key}.npy"
-    if path is not None and path.is_file():
-        try:
-            cached = np.load(path)
-            if cached.shape == (len(layers), len(rules)):
-                return cached
-        except (OSError, ValueError):
-            pass
+    cached = read_cached_array(path, (len(layers), len(rules)))
+    if cached is not None:
+        return cached
     with torch.inference_mode():
         err = np.array([[output_error(evaluator, info, rule) for rule in rules] for info in layers], dtype=np.float64)
     err = np.nan_to_num(err, nan=1e30, posinf=1e30)
-    if path is not None:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, err)
+    write_cached_array(path, err)
     return err
 
 

@@ -24,7 +24,7 @@ import torch
 
 from qenv.eval.evaluator import Evaluator
 from qenv.eval.reference import batching_key
-from qenv.io import atomic_path
+from qenv.io import read_cached_array, write_cached_array
 from qenv.models.layers import LAYER_KINDS, LayerInfo
 from qenv.quant.rules import Rule
 
@@ -107,13 +107,9 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
          + "|b" + batching_key(evaluator.batches) + "|" + numerics_key(evaluator.loaded.device)).encode()
     ).hexdigest()[:16]
     path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"features-v2-{key}.npy"
-    if path is not None and path.is_file():
-        try:
-            cached = np.load(path)
-            if cached.shape == (len(layers), len(STATIC_NAMES)):
-                return cached
-        except (OSError, ValueError):
-            pass
+    cached = read_cached_array(path, (len(layers), len(STATIC_NAMES)))
+    if cached is not None:
+        return cached
     total = sum(info.numel for info in layers)
     errors = rule_errors(evaluator, layers, ladder_rules())
     with torch.inference_mode():
@@ -124,10 +120,7 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
     z = (log_err - log_err.mean(axis=0)) / np.maximum(log_err.std(axis=0), 1e-6)
     rows = np.concatenate([rows, z / 2.0], axis=1).astype(np.float32)
     rows = np.clip(np.nan_to_num(rows, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT), -OBS_LIMIT, OBS_LIMIT)
-    if path is not None:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, rows)
+    write_cached_array(path, rows)
     return rows
 
 
