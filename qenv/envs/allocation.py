@@ -17,17 +17,15 @@ One place for what both the environment and the searchers need:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from bisect import bisect_right
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from qenv.eval.evaluator import Evaluator
-from qenv.eval.reference import batching_key, numerics_key
+from qenv.eval.reference import layer_table_path
 from qenv.io import read_cached_array, write_cached_array
 from qenv.models.layers import LayerInfo
 from qenv.quant.rules import Rule
@@ -40,11 +38,7 @@ def rule_errors(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequen
     cached on disk under the model, tokens, batching, rules and :func:`numerics_key`."""
     from qenv.envs.features import output_error
 
-    text = (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
-            + "|b" + batching_key(evaluator.batches) + "|" + "|".join(r.label() + repr(r) for r in rules)
-            + "|" + numerics_key(evaluator.loaded.device))
-    key = hashlib.sha1(text.encode()).hexdigest()[:16]
-    path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"errors-v1-{key}.npy"
+    path = layer_table_path(evaluator, layers, "errors-v1", "|".join(r.label() + repr(r) for r in rules))
     cached = read_cached_array(path, (len(layers), len(rules)))
     if cached is not None:
         return cached

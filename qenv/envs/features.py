@@ -14,16 +14,14 @@ are what greedy's advantage comes from, and they mean the same thing on every mo
 
 from __future__ import annotations
 
-import hashlib
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from qenv.eval.evaluator import Evaluator
-from qenv.eval.reference import batching_key
+from qenv.eval.reference import layer_table_path
 from qenv.io import read_cached_array, write_cached_array
 from qenv.models.layers import LAYER_KINDS, LayerInfo
 from qenv.quant.rules import Rule
@@ -100,13 +98,8 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
     # the batch count is part of the key, as for the reference: calibration statistics summed per batch
     # differ in the last float bits between batchings, and a cache must not make runs differ
     from qenv.envs.allocation import rule_errors
-    from qenv.eval.reference import numerics_key
 
-    key = hashlib.sha1(
-        (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
-         + "|b" + batching_key(evaluator.batches) + "|" + numerics_key(evaluator.loaded.device)).encode()
-    ).hexdigest()[:16]
-    path = None if evaluator.cache_dir is None else Path(evaluator.cache_dir) / f"features-v2-{key}.npy"
+    path = layer_table_path(evaluator, layers, "features-v2")
     cached = read_cached_array(path, (len(layers), len(STATIC_NAMES)))
     if cached is not None:
         return cached
