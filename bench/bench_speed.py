@@ -259,6 +259,49 @@ def _episode(env, action_seed: int, clock, *, max_steps: int | None = None, max_
     return clock() - t0, steps, info, done
 
 
+def profile_replay(env, ev, cfg: dict[str, Any], clock) -> dict[str, Any]:
+    """Where a warm replay's time goes: cProfile's costliest functions (by own time and by cumulative
+    time), and the same replay timed with the GPU synchronised after every step (on a GPU, the
+    difference to the plain replay is how much of the Python overlaps with queued kernels)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    sync = torch.cuda.synchronize if ev.loaded.model.device.type == "cuda" else (lambda: None)
+    clear_prefix_cache(ev)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    t, steps, _, _ = _episode(env, cfg["seed"], clock)
+    sync()
+    profiler.disable()
+    out: dict[str, Any] = {"profiled_s": t}
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(cfg["profile"])
+        out[order] = text.getvalue()
+        print(text.getvalue(), flush=True)
+    clear_prefix_cache(ev)
+    step_times = []
+    env.action_space.seed(cfg["seed"])
+    env.reset(seed=cfg["seed"])
+    t0 = clock()
+    done = False
+    while not done:
+        s0 = clock()
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        sync()
+        step_times.append(clock() - s0)
+        done = terminated or truncated
+    out["synced_steps_s"] = clock() - t0
+    out["synced_step_top"] = sorted(step_times, reverse=True)[:8]
+    out["synced_step_median"] = _median(step_times)
+    print(f"  replay synchronised after every step {out['synced_steps_s']:.3f}s; median step "
+          f"{out['synced_step_median'] * 1e6:.0f} us", flush=True)
+    return out
+
+
 def _extrapolate(steps: list[float], n_total: int) -> float:
     """Total time of ``n_total`` steps from the first ``len(steps)``: t_i ≈ a + b·i (least squares)."""
     k = len(steps)
@@ -611,6 +654,9 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                              "misses": w.misses - m0,
                              "note": "same actions as the cold episode; weight cache warm, prefix cache cleared"}
     print(f"  warm replay {_median(replays):.3f}s vs forward {forward_s():.3f}s", flush=True)
+    if cfg["profile"]:
+        stream["warm_replay_profile"] = profile_replay(env, ev, cfg, clock)
+        save()
     episodes = []
     t_start = time.perf_counter()
     for i in range(cfg["episodes"]):
@@ -862,7 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model specs (load_model specs, or the alias stories260K); 'default' is skipped when the "
                         "built-in model is not present (default: stories260K default)")
     p.add_argument("--random-llama", nargs="*", default=[], metavar="SIZE",
-                   help="also bench random-weight Llamas of these sizes (100m, 500m, 1b)")
+                   help="also bench random-weight Llamas of these sizes (100m, 500m, 1b, smollm2: SmolLM2-135M's shape)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default)")
@@ -879,6 +925,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=5, help="random streaming episodes after the cold one (default 5)")
     p.add_argument("--episodes-max-seconds", type=float, default=120.0, help="stop random episodes after this long")
     p.add_argument("--replays", type=int, default=3, help="warm replays of the cold episode (default 3)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile one more warm replay (cProfile's N costliest functions, and the replay with the GPU "
+                        "synchronised after every step); default 0: off")
     p.add_argument("--forward-repeats", type=int, default=3, help="forward passes timed for the floor (default 3)")
     p.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive env")
     p.add_argument("--naive-max-steps", type=int, default=None, help="cut the naive episode after this many steps")
@@ -960,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
                "timer": args.timer, "random_tokens": args.random_tokens,
                "n_tokens": args.n_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
                "budget": args.budget, "seed": args.seed, "episodes": args.episodes,
-               "episodes_max_seconds": args.episodes_max_seconds, "replays": max(1, args.replays),
+               "episodes_max_seconds": args.episodes_max_seconds, "replays": max(1, args.replays), "profile": args.profile,
                "forward_repeats": max(1, args.forward_repeats), "naive": args.naive,
                "naive_max_steps": args.naive_max_steps, "naive_max_seconds": args.naive_max_seconds,
                "vec_envs": args.vec_envs, "vec_classes": args.vec_classes, "vec_episodes": args.vec_episodes,
@@ -969,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
                "search_last_frac": args.search_last_frac, "search_rules": args.search_rules,
                "weight_cache_gb": args.weight_cache_gb, "prefix_cache_gb": args.prefix_cache_gb,
                "menu_build": args.menu_build, "compare_blocks": args.compare_blocks, "progress": args.progress,
-               "searchers": args.searchers, "searcher_evals": args.searcher_evals, "ppo_steps": args.ppo_steps,
+               "searchers": [s for s in args.searchers if s != "none"], "searcher_evals": args.searcher_evals, "ppo_steps": args.ppo_steps,
                "cache_dir": cache_dir, "time_budget": budget, "reserve_s": args.reserve_s,
                "part_path": str(part)}
         env = dict(os.environ)
