@@ -18,7 +18,7 @@ One place for what both the environment and the searchers need:
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 
 import numpy as np
@@ -305,6 +305,7 @@ class LagrangianSuffix:
             else:
                 merged.append([lo, hi])
         self._rows: dict[int, list[float]] = {}
+        self._falling: dict[int, bool] = {}
         self.unsafe_lo = [lo for lo, _ in merged]
         self.unsafe_hi = [hi for _, hi in merged]
 
@@ -336,10 +337,51 @@ class LagrangianSuffix:
             row = self._rows[start] = (self.cum[start] + self.base_suffix[start]).tolist()
         if self._total(start, float(np.exp(hi)), row) > limit:
             return np.argmin(costs + 1e-12 * err, axis=1)
+        window = self._feasible_window(start, row, limit)
+        if window is None:  # no threshold to read off the table (never seen in practice): ask at each λ
+            for _ in range(iterations):
+                mid = 0.5 * (lo + hi)
+                if self._total(start, float(np.exp(mid)), row) <= limit:
+                    hi = mid
+                else:
+                    lo = mid
+            return pick(np.exp(hi))
+        below, above = window
+        # the margin of the crossings at λ -> 0 has no interval below it to bound its totals: asked too
+        near_zero = self.unsafe_hi[0] if self.unsafe_lo and self.unsafe_lo[0] <= 0.0 else -1.0
         for _ in range(iterations):
             mid = 0.5 * (lo + hi)
-            if self._total(start, float(np.exp(mid)), row) <= limit:
+            # the cheap comparison with math.exp, unless it lands within 1e-13 (hundreds of ulps) of a
+            # window, where the answer must come from numpy's exp (the plain function's λ) and the table
+            lam = math.exp(mid)
+            if lam <= near_zero * (1 + 1e-13) or below * (1 - 1e-13) <= lam <= above * (1 + 1e-13):
+                fits = self._total(start, float(np.exp(mid)), row) <= limit
+            else:
+                fits = lam > above
+            if fits:
                 hi = mid
             else:
                 lo = mid
         return pick(np.exp(hi))
+
+    def _feasible_window(self, start: int, row: list[float], limit: float) -> tuple[float, float] | None:
+        """``(below, above)``: every λ < below makes the suffix's total exceed ``limit`` and every λ >
+        above fits it, also where the total is computed the plain way (a rule picked near a crossing is
+        one of the rules on either side of it, so that total lies between the table's totals around the
+        margin). Between them (the margin around the crossing where the total first fits) each λ is
+        asked. ``None`` when the table's totals do not fall with λ (then every λ is asked)."""
+        window: tuple[float, float] | None = None
+        falling = self._falling.get(start)
+        if falling is None:
+            falling = self._falling[start] = all(a >= b for a, b in zip(row, row[1:]))
+        if falling:
+            first = bisect_left(row, -limit, key=float.__neg__)  # the first interval whose total fits
+            first = first if first < len(row) else None
+            if first is not None:
+                threshold = self.event_lam[first - 1] if first > 0 else 0.0
+                u = bisect_right(self.unsafe_lo, threshold) - 1
+                if first > 0 and u >= 0 and threshold <= self.unsafe_hi[u]:
+                    window = (self.unsafe_lo[u], self.unsafe_hi[u])
+                else:
+                    window = (threshold, threshold)
+        return window
