@@ -296,6 +296,7 @@ class LagrangianSuffix:
         for k, (_, r, delta) in enumerate(events):
             change[: r + 1, k + 1] = delta
         self.cum = np.cumsum(change, axis=1)
+        self.falling = np.all(np.diff(self.cum, axis=1) <= 0, axis=1)  # per suffix: totals fall as λ grows
         self.base_suffix = np.concatenate([np.cumsum(self.base[::-1])[::-1], [0.0]])
         unsafe.sort()
         merged: list[list[float]] = []
@@ -305,7 +306,6 @@ class LagrangianSuffix:
             else:
                 merged.append([lo, hi])
         self._rows: dict[int, list[float]] = {}
-        self._falling: dict[int, bool] = {}
         self.unsafe_lo = [lo for lo, _ in merged]
         self.unsafe_hi = [hi for _, hi in merged]
 
@@ -371,10 +371,7 @@ class LagrangianSuffix:
         margin). Between them (the margin around the crossing where the total first fits) each λ is
         asked. ``None`` when the table's totals do not fall with λ (then every λ is asked)."""
         window: tuple[float, float] | None = None
-        falling = self._falling.get(start)
-        if falling is None:
-            falling = self._falling[start] = all(a >= b for a, b in zip(row, row[1:]))
-        if falling:
+        if self.falling[start]:
             first = bisect_left(row, -limit, key=float.__neg__)  # the first interval whose total fits
             first = first if first < len(row) else None
             if first is not None:
