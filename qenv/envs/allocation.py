@@ -348,16 +348,18 @@ class LagrangianSuffix:
             return pick(np.exp(hi))
         below, above = window
         # the margin of the crossings at λ -> 0 has no interval below it to bound its totals: asked too
-        near_zero = self.unsafe_hi[0] if self.unsafe_lo and self.unsafe_lo[0] <= 0.0 else -1.0
+        near_zero = self.unsafe_hi[0] if self.unsafe_lo and self.unsafe_lo[0] <= 0.0 else 0.0
+        # compared in log space, widened by 1e-12 (thousands of ulps of exp's rounding): a log-λ
+        # inside a widened window is asked exactly, at numpy's exp (the plain function's λ)
+        log_zero = math.log(near_zero) + 1e-12 if near_zero > 0 else -math.inf
+        log_below = math.log(below) - 1e-12 if below > 0 else -math.inf
+        log_above = math.log(above) + 1e-12 if above > 0 else -math.inf
         for _ in range(iterations):
             mid = 0.5 * (lo + hi)
-            # the cheap comparison with math.exp, unless it lands within 1e-13 (hundreds of ulps) of a
-            # window, where the answer must come from numpy's exp (the plain function's λ) and the table
-            lam = math.exp(mid)
-            if lam <= near_zero * (1 + 1e-13) or below * (1 - 1e-13) <= lam <= above * (1 + 1e-13):
+            if mid <= log_zero or log_below <= mid <= log_above:
                 fits = self._total(start, float(np.exp(mid)), row) <= limit
             else:
-                fits = lam > above
+                fits = mid > log_above
             if fits:
                 hi = mid
             else:
