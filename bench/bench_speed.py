@@ -238,23 +238,35 @@ def _forward_time(ev, clock) -> float:
     return clock() - t0
 
 
-def _episode(env, action_seed: int, clock, *, max_steps: int | None = None, max_seconds: float | None = None):
-    """Run one episode with seeded random actions: (wall seconds, per-step seconds, final info, finished)."""
+def _episode(env, action_seed: int, clock, *, max_steps: int | None = None, max_seconds: float | None = None,
+             per_step: bool = False):
+    """Run one episode with seeded random actions: (seconds, per-step seconds, final info, finished).
+
+    The clock waits for the GPU at the episode's start and end only: an agent's loop does not wait
+    for queued kernels at each step, so the env's Python for the next layers overlaps with the
+    blocks already queued. ``per_step`` also times each step, with the GPU synchronised around it
+    (the naive env's extrapolation needs that; it serialises the episode)."""
     env.action_space.seed(action_seed)
     t0 = clock()
+    start = time.perf_counter()
     env.reset(seed=action_seed)
     steps: list[float] = []
+    n_steps = 0
     info: dict[str, Any] = {}
     done = False
     while not done:
-        if max_steps is not None and len(steps) >= max_steps:
+        if max_steps is not None and n_steps >= max_steps:
             break
-        if max_seconds is not None and steps and clock() - t0 >= max_seconds:
+        if max_seconds is not None and n_steps and time.perf_counter() - start >= max_seconds:
             break
         action = env.action_space.sample()
-        s0 = clock()
-        _, _, terminated, truncated, info = env.step(action)
-        steps.append(clock() - s0)
+        if per_step:
+            s0 = clock()
+            _, _, terminated, truncated, info = env.step(action)
+            steps.append(clock() - s0)
+        else:
+            _, _, terminated, truncated, info = env.step(action)
+        n_steps += 1
         done = terminated or truncated
     return clock() - t0, steps, info, done
 
@@ -273,7 +285,7 @@ def profile_replay(env, ev, cfg: dict[str, Any], clock) -> dict[str, Any]:
     clear_prefix_cache(ev)
     profiler = cProfile.Profile()
     profiler.enable()
-    t, steps, _, _ = _episode(env, cfg["seed"], clock)
+    t, _, _, _ = _episode(env, cfg["seed"], clock)
     sync()
     profiler.disable()
     out: dict[str, Any] = {"profiled_s": t}
@@ -458,9 +470,10 @@ def bench_search(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemory) -
     return out
 
 
-def bench_menu_build(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemory) -> dict[str, Any]:
-    """Time ``QuantizedWeights.prebuild`` of the whole menu from an empty cache, per rule, and the
-    per-layer (on-demand) path it replaces on the first ``--compare-blocks`` blocks."""
+def bench_menu_build(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemory, env_task) -> dict[str, Any]:
+    """Time ``QuantizedWeights.prebuild`` of the whole menu from an empty cache, per rule (then the
+    inherited AWQ-scale variants, as the env's ``prebuild_menu``), and the per-layer (on-demand)
+    path it replaces on the first ``--compare-blocks`` blocks."""
     from qenv.quant.apply import QuantizedWeights
 
     w = ev.weights
@@ -475,6 +488,15 @@ def bench_menu_build(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemor
         r0 = clock()
         w.prebuild([rule], progress=cfg["progress"])
         out["per_rule_s"][rule.label()] = clock() - r0
+    # and, as the env's prebuild_menu does, the AWQ-scale variants that later layers of an input group
+    # inherit (foldable AWQ), so that no episode quantizes anything afterwards
+    from qenv.envs.quant_llm import inherited_scale_variants
+
+    later, variants = inherited_scale_variants(env_task, menu_rules)
+    r0 = clock()
+    if later and variants:
+        w.prebuild(variants, progress=cfg["progress"], names=later)
+    out["inherited_variants_s"] = clock() - r0
     out["seconds"] = clock() - t0
     out["entries"] = len(w._cache)
     out["cache_bytes"] = w._cache_bytes
@@ -628,7 +650,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     # -- cold menu build: every (layer, menu rule) pair, layers of one shape batched -----------------
     if cfg["menu_build"]:
-        result["menu_build"] = bench_menu_build(cfg, ev, env.unwrapped.mapper.rules, clock, peak)
+        result["menu_build"] = bench_menu_build(cfg, ev, env.unwrapped.mapper.rules, clock, peak, task)
         save()
 
     # -- streaming episodes ---------------------------------------------------------------------------
@@ -688,7 +710,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         assert naive_env.task is task, "the naive env must share the model, tokens and evaluator"
         peak.reset()
         limit = min(cfg["naive_max_seconds"], max(deadline.left() - cfg["reserve_s"], 5.0))
-        t, steps, info, finished = _episode(naive_env, cfg["seed"], clock, max_steps=cfg["naive_max_steps"],
+        t, steps, info, finished = _episode(naive_env, cfg["seed"], clock, per_step=True, max_steps=cfg["naive_max_steps"],
                                             max_seconds=limit)
         total = t if finished else _extrapolate(steps, n_layers)
         naive.update(seconds=total, measured_s=t, steps_measured=len(steps), steps_total=n_layers,
