@@ -172,7 +172,7 @@ def start_at_plan(model: Any, deviations: float) -> float:
         raise QenvError(f"plan_deviations starts the policy at action 0, which keeps the plan only on the residual "
                         f"action kind, not on {kind!r}.",
                         "train on --env-kwargs action_kind=residual, or leave plan_deviations out.")
-    lengths = [int(n) for n in env.get_attr("episode_lengths", indices=[0])[0]]
+    lengths = [int(n) for n in env.get_attr("model_episode_lengths", indices=[0])[0]]
     bias = plan_bias(deviations, float(np.mean(lengths)), int(model.action_space.n))
     with torch.no_grad():
         head.weight.zero_()
