@@ -930,6 +930,49 @@ def transfer_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
+    """Markdown: per cell, the RL run's deterministic rollout (ppo) and its best training episode
+    (rl_best) against greedy, random search and evolution (mean calibration KL over the seeds), and
+    how many cells each RL row wins (strictly lower mean KL)."""
+    rows, wins = [], {m: {"greedy": 0, "random": 0, "evolution": 0, "n": 0} for m in ("ppo", "rl_best")}
+    evo_close = {m: [] for m in ("ppo", "rl_best")}
+    for model, budgets in agg["cells"].items():
+        for key in sorted(budgets, key=float):
+            methods = budgets[key]
+            kl = {m: methods[m]["kl"] for m in ("greedy", "random", "evolution", "ppo", "rl_best")
+                  if methods.get(m, {}).get("runs")}
+            if "ppo" not in kl:
+                continue
+            text = []
+            for m in ("ppo", "rl_best"):
+                if m not in kl:
+                    text.append("—")
+                    continue
+                wins[m]["n"] += 1
+                beaten = [o for o in ("greedy", "random", "evolution") if o in kl and kl[m][0] < kl[o][0]]
+                for o in beaten:
+                    wins[m][o] += 1
+                if float(key) == 3.0 and "evolution" in kl:
+                    evo_close[m].append(kl[m][0] <= 1.05 * kl["evolution"][0])
+                text.append(f"{fmt_num(kl[m][0])} ± {fmt_num(kl[m][1], 2)} (beats {', '.join(beaten) or 'none'})")
+            cells = [fmt_num(kl[o][0]) + (f" ± {fmt_num(kl[o][1], 2)}" if o != "greedy" else "") if o in kl else "—"
+                     for o in ("greedy", "random", "evolution")]
+            rows.append(f"| {model} | {key} | " + " | ".join(text + cells) + " |")
+    if not rows:
+        return []
+    out = ["### RL against the searchers (calibration KL, mean ± std over seeds; same N evaluations)\n",
+           "| model | budget | RL deterministic rollout (ppo) | RL best training episode (rl_best) | greedy | "
+           "random | evolution |", "|---|---|---|---|---|---|---|", *rows, ""]
+    for m in ("ppo", "rl_best"):
+        w = wins[m]
+        close = evo_close[m]
+        out.append(f"- {m}: beats random in {w['random']}/{w['n']} cells, greedy in {w['greedy']}/{w['n']}, "
+                   f"evolution in {w['evolution']}/{w['n']}; at 3.0 bpw within 5% of evolution's KL (or better) "
+                   f"in {sum(close)}/{len(close)}")
+    out.append("")
+    return out
+
+
 def pareto_png(path: Path, model: str, budgets: dict[str, dict[str, Any]]) -> None:
     from matplotlib.figure import Figure
 
@@ -1034,6 +1077,7 @@ def report(args: argparse.Namespace) -> int:
             pareto_png(out / f"quality_pareto_{model}.png", model, budgets)
         except Exception:
             traceback.print_exc()
+    md.extend(rl_vs_searchers(agg))
     md.append("### Best searched vs best human-designed recipe within the budget (calibration KL)\n")
     md.append("| model | budget | best human (KL, ppl) | best searched (KL, ppl) | human KL / searched KL | "
               "human KL / PPO KL |")
