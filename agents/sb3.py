@@ -41,11 +41,15 @@ class SB3Agent:
     install_hint: ClassVar[str] = "pip install stable-baselines3"
 
     def __init__(self, env: Any, seed: int = 0, policy: str | type | None = None, verbose: int = 0,
-                 device: str = "cpu", **hyperparams: Any) -> None:
+                 device: str = "cpu", plan_deviations: float | None = None, **hyperparams: Any) -> None:
+        """``plan_deviations`` (qenv's, not SB3's; configs put it in the ``qenv:`` section): start
+        the policy at the plan of the ``residual`` action kind; see :func:`start_at_plan`."""
         algorithm = self.algorithm_class()
         kwargs = {**self.default_hyperparams(env), **hyperparams}
         self.seed = seed
         self.model = algorithm(policy or self.default_policy, env, seed=seed, verbose=verbose, device=device, **kwargs)
+        if plan_deviations is not None:
+            start_at_plan(self.model, plan_deviations)
 
     @classmethod
     def algorithm_class(cls) -> Any:
@@ -123,6 +127,68 @@ class SB3Agent:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.class_name}, seed={self.seed})"
+
+
+# -- residual policy learning: start at the plan ------------------------------------------------
+def plan_bias(deviations: float, episode_length: float, n_actions: int) -> float:
+    """The logit of action 0 (all other logits 0) at which a categorical policy over ``n_actions``
+    deviates from action 0 with probability ``deviations / episode_length`` per step, i.e.
+    ``deviations`` times per episode in expectation:
+    ``P(a != 0) = (n - 1) / (e^b + n - 1) = p``  gives  ``b = log((n - 1) (1 - p) / p)``."""
+    p = float(deviations) / float(episode_length)
+    if not 0.0 < p < 1.0:
+        raise QenvError(f"plan_deviations={deviations:g} must be more than 0 and fewer than the episode's "
+                        f"{episode_length:g} steps.", "pass e.g. plan_deviations: 2 (in the config's qenv: section).")
+    return float(np.log((n_actions - 1) * (1.0 - p) / p))
+
+
+def start_at_plan(model: Any, deviations: float) -> float:
+    """Initialise ``model``'s action head so that the untrained policy keeps the plan (residual
+    policy learning): the ``residual`` action kind's action 0 keeps greedy's plan for the layer,
+    so a policy that starts near-uniform over its 7 actions deviates on most layers of a long
+    episode (on a 210-layer model it starts far below greedy and did not learn in 282 episodes).
+
+    The action head's weights are set to 0 and its bias to ``plan_bias`` for action 0 (0 for the
+    others), so that before any update the policy is the same on every observation: its
+    deterministic action is 0 everywhere (one deterministic rollout is exactly greedy's recipe) and
+    it deviates with probability ``deviations / L`` per step, where L is the mean episode length
+    over the env's models (fewer where the action masks hide shifts). The hidden layers keep their
+    initialisation; the head's weights get gradients from the first update on. Returns the bias.
+
+    Only for a categorical policy (PPO, MaskablePPO, A2C, RecurrentPPO) on the ``residual`` kind,
+    where action 0 is the plan; anything else is a :class:`QenvError`.
+    """
+    import torch
+    from gymnasium import spaces
+
+    env = model.get_env()
+    head = getattr(getattr(model, "policy", None), "action_net", None)
+    if not isinstance(model.action_space, spaces.Discrete) or not isinstance(head, torch.nn.Linear):
+        raise QenvError(f"plan_deviations needs a policy with one categorical action head over a Discrete action space; "
+                        f"{type(model).__name__} on {model.action_space} has none.",
+                        "use it with ppo or maskable_ppo on action_kind residual, or leave plan_deviations out.")
+    kind = action_kind_of_vec(env)
+    if kind != "residual":
+        raise QenvError(f"plan_deviations starts the policy at action 0, which keeps the plan only on the residual "
+                        f"action kind, not on {kind!r}.",
+                        "train on --env-kwargs action_kind=residual, or leave plan_deviations out.")
+    lengths = [int(n) for n in env.get_attr("model_episode_lengths", indices=[0])[0]]
+    bias = plan_bias(deviations, float(np.mean(lengths)), int(model.action_space.n))
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[0] = bias
+    return bias
+
+
+def action_kind_of_vec(env: Any) -> str:
+    """The action kind of the first env of an SB3 vec env (or of a plain env)."""
+    from qenv.envs.episodes import action_kind
+
+    if hasattr(env, "get_attr"):
+        mapper = env.get_attr("mapper", indices=[0])[0]
+        return str(mapper.kind)
+    return action_kind(env)
 
 
 # -- safe loading of SB3 zips ---------------------------------------------------------------------

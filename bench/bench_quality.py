@@ -23,6 +23,9 @@ evaluator, presets and agents (nothing re-implemented here):
   ``random``, ``evolution`` searchers, N evaluations each, seeds 0..S-1
   ``ppo``                   PPO (``configs/ppo.yaml``), N episodes of training, then one
                             deterministic rollout; seeds 0..S-1
+  ``rl_best``               the same training run reported like the searchers: the best
+                            recipe of its N training episodes (``EpisodeTracker``, the
+                            tracker behind train_agent.py's ``best_recipe.json``)
   ========================  ==============================================================
 
   Every seeded method gets the same number of environment evaluations N (``--episodes``): PPO
@@ -77,16 +80,18 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 FAMILIES = ("rtn", "gptq", "awq")
 PRESET_BITS = (2, 3, 4, 5, 6, 8)
 PRESET_GROUPS = ("", "-g64", "-g32", "-gc")
-SEEDED = ("random", "evolution", "ppo")
-METHOD_ORDER = ("fp16", "rtn_frontier", "rtn", "gptq", "awq", "llamacpp", "greedy", "random", "evolution", "ppo")
+SEEDED = ("random", "evolution", "ppo", "rl_best")
+METHOD_ORDER = ("fp16", "rtn_frontier", "rtn", "gptq", "awq", "llamacpp", "greedy", "random", "evolution", "ppo",
+                "rl_best")
 METHOD_LABEL = {
     "fp16": "full precision", "rtn_frontier": "uniform RTN frontier (env reference, interpolated)",
     "rtn": "uniform RTN (best fitting)", "gptq": "uniform GPTQ (best fitting)", "awq": "AWQ-like (best fitting)",
     "llamacpp": "llama.cpp-like mix", "greedy": "greedy (HAWQ-style)", "random": "random search",
     "evolution": "evolution (EvoPress-like)", "ppo": "RL policy (--rl-agent on --action-kind)",
+    "rl_best": "RL, best training episode",
 }
 HUMAN = ("rtn", "gptq", "awq", "llamacpp")
-SEARCHED = ("greedy", "random", "evolution", "ppo")
+SEARCHED = ("greedy", "random", "evolution", "ppo", "rl_best")
 _TOL = 1e-9
 
 
@@ -371,15 +376,35 @@ def quality_job(cfg: dict[str, Any]) -> None:
     rl_agent, rl_kind = rl_settings(cfg)
     rl_env = env if rl_kind == "discrete" else make_env(model, budget, cfg, out / "work", rl_kind)[0]
 
+    trained: dict[int, Any] = {}  # seed -> the training run's episode tracker (for rl_best)
+
     def ppo(seed: int) -> dict[str, Any]:
+        from stable_baselines3.common.callbacks import CallbackList
+
+        from qenv.callbacks import EpisodeTracker, QuantEpisodeCallback
+
         hp = ppo_hyperparams(n_layers, episodes, agent=rl_agent)
         agent = make_agent(rl_agent, rl_env, seed=seed, **hp)
-        agent.learn(episodes * n_layers, callback=sb3_cb)
+        tracker = EpisodeTracker()
+        agent.learn(episodes * n_layers, callback=CallbackList([sb3_cb, QuantEpisodeCallback(tracker)]))
+        trained[seed] = tracker
         played = agent.num_timesteps / n_layers
         recipe, info = rollout_recipe(agent, rl_env, deterministic=True)
         return {**measure(task, held, recipe_of(info), budget), "evals": played, "n_steps": hp["n_steps"],
                 "truncated": played + 1e-9 < episodes, "clamped_actions": info.get("clamped_actions", 0),
-                "agent": rl_agent, "action_kind": rl_kind}
+                "agent": rl_agent, "action_kind": rl_kind, "plan_deviations": hp.get("plan_deviations")}
+
+    def rl_best(seed: int) -> dict[str, Any]:
+        """The best recipe of the N training episodes, measured like the searchers' best."""
+        tracker = trained.pop(seed, None)
+        if tracker is None:
+            raise RuntimeError("this seed's RL training did not run here (its ppo row came from an earlier run)")
+        best = tracker.best_recipe()
+        if best is None:
+            raise RuntimeError("the RL run finished no episode")
+        return {**measure(task, held, best, budget), "evals": len(tracker), "best_episode": tracker.best["n"],
+                "episode_kl_min": min(e["kl"] for e in tracker.episodes if e.get("kl") is not None),
+                "truncated": len(tracker) < episodes, "agent": rl_agent, "action_kind": rl_kind}
 
     only = set(cfg.get("methods") or METHOD_ORDER)
     for name in ("rtn", "gptq", "awq"):
@@ -393,8 +418,9 @@ def quality_job(cfg: dict[str, Any]) -> None:
         for name in ("random", "evolution"):
             if name in only:
                 unit(name, seed, searcher(name, seed))
-        if "ppo" in only:
-            unit("ppo", seed, lambda seed=seed: ppo(seed))
+        if only & {"ppo", "rl_best"} and not {("ppo", seed), ("rl_best", seed)} <= set(skip):
+            unit("ppo", seed, lambda seed=seed: ppo(seed))  # one training run gives both rows
+            unit("rl_best", seed, lambda seed=seed: rl_best(seed))
     rec.write(method="done", wall_s=time.perf_counter() - t0)
 
 
@@ -925,6 +951,49 @@ def transfer_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
+    """Markdown: per cell, the RL run's deterministic rollout (ppo) and its best training episode
+    (rl_best) against greedy, random search and evolution (mean calibration KL over the seeds), and
+    how many cells each RL row wins (strictly lower mean KL)."""
+    rows, wins = [], {m: {"greedy": 0, "random": 0, "evolution": 0, "n": 0} for m in ("ppo", "rl_best")}
+    evo_close = {m: [] for m in ("ppo", "rl_best")}
+    for model, budgets in agg["cells"].items():
+        for key in sorted(budgets, key=float):
+            methods = budgets[key]
+            kl = {m: methods[m]["kl"] for m in ("greedy", "random", "evolution", "ppo", "rl_best")
+                  if methods.get(m, {}).get("runs")}
+            if "ppo" not in kl:
+                continue
+            text = []
+            for m in ("ppo", "rl_best"):
+                if m not in kl:
+                    text.append("—")
+                    continue
+                wins[m]["n"] += 1
+                beaten = [o for o in ("greedy", "random", "evolution") if o in kl and kl[m][0] < kl[o][0]]
+                for o in beaten:
+                    wins[m][o] += 1
+                if float(key) == 3.0 and "evolution" in kl:
+                    evo_close[m].append(kl[m][0] <= 1.05 * kl["evolution"][0])
+                text.append(f"{fmt_num(kl[m][0])} ± {fmt_num(kl[m][1], 2)} (beats {', '.join(beaten) or 'none'})")
+            cells = [fmt_num(kl[o][0]) + (f" ± {fmt_num(kl[o][1], 2)}" if o != "greedy" else "") if o in kl else "—"
+                     for o in ("greedy", "random", "evolution")]
+            rows.append(f"| {model} | {key} | " + " | ".join(text + cells) + " |")
+    if not rows:
+        return []
+    out = ["### RL against the searchers (calibration KL, mean ± std over seeds; same N evaluations)\n",
+           "| model | budget | RL deterministic rollout (ppo) | RL best training episode (rl_best) | greedy | "
+           "random | evolution |", "|---|---|---|---|---|---|---|", *rows, ""]
+    for m in ("ppo", "rl_best"):
+        w = wins[m]
+        close = evo_close[m]
+        out.append(f"- {m}: beats random in {w['random']}/{w['n']} cells, greedy in {w['greedy']}/{w['n']}, "
+                   f"evolution in {w['evolution']}/{w['n']}; at 3.0 bpw within 5% of evolution's KL (or better) "
+                   f"in {sum(close)}/{len(close)}")
+    out.append("")
+    return out
+
+
 def pareto_png(path: Path, model: str, budgets: dict[str, dict[str, Any]]) -> None:
     from matplotlib.figure import Figure
 
@@ -934,7 +1003,7 @@ def pareto_png(path: Path, model: str, budgets: dict[str, dict[str, Any]]) -> No
     ax = fig.add_subplot()
     styles = {"rtn": ("o", "tab:blue"), "gptq": ("s", "tab:cyan"), "awq": ("D", "tab:purple"),
               "llamacpp": ("P", "tab:brown"), "greedy": ("v", "tab:orange"), "random": ("^", "tab:gray"),
-              "evolution": ("X", "tab:green"), "ppo": ("*", "tab:red")}
+              "evolution": ("X", "tab:green"), "ppo": ("*", "tab:red"), "rl_best": ("h", "tab:pink")}
     keys = sorted(budgets, key=float)
     front = [(float(k), budgets[k]["rtn_frontier"]["kl"][0]) for k in keys
              if budgets[k].get("rtn_frontier", {}).get("runs")]
@@ -1029,6 +1098,7 @@ def report(args: argparse.Namespace) -> int:
             pareto_png(out / f"quality_pareto_{model}.png", model, budgets)
         except Exception:
             traceback.print_exc()
+    md.extend(rl_vs_searchers(agg))
     md.append("### Best searched vs best human-designed recipe within the budget (calibration KL)\n")
     md.append("| model | budget | best human (KL, ppl) | best searched (KL, ppl) | human KL / searched KL | "
               "human KL / PPO KL |")

@@ -379,3 +379,108 @@ def test_out_of_range_knob_indices_are_refused(kind: str) -> None:
         env.step(too_big)
     env.step(np.zeros_like(too_big))  # in range still works
     env.close()
+
+
+# -- residual policy learning: the policy starts at the plan (plan_deviations) -------------------------
+def test_untrained_policy_started_at_the_plan_is_greedy_on_the_default_model():
+    """plan_deviations: the untrained MaskablePPO's deterministic rollout is exactly the greedy
+    searcher's recipe on the default model (42 layers); without it the head is SB3's near-uniform one."""
+    pytest.importorskip("sb3_contrib")
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from qenv.agents import make_agent, rollout_recipe
+
+    env = make("default", "residual", 3.0)
+    agent = make_agent("maskable_ppo", DummyVecEnv([lambda: env]), seed=3, plan_deviations=2)
+    _, info = rollout_recipe(agent, env, deterministic=True)
+    greedy = make_agent("greedy", make("default", "discrete", 3.0))
+    greedy.learn(1)
+    assert info["recipe"] == greedy.best_info["recipe"] and info["kl"] == greedy.best_info["kl"]
+    # every observation: P(action != 0) = d / L exactly (the head's weights are 0)
+    import torch
+
+    obs, _ = env.reset(seed=0)
+    probs = agent.model.policy.get_distribution(torch.as_tensor(obs[None])).distribution.probs[0].detach()
+    assert float(1 - probs[0]) == pytest.approx(2 / len(env.task.layers), rel=1e-5)
+    plain = make_agent("maskable_ppo", DummyVecEnv([lambda: env]), seed=3)
+    probs = plain.model.policy.get_distribution(torch.as_tensor(obs[None])).distribution.probs[0].detach()
+    assert float(1 - probs[0]) > 0.8  # SB3's own init: ~uniform over the 7 actions
+
+
+def test_plan_deviations_sets_the_sampled_deviation_rate(stories_bin):
+    """Sampled (masked) actions of the untrained policy leave the plan about d / L of the time."""
+    pytest.importorskip("sb3_contrib")
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from qenv.agents import make_agent
+    from qenv.agents.sb3 import plan_bias
+
+    env = make("tiny-llama", "residual", 3.0)
+    n_layers = len(env.task.layers)
+    for d in (1.0, 4.0):
+        agent = make_agent("maskable_ppo", DummyVecEnv([lambda: env]), seed=0, plan_deviations=d)
+        deviations = steps = 0
+        for episode in range(40):
+            obs, _ = env.reset(seed=episode)
+            done = False
+            while not done:
+                action, _ = agent.predict(obs, deterministic=False, action_masks=env.action_masks())
+                deviations += int(action) != 0
+                steps += 1
+                obs, _, done, _, _ = env.step(action)
+        rate, want = deviations / steps, d / n_layers
+        # masks only ever hide shifts, so the rate is at most d / L; 560 samples: ~4 standard errors
+        assert want - 4 * np.sqrt(want * (1 - want) / steps) - 0.02 < rate < want + 4 * np.sqrt(want * (1 - want) / steps)
+    assert plan_bias(2, 42, 7) == pytest.approx(np.log(6 * 40 / 2))
+
+
+def test_plan_deviations_bad_input_and_configs(stories_bin):
+    pytest.importorskip("sb3_contrib")
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from qenv.agents import make_agent
+    from qenv.agents.registry import check_hyperparams
+    from qenv.cli.config import load_agent_config
+
+    with pytest.raises(QenvError, match="only on the residual action kind"):
+        make_agent("maskable_ppo", DummyVecEnv([lambda: make("tiny-llama", "discrete")]), plan_deviations=2)
+    with pytest.raises(QenvError, match="fewer than the episode's 14 steps"):
+        make_agent("ppo", DummyVecEnv([lambda: make("tiny-llama", "residual")]), plan_deviations=14)
+    with pytest.raises(QenvError, match="out of range"):
+        check_hyperparams("maskable_ppo", {"plan_deviations": 0}, "test")
+    # the benchmark's RL agent starts at the plan; the README's default command (ppo.yaml) does not
+    masked = load_agent_config(REPO / "configs" / "maskable_ppo.yaml", "QuantLLM-v0")
+    assert masked.hyperparams["plan_deviations"] > 0 and masked.checkpoint_freq == 2048
+    assert "plan_deviations" not in load_agent_config(REPO / "configs" / "ppo.yaml", "QuantLLM-v0").hyperparams
+
+
+def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
+    """bench_quality.py reports the RL run twice: its deterministic rollout (ppo) and, like the
+    searchers, the best recipe of its N training episodes (rl_best), measured again."""
+    pytest.importorskip("sb3_contrib")
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("bench_quality_rl", REPO / "bench" / "bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data_dir = stories_bin.parents[1]
+    cfg = {"model": bench.resolve_model("stories260K", data_dir), "budget": 3.0, "deadline": time.time() + 600,
+           "episodes": 4, "out": str(tmp_path), "data_dir": str(data_dir), "n_tokens": 256, "seq_len": 32,
+           "batch_size": 8, "held_tokens": 256, "device": "cpu", "dtype": "float32", "cache_dir": str(tmp_path / "c"),
+           "seeds": [0], "methods": ["ppo"], "rl_agent": "maskable_ppo", "action_kind": "residual", "threads": 1}
+    bench.quality_job(cfg)
+    rows = {r["method"]: r for r in bench.load_rows(tmp_path)}
+    assert {"ppo", "rl_best"} <= set(rows) and "error" not in rows["rl_best"], rows.get("rl_best")
+    best, ppo = rows["rl_best"], rows["ppo"]
+    assert best["evals"] == 4 and 1 <= best["best_episode"] <= 4 and ppo["evals"] == 4
+    assert best["kl"] == pytest.approx(best["episode_kl_min"], rel=1e-5)  # the best episode's recipe, measured again
+    assert best["bpw"] <= 3.0 + 1e-9 and ppo["plan_deviations"] == load_plan_deviations()
+    agg = bench.aggregate(bench.load_rows(tmp_path))
+    assert "rl_best" in agg["cells"]["stories260K"]["3"]
+
+
+def load_plan_deviations():
+    from qenv.cli.config import load_agent_config
+
+    return load_agent_config(REPO / "configs" / "maskable_ppo.yaml", "QuantLLM-v0").hyperparams["plan_deviations"]

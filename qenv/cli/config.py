@@ -22,6 +22,11 @@ which rl-zoo3 never reads; the files in ``configs/`` load in ``python -m rl_zoo3
       policy: MlpPolicy
     qenv:                       # read by train_agent.py only
       checkpoint_freq: 2048
+      plan_deviations: 2        # qenv's SB3 wrappers: start a residual policy at greedy's plan
+
+``plan_deviations`` (a number d) initialises a categorical policy's action head so that the
+untrained policy keeps the ``residual`` kind's plan (action 0) and deviates d times per episode
+in expectation (``qenv.agents.sb3.start_at_plan``); rl-zoo3's algorithms do not take it.
 
 Anything else that the agent does not take is an error naming the accepted keys.
 """
@@ -42,7 +47,9 @@ from qenv.errors import QenvError
 RESERVED_KEYS: tuple[str, ...] = ("n_timesteps", "n_envs", "vec_env", "checkpoint_freq", "env_kwargs", "normalize")
 #: the top-level section of qenv-only run settings (rl-zoo3 reads only the environment's section)
 QENV_SECTION = "qenv"
-QENV_ONLY_KEYS: tuple[str, ...] = ("vec_env", "checkpoint_freq")
+QENV_ONLY_KEYS: tuple[str, ...] = ("vec_env", "checkpoint_freq", "plan_deviations")
+#: qenv-only keys of the ``qenv:`` section that go to the agent's constructor (not to rl-zoo3's algorithm)
+QENV_AGENT_KEYS: tuple[str, ...] = ("plan_deviations",)
 VEC_ENVS: tuple[str, ...] = ("dummy", "subproc", "ray")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _ACTIVATIONS = {"tanh": "Tanh", "relu": "ReLU", "elu": "ELU", "leaky_relu": "LeakyReLU", "gelu": "GELU",
@@ -209,6 +216,7 @@ def load_agent_config(path: str | Path, env_id: str) -> AgentConfig:
         qenv_cfg = parse_section(extra, f"{path} [{QENV_SECTION}]")
         cfg.vec_env = qenv_cfg.vec_env or cfg.vec_env
         cfg.checkpoint_freq = qenv_cfg.checkpoint_freq or cfg.checkpoint_freq
+        cfg.hyperparams.update({k: v for k, v in qenv_cfg.hyperparams.items() if k in QENV_AGENT_KEYS})
         cfg.raw = {**cfg.raw, **extra}
     return cfg
 

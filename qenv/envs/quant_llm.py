@@ -566,6 +566,13 @@ class QuantLLMEnv(gym.Env):
         return len(self.task.layers)
 
     @property
+    def model_episode_lengths(self) -> tuple[int, ...]:
+        """Episode length of each model of the env (one entry per model of a zoo), e.g. to size an
+        agent's exploration to the episode before any episode is played. (Not ``episode_lengths``:
+        SB3's ``Monitor`` wrapper has a list of that name, which ``VecEnv.get_attr`` finds first.)"""
+        return tuple(len(t.layers) for t in self.tasks)
+
+    @property
     def budget_bits(self) -> float:
         return self.budget_bpw * self.task.total_weights
 
