@@ -58,6 +58,20 @@ class Rule:
     gguf: str | None = None
     imatrix: bool = False
 
+    def __hash__(self) -> int:
+        # Rules key every cache (quantized weights per (layer, rule), prefix keys of whole recipes):
+        # the hash is computed once per rule instead of over its eleven fields at every lookup
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_hash", None)  # str hashes differ between processes: never carried over
+        return state
+
     def __post_init__(self) -> None:
         if self.gguf is not None:
             qtype = _gguf.check_type(self.gguf)
