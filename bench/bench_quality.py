@@ -198,13 +198,34 @@ def preset_candidates(task: Any, budget: float, family: str) -> list[tuple[str, 
     return [(n, bpw) for n, bpw, b in sizes if b >= top - 1 or b == min(x[2] for x in sizes)]
 
 
+def prebuild_recipes(task: Any, recipes: list[Any]) -> None:
+    """On a GPU, quantize the recipes' (layer, rule) pairs up front in batches (``QuantizedWeights.prebuild``:
+    one GPTQ column loop for all layers of a shape instead of one per layer); on a CPU, or when the
+    weight cache cannot hold them, they are quantized on demand as the evaluation asks (same weights)."""
+    from qenv.errors import QenvError
+
+    weights = task.evaluator.weights
+    if task.loaded.device.type != "cuda":
+        return
+    by_rule: dict[Any, list[str]] = {}
+    for recipe in recipes:
+        for name, rule in recipe.items():
+            by_rule.setdefault(rule, []).append(name)
+    for rule, names in by_rule.items():
+        try:
+            weights.prebuild([rule], names=sorted(set(names)))
+        except QenvError:
+            return
+
+
 def best_preset(task: Any, budget: float, family: str) -> tuple[str, Any] | None:
     """(name, recipe) of the family's fitting preset with the lowest calibration KL."""
     from qenv.quant.presets import preset
 
     best = None
-    for name, _ in preset_candidates(task, budget, family):
-        recipe = preset(name, task.layers)
+    recipes = [(name, preset(name, task.layers)) for name, _ in preset_candidates(task, budget, family)]
+    prebuild_recipes(task, [recipe for _, recipe in recipes])
+    for name, recipe in recipes:
         kl = task.evaluator.evaluate(recipe).kl
         if best is None or kl < best[0]:
             best = (kl, name, recipe)

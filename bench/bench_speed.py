@@ -238,25 +238,80 @@ def _forward_time(ev, clock) -> float:
     return clock() - t0
 
 
-def _episode(env, action_seed: int, clock, *, max_steps: int | None = None, max_seconds: float | None = None):
-    """Run one episode with seeded random actions: (wall seconds, per-step seconds, final info, finished)."""
+def _episode(env, action_seed: int, clock, *, max_steps: int | None = None, max_seconds: float | None = None,
+             per_step: bool = False):
+    """Run one episode with seeded random actions: (seconds, per-step seconds, final info, finished).
+
+    The clock waits for the GPU at the episode's start and end only: an agent's loop does not wait
+    for queued kernels at each step, so the env's Python for the next layers overlaps with the
+    blocks already queued. ``per_step`` also times each step, with the GPU synchronised around it
+    (the naive env's extrapolation needs that; it serialises the episode)."""
     env.action_space.seed(action_seed)
     t0 = clock()
+    start = time.perf_counter()
     env.reset(seed=action_seed)
     steps: list[float] = []
+    n_steps = 0
     info: dict[str, Any] = {}
     done = False
     while not done:
-        if max_steps is not None and len(steps) >= max_steps:
+        if max_steps is not None and n_steps >= max_steps:
             break
-        if max_seconds is not None and steps and clock() - t0 >= max_seconds:
+        if max_seconds is not None and n_steps and time.perf_counter() - start >= max_seconds:
             break
         action = env.action_space.sample()
-        s0 = clock()
-        _, _, terminated, truncated, info = env.step(action)
-        steps.append(clock() - s0)
+        if per_step:
+            s0 = clock()
+            _, _, terminated, truncated, info = env.step(action)
+            steps.append(clock() - s0)
+        else:
+            _, _, terminated, truncated, info = env.step(action)
+        n_steps += 1
         done = terminated or truncated
     return clock() - t0, steps, info, done
+
+
+def profile_replay(env, ev, cfg: dict[str, Any], clock) -> dict[str, Any]:
+    """Where a warm replay's time goes: cProfile's costliest functions (by own time and by cumulative
+    time), and the same replay timed with the GPU synchronised after every step (on a GPU, the
+    difference to the plain replay is how much of the Python overlaps with queued kernels)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    sync = torch.cuda.synchronize if ev.loaded.model.device.type == "cuda" else (lambda: None)
+    clear_prefix_cache(ev)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    t, _, _, _ = _episode(env, cfg["seed"], clock)
+    sync()
+    profiler.disable()
+    out: dict[str, Any] = {"profiled_s": t}
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(cfg["profile"])
+        out[order] = text.getvalue()
+        print(text.getvalue(), flush=True)
+    clear_prefix_cache(ev)
+    step_times = []
+    env.action_space.seed(cfg["seed"])
+    env.reset(seed=cfg["seed"])
+    t0 = clock()
+    done = False
+    while not done:
+        s0 = clock()
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        sync()
+        step_times.append(clock() - s0)
+        done = terminated or truncated
+    out["synced_steps_s"] = clock() - t0
+    out["synced_step_top"] = sorted(step_times, reverse=True)[:8]
+    out["synced_step_median"] = _median(step_times)
+    print(f"  replay synchronised after every step {out['synced_steps_s']:.3f}s; median step "
+          f"{out['synced_step_median'] * 1e6:.0f} us", flush=True)
+    return out
 
 
 def _extrapolate(steps: list[float], n_total: int) -> float:
@@ -415,9 +470,10 @@ def bench_search(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemory) -
     return out
 
 
-def bench_menu_build(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemory) -> dict[str, Any]:
-    """Time ``QuantizedWeights.prebuild`` of the whole menu from an empty cache, per rule, and the
-    per-layer (on-demand) path it replaces on the first ``--compare-blocks`` blocks."""
+def bench_menu_build(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemory, env_task) -> dict[str, Any]:
+    """Time ``QuantizedWeights.prebuild`` of the whole menu from an empty cache, per rule (then the
+    inherited AWQ-scale variants, as the env's ``prebuild_menu``), and the per-layer (on-demand)
+    path it replaces on the first ``--compare-blocks`` blocks."""
     from qenv.quant.apply import QuantizedWeights
 
     w = ev.weights
@@ -432,6 +488,15 @@ def bench_menu_build(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemor
         r0 = clock()
         w.prebuild([rule], progress=cfg["progress"])
         out["per_rule_s"][rule.label()] = clock() - r0
+    # and, as the env's prebuild_menu does, the AWQ-scale variants that later layers of an input group
+    # inherit (foldable AWQ), so that no episode quantizes anything afterwards
+    from qenv.envs.quant_llm import inherited_scale_variants
+
+    later, variants = inherited_scale_variants(env_task, menu_rules)
+    r0 = clock()
+    if later and variants:
+        w.prebuild(variants, progress=cfg["progress"], names=later)
+    out["inherited_variants_s"] = clock() - r0
     out["seconds"] = clock() - t0
     out["entries"] = len(w._cache)
     out["cache_bytes"] = w._cache_bytes
@@ -585,7 +650,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     # -- cold menu build: every (layer, menu rule) pair, layers of one shape batched -----------------
     if cfg["menu_build"]:
-        result["menu_build"] = bench_menu_build(cfg, ev, env.unwrapped.mapper.rules, clock, peak)
+        result["menu_build"] = bench_menu_build(cfg, ev, env.unwrapped.mapper.rules, clock, peak, task)
         save()
 
     # -- streaming episodes ---------------------------------------------------------------------------
@@ -611,6 +676,9 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                              "misses": w.misses - m0,
                              "note": "same actions as the cold episode; weight cache warm, prefix cache cleared"}
     print(f"  warm replay {_median(replays):.3f}s vs forward {forward_s():.3f}s", flush=True)
+    if cfg["profile"]:
+        stream["warm_replay_profile"] = profile_replay(env, ev, cfg, clock)
+        save()
     episodes = []
     t_start = time.perf_counter()
     for i in range(cfg["episodes"]):
@@ -642,7 +710,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         assert naive_env.task is task, "the naive env must share the model, tokens and evaluator"
         peak.reset()
         limit = min(cfg["naive_max_seconds"], max(deadline.left() - cfg["reserve_s"], 5.0))
-        t, steps, info, finished = _episode(naive_env, cfg["seed"], clock, max_steps=cfg["naive_max_steps"],
+        t, steps, info, finished = _episode(naive_env, cfg["seed"], clock, per_step=True, max_steps=cfg["naive_max_steps"],
                                             max_seconds=limit)
         total = t if finished else _extrapolate(steps, n_layers)
         naive.update(seconds=total, measured_s=t, steps_measured=len(steps), steps_total=n_layers,
@@ -862,7 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model specs (load_model specs, or the alias stories260K); 'default' is skipped when the "
                         "built-in model is not present (default: stories260K default)")
     p.add_argument("--random-llama", nargs="*", default=[], metavar="SIZE",
-                   help="also bench random-weight Llamas of these sizes (100m, 500m, 1b)")
+                   help="also bench random-weight Llamas of these sizes (100m, 500m, 1b, smollm2: SmolLM2-135M's shape)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default)")
@@ -879,6 +947,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=5, help="random streaming episodes after the cold one (default 5)")
     p.add_argument("--episodes-max-seconds", type=float, default=120.0, help="stop random episodes after this long")
     p.add_argument("--replays", type=int, default=3, help="warm replays of the cold episode (default 3)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile one more warm replay (cProfile's N costliest functions, and the replay with the GPU "
+                        "synchronised after every step); default 0: off")
     p.add_argument("--forward-repeats", type=int, default=3, help="forward passes timed for the floor (default 3)")
     p.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive env")
     p.add_argument("--naive-max-steps", type=int, default=None, help="cut the naive episode after this many steps")
@@ -960,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
                "timer": args.timer, "random_tokens": args.random_tokens,
                "n_tokens": args.n_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
                "budget": args.budget, "seed": args.seed, "episodes": args.episodes,
-               "episodes_max_seconds": args.episodes_max_seconds, "replays": max(1, args.replays),
+               "episodes_max_seconds": args.episodes_max_seconds, "replays": max(1, args.replays), "profile": args.profile,
                "forward_repeats": max(1, args.forward_repeats), "naive": args.naive,
                "naive_max_steps": args.naive_max_steps, "naive_max_seconds": args.naive_max_seconds,
                "vec_envs": args.vec_envs, "vec_classes": args.vec_classes, "vec_episodes": args.vec_episodes,
@@ -969,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
                "search_last_frac": args.search_last_frac, "search_rules": args.search_rules,
                "weight_cache_gb": args.weight_cache_gb, "prefix_cache_gb": args.prefix_cache_gb,
                "menu_build": args.menu_build, "compare_blocks": args.compare_blocks, "progress": args.progress,
-               "searchers": args.searchers, "searcher_evals": args.searcher_evals, "ppo_steps": args.ppo_steps,
+               "searchers": [s for s in args.searchers if s != "none"], "searcher_evals": args.searcher_evals, "ppo_steps": args.ppo_steps,
                "cache_dir": cache_dir, "time_budget": budget, "reserve_s": args.reserve_s,
                "part_path": str(part)}
         env = dict(os.environ)

@@ -25,6 +25,10 @@ SIZES: dict[str, dict[str, Any]] = {
     # ~1B: Llama-3.2-1B's shape (16 blocks of width 2048, MLP 8192, GQA 32/8) with a 32k vocabulary
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=True),
+    # SmolLM2-135M's shape (30 blocks of width 576, MLP 1536, GQA 9/3, vocabulary 49152, tied): times the
+    # environment like the real model on a machine that does not hold its GGUF
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, tie_word_embeddings=True, vocab_size=49152, rope_theta=100000.0),
 }
 
 
@@ -34,8 +38,8 @@ def random_llama_config(size: str, **overrides: Any):
     key = size.lower()
     if key not in SIZES:
         raise ValueError(f"unknown random-llama size {size!r}; use one of {sorted(SIZES)}")
-    fields = dict(vocab_size=32000, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                  **SIZES[key])
+    fields = dict(vocab_size=32000, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields.update(SIZES[key])
     fields.update(overrides)
     return LlamaConfig(**fields)
 

@@ -18,7 +18,7 @@ One place for what both the environment and the searchers need:
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 
 import numpy as np
@@ -296,6 +296,7 @@ class LagrangianSuffix:
         for k, (_, r, delta) in enumerate(events):
             change[: r + 1, k + 1] = delta
         self.cum = np.cumsum(change, axis=1)
+        self.falling = np.all(np.diff(self.cum, axis=1) <= 0, axis=1)  # per suffix: totals fall as λ grows
         self.base_suffix = np.concatenate([np.cumsum(self.base[::-1])[::-1], [0.0]])
         unsafe.sort()
         merged: list[list[float]] = []
@@ -336,10 +337,50 @@ class LagrangianSuffix:
             row = self._rows[start] = (self.cum[start] + self.base_suffix[start]).tolist()
         if self._total(start, float(np.exp(hi)), row) > limit:
             return np.argmin(costs + 1e-12 * err, axis=1)
+        window = self._feasible_window(start, row, limit)
+        if window is None:  # no threshold to read off the table (never seen in practice): ask at each λ
+            for _ in range(iterations):
+                mid = 0.5 * (lo + hi)
+                if self._total(start, float(np.exp(mid)), row) <= limit:
+                    hi = mid
+                else:
+                    lo = mid
+            return pick(np.exp(hi))
+        below, above = window
+        # the margin of the crossings at λ -> 0 has no interval below it to bound its totals: asked too
+        near_zero = self.unsafe_hi[0] if self.unsafe_lo and self.unsafe_lo[0] <= 0.0 else 0.0
+        # compared in log space, widened by 1e-12 (thousands of ulps of exp's rounding): a log-λ
+        # inside a widened window is asked exactly, at numpy's exp (the plain function's λ)
+        log_zero = math.log(near_zero) + 1e-12 if near_zero > 0 else -math.inf
+        log_below = math.log(below) - 1e-12 if below > 0 else -math.inf
+        log_above = math.log(above) + 1e-12 if above > 0 else -math.inf
         for _ in range(iterations):
             mid = 0.5 * (lo + hi)
-            if self._total(start, float(np.exp(mid)), row) <= limit:
+            if mid <= log_zero or log_below <= mid <= log_above:
+                fits = self._total(start, float(np.exp(mid)), row) <= limit
+            else:
+                fits = mid > log_above
+            if fits:
                 hi = mid
             else:
                 lo = mid
         return pick(np.exp(hi))
+
+    def _feasible_window(self, start: int, row: list[float], limit: float) -> tuple[float, float] | None:
+        """``(below, above)``: every λ < below makes the suffix's total exceed ``limit`` and every λ >
+        above fits it, also where the total is computed the plain way (a rule picked near a crossing is
+        one of the rules on either side of it, so that total lies between the table's totals around the
+        margin). Between them (the margin around the crossing where the total first fits) each λ is
+        asked. ``None`` when the table's totals do not fall with λ (then every λ is asked)."""
+        window: tuple[float, float] | None = None
+        if self.falling[start]:
+            first = bisect_left(row, -limit, key=float.__neg__)  # the first interval whose total fits
+            first = first if first < len(row) else None
+            if first is not None:
+                threshold = self.event_lam[first - 1] if first > 0 else 0.0
+                u = bisect_right(self.unsafe_lo, threshold) - 1
+                if first > 0 and u >= 0 and threshold <= self.unsafe_hi[u]:
+                    window = (self.unsafe_lo[u], self.unsafe_hi[u])
+                else:
+                    window = (threshold, threshold)
+        return window

