@@ -11,6 +11,10 @@ the model under quantization may still run on a GPU), a replay buffer of 100k tr
 the off-policy algorithms (an episode is one step per layer, so 1M transitions is more than a
 run ever collects), and Gaussian action noise (σ=0.1) for TD3 and DDPG, which otherwise explore
 only through their initial weights. Any hyperparameter passed in wins.
+
+One keyword is qenv's own, not SB3's: ``plan_deviations=d`` starts a categorical policy on the
+``residual`` action kind at greedy's plan (:func:`start_at_plan`; configs set it in their
+``qenv:`` section, which rl-zoo3 does not read).
 """
 
 from __future__ import annotations

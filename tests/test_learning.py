@@ -478,6 +478,8 @@ def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     assert best["bpw"] <= 3.0 + 1e-9 and ppo["plan_deviations"] == load_plan_deviations()
     agg = bench.aggregate(bench.load_rows(tmp_path))
     assert "rl_best" in agg["cells"]["stories260K"]["3"]
+    table = "\n".join(bench.rl_vs_searchers(agg))
+    assert "| stories260K | 3 |" in table and "- rl_best: beats random in 0/1 cells" in table  # no random run here
 
 
 def load_plan_deviations():
