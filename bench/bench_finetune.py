@@ -3,7 +3,8 @@
 
     python bench/bench_finetune.py run --zoo runs/zoo3_plan/model.zip --models M ... --budgets 3.0 4.0 \
         --episodes 16 64 --seeds 0 --out bench/results/finetune_cpu.json
-    python bench/bench_finetune.py report --out bench/results/finetune_cpu.json
+    python bench/bench_finetune.py report --out bench/results/finetune_cpu.json    # one row per run
+    python bench/bench_finetune.py summary --out bench/results/finetune_cpu.json   # seeds averaged
 
 For every (model, budget, episodes E, seed) it runs the two programs a user would run:
 
@@ -183,6 +184,38 @@ def cmd_report(args: argparse.Namespace) -> None:
           f"{tally['best<greedy']}/{n}, random {tally['best<random']}/{n}, evolution {tally['best<evolution']}/{n}")
 
 
+def cmd_summary(args: argparse.Namespace) -> None:
+    """One row per (model, budget, episodes): the seeds' mean (± std) of each seeded method."""
+    import statistics
+
+    data = json.loads(Path(args.out).read_text())
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for c in data["cells"]:
+        groups.setdefault((c["budget_bpw"], c["episodes_asked"], c["model"]), []).append(c)
+
+    def ms(xs: list[float]) -> str:
+        return g(xs[0]) if len(xs) == 1 else f"{g(statistics.mean(xs))} ± {statistics.stdev(xs):.2g}"
+
+    print("| model (layers) | budget | episodes played | seeds | zero-shot rollout | fine-tuned rollout | "
+          "fine-tune best episode | greedy | random (same evals) | evolution (same evals) | "
+          "best preset at or under the budget (bpw) | fine-tuned vs zero-shot, per seed (better/same/worse) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (budget, episodes, model), cs in sorted(groups.items()):
+        cs.sort(key=lambda c: c["seed"])
+        c0 = cs[0]
+        ft = [c["fine_tuned"]["kl"] for c in cs]
+        zs = c0["zero_shot"]["kl"]
+        better = sum(x < zs and not math.isclose(x, zs, rel_tol=1e-6) for x in ft)
+        same = sum(math.isclose(x, zs, rel_tol=1e-6) for x in ft)
+        pr = c0["best_preset"]
+        played = sorted({c["episodes_played"] for c in cs})
+        print(f"| {model} ({c0['n_layers']}) | {budget:g} | {'/'.join(map(str, played))} | "
+              f"{','.join(str(c['seed']) for c in cs)} | {g(zs)} | {ms(ft)} | "
+              f"{ms([c['fine_tune_best_episode']['kl'] for c in cs])} | {g(c0['greedy']['kl'])} | "
+              f"{ms([c['random']['kl'] for c in cs])} | {ms([c['evolution']['kl'] for c in cs])} | "
+              f"{pr['method']}: {g(pr['kl'])} ({pr['bpw']:.3f}) | {better}/{same}/{len(cs) - better - same} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -198,8 +231,10 @@ def main() -> None:
     r.add_argument("--out", required=True)
     rep = sub.add_parser("report")
     rep.add_argument("--out", required=True)
+    summ = sub.add_parser("summary", help="one row per (model, budget, episodes), seeds averaged")
+    summ.add_argument("--out", required=True)
     args = p.parse_args()
-    cmd_run(args) if args.cmd == "run" else cmd_report(args)
+    {"run": cmd_run, "report": cmd_report, "summary": cmd_summary}[args.cmd](args)
 
 
 if __name__ == "__main__":
