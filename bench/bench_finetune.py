@@ -143,6 +143,13 @@ def g(x: float) -> str:
 
 def cmd_report(args: argparse.Namespace) -> None:
     data = json.loads(Path(args.out).read_text())
+    if not getattr(args, "quiet", False):
+        for model in sorted({c["model"] for c in data["cells"]}):  # the tallies of each model alone
+            sub = argparse.Namespace(out=args.out, quiet=True, only=model)
+            print(f"{model}: ", end="")
+            cmd_report(sub)
+    only = getattr(args, "only", None)
+    data["cells"] = [c for c in data["cells"] if only is None or c["model"] == only]
     lines = ["| model (layers) | budget | seed | episodes played | zero-shot rollout | fine-tuned rollout | "
              "fine-tune best episode | greedy | random (same evals) | evolution (same evals) | "
              "best preset at or under the budget | fine-tuned vs zero-shot | fine-tuned vs greedy |",
@@ -175,9 +182,10 @@ def cmd_report(args: argparse.Namespace) -> None:
                      f"{g(bst['kl'])} ({bst['bpw']:.3f}) | {g(gr['kl'])} ({gr['bpw']:.3f}) | "
                      f"{g(rn['kl'])} ({rn['bpw']:.3f}) | {g(ev['kl'])} ({ev['bpw']:.3f}) | {preset} | "
                      f"{vs(ft['kl'], zs['kl'])} | {vs(ft['kl'], gr['kl'])} |")
-    print("\n".join(lines))
+    if not getattr(args, "quiet", False):
+        print("\n".join(lines) + "\n")
     n = tally["n"]
-    print(f"\nfine-tuned rollout vs zero-shot: better {tally['ft<zs']}, same {tally['ft=zs']}, worse {tally['ft>zs']} of {n}; "
+    print(("" if getattr(args, "quiet", False) else "all models: ") + f"fine-tuned rollout vs zero-shot: better {tally['ft<zs']}, same {tally['ft=zs']}, worse {tally['ft>zs']} of {n}; "
           f"vs greedy: better {tally['ft<greedy']}, same {tally['ft=greedy']}, worse {tally['ft>greedy']}; "
           f"below random {tally['ft<random']}/{n}, below evolution {tally['ft<evolution']}/{n}, "
           f"below the best preset {tally['ft<preset']}/{n}; fine-tune best episode below greedy "
