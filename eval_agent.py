@@ -13,7 +13,8 @@ over the budget marked '*'. The summary compares the policy with the best preset
 budget, showing both sizes, and with each human family's frontier interpolated at the policy's own
 bits per weight (the equal-size comparison). Models the policy was not trained on are reported as
 "unseen model" (zero-shot); models a policy was fine-tuned on (a run started with ``train_agent.py
---init-from``) as "fine-tuned model", and the summary lists the two groups separately.
+--init-from``) as "fine-tuned model", and the summary lists the two groups separately; the models
+of the run it started from are "trained-on", never zero-shot.
 
 Writes results.json, results.csv and pareto.png (KL vs bpw of every method) into --out
 (default: <run folder>/eval-<date>-<time>); --export adds the policy's recipe per model as
@@ -128,6 +129,11 @@ def read_run(policy: Path) -> dict[str, Any]:
     if not run["train_models"] and settings.get("env_kwargs"):
         model = settings["env_kwargs"].get("model", "default")
         run["train_models"] = [{"spec": m} for m in (model if isinstance(model, list) else [model])]
+    # a fine-tuned policy also saw the models of the run it started from: those are not zero-shot
+    run["pretrain_models"] = []
+    if run["init_from"] and Path(run["init_from"]).is_file() and run_folder_of(Path(run["init_from"])) is not None:
+        before = read_run(Path(run["init_from"]))
+        run["pretrain_models"] = before["train_models"] + before["pretrain_models"]
     return run
 
 
@@ -250,10 +256,14 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     seq_len = int(kwargs.get("seq_len", 128))
     n_tokens = int(args.n_tokens or kwargs.get("n_tokens", 2048))
     scorer, tokens_desc = scoring_evaluator(task, args.data, n_tokens, seq_len, int(kwargs.get("batch_size", 8)))
-    train_prints = {m.get("fingerprint") for m in run["train_models"] if m.get("fingerprint")}
-    train_specs = {str(m.get("spec")) for m in run["train_models"]}
-    seen = task.loaded.fingerprint in train_prints if train_prints else spec in train_specs
-    status = ("fine-tuned" if run.get("init_from") else "trained-on") if seen else "zero-shot"
+    def trained_on(models: list[dict[str, Any]]) -> bool:
+        prints = {m.get("fingerprint") for m in models if m.get("fingerprint")}
+        return task.loaded.fingerprint in prints if prints else spec in {str(m.get("spec")) for m in models}
+
+    seen = trained_on(run["train_models"])
+    status = ("fine-tuned" if run.get("init_from") else "trained-on") if seen else \
+        ("trained-on" if trained_on(run.get("pretrain_models") or []) else "zero-shot")
+    seen = status != "zero-shot"
 
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()

@@ -237,12 +237,14 @@ def test_zoo_training_then_fine_tuning_on_a_new_model(zoo_run, capsys):
     assert ft["init_from"] == str((zoo_run / "zoo" / "model.zip").resolve())
     capsys.readouterr()
     code = run_main(eval_agent, ["--policy", zoo_run / "ft" / "model.zip", "--model", "tiny-qwen2", "--model",
-                                 "tiny-gpt2", "--searchers", "greedy", "--out", zoo_run / "ev"])
+                                 "tiny-gpt2", "--model", "tiny-llama", "--searchers", "greedy", "--out", zoo_run / "ev"])
     out = capsys.readouterr().out
     assert code == 0
     results = json.loads((zoo_run / "ev" / "results.json").read_text())
     assert results["fine_tuned"] == ["tiny-qwen2"] and results["zero_shot"] == ["tiny-gpt2"]
     assert "tiny-qwen2 (fine-tuned model)" in out and "tiny-gpt2 (unseen model)" in out
+    # tiny-llama was in the zoo the fine-tuning started from: seen in training, not zero-shot
+    assert "tiny-llama (trained-on model)" in out and results["models"][2]["seen"] is True
 
 
 def test_init_from_a_policy_with_another_observation_size(tmp_path, capsys):
