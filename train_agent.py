@@ -733,8 +733,11 @@ class Run:
         best = summary.get("best")
         if best:
             m = best["metrics"]
+            over = ""
+            if m.get("bpw") is not None and m["bpw"] > summary["budget_bpw"] + 1e-9:  # scored, not played (a llama.cpp mix)
+                over = f"; over the {summary['budget_bpw']:g} bpw budget: this agent found nothing that fits it"
             print(f"best episode: reward {best['reward']:.4f} on {best['model']} at step {best['timestep']} "
-                  f"(KL {fmt(m.get('kl'))}, ppl {fmt(m.get('ppl'))}, {fmt(m.get('bpw'))} bpw)")
+                  f"(KL {fmt(m.get('kl'))}, ppl {fmt(m.get('ppl'))}, {fmt(m.get('bpw'))} bpw{over})")
         files = [f for f in ("model.zip", "model.json", NORMALIZER_FILE, "best_recipe.json", "summary.json", "pareto.png",
                              "tb")
                  if (self.folder / f).exists()]

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from qenv.agents.base import base_env, layer_index_of, play_episode, recipe_of, rule_to_action, score_recipe
+from qenv.callbacks import report_scored_episode
 from qenv.envs.allocation import greedy_allocation, rule_errors
 from qenv.envs.spaces import RULE_KINDS
 from qenv.errors import QenvError
@@ -413,6 +414,8 @@ class LlamaCppSearch(Searcher):
         mix, recipe, _ = self.choose()
         reward, info = score_recipe(self.inner, recipe)
         info["mix"] = mix
+        # scored, not played (the mix's rules are not all in the action space): report it to a recorder
+        report_scored_episode(self.env, info, reward, self.n_layers)
         self._record(reward, info, recipe, self._actions_for(recipe))
 
 

@@ -603,3 +603,16 @@ class EpisodeRecorder(_Wrapper):
         if (terminated or truncated) and self.on_episode is not None and is_terminal_info(info):
             self.on_episode(info, self._return, self._length)
         return obs, reward, terminated, truncated, info
+
+
+def report_scored_episode(env: Any, info: dict[str, Any], reward: float, length: int) -> None:
+    """Tell the :class:`EpisodeRecorder` wrapping ``env`` (if any) about a recipe that was scored without
+    stepping the env (``score_recipe``: e.g. a llama.cpp mix, whose rules the action space cannot
+    express), so that it reaches the same tracker, TensorBoard and ``best_recipe.json`` as played ones."""
+    layer = env
+    while layer is not None:
+        if isinstance(layer, EpisodeRecorder):
+            if layer.on_episode is not None:
+                layer.on_episode(info, float(reward), int(length))
+            return
+        layer = getattr(layer, "env", None)

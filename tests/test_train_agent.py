@@ -339,3 +339,18 @@ def test_ctrl_c_saves_checkpoint_and_summary(tmp_path, stories_bin, cache_dir, t
     assert 0 < step < 4096 and summary["interrupted_at"] >= step
     assert json.loads(state.read_text())["num_timesteps"] == step
     assert (folder / "best_recipe.json").is_file() and (folder / "pareto.png").is_file()
+
+
+def test_llamacpp_mix_is_recorded_and_an_over_budget_best_says_so(tmp_path, cache_dir, capsys):
+    """The llamacpp agent scores its mix without stepping the env (its rules are not actions): the
+    episode still reaches the tracker and best_recipe.json, and a mix above the budget (the default
+    model's smallest llama.cpp mix is 4.5 bpw: every row falls back) is printed as over the budget."""
+    code = run_main(train_agent, ["--agent", "llamacpp", "--budget-bpw", "3", "--logdir", tmp_path, "--name", "ll",
+                                  "--no-progress", "--env-kwargs", "n_tokens=256", "seq_len=64"])
+    assert code == 0
+    out = capsys.readouterr().out
+    best = json.loads((tmp_path / "ll" / "best_recipe.json").read_text())
+    assert best["metrics"]["bpw"] == pytest.approx(4.5) and best["episode"] == 1
+    assert "4.5 bpw; over the 3 bpw budget" in out
+    summary = json.loads((tmp_path / "ll" / "summary.json").read_text())
+    assert summary["episodes"] == 1 and summary["timesteps"] == 42
