@@ -181,6 +181,20 @@ def measure(task: Any, held: Any, recipe: Any, budget: float) -> dict[str, Any]:
             "ppl": hm.ppl, "held_kl": hm.kl, "held_top1": hm.top1, "over_budget": cal.bpw > budget + _TOL}
 
 
+def menu_use(recipe: Any, menu: Any = None) -> dict[str, Any]:
+    """How far a recipe leaves the rule menu (``discrete`` kind's ``DEFAULT_MENU``): its rules per
+    layer, the distinct rules, and how many of those (and of the layers) use a rule the menu does
+    not list; an agent on the ``rule`` or ``continuous`` kind invents rules, one on the menu cannot."""
+    from qenv.envs.spaces import DEFAULT_MENU
+
+    menu = set(DEFAULT_MENU if menu is None else menu)
+    rules = dict(recipe.items())
+    distinct = set(rules.values())
+    return {"rules": {name: rule.to_dict() for name, rule in rules.items()}, "distinct_rules": len(distinct),
+            "off_menu_rules": sum(r not in menu for r in distinct),
+            "off_menu_layers": sum(r not in menu for r in rules.values())}
+
+
 def preset_candidates(task: Any, budget: float, family: str) -> list[tuple[str, float]]:
     """Presets of ``family`` that fit the budget, at the widest fitting bit width and the one below."""
     from qenv.quant.presets import preset
@@ -232,14 +246,18 @@ def best_preset(task: Any, budget: float, family: str) -> tuple[str, Any] | None
     return None if best is None else (best[1], best[2])
 
 
-def ppo_hyperparams(n_layers: int, episodes: int, per_rollout: bool = True, agent: str = "ppo") -> dict[str, Any]:
-    """``configs/<agent>.yaml``'s hyperparameters (PPO's family), with rollouts of whole episodes
-    (k episodes, k dividing N, so that training plays exactly N episodes) about as long as the
-    config's 256 steps."""
+def ppo_hyperparams(n_layers: int, episodes: int, per_rollout: bool = True, agent: str = "ppo",
+                    action_kind: str = "residual") -> dict[str, Any]:
+    """``configs/<agent>.yaml``'s hyperparameters, with on-policy rollouts (PPO's family) of whole
+    episodes (k episodes, k dividing N, so that training plays exactly N episodes) about as long as
+    the config's 256 steps. ``plan_deviations`` starts a policy at greedy's plan, which only the
+    residual kind has: it is left out for every other ``action_kind``."""
     from qenv.cli.config import load_agent_config
 
     hp = dict(load_agent_config(REPO_ROOT / "configs" / f"{agent}.yaml", "QuantLLM-v0").hyperparams)
-    if per_rollout:
+    if action_kind != "residual":
+        hp.pop("plan_deviations", None)
+    if per_rollout and "n_steps" in hp:  # off-policy agents (sac, td3, dqn) have no rollouts to size
         target = max(1.0, hp.get("n_steps", 256) / n_layers)
         divisors = [k for k in range(1, episodes + 1) if episodes % k == 0]
         k = min(divisors, key=lambda d: (abs(math.log(d / target)), d))
@@ -383,14 +401,15 @@ def quality_job(cfg: dict[str, Any]) -> None:
 
         from qenv.callbacks import EpisodeTracker, QuantEpisodeCallback
 
-        hp = ppo_hyperparams(n_layers, episodes, agent=rl_agent)
+        hp = ppo_hyperparams(n_layers, episodes, agent=rl_agent, action_kind=rl_kind)
         agent = make_agent(rl_agent, rl_env, seed=seed, **hp)
         tracker = EpisodeTracker()
         agent.learn(episodes * n_layers, callback=CallbackList([sb3_cb, QuantEpisodeCallback(tracker)]))
         trained[seed] = tracker
         played = agent.num_timesteps / n_layers
         recipe, info = rollout_recipe(agent, rl_env, deterministic=True)
-        return {**measure(task, held, recipe_of(info), budget), "evals": played, "n_steps": hp["n_steps"],
+        return {**measure(task, held, recipe_of(info), budget), **menu_use(recipe_of(info)), "evals": played,
+                "n_steps": hp.get("n_steps"),
                 "truncated": played + 1e-9 < episodes, "clamped_actions": info.get("clamped_actions", 0),
                 "agent": rl_agent, "action_kind": rl_kind, "plan_deviations": hp.get("plan_deviations")}
 
@@ -402,7 +421,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
         best = tracker.best_recipe()
         if best is None:
             raise RuntimeError("the RL run finished no episode")
-        return {**measure(task, held, best, budget), "evals": len(tracker), "best_episode": tracker.best["n"],
+        return {**measure(task, held, best, budget), **menu_use(best), "evals": len(tracker),
+                "best_episode": tracker.best["n"],
                 "episode_kl_min": min(e["kl"] for e in tracker.episodes if e.get("kl") is not None),
                 "truncated": len(tracker) < episodes, "agent": rl_agent, "action_kind": rl_kind}
 
@@ -507,7 +527,7 @@ def transfer_job(cfg: dict[str, Any]) -> None:
                              device=device, dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"],
                              action_kind=rl_kind)
         steps = int(cfg["timesteps"])
-        hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent)
+        hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent, action_kind=rl_kind)
         agent = make_agent(rl_agent, env, seed=seed, **hp)
         # training stops early enough to leave time for the zero-shot evaluations
         sb3_cb, _ = deadline_callbacks(deadline - float(cfg.get("eval_reserve_s", 0.0)))
@@ -585,7 +605,7 @@ def transfer_eval_job(cfg: dict[str, Any]) -> None:
         for seed in pending:
             rec.write(method="eval", seed=seed, model=model["name"], seen=seen, error=f"{type(exc).__name__}: {exc}")
         return
-    hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent)
+    hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent, action_kind=rl_kind)
     while pending:
         for seed in list(pending):
             path = policy_file(out, budget, seed)

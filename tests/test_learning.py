@@ -484,6 +484,45 @@ def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     assert "| stories260K | 3 |" in table and "- rl_best: beats random in 0/1 cells" in table  # no random run here
 
 
+def test_bench_quality_trains_on_the_rule_kinds(stories_bin, tmp_path):
+    """bench_quality.py's RL method runs on the kinds that invent rules: MaskablePPO on ``rule``
+    (the benchmark config's plan_deviations, which only the residual kind has, is left out) and
+    SAC on ``continuous`` (off-policy: no rollout length to size); the rows count the rules that
+    are not on the menu."""
+    pytest.importorskip("sb3_contrib")
+    import importlib.util
+    import time
+
+    from qenv.envs.spaces import DEFAULT_MENU
+
+    spec = importlib.util.spec_from_file_location("bench_quality_rules", REPO / "bench" / "bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert "plan_deviations" in bench.ppo_hyperparams(42, 4, agent="maskable_ppo", action_kind="residual")
+    assert "plan_deviations" not in bench.ppo_hyperparams(42, 4, agent="maskable_ppo", action_kind="rule")
+    assert "n_steps" not in bench.ppo_hyperparams(42, 4, agent="sac", action_kind="continuous")
+    data_dir = stories_bin.parents[1]
+    for agent, kind in (("maskable_ppo", "rule"), ("sac", "continuous")):
+        out = tmp_path / kind
+        cfg = {"model": bench.resolve_model("stories260K", data_dir), "budget": 3.0, "deadline": time.time() + 600,
+               "episodes": 2, "out": str(out), "data_dir": str(data_dir), "n_tokens": 256, "seq_len": 32,
+               "batch_size": 8, "held_tokens": 256, "device": "cpu", "dtype": "float32",
+               "cache_dir": str(tmp_path / "c"), "seeds": [0], "methods": ["ppo"], "rl_agent": agent,
+               "action_kind": kind, "threads": 1}
+        bench.quality_job(cfg)
+        rows = {r["method"]: r for r in bench.load_rows(out)}
+        for method in ("ppo", "rl_best"):
+            row = rows[method]
+            assert "error" not in row and row["action_kind"] == kind and row["bpw"] <= 3.0 + 1e-9, row
+            rules = {Rule.from_dict(r) for r in row["rules"].values()}
+            assert row["distinct_rules"] == len(rules) and row["off_menu_rules"] == len(rules - set(DEFAULT_MENU))
+    # a menu recipe has no rule off the menu
+    menu = bench.menu_use({"a": DEFAULT_MENU[0], "b": DEFAULT_MENU[0], "c": DEFAULT_MENU[3]})
+    assert (menu["distinct_rules"], menu["off_menu_rules"], menu["off_menu_layers"]) == (2, 0, 0)
+    odd = bench.menu_use({"a": Rule(bits=3, group_size=128, symmetric=True), "b": DEFAULT_MENU[3]})
+    assert (odd["off_menu_rules"], odd["off_menu_layers"]) == (1, 1)
+
+
 def load_plan_deviations():
     from qenv.cli.config import load_agent_config
 
