@@ -288,9 +288,10 @@ def common_setup(cfg: dict[str, Any]) -> None:
 
 
 def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Path,
-             action_kind: str = "discrete") -> tuple[Any, str]:
-    """The model's env (searchers and presets use the menu kind; the RL agent ``cfg['action_kind']``:
-    both share one task, i.e. one model, evaluator and cache, in the process)."""
+             action_kind: str = "discrete", shaping_weight: float = 0.0) -> tuple[Any, str]:
+    """The model's env (searchers and presets use the menu kind; the RL agent ``cfg['action_kind']``,
+    with ``cfg['rl_shaping']`` as its shaping weight: both share one task, i.e. one model, evaluator and
+    cache, in the process)."""
     from qenv.cli.envs import make_quant_env
 
     calib, held_path = corpus_files(model["corpus"], Path(cfg["data_dir"]), work)
@@ -298,7 +299,7 @@ def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Pa
     env = make_quant_env(model=model["spec"], budget_bpw=budget, data=calib, n_tokens=cfg["n_tokens"],
                          seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], device=pick_device(cfg["device"]),
                          dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"], action_kind=action_kind,
-                         weight_cache_gib=cfg.get("weight_cache_gib"))
+                         weight_cache_gib=cfg.get("weight_cache_gib"), shaping_weight=shaping_weight)
     return env, held_path
 
 
@@ -392,7 +393,9 @@ def quality_job(cfg: dict[str, Any]) -> None:
         return run
 
     rl_agent, rl_kind = rl_settings(cfg)
-    rl_env = env if rl_kind == "discrete" else make_env(model, budget, cfg, out / "work", rl_kind)[0]
+    shaping = float(cfg.get("rl_shaping") or 0.0)
+    rl_env = env if rl_kind == "discrete" and not shaping else \
+        make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping)[0]
 
     trained: dict[int, Any] = {}  # seed -> the training run's episode tracker (for rl_best)
 
@@ -652,7 +655,8 @@ def run(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "n_tokens": args.n_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
             "held_tokens": args.held_tokens, "cache_dir": str(Path(args.cache_dir).resolve()), "threads": 1,
-            "rl_agent": args.rl_agent, "action_kind": args.action_kind, "methods": args.methods,
+            "rl_agent": args.rl_agent, "action_kind": args.action_kind, "rl_shaping": args.rl_shaping,
+            "methods": args.methods,
             "search_evals": args.transfer_search_evals, "weight_cache_gib": args.weight_cache_gib}
     jobs: list[tuple[str, dict[str, Any]]] = []
     done = completed_units(args.fill_from) if args.fill_from else set()
@@ -1196,6 +1200,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rl-agent", default="maskable_ppo",
                    help="the RL method's agent (its configs/<agent>.yaml hyperparameters; default: %(default)s)")
     r.add_argument("--action-kind", default="residual", help="the RL method's action kind (default: %(default)s)")
+    r.add_argument("--rl-shaping", type=float, default=0.0,
+                   help="the RL method's env shaping_weight (potential-based shaping from the streamed block "
+                        "errors; the searchers' env is unshaped; default 0)")
     r.add_argument("--methods", nargs="+", default=None, choices=METHOD_ORDER[2:],
                    help="run only these quality methods (default: all)")
     r.add_argument("--transfer-search-evals", type=int, default=0,
