@@ -414,7 +414,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
         return {**measure(task, held, recipe_of(info), budget), **menu_use(recipe_of(info)), "evals": played,
                 "n_steps": hp.get("n_steps"),
                 "truncated": played + 1e-9 < episodes, "clamped_actions": info.get("clamped_actions", 0),
-                "agent": rl_agent, "action_kind": rl_kind, "plan_deviations": hp.get("plan_deviations")}
+                "agent": rl_agent, "action_kind": rl_kind, "plan_deviations": hp.get("plan_deviations"),
+                "shaping_weight": rl_env.unwrapped.shaping_weight}
 
     def rl_best(seed: int) -> dict[str, Any]:
         """The best recipe of the N training episodes, measured like the searchers' best."""
@@ -427,7 +428,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
         return {**measure(task, held, best, budget), **menu_use(best), "evals": len(tracker),
                 "best_episode": tracker.best["n"],
                 "episode_kl_min": min(e["kl"] for e in tracker.episodes if e.get("kl") is not None),
-                "truncated": len(tracker) < episodes, "agent": rl_agent, "action_kind": rl_kind}
+                "truncated": len(tracker) < episodes, "agent": rl_agent, "action_kind": rl_kind,
+                "shaping_weight": rl_env.unwrapped.shaping_weight}
 
     only = set(cfg.get("methods") or METHOD_ORDER)
     for name in ("rtn", "gptq", "awq"):

@@ -516,6 +516,13 @@ def test_bench_quality_trains_on_the_rule_kinds(stories_bin, tmp_path):
             assert "error" not in row and row["action_kind"] == kind and row["bpw"] <= 3.0 + 1e-9, row
             rules = {Rule.from_dict(r) for r in row["rules"].values()}
             assert row["distinct_rules"] == len(rules) and row["off_menu_rules"] == len(rules - set(DEFAULT_MENU))
+    # --rl-shaping: the RL method's env is shaped, the searchers' env is not
+    out = tmp_path / "shaped"
+    cfg.update(out=str(out), rl_agent="maskable_ppo", action_kind="residual", rl_shaping=1.0, methods=["greedy", "ppo"])
+    bench.quality_job(cfg)
+    rows = {r["method"]: r for r in bench.load_rows(out)}
+    assert rows["ppo"]["shaping_weight"] == 1.0 and rows["rl_best"]["shaping_weight"] == 1.0
+    assert "error" not in rows["greedy"] and rows["ppo"]["bpw"] <= 3.0 + 1e-9
     # a menu recipe has no rule off the menu
     menu = bench.menu_use({"a": DEFAULT_MENU[0], "b": DEFAULT_MENU[0], "c": DEFAULT_MENU[3]})
     assert (menu["distinct_rules"], menu["off_menu_rules"], menu["off_menu_layers"]) == (2, 0, 0)
