@@ -266,6 +266,16 @@ def ppo_hyperparams(n_layers: int, episodes: int, per_rollout: bool = True, agen
     return hp
 
 
+def config_shaping(agent: str) -> float:
+    """The ``shaping_weight`` in ``configs/<agent>.yaml``'s env_kwargs (0 when it sets none or has no file)."""
+    from qenv.cli.config import load_agent_config
+
+    path = REPO_ROOT / "configs" / f"{agent}.yaml"
+    if not path.is_file():
+        return 0.0
+    return float(load_agent_config(path, "QuantLLM-v0").env_kwargs.get("shaping_weight", 0.0))
+
+
 def deadline_callbacks(deadline: float) -> tuple[Any, Any]:
     """(SB3 callback, searcher callback) that stop training/search at the deadline."""
     from stable_baselines3.common.callbacks import BaseCallback
@@ -657,7 +667,8 @@ def run(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "n_tokens": args.n_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
             "held_tokens": args.held_tokens, "cache_dir": str(Path(args.cache_dir).resolve()), "threads": 1,
-            "rl_agent": args.rl_agent, "action_kind": args.action_kind, "rl_shaping": args.rl_shaping,
+            "rl_agent": args.rl_agent, "action_kind": args.action_kind,
+            "rl_shaping": args.rl_shaping if args.rl_shaping is not None else config_shaping(args.rl_agent),
             "methods": args.methods,
             "search_evals": args.transfer_search_evals, "weight_cache_gib": args.weight_cache_gib}
     jobs: list[tuple[str, dict[str, Any]]] = []
@@ -1202,9 +1213,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rl-agent", default="maskable_ppo",
                    help="the RL method's agent (its configs/<agent>.yaml hyperparameters; default: %(default)s)")
     r.add_argument("--action-kind", default="residual", help="the RL method's action kind (default: %(default)s)")
-    r.add_argument("--rl-shaping", type=float, default=0.0,
+    r.add_argument("--rl-shaping", type=float, default=None,
                    help="the RL method's env shaping_weight (potential-based shaping from the streamed block "
-                        "errors; the searchers' env is unshaped; default 0)")
+                        "errors; the searchers' env is unshaped; default: the agent config's env_kwargs, else 0)")
     r.add_argument("--methods", nargs="+", default=None, choices=METHOD_ORDER[2:],
                    help="run only these quality methods (default: all)")
     r.add_argument("--transfer-search-evals", type=int, default=0,

@@ -516,7 +516,8 @@ def test_bench_quality_trains_on_the_rule_kinds(stories_bin, tmp_path):
             assert "error" not in row and row["action_kind"] == kind and row["bpw"] <= 3.0 + 1e-9, row
             rules = {Rule.from_dict(r) for r in row["rules"].values()}
             assert row["distinct_rules"] == len(rules) and row["off_menu_rules"] == len(rules - set(DEFAULT_MENU))
-    # --rl-shaping: the RL method's env is shaped, the searchers' env is not
+    # --rl-shaping: the RL method's env is shaped, the searchers' env is not; its default is the config's
+    assert bench.config_shaping("maskable_ppo") == 1.0 and bench.config_shaping("ppo") == 0.0
     out = tmp_path / "shaped"
     cfg.update(out=str(out), rl_agent="maskable_ppo", action_kind="residual", rl_shaping=1.0, methods=["greedy", "ppo"])
     bench.quality_job(cfg)
