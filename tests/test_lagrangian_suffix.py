@@ -147,3 +147,20 @@ def test_fill_budget_equals_the_lexsort_version():
         start = rng.integers(0, m, n)
         budget = float(costs[np.arange(n), start].sum() + rng.uniform(0, costs.sum() / 3 + 1))
         assert np.array_equal(fill_budget(costs, err, start, budget), plain_fill(costs, err, start, budget))
+
+
+def test_table_without_a_threshold_asks_every_lambda():
+    """Where a suffix's totals do not fall with λ (never seen in practice) the bisection asks the
+    table at every λ instead of reading the threshold: still the plain bisection's plans."""
+    checked = 0
+    for rng, costs, err in _cases(7, 60):
+        table = LagrangianSuffix(costs, err)
+        if not table.fast:
+            continue
+        table.falling[:] = False
+        for start in range(costs.shape[0]):
+            c, e = costs[start:], err[start:]
+            for budget in rng.uniform(c.min(axis=1).sum() - 1, c.max(axis=1).sum() + 1, 3):
+                assert np.array_equal(table.allocate(start, float(budget)), plain_lagrangian(c, e, float(budget)))
+                checked += 1
+    assert checked > 300

@@ -338,15 +338,8 @@ class LagrangianSuffix:
         if self._total(start, float(np.exp(hi)), row) > limit:
             return np.argmin(costs + 1e-12 * err, axis=1)
         window = self._feasible_window(start, row, limit)
-        if window is None:  # no threshold to read off the table (never seen in practice): ask at each λ
-            for _ in range(iterations):
-                mid = 0.5 * (lo + hi)
-                if self._total(start, float(np.exp(mid)), row) <= limit:
-                    hi = mid
-                else:
-                    lo = mid
-            return pick(np.exp(hi))
-        below, above = window
+        # no threshold to read off the table (never seen in practice): every λ is asked
+        below, above = window if window is not None else (0.0, math.inf)
         # the margin of the crossings at λ -> 0 has no interval below it to bound its totals: asked too
         near_zero = self.unsafe_hi[0] if self.unsafe_lo and self.unsafe_lo[0] <= 0.0 else 0.0
         # compared in log space, widened by 1e-12 (thousands of ulps of exp's rounding): a log-λ
