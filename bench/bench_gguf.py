@@ -46,7 +46,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     spec = SPECS.get(name, name)
     t0 = time.perf_counter()
     base = dict(model=spec, menu="gguf", n_tokens=args.n_tokens, seq_len=args.seq_len, batch_size=8, seed=0,
-                weight_cache_gib=args.weight_cache_gib, device="cpu")
+                weight_cache_gib=args.weight_cache_gib, device=args.device)
     probe = QuantLLMEnv(budget_bpw=16.0, **base)
     task = probe.task
     ev = task.evaluator
@@ -135,6 +135,8 @@ def main() -> int:
     p.add_argument("--n-tokens", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--weight-cache-gib", type=float, default=2.0)
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs (cpu, cuda); llama.cpp's quantization runs on the CPU either way")
     p.add_argument("--out", default="bench/results/gguf_cpu")
     p.add_argument("--report", action="store_true", help="only rewrite <out>.md from <out>.json")
     args = p.parse_args()
