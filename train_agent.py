@@ -734,7 +734,8 @@ class Run:
         if best:
             m = best["metrics"]
             over = ""
-            if m.get("bpw") is not None and m["bpw"] > summary["budget_bpw"] + 1e-9:  # scored, not played (a llama.cpp mix)
+            # a recipe scored without stepping the env (a llama.cpp mix) can be over the budget
+            if m.get("bpw") is not None and m["bpw"] > summary["budget_bpw"] + 1e-9:
                 over = f"; over the {summary['budget_bpw']:g} bpw budget: this agent found nothing that fits it"
             print(f"best episode: reward {best['reward']:.4f} on {best['model']} at step {best['timestep']} "
                   f"(KL {fmt(m.get('kl'))}, ppl {fmt(m.get('ppl'))}, {fmt(m.get('bpw'))} bpw{over})")

@@ -284,8 +284,8 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
                                             "policy_delay", "stats_window_size")},
     **{k: (0, 1, True) for k in ("gamma", "gae_lambda", "tau", "exploration_fraction", "exploration_initial_eps",
                                  "exploration_final_eps")},
-    **{k: (0, float("inf"), False) for k in ("plan_deviations", "learning_rate", "clip_range", "clip_range_vf", "max_grad_norm",
-                                             "rms_prop_eps", "target_kl")},
+    **{k: (0, float("inf"), False) for k in ("plan_deviations", "learning_rate", "clip_range", "clip_range_vf",
+                                             "max_grad_norm", "rms_prop_eps", "target_kl")},
     **{k: (0, float("inf"), True) for k in ("ent_coef", "vf_coef", "learning_starts", "target_policy_noise",
                                             "target_noise_clip")},
 }

@@ -168,8 +168,8 @@ def start_at_plan(model: Any, deviations: float) -> float:
     env = model.get_env()
     head = getattr(getattr(model, "policy", None), "action_net", None)
     if not isinstance(model.action_space, spaces.Discrete) or not isinstance(head, torch.nn.Linear):
-        raise QenvError(f"plan_deviations needs a policy with one categorical action head over a Discrete action space; "
-                        f"{type(model).__name__} on {model.action_space} has none.",
+        raise QenvError(f"plan_deviations needs a policy with one categorical action head over a Discrete action "
+                        f"space; {type(model).__name__} on {model.action_space} has none.",
                         "use it with ppo or maskable_ppo on action_kind residual, or leave plan_deviations out.")
     kind = action_kind_of_vec(env)
     if kind != "residual":

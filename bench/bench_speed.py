@@ -295,18 +295,7 @@ def profile_replay(env, ev, cfg: dict[str, Any], clock) -> dict[str, Any]:
         out[order] = text.getvalue()
         print(text.getvalue(), flush=True)
     clear_prefix_cache(ev)
-    step_times = []
-    env.action_space.seed(cfg["seed"])
-    env.reset(seed=cfg["seed"])
-    t0 = clock()
-    done = False
-    while not done:
-        s0 = clock()
-        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
-        sync()
-        step_times.append(clock() - s0)
-        done = terminated or truncated
-    out["synced_steps_s"] = clock() - t0
+    out["synced_steps_s"], step_times, _, _ = _episode(env, cfg["seed"], clock, per_step=True)
     out["synced_step_top"] = sorted(step_times, reverse=True)[:8]
     out["synced_step_median"] = _median(step_times)
     print(f"  replay synchronised after every step {out['synced_steps_s']:.3f}s; median step "
