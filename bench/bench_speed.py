@@ -665,6 +665,24 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                              "misses": w.misses - m0,
                              "note": "same actions as the cold episode; weight cache warm, prefix cache cleared"}
     print(f"  warm replay {_median(replays):.3f}s vs forward {forward_s():.3f}s", flush=True)
+    stream["cuda_graphs"] = ev.graph_stats()
+    if ev.cuda_graphs:  # the same replays with the blocks run eagerly, measured in the same run
+        ev.cuda_graphs = False
+        eager = []
+        for _ in range(cfg["replays"]):
+            clear_prefix_cache(ev)
+            floor.append(_forward_time(ev, clock))
+            t, _, eager_info, _ = _episode(env, cfg["seed"], clock)
+            eager.append(t)
+        ev.cuda_graphs = True
+        clear_prefix_cache(ev)
+        _, _, graph_info, _ = _episode(env, cfg["seed"], clock)
+        stream["warm_replay_eager"] = {
+            "seconds": eager, "median_s": _median(eager), "kl": eager_info.get("kl"),
+            "kl_graphs": graph_info.get("kl"),
+            "note": "the warm replay with QENV_CUDA_GRAPHS off (blocks launched from Python), same run"}
+        print(f"  warm replay, blocks eager {_median(eager):.3f}s (KL {eager_info.get('kl')} eager, "
+              f"{graph_info.get('kl')} graphed); graphs {ev.graph_stats()}", flush=True)
     if cfg["profile"]:
         stream["warm_replay_profile"] = profile_replay(env, ev, cfg, clock)
         save()
@@ -750,6 +768,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "forward_s": f,
         "cold": stream["cold"]["seconds"] / f,
         "warm_replay": stream["warm_replay"]["median_s"] / f,
+        "warm_replay_eager": stream.get("warm_replay_eager", {}).get("median_s", float("nan")) / f,
         "random_mean": stream.get("random_mean_s", float("nan")) / f,
         "random_last": stream.get("random_last_s", float("nan")) / f,
         "naive": naive.get("seconds", float("nan")) / f,

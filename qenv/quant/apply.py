@@ -141,6 +141,10 @@ class QuantizedWeights:
     def original(self, name: str) -> torch.Tensor:
         return self._originals[name]
 
+    def parameter(self, name: str) -> nn.Parameter:
+        """The model parameter that holds layer ``name``'s weight (whatever is swapped into it)."""
+        return self._params[name]
+
     def _original_matrix(self, name: str) -> torch.Tensor:
         """Layer ``name``'s original ``[out, in]`` matrix, whatever recipe is applied right now."""
         info = self.layers[name]
