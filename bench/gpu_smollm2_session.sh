@@ -47,6 +47,13 @@ stage1)
   python3 -c "from qenv.quant import gguf; gguf.ggml(); print('libggml-base loads')"
   ls -la /tmp/parts
   ;;
+speed-random)  # the warm-episode measurement on SmolLM2's exact shape with random weights (no GGUF needed)
+  python3 bench/bench_speed.py --models --random-llama smollm2 --device cuda --dtype float32 --n-tokens 4096 \
+    --seq-len 128 --batch-size 32 --episodes 12 --episodes-max-seconds 20 --replays 5 --no-naive --vec-envs \
+    --no-search --searchers none --compare-blocks 0 --cache-dir none --profile 30 --time-budget 150 --reserve-s 10 \
+    --out "$OUT/speed_gpu_smollm2_shape.json" > "$OUT/speed_smollm2_shape.log" 2>&1
+  grep -v "^ \|^$\|ncalls\|Ordered\|List reduced\|function calls" "$OUT/speed_smollm2_shape.log" | tail -14
+  ;;
 gputests)  # the tests that need CUDA (CUDA-graph blocks against eager ones); pytest is among the wheels
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -15
   ;;
@@ -76,6 +83,19 @@ zoo-gguf)  # llama.cpp's mixes against searched gguf-menu recipes on the bench m
   timeout "$limit" python3 bench/bench_gguf.py --models /tmp/bench_models/bench-llama /tmp/bench_models/bench-gpt2 \
     /tmp/bench_models/bench-qwen2 --device cuda --out "$OUT/gguf_bench_models" > "$OUT/gguf.log" 2>&1
   echo "bench_gguf exit $?" >> "$OUT/gguf.log"; tail -5 "$OUT/gguf.log"
+  ;;
+transfer)  # one MaskablePPO policy per budget trained on default, bench-llama and bench-qwen2; one
+  # deterministic rollout on SmolLM2, bench-gpt2 and stories260K (after join and zoo-train)
+  deadline=${2:-420}
+  python3 bench/bench_quality.py run --models --data-dir /tmp/qdata --out /tmp/qtr --cache-dir /tmp/qcache \
+    --transfer-train default /tmp/bench_models/bench-llama /tmp/bench_models/bench-qwen2 \
+    --transfer-test smollm2=smollm2-135m /tmp/bench_models/bench-gpt2 stories260K \
+    --transfer-budgets 2.5 3.0 3.5 4.0 --transfer-seeds 0 --transfer-timesteps 12288 --transfer-eval-jobs \
+    --transfer-search-evals 16 --transfer-eval-reserve-s 0 --weight-cache-gib 8 --rl-agent maskable_ppo \
+    --action-kind residual --nice 10 --deadline-s "$deadline" --grace-s 15 > "$OUT/qtr.log" 2>&1
+  python3 bench/bench_quality.py report --out /tmp/qtr >> "$OUT/qtr.log" 2>&1
+  tar czf "$OUT/qtr.tgz" -C /tmp qtr
+  tail -30 "$OUT/qtr.log"
   ;;
 stage2)
   cp .carry2/* .carry3/* /tmp/parts/

@@ -99,3 +99,32 @@ def test_episode_rewards_are_the_same_with_and_without_graphs() -> None:
     eager, info_e = episode(False)
     assert np.allclose(graphed, eager, rtol=1e-4, atol=1e-7), (graphed, eager)
     assert info_g["bpw"] == info_e["bpw"]
+
+
+def test_a_block_that_cannot_be_captured_turns_graphs_off_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed capture (here forced: a host sync inside a block's forward does this on a GPU) warns
+    once, and the stream goes on eagerly with the eager numbers."""
+    from qenv.eval.graphs import BlockGraphs
+
+    def fail(self, block, hidden, call):  # noqa: ANN001
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(BlockGraphs, "_capture", fail)
+    lm = load_model("tiny-llama")
+    ev = Evaluator(lm, tokens_from_model(lm.model, n_tokens=256, seq_len=32, seed=0), batch_size=4, cache_dir=False)
+    recipe = preset("rtn-w3", lm.layers)
+    eager = ev.evaluate_blockwise(recipe)
+    ev._prefix.clear()
+    ev._prefix_bytes = 0
+    ev.cuda_graphs = True  # as on a GPU
+    with pytest.warns(UserWarning, match="CUDA graphs are off for this model .*operation not permitted"):
+        tried = ev.evaluate_blockwise(recipe)
+    assert tried.kl == eager.kl and tried.ppl == eager.ppl
+    stats = ev.graph_stats()
+    assert stats["wanted"] and not stats["enabled"] and stats["replays"] == 0
+    ev._prefix.clear()
+    ev._prefix_bytes = 0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert ev.evaluate_blockwise(recipe).kl == eager.kl
