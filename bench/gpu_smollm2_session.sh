@@ -80,9 +80,12 @@ zoo-rl)  # per-model RL (configs/maskable_ppo.yaml: residual kind, shaped, start
   ;;
 zoo-gguf)  # llama.cpp's mixes against searched gguf-menu recipes on the bench models (model on the GPU)
   limit=${2:-400}
-  timeout "$limit" python3 bench/bench_gguf.py --models /tmp/bench_models/bench-llama /tmp/bench_models/bench-gpt2 \
-    /tmp/bench_models/bench-qwen2 --device cuda --out "$OUT/gguf_bench_models" > "$OUT/gguf.log" 2>&1
-  echo "bench_gguf exit $?" >> "$OUT/gguf.log"; tail -5 "$OUT/gguf.log"
+  for m in bench-llama bench-gpt2 bench-qwen2; do  # one process per model (llama.cpp quantizes on one CPU core)
+    (timeout "$limit" python3 bench/bench_gguf.py --models /tmp/bench_models/$m --device cuda \
+       --out "$OUT/gguf_$m" > "$OUT/gguf_$m.log" 2>&1; echo "bench_gguf exit $?" >> "$OUT/gguf_$m.log") &
+  done
+  wait
+  tail -n 3 "$OUT"/gguf_*.log
   ;;
 transfer)  # one MaskablePPO policy per budget trained on default, bench-llama and bench-qwen2; one
   # deterministic rollout on SmolLM2, bench-gpt2 and stories260K (after join and zoo-train)

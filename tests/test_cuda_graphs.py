@@ -31,7 +31,7 @@ def test_graphs_are_for_cuda_devices_and_can_be_switched_off(monkeypatch: pytest
 
 
 def test_cpu_evaluator_streams_eagerly() -> None:
-    lm = load_model("tiny-llama")
+    lm = load_model("tiny-llama", device="cpu")
     ev = Evaluator(lm, tokens_from_model(lm.model, n_tokens=256, seq_len=32, seed=0), batch_size=4, cache_dir=False)
     assert ev.cuda_graphs is False
     assert ev.evaluate_blockwise(preset("rtn-w4", lm.layers)).kl > 0
@@ -46,7 +46,13 @@ def _recipes(layers) -> dict[str, dict]:
     return {"rtn-w4": dict(preset("rtn-w4", layers)), "rtn-w2": dict(preset("rtn-w2", layers)), "mixed": mixed}
 
 
+# seen on an H100 (torch 2.11, transformers 5.17): Falcon's block forward copies a CPU tensor to the
+# GPU, which a capture refuses; graphs go off for it with one warning and its numbers stay eager
+EAGER_ONLY = ("falcon",)
+
+
 @cuda
+@pytest.mark.filterwarnings("ignore:CUDA graphs are off")
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_graphed_blocks_equal_eager_blocks(arch: str) -> None:
     lm = load_model(f"tiny-{arch}", device="cuda")
@@ -63,7 +69,10 @@ def test_graphed_blocks_equal_eager_blocks(arch: str) -> None:
         eager = ev.evaluate_blockwise(recipe)
         ev.cuda_graphs = True
         stats = ev.graph_stats()
-        assert stats["enabled"] and stats["replays"] > 0, (arch, label, stats)
+        if arch in EAGER_ONLY:  # its blocks copy a host tensor to the GPU inside forward: not capturable
+            assert not stats["enabled"] and stats["replays"] == 0, (arch, stats)
+        else:
+            assert stats["enabled"] and stats["replays"] > 0, (arch, label, stats)
         tol = 1e-6 if stats["max_rel_diff"] == 0.0 else 1e-4
         assert graphed.kl == pytest.approx(eager.kl, rel=tol, abs=1e-9), (arch, label, stats)
         assert graphed.ppl == pytest.approx(eager.ppl, rel=tol), (arch, label, stats)
@@ -110,7 +119,7 @@ def test_a_block_that_cannot_be_captured_turns_graphs_off_once(monkeypatch: pyte
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(BlockGraphs, "_capture", fail)
-    lm = load_model("tiny-llama")
+    lm = load_model("tiny-llama", device="cpu")
     ev = Evaluator(lm, tokens_from_model(lm.model, n_tokens=256, seq_len=32, seed=0), batch_size=4, cache_dir=False)
     recipe = preset("rtn-w3", lm.layers)
     eager = ev.evaluate_blockwise(recipe)
