@@ -148,12 +148,6 @@ class Deadline:
         return self.seconds - (time.perf_counter() - self.start)
 
 
-def clear_prefix_cache(evaluator) -> None:
-    """Forget the evaluator's cached block outputs (so the next pass really runs every block)."""
-    evaluator._prefix.clear()
-    evaluator._prefix_bytes = 0
-
-
 # ------------------------------------------------------------------------------------------------
 # the naive (HAQ-style) baseline environment
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +276,7 @@ def profile_replay(env, ev, cfg: dict[str, Any], clock) -> dict[str, Any]:
     import torch
 
     sync = torch.cuda.synchronize if ev.loaded.model.device.type == "cuda" else (lambda: None)
-    clear_prefix_cache(ev)
+    ev.clear_prefix_cache()
     profiler = cProfile.Profile()
     profiler.enable()
     t, _, _, _ = _episode(env, cfg["seed"], clock)
@@ -294,7 +288,7 @@ def profile_replay(env, ev, cfg: dict[str, Any], clock) -> dict[str, Any]:
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(cfg["profile"])
         out[order] = text.getvalue()
         print(text.getvalue(), flush=True)
-    clear_prefix_cache(ev)
+    ev.clear_prefix_cache()
     out["synced_steps_s"], step_times, _, _ = _episode(env, cfg["seed"], clock, per_step=True)
     out["synced_step_top"] = sorted(step_times, reverse=True)[:8]
     out["synced_step_median"] = _median(step_times)
@@ -427,7 +421,7 @@ def bench_search(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemory) -
     out["prequantized_layers"] = w.misses - m0
 
     def measure(label: str, recipes: list[dict], blockwise: bool) -> dict[str, Any]:
-        clear_prefix_cache(ev)
+        ev.clear_prefix_cache()
         b0, p0, h0, m0 = ev.blocks_run, ev.prefix_hits, w.hits, w.misses
         peak.reset()
         kls = []
@@ -655,7 +649,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     replays = []
     h0, m0 = w.hits, w.misses
     for _ in range(cfg["replays"]):
-        clear_prefix_cache(ev)
+        ev.clear_prefix_cache()
         floor.append(_forward_time(ev, clock))  # interleave floor samples with the timed episodes
         b0 = ev.blocks_run
         t, _, _, _ = _episode(env, cfg["seed"], clock)
@@ -670,12 +664,12 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         ev.cuda_graphs = False
         eager = []
         for _ in range(cfg["replays"]):
-            clear_prefix_cache(ev)
+            ev.clear_prefix_cache()
             floor.append(_forward_time(ev, clock))
             t, _, eager_info, _ = _episode(env, cfg["seed"], clock)
             eager.append(t)
         ev.cuda_graphs = True
-        clear_prefix_cache(ev)
+        ev.clear_prefix_cache()
         _, _, graph_info, _ = _episode(env, cfg["seed"], clock)
         stream["warm_replay_eager"] = {
             "seconds": eager, "median_s": _median(eager), "kl": eager_info.get("kl"),

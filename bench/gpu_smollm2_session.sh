@@ -20,7 +20,9 @@
 # GGUF: `gputests` (the tests that need CUDA), `zoo-train` (the three bench models, as the quality
 # benchmark trains them), then `zoo-rl DEADLINE` (per-model RL beside the searchers on the five
 # quality-benchmark models; .qdata2 carries stories260K and tinystories) and `zoo-gguf SECONDS`
-# (bench_gguf.py on the bench models). This session's calls:
+# (bench_gguf.py on the bench models); `speed-random` is the warm-episode measurement on SmolLM2's
+# shape with random weights, and `transfer DEADLINE` the zero-shot experiment (after join and
+# zoo-train). The calls planned for them (only stage1, gputests and speed-random have run so far):
 #
 #   run(carry=[.carry1, .whl, .qdata, .llamacpp]):
 #       bash S stage1 && { bash S zoo-train > $OUT/zoo_train.out 2>&1 & bash S gputests; wait; cat $OUT/zoo_train.out; }
@@ -30,7 +32,7 @@
 #
 # Results land in $OUT (speed JSONs and logs; quality.tgz; learn.tgz with the TensorBoard events).
 set -u
-stage=${1:?stage1, stage2, stage3, join, learn, gputests, zoo-train, zoo-rl or zoo-gguf}
+stage=${1:?stage1, stage2, stage3, join, learn, speed-random, gputests, zoo-train, zoo-rl, zoo-gguf or transfer}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=/tmp/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export QENV_CACHE_DIR=/tmp/qcache

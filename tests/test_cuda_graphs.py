@@ -60,12 +60,10 @@ def test_graphed_blocks_equal_eager_blocks(arch: str) -> None:
     ev = Evaluator(lm, tokens, batch_size=4, cache_dir=False)
     assert ev.cuda_graphs
     for label, recipe in _recipes(lm.layers).items():
-        ev._prefix.clear()
-        ev._prefix_bytes = 0
+        ev.clear_prefix_cache()
         graphed = ev.evaluate_blockwise(recipe)
         ev.cuda_graphs = False
-        ev._prefix.clear()
-        ev._prefix_bytes = 0
+        ev.clear_prefix_cache()
         eager = ev.evaluate_blockwise(recipe)
         ev.cuda_graphs = True
         stats = ev.graph_stats()
@@ -91,8 +89,7 @@ def test_episode_rewards_are_the_same_with_and_without_graphs() -> None:
                           shaping_weight=1.0, cache_dir=False)
         ev = env.unwrapped.task.evaluator
         ev.cuda_graphs = graphs
-        ev._prefix.clear()
-        ev._prefix_bytes = 0
+        ev.clear_prefix_cache()
         env.reset(seed=3)
         env.action_space.seed(3)
         rewards, done, info = [], False, {}
@@ -123,16 +120,14 @@ def test_a_block_that_cannot_be_captured_turns_graphs_off_once(monkeypatch: pyte
     ev = Evaluator(lm, tokens_from_model(lm.model, n_tokens=256, seq_len=32, seed=0), batch_size=4, cache_dir=False)
     recipe = preset("rtn-w3", lm.layers)
     eager = ev.evaluate_blockwise(recipe)
-    ev._prefix.clear()
-    ev._prefix_bytes = 0
+    ev.clear_prefix_cache()
     ev.cuda_graphs = True  # as on a GPU
     with pytest.warns(UserWarning, match="CUDA graphs are off for this model .*operation not permitted"):
         tried = ev.evaluate_blockwise(recipe)
     assert tried.kl == eager.kl and tried.ppl == eager.ppl
     stats = ev.graph_stats()
     assert stats["wanted"] and not stats["enabled"] and stats["replays"] == 0
-    ev._prefix.clear()
-    ev._prefix_bytes = 0
+    ev.clear_prefix_cache()
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning

@@ -314,6 +314,12 @@ class Evaluator:
                 "captures": 0 if g is None else g.captures, "replays": 0 if g is None else g.replays,
                 "max_rel_diff": 0.0 if g is None else g.max_rel_diff}
 
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block output, so that the next streams run every block again (a
+        benchmark's replay, or a comparison of two ways of running the same blocks)."""
+        self._prefix.clear()
+        self._prefix_bytes = 0
+
     def _remember(self, key: int, hidden: list[torch.Tensor]) -> None:
         size = sum(h.numel() * h.element_size() for h in hidden)
         if size > self.max_prefix_cache_bytes:
