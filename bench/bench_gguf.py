@@ -34,7 +34,10 @@ SPECS = {"stories260K": str(DATA / "stories260K" / "stories260K.bin"), "default"
          "smollm2-135m": "smollm2-135m"}
 
 
-def run_model(name: str, args: argparse.Namespace) -> dict:
+def run_model(name: str, args: argparse.Namespace, progress=None) -> dict:
+    """One model's mixes, uniform rules and searches. ``progress(result)`` is called with the result
+    so far (``"partial": True``) after each stage, so a run stopped by a time limit keeps what it
+    measured."""
     import torch
 
     from qenv.agents.registry import make_agent
@@ -50,14 +53,22 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     probe = QuantLLMEnv(budget_bpw=16.0, **base)
     task = probe.task
     ev = task.evaluator
-    mixes = {}
+    mixes, uniforms, searched = {}, {}, {}
+
+    def result(partial: bool) -> dict:
+        shapes = sorted({(i.out_features, i.in_features) for i in task.layers})
+        return {"model": task.name, "n_layers": len(task.layers), "shapes": shapes, "tokens": args.n_tokens,
+                "seq_len": args.seq_len, "fp_ppl": ev.full_precision_ppl, "mixes": mixes, "uniform": uniforms,
+                "searched": searched, "wall_s": time.perf_counter() - t0, "partial": partial}
+
     for mix in (LLAMACPP_PRESETS if args.mixes is None else args.mixes):
         recipe = preset(mix, task.layers)
         m = ev.evaluate(recipe)
         mixes[mix] = {"bpw": m.bpw, "kl": m.kl, "ppl": m.ppl, "top1": m.top1,
                       "fallback_layers": len(fallbacks(task.layers, recipe))}
         print(f"{name} {mix:12s} {m.bpw:7.3f} bpw  KL {m.kl:.4g}", flush=True)
-    uniforms = {}
+    if progress:
+        progress(result(True))
     for label in args.uniform:  # uniform rules: GGUF types by name, or qenv presets (rtn-w4-g32, ...)
         from qenv.quant.presets import uniform
         from qenv.quant.rules import Rule
@@ -66,7 +77,6 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         m = ev.evaluate(recipe)
         uniforms[label] = {"bpw": m.bpw, "kl": m.kl, "ppl": m.ppl, "top1": m.top1}
         print(f"{name} uniform {label:10s} {m.bpw:7.3f} bpw  KL {m.kl:.4g}", flush=True)
-    searched = {}
     for mix in args.at:
         budget = mixes[mix]["bpw"]
         env = QuantLLMEnv(budget_bpw=budget, **base)
@@ -81,18 +91,18 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
                                "wall_s": time.perf_counter() - t1}
             print(f"{name} at {mix} ({budget:.3f} bpw): {agent_name} {m.bpw:.3f} bpw KL {m.kl:.4g}", flush=True)
         searched[mix] = row
-    shapes = sorted({(i.out_features, i.in_features) for i in task.layers})
-    return {"model": task.name, "n_layers": len(task.layers), "shapes": shapes, "tokens": args.n_tokens,
-            "seq_len": args.seq_len, "fp_ppl": ev.full_precision_ppl, "mixes": mixes, "uniform": uniforms, "searched": searched,
-            "wall_s": time.perf_counter() - t0}
+        if progress:
+            progress(result(True))
+    return result(False)
 
 
 def tables(results: list[dict]) -> str:
     out = []
     for r in results:
+        cut = " **cut short by a time limit: the searches below are the ones that finished**" if r.get("partial") else ""
         out.append(f"\n**{r['model']}** ({r['n_layers']} layers, row lengths "
                    f"{sorted({s[1] for s in r['shapes']})}; {r['tokens']} calibration tokens sampled from the model, "
-                   f"fp ppl {r['fp_ppl']:.3g})\n")
+                   f"fp ppl {r['fp_ppl']:.3g}){cut}\n")
         out.append("| llama.cpp mix | bpw | KL | ppl | top-1 | layers on a fallback type |")
         out.append("|---|---:|---:|---:|---:|---:|")
         for mix, m in sorted(r["mixes"].items(), key=lambda kv: (kv[1]["bpw"], kv[0])):
@@ -144,9 +154,18 @@ def main() -> int:
         report(args.out)
         print(Path(args.out + ".md").read_text())
         return 0
-    results = [run_model(name, args) for name in args.models]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"argv": sys.argv, "results": results}, indent=1))
+    results: list[dict] = []
+
+    def save(partial: dict | None = None) -> None:  # written after every stage: a time limit keeps the rest
+        done = results + ([partial] if partial else [])
+        tmp = Path(args.out + ".json.tmp")
+        tmp.write_text(json.dumps({"argv": sys.argv, "results": done}, indent=1))
+        tmp.replace(args.out + ".json")
+
+    for name in args.models:
+        results.append(run_model(name, args, progress=save))
+        save()
     text = tables(results)
     Path(args.out + ".md").write_text(text)
     print(text)

