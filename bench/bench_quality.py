@@ -981,11 +981,69 @@ def transfer_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "log_kl_gain": _mean_std([math.log(x) for x in ratios]),
                     "ppl_diff": _mean_std([r["ppl_diff"] for r in rs]),
                     "train": [trains.get((budget, s)) for s in [r["seed"] for r in rs]],
-                    "searched": {k: {m: v[m] for m in ("kl", "ppl", "top1", "bpw") if m in v}
+                    "searched": {k: {m: v[m] for m in ("kl", "ppl", "top1", "bpw", "evals") if m in v}
                                  for k, v in (rs[0].get("searched") or {}).items()},
                     "train_timesteps": _mean_std([trains[(budget, s)]["timesteps"] for s in [r["seed"] for r in rs]
                                                   if (budget, s) in trains])})
     return out
+
+
+def transfer_markdown(transfer: list[dict[str, Any]]) -> list[str]:
+    """Markdown: each zero-shot rollout beside the best human recipe at or under the budget (its bpw
+    shown) and greedy, random search and evolution on the same model (calibration KL, all at or under
+    the budget), then how many unseen-model cells the policy wins against each (strictly lower KL)."""
+    md = ["### Transfer (RL policy, deterministic zero-shot rollout)\n",
+          "| model | seen in training | budget | policy KL / ppl / top1 (bpw) | best human at or under budget "
+          "(KL / ppl / top1, bpw) | human KL / policy KL | ppl policy − human | greedy KL (bpw) | "
+          "random KL (evals) | evolution KL (evals) | policy vs greedy |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    tally = {"greedy": [0, 0], "human": [0, 0], "human_3plus": [0, 0], "random": [0, 0], "evolution": [0, 0]}
+
+    def count(key: str, won: bool) -> None:
+        tally[key][0] += int(won)
+        tally[key][1] += 1
+
+    for t in transfer:
+        n = len(t["seeds"])
+        pm = lambda v: f"{fmt_num(v[0])} ± {fmt_num(v[1], 2)}" if n > 1 else fmt_num(v[0])  # noqa: E731
+        searched = t.get("searched") or {}
+        cols = []
+        for name in ("greedy", "random", "evolution"):
+            m = searched.get(name)
+            if m is None:
+                cols.append("—")
+                continue
+            extra = f"{m['bpw']:.2f}" if name == "greedy" else str(m.get("evals", ""))
+            cols.append(f"{fmt_num(m['kl'])} ({extra})" if extra else fmt_num(m["kl"]))
+        kl = t["policy_kl"][0]
+        g = searched.get("greedy")
+        versus = "—" if g is None else ("**better**" if kl < g["kl"] else "same" if kl == g["kl"] else "worse")
+        if versus != "—":
+            versus += f" ({g['kl'] / max(kl, 1e-30):.2f}x)"
+        md.append(f"| {t['model']} | {'yes' if t['seen'] else '**no**'} | {t['budget']:g} | {pm(t['policy_kl'])} / "
+                  f"{t['policy_ppl'][0]:.2f} / {t['policy_top1'][0]:.3f} ({t['policy_bpw'][0]:.2f}) | "
+                  f"{','.join(t['best_human'])}: {fmt_num(t['human_kl'])} / {t['human_ppl']:.2f} / "
+                  f"{t['human_top1']:.3f} ({t['human_bpw']:.2f}) | {pm(t['kl_ratio'])} | "
+                  f"{t['ppl_diff'][0]:+.3g} | {' | '.join(cols)} | {versus} |")
+        if t["seen"]:
+            continue
+        for name in ("greedy", "random", "evolution"):
+            if name in searched:
+                count(name, kl < searched[name]["kl"])
+        count("human", kl < t["human_kl"])
+        if t["budget"] >= 3.0:
+            count("human_3plus", kl < t["human_kl"])
+    steps = transfer[0]["train_timesteps"]
+    md.append(f"\n(n = {len(transfer[0]['seeds'])} seeds, mean ± std where n > 1; trained "
+              f"{steps[0]:.0f} ± {steps[1]:.0f} timesteps; searchers seed 0)\n")
+    words = {"greedy": "greedy", "random": "random search", "evolution": "evolution",
+             "human": "the best human recipe at or under the budget",
+             "human_3plus": "the best human recipe at or under the budget, at 3.0 bpw and above"}
+    for key, (won, total) in tally.items():
+        if total:
+            md.append(f"- unseen models: the policy beats {words[key]} in {won}/{total} cells")
+    md.append("")
+    return md
 
 
 def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
@@ -1147,21 +1205,7 @@ def report(args: argparse.Namespace) -> int:
                   f"({fmt_num(h['searched_kl'])}, {h['searched_ppl']:.2f}) | {h['kl_ratio']:.3g} | {ppo} |")
     md.append("")
     if transfer:
-        md.append("### Transfer (PPO, deterministic zero-shot rollout)\n")
-        md.append("| model | seen in training | budget | policy KL / ppl / top1 (bpw) | best human at or under budget "
-                  "(KL / ppl / top1, bpw) | human KL / policy KL | ppl policy − human |")
-        md.append("|---|---|---|---|---|---|---|")
-        for t in transfer:
-            n = len(t["seeds"])
-            pm = lambda v: f"{fmt_num(v[0])} ± {fmt_num(v[1], 2)}" if n > 1 else fmt_num(v[0])  # noqa: E731
-            md.append(f"| {t['model']} | {'yes' if t['seen'] else '**no**'} | {t['budget']:g} | {pm(t['policy_kl'])} / "
-                      f"{t['policy_ppl'][0]:.2f} / {t['policy_top1'][0]:.3f} ({t['policy_bpw'][0]:.2f}) | "
-                      f"{','.join(t['best_human'])}: {fmt_num(t['human_kl'])} / {t['human_ppl']:.2f} / "
-                      f"{t['human_top1']:.3f} ({t['human_bpw']:.2f}) | {pm(t['kl_ratio'])} | "
-                      f"{t['ppl_diff'][0]:+.3g} |")
-        steps = transfer[0]["train_timesteps"]
-        md.append(f"\n(n = {len(transfer[0]['seeds'])} seeds, mean ± std where n > 1; PPO trained "
-                  f"{steps[0]:.0f} ± {steps[1]:.0f} timesteps)\n")
+        md.extend(transfer_markdown(transfer))
     if notes:
         md.append("### Merge notes\n")
         md.extend(f"- {n}" for n in notes)

@@ -456,6 +456,31 @@ def test_plan_deviations_bad_input_and_configs(stories_bin):
     assert "plan_deviations" not in load_agent_config(REPO / "configs" / "ppo.yaml", "QuantLLM-v0").hyperparams
 
 
+def test_bench_quality_transfer_table_counts_unseen_cells_against_each_baseline():
+    """The zero-shot table puts greedy, random search and evolution beside the best human recipe and
+    counts only the models the policy never saw (strictly lower KL wins; a tie with greedy is no win)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quality_tr", REPO / "bench" / "bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def cell(model, budget, seen, kl, greedy, human):
+        return {"model": model, "budget": budget, "seen": seen, "seeds": [0], "policy_kl": (kl, 0.0),
+                "policy_ppl": (10.0, 0.0), "policy_top1": (0.5, 0.0), "policy_bpw": (budget, 0.0),
+                "best_human": ["gptq-w2"], "human_kl": human, "human_ppl": 12.0, "human_top1": 0.4,
+                "human_bpw": 2.56, "kl_ratio": (human / kl, 0.0), "ppl_diff": (-2.0, 0.0),
+                "train_timesteps": (512.0, 0.0),
+                "searched": {"greedy": {"kl": greedy, "bpw": budget}, "random": {"kl": 9.0, "bpw": budget, "evals": 16},
+                             "evolution": {"kl": 0.5, "bpw": budget, "evals": 16}}}
+
+    md = "\n".join(bench.transfer_markdown([cell("a", 2.5, False, 1.0, 1.2, 0.9), cell("b", 3.0, False, 1.0, 1.0, 2.0),
+                                             cell("c", 3.0, True, 0.1, 1.0, 2.0)]))
+    assert "| a | **no** | 2.5 |" in md and "| 1.2 (2.50) | 9 (16) | 0.5 (16) | **better** (1.20x) |" in md
+    assert "beats greedy in 1/2 cells" in md and "beats random search in 2/2" in md and "beats evolution in 0/2" in md
+    assert "at or under the budget in 1/2 cells" in md and "at 3.0 bpw and above in 1/1 cells" in md
+
+
 def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     """bench_quality.py reports the RL run twice: its deterministic rollout (ppo) and, like the
     searchers, the best recipe of its N training episodes (rl_best), measured again."""
