@@ -695,7 +695,8 @@ def run(args: argparse.Namespace) -> int:
                                                               "eval_reserve_s": args.transfer_eval_reserve_s,
                                                               "eval_jobs": args.transfer_eval_jobs}))
             if args.transfer_eval_jobs:
-                for model, seen in [(m, False) for m in test] + [(m, True) for m in train]:
+                seen_too = [(m, True) for m in train] if args.transfer_eval_seen else []
+                for model, seen in [(m, False) for m in test] + seen_too:
                     jobs.append((f"transfer_{budget:g}_eval_{model['name']}",
                                  {**base, "job": "transfer_eval", "budget": budget, "model": model, "seen": seen,
                                   "seeds": args.transfer_seeds}))
@@ -1248,6 +1249,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--transfer-timesteps", type=int, default=24576)
     r.add_argument("--transfer-eval-reserve-s", type=float, default=90.0,
                    help="transfer training stops this long before the deadline, leaving time for evaluation")
+    r.add_argument("--transfer-eval-seen", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --transfer-eval-jobs, roll the policies out on the training models too")
     r.add_argument("--transfer-eval-jobs", action="store_true",
                    help="evaluate the transfer policies in one worker per model, which prepares the model's "
                         "baselines while the policies train (same measurements, less time after training)")

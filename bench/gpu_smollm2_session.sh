@@ -107,7 +107,7 @@ transfer)  # one MaskablePPO policy per budget trained on default, bench-llama a
     --transfer-train default /tmp/bench_models/bench-llama /tmp/bench_models/bench-qwen2 \
     --transfer-test smollm2=smollm2-135m /tmp/bench_models/bench-gpt2 stories260K \
     --transfer-budgets 2.5 3.0 3.5 4.0 --transfer-seeds 0 --transfer-timesteps 12288 --transfer-eval-jobs \
-    --transfer-search-evals 16 --transfer-eval-reserve-s 0 --weight-cache-gib 8 --rl-agent maskable_ppo \
+    --transfer-search-evals 16 --transfer-eval-reserve-s 0 --no-transfer-eval-seen --weight-cache-gib 8 --rl-agent maskable_ppo \
     --action-kind residual --nice 10 --deadline-s "$deadline" --grace-s 15 > "$OUT/qtr.log" 2>&1
   python3 bench/bench_quality.py report --out /tmp/qtr >> "$OUT/qtr.log" 2>&1
   tar czf "$OUT/qtr.tgz" -C /tmp qtr
