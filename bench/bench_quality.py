@@ -407,13 +407,14 @@ def quality_job(cfg: dict[str, Any]) -> None:
     rl_env = env if rl_kind == "discrete" and not shaping else \
         make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping)[0]
 
-    trained: dict[int, Any] = {}  # seed -> the training run's episode tracker (for rl_best)
+    trained: dict[int, Any] = {}  # seed -> the training run's episode tracker (for rl_best); None: it failed
 
     def ppo(seed: int) -> dict[str, Any]:
         from stable_baselines3.common.callbacks import CallbackList
 
         from qenv.callbacks import EpisodeTracker, QuantEpisodeCallback
 
+        trained[seed] = None  # until the training below has finished
         hp = ppo_hyperparams(n_layers, episodes, agent=rl_agent, action_kind=rl_kind)
         agent = make_agent(rl_agent, rl_env, seed=seed, **hp)
         tracker = EpisodeTracker()
@@ -429,9 +430,11 @@ def quality_job(cfg: dict[str, Any]) -> None:
 
     def rl_best(seed: int) -> dict[str, Any]:
         """The best recipe of the N training episodes, measured like the searchers' best."""
-        tracker = trained.pop(seed, None)
-        if tracker is None:
+        if seed not in trained:
             raise RuntimeError("this seed's RL training did not run here (its ppo row came from an earlier run)")
+        tracker = trained.pop(seed)
+        if tracker is None:
+            raise RuntimeError("this seed's RL training failed (its ppo row has the error)")
         best = tracker.best_recipe()
         if best is None:
             raise RuntimeError("the RL run finished no episode")

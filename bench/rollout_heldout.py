@@ -3,10 +3,12 @@
 greedy's scored on held-out text (BENCHMARKS.md, "Learning on the real SmolLM2-135M with shaping").
 
     QENV_CACHE_DIR=/tmp/qcache_cpu python bench/rollout_heldout.py RUN_DIR CHECKPOINT.zip \
-        [--heldout ../shared/data/wikitext-2/test.txt --n-tokens 2048 --seq-len 128]
+        [--heldout ../shared/data/wikitext-2/test.txt --n-tokens 2048 --seq-len 128] [--env device=cpu ...]
 
 The env is rebuilt from the run's own ``config.json`` (same model, tokens and kind); greedy's recipe
-is the residual kind's action 0 on every layer. Prints one JSON line per part.
+is the residual kind's action 0 on every layer; ``--env KEY=VALUE`` replaces one of the run's env
+arguments (a GPU run replayed on the CPU: ``device=cpu data=<the same text here>``). Prints one JSON
+line per part.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main() -> int:
     p.add_argument("--n-tokens", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--presets", nargs="*", default=["rtn-w3", "gptq-w3"])
+    p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="replace the run's env arguments (numbers are parsed as YAML)")
     args = p.parse_args()
     torch.set_num_threads(1)
     from sb3_contrib import MaskablePPO
@@ -35,8 +39,14 @@ def main() -> int:
     from qenv.eval.tokens import tokens_from_text
     from qenv.quant.presets import preset
 
+    import yaml
+
     cfg = json.loads((Path(args.run) / "config.json").read_text())
-    env = QuantLLMEnv(**cfg["env_kwargs"])
+    env_kwargs = dict(cfg["env_kwargs"])
+    for item in args.env:
+        key, _, value = item.partition("=")
+        env_kwargs[key] = yaml.safe_load(value)
+    env = QuantLLMEnv(**env_kwargs)
     model = MaskablePPO.load(args.checkpoint, device="cpu")
     obs, _ = env.reset(seed=0)
     done, info, deviations = False, {}, 0
