@@ -22,17 +22,20 @@
 # quality-benchmark models; .qdata2 carries stories260K and tinystories) and `zoo-gguf SECONDS`
 # (bench_gguf.py on the bench models); `speed-random` is the warm-episode measurement on SmolLM2's
 # shape with random weights, and `transfer DEADLINE` the zero-shot experiment (after join and
-# zoo-train). Earlier sessions ran stage1, stage2, stage3, gputests and speed-random. The three calls
-# planned for issues 10 and 11 (.qdata2 rides with call A and .llamacpp with call B: 64 MiB a call):
+# zoo-train). Earlier sessions ran stage1, stage2, stage3, gputests and speed-random; the session of
+# 2026-12-06 ran call A below, then call B, which ran out of GPU memory on an 80 GB H100: its four
+# runs started about 40 processes (bench_quality starts one worker per model and budget, each with
+# its CUDA context, reference logits and weight cache). Run one GPU benchmark per call:
 #
 #   A  run(carry=[.carry1, .whl, .qdata, .qdata2]):
 #        bash S stage1 && { bash S zoo-train > $OUT/zoo_train.out 2>&1 & bash S gputests;
 #                           bash S zoo-rl 240 qrl_small stories260K default; wait; cat $OUT/zoo_train.out; }
-#   B  run(carry=[.carry2, .carry3, .llamacpp]):
-#        bash S join && { bash S learn 400 bench/smollm2_maskable_ppo_shaped.yaml &
-#          bash S zoo-rl 380 qrl_bench /tmp/bench_models/bench-{llama,gpt2,qwen2} & bash S zoo-gguf 400; wait; }
-#   C  run():  bash S transfer 420
+#   B  run(carry=[.carry2, .carry3, .llamacpp]):  bash S join && bash S zoo-gguf 400
+#   C  run():  bash S zoo-rl 400 qrl_bench /tmp/bench_models/bench-{llama,gpt2,qwen2}
+#   D  run():  bash S transfer 420
+#   E  run():  bash S learn 540 bench/smollm2_maskable_ppo_shaped.yaml
 #
+# Only the last output files come back, and at most 8 of them: each stage tars what matters.
 # Results land in $OUT (speed JSONs and logs; quality.tgz; learn.tgz with the TensorBoard events).
 set -u
 stage=${1:?stage1, stage2, stage3, join, learn, speed-random, gputests, zoo-train, zoo-rl, zoo-gguf or transfer}

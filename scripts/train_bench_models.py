@@ -22,6 +22,9 @@ the run. Architectures (``--arch``, default all three; run several processes to 
   positions, fused qkv Conv1D (~26M parameters, 4 linears per block);
 - ``qwen2``: Qwen2ForCausalLM, hidden 384, 8 blocks, 6 heads / 2 KV heads, SwiGLU MLP 1536, qkv bias
   (~18M parameters, 7 linears per block).
+- ``gpt2-small`` (not in the default set): the GPT-2 layout at hidden 128, 4 blocks, 4 heads, GELU MLP
+  512, no dropout (~1.1M parameters), small enough to train on a CPU: a trained GPT-2-layout model for
+  CPU experiments (the zero-shot transfer table in BENCHMARKS.md).
 
 Example (what the benchmark's GPU run used; see BENCHMARKS.md)::
 
@@ -50,6 +53,7 @@ import train_default_model as tdm  # noqa: E402  (the embedded model's helpers: 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "wikitext-2"
 DEFAULT_TOKENIZER_DIR = REPO_ROOT / "qenv" / "models" / "builtin" / "wikitext-llama"
 ARCHS = ("llama", "gpt2", "qwen2")
+SMALL_ARCHS = ("gpt2-small",)  # trainable on a CPU: a GPT-2-layout test model for CPU experiments
 
 
 def build_model(arch: str, vocab_size: int, max_positions: int):
@@ -79,13 +83,22 @@ def build_model(arch: str, vocab_size: int, max_positions: int):
                           rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=True, initializer_range=0.02,
                           bos_token_id=1, eos_token_id=2, pad_token_id=3, use_sliding_window=False)
         return Qwen2ForCausalLM(cfg), "Qwen2: hidden 384, 8 blocks, 6/2 heads, SwiGLU 1536, qkv bias, tied embeddings"
-    raise tdm.UserError(f"unknown --arch {arch!r}; use one of {ARCHS}")
+    if arch == "gpt2-small":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=128, n_layer=4, n_head=4,
+                         n_inner=512, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                         attn_pdrop=0.0, layer_norm_epsilon=1e-5, initializer_range=0.02, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        return GPT2LMHeadModel(cfg), "GPT-2 (small): hidden 128, 4 blocks, 4 heads, GELU 512, LayerNorm, learned positions"
+    raise tdm.UserError(f"unknown --arch {arch!r}; use one of {ARCHS + SMALL_ARCHS}")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS + SMALL_ARCHS,
+                   help="gpt2-small (0.8M parameters besides the embeddings) trains on a CPU in minutes")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="WikiText-2 train/valid/test.txt")
     p.add_argument("--tokenizer-dir", type=Path, default=DEFAULT_TOKENIZER_DIR)
     p.add_argument("--out-dir", type=Path, required=True, help="models go to <out-dir>/bench-<arch>/")
