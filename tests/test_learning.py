@@ -560,3 +560,30 @@ def load_plan_deviations():
     from qenv.cli.config import load_agent_config
 
     return load_agent_config(REPO / "configs" / "maskable_ppo.yaml", "QuantLLM-v0").hyperparams["plan_deviations"]
+
+
+def test_zero_shot_table_reads_eval_agent_results(tmp_path):
+    """bench/zero_shot_table.py turns eval_agent.py's results.json into the zero-shot rows: only
+    unseen models, the best preset at or under the budget, and strict wins counted per baseline."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("zero_shot_table", REPO / "bench" / "zero_shot_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def row(method, kind, kl, bpw, over=False):
+        return {"method": method, "kind": kind, "kl": kl, "bpw": bpw, "over_budget": over}
+
+    rows = [row("policy (maskable_ppo)", "policy", 1.0, 3.0), row("greedy", "searcher", 1.0, 3.0),
+            row("random", "searcher", 2.0, 3.0), row("evolution", "searcher", 0.9, 3.0),
+            row("gptq-w2", "preset", 1.5, 2.3), row("q4_k_m", "preset", 0.1, 5.0, over=True)]
+    run = {"budget_bpw": 3.0, "models": [
+        {"model": "new", "n_layers": 7, "seen": False, "status": "zero-shot", "rows": rows},
+        {"model": "old", "n_layers": 7, "seen": True, "status": "trained on", "rows": rows}]}
+    (tmp_path / "results.json").write_text(json.dumps(run))
+    cells = table.cells([str(tmp_path / "results.json")])
+    assert [c["model"] for c in cells] == ["new"] and cells[0]["best_preset"]["method"] == "gptq-w2"
+    md = table.markdown(cells)
+    assert "| new (7) | 3 | 1 (3.000) | 1 | 2 | 0.9 | — | gptq-w2: 1.5 (2.300) | same (1.00x) | **better** (1.50x) |" in md
+    assert "beats greedy in 0/1" in md and "beats random search in 1/1" in md and "evolution in 0/1" in md
