@@ -102,6 +102,7 @@ zoo-gguf)  # llama.cpp's mixes against searched gguf-menu recipes on the bench m
   done
   wait
   tail -n 3 "$OUT"/gguf_*.log
+  (cd "$OUT" && tar czf gguf.tgz gguf_* && rm -f gguf_*)  # the device tool returns at most 8 files a call
   ;;
 transfer)  # one MaskablePPO policy per budget trained on default, bench-llama and bench-qwen2; one
   # deterministic rollout on SmolLM2, bench-gpt2 and stories260K (after join and zoo-train)
