@@ -56,6 +56,17 @@ ARCHS = ("llama", "gpt2", "qwen2")
 SMALL_ARCHS = ("gpt2-small",)  # trainable on a CPU: a GPT-2-layout test model for CPU experiments
 
 
+def _gpt2(vocab_size: int, max_positions: int, *, width: int, blocks: int, heads: int, mlp: int, dropout: float):
+    """A GPT2LMHeadModel (random init) of the given size, with the bench models' common settings."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=width, n_layer=blocks, n_head=heads,
+                     n_inner=mlp, activation_function="gelu_new", resid_pdrop=dropout, embd_pdrop=dropout,
+                     attn_pdrop=dropout, layer_norm_epsilon=1e-5, initializer_range=0.02, tie_word_embeddings=True,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return GPT2LMHeadModel(cfg)
+
+
 def build_model(arch: str, vocab_size: int, max_positions: int):
     """The model of ``arch`` (random init) and a one-line description."""
     if arch == "llama":
@@ -68,13 +79,8 @@ def build_model(arch: str, vocab_size: int, max_positions: int):
                           bos_token_id=1, eos_token_id=2, pad_token_id=3)
         return LlamaForCausalLM(cfg), "Llama: hidden 512, 8 blocks, 8/4 heads, SwiGLU 1408, tied embeddings"
     if arch == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        cfg = GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=512, n_layer=8, n_head=8,
-                         n_inner=2048, activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1,
-                         attn_pdrop=0.1, layer_norm_epsilon=1e-5, initializer_range=0.02, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
-        return GPT2LMHeadModel(cfg), "GPT-2: hidden 512, 8 blocks, 8 heads, GELU 2048, LayerNorm, learned positions"
+        return (_gpt2(vocab_size, max_positions, width=512, blocks=8, heads=8, mlp=2048, dropout=0.1),
+                "GPT-2: hidden 512, 8 blocks, 8 heads, GELU 2048, LayerNorm, learned positions")
     if arch == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -84,13 +90,8 @@ def build_model(arch: str, vocab_size: int, max_positions: int):
                           bos_token_id=1, eos_token_id=2, pad_token_id=3, use_sliding_window=False)
         return Qwen2ForCausalLM(cfg), "Qwen2: hidden 384, 8 blocks, 6/2 heads, SwiGLU 1536, qkv bias, tied embeddings"
     if arch == "gpt2-small":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        cfg = GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=128, n_layer=4, n_head=4,
-                         n_inner=512, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-                         attn_pdrop=0.0, layer_norm_epsilon=1e-5, initializer_range=0.02, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
-        return GPT2LMHeadModel(cfg), "GPT-2 (small): hidden 128, 4 blocks, 4 heads, GELU 512, LayerNorm, learned positions"
+        return (_gpt2(vocab_size, max_positions, width=128, blocks=4, heads=4, mlp=512, dropout=0.0),
+                "GPT-2 (small): hidden 128, 4 blocks, 4 heads, GELU 512, LayerNorm, learned positions")
     raise tdm.UserError(f"unknown --arch {arch!r}; use one of {ARCHS + SMALL_ARCHS}")
 
 
