@@ -34,19 +34,14 @@ def main() -> int:
     torch.set_num_threads(1)
     from sb3_contrib import MaskablePPO
 
+    from qenv.cli.common import parse_key_values
     from qenv.envs.quant_llm import QuantLLMEnv
     from qenv.eval.evaluator import Evaluator
     from qenv.eval.tokens import tokens_from_text
     from qenv.quant.presets import preset
 
-    import yaml
-
     cfg = json.loads((Path(args.run) / "config.json").read_text())
-    env_kwargs = dict(cfg["env_kwargs"])
-    for item in args.env:
-        key, _, value = item.partition("=")
-        env_kwargs[key] = yaml.safe_load(value)
-    env = QuantLLMEnv(**env_kwargs)
+    env = QuantLLMEnv(**{**cfg["env_kwargs"], **parse_key_values(args.env, "--env")})
     model = MaskablePPO.load(args.checkpoint, device="cpu")
     obs, _ = env.reset(seed=0)
     done, info, deviations = False, {}, 0
