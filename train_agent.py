@@ -341,7 +341,8 @@ class Run:
 
         # Built first, in this process: a bad model or argument is a QenvError here (not a worker's
         # traceback), and in-process training envs reuse its model and statistics.
-        self.eval_env = make_quant_env(**self.settings["env_kwargs"])
+        # the deterministic evaluations run at budget_bpw, not at budgets the training episodes sample
+        self.eval_env = make_quant_env(**{k: v for k, v in self.settings["env_kwargs"].items() if k != "budgets"})
         self.inner = self.eval_env.unwrapped
         self.tasks = list(self.inner.tasks)
 

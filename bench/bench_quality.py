@@ -266,14 +266,19 @@ def ppo_hyperparams(n_layers: int, episodes: int, per_rollout: bool = True, agen
     return hp
 
 
-def config_shaping(agent: str) -> float:
-    """The ``shaping_weight`` in ``configs/<agent>.yaml``'s env_kwargs (0 when it sets none or has no file)."""
+def config_env_kwarg(agent: str, key: str, default: Any) -> Any:
+    """``configs/<agent>.yaml``'s env_kwargs[key] (``default`` when it sets none or has no file)."""
     from qenv.cli.config import load_agent_config
 
     path = REPO_ROOT / "configs" / f"{agent}.yaml"
     if not path.is_file():
-        return 0.0
-    return float(load_agent_config(path, "QuantLLM-v0").env_kwargs.get("shaping_weight", 0.0))
+        return default
+    return load_agent_config(path, "QuantLLM-v0").env_kwargs.get(key, default)
+
+
+def config_shaping(agent: str) -> float:
+    """The ``shaping_weight`` in ``configs/<agent>.yaml``'s env_kwargs (0 when it sets none or has no file)."""
+    return float(config_env_kwarg(agent, "shaping_weight", 0.0))
 
 
 def deadline_callbacks(deadline: float) -> tuple[Any, Any]:
@@ -298,10 +303,11 @@ def common_setup(cfg: dict[str, Any]) -> None:
 
 
 def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Path,
-             action_kind: str = "discrete", shaping_weight: float = 0.0) -> tuple[Any, str]:
+             action_kind: str = "discrete", shaping_weight: float = 0.0,
+             observation: str = "full") -> tuple[Any, str]:
     """The model's env (searchers and presets use the menu kind; the RL agent ``cfg['action_kind']``,
-    with ``cfg['rl_shaping']`` as its shaping weight: both share one task, i.e. one model, evaluator and
-    cache, in the process)."""
+    with ``cfg['rl_shaping']`` as its shaping weight and ``cfg['rl_observation']`` as its observation:
+    both share one task, i.e. one model, evaluator and cache, in the process)."""
     from qenv.cli.envs import make_quant_env
 
     calib, held_path = corpus_files(model["corpus"], Path(cfg["data_dir"]), work)
@@ -309,7 +315,8 @@ def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Pa
     env = make_quant_env(model=model["spec"], budget_bpw=budget, data=calib, n_tokens=cfg["n_tokens"],
                          seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], device=pick_device(cfg["device"]),
                          dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"], action_kind=action_kind,
-                         weight_cache_gib=cfg.get("weight_cache_gib"), shaping_weight=shaping_weight)
+                         weight_cache_gib=cfg.get("weight_cache_gib"), shaping_weight=shaping_weight,
+                         observation=observation)
     return env, held_path
 
 
@@ -404,8 +411,9 @@ def quality_job(cfg: dict[str, Any]) -> None:
 
     rl_agent, rl_kind = rl_settings(cfg)
     shaping = float(cfg.get("rl_shaping") or 0.0)
-    rl_env = env if rl_kind == "discrete" and not shaping else \
-        make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping)[0]
+    observation = str(cfg.get("rl_observation") or "full")
+    rl_env = env if rl_kind == "discrete" and not shaping and observation == "full" else \
+        make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping, observation=observation)[0]
 
     trained: dict[int, Any] = {}  # seed -> the training run's episode tracker (for rl_best); None: it failed
 
@@ -543,7 +551,8 @@ def transfer_job(cfg: dict[str, Any]) -> None:
         env = make_quant_env(model=[m["spec"] for m in train_models], budget_bpw=budget, data=calib,
                              n_tokens=cfg["n_tokens"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
                              device=device, dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"],
-                             action_kind=rl_kind)
+                             action_kind=rl_kind, shaping_weight=float(cfg.get("rl_shaping") or 0.0),
+                             observation=str(cfg.get("rl_observation") or "full"))
         steps = int(cfg["timesteps"])
         hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent, action_kind=rl_kind)
         agent = make_agent(rl_agent, env, seed=seed, **hp)
@@ -573,7 +582,8 @@ def transfer_job(cfg: dict[str, Any]) -> None:
     for model, seen in tests:
         try:
             tenv, held_path = make_env(model, budget, cfg, out / "work")
-            renv = tenv if rl_kind == "discrete" else make_env(model, budget, cfg, out / "work", rl_kind)[0]
+            renv = make_env(model, budget, cfg, out / "work", rl_kind,
+                            observation=str(cfg.get("rl_observation") or "full"))[0]
             task = tenv.unwrapped.task
             held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
             recipe, info = rollout_recipe(agent, renv, deterministic=True)
@@ -611,7 +621,7 @@ def transfer_eval_job(cfg: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         tenv, held_path = make_env(model, budget, cfg, out / "work")
         rl_agent, rl_kind = rl_settings(cfg)
-        renv = tenv if rl_kind == "discrete" else make_env(model, budget, cfg, out / "work", rl_kind)[0]
+        renv = make_env(model, budget, cfg, out / "work", rl_kind, observation=str(cfg.get("rl_observation") or "full"))[0]
         task = tenv.unwrapped.task
         held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
         humans = human_baselines(task, held, tenv, budget)
@@ -672,6 +682,7 @@ def run(args: argparse.Namespace) -> int:
             "held_tokens": args.held_tokens, "cache_dir": str(Path(args.cache_dir).resolve()), "threads": 1,
             "rl_agent": args.rl_agent, "action_kind": args.action_kind,
             "rl_shaping": args.rl_shaping if args.rl_shaping is not None else config_shaping(args.rl_agent),
+            "rl_observation": args.rl_observation or str(config_env_kwarg(args.rl_agent, "observation", "full")),
             "methods": args.methods,
             "search_evals": args.transfer_search_evals, "weight_cache_gib": args.weight_cache_gib}
     jobs: list[tuple[str, dict[str, Any]]] = []
@@ -1263,6 +1274,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rl-agent", default="maskable_ppo",
                    help="the RL method's agent (its configs/<agent>.yaml hyperparameters; default: %(default)s)")
     r.add_argument("--action-kind", default="residual", help="the RL method's action kind (default: %(default)s)")
+    r.add_argument("--rl-observation", default=None, choices=["full", "relative"],
+                   help="the RL method's observation kind (default: its config's env_kwargs, else full)")
     r.add_argument("--rl-shaping", type=float, default=None,
                    help="the RL method's env shaping_weight (potential-based shaping from the streamed block "
                         "errors; the searchers' env is unshaped; default: the agent config's env_kwargs, else 0)")

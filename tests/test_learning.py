@@ -149,6 +149,71 @@ def test_model_relative_features(stories_bin):
     assert 0 < shares[0] < 1 and shares[-1] == pytest.approx(1.0)
 
 
+def test_relative_observation_reads_no_scale_of_its_own(stories_bin):
+    """``observation="relative"``: sizes, statistics and errors relative to the model's median layer,
+    so shifting any of them by one factor over the whole model leaves the observation unchanged."""
+    from qenv.envs.features import _CENTRED, relative_static
+
+    full = make("tiny-gpt2")
+    rel = make("tiny-gpt2", observation="relative")
+    layers = rel.task.layers
+    static = rel._static[id(rel.task)]
+    for name in _CENTRED:
+        j = STATIC_NAMES.index(name)
+        assert np.median(static[:, j]) == pytest.approx(0.0, abs=1e-6)
+        shifted = full.task.static.copy()
+        shifted[:, j] += 0.7  # e.g. every weight 10^(0.7) times larger, or every layer 2^(11) times wider
+        assert np.allclose(relative_static(shifted, layers), static, atol=1e-6)
+    assert not np.allclose(full.task.static, static)
+    # GPT-2's fused layers read as the layers they fuse, in the kinds a llama-layout policy knows
+    qkv = next(i for i, info in enumerate(layers) if info.kind == "qkv")
+    fc_out = next(i for i, info in enumerate(layers) if info.kind == "fc_out")
+    kind = {k: STATIC_NAMES.index(f"kind_{k}") for k in ("q", "k", "v", "qkv", "down", "fc_out")}
+    assert [static[qkv, kind[k]] for k in ("q", "k", "v", "qkv")] == [1.0, 1.0, 1.0, 0.0]
+    assert [static[fc_out, kind[k]] for k in ("down", "fc_out")] == [1.0, 0.0]
+    # the share of the sensitivity left is read against the mean share: 0 at the last layer (1 of 1)
+    obs, _ = rel.reset(seed=0)
+    share = (STATIC_NAMES + EPISODE_NAMES).index("sensitivity_share_left")
+    done = False
+    while not done:
+        last = obs[share]
+        obs, _, done, _, _ = rel.step(rel.action_space.sample())
+    assert last == pytest.approx(0.0, abs=1e-6)
+    gym_check_env(make(stories_bin, "residual", observation="relative"), skip_render_check=True)
+    with pytest.raises(QenvError, match="Unknown observation kind"):
+        make(stories_bin, observation="absolute")
+
+
+def test_budgets_sample_one_budget_per_episode(stories_bin):
+    env = make(stories_bin, "residual", budgets=[2.5, 3.0, 4.0])
+    seen = {}
+
+    def greedy_episode(env, **reset):
+        env.reset(**reset)
+        done = False
+        while not done:
+            _, _, done, _, info = env.step(0)
+        return info
+
+    for seed in range(16):
+        info = greedy_episode(env, seed=seed)
+        seen[env.budget_bpw] = info
+        assert info["budget_bpw"] == env.budget_bpw and info["bpw"] <= env.budget_bpw + 1e-9
+    assert sorted(seen) == [2.5, 3.0, 4.0]
+    # each episode is scored against its own budget's reference, as an env made with that budget is
+    alone = greedy_episode(make(stories_bin, "residual", budget=2.5), seed=0)
+    assert seen[2.5]["kl"] == alone["kl"] and seen[2.5]["fidelity_reward"] == alone["fidelity_reward"]
+    assert seen[2.5]["recipe"] == alone["recipe"] != seen[4.0]["recipe"]
+    env.reset(options={"budget_bpw": 4.0})
+    assert env.budget_bpw == 4.0
+    with pytest.raises(QenvError, match="not one of this environment's budgets"):
+        env.reset(options={"budget_bpw": 3.7})
+    with pytest.raises(QenvError, match="list of budgets"):
+        make(stories_bin, budgets=[3.0, 0])
+    with pytest.raises(QenvError, match="below the"):
+        make(stories_bin, budgets=[0.5, 3.0])
+
+
 def test_potential_shaping_leaves_every_return_unchanged(stories_bin):
     plain = make(stories_bin, "discrete", 3.0)
     shaped = make(stories_bin, "discrete", 3.0, shaping_weight=0.5)

@@ -46,6 +46,16 @@ SHARE_BITS = 3
 OBS_DIM = len(STATIC_NAMES) + len(EPISODE_NAMES)
 OBS_LIMIT = 10.0
 
+#: the environment's observation kinds (``QuantLLMEnv(observation=...)``): the same entries, read differently
+OBSERVATION_KINDS: tuple[str, ...] = ("full", "relative")
+#: static entries that are logs of a size, a weight or activation statistic or an error: ``relative``
+#: centres each on its median over the model's layers
+_CENTRED = ("log_fan_in", "log_fan_out", "log_numel", "w_log_std", "w_log_kurtosis", "w_log_peak", "x_log_rms",
+            "x_log_peak_ratio") + tuple(f"log_err_w{b}" for b in SENSITIVITY_BITS)
+#: fused layers in the ``relative`` kind's kind entries: the parts they fuse (GPT-2's c_fc and c_proj are
+#: its MLP's up and down projections), so a policy trained on one layout reads another's layers
+_FUSED_KINDS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up"), "fc_in": ("up",), "fc_out": ("down",)}
+
 
 def output_error(evaluator: Evaluator, info: LayerInfo, rule: Rule) -> float:
     """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of one layer on calibration inputs."""
@@ -115,6 +125,31 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
     rows = np.clip(np.nan_to_num(rows, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT), -OBS_LIMIT, OBS_LIMIT)
     write_cached_array(path, rows)
     return rows
+
+
+def relative_static(static: np.ndarray, layers: list[LayerInfo]) -> np.ndarray:
+    """The ``relative`` observation's static entries: the same layout as :func:`static_features`,
+    with nothing that tells one model's scale from another's.
+
+    A policy trained on 14–42-layer models with 64–256 hidden units met SmolLM2-135M's layers (576
+    and 1536 wide, larger weight and activation peaks) with every size and statistic entry outside
+    anything it had seen, and left greedy's plan on half of them. Here each size, statistic and
+    log-error entry is centred on its model's median (a log ratio to the typical layer),
+    ``param_share`` becomes ``log2(layer size / mean layer size) / 4``, and a fused layer's kind
+    entries mark the layers it fuses (``qkv`` → q, k, v; ``fc_in`` → up; ``fc_out`` → down). Depth
+    and the z-scored errors are relative already.
+    """
+    out = np.array(static, dtype=np.float64, copy=True)
+    for name in _CENTRED:
+        j = STATIC_NAMES.index(name)
+        out[:, j] -= np.median(out[:, j])
+    numel = np.array([info.numel for info in layers], dtype=np.float64)
+    out[:, STATIC_NAMES.index("param_share")] = np.log2(numel / numel.mean()) / 4.0
+    for row, info in zip(out, layers):
+        for part in _FUSED_KINDS.get(info.kind, ()):
+            row[STATIC_NAMES.index(f"kind_{info.kind}")] = 0.0
+            row[STATIC_NAMES.index(f"kind_{part}")] = 1.0
+    return np.clip(out, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
 
 def _median(values: np.ndarray) -> float:

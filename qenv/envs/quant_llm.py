@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ from qenv.io import atomic_path, check_output_dir
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.allocation import LagrangianSuffix, fill_budget, greedy_allocation, rule_errors
-from qenv.envs.features import OBS_DIM, OBS_LIMIT, ladder_rules, model_relative, rung_gains, static_features
+from qenv.envs.features import (OBS_DIM, OBS_LIMIT, OBSERVATION_KINDS, ladder_rules, model_relative, relative_static,
+                                rung_gains, static_features)
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
 from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper, check_finite_action
 from qenv.models.layers import LayerInfo
@@ -340,6 +342,13 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key == "action_kind":
             if value not in ACTION_SPACE_KINDS:
                 raise QenvError(f"Unknown action space kind {value!r}.", f"use one of {ACTION_SPACE_KINDS}.")
+        elif key == "budgets":
+            items = list(value) if isinstance(value, (list, tuple)) else None
+            if value is not None and (not items or not all(_is_number(b) and 0 < b <= 16 for b in items)):
+                fail(key, value, "must be a list of budgets in bits per weight, each in (0, 16]", "[2.5, 3.0, 3.5, 4.0]")
+        elif key == "observation":
+            if value not in OBSERVATION_KINDS:
+                raise QenvError(f"Unknown observation kind {value!r}.", f"use one of {OBSERVATION_KINDS}.")
         elif key == "reward":
             if value not in REWARD_KINDS:
                 raise QenvError(f"Unknown reward {value!r}.", f"use one of {REWARD_KINDS}.")
@@ -395,6 +404,14 @@ class QuantLLMEnv(gym.Env):
             that cannot hold one recipe is an error.
         prebuild: quantize the whole menu for every layer at construction, in batches, with a
             progress bar (default: on a GPU only). Envs sharing a task share this work.
+        budgets: budgets in bits per weight that each episode samples one of (as with several
+            models), for one policy over a range of sizes; ``reset(options={"budget_bpw": b})``
+            picks one. Default: ``budget_bpw`` only.
+        observation: ``full`` (default) or ``relative``: the same entries, but in ``relative`` none
+            says how large the model is: every size, weight/activation statistic and log error is
+            taken relative to the model's median layer, so a policy trained on small models reads a
+            large one within the ranges it learned from (see the table and
+            :func:`qenv.envs.features.relative_static`).
 
     **Action space** (``action_kind``):
 
@@ -446,6 +463,12 @@ class QuantLLMEnv(gym.Env):
     sensitivity_share_left        this layer's share of the 3-bit error × size of the layers left
     ============================  ==================================================================
 
+    With ``observation="relative"``: ``log_fan_in/out``, ``log_numel``, ``w_log_*``, ``x_log_*`` and
+    ``log_err_w*`` minus their median over the model's layers; ``param_share`` = log2(layer size /
+    mean layer size) / 4; ``sensitivity_share_left`` = log10(share × layers left) / 2 (0: an
+    average layer); fused kinds mark their parts (qkv → q, k, v; gate_up → gate, up; fc_in → up;
+    fc_out → down).
+
     **Reward**: 0 per step, plus at the last step the fidelity reward against the uniform RTN
     frontier at the budget (``log(KL_ref / KL)`` for ``kl``; :mod:`qenv.envs.reward`), which
     means the same on every model (0 = as good as the human reference at that size). With
@@ -453,7 +476,7 @@ class QuantLLMEnv(gym.Env):
     ``−Φ_last``, where ``Φ_b = −w · log(err_b / err_b^ref)`` compares the block's streamed
     output error with the uniform RTN width's: potential-based shaping (γ = 1, Φ = 0 at both
     ends), so every episode's return and the optimal policy are unchanged.
-=======
+
     Episode length: one step per quantizable layer of the episode's model
     (:attr:`episode_length`); every episode *terminates* there and none is ever truncated.
     ``env.spec.max_episode_steps`` is ``None`` on purpose: the length depends on the model (and,
@@ -486,6 +509,8 @@ class QuantLLMEnv(gym.Env):
         cache_dir: str | Path | None | bool = None,
         weight_cache_gib: float | None = None,
         prebuild: bool | None = None,
+        observation: str = "full",
+        budgets: Sequence[float] | None = None,
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -503,6 +528,9 @@ class QuantLLMEnv(gym.Env):
         self.reward_kind = check_reward_kind(reward)
         self.render_mode = render_mode
         self.budget_bpw = float(budget_bpw)
+        self.nominal_budget_bpw = self.budget_bpw
+        # the budgets episodes sample from (budget_bpw until the first reset, or when only it is given)
+        self.budgets: tuple[float, ...] = (self.budget_bpw,) if budgets is None else tuple(float(b) for b in budgets)
         self.budget_mode = budget_mode
         self.dense_weight = float(dense_weight)
         self.shaping_weight = float(shaping_weight)
@@ -511,6 +539,7 @@ class QuantLLMEnv(gym.Env):
         self.mapper = ActionMapper(action_kind, menu)
         self.action_space = self.mapper.space
         self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(OBS_DIM,), dtype=np.float32)
+        self.observation_kind = observation
         specs = [model] if isinstance(model, (str, Path, LoadedModel)) else list(model)
         if not specs:
             raise QenvError("No model was given.", "pass model='default', a path, a hub id, or a list of them.")
@@ -527,19 +556,23 @@ class QuantLLMEnv(gym.Env):
                     raise QenvError("dense_weight or shaping_weight > 0 needs the reference block outputs, which "
                                     "were not kept.")
         if budget_mode == "hard":
+            lowest = min(self.budget_bpw, *self.budgets)
             for task in self.tasks:
                 floor = task.rest_min[0] / task.total_weights
-                if floor > self.budget_bpw + 1e-12:
+                if floor > lowest + 1e-12:
                     zoo = (f" (one of the {len(self.tasks)} models of this zoo, which all share the budget)"
                            if len(self.tasks) > 1 else "")
                     floors = max(t.rest_min[0] / t.total_weights for t in self.tasks)
                     raise QenvError(
-                        f"budget_bpw={self.budget_bpw:g} is below the {floor:.3f} bpw that the cheapest rules reach on "
+                        f"budget_bpw={lowest:g} is below the {floor:.3f} bpw that the cheapest rules reach on "
                         f"{task.name}{zoo}.",
                         f"raise the budget to at least {floors:.3f}"
                         + (", train the models that cannot meet it separately," if zoo else "")
                         + " or add cheaper rules to the menu.",
                     )
+        # the static entries each model's observations start with ("relative": no scale of its own)
+        self._static = {id(task): task.static if observation == "full" else relative_static(task.static, task.layers)
+                        for task in self.tasks}
         self.task = self.tasks[0]
         self._reset_episode()
 
@@ -591,7 +624,9 @@ class QuantLLMEnv(gym.Env):
         bits_left = self.budget_bits - self.spent
         episode += model_relative(task.ladder_costs, task.ladder_sens, i, bits_left if self.index < n else 0.0,
                                   bpw_left, task.numel, task.ladder_table, task.ladder_gains)
-        obs = np.concatenate([task.static[i], np.asarray(episode, dtype=np.float32)])
+        if self.observation_kind == "relative":  # the share of the sensitivity left, over the mean share
+            episode[-1] = math.log10(max(episode[-1] * (n - self.index), 1e-6)) / 2.0
+        obs = np.concatenate([self._static[id(task)][i], np.asarray(episode, dtype=np.float32)])
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
     def _allowed_bits(self) -> float:
@@ -744,6 +779,14 @@ class QuantLLMEnv(gym.Env):
             self.task = self.tasks[int(index)]
         elif len(self.tasks) > 1:
             self.task = self.tasks[int(self.np_random.integers(len(self.tasks)))]
+        if "budget_bpw" in options:
+            budget = options["budget_bpw"]
+            if not _is_number(budget) or float(budget) not in (*self.budgets, self.nominal_budget_bpw):
+                raise QenvError(f"reset(options={{'budget_bpw': {budget!r}}}) is not one of this environment's "
+                                f"budgets {list(self.budgets)}.", "pass one of them, or make the environment with it.")
+            self.budget_bpw = float(budget)
+        elif len(self.budgets) > 1:
+            self.budget_bpw = self.budgets[int(self.np_random.integers(len(self.budgets)))]
         self._reset_episode()
         return self._observation(), {"model": self.task.name, "layer": self.task.layers[0].name,
                                      "n_layers": len(self.task.layers)}
