@@ -434,7 +434,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
                 "n_steps": hp.get("n_steps"),
                 "truncated": played + 1e-9 < episodes, "clamped_actions": info.get("clamped_actions", 0),
                 "agent": rl_agent, "action_kind": rl_kind, "plan_deviations": hp.get("plan_deviations"),
-                "shaping_weight": rl_env.unwrapped.shaping_weight}
+                "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind}
 
     def rl_best(seed: int) -> dict[str, Any]:
         """The best recipe of the N training episodes, measured like the searchers' best."""
@@ -450,7 +450,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
                 "best_episode": tracker.best["n"],
                 "episode_kl_min": min(e["kl"] for e in tracker.episodes if e.get("kl") is not None),
                 "truncated": len(tracker) < episodes, "agent": rl_agent, "action_kind": rl_kind,
-                "shaping_weight": rl_env.unwrapped.shaping_weight}
+                "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind}
 
     only = set(cfg.get("methods") or METHOD_ORDER)
     for name in ("rtn", "gptq", "awq"):
@@ -551,7 +551,7 @@ def transfer_job(cfg: dict[str, Any]) -> None:
         env = make_quant_env(model=[m["spec"] for m in train_models], budget_bpw=budget, data=calib,
                              n_tokens=cfg["n_tokens"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
                              device=device, dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"],
-                             action_kind=rl_kind, shaping_weight=float(cfg.get("rl_shaping") or 0.0),
+                             weight_cache_gib=cfg.get("weight_cache_gib"), action_kind=rl_kind, shaping_weight=float(cfg.get("rl_shaping") or 0.0),
                              observation=str(cfg.get("rl_observation") or "full"))
         steps = int(cfg["timesteps"])
         hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent, action_kind=rl_kind)
@@ -562,7 +562,8 @@ def transfer_job(cfg: dict[str, Any]) -> None:
         agent.learn(steps, callback=sb3_cb)
         rec.write(method="train", train_models=[m["name"] for m in train_models], timesteps=agent.num_timesteps,
                   asked_timesteps=steps, truncated=agent.num_timesteps < steps, train_s=time.perf_counter() - t1,
-                  setup_s=t1 - t0, device=device)
+                  setup_s=t1 - t0, device=device, observation=env.unwrapped.observation_kind,
+                  shaping_weight=env.unwrapped.shaping_weight)
         log(f"transfer {budget:g} s{seed}: trained {agent.num_timesteps} steps in {time.perf_counter() - t1:.0f}s")
         if cfg.get("eval_jobs"):
             import torch

@@ -107,17 +107,17 @@ zoo-gguf)  # llama.cpp's mixes against searched gguf-menu recipes on the bench m
 transfer)  # one MaskablePPO policy per budget trained on default, bench-llama and bench-qwen2; one
   # deterministic rollout on SmolLM2, bench-gpt2 and stories260K (after join and zoo-train):
   # `transfer DEADLINE [OBSERVATION]` (the policies' observation kind, default relative)
-  deadline=${2:-420}; observation=${3:-relative}
-  python3 bench/bench_quality.py run --models --data-dir /tmp/qdata --out /tmp/qtr --cache-dir /tmp/qcache \
+  deadline=${2:-420}; observation=${3:-relative}; budgets=${4:-2.5 3.0 3.5 4.0}; procs=${5:-64}; name=${6:-qtr}
+  python3 bench/bench_quality.py run --models --data-dir /tmp/qdata --out /tmp/$name --cache-dir /tmp/qcache \
     --transfer-train default /tmp/bench_models/bench-llama /tmp/bench_models/bench-qwen2 \
     --transfer-test smollm2=smollm2-135m /tmp/bench_models/bench-gpt2 stories260K \
-    --transfer-budgets 2.5 3.0 3.5 4.0 --transfer-seeds 0 --transfer-timesteps 12288 --transfer-eval-jobs \
+    --transfer-budgets $budgets --max-procs "$procs" --transfer-seeds 0 --transfer-timesteps 12288 --transfer-eval-jobs \
     --transfer-search-evals 16 --transfer-eval-reserve-s 0 --no-transfer-eval-seen --weight-cache-gib 8 --rl-agent maskable_ppo \
     --action-kind residual --rl-observation "$observation" --nice 10 --deadline-s "$deadline" --grace-s 15 \
-    > "$OUT/qtr.log" 2>&1
-  python3 bench/bench_quality.py report --out /tmp/qtr >> "$OUT/qtr.log" 2>&1
-  tar czf "$OUT/qtr.tgz" -C /tmp qtr
-  tail -30 "$OUT/qtr.log"
+    > "$OUT/$name.log" 2>&1
+  python3 bench/bench_quality.py report --out /tmp/$name >> "$OUT/$name.log" 2>&1
+  tar czf "$OUT/$name.tgz" -C /tmp $name
+  tail -30 "$OUT/$name.log"
   ;;
 stage2)
   cp .carry2/* .carry3/* /tmp/parts/

@@ -560,9 +560,11 @@ def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     cfg = {"model": bench.resolve_model("stories260K", data_dir), "budget": 3.0, "deadline": time.time() + 600,
            "episodes": 4, "out": str(tmp_path), "data_dir": str(data_dir), "n_tokens": 256, "seq_len": 32,
            "batch_size": 8, "held_tokens": 256, "device": "cpu", "dtype": "float32", "cache_dir": str(tmp_path / "c"),
-           "seeds": [0], "methods": ["ppo"], "rl_agent": "maskable_ppo", "action_kind": "residual", "threads": 1}
+           "seeds": [0], "methods": ["ppo"], "rl_agent": "maskable_ppo", "action_kind": "residual", "threads": 1,
+           "rl_observation": "relative"}
     bench.quality_job(cfg)
     rows = {r["method"]: r for r in bench.load_rows(tmp_path)}
+    assert rows["ppo"]["observation"] == rows["rl_best"]["observation"] == "relative"
     assert {"ppo", "rl_best"} <= set(rows) and "error" not in rows["rl_best"], rows.get("rl_best")
     best, ppo = rows["rl_best"], rows["ppo"]
     assert best["evals"] == 4 and 1 <= best["best_episode"] <= 4 and ppo["evals"] == 4

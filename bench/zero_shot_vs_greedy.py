@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""One deterministic rollout of a trained policy against greedy's recipe, on models it never saw.
+
+    python bench/zero_shot_vs_greedy.py RUN_DIR --models M [M ...] --budgets 2.5 3.0 3.5 4.0 \\
+        [--n-tokens N] [--out results.json]
+
+The quick form of ``eval_agent.py --searchers greedy``: the policy's env settings (action kind,
+observation kind, shaping) come from the run's ``config.json``; for each (model, budget) the env
+is made with that budget, the policy plays one deterministic episode (``rollout_recipe``, with
+``action_masks()`` where it has them), and the residual kind's all-zero episode, i.e. greedy's recipe, is scored on
+the same tokens. Prints one line per cell (policy KL, greedy KL, better/same/worse, layers whose
+rule differs from greedy's recipe) and writes them as JSON. No held-out text and no presets (``eval_agent.py`` does those).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> int:
+    import torch
+
+    from qenv.agents import load_agent, rollout_recipe
+    from qenv.envs.episodes import play_episode
+    from qenv.envs.quant_llm import QuantLLMEnv
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="a train_agent.py run folder (model.zip, config.json)")
+    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0])
+    p.add_argument("--n-tokens", type=int, default=None, help="calibration tokens (default: the env's)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    run = Path(args.run)
+    config = json.loads((run / "config.json").read_text())
+    keep = ("action_kind", "observation", "shaping_weight", "menu", "reward", "seq_len", "batch_size")
+    kwargs = {k: v for k, v in config["env_kwargs"].items() if k in keep}
+    if kwargs.get("action_kind") != "residual":
+        raise SystemExit("this comparison needs a policy of the residual kind (action 0 = greedy's plan)")
+    agent = load_agent(config["agent"], run / "model.zip")
+    rows = []
+    for model in args.models:
+        for budget in args.budgets:
+            t0 = time.perf_counter()
+            extra = {} if args.n_tokens is None else {"n_tokens": args.n_tokens}
+            env = QuantLLMEnv(model=model, budget_bpw=budget, device="cpu", **kwargs, **extra)
+            _, info = rollout_recipe(agent, env, deterministic=True)
+            greedy = play_episode(env, [0] * env.episode_length)
+            off = sum(info["recipe"][name] != rule for name, rule in greedy["recipe"].items())
+            verdict = "better" if info["kl"] < greedy["kl"] else "same" if info["kl"] == greedy["kl"] else "worse"
+            rows.append({"model": model, "budget": budget, "policy_kl": info["kl"], "policy_bpw": info["bpw"],
+                         "greedy_kl": greedy["kl"], "greedy_bpw": greedy["bpw"], "verdict": verdict,
+                         "layers_off_plan": off, "layers": env.episode_length, "n_tokens": info["n_tokens"]})
+            print(f"{model} @ {budget:g}: policy KL {info['kl']:.4g}, greedy {greedy['kl']:.4g} -> {verdict}; "
+                  f"{off}/{env.episode_length} layers off greedy's recipe ({time.perf_counter() - t0:.0f} s)", flush=True)
+            env.close()
+    wins = sum(r["verdict"] == "better" for r in rows)
+    print(f"the policy beats greedy in {wins}/{len(rows)} cells")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"run": str(run), "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
