@@ -510,6 +510,7 @@ def _body(argv: list[str] | None) -> int:
     given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
     env_kwargs.update(given)
     env_kwargs.pop("model", None)
+    env_kwargs.pop("budgets", None)  # a policy trained over several budgets is evaluated at one (--budget-bpw)
     if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:
         raise QenvError(f"--weight-cache-gib={args.weight_cache_gib:g} must be positive.",
                         "pass a size in GiB, or leave it out to size the cache from free memory.")

@@ -41,7 +41,9 @@ def main() -> int:
     from qenv.quant.presets import preset
 
     cfg = json.loads((Path(args.run) / "config.json").read_text())
-    env = QuantLLMEnv(**{**cfg["env_kwargs"], **parse_key_values(args.env, "--env")})
+    # the run's settings at its budget_bpw (not the budgets its training episodes sampled)
+    env = QuantLLMEnv(**{**{k: v for k, v in cfg["env_kwargs"].items() if k != "budgets"},
+                         **parse_key_values(args.env, "--env")})
     model = MaskablePPO.load(args.checkpoint, device="cpu")
     obs, _ = env.reset(seed=0)
     done, info, deviations = False, {}, 0

@@ -312,6 +312,26 @@ def test_zoo_training_then_fine_tuning_on_a_new_model(zoo_run, capsys):
     assert "tiny-llama (trained-on model)" in out and results["models"][2]["seen"] is True
 
 
+def test_a_policy_over_several_budgets_trains_and_is_evaluated_at_one(stories_bin, tmp_path, capsys):
+    """``budgets`` in env_kwargs: training episodes sample them; the run's own deterministic
+    evaluation and eval_agent.py run at one budget (budget_bpw / --budget-bpw), not a sampled one."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    args = ["--config", tmp_path / "tiny.yaml", "--logdir", tmp_path, "--no-progress", "--model", stories_bin,
+            "--name", "multi", "--env-kwargs", "n_tokens=256", "seq_len=32", "cache_dir=false",
+            "budgets=[2.5, 4.0]", "observation=relative"]
+    assert run_main(train_agent, args) == 0
+    summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert summary["final"][Path(stories_bin).stem]["bpw"] <= 3.0 + 1e-9  # the config's budget_bpw, 3.0
+    capsys.readouterr()
+    for budget in (2.5, 4.0):
+        out = tmp_path / f"ev{budget}"
+        assert run_main(eval_agent, ["--policy", tmp_path / "multi" / "model.zip", "--budget-bpw", budget,
+                                     "--searchers", "none", "--out", out]) == 0
+        result = json.loads((out / "results.json").read_text())["models"][0]
+        policy = next(row for row in result["rows"] if row["kind"] == "policy")
+        assert result["budget_bpw"] == budget and budget - 0.3 < policy["bpw"] <= budget + 1e-9, policy
+
+
 def test_init_from_a_policy_with_another_observation_size(tmp_path, capsys):
     from stable_baselines3 import PPO
 
