@@ -341,8 +341,13 @@ class Run:
 
         # Built first, in this process: a bad model or argument is a QenvError here (not a worker's
         # traceback), and in-process training envs reuse its model and statistics.
-        # the deterministic evaluations run at budget_bpw, not at budgets the training episodes sample
-        self.eval_env = make_quant_env(**{k: v for k, v in self.settings["env_kwargs"].items() if k != "budgets"})
+        # The deterministic evaluations run at budget_bpw, not at budgets the training episodes sample;
+        # with budgets, an env with all of them is made here too, so that one no model can meet is
+        # this process's one-line error rather than every worker's traceback.
+        kwargs = self.settings["env_kwargs"]
+        if "budgets" in kwargs:
+            make_quant_env(**kwargs)
+        self.eval_env = make_quant_env(**{k: v for k, v in kwargs.items() if k != "budgets"})
         self.inner = self.eval_env.unwrapped
         self.tasks = list(self.inner.tasks)
 
@@ -524,6 +529,7 @@ class Run:
         self.watch = Stopwatch(before_s)
         print(f"run folder: {self.folder}", flush=True)
         self.build_envs()
+        self.tracker.budget_bpw = self.inner.budget_bpw  # with budgets, the best recipe is one at this budget
         self.build_agent(None if ckpt is None else ckpt[1])
         if not self.is_sb3:
             if self.resumed:

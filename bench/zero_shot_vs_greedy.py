@@ -45,6 +45,11 @@ def main() -> int:
     if kwargs.get("action_kind") != "residual":
         raise SystemExit("this comparison needs a policy of the residual kind (action 0 = greedy's plan)")
     agent = load_agent(config["agent"], run / "model.zip")
+    if (run / "vecnormalize.json").is_file():  # trained behind VecNormalize: observations normalised as then
+        from qenv.agents.sb3 import NormalizedAgent
+        from qenv.io import read_json
+
+        agent = NormalizedAgent(agent, read_json(run / "vecnormalize.json", "Normalisation statistics", "retrain."))
     rows = []
     for model in args.models:
         for budget in args.budgets:

@@ -56,9 +56,15 @@ def is_terminal_info(info: Mapping[str, Any]) -> bool:
 
 
 class EpisodeTracker:
-    """Episode records and the best-reward recipe seen so far (overall and per model)."""
+    """Episode records and the best-reward recipe seen so far (overall and per model).
 
-    def __init__(self) -> None:
+    With ``budget_bpw``, only episodes at that budget can be the best (an env with ``budgets``
+    samples others, whose rewards are measured against other references and whose recipes are
+    other sizes); every episode is still recorded.
+    """
+
+    def __init__(self, budget_bpw: float | None = None) -> None:
+        self.budget_bpw = budget_bpw
         self.episodes: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.best_by_model: dict[str, dict[str, Any]] = {}
@@ -76,6 +82,9 @@ class EpisodeTracker:
         self.episodes.append(record)
         full = {**record, "metrics": {k: info[k] for k in BEST_KEYS if k in info},
                 "rules": {name: dict(rule) for name, rule in info["recipe_rules"].items()}}
+        budget = info.get("budget_bpw")
+        if self.budget_bpw is not None and budget is not None and abs(float(budget) - self.budget_bpw) > 1e-9:
+            return record, False
         model_best = self.best_by_model.get(record["model"])
         if model_best is None or reward > model_best["reward"]:
             self.best_by_model[record["model"]] = full

@@ -208,9 +208,13 @@ def test_budgets_sample_one_budget_per_episode(stories_bin):
     assert env.budget_bpw == 4.0
     with pytest.raises(QenvError, match="not one of this environment's budgets"):
         env.reset(options={"budget_bpw": 3.7})
+    one = make(stories_bin, "residual", budgets=[4.0])  # one budget given: every episode at it, not at budget_bpw
+    assert greedy_episode(one, seed=0)["budget_bpw"] == 4.0
+    env.reset(options={"budget_bpw": np.float32(2.5)})  # the budget, whatever number type carries it
+    assert env.budget_bpw == 2.5
     with pytest.raises(QenvError, match="list of budgets"):
         make(stories_bin, budgets=[3.0, 0])
-    with pytest.raises(QenvError, match="below the"):
+    with pytest.raises(QenvError, match="budgets has 0.5, which is below the"):
         make(stories_bin, budgets=[0.5, 3.0])
 
 
@@ -318,10 +322,20 @@ def test_a_policy_over_several_budgets_trains_and_is_evaluated_at_one(stories_bi
     (tmp_path / "tiny.yaml").write_text(TINY)
     args = ["--config", tmp_path / "tiny.yaml", "--logdir", tmp_path, "--no-progress", "--model", stories_bin,
             "--name", "multi", "--env-kwargs", "n_tokens=256", "seq_len=32", "cache_dir=false",
-            "budgets=[2.5, 4.0]", "observation=relative"]
-    assert run_main(train_agent, args) == 0
+            "budgets=[2.5, 3.0]", "observation=relative"]
+    assert run_main(train_agent, [*args, "--timesteps", 350]) == 0  # 10 episodes of 35 layers
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert summary["final"][Path(stories_bin).stem]["bpw"] <= 3.0 + 1e-9  # the config's budget_bpw, 3.0
+    # the best training episode is one at that budget too (the others are other sizes, other references)
+    best = json.loads((tmp_path / "multi" / "best_recipe.json").read_text())
+    assert best["metrics"]["budget_bpw"] == 3.0 and best["metrics"]["bpw"] <= 3.0 + 1e-9
+    capsys.readouterr()
+    # a budget no model can meet is one line and exit 2 with worker processes too, not their tracebacks
+    bad = [a if not str(a).startswith("budgets=") else "budgets=[1.0, 3.0]" for a in args[:-1]] + [
+        "--name", "floor", "--n-envs", 2, "--vec-env", "subproc"]
+    assert run_main(train_agent, bad) == 2
+    err = capsys.readouterr().err
+    assert "budgets has 1, which is below" in err and "Traceback" not in err and not (tmp_path / "floor").exists()
     capsys.readouterr()
     for budget in (2.5, 4.0):
         out = tmp_path / f"ev{budget}"

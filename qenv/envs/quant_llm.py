@@ -343,7 +343,7 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
             if value not in ACTION_SPACE_KINDS:
                 raise QenvError(f"Unknown action space kind {value!r}.", f"use one of {ACTION_SPACE_KINDS}.")
         elif key == "budgets":
-            items = list(value) if isinstance(value, (list, tuple)) else None
+            items = list(value) if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) == 1 else None
             if value is not None and (not items or not all(_is_number(b) and 0 < b <= 16 for b in items)):
                 fail(key, value, "must be a list of budgets in bits per weight, each in (0, 16]", "[2.5, 3.0, 3.5, 4.0]")
         elif key == "observation":
@@ -517,7 +517,7 @@ class QuantLLMEnv(gym.Env):
         check_env_arguments({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise QenvError(f"Unknown render_mode {render_mode!r}.", "use 'ansi', 'rgb_array' or leave it unset.")
-        if not isinstance(budget_bpw, (int, float)) or not 0 < budget_bpw <= 16:
+        if not _is_number(budget_bpw) or not 0 < budget_bpw <= 16:
             raise QenvError(f"budget_bpw={budget_bpw!r} is out of range.", "use a number of bits per weight in (0, 16].")
         if budget_mode not in BUDGET_MODES:
             raise QenvError(f"Unknown budget_mode {budget_mode!r}.", f"use one of {BUDGET_MODES}.")
@@ -531,6 +531,7 @@ class QuantLLMEnv(gym.Env):
         self.nominal_budget_bpw = self.budget_bpw
         # the budgets episodes sample from (budget_bpw until the first reset, or when only it is given)
         self.budgets: tuple[float, ...] = (self.budget_bpw,) if budgets is None else tuple(float(b) for b in budgets)
+        self._sample_budgets = budgets is not None
         self.budget_mode = budget_mode
         self.dense_weight = float(dense_weight)
         self.shaping_weight = float(shaping_weight)
@@ -563,8 +564,9 @@ class QuantLLMEnv(gym.Env):
                     zoo = (f" (one of the {len(self.tasks)} models of this zoo, which all share the budget)"
                            if len(self.tasks) > 1 else "")
                     floors = max(t.rest_min[0] / t.total_weights for t in self.tasks)
+                    name = f"budget_bpw={lowest:g} is" if lowest == self.budget_bpw else f"budgets has {lowest:g}, which is"
                     raise QenvError(
-                        f"budget_bpw={lowest:g} is below the {floor:.3f} bpw that the cheapest rules reach on "
+                        f"{name} below the {floor:.3f} bpw that the cheapest rules reach on "
                         f"{task.name}{zoo}.",
                         f"raise the budget to at least {floors:.3f}"
                         + (", train the models that cannot meet it separately," if zoo else "")
@@ -781,11 +783,14 @@ class QuantLLMEnv(gym.Env):
             self.task = self.tasks[int(self.np_random.integers(len(self.tasks)))]
         if "budget_bpw" in options:
             budget = options["budget_bpw"]
-            if not _is_number(budget) or float(budget) not in (*self.budgets, self.nominal_budget_bpw):
+            known = (*self.budgets, self.nominal_budget_bpw)
+            match = [b for b in known if _is_number(budget) and abs(float(budget) - b) <= 1e-6]
+            if not match:
                 raise QenvError(f"reset(options={{'budget_bpw': {budget!r}}}) is not one of this environment's "
-                                f"budgets {list(self.budgets)}.", "pass one of them, or make the environment with it.")
-            self.budget_bpw = float(budget)
-        elif len(self.budgets) > 1:
+                                f"budgets {sorted(set(known))} (budget_bpw and budgets).",
+                                "pass one of them, or make the environment with it.")
+            self.budget_bpw = match[0]
+        elif self._sample_budgets:
             self.budget_bpw = self.budgets[int(self.np_random.integers(len(self.budgets)))]
         self._reset_episode()
         return self._observation(), {"model": self.task.name, "layer": self.task.layers[0].name,
