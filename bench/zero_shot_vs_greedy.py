@@ -5,7 +5,7 @@
         [--n-tokens N] [--out results.json]
 
 The quick form of ``eval_agent.py --searchers greedy``: the policy's env settings (action kind,
-observation kind, shaping) come from the run's ``config.json``; for each (model, budget) the env
+observation kind, max_deviations, shaping, ...) come from the run's ``config.json``; for each (model, budget) the env
 is made with that budget, the policy plays one deterministic episode (``rollout_recipe``, with
 ``action_masks()`` where it has them), and the residual kind's all-zero episode, i.e. greedy's recipe, is scored on
 the same tokens. Prints one line per cell (policy KL, greedy KL, better/same/worse, layers whose
@@ -40,8 +40,11 @@ def main() -> int:
     torch.set_num_threads(1)
     run = Path(args.run)
     config = json.loads((run / "config.json").read_text())
-    keep = ("action_kind", "observation", "shaping_weight", "menu", "reward", "seq_len", "batch_size")
-    kwargs = {k: v for k, v in config["env_kwargs"].items() if k in keep}
+    # the policy's env settings (action and observation kinds, max_deviations, shaping, menu, ...), not
+    # where it trained: model, budgets, calibration data, device and caches are this comparison's own
+    drop = ("model", "budget_bpw", "budgets", "data", "n_tokens", "device", "dtype", "cache_dir", "weight_cache_gib",
+            "prebuild", "render_mode")
+    kwargs = {k: v for k, v in config["env_kwargs"].items() if k not in drop}
     if kwargs.get("action_kind") != "residual":
         raise SystemExit("this comparison needs a policy of the residual kind (action 0 = greedy's plan)")
     agent = load_agent(config["agent"], run / "model.zip")

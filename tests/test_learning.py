@@ -184,6 +184,32 @@ def test_relative_observation_reads_no_scale_of_its_own(stories_bin):
         make(stories_bin, observation="absolute")
 
 
+def test_max_deviations_limits_the_steps_that_leave_greedys_plan(stories_bin):
+    rng = np.random.default_rng(0)
+    greedy = play_episode(make(stories_bin, "residual"), [0] * 35)["recipe"]
+    assert play_episode(make(stories_bin, "residual", max_deviations=0), rng.integers(0, 7, 35))["recipe"] == greedy
+    for cap in (1, 3):
+        env = make(stories_bin, "residual", max_deviations=cap)
+        for episode in range(3):
+            env.reset(seed=episode)
+            done, capped, masked_after = False, 0, []
+            while not done:
+                mask = env.action_masks()
+                if env.deviations >= cap:
+                    masked_after.append(mask.tolist() == [True] + [False] * 6)
+                action = int(rng.integers(0, 7)) if episode else int(rng.choice(np.flatnonzero(mask)))
+                _, _, done, _, info = env.step(action)
+                capped += info["deviation_capped"]
+            assert info["deviations"] == cap and all(masked_after) and masked_after
+            assert (capped > 0) == (episode > 0)  # unmasked random actions ask for more; they get the plan
+            assert info["bpw"] <= 3.0 + 1e-9
+    for bad, match in (({"max_deviations": -1}, "whole number"), ({"max_deviations": 2.5}, "whole number")):
+        with pytest.raises(QenvError, match=match):
+            make(stories_bin, "residual", **bad)
+    with pytest.raises(QenvError, match="applies to the residual action kind"):
+        make(stories_bin, "discrete", max_deviations=3)
+
+
 def test_budgets_sample_one_budget_per_episode(stories_bin):
     env = make(stories_bin, "residual", budgets=[2.5, 3.0, 4.0])
     seen = {}

@@ -346,6 +346,9 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
             items = list(value) if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) == 1 else None
             if value is not None and (not items or not all(_is_number(b) and 0 < b <= 16 for b in items)):
                 fail(key, value, "must be a list of budgets in bits per weight, each in (0, 16]", "[2.5, 3.0, 3.5, 4.0]")
+        elif key == "max_deviations":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+                fail(key, value, "must be a whole number of at least 0 (or unset: no limit)", "6")
         elif key == "observation":
             if value not in OBSERVATION_KINDS:
                 raise QenvError(f"Unknown observation kind {value!r}.", f"use one of {OBSERVATION_KINDS}.")
@@ -407,6 +410,11 @@ class QuantLLMEnv(gym.Env):
         budgets: budgets in bits per weight that each episode samples one of (as with several
             models), for one policy over a range of sizes; ``reset(options={"budget_bpw": b})``
             picks one. Default: ``budget_bpw`` only.
+        max_deviations: residual kind only: at most this many steps per episode leave greedy's
+            plan (then only action 0 is unmasked; an agent without masks gets the plan, and
+            ``info["deviation_capped"]`` says so). ``info["deviations"]`` counts them at the end.
+            A policy that learned a per-step deviation rate on 14–42-layer models would otherwise
+            leave the plan on half of a 210-layer model's layers. Default: no limit.
         observation: ``full`` (default) or ``relative``: the same entries, but in ``relative`` none
             says how large the model is: every size, weight/activation statistic and log error is
             taken relative to the model's median layer, so a policy trained on small models reads a
@@ -511,6 +519,7 @@ class QuantLLMEnv(gym.Env):
         prebuild: bool | None = None,
         observation: str = "full",
         budgets: Sequence[float] | None = None,
+        max_deviations: int | None = None,
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -541,6 +550,10 @@ class QuantLLMEnv(gym.Env):
         self.action_space = self.mapper.space
         self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(OBS_DIM,), dtype=np.float32)
         self.observation_kind = observation
+        if max_deviations is not None and action_kind != "residual":
+            raise QenvError(f"max_deviations={max_deviations} applies to the residual action kind, not {action_kind!r}.",
+                            "use action_kind='residual', or leave max_deviations unset.")
+        self.max_deviations = max_deviations
         specs = [model] if isinstance(model, (str, Path, LoadedModel)) else list(model)
         if not specs:
             raise QenvError("No model was given.", "pass model='default', a path, a hub id, or a list of them.")
@@ -581,6 +594,7 @@ class QuantLLMEnv(gym.Env):
     # -- episode state ---------------------------------------------------------------------------
     def _reset_episode(self) -> None:
         self.index = 0
+        self.deviations = 0  # residual kind: steps whose asked rule left the current plan
         self.recipe: dict[str, Rule] = {}
         self.spent = 0.0
         self.prev_rule: Rule | None = None
@@ -698,6 +712,8 @@ class QuantLLMEnv(gym.Env):
         allowed = self._allowed_bits() + 1e-9
         if self.mapper.kind == "discrete":
             return task.costs[i] <= allowed
+        if self._deviations_spent():  # residual kind, max_deviations reached: the plan only
+            return np.arange(n_total) == 0
         if self.mapper.kind in ("residual", "relative"):
             saved = self.plan
             mask = np.array([task.costs[i, self._menu_choice(a)] <= allowed for a in range(n_total)], dtype=bool)
@@ -706,6 +722,9 @@ class QuantLLMEnv(gym.Env):
                 mask[0] = True
             return mask
         return self._knob_masks(allowed)
+
+    def _deviations_spent(self) -> bool:
+        return self.max_deviations is not None and self.deviations >= self.max_deviations
 
     def _knob_masks(self, allowed: float) -> np.ndarray:
         """MultiDiscrete masks: a box of knob values whose costliest combination fits, so every
@@ -802,9 +821,15 @@ class QuantLLMEnv(gym.Env):
             raise QenvError("step() was called after the episode ended.", "call reset() first.")
         kind = self.mapper.kind
         choice = -1
+        capped = False
         if self.mapper.stateful:
             check_finite_action(action)
             choice = self._menu_choice(action)
+            if kind == "residual" and self.plan is not None and choice != int(self.plan[self.index]):
+                if self._deviations_spent():  # an agent without masks asked for one more: the plan instead
+                    choice, capped = int(self.plan[self.index]), True
+                else:
+                    self.deviations += 1
             asked = self.mapper.rules[choice]
             if kind == "allocation":
                 value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
@@ -827,6 +852,8 @@ class QuantLLMEnv(gym.Env):
         reward = 0.0
         info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
                                 "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited}
+        if kind == "residual":
+            info["deviation_capped"] = capped
         if task.stage_end[self.index] and kind != "allocation":
             stage = stage_of(info_layer)
             if 0 <= stage < task.evaluator.n_blocks:
@@ -855,6 +882,8 @@ class QuantLLMEnv(gym.Env):
             reward += final - self.potential  # the potential returns to 0 at the end
             self.dense_return -= self.potential
             self.potential = 0.0
+            if kind == "residual":
+                final_info["deviations"] = self.deviations
             final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped,
                                "act_scales_inherited": self.inherited})
             info.update(final_info)
