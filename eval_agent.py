@@ -465,7 +465,7 @@ def check_outputs(args: Any, out: Path) -> None:
 
 def _body(argv: list[str] | None) -> int:
     from qenv.cli.config import check_env_kwargs
-    from qenv.cli.envs import set_torch_threads
+    from qenv.cli.envs import at_one_budget, set_torch_threads
     from qenv.io import write_json_atomic
 
     quiet_libraries()
@@ -506,11 +506,10 @@ def _body(argv: list[str] | None) -> int:
     from qenv.agents.registry import resolve_agent
 
     resolve_agent(agent_name)
-    env_kwargs = dict(run["env_kwargs"])
+    env_kwargs = at_one_budget(run["env_kwargs"])  # a policy trained over several budgets is evaluated at one
     given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
     env_kwargs.update(given)
     env_kwargs.pop("model", None)
-    env_kwargs.pop("budgets", None)  # a policy trained over several budgets is evaluated at one (--budget-bpw)
     if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:
         raise QenvError(f"--weight-cache-gib={args.weight_cache_gib:g} must be positive.",
                         "pass a size in GiB, or leave it out to size the cache from free memory.")

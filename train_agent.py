@@ -337,7 +337,7 @@ class Run:
 
     # -- building ---------------------------------------------------------------------------------
     def build_envs(self) -> None:
-        from qenv.cli.envs import make_quant_env
+        from qenv.cli.envs import at_one_budget, make_quant_env
 
         # Built first, in this process: a bad model or argument is a QenvError here (not a worker's
         # traceback), and in-process training envs reuse its model and statistics.
@@ -347,7 +347,7 @@ class Run:
         kwargs = self.settings["env_kwargs"]
         if "budgets" in kwargs:
             make_quant_env(**kwargs)
-        self.eval_env = make_quant_env(**{k: v for k, v in kwargs.items() if k != "budgets"})
+        self.eval_env = make_quant_env(**at_one_budget(kwargs))
         self.inner = self.eval_env.unwrapped
         self.tasks = list(self.inner.tasks)
 

@@ -46,6 +46,12 @@ def env_id_of(env_id: str) -> str:
     return ENV_ID
 
 
+def at_one_budget(env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A run's env arguments for evaluating its policy at one budget (``budget_bpw``, or the one
+    the caller sets): without ``budgets``, which only its training episodes sample."""
+    return {key: value for key, value in env_kwargs.items() if key != "budgets"}
+
+
 def make_quant_env(**env_kwargs: Any) -> Any:
     """``gymnasium.make("qenv:QuantLLM-v0", **env_kwargs)``.
 
