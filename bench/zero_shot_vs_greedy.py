@@ -27,6 +27,7 @@ def main() -> int:
     import torch
 
     from qenv.agents import load_agent, rollout_recipe
+    from qenv.cli.common import parse_key_values
     from qenv.envs.episodes import play_episode
     from qenv.envs.quant_llm import QuantLLMEnv
 
@@ -35,6 +36,8 @@ def main() -> int:
     p.add_argument("--models", nargs="+", required=True)
     p.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0])
     p.add_argument("--n-tokens", type=int, default=None, help="calibration tokens (default: the env's)")
+    p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="env arguments over the run's own, e.g. max_deviations=13 (a limit at evaluation only)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -45,6 +48,7 @@ def main() -> int:
     drop = ("model", "budget_bpw", "budgets", "data", "n_tokens", "device", "dtype", "cache_dir", "weight_cache_gib",
             "prebuild", "render_mode")
     kwargs = {k: v for k, v in config["env_kwargs"].items() if k not in drop}
+    kwargs.update(parse_key_values(args.env, "--env"))
     if kwargs.get("action_kind") != "residual":
         raise SystemExit("this comparison needs a policy of the residual kind (action 0 = greedy's plan)")
     agent = load_agent(config["agent"], run / "model.zip")
@@ -72,7 +76,7 @@ def main() -> int:
     wins = sum(r["verdict"] == "better" for r in rows)
     print(f"the policy beats greedy in {wins}/{len(rows)} cells")
     if args.out:
-        Path(args.out).write_text(json.dumps({"run": str(run), "rows": rows}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"run": str(run), "env": kwargs, "rows": rows}, indent=1) + "\n")
     return 0
 
 

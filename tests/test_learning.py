@@ -372,6 +372,28 @@ def test_a_policy_over_several_budgets_trains_and_is_evaluated_at_one(stories_bi
         assert result["budget_bpw"] == budget and budget - 0.3 < policy["bpw"] <= budget + 1e-9, policy
 
 
+def test_zero_shot_vs_greedy_rolls_out_the_runs_policy_against_greedy(zoo_run, tmp_path):
+    """bench/zero_shot_vs_greedy.py: the run's policy (residual kind) against greedy's recipe on an
+    unseen model; with max_deviations=0 given on top of the run's settings the rollout is greedy's."""
+    import subprocess
+    import sys
+
+    out = {}
+    for extra in (["--env", "cache_dir=false"], ["--env", "cache_dir=false", "max_deviations=0"]):
+        path = tmp_path / f"zs{len(extra)}.json"
+        subprocess.run([sys.executable, str(REPO / "bench" / "zero_shot_vs_greedy.py"), str(zoo_run / "zoo"),
+                        "--models", "tiny-gpt2", "--budgets", "3.0", "--n-tokens", "256", *extra, "--out", str(path)],
+                       check=True, capture_output=True, text=True, cwd=tmp_path)
+        out[len(extra)] = json.loads(path.read_text())
+    row = out[2]["rows"][0]
+    assert row["model"] == "tiny-gpt2" and row["budget"] == 3.0 and row["policy_bpw"] <= 3.0 + 1e-9
+    assert row["verdict"] == ("better" if row["policy_kl"] < row["greedy_kl"] else
+                              "same" if row["policy_kl"] == row["greedy_kl"] else "worse")
+    limited = out[3]["rows"][0]
+    assert out[3]["env"]["max_deviations"] == 0 and out[3]["env"]["cache_dir"] is False and limited["layers_off_plan"] == 0 and limited["verdict"] == "same"
+    assert limited["policy_kl"] == limited["greedy_kl"] == row["greedy_kl"]
+
+
 def test_init_from_a_policy_with_another_observation_size(tmp_path, capsys):
     from stable_baselines3 import PPO
 
