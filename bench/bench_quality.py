@@ -320,6 +320,11 @@ def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Pa
     return env, held_path
 
 
+def rl_observation(cfg: dict[str, Any]) -> str:
+    """The RL method's observation kind (``--rl-observation``, else its config's, else ``full``)."""
+    return str(cfg.get("rl_observation") or "full")
+
+
 def rl_settings(cfg: dict[str, Any]) -> tuple[str, str]:
     """(agent, action kind) of the RL method (``--rl-agent``, ``--action-kind``)."""
     return str(cfg.get("rl_agent", "ppo")), str(cfg.get("action_kind", "discrete"))
@@ -411,7 +416,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
 
     rl_agent, rl_kind = rl_settings(cfg)
     shaping = float(cfg.get("rl_shaping") or 0.0)
-    observation = str(cfg.get("rl_observation") or "full")
+    observation = rl_observation(cfg)
     rl_env = env if rl_kind == "discrete" and not shaping and observation == "full" else \
         make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping, observation=observation)[0]
 
@@ -551,8 +556,8 @@ def transfer_job(cfg: dict[str, Any]) -> None:
         env = make_quant_env(model=[m["spec"] for m in train_models], budget_bpw=budget, data=calib,
                              n_tokens=cfg["n_tokens"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
                              device=device, dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"],
-                             weight_cache_gib=cfg.get("weight_cache_gib"), action_kind=rl_kind, shaping_weight=float(cfg.get("rl_shaping") or 0.0),
-                             observation=str(cfg.get("rl_observation") or "full"))
+                             weight_cache_gib=cfg.get("weight_cache_gib"), action_kind=rl_kind,
+                             shaping_weight=float(cfg.get("rl_shaping") or 0.0), observation=rl_observation(cfg))
         steps = int(cfg["timesteps"])
         hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent, action_kind=rl_kind)
         agent = make_agent(rl_agent, env, seed=seed, **hp)
@@ -583,8 +588,7 @@ def transfer_job(cfg: dict[str, Any]) -> None:
     for model, seen in tests:
         try:
             tenv, held_path = make_env(model, budget, cfg, out / "work")
-            renv = make_env(model, budget, cfg, out / "work", rl_kind,
-                            observation=str(cfg.get("rl_observation") or "full"))[0]
+            renv = make_env(model, budget, cfg, out / "work", rl_kind, observation=rl_observation(cfg))[0]
             task = tenv.unwrapped.task
             held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
             recipe, info = rollout_recipe(agent, renv, deterministic=True)
@@ -622,7 +626,7 @@ def transfer_eval_job(cfg: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         tenv, held_path = make_env(model, budget, cfg, out / "work")
         rl_agent, rl_kind = rl_settings(cfg)
-        renv = make_env(model, budget, cfg, out / "work", rl_kind, observation=str(cfg.get("rl_observation") or "full"))[0]
+        renv = make_env(model, budget, cfg, out / "work", rl_kind, observation=rl_observation(cfg))[0]
         task = tenv.unwrapped.task
         held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
         humans = human_baselines(task, held, tenv, budget)

@@ -35,6 +35,10 @@
 #   D  run():  bash S transfer 420
 #   E  run():  bash S learn 540 bench/smollm2_maskable_ppo_shaped.yaml
 #
+# The next session ran A (stage1, zoo-train, gputests), then `join && zoo-rl 400 qrl_rest
+# /tmp/bench_models/bench-llama /tmp/bench_models/bench-qwen2`, `transfer 420 relative` (only its
+# 3.5 bpw policy trained), `transfer 430 relative "2.5 3.0 4.0" 9 qtr2` and `learn 450 ...`.
+#
 # Only the last output files come back, and at most 8 of them: each stage tars what matters.
 # Results land in $OUT (speed JSONs and logs; quality.tgz; learn.tgz with the TensorBoard events).
 set -u
@@ -106,13 +110,14 @@ zoo-gguf)  # llama.cpp's mixes against searched gguf-menu recipes on the bench m
   ;;
 transfer)  # one MaskablePPO policy per budget trained on default, bench-llama and bench-qwen2; one
   # deterministic rollout on SmolLM2, bench-gpt2 and stories260K (after join and zoo-train):
-  # `transfer DEADLINE [OBSERVATION]` (the policies' observation kind, default relative)
+  # `transfer DEADLINE [OBSERVATION [BUDGETS [MAX_PROCS [NAME]]]]` (observation kind, default relative;
+  # 2026-12-06 on an H100: 16 workers at once ran out of GPU memory, 9 did not)
   deadline=${2:-420}; observation=${3:-relative}; budgets=${4:-2.5 3.0 3.5 4.0}; procs=${5:-64}; name=${6:-qtr}
   python3 bench/bench_quality.py run --models --data-dir /tmp/qdata --out /tmp/$name --cache-dir /tmp/qcache \
     --transfer-train default /tmp/bench_models/bench-llama /tmp/bench_models/bench-qwen2 \
     --transfer-test smollm2=smollm2-135m /tmp/bench_models/bench-gpt2 stories260K \
     --transfer-budgets $budgets --max-procs "$procs" --transfer-seeds 0 --transfer-timesteps 12288 --transfer-eval-jobs \
-    --transfer-search-evals 16 --transfer-eval-reserve-s 0 --no-transfer-eval-seen --weight-cache-gib 8 --rl-agent maskable_ppo \
+    --transfer-search-evals 16 --transfer-eval-reserve-s 0 --no-transfer-eval-seen --weight-cache-gib 6 --rl-agent maskable_ppo \
     --action-kind residual --rl-observation "$observation" --nice 10 --deadline-s "$deadline" --grace-s 15 \
     > "$OUT/$name.log" 2>&1
   python3 bench/bench_quality.py report --out /tmp/$name >> "$OUT/$name.log" 2>&1

@@ -2,14 +2,15 @@
 """One deterministic rollout of a trained policy against greedy's recipe, on models it never saw.
 
     python bench/zero_shot_vs_greedy.py RUN_DIR --models M [M ...] --budgets 2.5 3.0 3.5 4.0 \\
-        [--n-tokens N] [--out results.json]
+        [--n-tokens N] [--env KEY=VALUE ...] [--out results.json]
 
 The quick form of ``eval_agent.py --searchers greedy``: the policy's env settings (action kind,
-observation kind, max_deviations, shaping, ...) come from the run's ``config.json``; for each (model, budget) the env
-is made with that budget, the policy plays one deterministic episode (``rollout_recipe``, with
-``action_masks()`` where it has them), and the residual kind's all-zero episode, i.e. greedy's recipe, is scored on
-the same tokens. Prints one line per cell (policy KL, greedy KL, better/same/worse, layers whose
-rule differs from greedy's recipe) and writes them as JSON. No held-out text and no presets (``eval_agent.py`` does those).
+observation kind, max_deviations, shaping, ...) come from the run's ``config.json``; for each
+(model, budget) the env is made with that budget, the policy plays one deterministic episode
+(``rollout_recipe``, with ``action_masks()`` where it has them), and the residual kind's all-zero
+episode, i.e. greedy's recipe, is scored on the same tokens. Prints one line per cell (policy KL,
+greedy KL, better/same/worse, layers whose rule differs from greedy's recipe) and writes them as
+JSON. No held-out text and no presets (``eval_agent.py`` does those).
 """
 from __future__ import annotations
 
