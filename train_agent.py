@@ -175,7 +175,7 @@ def resolve_settings(args: Any) -> dict[str, Any]:
             raise QenvError(f"{flag}={value} must be at least 1.", f"pass a positive whole number to {flag}.")
     n_envs = args.n_envs or cfg.n_envs or 1
     init_from = check_init_from(args.init_from, spec, env_kwargs.get("action_kind", "discrete"),
-                                env_kwargs.get("menu")) if args.init_from else None
+                                env_kwargs.get("menu"), env_kwargs.get("observation", "full")) if args.init_from else None
     section = fit_rollout(args.agent, dict(cfg.raw), n_envs, total)
     return {"init_from": init_from, "normalize": cfg.normalize,
         "version": CONFIG_VERSION, "env_id": env_id, "agent": args.agent, "seed": args.seed, "total_timesteps": total,
@@ -187,11 +187,11 @@ def resolve_settings(args: Any) -> dict[str, Any]:
     }
 
 
-def check_init_from(path: str, spec: Any, kind: Any, menu: Any) -> str:
+def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any = "full") -> str:
     """The absolute path of an ``--init-from`` policy whose spaces fit this run (checked before any
     model loads): the same observation size and the same action space."""
     from qenv.agents.sb3 import agent_name_of_zip, safe_custom_objects
-    from qenv.envs.features import OBS_DIM
+    from qenv.envs.features import OBSERVATION_KINDS, observation_size
     from qenv.envs.spaces import ActionMapper
 
     file = Path(path)
@@ -209,9 +209,11 @@ def check_init_from(path: str, spec: Any, kind: Any, menu: Any) -> str:
     objects = safe_custom_objects(file)
     obs_space, act_space = objects.get("observation_space"), objects.get("action_space")
     shape = tuple(getattr(obs_space, "shape", ()) or ())
-    if shape != (OBS_DIM,):
-        raise QenvError(f"--init-from {file} takes observations of size {shape}, but QuantLLM-v0 now gives ({OBS_DIM},).",
-                        "fine-tune a policy trained with this version of qenv, or train from scratch.")
+    size = observation_size(str(observation)) if observation in OBSERVATION_KINDS else None
+    if size is not None and shape != (size,):
+        raise QenvError(f"--init-from {file} takes observations of size {shape}, but QuantLLM-v0 with observation="
+                        f"{observation!r} gives ({size},).",
+                        "pass the observation kind it was trained with (--env-kwargs observation=...), or train from scratch.")
     mapper = ActionMapper(str(kind), menu)
     if act_space is not None and act_space != mapper.space:
         raise QenvError(f"--init-from {file} acts in {act_space}, but action_kind={kind!r} gives {mapper.space}.",

@@ -164,3 +164,24 @@ def test_table_without_a_threshold_asks_every_lambda():
                 assert np.array_equal(table.allocate(start, float(budget)), plain_lagrangian(c, e, float(budget)))
                 checked += 1
     assert checked > 300
+
+
+def test_greedy_allocation_from_a_start_fits_and_keeps_greedys_own_plan():
+    """The residual kind's re-plan: started from greedy's own plan at the same budget nothing moves;
+    started from any allocation, the result fits the budget whenever the cheapest rules do, and no
+    error-lowering upgrade that fits is left."""
+    from qenv.envs.allocation import greedy_allocation
+
+    for rng, costs, err in _cases(3, 150):
+        rows = np.arange(costs.shape[0])
+        low, high = costs.min(axis=1).sum(), costs.max(axis=1).sum()
+        budget = float(rng.uniform(low, high + 1))
+        plan = greedy_allocation(costs, err, budget)
+        assert np.array_equal(greedy_allocation(costs, err, budget, start=plan), plan)
+        start = rng.integers(0, costs.shape[1], costs.shape[0])
+        for b in (budget, low, float(rng.uniform(low, high + 1))):
+            got = greedy_allocation(costs, err, b, start=start)
+            assert costs[rows, got].sum() <= b + 1e-6
+            d_cost = costs - costs[rows, got][:, None]
+            upgrade = (err[rows, got][:, None] - err > 0) & (costs[rows, got].sum() + d_cost <= b + 1e-9)
+            assert not upgrade.any()

@@ -97,6 +97,61 @@ def test_residual_zero_reproduces_greedy_exactly(stories_bin, budget):
         assert info["kl"] == greedy.best_info["kl"] and info["clamped_actions"] == 0
 
 
+def test_residual_replans_the_rest_with_greedys_rule_after_a_deviation(stories_bin):
+    """After a step off the plan, the layers left get greedy's rule started from the plan they had
+    (replan="greedy", the default), within the bits left; replan="lagrangian" keeps the convex-hull
+    form (Lagrangian, then filled) that earlier benchmark runs used."""
+    from qenv.envs.allocation import fill_budget, greedy_allocation
+
+    for replan in ("greedy", "lagrangian"):
+        env = make(stories_bin, "residual", 3.0, replan=replan)
+        env.reset(seed=0)
+        old = env.plan.copy()
+        action = int(np.flatnonzero(env.action_masks()[1:])[0]) + 1  # the first allowed step off the plan
+        env.step(action)
+        t, rest, left = env.task, slice(1, len(env.task.layers)), env.budget_bits - env.spent
+        want = greedy_allocation(t.costs[rest], t.menu_sensitivity()[rest], left, start=old[rest]) if replan == "greedy" \
+            else fill_budget(t.costs[rest], t.menu_sensitivity()[rest], t.menu_table.allocate(1, left), left)
+        assert np.array_equal(env.plan[rest], want) and t.costs[rest][np.arange(34), env.plan[rest]].sum() <= left + 1e-6
+    with pytest.raises(QenvError, match="Unknown replan"):
+        make(stories_bin, "residual", replan="hawq")
+
+
+def test_actions_observation_says_what_each_residual_shift_would_do(stories_bin):
+    """observation="actions": the relative observation, then per action other than 0 the log error
+    ratio and bpw difference of the rule it gives against the plan rule's (0, 0 where masked)."""
+    from qenv.envs.features import ACTION_NAMES, OBS_DIM
+
+    acts = make(stories_bin, "residual", 4.0, observation="actions")
+    rel = make(stories_bin, "residual", 4.0, observation="relative")
+    assert acts.observation_space.shape == (OBS_DIM + len(ACTION_NAMES),)
+    rng = np.random.default_rng(0)
+    obs, _ = acts.reset(seed=0)
+    robs, _ = rel.reset(seed=0)
+    done, seen_masked = False, 0
+    while not done:
+        assert np.array_equal(obs[:OBS_DIM], robs)
+        i, plan, mask = acts.index, int(acts.plan[acts.index]), acts.action_masks()
+        err, costs = acts.task.menu_sensitivity()[i], acts.task.costs[i]
+        for a in range(1, 7):
+            log_err, bpw = obs[OBS_DIM + 2 * (a - 1)], obs[OBS_DIM + 2 * (a - 1) + 1]
+            choice = acts._menu_choice(a)
+            if not mask[a] or choice == plan:
+                seen_masked += not mask[a]
+                assert log_err == 0 and bpw == 0
+            else:
+                assert bpw == pytest.approx((costs[choice] - costs[plan]) / acts.task.numel[i] / 4, rel=1e-5, abs=1e-7)
+                assert log_err == pytest.approx(np.clip(np.log10(err[choice] / err[plan]) / 2, -10, 10), abs=1e-5)
+        action = int(rng.choice(np.flatnonzero(mask)))
+        obs, _, done, _, info = acts.step(action)
+        robs, _, _, _, rinfo = rel.step(action)
+    assert info["kl"] == rinfo["kl"] and seen_masked > 0
+    gym_check_env(make(stories_bin, "residual", observation="actions"), skip_render_check=True)
+    sb3_check_env(make(stories_bin, "residual", observation="actions"), warn=True)
+    with pytest.raises(QenvError, match="describes the residual kind"):
+        make(stories_bin, "discrete", observation="actions")
+
+
 def test_allocation_meets_the_budget_within_one_menu_step(stories_bin):
     for model, budget, seed in itertools.product([stories_bin, "tiny-qwen2"], [2.5, 3.0, 4.0], [0, 1]):
         env = make(model, "allocation", budget)
@@ -208,6 +263,34 @@ def test_max_deviations_limits_the_steps_that_leave_greedys_plan(stories_bin):
             make(stories_bin, "residual", **bad)
     with pytest.raises(QenvError, match="applies to the residual action kind"):
         make(stories_bin, "discrete", max_deviations=3)
+
+
+def test_deviation_cost_lowers_the_return_by_the_cost_per_step_off_the_plan(stories_bin):
+    """Same actions, with and without the cost: the returns differ by cost x deviations, the
+    recipe and the fidelity reward do not; greedy's episode (action 0) pays nothing."""
+    actions = np.random.default_rng(1).choice(7, 35, p=[0.7] + [0.05] * 6)
+
+    def episode(env, acts):
+        env.reset(seed=0)
+        total = 0.0
+        for a in acts:
+            mask = env.action_masks()
+            _, r, done, _, info = env.step(int(a) if mask[int(a)] else 0)
+            total += r
+        return total, info
+
+    free, free_info = episode(make(stories_bin, "residual", shaping_weight=1.0), actions)
+    paid, paid_info = episode(make(stories_bin, "residual", shaping_weight=1.0, deviation_cost=0.05), actions)
+    assert paid_info["deviations"] == free_info["deviations"] > 0
+    assert paid == pytest.approx(free - 0.05 * free_info["deviations"], abs=1e-9)
+    assert paid_info["recipe"] == free_info["recipe"] and paid_info["fidelity_reward"] == free_info["fidelity_reward"]
+    greedy, greedy_info = episode(make(stories_bin, "residual", deviation_cost=0.05), [0] * 35)
+    assert greedy_info["deviations"] == 0 and greedy == pytest.approx(greedy_info["fidelity_reward"], abs=1e-9)
+    for bad, match in (({"deviation_cost": -0.1}, "at least 0"), ({"deviation_cost": "x"}, "number")):
+        with pytest.raises(QenvError, match=match):
+            make(stories_bin, "residual", **bad)
+    with pytest.raises(QenvError, match="applies to the residual action kind"):
+        make(stories_bin, "discrete", deviation_cost=0.1)
 
 
 def test_budgets_sample_one_budget_per_episode(stories_bin):
@@ -656,6 +739,36 @@ def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     assert "rl_best" in agg["cells"]["stories260K"]["3"]
     table = "\n".join(bench.rl_vs_searchers(agg))
     assert "| stories260K | 3 |" in table and "- rl_best: beats random in 0/1 cells" in table  # no random run here
+
+
+def test_bench_quality_rl_env_reaches_the_rl_method_and_bad_keys_are_one_line(stories_bin, tmp_path, capsys):
+    """--rl-env goes to the RL method's env only (max_deviations=0: its rollout is greedy's recipe,
+    recorded in the rows); an unknown or ill-typed key stops the run before anything is written."""
+    pytest.importorskip("sb3_contrib")
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("bench_quality_rlenv", REPO / "bench" / "bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data_dir = stories_bin.parents[1]
+    cfg = {"model": bench.resolve_model("stories260K", data_dir), "budget": 3.0, "deadline": time.time() + 600,
+           "episodes": 2, "out": str(tmp_path / "q"), "data_dir": str(data_dir), "n_tokens": 256, "seq_len": 32,
+           "batch_size": 8, "held_tokens": 256, "device": "cpu", "dtype": "float32", "cache_dir": str(tmp_path / "c"),
+           "seeds": [0], "methods": ["greedy", "ppo"], "rl_agent": "maskable_ppo", "action_kind": "residual",
+           "threads": 1, "rl_env": {"max_deviations": 0, "deviation_cost": 0.01}}
+    bench.quality_job(cfg)
+    rows = {r["method"]: r for r in bench.load_rows(tmp_path / "q")}
+    assert rows["ppo"]["rl_env"] == {"max_deviations": 0, "deviation_cost": 0.01}
+    assert rows["ppo"]["kl"] == rows["greedy"]["kl"] and rows["ppo"]["bpw"] == rows["greedy"]["bpw"]
+    assert bench.rl_env_kwargs({"rl_env": {"a": 1}, "transfer_eval_env": {"a": 2}}, evaluation=True) == {"a": 2}
+    for bad, match in ((["--rl-env", "max_deviation=3"], "is not an argument of QuantLLM-v0"),
+                       (["--transfer-eval-env", "max_deviations=-1"], "whole number"),
+                       (["--rl-env", "deviation_cost"], "is not key=value")):
+        out = tmp_path / "never"
+        code = bench.main(["run", "--models", "stories260K", "--out", str(out), *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and match in err[0] and not out.exists(), err
 
 
 def test_bench_quality_trains_on_the_rule_kinds(stories_bin, tmp_path):

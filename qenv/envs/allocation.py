@@ -49,20 +49,42 @@ def rule_errors(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequen
     return err
 
 
-def greedy_allocation(costs: np.ndarray, sensitivity: np.ndarray, budget_bits: float) -> np.ndarray:
+def greedy_allocation(costs: np.ndarray, sensitivity: np.ndarray, budget_bits: float,
+                      start: np.ndarray | None = None) -> np.ndarray:
     """HAWQ-style greedy: the rule index of each layer.
 
     ``costs`` and ``sensitivity`` (error × layer size) are ``[n_layers, n_rules]``. Every layer
     starts at its cheapest rule (the most accurate among equally cheap ones); then the change with
     the largest error drop per extra bit that fits is applied (ties: largest drop, then the first
     layer and rule), until no change that lowers the error fits. Deterministic.
+
+    ``start``: begin from this allocation instead (the ``residual`` kind's re-plan after a
+    deviation: the plan it had, repaired by the same rule). While it is over the budget, the
+    move to a cheaper rule with the smallest error rise per bit saved is applied (ties: smallest
+    rise, then the first layer and rule); then the upgrades as above. A few moves, where greedy
+    from scratch takes one per bit step of every layer.
     """
     err = np.asarray(sensitivity, dtype=np.float64)
     costs = np.asarray(costs, dtype=np.float64)
     n, m = costs.shape
     rows = np.arange(n)
-    choice = np.array([min(range(m), key=lambda j: (costs[i, j], err[i, j], j)) for i in rows], dtype=np.int64)
+    if start is None:
+        choice = np.array([min(range(m), key=lambda j: (costs[i, j], err[i, j], j)) for i in rows], dtype=np.int64)
+    else:
+        choice = np.array(start, dtype=np.int64)
     spent = float(costs[rows, choice].sum())
+    while spent > budget_bits + _TOL:
+        saved = costs[rows, choice][:, None] - costs
+        ok = saved > 0
+        if not ok.any():  # every layer at its cheapest rule: nothing left to lower
+            break
+        rise = np.where(ok, err - err[rows, choice][:, None], np.inf)
+        loss = np.where(ok, rise / np.maximum(saved, 1e-12), np.inf)
+        top = ok & (loss == loss.min())
+        top &= rise == np.where(top, rise, np.inf).min()
+        i, j = divmod(int(np.argmax(top)), m)
+        spent -= saved[i, j]
+        choice[i] = j
     while True:
         d_cost = costs - costs[rows, choice][:, None]
         d_err = err[rows, choice][:, None] - err

@@ -34,7 +34,7 @@ from qenv.io import atomic_path, check_output_dir
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.allocation import LagrangianSuffix, fill_budget, greedy_allocation, rule_errors
-from qenv.envs.features import (OBS_DIM, OBS_LIMIT, OBSERVATION_KINDS, ladder_rules, model_relative, relative_static,
+from qenv.envs.features import (ACTION_NAMES, OBS_LIMIT, OBSERVATION_KINDS, observation_size, ladder_rules, model_relative, relative_static,
                                 rung_gains, static_features)
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
 from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper, check_finite_action
@@ -45,6 +45,7 @@ from qenv.quant.presets import rtn, uniform
 from qenv.quant.rules import Rule, layer_bits
 
 BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
+REPLANS: tuple[str, ...] = ("greedy", "lagrangian")  # the residual kind's re-plan after a deviation
 
 
 @dataclass
@@ -322,7 +323,7 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key == "budget_bpw":
             if not _is_number(value) or not 0 < value <= 16:
                 raise QenvError(f"budget_bpw={value!r} is out of range.", "use a number of bits per weight in (0, 16].")
-        elif key in ("dense_weight", "shaping_weight", "size_weight", "penalty_weight"):
+        elif key in ("dense_weight", "shaping_weight", "size_weight", "penalty_weight", "deviation_cost"):
             if not _is_number(value) or value < 0:
                 fail(key, value, "must be a number of at least 0", "1.0")
         elif key == "weight_cache_gib":  # None: sized from free memory; too small for a recipe: QuantizedWeights says so
@@ -349,6 +350,9 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key == "max_deviations":
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
                 fail(key, value, "must be a whole number of at least 0 (or unset: no limit)", "6")
+        elif key == "replan":
+            if value not in REPLANS:
+                raise QenvError(f"Unknown replan {value!r}.", f"use one of {REPLANS}.")
         elif key == "observation":
             if value not in OBSERVATION_KINDS:
                 raise QenvError(f"Unknown observation kind {value!r}.", f"use one of {OBSERVATION_KINDS}.")
@@ -415,6 +419,17 @@ class QuantLLMEnv(gym.Env):
             ``info["deviation_capped"]`` says so). ``info["deviations"]`` counts them at the end.
             A policy that learned a per-step deviation rate on 14–42-layer models would otherwise
             leave the plan on half of a 210-layer model's layers. Default: no limit.
+        deviation_cost: residual kind only: the reward of a step that leaves greedy's plan is
+            lowered by this much (a KL-style cost of moving away from the greedy prior: a policy
+            leaves the plan only where it expects to gain more than this, on a model of any
+            length). It changes the optimum on purpose; ``info["fidelity_reward"]`` does not
+            include it. Default 0.
+        replan: residual kind: how the layers left are re-planned after a deviation. ``greedy``
+            (default): greedy's own rule, started from the plan they had (over the budget: the
+            cheapest error rise per bit saved first); ``lagrangian``: the convex-hull form
+            (Lagrangian, then filled), which qenv used before 2026-12-06: on bench-gpt2-small at
+            4.0 bpw its plan of the whole model has 1.47x greedy's summed sensitivity, so every
+            deviation also paid for a worse plan of the rest.
         observation: ``full`` (default) or ``relative``: the same entries, but in ``relative`` none
             says how large the model is: every size, weight/activation statistic and log error is
             taken relative to the model's median layer, so a policy trained on small models reads a
@@ -438,15 +453,16 @@ class QuantLLMEnv(gym.Env):
     residual        Discrete(7)                 shift along the layer's cost-sorted menu from
                                                 greedy's plan (0, +1, -1, +2, -2, +3, -3); action 0
                                                 on every layer is the greedy searcher's recipe;
-                                                a deviation re-plans the rest (Lagrangian
-                                                greedy, filled to the budget) (maskable)
+                                                a deviation re-plans the rest (greedy's rule
+                                                from the plan it had; ``replan``) (maskable)
     allocation      Box(-1, 1, (1,))            the layer's preference p; after the last layer
                                                 greedy on sensitivities × exp(3p), then filled,
                                                 gives a recipe at or under the budget with less
                                                 than one menu step unused
     ==============  ==========================  ====================================================
 
-    **Observation** (``Box(-10, 10, (OBS_DIM,))``; :mod:`qenv.envs.features`): the layer's static
+    **Observation** (``Box(-10, 10, (OBS_DIM,))``, with ``observation="actions"`` 12 more;
+    :mod:`qenv.envs.features`): the layer's static
     features, then the episode's.
 
     ============================  ==================================================================
@@ -477,13 +493,25 @@ class QuantLLMEnv(gym.Env):
     average layer); fused kinds mark their parts (qkv → q, k, v; gate_up → gate, up; fc_in → up;
     fc_out → down).
 
+    With ``observation="actions"`` (residual kind only): ``relative``, then for each action other
+    than 0 (shift up1, down1, up2, down2, up3, down3 along the cost-sorted menu):
+
+    ============================  ==================================================================
+    act_log_err_<shift>           log10 of the output error of the rule it gives / the plan rule's, / 2
+    act_bpw_<shift>               its bits per weight minus the plan rule's, / 4
+    ============================  ==================================================================
+
+    (0 and 0 where the masks forbid it). What a shift means differs by model and layer: the
+    menu's neighbours in cost are not the same kind of rule everywhere.
+
     **Reward**: 0 per step, plus at the last step the fidelity reward against the uniform RTN
     frontier at the budget (``log(KL_ref / KL)`` for ``kl``; :mod:`qenv.envs.reward`), which
     means the same on every model (0 = as good as the human reference at that size). With
     ``shaping_weight`` w > 0, each finished block b adds ``Φ_b − Φ_{b−1}`` and the last step
     ``−Φ_last``, where ``Φ_b = −w · log(err_b / err_b^ref)`` compares the block's streamed
     output error with the uniform RTN width's: potential-based shaping (γ = 1, Φ = 0 at both
-    ends), so every episode's return and the optimal policy are unchanged.
+    ends), so every episode's return and the optimal policy are unchanged. With
+    ``deviation_cost`` c > 0 (residual kind), each step that leaves greedy's plan also adds −c.
 
     Episode length: one step per quantizable layer of the episode's model
     (:attr:`episode_length`); every episode *terminates* there and none is ever truncated.
@@ -520,6 +548,8 @@ class QuantLLMEnv(gym.Env):
         observation: str = "full",
         budgets: Sequence[float] | None = None,
         max_deviations: int | None = None,
+        deviation_cost: float = 0.0,
+        replan: str = "greedy",
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -532,7 +562,7 @@ class QuantLLMEnv(gym.Env):
             raise QenvError(f"Unknown budget_mode {budget_mode!r}.", f"use one of {BUDGET_MODES}.")
         _check_numbers(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
                        dense_weight=dense_weight, size_weight=size_weight, penalty_weight=penalty_weight,
-                       shaping_weight=shaping_weight,
+                       shaping_weight=shaping_weight, deviation_cost=deviation_cost,
                        **({} if weight_cache_gib is None else {"weight_cache_gib": weight_cache_gib}))
         self.reward_kind = check_reward_kind(reward)
         self.render_mode = render_mode
@@ -548,12 +578,21 @@ class QuantLLMEnv(gym.Env):
         self.penalty_weight = float(penalty_weight)
         self.mapper = ActionMapper(action_kind, menu)
         self.action_space = self.mapper.space
-        self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(OBS_DIM,), dtype=np.float32)
+        self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(observation_size(observation),),
+                                            dtype=np.float32)
         self.observation_kind = observation
+        if observation == "actions" and action_kind != "residual":
+            raise QenvError(f"observation='actions' describes the residual kind's actions, not {action_kind!r}'s.",
+                            "use action_kind='residual', or observation='relative'.")
         if max_deviations is not None and action_kind != "residual":
             raise QenvError(f"max_deviations={max_deviations} applies to the residual action kind, not {action_kind!r}.",
                             "use action_kind='residual', or leave max_deviations unset.")
         self.max_deviations = max_deviations
+        if deviation_cost and action_kind != "residual":
+            raise QenvError(f"deviation_cost={deviation_cost} applies to the residual action kind, not {action_kind!r}.",
+                            "use action_kind='residual', or leave deviation_cost at 0.")
+        self.deviation_cost = float(deviation_cost)
+        self.replan = replan
         specs = [model] if isinstance(model, (str, Path, LoadedModel)) else list(model)
         if not specs:
             raise QenvError("No model was given.", "pass model='default', a path, a hub id, or a list of them.")
@@ -640,10 +679,34 @@ class QuantLLMEnv(gym.Env):
         bits_left = self.budget_bits - self.spent
         episode += model_relative(task.ladder_costs, task.ladder_sens, i, bits_left if self.index < n else 0.0,
                                   bpw_left, task.numel, task.ladder_table, task.ladder_gains)
-        if self.observation_kind == "relative":  # the share of the sensitivity left, over the mean share
+        if self.observation_kind != "full":  # the share of the sensitivity left, over the mean share
             episode[-1] = math.log10(max(episode[-1] * (n - self.index), 1e-6)) / 2.0
+        if self.observation_kind == "actions":
+            episode += self._action_entries() if self.index < n else [0.0] * len(ACTION_NAMES)
         obs = np.concatenate([self._static[id(task)][i], np.asarray(episode, dtype=np.float32)])
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
+
+    def _action_entries(self) -> list[float]:
+        """What each residual action other than 0 would do at this layer, read against the plan's
+        rule: log10 of its output error over the plan rule's (/ 2) and its bits per weight minus
+        the plan rule's (/ 4); 0 and 0 for an action the masks forbid. The menu's neighbours in
+        cost differ by model (on bench-gpt2-small at 4.0 bpw one step up from ``w4g128a-gptq`` is
+        ``w4g128a-mse-awq0.5``, worse there), so a policy needs these to read what a shift means."""
+        task, i = self.task, self.index
+        assert self.plan is not None
+        plan = int(self.plan[i])
+        err, costs = task.menu_sensitivity()[i], task.costs[i]
+        allowed = self._allowed_bits() + 1e-9
+        capped = self._deviations_spent()
+        out: list[float] = []
+        for action in range(1, len(RESIDUAL_SHIFTS)):
+            choice = self._menu_choice(action)
+            if capped or costs[choice] > allowed or choice == plan:
+                out += [0.0, 0.0]
+                continue
+            ratio = max(float(err[choice]), 1e-30) / max(float(err[plan]), 1e-30)
+            out += [math.log10(ratio) / 2.0, float(costs[choice] - costs[plan]) / float(task.numel[i]) / 4.0]
+        return out
 
     def _allowed_bits(self) -> float:
         """The most bits this layer may take so that the rest can still meet the budget."""
@@ -822,6 +885,7 @@ class QuantLLMEnv(gym.Env):
         kind = self.mapper.kind
         choice = -1
         capped = False
+        reward = 0.0
         if self.mapper.stateful:
             check_finite_action(action)
             choice = self._menu_choice(action)
@@ -830,6 +894,7 @@ class QuantLLMEnv(gym.Env):
                     choice, capped = int(self.plan[self.index]), True
                 else:
                     self.deviations += 1
+                    reward -= self.deviation_cost
             asked = self.mapper.rules[choice]
             if kind == "allocation":
                 value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
@@ -844,12 +909,13 @@ class QuantLLMEnv(gym.Env):
         self.clamped += int(clamped)
         self.prev_rule = rule
         if kind == "residual" and self.plan is not None and (clamped or choice != int(self.plan[self.index])):
-            # a deviation: the layers left are re-planned on what is left (Lagrangian greedy, then
-            # filled: greedy's convex-hull form, fast enough for every step of a 200-layer model)
+            # a deviation: the layers left are re-planned on what is left
             rest = slice(self.index + 1, len(task.layers))
             costs, sens, left = task.costs[rest], task.menu_sensitivity()[rest], self.budget_bits - self.spent
-            self.plan[rest] = fill_budget(costs, sens, task.menu_table.allocate(self.index + 1, left), left)
-        reward = 0.0
+            if self.replan == "greedy":  # greedy's own rule, from the plan it had (a few moves)
+                self.plan[rest] = greedy_allocation(costs, sens, left, start=self.plan[rest])
+            else:  # Lagrangian greedy, then filled (greedy's convex-hull form)
+                self.plan[rest] = fill_budget(costs, sens, task.menu_table.allocate(self.index + 1, left), left)
         info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
                                 "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited}
         if kind == "residual":
