@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import inspect
 import json
 import math
 import os
@@ -304,10 +305,11 @@ def common_setup(cfg: dict[str, Any]) -> None:
 
 def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Path,
              action_kind: str = "discrete", shaping_weight: float = 0.0,
-             observation: str = "full") -> tuple[Any, str]:
+             observation: str = "full", **extra: Any) -> tuple[Any, str]:
     """The model's env (searchers and presets use the menu kind; the RL agent ``cfg['action_kind']``,
-    with ``cfg['rl_shaping']`` as its shaping weight and ``cfg['rl_observation']`` as its observation:
-    both share one task, i.e. one model, evaluator and cache, in the process)."""
+    with ``cfg['rl_shaping']`` as its shaping weight, ``cfg['rl_observation']`` as its observation
+    and :func:`rl_env_kwargs` as ``extra``: both share one task, i.e. one model, evaluator and
+    cache, in the process)."""
     from qenv.cli.envs import make_quant_env
 
     calib, held_path = corpus_files(model["corpus"], Path(cfg["data_dir"]), work)
@@ -316,13 +318,23 @@ def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Pa
                          seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], device=pick_device(cfg["device"]),
                          dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"], action_kind=action_kind,
                          weight_cache_gib=cfg.get("weight_cache_gib"), shaping_weight=shaping_weight,
-                         observation=observation)
+                         observation=observation, **extra)
     return env, held_path
 
 
 def rl_observation(cfg: dict[str, Any]) -> str:
     """The RL method's observation kind (``--rl-observation``, else its config's, else ``full``)."""
     return str(cfg.get("rl_observation") or "full")
+
+
+def rl_env_kwargs(cfg: dict[str, Any], evaluation: bool = False) -> dict[str, Any]:
+    """The RL method's further env arguments (``--rl-env``, e.g. ``max_deviations`` or
+    ``deviation_cost``); for a zero-shot rollout, ``--transfer-eval-env`` over them (a limit at
+    evaluation only)."""
+    extra = dict(cfg.get("rl_env") or {})
+    if evaluation:
+        extra.update(cfg.get("transfer_eval_env") or {})
+    return extra
 
 
 def rl_settings(cfg: dict[str, Any]) -> tuple[str, str]:
@@ -417,8 +429,9 @@ def quality_job(cfg: dict[str, Any]) -> None:
     rl_agent, rl_kind = rl_settings(cfg)
     shaping = float(cfg.get("rl_shaping") or 0.0)
     observation = rl_observation(cfg)
-    rl_env = env if rl_kind == "discrete" and not shaping and observation == "full" else \
-        make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping, observation=observation)[0]
+    rl_env = env if rl_kind == "discrete" and not shaping and observation == "full" and not rl_env_kwargs(cfg) else \
+        make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping, observation=observation,
+                 **rl_env_kwargs(cfg))[0]
 
     trained: dict[int, Any] = {}  # seed -> the training run's episode tracker (for rl_best); None: it failed
 
@@ -439,7 +452,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
                 "n_steps": hp.get("n_steps"),
                 "truncated": played + 1e-9 < episodes, "clamped_actions": info.get("clamped_actions", 0),
                 "agent": rl_agent, "action_kind": rl_kind, "plan_deviations": hp.get("plan_deviations"),
-                "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind}
+                "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind,
+                "rl_env": rl_env_kwargs(cfg)}
 
     def rl_best(seed: int) -> dict[str, Any]:
         """The best recipe of the N training episodes, measured like the searchers' best."""
@@ -455,7 +469,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
                 "best_episode": tracker.best["n"],
                 "episode_kl_min": min(e["kl"] for e in tracker.episodes if e.get("kl") is not None),
                 "truncated": len(tracker) < episodes, "agent": rl_agent, "action_kind": rl_kind,
-                "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind}
+                "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind,
+                "rl_env": rl_env_kwargs(cfg)}
 
     only = set(cfg.get("methods") or METHOD_ORDER)
     for name in ("rtn", "gptq", "awq"):
@@ -557,7 +572,8 @@ def transfer_job(cfg: dict[str, Any]) -> None:
                              n_tokens=cfg["n_tokens"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
                              device=device, dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"],
                              weight_cache_gib=cfg.get("weight_cache_gib"), action_kind=rl_kind,
-                             shaping_weight=float(cfg.get("rl_shaping") or 0.0), observation=rl_observation(cfg))
+                             shaping_weight=float(cfg.get("rl_shaping") or 0.0), observation=rl_observation(cfg),
+                             **rl_env_kwargs(cfg))
         steps = int(cfg["timesteps"])
         hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent, action_kind=rl_kind)
         agent = make_agent(rl_agent, env, seed=seed, **hp)
@@ -568,7 +584,8 @@ def transfer_job(cfg: dict[str, Any]) -> None:
         rec.write(method="train", train_models=[m["name"] for m in train_models], timesteps=agent.num_timesteps,
                   asked_timesteps=steps, truncated=agent.num_timesteps < steps, train_s=time.perf_counter() - t1,
                   setup_s=t1 - t0, device=device, observation=env.unwrapped.observation_kind,
-                  shaping_weight=env.unwrapped.shaping_weight)
+                  shaping_weight=env.unwrapped.shaping_weight, rl_env=rl_env_kwargs(cfg),
+                  eval_env=rl_env_kwargs(cfg, evaluation=True))
         log(f"transfer {budget:g} s{seed}: trained {agent.num_timesteps} steps in {time.perf_counter() - t1:.0f}s")
         if cfg.get("eval_jobs"):
             import torch
@@ -588,7 +605,8 @@ def transfer_job(cfg: dict[str, Any]) -> None:
     for model, seen in tests:
         try:
             tenv, held_path = make_env(model, budget, cfg, out / "work")
-            renv = make_env(model, budget, cfg, out / "work", rl_kind, observation=rl_observation(cfg))[0]
+            renv = make_env(model, budget, cfg, out / "work", rl_kind, observation=rl_observation(cfg),
+                            **rl_env_kwargs(cfg, evaluation=True))[0]
             task = tenv.unwrapped.task
             held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
             recipe, info = rollout_recipe(agent, renv, deterministic=True)
@@ -626,7 +644,8 @@ def transfer_eval_job(cfg: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         tenv, held_path = make_env(model, budget, cfg, out / "work")
         rl_agent, rl_kind = rl_settings(cfg)
-        renv = make_env(model, budget, cfg, out / "work", rl_kind, observation=rl_observation(cfg))[0]
+        renv = make_env(model, budget, cfg, out / "work", rl_kind, observation=rl_observation(cfg),
+                            **rl_env_kwargs(cfg, evaluation=True))[0]
         task = tenv.unwrapped.task
         held, _ = scoring_evaluator(task, [held_path], cfg["held_tokens"], cfg["seq_len"], cfg["batch_size"])
         humans = human_baselines(task, held, tenv, budget)
@@ -688,7 +707,7 @@ def run(args: argparse.Namespace) -> int:
             "rl_agent": args.rl_agent, "action_kind": args.action_kind,
             "rl_shaping": args.rl_shaping if args.rl_shaping is not None else config_shaping(args.rl_agent),
             "rl_observation": args.rl_observation or str(config_env_kwarg(args.rl_agent, "observation", "full")),
-            "methods": args.methods,
+            "rl_env": args.rl_env, "transfer_eval_env": args.transfer_eval_env, "methods": args.methods,
             "search_evals": args.transfer_search_evals, "weight_cache_gib": args.weight_cache_gib}
     jobs: list[tuple[str, dict[str, Any]]] = []
     done = completed_units(args.fill_from) if args.fill_from else set()
@@ -1279,11 +1298,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rl-agent", default="maskable_ppo",
                    help="the RL method's agent (its configs/<agent>.yaml hyperparameters; default: %(default)s)")
     r.add_argument("--action-kind", default="residual", help="the RL method's action kind (default: %(default)s)")
-    r.add_argument("--rl-observation", default=None, choices=["full", "relative"],
+    r.add_argument("--rl-observation", default=None, choices=["full", "relative", "actions"],
                    help="the RL method's observation kind (default: its config's env_kwargs, else full)")
     r.add_argument("--rl-shaping", type=float, default=None,
                    help="the RL method's env shaping_weight (potential-based shaping from the streamed block "
                         "errors; the searchers' env is unshaped; default: the agent config's env_kwargs, else 0)")
+    r.add_argument("--rl-env", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="further env arguments of the RL method, in training and evaluation (e.g. "
+                        "max_deviations=12 deviation_cost=0.01)")
+    r.add_argument("--transfer-eval-env", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="env arguments over --rl-env for the zero-shot rollouts only (e.g. max_deviations=12)")
     r.add_argument("--methods", nargs="+", default=None, choices=METHOD_ORDER[2:],
                    help="run only these quality methods (default: all)")
     r.add_argument("--transfer-search-evals", type=int, default=0,
@@ -1309,6 +1333,24 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args.spec)
     if args.command == "report":
         return report(args)
+    from qenv.cli.common import parse_key_values
+    from qenv.envs.quant_llm import QuantLLMEnv, check_env_arguments
+    from qenv.errors import QenvError
+
+    try:  # before anything is written: a bad --rl-env is one line
+        for flag in ("rl_env", "transfer_eval_env"):
+            name = "--" + flag.replace("_", "-")
+            values = parse_key_values(getattr(args, flag), name)
+            known = set(inspect.signature(QuantLLMEnv.__init__).parameters) - {"self"}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise QenvError(f"{name} {unknown[0]}=... is not an argument of QuantLLM-v0.",
+                                f"use one of its arguments, e.g. {name} max_deviations=12.")
+            check_env_arguments(values)
+            setattr(args, flag, values)
+    except QenvError as exc:
+        print(f"bench_quality.py: error: {exc}", file=sys.stderr)
+        return 2
     if args.cache_dir is None:
         args.cache_dir = str(Path(args.out) / "cache")
     return run(args)

@@ -82,16 +82,18 @@ zoo-train)  # the three bench models (as the quality benchmark's runs trained th
   done
   wait
   tail -2 "$OUT"/train_*.log; ls /tmp/bench_models
+  tar czf "$OUT/bench_models.tgz" -C /tmp bench_models  # for CPU experiments on the same trained zoo
   ;;
 zoo-rl)  # per-model RL (configs/maskable_ppo.yaml: residual kind, shaped, started at the plan) beside
   # greedy, random search and evolution, 128 evaluations, 3 seeds: `zoo-rl DEADLINE NAME MODEL...`
-  # (default: all five quality-benchmark models into /tmp/qrl; a later `report --runs` merges several)
+  # (default: all five quality-benchmark models into /tmp/qrl; a later `report --runs` merges several;
+  # METHODS=... runs only those methods)
   deadline=${2:-420}; name=${3:-qrl}; shift 3 2>/dev/null || shift $#
   models=("$@"); [ ${#models[@]} -gt 0 ] || models=(stories260K default /tmp/bench_models/bench-llama \
     /tmp/bench_models/bench-gpt2 /tmp/bench_models/bench-qwen2)
   [ -d .qdata2 ] && cp -r .qdata2/* /tmp/qdata/
   python3 bench/bench_quality.py run --models "${models[@]}" --data-dir /tmp/qdata --out "/tmp/$name" \
-    --cache-dir /tmp/qcache --episodes 128 --seeds 0 1 2 --methods greedy random evolution ppo rl_best \
+    --cache-dir /tmp/qcache --episodes 128 --seeds 0 1 2 --methods ${METHODS:-greedy random evolution ppo rl_best} \
     --rl-agent maskable_ppo --action-kind residual --nice 10 --deadline-s "$deadline" --grace-s 20 \
     > "$OUT/$name.log" 2>&1
   python3 bench/bench_quality.py report --out "/tmp/$name" >> "$OUT/$name.log" 2>&1
@@ -111,7 +113,8 @@ zoo-gguf)  # llama.cpp's mixes against searched gguf-menu recipes on the bench m
 transfer)  # one MaskablePPO policy per budget trained on default, bench-llama and bench-qwen2; one
   # deterministic rollout on SmolLM2, bench-gpt2 and stories260K (after join and zoo-train):
   # `transfer DEADLINE [OBSERVATION [BUDGETS [MAX_PROCS [NAME]]]]` (observation kind, default relative;
-  # 2026-12-06 on an H100: 16 workers at once ran out of GPU memory, 9 did not)
+  # 2026-12-06 on an H100: 16 workers at once ran out of GPU memory, 9 did not; EVAL_ENV="KEY=VALUE ..."
+  # goes to --transfer-eval-env, e.g. EVAL_ENV=max_deviations=12)
   deadline=${2:-420}; observation=${3:-relative}; budgets=${4:-2.5 3.0 3.5 4.0}; procs=${5:-64}; name=${6:-qtr}
   python3 bench/bench_quality.py run --models --data-dir /tmp/qdata --out /tmp/$name --cache-dir /tmp/qcache \
     --transfer-train default /tmp/bench_models/bench-llama /tmp/bench_models/bench-qwen2 \
@@ -119,7 +122,7 @@ transfer)  # one MaskablePPO policy per budget trained on default, bench-llama a
     --transfer-budgets $budgets --max-procs "$procs" --transfer-seeds 0 --transfer-timesteps 12288 --transfer-eval-jobs \
     --transfer-search-evals 16 --transfer-eval-reserve-s 0 --no-transfer-eval-seen --weight-cache-gib 6 --rl-agent maskable_ppo \
     --action-kind residual --rl-observation "$observation" --nice 10 --deadline-s "$deadline" --grace-s 15 \
-    > "$OUT/$name.log" 2>&1
+    ${EVAL_ENV:+--transfer-eval-env $EVAL_ENV} > "$OUT/$name.log" 2>&1
   python3 bench/bench_quality.py report --out /tmp/$name >> "$OUT/$name.log" 2>&1
   tar czf "$OUT/$name.tgz" -C /tmp $name
   tail -30 "$OUT/$name.log"
