@@ -82,7 +82,8 @@ zoo-train)  # the three bench models (as the quality benchmark's runs trained th
   done
   wait
   tail -2 "$OUT"/train_*.log; ls /tmp/bench_models
-  tar czf "$OUT/bench_models.tgz" -C /tmp bench_models  # for CPU experiments on the same trained zoo
+  # to take bench-llama and bench-qwen2 home for CPU runs (84 MB; at most 16 MiB a file comes back):
+  # tar cf - -C /tmp bench_models/bench-llama bench_models/bench-qwen2 | gzip -1 | split -b 15M -d - $OUT/bm.part
   ;;
 zoo-rl)  # per-model RL (configs/maskable_ppo.yaml: residual kind, shaped, started at the plan) beside
   # greedy, random search and evolution, 128 evaluations, 3 seeds: `zoo-rl DEADLINE NAME MODEL...`
