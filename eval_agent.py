@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import (ArgumentParser, fmt, merge_flag, parse_key_values, plain_table, quiet_libraries,
-                             refuse_repeated_models, run_cli)
+from qenv.cli.common import (ArgumentParser, check_observation_matches, fmt, merge_flag, parse_key_values,
+                             plain_table, quiet_libraries, refuse_repeated_models, run_cli, run_folder_of)
 from qenv.errors import QenvError
 from qenv.io import read_json
 
@@ -99,17 +99,6 @@ def build_parser() -> ArgumentParser:
 
 
 # -- the run the policy came from -------------------------------------------------------------------------
-def run_folder_of(policy: Path) -> Path | None:
-    """The run folder ``policy`` belongs to: its own folder for ``model.zip``, the run folder above
-    ``checkpoints/`` for a checkpoint (``<run>/checkpoints/step_*.zip``); ``None`` if neither holds
-    a ``config.json`` or ``summary.json`` of train_agent.py."""
-    folder = policy.resolve().parent
-    for candidate in (folder, folder.parent) if folder.name == "checkpoints" else (folder,):
-        if (candidate / "config.json").is_file() or (candidate / "summary.json").is_file():
-            return candidate
-    return None
-
-
 def read_run(policy: Path) -> dict[str, Any]:
     """What the run folder of ``policy`` says: agent, env kwargs, training models (may be empty).
 
@@ -508,6 +497,8 @@ def _body(argv: list[str] | None) -> int:
     resolve_agent(agent_name)
     env_kwargs = at_one_budget(run["env_kwargs"])  # a policy trained over several budgets is evaluated at one
     given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
+    if "observation" in given:
+        check_observation_matches(policy, given["observation"], "--env-kwargs")
     env_kwargs.update(given)
     env_kwargs.pop("model", None)
     if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:

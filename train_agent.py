@@ -191,6 +191,7 @@ def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any
     """The absolute path of an ``--init-from`` policy whose spaces fit this run (checked before any
     model loads): the same observation size and the same action space."""
     from qenv.agents.sb3 import agent_name_of_zip, safe_custom_objects
+    from qenv.cli.common import check_observation_matches
     from qenv.envs.features import OBSERVATION_KINDS, observation_size
     from qenv.envs.spaces import ActionMapper
 
@@ -209,6 +210,7 @@ def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any
     objects = safe_custom_objects(file)
     obs_space, act_space = objects.get("observation_space"), objects.get("action_space")
     shape = tuple(getattr(obs_space, "shape", ()) or ())
+    check_observation_matches(file, observation, "--init-from: this run's")
     size = observation_size(str(observation)) if observation in OBSERVATION_KINDS else None
     if size is not None and shape != (size,):
         raise QenvError(f"--init-from {file} takes observations of size {shape}, but QuantLLM-v0 with observation="

@@ -839,8 +839,10 @@ def merge_runs(runs: list[list[dict[str, Any]]], notes: list[str] | None = None)
     from the first run's: they measured another instance of the model (a bench model trained
     again) and cannot fill its cells. Transfer rows are merged per (budget, seed): the first run
     whose training finished (not truncated) supplies that seed's training and evaluations, else
-    the run whose training got furthest (the first of equals). What is left out is described in
-    ``notes``.
+    the run whose training got furthest (the first of equals); a later run whose training of
+    that (budget, seed) was complete and as long (the same policy: training is deterministic)
+    fills the zero-shot evaluations of models the chosen run lacks (one cut short by its
+    deadline). What is left out or filled is described in ``notes``.
     """
     notes = [] if notes is None else notes
     chosen: dict[tuple, dict[str, Any]] = {}
@@ -858,6 +860,18 @@ def merge_runs(runs: list[list[dict[str, Any]]], notes: list[str] | None = None)
                 old = transfer_run.get(key)
                 if old is None or (old[1] and (not cut or steps > old[2])):
                     transfer_run[key] = (index, cut, steps)
+    # a run whose training of (budget, seed) was complete and as long as the chosen run's trained the same
+    # policy (training is deterministic): its zero-shot rows fill models the chosen run did not evaluate
+    trained_as: dict[tuple, dict[int, int]] = {}
+    evaluated: dict[tuple, set] = {}
+    for index, rows in enumerate(runs):
+        for r in rows:
+            if r.get("kind") == "transfer" and r.get("method") == "train" and not r.get("truncated"):
+                trained_as.setdefault((r["budget"], r["seed"]), {})[index] = int(r.get("timesteps", 0))
+            elif r.get("kind") == "transfer" and r.get("method") == "eval" and "policy" in r and "error" not in r:
+                key = (r.get("budget"), r.get("seed"))
+                if key in transfer_run and transfer_run[key][0] == index:
+                    evaluated.setdefault(key, set()).add((r.get("model"), bool(r.get("seen"))))
     for index, rows in enumerate(runs):
         sig = _fp_signature(rows)
         foreign = {m for m, v in sig.items() if m in first_fp and first_fp[m][2] != index
@@ -874,6 +888,17 @@ def merge_runs(runs: list[list[dict[str, Any]]], notes: list[str] | None = None)
             if r.get("kind") == "transfer":
                 key = (r.get("budget"), r.get("seed"))
                 if key in transfer_run and transfer_run[key][0] != index:
+                    chosen_run, cut, steps = transfer_run[key]
+                    cell = (r.get("model"), bool(r.get("seen")))
+                    if (r.get("method") == "eval" and "policy" in r and "error" not in r and not cut
+                            and trained_as.get(key, {}).get(index) == steps
+                            and cell not in evaluated.setdefault(key, set())):
+                        evaluated[key].add(cell)
+                        other.append(r)
+                        notes.append(f"run {index}: zero-shot rows of {cell[0]} at budget {r.get('budget'):g} seed "
+                                     f"{r.get('seed')} kept: the same complete training as run {chosen_run}'s, "
+                                     "which did not evaluate it")
+                        continue
                     dropped.add(key)
                     continue
                 other.append(r)

@@ -99,8 +99,8 @@ def test_residual_zero_reproduces_greedy_exactly(stories_bin, budget):
 
 def test_residual_replans_the_rest_with_greedys_rule_after_a_deviation(stories_bin):
     """After a step off the plan, the layers left get greedy's rule started from the plan they had
-    (replan="greedy", the default), within the bits left; replan="lagrangian" keeps the convex-hull
-    form (Lagrangian, then filled) that earlier benchmark runs used."""
+    (replan="greedy"), within the bits left; replan="lagrangian" (the default) keeps the convex-hull
+    form (Lagrangian, then filled)."""
     from qenv.envs.allocation import fill_budget, greedy_allocation
 
     for replan in ("greedy", "lagrangian"):
@@ -493,6 +493,19 @@ def test_init_from_with_another_action_kind(zoo_run, tmp_path, capsys):
     one_line_error(capsys, code, "acts in Discrete(7)", "action_kind")
 
 
+def test_a_policy_fed_another_observation_kind_of_the_same_size(zoo_run, tmp_path, capsys):
+    """full and relative observations have the same size: fine-tuning or evaluating a policy with
+    the kind it did not train with is one line, before anything is written."""
+    code = run_main(train_agent, ["--init-from", zoo_run / "zoo" / "model.zip", "--env-kwargs", "action_kind=residual",
+                                  "observation=relative", "--logdir", tmp_path, "--name", "r", "--no-progress"])
+    one_line_error(capsys, code, "observation=relative differs from the observation=full", "use observation=full")
+    assert not (tmp_path / "r").exists()
+    code = run_main(eval_agent, ["--policy", zoo_run / "zoo" / "model.zip", "--model", "tiny-gpt2", "--env-kwargs",
+                                 "observation=relative", "--out", tmp_path / "ev"])
+    one_line_error(capsys, code, "observation=relative differs", "train a policy with observation=relative")
+    assert not (tmp_path / "ev").exists()
+
+
 def test_init_from_a_policy_of_another_algorithm(zoo_run, tmp_path, capsys):
     # a PPO zip fine-tuned as A2C loaded (same policy network) and then failed in A2C's optimizer
     # (KeyError 'square_avg') after writing the run folder
@@ -709,6 +722,30 @@ def test_bench_quality_transfer_table_counts_unseen_cells_against_each_baseline(
     assert "| a | **no** | 2.5 |" in md and "| 1.2 (2.50) | 9 (16) | 0.5 (16) | **better** (1.20x) |" in md
     assert "beats greedy in 1/2 cells" in md and "beats random search in 2/2" in md and "beats evolution in 0/2" in md
     assert "at or under the budget in 1/2 cells" in md and "at 3.0 bpw and above in 1/1 cells" in md
+
+
+def test_bench_quality_merge_fills_zero_shot_rows_from_the_same_complete_training():
+    """A later run that trained the same (budget, seed) completely and as long fills the zero-shot
+    rows the first run's deadline cut off; one whose training was shorter fills nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quality_merge", REPO / "bench" / "bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(steps, models, truncated=False):
+        rows = [{"kind": "transfer", "method": "train", "budget": 3.5, "seed": 0, "timesteps": steps,
+                 "truncated": truncated}]
+        return rows + [{"kind": "transfer", "method": "eval", "budget": 3.5, "seed": 0, "model": m, "seen": False,
+                        "policy": {"kl": kl}} for m, kl in models]
+
+    first = run(12288, [("gpt2", 0.1)])
+    notes: list[str] = []
+    rows = bench.merge_runs([first, run(12288, [("gpt2", 0.2), ("smollm2", 0.3)])], notes)
+    evals = sorted((r["model"], r["policy"]["kl"], r["run"]) for r in rows if r.get("method") == "eval")
+    assert evals == [("gpt2", 0.1, 0), ("smollm2", 0.3, 1)] and any("kept" in n for n in notes)
+    rows = bench.merge_runs([first, run(4096, [("smollm2", 0.3)])])
+    assert [r["model"] for r in rows if r.get("method") == "eval"] == ["gpt2"]
 
 
 def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):

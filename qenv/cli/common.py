@@ -93,6 +93,46 @@ def parse_key_values(items: Sequence[str] | None, what: str = "--env-kwargs") ->
     return out
 
 
+def run_folder_of(policy: Path) -> Path | None:
+    """The run folder ``policy`` belongs to: its own folder for ``model.zip``, the run folder above
+    ``checkpoints/`` for a checkpoint (``<run>/checkpoints/step_*.zip``); ``None`` if neither holds
+    a ``config.json`` or ``summary.json`` of train_agent.py."""
+    folder = Path(policy).resolve().parent
+    for candidate in (folder, folder.parent) if folder.name == "checkpoints" else (folder,):
+        if (candidate / "config.json").is_file() or (candidate / "summary.json").is_file():
+            return candidate
+    return None
+
+
+def trained_observation(policy: Path) -> str | None:
+    """The observation kind the run of ``policy`` trained with (``full`` where its settings name
+    none), or ``None`` when no run folder says. ``full`` and ``relative`` observations have the
+    same size, so a policy fed the other kind runs without an error on meaningless inputs."""
+    import json
+
+    folder = run_folder_of(Path(policy))
+    if folder is None:
+        return None
+    for name in ("config.json", "summary.json"):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        settings = data.get("settings", data) if name == "summary.json" else data
+        if isinstance(settings, dict) and isinstance(settings.get("env_kwargs"), dict):
+            return str(settings["env_kwargs"].get("observation", "full"))
+    return None
+
+
+def check_observation_matches(policy: Path, observation: Any, flag: str) -> None:
+    """One line when ``observation`` is not the kind the policy's run trained with."""
+    trained = trained_observation(policy)
+    if trained is not None and str(observation) != trained:
+        raise QenvError(f"{flag} observation={observation} differs from the observation={trained} that {policy} was "
+                        "trained with (a policy reads each entry as it learned it).",
+                        f"use observation={trained}, or train a policy with observation={observation}.")
+
+
 def check_run_name(name: str) -> str:
     if not _NAME_RE.match(name) or name in (".", ".."):
         raise QenvError(f"Run name {name!r} is not a plain folder name.",

@@ -45,7 +45,7 @@ from qenv.quant.presets import rtn, uniform
 from qenv.quant.rules import Rule, layer_bits
 
 BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
-REPLANS: tuple[str, ...] = ("greedy", "lagrangian")  # the residual kind's re-plan after a deviation
+REPLANS: tuple[str, ...] = ("lagrangian", "greedy")  # the residual kind's re-plan after a deviation
 
 
 @dataclass
@@ -424,12 +424,14 @@ class QuantLLMEnv(gym.Env):
             leaves the plan only where it expects to gain more than this, on a model of any
             length). It changes the optimum on purpose; ``info["fidelity_reward"]`` does not
             include it. Default 0.
-        replan: residual kind: how the layers left are re-planned after a deviation. ``greedy``
-            (default): greedy's own rule, started from the plan they had (over the budget: the
-            cheapest error rise per bit saved first); ``lagrangian``: the convex-hull form
-            (Lagrangian, then filled), which qenv used before 2026-12-06: on bench-gpt2-small at
-            4.0 bpw its plan of the whole model has 1.47x greedy's summed sensitivity, so every
-            deviation also paid for a worse plan of the rest.
+        replan: residual kind: how the layers left are re-planned after a deviation.
+            ``lagrangian`` (default): the convex-hull form of greedy (Lagrangian, then filled);
+            ``greedy``: greedy's own rule, started from the plan they had (over the budget: the
+            cheapest error rise per bit saved first). The Lagrangian plan can be worse than
+            greedy's (on bench-gpt2-small at 4.0 bpw, for the whole model, 1.47x greedy's summed
+            sensitivity), but training with ``greedy`` did not help: the per-model benchmark on
+            stories260K and the default model beat greedy in 5 of 8 cells, against 7 of 8 with
+            ``lagrangian`` (BENCHMARKS.md, "Learning and transfer").
         observation: ``full`` (default) or ``relative``: the same entries, but in ``relative`` none
             says how large the model is: every size, weight/activation statistic and log error is
             taken relative to the model's median layer, so a policy trained on small models reads a
@@ -453,8 +455,8 @@ class QuantLLMEnv(gym.Env):
     residual        Discrete(7)                 shift along the layer's cost-sorted menu from
                                                 greedy's plan (0, +1, -1, +2, -2, +3, -3); action 0
                                                 on every layer is the greedy searcher's recipe;
-                                                a deviation re-plans the rest (greedy's rule
-                                                from the plan it had; ``replan``) (maskable)
+                                                a deviation re-plans the rest (Lagrangian
+                                                greedy, filled; ``replan``) (maskable)
     allocation      Box(-1, 1, (1,))            the layer's preference p; after the last layer
                                                 greedy on sensitivities × exp(3p), then filled,
                                                 gives a recipe at or under the budget with less
@@ -549,7 +551,7 @@ class QuantLLMEnv(gym.Env):
         budgets: Sequence[float] | None = None,
         max_deviations: int | None = None,
         deviation_cost: float = 0.0,
-        replan: str = "greedy",
+        replan: str = "lagrangian",
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
