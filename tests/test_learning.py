@@ -152,6 +152,44 @@ def test_actions_observation_says_what_each_residual_shift_would_do(stories_bin)
         make(stories_bin, "discrete", observation="actions")
 
 
+def test_frontier_ladder_steps_along_each_layers_efficient_rules(stories_bin):
+    """ladder="frontier": each layer's ladder is its efficient rules (cost rising, error falling,
+    every menu rule matched or beaten in both by one of them); action 0 is still greedy's recipe,
+    and an allowed +1 always costs more and errs less than the plan's rule."""
+    for model in (stories_bin, "tiny-gpt2"):
+        env = make(model, "residual", 4.0, ladder="frontier")
+        order, position, length = env.task.frontier_ladder()
+        costs, sens = env.task.costs, env.task.menu_sensitivity()
+        for i in range(len(env.task.layers)):
+            kept = order[i, :length[i]]
+            assert np.all(np.diff(costs[i, kept]) > 0) and np.all(np.diff(sens[i, kept]) < 0)
+            for j in range(costs.shape[1]):
+                k = kept[position[i, j]]
+                assert costs[i, k] <= costs[i, j] + 1e-9 and sens[i, k] <= sens[i, j]
+        greedy = make_agent_greedy(model, 4.0)
+        assert play_episode(env, [0] * len(env.task.layers))["recipe"] == greedy
+        env.reset(seed=0)
+        done, ups = False, 0
+        while not done:
+            i, plan = env.index, int(env.plan[env.index])
+            if env.action_masks()[1] and position[i, plan] < length[i] - 1:
+                up = env._menu_choice(1)
+                assert costs[i, up] > costs[i, plan] and sens[i, up] < sens[i, plan]
+                ups += 1
+            _, _, done, _, _ = env.step(0)
+        assert ups > 0
+    with pytest.raises(QenvError, match="Unknown ladder"):
+        make(stories_bin, "residual", ladder="pareto")
+
+
+def make_agent_greedy(model, budget):
+    from qenv.agents import make_agent
+
+    greedy = make_agent("greedy", make(model, "discrete", budget))
+    greedy.learn(1)
+    return greedy.best_info["recipe"]
+
+
 def test_allocation_meets_the_budget_within_one_menu_step(stories_bin):
     for model, budget, seed in itertools.product([stories_bin, "tiny-qwen2"], [2.5, 3.0, 4.0], [0, 1]):
         env = make(model, "allocation", budget)
