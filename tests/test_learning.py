@@ -924,3 +924,23 @@ def test_zero_shot_table_reads_eval_agent_results(tmp_path):
     md = table.markdown(cells)
     assert "| new (7) | 3 | 1 (3.000) | 1 | 2 | 0.9 | — | gptq-w2: 1.5 (2.300) | same (1.00x) | **better** (1.50x) |" in md
     assert "beats greedy in 0/1" in md and "beats random search in 1/1" in md and "evolution in 0/1" in md
+
+
+def test_replan_gap_and_one_deviation_scripts_print_their_measurements(stories_bin):
+    """bench/replan_gap.py and bench/one_deviation.py (the numbers in BENCHMARKS.md's residual
+    section) run on a real model and print one line per budget / per (layer, action)."""
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "replan_gap.py"), str(stories_bin), "--budgets", "3.0",
+                          "4.0", "--n-tokens", "256"], check=True, capture_output=True, text=True).stdout
+    lines = [line for line in out.splitlines() if "layers differ" in line]
+    assert len(lines) == 2 and all(re.search(r"summed sensitivity [\d.]+x greedy's", line) for line in lines), out
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "one_deviation.py"), str(stories_bin), "--budget", "4.0",
+                          "--ladder", "frontier", "--layers", "2", "--actions", "1", "--n-tokens", "256"],
+                         check=True, capture_output=True, text=True).stdout
+    steps = [line for line in out.splitlines() if line.startswith("layer")]
+    assert 1 <= len(steps) <= 2 and all("x greedy's" in line for line in steps), out
+    # on the frontier ladder one step up always lowers the layer's error
+    assert all(float(re.search(r"sensitivity x([\d.]+)", line).group(1)) < 1 for line in steps), out
