@@ -180,6 +180,9 @@ def test_frontier_ladder_steps_along_each_layers_efficient_rules(stories_bin):
         assert ups > 0
     with pytest.raises(QenvError, match="Unknown ladder"):
         make(stories_bin, "residual", ladder="pareto")
+    for key, value in (("ladder", "frontier"), ("replan", "greedy")):
+        with pytest.raises(QenvError, match="applies to the residual action kind"):
+            make(stories_bin, "discrete", **{key: value})
 
 
 def make_agent_greedy(model, budget):

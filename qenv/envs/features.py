@@ -46,7 +46,7 @@ SHARE_BITS = 3
 OBS_DIM = len(STATIC_NAMES) + len(EPISODE_NAMES)
 OBS_LIMIT = 10.0
 #: the ``actions`` observation's entries after the others: what each residual action other than 0
-#: (a shift of +1, -1, +2, -2, +3, -3 along the layer's cost-sorted menu from the plan) would do here
+#: (a shift of +1, -1, +2, -2, +3, -3 along the layer's ladder from the plan) would do here
 ACTION_NAMES: tuple[str, ...] = tuple(f"{what}_{shift}" for shift in ("up1", "down1", "up2", "down2", "up3", "down3")
                                       for what in ("act_log_err", "act_bpw"))
 
@@ -58,6 +58,8 @@ OBSERVATION_KINDS: tuple[str, ...] = ("full", "relative", "actions")
 def observation_size(kind: str) -> int:
     """The length of an observation of this kind (``actions`` has the per-action entries too)."""
     return OBS_DIM + (len(ACTION_NAMES) if kind == "actions" else 0)
+
+
 #: static entries that are logs of a size, a weight or activation statistic or an error: ``relative``
 #: centres each on its median over the model's layers
 _CENTRED = ("log_fan_in", "log_fan_out", "log_numel", "w_log_std", "w_log_kurtosis", "w_log_peak", "x_log_rms",

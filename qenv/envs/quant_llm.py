@@ -34,8 +34,8 @@ from qenv.io import atomic_path, check_output_dir
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.allocation import LagrangianSuffix, fill_budget, greedy_allocation, rule_errors
-from qenv.envs.features import (ACTION_NAMES, OBS_LIMIT, OBSERVATION_KINDS, observation_size, ladder_rules, model_relative, relative_static,
-                                rung_gains, static_features)
+from qenv.envs.features import (ACTION_NAMES, OBS_LIMIT, OBSERVATION_KINDS, ladder_rules, model_relative,
+                                observation_size, relative_static, rung_gains, static_features)
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
 from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper, check_finite_action
 from qenv.models.layers import LayerInfo
@@ -151,10 +151,10 @@ class ModelTask:
             position = np.zeros((n, m), dtype=np.int64)
             for i in range(n):
                 keep: list[int] = []
-                for j in np.lexsort((np.arange(m), sens[i], self.costs[i])):  # cost, then error, then index
+                # by cost, then error, then index: a rule is efficient when it errs less than every
+                # cheaper one (one as cheap and more accurate would have come first)
+                for j in np.lexsort((np.arange(m), sens[i], self.costs[i])):
                     if not keep or sens[i, j] < sens[i, keep[-1]]:
-                        if keep and self.costs[i, j] <= self.costs[i, keep[-1]]:
-                            continue  # as cheap as the last kept and more accurate cannot happen after the sort
                         keep.append(int(j))
                 length[i] = len(keep)
                 order[i, :len(keep)] = keep
@@ -634,6 +634,10 @@ class QuantLLMEnv(gym.Env):
             raise QenvError(f"deviation_cost={deviation_cost} applies to the residual action kind, not {action_kind!r}.",
                             "use action_kind='residual', or leave deviation_cost at 0.")
         self.deviation_cost = float(deviation_cost)
+        for key, value, default in (("replan", replan, "lagrangian"), ("ladder", ladder, "menu")):
+            if value != default and action_kind != "residual":
+                raise QenvError(f"{key}={value!r} applies to the residual action kind, not {action_kind!r}.",
+                                f"use action_kind='residual', or leave {key} unset.")
         self.replan = replan
         self.ladder = ladder
         specs = [model] if isinstance(model, (str, Path, LoadedModel)) else list(model)
