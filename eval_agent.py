@@ -227,7 +227,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
                    env_kwargs: dict[str, Any], searchers: list[str], out: Path) -> dict[str, Any]:
     from qenv.agents.base import rollout_recipe
     from qenv.agents.registry import load_agent, make_agent
-    from qenv.cli.envs import make_quant_env
+    from qenv.cli.envs import as_menu_kind, make_quant_env
     from qenv.quant.presets import preset
 
     from qenv.models.loading import load_model
@@ -279,7 +279,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         rows.append(row(name, "preset", metrics, time.perf_counter() - t0, budget))
     search_env = env
     if inner.mapper.stateful:  # searchers replay rules, which these kinds' actions do not name: same task, menu kind
-        search_env = make_quant_env(model=loaded, **{**kwargs, "action_kind": "discrete"})
+        search_env = make_quant_env(model=loaded, **as_menu_kind(kwargs))
     for name in searchers:
         t0 = time.perf_counter()
         searcher = make_agent(name, search_env, seed=args.seed)

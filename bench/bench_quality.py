@@ -862,12 +862,17 @@ def merge_runs(runs: list[list[dict[str, Any]]], notes: list[str] | None = None)
                     transfer_run[key] = (index, cut, steps)
     # a run whose training of (budget, seed) was complete and as long as the chosen run's trained the same
     # policy (training is deterministic): its zero-shot rows fill models the chosen run did not evaluate
-    trained_as: dict[tuple, dict[int, int]] = {}
+    trained_as: dict[tuple, dict[int, str]] = {}
     evaluated: dict[tuple, set] = {}
+
+    def training(r: dict[str, Any]) -> str:  # what makes two trainings the same: length, zoo and env settings
+        keys = ("timesteps", "train_models", "observation", "shaping_weight", "rl_env", "eval_env")
+        return json.dumps({k: r.get(k) for k in keys}, sort_keys=True, default=str)
+
     for index, rows in enumerate(runs):
         for r in rows:
             if r.get("kind") == "transfer" and r.get("method") == "train" and not r.get("truncated"):
-                trained_as.setdefault((r["budget"], r["seed"]), {})[index] = int(r.get("timesteps", 0))
+                trained_as.setdefault((r["budget"], r["seed"]), {})[index] = training(r)
             elif r.get("kind") == "transfer" and r.get("method") == "eval" and "policy" in r and "error" not in r:
                 key = (r.get("budget"), r.get("seed"))
                 if key in transfer_run and transfer_run[key][0] == index:
@@ -890,8 +895,9 @@ def merge_runs(runs: list[list[dict[str, Any]]], notes: list[str] | None = None)
                 if key in transfer_run and transfer_run[key][0] != index:
                     chosen_run, cut, steps = transfer_run[key]
                     cell = (r.get("model"), bool(r.get("seen")))
+                    same = trained_as.get(key, {})
                     if (r.get("method") == "eval" and "policy" in r and "error" not in r and not cut
-                            and trained_as.get(key, {}).get(index) == steps
+                            and index in same and same.get(index) == same.get(chosen_run)
                             and cell not in evaluated.setdefault(key, set())):
                         evaluated[key].add(cell)
                         other.append(r)
@@ -1359,20 +1365,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return report(args)
     from qenv.cli.common import parse_key_values
-    from qenv.envs.quant_llm import QuantLLMEnv, check_env_arguments
+    from qenv.envs.quant_llm import RESIDUAL_ONLY, QuantLLMEnv, check_env_arguments
     from qenv.errors import QenvError
 
+    # set by this benchmark itself (per model, budget and method, or by its own flags)
+    own = {"model": "--models", "budget_bpw": "--budgets", "budgets": "--budgets", "data": "--data-dir",
+           "n_tokens": "--n-tokens", "seq_len": "--seq-len", "batch_size": "--batch-size", "device": "--device",
+           "dtype": "--dtype", "seed": "--seeds", "cache_dir": "--cache-dir", "weight_cache_gib": "--weight-cache-gib",
+           "action_kind": "--action-kind", "observation": "--rl-observation", "shaping_weight": "--rl-shaping",
+           "render_mode": "nothing (the benchmark draws nothing)"}
     try:  # before anything is written: a bad --rl-env is one line
+        known = set(inspect.signature(QuantLLMEnv.__init__).parameters) - {"self"}
         for flag in ("rl_env", "transfer_eval_env"):
             name = "--" + flag.replace("_", "-")
             values = parse_key_values(getattr(args, flag), name)
-            known = set(inspect.signature(QuantLLMEnv.__init__).parameters) - {"self"}
             unknown = sorted(set(values) - known)
             if unknown:
                 raise QenvError(f"{name} {unknown[0]}=... is not an argument of QuantLLM-v0.",
                                 f"use one of its arguments, e.g. {name} max_deviations=12.")
-            check_env_arguments(values)
+            taken = sorted(set(values) & set(own))
+            if taken:
+                raise QenvError(f"{name} {taken[0]}=... is set by bench_quality.py itself.",
+                                f"use {own[taken[0]]} instead.")
+            try:
+                check_env_arguments(values)
+            except QenvError as exc:
+                raise QenvError(f"{name}: {exc.problem}", exc.fix) from None
+            residual = sorted(k for k in values if k in RESIDUAL_ONLY)
+            if residual and args.action_kind != "residual":
+                raise QenvError(f"{name} {residual[0]}=... applies to the residual action kind, not --action-kind "
+                                f"{args.action_kind}.", "pass --action-kind residual, or leave it out.")
             setattr(args, flag, values)
+        if args.rl_observation == "actions" and args.action_kind != "residual":
+            raise QenvError(f"--rl-observation actions describes the residual kind's actions, not those of "
+                            f"--action-kind {args.action_kind}.", "pass --action-kind residual, or another observation.")
     except QenvError as exc:
         print(f"bench_quality.py: error: {exc}", file=sys.stderr)
         return 2

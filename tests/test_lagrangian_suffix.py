@@ -8,6 +8,7 @@ is fixed across the bracket. Both must return bit for bit what the plain bisecti
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from qenv.envs.allocation import LagrangianSuffix, lagrangian_allocation
 from qenv.envs.features import model_relative
@@ -185,3 +186,17 @@ def test_greedy_allocation_from_a_start_fits_and_keeps_greedys_own_plan():
             d_cost = costs - costs[rows, got][:, None]
             upgrade = (err[rows, got][:, None] - err > 0) & (costs[rows, got].sum() + d_cost <= b + 1e-9)
             assert not upgrade.any()
+
+
+def test_greedy_allocation_from_a_start_with_nan_errors_and_bad_starts():
+    """A NaN error (never a choice) does not stall the lowering; a start that is not one rule index
+    per layer is refused."""
+    from qenv.envs.allocation import greedy_allocation
+
+    costs = np.array([[2.0, 4.0, 8.0], [2.0, 4.0, 8.0]])
+    err = np.array([[9.0, 3.0, 1.0], [8.0, np.nan, 1.0]])
+    got = greedy_allocation(costs, err, 7.0, start=np.array([0, 2]))
+    assert costs[np.arange(2), got].sum() <= 7.0 and got[1] != 1
+    for bad in ([-1, 0], [0.7, 0.0], [0], [0, 3]):
+        with pytest.raises(ValueError, match="one rule index"):
+            greedy_allocation(costs, err, 7.0, start=np.array(bad))

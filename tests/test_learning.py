@@ -466,6 +466,23 @@ def test_zoo_training_then_fine_tuning_on_a_new_model(zoo_run, capsys):
     assert "tiny-llama (trained-on model)" in out and results["models"][2]["seen"] is True
 
 
+def test_eval_agent_on_a_policy_with_every_residual_only_option(stories_bin, tmp_path, capsys):
+    """eval_agent builds the searchers' menu env from the run's settings: the residual-only options
+    (max_deviations, deviation_cost, replan, ladder, observation=actions) stay with the policy's env
+    instead of refusing the menu kind."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    assert run_main(train_agent, ["--model", stories_bin, "--config", tmp_path / "tiny.yaml", "--logdir", tmp_path,
+                                  "--name", "r", "--no-progress", "--env-kwargs", "n_tokens=256", "seq_len=32",
+                                  "cache_dir=false", "observation=actions", "max_deviations=3", "deviation_cost=0.01",
+                                  "replan=greedy", "ladder=frontier"]) == 0
+    capsys.readouterr()
+    code = run_main(eval_agent, ["--policy", tmp_path / "r" / "model.zip", "--model", "tiny-gpt2", "--searchers",
+                                 "greedy", "--out", tmp_path / "ev"])
+    assert code == 0, capsys.readouterr().err
+    methods = [r["method"] for r in json.loads((tmp_path / "ev" / "results.json").read_text())["models"][0]["rows"]]
+    assert "greedy" in methods and any(m.startswith("policy") for m in methods)
+
+
 def test_a_policy_over_several_budgets_trains_and_is_evaluated_at_one(stories_bin, tmp_path, capsys):
     """``budgets`` in env_kwargs: training episodes sample them; the run's own deterministic
     evaluation and eval_agent.py run at one budget (budget_bpw / --budget-bpw), not a sampled one."""
@@ -787,6 +804,10 @@ def test_bench_quality_merge_fills_zero_shot_rows_from_the_same_complete_trainin
     assert evals == [("gpt2", 0.1, 0), ("smollm2", 0.3, 1)] and any("kept" in n for n in notes)
     rows = bench.merge_runs([first, run(4096, [("smollm2", 0.3)])])
     assert [r["model"] for r in rows if r.get("method") == "eval"] == ["gpt2"]
+    other = run(12288, [("smollm2", 0.3)])
+    other[0]["observation"] = "actions"  # as long, but another policy
+    rows = bench.merge_runs([first, other])
+    assert [r["model"] for r in rows if r.get("method") == "eval"] == ["gpt2"]
 
 
 def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
@@ -841,8 +862,11 @@ def test_bench_quality_rl_env_reaches_the_rl_method_and_bad_keys_are_one_line(st
     assert rows["ppo"]["kl"] == rows["greedy"]["kl"] and rows["ppo"]["bpw"] == rows["greedy"]["bpw"]
     assert bench.rl_env_kwargs({"rl_env": {"a": 1}, "transfer_eval_env": {"a": 2}}, evaluation=True) == {"a": 2}
     for bad, match in ((["--rl-env", "max_deviation=3"], "is not an argument of QuantLLM-v0"),
-                       (["--transfer-eval-env", "max_deviations=-1"], "whole number"),
-                       (["--rl-env", "deviation_cost"], "is not key=value")):
+                       (["--transfer-eval-env", "max_deviations=-1"], "--transfer-eval-env: max_deviations=-1"),
+                       (["--rl-env", "deviation_cost"], "is not key=value"),
+                       (["--rl-env", "budget_bpw=2.5"], "set by bench_quality.py itself"),
+                       (["--rl-env", "deviation_cost=0.5", "--action-kind", "discrete"], "--action-kind discrete"),
+                       (["--rl-observation", "actions", "--action-kind", "discrete"], "residual kind's actions")):
         out = tmp_path / "never"
         code = bench.main(["run", "--models", "stories260K", "--out", str(out), *bad])
         err = capsys.readouterr().err.strip().splitlines()

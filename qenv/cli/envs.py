@@ -46,6 +46,18 @@ def env_id_of(env_id: str) -> str:
     return ENV_ID
 
 
+def as_menu_kind(env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A run's env arguments for an env of the discrete (menu) kind on the same task, e.g. the
+    searchers' env beside a residual policy: the residual-only arguments left out and the
+    ``actions`` observation read as ``relative`` (searchers do not read observations)."""
+    from qenv.envs.quant_llm import RESIDUAL_ONLY
+
+    out = {k: v for k, v in env_kwargs.items() if k not in RESIDUAL_ONLY}
+    if out.get("observation") == "actions":
+        out["observation"] = "relative"
+    return {**out, "action_kind": "discrete"}
+
+
 def at_one_budget(env_kwargs: dict[str, Any]) -> dict[str, Any]:
     """A run's env arguments for evaluating its policy at one budget (``budget_bpw``, or the one
     the caller sets): without ``budgets``, which only its training episodes sample."""

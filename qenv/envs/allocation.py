@@ -71,15 +71,20 @@ def greedy_allocation(costs: np.ndarray, sensitivity: np.ndarray, budget_bits: f
     if start is None:
         choice = np.array([min(range(m), key=lambda j: (costs[i, j], err[i, j], j)) for i in rows], dtype=np.int64)
     else:
-        choice = np.array(start, dtype=np.int64)
+        choice = np.asarray(start)
+        if choice.shape != (n,) or not np.issubdtype(choice.dtype, np.integer) or \
+                (n and (choice.min() < 0 or choice.max() >= m)):
+            raise ValueError(f"start must hold one rule index in [0, {m}) per layer ({n}), not {start!r}")
+        choice = choice.astype(np.int64)
     spent = float(costs[rows, choice].sum())
     while spent > budget_bits + _TOL:
         saved = costs[rows, choice][:, None] - costs
         ok = saved > 0
         if not ok.any():  # every layer at its cheapest rule: nothing left to lower
             break
-        rise = np.where(ok, err - err[rows, choice][:, None], np.inf)
-        loss = np.where(ok, rise / np.maximum(saved, 1e-12), np.inf)
+        with np.errstate(over="ignore", invalid="ignore"):  # NaN errors (never chosen) read as infinite
+            rise = np.nan_to_num(np.where(ok, err - err[rows, choice][:, None], np.inf), nan=np.inf)
+            loss = np.nan_to_num(np.where(ok, rise / np.maximum(saved, 1e-12), np.inf), nan=np.inf)
         top = ok & (loss == loss.min())
         top &= rise == np.where(top, rise, np.inf).min()
         i, j = divmod(int(np.argmax(top)), m)

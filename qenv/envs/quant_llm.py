@@ -47,6 +47,9 @@ from qenv.quant.rules import Rule, layer_bits
 BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
 REPLANS: tuple[str, ...] = ("lagrangian", "greedy")  # the residual kind's re-plan after a deviation
 LADDERS: tuple[str, ...] = ("menu", "frontier")  # what the residual kind's shifts step along
+#: arguments only the residual action kind takes (with observation="actions"): an env of another
+#: kind made from a residual run's settings (e.g. the searchers' menu env) leaves them out
+RESIDUAL_ONLY: tuple[str, ...] = ("max_deviations", "deviation_cost", "replan", "ladder")
 
 
 @dataclass
@@ -624,7 +627,8 @@ class QuantLLMEnv(gym.Env):
                                             dtype=np.float32)
         self.observation_kind = observation
         if observation == "actions" and action_kind != "residual":
-            raise QenvError(f"observation='actions' describes the residual kind's actions, not {action_kind!r}'s.",
+            raise QenvError(f"observation='actions' describes the residual kind's actions, not those of the "
+                            f"{action_kind} kind.",
                             "use action_kind='residual', or observation='relative'.")
         if max_deviations is not None and action_kind != "residual":
             raise QenvError(f"max_deviations={max_deviations} applies to the residual action kind, not {action_kind!r}.",
