@@ -536,6 +536,7 @@ def eval_row(model: dict[str, str], seen: bool, policy: dict[str, Any], info: di
     return {"method": "eval", "model": model["name"], "seen": seen, "policy": policy, "best_human": best_name,
             "human": best, "kl_ratio": best["kl"] / max(policy["kl"], 1e-30), "ppl_diff": policy["ppl"] - best["ppl"],
             "top1_diff": policy["top1"] - best["top1"], "clamped_actions": info.get("clamped_actions", 0),
+            "deviations": info.get("deviations"),
             "humans": {n: {k: m[k] for k in ("kl", "ppl", "top1", "bpw")} for n, m in humans}}
 
 
@@ -612,6 +613,7 @@ def transfer_job(cfg: dict[str, Any]) -> None:
             recipe, info = rollout_recipe(agent, renv, deterministic=True)
             policy = measure(task, held, recipe_of(info), budget)
             row = eval_row(model, seen, policy, info, human_baselines(task, held, tenv, budget))
+            row["eval_env"] = rl_env_kwargs(cfg, evaluation=True)
             rec.write(**row)
             log(f"transfer {budget:g} s{seed} -> {model['name']} (seen={seen}): policy KL {policy['kl']:.4g} vs "
                 f"{row['best_human']} {row['human']['kl']:.4g}")
@@ -678,6 +680,7 @@ def transfer_eval_job(cfg: dict[str, Any]) -> None:
                 policy["rollout_s"] = time.perf_counter() - t1
                 row = eval_row(model, seen, policy, info, humans)
                 row["searched"] = searched
+                row["eval_env"] = rl_env_kwargs(cfg, evaluation=True)
                 rec.write(seed=seed, **row)
                 log(f"transfer {budget:g} s{seed} -> {model['name']} (seen={seen}): policy KL {policy['kl']:.4g} vs "
                     f"{row['best_human']} {row['human']['kl']:.4g}")

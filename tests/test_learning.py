@@ -873,6 +873,31 @@ def test_bench_quality_rl_env_reaches_the_rl_method_and_bad_keys_are_one_line(st
         assert code == 2 and len(err) == 1 and match in err[0] and not out.exists(), err
 
 
+def test_bench_quality_transfer_rolls_out_under_the_eval_env(stories_bin, tmp_path):
+    """--transfer-eval-env reaches the zero-shot rollouts (not the training) and both rows say so."""
+    pytest.importorskip("sb3_contrib")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quality_tr_env", REPO / "bench" / "bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "tr"
+    code = bench.main(["run", "--models", "--data-dir", str(stories_bin.parents[1]), "--out", str(out),
+                       "--transfer-train", "default", "--transfer-test", "stories260K", "--transfer-budgets", "3.0",
+                       "--transfer-seeds", "0", "--transfer-timesteps", "128", "--transfer-eval-jobs",
+                       "--no-transfer-eval-seen", "--rl-agent", "maskable_ppo", "--action-kind", "residual",
+                       "--rl-observation", "relative", "--rl-env", "deviation_cost=0.01", "--transfer-eval-env",
+                       "max_deviations=0", "--device", "cpu", "--n-tokens", "256", "--held-tokens", "256",
+                       "--max-procs", "2", "--deadline-s", "300"])
+    assert code == 0
+    rows = [r for r in bench.load_rows(out) if r.get("kind") == "transfer"]
+    train = next(r for r in rows if r["method"] == "train")
+    ev = next(r for r in rows if r["method"] == "eval")
+    assert train["rl_env"] == {"deviation_cost": 0.01} and train["eval_env"] == ev["eval_env"]
+    assert ev["eval_env"] == {"deviation_cost": 0.01, "max_deviations": 0} and ev["deviations"] == 0
+    assert "error" not in ev and ev["policy"]["bpw"] <= 3.0 + 1e-9
+
+
 def test_bench_quality_trains_on_the_rule_kinds(stories_bin, tmp_path):
     """bench_quality.py's RL method runs on the kinds that invent rules: MaskablePPO on ``rule``
     (the benchmark config's plan_deviations, which only the residual kind has, is left out) and
