@@ -354,6 +354,7 @@ class Run:
         self.eval_env = make_quant_env(**at_one_budget(kwargs))
         self.inner = self.eval_env.unwrapped
         self.tasks = list(self.inner.tasks)
+        self.multi_budget = len(kwargs.get("budgets") or ()) > 1  # TensorBoard curves per budget too
 
     def sb3_model(self) -> Any:
         from stable_baselines3.common.base_class import BaseAlgorithm
@@ -576,7 +577,7 @@ class Run:
                    "budget_mode": self.inner.budget_mode, "n_tokens": int(self.tasks[0].evaluator.tokens.n_tokens),
                    **{f"agent/{k}": v for k, v in (s.get("config_section") or {}).items() if k != "env_kwargs"}}
         episodes = QuantEpisodeCallback(self.tracker, self.best_path, hparams=hparams, layer_sizes=layer_sizes,
-                                        multi_model=len(self.tasks) > 1,
+                                        multi_model=len(self.tasks) > 1, multi_budget=self.multi_budget,
                                         best_extra={"budget_bpw": self.inner.budget_bpw, "run": self.folder.name},
                                         purge_step=done + 1 if self.resumed else None)
         self.episodes_cb = episodes
@@ -648,7 +649,7 @@ class Run:
         s = self.settings
         layer_sizes = {i.name: (i.out_features, i.in_features) for t in self.tasks for i in t.layers}
         writer = SummaryWriter(str(self.folder / "tb" / "run_1"))
-        self.tb = TBLogger(writer, multi_model=len(self.tasks) > 1)
+        self.tb = TBLogger(writer, multi_model=len(self.tasks) > 1, multi_budget=self.multi_budget)
         steps = {"n": 0}
 
         def on_episode(info: dict[str, Any], reward: float, length: int) -> None:

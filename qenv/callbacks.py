@@ -29,7 +29,8 @@ from qenv.signals import stop_signals_deferred
 from qenv.quant.rules import Recipe, Rule
 
 #: terminal-info keys copied into each episode record
-EPISODE_KEYS: tuple[str, ...] = ("kl", "ppl", "top1", "bpw", "model_mb", "clamped_actions", "fidelity_reward")
+EPISODE_KEYS: tuple[str, ...] = ("kl", "ppl", "top1", "bpw", "model_mb", "clamped_actions", "fidelity_reward",
+                                  "budget_bpw")
 #: terminal-info keys kept with the best recipe
 BEST_KEYS: tuple[str, ...] = (
     "kl", "ppl", "top1", "bpw", "model_bytes", "model_mb", "clamped_actions", "fidelity_reward", "budget_bpw",
@@ -302,16 +303,21 @@ def _hparam_value(value: Any) -> bool | int | float | str:
 
 
 class TBLogger:
-    """Writes training records to a TensorBoard ``SummaryWriter``."""
+    """Writes training records to a TensorBoard ``SummaryWriter``: every episode under ``episode/``,
+    and with several models (budgets) also under ``episode/<model>/`` (``episode/budget_<b>/``), since
+    one curve over episodes of different models or sizes mixes their scales."""
 
-    def __init__(self, writer: Any, multi_model: bool = False) -> None:
+    def __init__(self, writer: Any, multi_model: bool = False, multi_budget: bool = False) -> None:
         self.writer = writer
         self.multi_model = multi_model
+        self.multi_budget = multi_budget
 
     def episode(self, record: Mapping[str, Any], info: Mapping[str, Any]) -> None:
         step = int(record["t"])
         w = self.writer
         prefixes = ["episode"] + ([f"episode/{record['model']}"] if self.multi_model and record.get("model") else [])
+        if self.multi_budget and record.get("budget_bpw") is not None:
+            prefixes.append(f"episode/budget_{record['budget_bpw']:g}")
         for prefix in prefixes:
             w.add_scalar(f"{prefix}/reward", record["reward"], step)
             for key, tag in (("kl", "kl"), ("ppl", "perplexity"), ("top1", "top1"), ("bpw", "bpw"),
@@ -391,11 +397,12 @@ class QuantEpisodeCallback(BaseCallback):
         hparams: logged once as TensorBoard HParams at the start of training.
         layer_sizes: ``{layer: (out, in)}`` for the bpw column of the best-recipe text.
         best_extra: extra fields stored in ``best_recipe.json``.
+        multi_model, multi_budget: also log each model's (budget's) episodes under its own tags.
     """
 
     def __init__(self, tracker: EpisodeTracker, best_path: str | Path | None = None,
                  hparams: Mapping[str, Any] | None = None, layer_sizes: Mapping[str, tuple[int, int]] | None = None,
-                 multi_model: bool = False, best_extra: Mapping[str, Any] | None = None,
+                 multi_model: bool = False, best_extra: Mapping[str, Any] | None = None, multi_budget: bool = False,
                  purge_step: int | None = None, verbose: int = 0) -> None:
         super().__init__(verbose)
         self.purge_step = purge_step
@@ -404,13 +411,14 @@ class QuantEpisodeCallback(BaseCallback):
         self.hparam_dict = dict(hparams or {})
         self.layer_sizes = dict(layer_sizes or {})
         self.multi_model = multi_model
+        self.multi_budget = multi_budget
         self.best_extra = dict(best_extra or {})
         self.tb: TBLogger | None = None
         self._returns: np.ndarray | None = None
 
     def _on_training_start(self) -> None:
         writer = sb3_tensorboard_writer(self.logger)
-        self.tb = None if writer is None else TBLogger(writer, self.multi_model)
+        self.tb = None if writer is None else TBLogger(writer, self.multi_model, self.multi_budget)
         if writer is not None and self.purge_step is not None:
             purge_tensorboard(writer, self.purge_step)
         self._returns = np.zeros(self.training_env.num_envs, dtype=np.float64)

@@ -496,6 +496,16 @@ def test_a_policy_over_several_budgets_trains_and_is_evaluated_at_one(stories_bi
     # the best training episode is one at that budget too (the others are other sizes, other references)
     best = json.loads((tmp_path / "multi" / "best_recipe.json").read_text())
     assert best["metrics"]["budget_bpw"] == 3.0 and best["metrics"]["bpw"] <= 3.0 + 1e-9
+    # TensorBoard: each budget's episodes also on curves of their own, which add up to the mixed one
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "multi" / "tb" / "run_1"), size_guidance={"scalars": 0})
+    acc.Reload()
+    counts = {tag: len(acc.Scalars(tag)) for tag in acc.Tags()["scalars"] if tag.endswith("/fidelity_reward")}
+    assert set(counts) == {"episode/fidelity_reward", "episode/budget_2.5/fidelity_reward",
+                           "episode/budget_3/fidelity_reward"}, counts
+    assert counts["episode/budget_2.5/fidelity_reward"] + counts["episode/budget_3/fidelity_reward"] == \
+        counts["episode/fidelity_reward"]
     capsys.readouterr()
     # a budget no model can meet is one line and exit 2 with worker processes too, not their tracebacks
     bad = [a if not str(a).startswith("budgets=") else "budgets=[1.0, 3.0]" for a in args[:-1]] + [
