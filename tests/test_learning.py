@@ -430,6 +430,16 @@ QuantLLM-v0:
 """
 
 
+def load_bench_quality(name: str):
+    """bench/bench_quality.py as a module (a script of the bench folder, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def one_line_error(capsys, code: int, *needles: str) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
@@ -770,11 +780,7 @@ def test_plan_deviations_bad_input_and_configs(stories_bin):
 def test_bench_quality_transfer_table_counts_unseen_cells_against_each_baseline():
     """The zero-shot table puts greedy, random search and evolution beside the best human recipe and
     counts only the models the policy never saw (strictly lower KL wins; a tie with greedy is no win)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_quality_tr", REPO / "bench" / "bench_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_quality("bench_quality_tr")
 
     def cell(model, budget, seen, kl, greedy, human):
         return {"model": model, "budget": budget, "seen": seen, "seeds": [0], "policy_kl": (kl, 0.0),
@@ -795,11 +801,7 @@ def test_bench_quality_transfer_table_counts_unseen_cells_against_each_baseline(
 def test_bench_quality_merge_fills_zero_shot_rows_from_the_same_complete_training():
     """A later run that trained the same (budget, seed) completely and as long fills the zero-shot
     rows the first run's deadline cut off; one whose training was shorter fills nothing."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_quality_merge", REPO / "bench" / "bench_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_quality("bench_quality_merge")
 
     def run(steps, models, truncated=False):
         rows = [{"kind": "transfer", "method": "train", "budget": 3.5, "seed": 0, "timesteps": steps,
@@ -824,12 +826,9 @@ def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     """bench_quality.py reports the RL run twice: its deterministic rollout (ppo) and, like the
     searchers, the best recipe of its N training episodes (rl_best), measured again."""
     pytest.importorskip("sb3_contrib")
-    import importlib.util
     import time
 
-    spec = importlib.util.spec_from_file_location("bench_quality_rl", REPO / "bench" / "bench_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_quality("bench_quality_rl")
     data_dir = stories_bin.parents[1]
     cfg = {"model": bench.resolve_model("stories260K", data_dir), "budget": 3.0, "deadline": time.time() + 600,
            "episodes": 4, "out": str(tmp_path), "data_dir": str(data_dir), "n_tokens": 256, "seq_len": 32,
@@ -854,12 +853,9 @@ def test_bench_quality_rl_env_reaches_the_rl_method_and_bad_keys_are_one_line(st
     """--rl-env goes to the RL method's env only (max_deviations=0: its rollout is greedy's recipe,
     recorded in the rows); an unknown or ill-typed key stops the run before anything is written."""
     pytest.importorskip("sb3_contrib")
-    import importlib.util
     import time
 
-    spec = importlib.util.spec_from_file_location("bench_quality_rlenv", REPO / "bench" / "bench_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_quality("bench_quality_rlenv")
     data_dir = stories_bin.parents[1]
     cfg = {"model": bench.resolve_model("stories260K", data_dir), "budget": 3.0, "deadline": time.time() + 600,
            "episodes": 2, "out": str(tmp_path / "q"), "data_dir": str(data_dir), "n_tokens": 256, "seq_len": 32,
@@ -886,11 +882,7 @@ def test_bench_quality_rl_env_reaches_the_rl_method_and_bad_keys_are_one_line(st
 def test_bench_quality_transfer_rolls_out_under_the_eval_env(stories_bin, tmp_path):
     """--transfer-eval-env reaches the zero-shot rollouts (not the training) and both rows say so."""
     pytest.importorskip("sb3_contrib")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_quality_tr_env", REPO / "bench" / "bench_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_quality("bench_quality_tr_env")
     out = tmp_path / "tr"
     code = bench.main(["run", "--models", "--data-dir", str(stories_bin.parents[1]), "--out", str(out),
                        "--transfer-train", "default", "--transfer-test", "stories260K", "--transfer-budgets", "3.0",
@@ -914,14 +906,11 @@ def test_bench_quality_trains_on_the_rule_kinds(stories_bin, tmp_path):
     SAC on ``continuous`` (off-policy: no rollout length to size); the rows count the rules that
     are not on the menu."""
     pytest.importorskip("sb3_contrib")
-    import importlib.util
     import time
 
     from qenv.envs.spaces import DEFAULT_MENU
 
-    spec = importlib.util.spec_from_file_location("bench_quality_rules", REPO / "bench" / "bench_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_quality("bench_quality_rules")
     assert "plan_deviations" in bench.ppo_hyperparams(42, 4, agent="maskable_ppo", action_kind="residual")
     assert "plan_deviations" not in bench.ppo_hyperparams(42, 4, agent="maskable_ppo", action_kind="rule")
     assert "n_steps" not in bench.ppo_hyperparams(42, 4, agent="sac", action_kind="continuous")

@@ -381,21 +381,16 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key == "max_deviations":
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
                 fail(key, value, "must be a whole number of at least 0 (or unset: no limit)", "6")
-        elif key == "replan":
-            if value not in REPLANS:
-                raise QenvError(f"Unknown replan {value!r}.", f"use one of {REPLANS}.")
-        elif key == "ladder":
-            if value not in LADDERS:
-                raise QenvError(f"Unknown ladder {value!r}.", f"use one of {LADDERS}.")
         elif key == "observation":
             if value not in OBSERVATION_KINDS:
                 raise QenvError(f"Unknown observation kind {value!r}.", f"use one of {OBSERVATION_KINDS}.")
         elif key == "reward":
             if value not in REWARD_KINDS:
                 raise QenvError(f"Unknown reward {value!r}.", f"use one of {REWARD_KINDS}.")
-        elif key == "budget_mode":
-            if value not in BUDGET_MODES:
-                raise QenvError(f"Unknown budget_mode {value!r}.", f"use one of {BUDGET_MODES}.")
+        elif key in ("budget_mode", "replan", "ladder"):
+            options = {"budget_mode": BUDGET_MODES, "replan": REPLANS, "ladder": LADDERS}[key]
+            if value not in options:
+                raise QenvError(f"Unknown {key} {value!r}.", f"use one of {options}.")
         elif key == "render_mode":
             if value is not None and value not in QuantLLMEnv.metadata["render_modes"]:
                 raise QenvError(f"render_mode={value!r} is not supported: the environment draws no window.",
