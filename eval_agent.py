@@ -498,7 +498,8 @@ def _body(argv: list[str] | None) -> int:
     env_kwargs = at_one_budget(run["env_kwargs"])  # a policy trained over several budgets is evaluated at one
     given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
     if "observation" in given:
-        check_observation_matches(policy, given["observation"], "--env-kwargs")
+        trained = str(run["env_kwargs"].get("observation", "full")) if run["found"] and run["env_kwargs"] else None
+        check_observation_matches(policy, given["observation"], "--env-kwargs", trained)
     env_kwargs.update(given)
     env_kwargs.pop("model", None)
     if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:

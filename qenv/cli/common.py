@@ -124,9 +124,10 @@ def trained_observation(policy: Path) -> str | None:
     return None
 
 
-def check_observation_matches(policy: Path, observation: Any, flag: str) -> None:
-    """One line when ``observation`` is not the kind the policy's run trained with."""
-    trained = trained_observation(policy)
+def check_observation_matches(policy: Path, observation: Any, flag: str, trained: str | None = None) -> None:
+    """One line when ``observation`` is not the kind the policy's run trained with (``trained``,
+    when the caller has read the run's settings already; else :func:`trained_observation`)."""
+    trained = trained if trained is not None else trained_observation(policy)
     if trained is not None and str(observation) != trained:
         raise QenvError(f"{flag} observation={observation} differs from the observation={trained} that {policy} was "
                         "trained with (a policy reads each entry as it learned it).",
