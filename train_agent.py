@@ -7,7 +7,9 @@ The run folder ``<logdir>/<name>/`` ends up holding ``model.zip`` (the trained a
 ``best_recipe.json`` (the best-reward recipe of any episode, with its metrics),
 ``summary.json`` (settings, timesteps, wall time, best reward, final metrics against the uniform
 reference), ``config.json`` (the resolved settings, used by ``--resume``), ``checkpoints/``,
-``pareto.png`` and TensorBoard events in ``tb/`` (``tensorboard --logdir runs``).
+``pareto.png`` and TensorBoard events in ``tb/`` (``tensorboard --logdir runs``); with
+``--eval-freq N``, as rl-zoo3's flag does, also ``best_model.zip`` (the policy whose deterministic
+rollouts scored best, evaluated every N timesteps) and ``evaluations.npz``.
 Every number comes from the environment's evaluator.
 """
 
@@ -110,6 +112,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--checkpoint-freq", type=int, metavar="N",
                    help="timesteps between checkpoints (default: the config's checkpoint_freq, else a tenth of "
                         "the run)")
+    p.add_argument("--eval-freq", type=int, default=0, metavar="N",
+                   help="every N timesteps, one deterministic episode of the policy on each model (at "
+                        "--budget-bpw); the best mean reward's policy is kept as <run>/best_model.zip and every "
+                        "evaluation in <run>/evaluations.npz and TensorBoard's eval/, as rl-zoo3's --eval-freq "
+                        "does (Stable-Baselines3 agents; each evaluation is an extra episode per model; "
+                        "default: 0, none)")
     p.add_argument("--keep-checkpoints", type=int, default=5, metavar="N",
                    help="checkpoints kept in <run>/checkpoints, newest first; 0 keeps all (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
@@ -169,6 +177,11 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         raise QenvError(f"--seed={args.seed} is negative.", "pass a seed of 0 or more.")
     if args.keep_checkpoints < 0:
         raise QenvError(f"--keep-checkpoints={args.keep_checkpoints} is negative.", "pass 0 to keep all, or a count.")
+    if args.eval_freq < 0:
+        raise QenvError(f"--eval-freq={args.eval_freq} is negative.", "pass a number of timesteps, or 0 for none.")
+    if args.eval_freq and not callable(getattr(spec.load(), "algorithm_class", None)):
+        raise QenvError(f"--eval-freq applies to Stable-Baselines3 agents; {args.agent!r} is not one.",
+                        "leave --eval-freq out for this agent (its best recipe is in best_recipe.json).")
     for flag, value in (("--timesteps", total), ("--n-envs", args.n_envs), ("--checkpoint-freq", args.checkpoint_freq),
                         ("--n-tokens", args.n_tokens)):
         if value is not None and value < 1:
@@ -183,7 +196,7 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         "checkpoint_freq": args.checkpoint_freq or cfg.checkpoint_freq or max(1, total // 10),
         "env_kwargs": _jsonable(env_kwargs), "config_file": None if config_path is None else str(config_path),
         "config_section": _jsonable(section), "agent_device": args.device, "keep_checkpoints": args.keep_checkpoints,
-        "argv": list(sys.argv[1:]),
+        "eval_freq": args.eval_freq, "argv": list(sys.argv[1:]),
     }
 
 
@@ -337,6 +350,8 @@ class Run:
         self.interrupted_at: int | None = None
         self.started = resumed
         self.episodes_cb: Any = None
+        self.evaluator: Any = None  # --eval-freq's DeterministicEvalCallback
+        self.eval_state: dict[str, Any] = {}  # its state from the checkpoint resumed
         self.stopped_by: str | None = None  # SIGINT or SIGTERM
 
     # -- building ---------------------------------------------------------------------------------
@@ -456,8 +471,13 @@ class Run:
 
     # -- saving -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict(), "wall_time_s": self.watch.total,
-                "reward_before": self.reward_before, "sessions": self.sessions}
+        out = {"tracker": self.tracker.state_dict(), "wall_time_s": self.watch.total,
+               "reward_before": self.reward_before, "sessions": self.sessions}
+        if self.evaluator is not None:  # a resumed run goes on comparing with the best evaluation so far
+            best = self.evaluator.best
+            out["evaluations"] = {"records": self.evaluator.evaluations, "next": self.evaluator.next_eval,
+                                  "best": None if best is None else {k: best[k] for k in ("timesteps", "mean_reward")}}
+        return out
 
     def save_normalizer(self) -> None:
         """The VecNormalize statistics as JSON beside the model (kept after the envs close)."""
@@ -474,6 +494,13 @@ class Run:
 
         with sigint_deferred():
             self.save_normalizer()
+            best = self.folder / "best_model.zip"
+            if self.evaluator is not None and best.is_file():  # before the state, which marks the checkpoint complete
+                from qenv.callbacks import best_model_copy
+                from qenv.io import atomic_path
+
+                with atomic_path(best_model_copy(self.ckpt_dir, step)) as tmp:
+                    shutil.copyfile(best, tmp)
             write_checkpoint(self.ckpt_dir, self.agent, step, self.state())
             prune_checkpoints(self.ckpt_dir, int(self.settings.get("keep_checkpoints", 0) or 0))
             self.write_summary("running", step)
@@ -484,6 +511,15 @@ class Run:
     def train_models(self) -> list[dict[str, Any]]:
         return [{"spec": spec, "name": t.name, "fingerprint": t.loaded.fingerprint, "n_layers": len(t.layers)}
                 for spec, t in zip(model_list(self.settings["env_kwargs"]), self.tasks)]
+
+    def best_eval(self) -> dict[str, Any] | None:
+        """--eval-freq: the best evaluation (timesteps, mean reward, each model's KL and bpw) and how many ran."""
+        ev = self.evaluator
+        if ev is None or ev.best is None:
+            return None
+        record = next((e for e in ev.evaluations if e["timesteps"] == ev.best["timesteps"]), {})
+        return {"timesteps": ev.best["timesteps"], "mean_reward": ev.best["mean_reward"], "kl": record.get("kl"),
+                "bpw": record.get("bpw"), "evaluations": len(ev.evaluations), "policy_file": "best_model.zip"}
 
     def write_summary(self, status: str, timesteps: int, final: dict[str, Any] | None = None) -> dict[str, Any]:
         from qenv.io import write_json_atomic
@@ -503,6 +539,7 @@ class Run:
             "episode_reward_last": self.tracker.mean_reward(first=False),
             "reward_before": self.reward_before, "final": final,
             "interrupted_at": self.interrupted_at, "stopped_by": self.stopped_by, "init_from": s.get("init_from"),
+            "best_eval": self.best_eval(),
             "settings": {k: v for k, v in s.items() if k not in ("version",)},
         }
         write_json_atomic(self.folder / "summary.json", summary)
@@ -531,6 +568,7 @@ class Run:
             before_s = float(state.get("wall_time_s", 0.0))
             self.reward_before = state.get("reward_before", {})
             self.sessions = int(state.get("sessions", 1)) + 1
+            self.eval_state = state.get("evaluations") or {}
         self.watch = Stopwatch(before_s)
         print(f"run folder: {self.folder}", flush=True)
         self.build_envs()
@@ -582,6 +620,30 @@ class Run:
                                         purge_step=done + 1 if self.resumed else None)
         self.episodes_cb = episodes
         ckpts = AtomicCheckpointCallback(s["checkpoint_freq"], self.checkpoint)
+        callbacks = [episodes, ckpts]
+        if s.get("eval_freq"):
+            from qenv.callbacks import DeterministicEvalCallback
+
+            self.evaluator = DeterministicEvalCallback(self.eval_env, int(s["eval_freq"]), n_models=len(self.tasks),
+                                                       best_model_save_path=self.folder, log_path=self.folder)
+            if self.resumed:  # the evaluations, and the best model, of the checkpoint resumed from
+                from qenv.callbacks import best_model_copy
+                from qenv.io import atomic_path
+
+                self.evaluator.evaluations = list(self.eval_state.get("records") or [])
+                self.evaluator.next_eval = self.eval_state.get("next")
+                best = self.eval_state.get("best")
+                self.evaluator.best = None if best is None else {**best, "infos": []}
+                copy = best_model_copy(self.ckpt_dir, done)
+                if best is not None and copy.is_file():
+                    with atomic_path(self.folder / "best_model.zip") as tmp:
+                        shutil.copyfile(copy, tmp)
+                else:  # from evaluations after that checkpoint, which the resumed run plays again
+                    self.evaluator.best = None
+                    self.evaluator.evaluations = [e for e in self.evaluator.evaluations if e["timesteps"] <= done]
+                    (self.folder / "best_model.zip").unlink(missing_ok=True)
+                self.evaluator.write_log()
+            callbacks.insert(1, self.evaluator)  # before the checkpoints: one at this step holds this evaluation
         bar = TqdmProgressCallback(total, initial=done, desc=s["agent"], disable=not self.progress)
         remaining = total - done
         status = "complete"
@@ -601,7 +663,7 @@ class Run:
                   + (f", run to {end} (whole rollouts of {rollout} timesteps)" if end != total else ""),
                   flush=True)
             try:
-                self.agent.learn(remaining, callback=CallbackList([episodes, ckpts, bar]), progress_bar=False,
+                self.agent.learn(remaining, callback=CallbackList([*callbacks, bar]), progress_bar=False,
                                  reset_num_timesteps=not self.resumed, tb_log_name="run")
                 self.tb = episodes.tb
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (qenv.signals.Terminated)
@@ -751,8 +813,13 @@ class Run:
                 over = f"; over the {summary['budget_bpw']:g} bpw budget: this agent found nothing that fits it"
             print(f"best episode: reward {best['reward']:.4f} on {best['model']} at step {best['timestep']} "
                   f"(KL {fmt(m.get('kl'))}, ppl {fmt(m.get('ppl'))}, {fmt(m.get('bpw'))} bpw{over})")
-        files = [f for f in ("model.zip", "model.json", NORMALIZER_FILE, "best_recipe.json", "summary.json", "pareto.png",
-                             "tb")
+        ev = summary.get("best_eval")
+        if ev:
+            kls = ", ".join(fmt(k) for k in ev.get("kl") or [])
+            print(f"best of {ev['evaluations']} evaluations of the deterministic policy (--eval-freq): mean reward "
+                  f"{ev['mean_reward']:.4f} at step {ev['timesteps']} (KL {kls}), saved as best_model.zip")
+        files = [f for f in ("model.zip", "model.json", "best_model.zip", "evaluations.npz", NORMALIZER_FILE,
+                             "best_recipe.json", "summary.json", "pareto.png", "tb")
                  if (self.folder / f).exists()]
         print(f"saved in {self.folder}: {', '.join(files)}", flush=True)
 

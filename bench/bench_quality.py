@@ -26,6 +26,11 @@ evaluator, presets and agents (nothing re-implemented here):
   ``rl_best``               the same training run reported like the searchers: the best
                             recipe of its N training episodes (``EpisodeTracker``, the
                             tracker behind train_agent.py's ``best_recipe.json``)
+  ``rl_eval``               its own training run of N − K episodes whose deterministic
+                            rollout is evaluated K times along the way (``--rl-eval-points``,
+                            ``DeterministicEvalCallback``: SB3's EvalCallback habit, the
+                            ``best_model.zip`` of ``train_agent.py --eval-freq``); the best
+                            of the K rollouts is reported. Not in the default methods.
   ========================  ==============================================================
 
   Every seeded method gets the same number of environment evaluations N (``--episodes``): PPO
@@ -81,18 +86,21 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 FAMILIES = ("rtn", "gptq", "awq")
 PRESET_BITS = (2, 3, 4, 5, 6, 8)
 PRESET_GROUPS = ("", "-g64", "-g32", "-gc")
-SEEDED = ("random", "evolution", "ppo", "rl_best")
+SEEDED = ("random", "evolution", "ppo", "rl_best", "rl_eval")
 METHOD_ORDER = ("fp16", "rtn_frontier", "rtn", "gptq", "awq", "llamacpp", "greedy", "random", "evolution", "ppo",
-                "rl_best")
+                "rl_best", "rl_eval")
 METHOD_LABEL = {
     "fp16": "full precision", "rtn_frontier": "uniform RTN frontier (env reference, interpolated)",
     "rtn": "uniform RTN (best fitting)", "gptq": "uniform GPTQ (best fitting)", "awq": "AWQ-like (best fitting)",
     "llamacpp": "llama.cpp-like mix", "greedy": "greedy (HAWQ-style)", "random": "random search",
     "evolution": "evolution (EvoPress-like)", "ppo": "RL policy (--rl-agent on --action-kind)",
     "rl_best": "RL, best training episode",
+    "rl_eval": "RL, best of K deterministic evaluations during training",
 }
+#: what ``run`` measures without --methods (rl_eval trains the RL method a second time)
+DEFAULT_METHODS = tuple(m for m in METHOD_ORDER if m != "rl_eval")
 HUMAN = ("rtn", "gptq", "awq", "llamacpp")
-SEARCHED = ("greedy", "random", "evolution", "ppo", "rl_best")
+SEARCHED = ("greedy", "random", "evolution", "ppo", "rl_best", "rl_eval")
 _TOL = 1e-9
 
 
@@ -455,6 +463,44 @@ def quality_job(cfg: dict[str, Any]) -> None:
                 "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind,
                 "rl_env": rl_env_kwargs(cfg)}
 
+    def rl_eval(seed: int) -> dict[str, Any]:
+        """The RL method trained on N − K episodes, its deterministic rollout evaluated every
+        (N − K) / K episodes (``DeterministicEvalCallback``, SB3's EvalCallback habit), and the
+        best of those K rollouts reported: N evaluations in all, as the searchers have."""
+        from stable_baselines3.common.callbacks import CallbackList
+
+        from qenv.callbacks import DeterministicEvalCallback
+
+        points = min(int(cfg.get("rl_eval_points") or 8), max(1, episodes // 2))
+        train = episodes - points
+        every = -(-train // points)  # whole episodes between evaluations, so at most K of them
+        hp = ppo_hyperparams(n_layers, train, agent=rl_agent, action_kind=rl_kind)
+        agent = make_agent(rl_agent, rl_env, seed=seed, **hp)
+        evaluator = DeterministicEvalCallback(eval_env(), every * n_layers)
+        agent.learn(train * n_layers, callback=CallbackList([sb3_cb, evaluator]))
+        played = agent.num_timesteps / n_layers
+        if evaluator.best is None:
+            raise RuntimeError("no evaluation of the policy happened (the deadline stopped its training)")
+        info = evaluator.best["infos"][0]
+        recipe = recipe_of(info)
+        return {**measure(task, held, recipe, budget), **menu_use(recipe),
+                "evals": played + len(evaluator.evaluations), "train_episodes": played,
+                "eval_points": len(evaluator.evaluations), "best_at_episode": evaluator.best["timesteps"] / n_layers,
+                "eval_kls": [e["kl"][0] for e in evaluator.evaluations], "deviations": info.get("deviations"),
+                "n_steps": hp.get("n_steps"), "truncated": played + 1e-9 < train,
+                "agent": rl_agent, "action_kind": rl_kind, "plan_deviations": hp.get("plan_deviations"),
+                "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind,
+                "rl_env": rl_env_kwargs(cfg)}
+
+    evaluation_env: list[Any] = []
+
+    def eval_env() -> Any:
+        """A second env of the RL method's kind on the same task, for the evaluations during training."""
+        if not evaluation_env:
+            evaluation_env.append(make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping,
+                                           observation=observation, **rl_env_kwargs(cfg))[0])
+        return evaluation_env[0]
+
     def rl_best(seed: int) -> dict[str, Any]:
         """The best recipe of the N training episodes, measured like the searchers' best."""
         if seed not in trained:
@@ -472,7 +518,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
                 "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind,
                 "rl_env": rl_env_kwargs(cfg)}
 
-    only = set(cfg.get("methods") or METHOD_ORDER)
+    only = set(cfg.get("methods") or DEFAULT_METHODS)
     for name in ("rtn", "gptq", "awq"):
         if name in only:
             unit(name, None, family(name))
@@ -487,6 +533,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
         if only & {"ppo", "rl_best"} and not {("ppo", seed), ("rl_best", seed)} <= set(skip):
             unit("ppo", seed, lambda seed=seed: ppo(seed))  # one training run gives both rows
             unit("rl_best", seed, lambda seed=seed: rl_best(seed))
+        if "rl_eval" in only:
+            unit("rl_eval", seed, lambda seed=seed: rl_eval(seed))
     rec.write(method="done", wall_s=time.perf_counter() - t0)
 
 
@@ -711,13 +759,15 @@ def run(args: argparse.Namespace) -> int:
             "rl_shaping": args.rl_shaping if args.rl_shaping is not None else config_shaping(args.rl_agent),
             "rl_observation": args.rl_observation or str(config_env_kwarg(args.rl_agent, "observation", "full")),
             "rl_env": args.rl_env, "transfer_eval_env": args.transfer_eval_env, "methods": args.methods,
-            "search_evals": args.transfer_search_evals, "weight_cache_gib": args.weight_cache_gib}
+            "search_evals": args.transfer_search_evals, "weight_cache_gib": args.weight_cache_gib,
+            "rl_eval_points": args.rl_eval_points}
     jobs: list[tuple[str, dict[str, Any]]] = []
     done = completed_units(args.fill_from) if args.fill_from else set()
     for model in models:
         for budget in args.budgets:
-            units = [(m, None) for m in ("rtn", "gptq", "awq", "llamacpp", "greedy")]
-            units += [(m, s) for s in args.seeds for m in SEEDED]
+            selected = set(args.methods or DEFAULT_METHODS)
+            units = [(m, None) for m in ("rtn", "gptq", "awq", "llamacpp", "greedy") if m in selected]
+            units += [(m, s) for s in args.seeds for m in SEEDED if m in selected]
             skip = [[m, s] for m, s in units if (model["name"], float(budget), m, s) in done]
             if len(skip) == len(units):
                 continue  # --fill-from: every unit of this cell is already measured
@@ -1119,21 +1169,28 @@ def transfer_markdown(transfer: list[dict[str, Any]]) -> list[str]:
     return md
 
 
+#: the RL method's rows of one training run each (rl_eval: its own run), as the report names them
+RL_ROWS = {"ppo": "RL deterministic rollout", "rl_best": "RL best training episode",
+           "rl_eval": "RL best of K evaluated rollouts"}
+
+
 def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
-    """Markdown: per cell, the RL run's deterministic rollout (ppo) and its best training episode
-    (rl_best) against greedy, random search and evolution (mean calibration KL over the seeds), and
-    how many cells each RL row wins (strictly lower mean KL)."""
-    rows, wins = [], {m: {"greedy": 0, "random": 0, "evolution": 0, "n": 0} for m in ("ppo", "rl_best")}
-    evo_close = {m: [] for m in ("ppo", "rl_best")}
+    """Markdown: per cell, the RL run's deterministic rollout (ppo), its best training episode
+    (rl_best) and the best of K deterministic rollouts evaluated during a training run of N − K
+    episodes (rl_eval), those that ran, against greedy, random search and evolution (mean
+    calibration KL over the seeds), and how many cells each RL row wins (strictly lower mean KL)."""
+    rl = tuple(m for m in RL_ROWS if any(m in budgets[k] for budgets in agg["cells"].values() for k in budgets))
+    rows, wins = [], {m: {"greedy": 0, "random": 0, "evolution": 0, "n": 0} for m in rl}
+    evo_close: dict[str, list[bool]] = {m: [] for m in rl}
     for model, budgets in agg["cells"].items():
         for key in sorted(budgets, key=float):
             methods = budgets[key]
-            kl = {m: methods[m]["kl"] for m in ("greedy", "random", "evolution", "ppo", "rl_best")
+            kl = {m: methods[m]["kl"] for m in ("greedy", "random", "evolution", *rl)
                   if methods.get(m, {}).get("runs")}
-            if "ppo" not in kl:
+            if not any(m in kl for m in rl):
                 continue
             text = []
-            for m in ("ppo", "rl_best"):
+            for m in rl:
                 if m not in kl:
                     text.append("—")
                     continue
@@ -1150,9 +1207,9 @@ def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     out = ["### RL against the searchers (calibration KL, mean ± std over seeds; same N evaluations)\n",
-           "| model | budget | RL deterministic rollout (ppo) | RL best training episode (rl_best) | greedy | "
-           "random | evolution |", "|---|---|---|---|---|---|---|", *rows, ""]
-    for m in ("ppo", "rl_best"):
+           "| model | budget | " + " | ".join(f"{RL_ROWS[m]} ({m})" for m in rl) + " | greedy | random | evolution |",
+           "|---|---|" + "---|" * (len(rl) + 3), *rows, ""]
+    for m in rl:
         w = wins[m]
         close = evo_close[m]
         out.append(f"- {m}: beats random in {w['random']}/{w['n']} cells, greedy in {w['greedy']}/{w['n']}, "
@@ -1171,7 +1228,8 @@ def pareto_png(path: Path, model: str, budgets: dict[str, dict[str, Any]]) -> No
     ax = fig.add_subplot()
     styles = {"rtn": ("o", "tab:blue"), "gptq": ("s", "tab:cyan"), "awq": ("D", "tab:purple"),
               "llamacpp": ("P", "tab:brown"), "greedy": ("v", "tab:orange"), "random": ("^", "tab:gray"),
-              "evolution": ("X", "tab:green"), "ppo": ("*", "tab:red"), "rl_best": ("h", "tab:pink")}
+              "evolution": ("X", "tab:green"), "ppo": ("*", "tab:red"), "rl_best": ("h", "tab:pink"),
+              "rl_eval": ("p", "tab:olive")}
     keys = sorted(budgets, key=float)
     front = [(float(k), budgets[k]["rtn_frontier"]["kl"][0]) for k in keys
              if budgets[k].get("rtn_frontier", {}).get("runs")]
@@ -1337,6 +1395,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rl-shaping", type=float, default=None,
                    help="the RL method's env shaping_weight (potential-based shaping from the streamed block "
                         "errors; the searchers' env is unshaped; default: the agent config's env_kwargs, else 0)")
+    r.add_argument("--rl-eval-points", type=int, default=8, metavar="K",
+                   help="the rl_eval method: K of the N evaluations go to the deterministic policy during "
+                        "training, N - K to training episodes; the best of the K is reported (default: %(default)s)")
     r.add_argument("--rl-env", nargs="+", default=[], metavar="KEY=VALUE",
                    help="further env arguments of the RL method, in training and evaluation (e.g. "
                         "max_deviations=12 deviation_cost=0.01)")

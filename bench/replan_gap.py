@@ -8,7 +8,9 @@ searcher's recipe, the residual kind's starting plan) and by the convex-hull for
 kind uses after a deviation with ``replan="lagrangian"`` (Lagrangian allocation, then filled).
 Prints both recipes' calibration KL and bpw, the layers where they differ and their summed
 sensitivity (error x size, the quantity greedy minimises). A gap here is what every deviation
-also pays for the layers after it; ``replan="greedy"`` re-plans with greedy's own rule instead.
+also pays for the layers after it; ``replan="greedy"`` re-plans with greedy's own rule instead,
+and ``replan="fresh"`` (the Lagrangian hull, then greedy's error-lowering upgrades) is printed
+too: the layers where its whole-model plan differs from greedy's.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from qenv.envs.allocation import fill_budget
+    from qenv.envs.allocation import fill_budget, greedy_allocation
     from qenv.envs.episodes import play_episode
     from qenv.envs.quant_llm import QuantLLMEnv
 
@@ -39,12 +41,15 @@ def main() -> int:
         sens = task.menu_sensitivity()
         bits = budget * task.total_weights
         greedy = task.greedy_plan(budget)
-        lagrangian = fill_budget(task.costs, sens, task.menu_table.allocate(0, bits), bits)
+        hull = task.menu_table.allocate(0, bits)
+        lagrangian = fill_budget(task.costs, sens, hull, bits)
+        fresh = greedy_allocation(task.costs, sens, bits, start=hull)
         rows = np.arange(len(greedy))
         g, lg = (play_episode(env, [int(a) for a in plan]) for plan in (greedy, lagrangian))
         print(f"{args.model} @ {budget:g}: greedy KL {g['kl']:.4g} ({g['bpw']:.4f} bpw), Lagrangian re-plan KL "
               f"{lg['kl']:.4g} ({lg['bpw']:.4f} bpw); {int((greedy != lagrangian).sum())}/{len(greedy)} layers differ; "
-              f"summed sensitivity {sens[rows, lagrangian].sum() / sens[rows, greedy].sum():.3f}x greedy's", flush=True)
+              f"summed sensitivity {sens[rows, lagrangian].sum() / sens[rows, greedy].sum():.3f}x greedy's; "
+              f"fresh re-plan: {int((greedy != fresh).sum())} layers differ from greedy's", flush=True)
         env.close()
     return 0
 

@@ -100,19 +100,29 @@ def test_residual_zero_reproduces_greedy_exactly(stories_bin, budget):
 def test_residual_replans_the_rest_with_greedys_rule_after_a_deviation(stories_bin):
     """After a step off the plan, the layers left get greedy's rule started from the plan they had
     (replan="greedy"), within the bits left; replan="lagrangian" (the default) keeps the convex-hull
-    form (Lagrangian, then filled)."""
+    form (Lagrangian, then filled); replan="fresh" takes the hull, then greedy's upgrades, which for
+    a whole model is greedy's own plan."""
     from qenv.envs.allocation import fill_budget, greedy_allocation
 
-    for replan in ("greedy", "lagrangian"):
+    for replan in ("greedy", "lagrangian", "fresh"):
         env = make(stories_bin, "residual", 3.0, replan=replan)
         env.reset(seed=0)
         old = env.plan.copy()
         action = int(np.flatnonzero(env.action_masks()[1:])[0]) + 1  # the first allowed step off the plan
         env.step(action)
         t, rest, left = env.task, slice(1, len(env.task.layers)), env.budget_bits - env.spent
-        want = greedy_allocation(t.costs[rest], t.menu_sensitivity()[rest], left, start=old[rest]) if replan == "greedy" \
-            else fill_budget(t.costs[rest], t.menu_sensitivity()[rest], t.menu_table.allocate(1, left), left)
+        c, sens = t.costs[rest], t.menu_sensitivity()[rest]
+        want = {"greedy": lambda: greedy_allocation(c, sens, left, start=old[rest]),
+                "lagrangian": lambda: fill_budget(c, sens, t.menu_table.allocate(1, left), left),
+                "fresh": lambda: greedy_allocation(c, sens, left, start=t.menu_table.allocate(1, left))}[replan]()
         assert np.array_equal(env.plan[rest], want) and t.costs[rest][np.arange(34), env.plan[rest]].sum() <= left + 1e-6
+        if replan == "fresh":  # never a costlier rule that errs more than the hull's, unlike the fill
+            hull = t.menu_table.allocate(1, left)
+            rows = np.arange(34)
+            assert (sens[rows, want] <= sens[rows, hull] + 1e-12).all()
+            bits = 3.0 * t.total_weights  # the whole model: greedy's own plan
+            assert np.array_equal(greedy_allocation(t.costs, t.menu_sensitivity(), bits,
+                                                    start=t.menu_table.allocate(0, bits)), t.greedy_plan(3.0))
     with pytest.raises(QenvError, match="Unknown replan"):
         make(stories_bin, "residual", replan="hawq")
 

@@ -159,7 +159,7 @@ def test_help_lists_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--env", "--agent", "--config", "--model", "--budget-bpw", "--timesteps", "--n-envs", "--vec-env",
                  "--seed", "--device", "--logdir", "--name", "--resume", "--env-kwargs", "--data", "--n-tokens",
-                 "--overwrite", "--checkpoint-freq"):
+                 "--overwrite", "--checkpoint-freq", "--eval-freq"):
         assert flag in out, flag
     assert "default: ppo" in out and "default: runs" in out
 
@@ -174,7 +174,8 @@ def test_existing_run_folder_is_not_overwritten(trained, stories_bin, tiny_confi
 
 
 @pytest.mark.parametrize("case", ["malformed", "unknown_key", "unknown_env_kwarg", "no_section", "unknown_agent",
-                                  "bad_env_kwargs", "bad_int", "unknown_flag", "bad_budget"])
+                                  "bad_env_kwargs", "bad_int", "unknown_flag", "bad_budget", "negative_eval_freq",
+                                  "eval_freq_searcher"])
 def test_bad_input_is_one_line(case, tmp_path, stories_bin, cache_dir, capsys):
     cfg = tmp_path / "c.yaml"
     argv = ["--model", stories_bin, "--logdir", tmp_path / "runs", "--name", "x", "--no-progress", *SMALL_ENV,
@@ -184,7 +185,8 @@ def test_bad_input_is_one_line(case, tmp_path, stories_bin, cache_dir, capsys):
               "unknown_env_kwarg": "unknown environment argument(s) ['budget']", "no_section": "no section",
               "unknown_agent": "Unknown agent 'nosuchagent'", "bad_env_kwargs": "not key=value",
               "bad_int": "invalid int value", "unknown_flag": "unrecognized arguments",
-              "bad_budget": "is below the"}[case]
+              "bad_budget": "is below the", "negative_eval_freq": "--eval-freq=-5 is negative",
+              "eval_freq_searcher": "--eval-freq applies to Stable-Baselines3 agents"}[case]
     if case == "malformed":
         cfg.write_text("QuantLLM-v0:\n  n_steps: [64\n  policy: MlpPolicy\n")
     elif case == "unknown_key":
@@ -203,6 +205,10 @@ def test_bad_input_is_one_line(case, tmp_path, stories_bin, cache_dir, capsys):
         argv += ["--learning-rate", "3"]
     elif case == "bad_budget":
         argv += ["--budget-bpw", "0.5"]
+    elif case == "negative_eval_freq":
+        argv += ["--eval-freq", "-5"]
+    elif case == "eval_freq_searcher":
+        argv = ["--agent", "greedy", "--eval-freq", "64", *argv[:-2]]
     code = run_main(train_agent, argv)
     assert_one_line_error(code, capsys.readouterr().err, needle)
     assert not (tmp_path / "runs" / "x").exists()  # no half-made run folder
@@ -354,3 +360,50 @@ def test_llamacpp_mix_is_recorded_and_an_over_budget_best_says_so(tmp_path, cach
     assert "4.5 bpw; over the 3 bpw budget" in out
     summary = json.loads((tmp_path / "ll" / "summary.json").read_text())
     assert summary["episodes"] == 1 and summary["timesteps"] == 42
+
+
+def test_eval_freq_keeps_the_best_evaluated_policy_across_a_resume(tmp_path, stories_bin, cache_dir, tiny_config):
+    """--eval-freq (rl-zoo3's flag): the deterministic policy is evaluated at the first rollout
+    start at or after every N timesteps and at the end; best_model.zip is the best mean reward's
+    policy (its own deterministic rollout scores exactly that), evaluations.npz holds every one,
+    and a resumed run goes on from the evaluations of the checkpoint it resumes."""
+    import numpy as np
+    from stable_baselines3 import PPO
+
+    from qenv.cli.envs import make_quant_env
+    from qenv.envs.episodes import rollout_recipe
+
+    folder = tmp_path / "runs" / "ev"
+    code = run_main(train_agent, ["--model", stories_bin, "--config", tiny_config, "--timesteps", 128,
+                                  "--eval-freq", 64, "--checkpoint-freq", 64, "--logdir", tmp_path / "runs",
+                                  "--name", "ev", "--no-progress", *SMALL_ENV])
+    assert code == 0
+    first = np.load(folder / "evaluations.npz")
+    assert first["timesteps"].tolist() == [64, 128] and first["results"].shape == (2, 1)
+    # the checkpoint at 64 (the one resumed below) holds that step's evaluation and best model
+    state = json.loads((folder / "checkpoints" / "step_0000000064.json").read_text())
+    assert [e["timesteps"] for e in state["evaluations"]["records"]] == [64]
+    assert (folder / "checkpoints" / "step_0000000064.best_model.zip").is_file()
+    # a second session of the same run (as --resume continues one): extend it to 256 timesteps
+    config = json.loads((folder / "config.json").read_text())
+    config["total_timesteps"] = 256
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.zip").unlink()
+    assert run_main(train_agent, ["--resume", folder, "--no-progress"]) == 0
+    ev = np.load(folder / "evaluations.npz")
+    assert ev["timesteps"].tolist() == [64, 128, 192, 256]
+    assert ev["results"][:2].tolist() == first["results"].tolist()
+    summary = json.loads((folder / "summary.json").read_text())
+    best = summary["best_eval"]
+    assert best["evaluations"] == 4 and best["mean_reward"] == pytest.approx(float(ev["results"].max()))
+    assert best["timesteps"] == int(ev["timesteps"][int(np.argmax(ev["results"][:, 0]))])
+    env = make_quant_env(**config["env_kwargs"])
+    _, info = rollout_recipe(PPO.load(folder / "best_model.zip"), env, deterministic=True)
+    assert info["episode_return"] == pytest.approx(best["mean_reward"], abs=1e-9)
+    assert info["kl"] == pytest.approx(best["kl"][0], rel=1e-9)
+    env.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder / "tb" / "run_1"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert "eval/mean_reward" in acc.Tags()["scalars"]

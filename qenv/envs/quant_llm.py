@@ -45,7 +45,7 @@ from qenv.quant.presets import rtn, uniform
 from qenv.quant.rules import Rule, layer_bits
 
 BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
-REPLANS: tuple[str, ...] = ("lagrangian", "greedy")  # the residual kind's re-plan after a deviation
+REPLANS: tuple[str, ...] = ("lagrangian", "greedy", "fresh")  # the residual kind's re-plan after a deviation
 LADDERS: tuple[str, ...] = ("menu", "frontier")  # what the residual kind's shifts step along
 #: arguments only the residual action kind takes (with observation="actions"): an env of another
 #: kind made from a residual run's settings (e.g. the searchers' menu env) leaves them out
@@ -456,11 +456,15 @@ class QuantLLMEnv(gym.Env):
         replan: residual kind: how the layers left are re-planned after a deviation.
             ``lagrangian`` (default): the convex-hull form of greedy (Lagrangian, then filled);
             ``greedy``: greedy's own rule, started from the plan they had (over the budget: the
-            cheapest error rise per bit saved first). The Lagrangian plan can be worse than
-            greedy's (on bench-gpt2-small at 4.0 bpw, for the whole model, 1.47x greedy's summed
-            sensitivity), but training with ``greedy`` did not help: the per-model benchmark on
-            stories260K and the default model beat greedy in 5 of 8 cells, against 7 of 8 with
-            ``lagrangian`` (BENCHMARKS.md, "Learning and transfer").
+            cheapest error rise per bit saved first); ``fresh``: greedy's plan of the layers left
+            as if they were a model of their own: the Lagrangian hull, then greedy's
+            error-lowering upgrades only (the fill may move a layer to a costlier rule that errs
+            more). The Lagrangian plan can be worse than greedy's (on bench-gpt2-small at 4.0
+            bpw, for the whole model, 1.47x greedy's summed sensitivity); ``fresh`` planning a
+            whole model gives greedy's plan on all 12 (model, budget) cells of
+            ``bench/replan_gap.py``. Training with ``greedy`` did not help: the per-model
+            benchmark on stories260K and the default model beat greedy in 5 of 8 cells, against
+            7 of 8 with ``lagrangian`` (BENCHMARKS.md, "Learning and transfer").
         ladder: residual kind: what a shift steps along. ``menu`` (default): every menu rule of the
             layer sorted by cost, then error; ``frontier``: only the layer's efficient rules (none
             other as cheap and as accurate; :meth:`ModelTask.frontier_ladder`), so +1 always means
@@ -967,6 +971,8 @@ class QuantLLMEnv(gym.Env):
             costs, sens, left = task.costs[rest], task.menu_sensitivity()[rest], self.budget_bits - self.spent
             if self.replan == "greedy":  # greedy's own rule, from the plan it had (a few moves)
                 self.plan[rest] = greedy_allocation(costs, sens, left, start=self.plan[rest])
+            elif self.replan == "fresh":  # greedy's plan of the rest: the Lagrangian hull, then greedy's upgrades
+                self.plan[rest] = greedy_allocation(costs, sens, left, start=task.menu_table.allocate(self.index + 1, left))
             else:  # Lagrangian greedy, then filled (greedy's convex-hull form)
                 self.plan[rest] = fill_budget(costs, sens, task.menu_table.allocate(self.index + 1, left), left)
         info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
