@@ -853,9 +853,20 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     n = len(values)
     if n == 0:
         return math.nan, math.nan
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    if all(v == values[0] for v in values):  # seeds that agree: their value, not a mean an ulp off it
+        return float(values[0]), 0.0
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return mean, std
+
+
+#: relative margin below which two KLs count as equal when the report says who beats whom
+SAME_KL = 1e-9
+
+
+def lower(a: float, b: float) -> bool:
+    """``a`` is a lower KL than ``b`` by more than float noise (a mean of equal recipes is no win)."""
+    return a < b - SAME_KL * abs(b)
 
 
 def load_rows(out: Path) -> list[dict[str, Any]]:
@@ -1140,7 +1151,7 @@ def transfer_markdown(transfer: list[dict[str, Any]]) -> list[str]:
             cols.append(f"{fmt_num(m['kl'])} ({extra})" if extra else fmt_num(m["kl"]))
         kl = t["policy_kl"][0]
         g = searched.get("greedy")
-        versus = "—" if g is None else ("**better**" if kl < g["kl"] else "same" if kl == g["kl"] else "worse")
+        versus = "—" if g is None else ("**better**" if lower(kl, g["kl"]) else "worse" if lower(g["kl"], kl) else "same")
         if versus != "—":
             versus += f" ({g['kl'] / max(kl, 1e-30):.2f}x)"
         md.append(f"| {t['model']} | {'yes' if t['seen'] else '**no**'} | {t['budget']:g} | {pm(t['policy_kl'])} / "
@@ -1152,10 +1163,10 @@ def transfer_markdown(transfer: list[dict[str, Any]]) -> list[str]:
             continue
         for name in ("greedy", "random", "evolution"):
             if name in searched:
-                count(name, kl < searched[name]["kl"])
-        count("human", kl < t["human_kl"])
+                count(name, lower(kl, searched[name]["kl"]))
+        count("human", lower(kl, t["human_kl"]))
         if t["budget"] >= 3.0:
-            count("human_3plus", kl < t["human_kl"])
+            count("human_3plus", lower(kl, t["human_kl"]))
     steps = transfer[0]["train_timesteps"]
     md.append(f"\n(n = {len(transfer[0]['seeds'])} seeds, mean ± std where n > 1; trained "
               f"{steps[0]:.0f} ± {steps[1]:.0f} timesteps; searchers seed 0)\n")
@@ -1178,7 +1189,8 @@ def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
     """Markdown: per cell, the RL run's deterministic rollout (ppo), its best training episode
     (rl_best) and the best of K deterministic rollouts evaluated during a training run of N − K
     episodes (rl_eval), those that ran, against greedy, random search and evolution (mean
-    calibration KL over the seeds), and how many cells each RL row wins (strictly lower mean KL)."""
+    calibration KL over the seeds), and how many cells each RL row wins (lower mean KL by more than
+    float noise, :func:`lower`)."""
     rl = tuple(m for m in RL_ROWS if any(m in budgets[k] for budgets in agg["cells"].values() for k in budgets))
     rows, wins = [], {m: {"greedy": 0, "random": 0, "evolution": 0, "n": 0} for m in rl}
     evo_close: dict[str, list[bool]] = {m: [] for m in rl}
@@ -1195,7 +1207,7 @@ def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
                     text.append("—")
                     continue
                 wins[m]["n"] += 1
-                beaten = [o for o in ("greedy", "random", "evolution") if o in kl and kl[m][0] < kl[o][0]]
+                beaten = [o for o in ("greedy", "random", "evolution") if o in kl and lower(kl[m][0], kl[o][0])]
                 for o in beaten:
                     wins[m][o] += 1
                 if float(key) == 3.0 and "evolution" in kl:

@@ -2,7 +2,7 @@
 """One deterministic rollout of a trained policy against greedy's recipe, on models it never saw.
 
     python bench/zero_shot_vs_greedy.py RUN_DIR --models M [M ...] --budgets 2.5 3.0 3.5 4.0 \\
-        [--n-tokens N] [--env KEY=VALUE ...] [--out results.json]
+        [--n-tokens N] [--env KEY=VALUE ...] [--policy model.zip|best_model.zip] [--out results.json]
 
 The quick form of ``eval_agent.py --searchers greedy``: the policy's env settings (action kind,
 observation kind, max_deviations, shaping, ...) come from the run's ``config.json``; for each
@@ -39,6 +39,8 @@ def main() -> int:
     p.add_argument("--n-tokens", type=int, default=None, help="calibration tokens (default: the env's)")
     p.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="env arguments over the run's own, e.g. max_deviations=13 (a limit at evaluation only)")
+    p.add_argument("--policy", default="model.zip",
+                   help="the policy file in RUN_DIR (default: %(default)s; best_model.zip: --eval-freq's best)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -52,7 +54,7 @@ def main() -> int:
     kwargs.update(parse_key_values(args.env, "--env"))
     if kwargs.get("action_kind") != "residual":
         raise SystemExit("this comparison needs a policy of the residual kind (action 0 = greedy's plan)")
-    agent = load_agent(config["agent"], run / "model.zip")
+    agent = load_agent(config["agent"], run / args.policy)
     if (run / "vecnormalize.json").is_file():  # trained behind VecNormalize: observations normalised as then
         from qenv.agents.sb3 import NormalizedAgent
         from qenv.io import read_json

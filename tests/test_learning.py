@@ -546,15 +546,19 @@ def test_a_policy_over_several_budgets_trains_and_is_evaluated_at_one(stories_bi
 def test_zero_shot_vs_greedy_rolls_out_the_runs_policy_against_greedy(zoo_run, tmp_path):
     """bench/zero_shot_vs_greedy.py: the run's policy (residual kind) against greedy's recipe on an
     unseen model; with max_deviations=0 given on top of the run's settings the rollout is greedy's."""
+    import shutil
     import subprocess
     import sys
 
     out = {}
+    run = tmp_path / "zoo"  # the policy under another name, as --eval-freq's best_model.zip: --policy reads it
+    shutil.copytree(zoo_run / "zoo", run, ignore=shutil.ignore_patterns("tb", "checkpoints"))
+    (run / "model.zip").rename(run / "best_model.zip")
     for extra in (["--env", "cache_dir=false"], ["--env", "cache_dir=false", "max_deviations=0"]):
         path = tmp_path / f"zs{len(extra)}.json"
-        subprocess.run([sys.executable, str(REPO / "bench" / "zero_shot_vs_greedy.py"), str(zoo_run / "zoo"),
-                        "--models", "tiny-gpt2", "--budgets", "3.0", "--n-tokens", "256", *extra, "--out", str(path)],
-                       check=True, capture_output=True, text=True, cwd=tmp_path)
+        subprocess.run([sys.executable, str(REPO / "bench" / "zero_shot_vs_greedy.py"), str(run),
+                        "--policy", "best_model.zip", "--models", "tiny-gpt2", "--budgets", "3.0", "--n-tokens", "256",
+                        *extra, "--out", str(path)], check=True, capture_output=True, text=True, cwd=tmp_path)
         out[len(extra)] = json.loads(path.read_text())
     row = out[2]["rows"][0]
     assert row["model"] == "tiny-gpt2" and row["budget"] == 3.0 and row["policy_bpw"] <= 3.0 + 1e-9
@@ -857,6 +861,47 @@ def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     assert "rl_best" in agg["cells"]["stories260K"]["3"]
     table = "\n".join(bench.rl_vs_searchers(agg))
     assert "| stories260K | 3 |" in table and "- rl_best: beats random in 0/1 cells" in table  # no random run here
+
+
+def test_bench_quality_rl_eval_reports_the_best_of_k_evaluated_rollouts(stories_bin, tmp_path):
+    """rl_eval: N − K training episodes, the deterministic rollout evaluated along the way (at most
+    K times, N evaluations in all), and the best evaluation's recipe measured again; the report
+    gives it its own column."""
+    pytest.importorskip("sb3_contrib")
+    import time
+
+    bench = load_bench_quality("bench_quality_rleval")
+    data_dir = stories_bin.parents[1]
+    cfg = {"model": bench.resolve_model("stories260K", data_dir), "budget": 3.0, "deadline": time.time() + 600,
+           "episodes": 8, "out": str(tmp_path), "data_dir": str(data_dir), "n_tokens": 256, "seq_len": 32,
+           "batch_size": 8, "held_tokens": 256, "device": "cpu", "dtype": "float32", "cache_dir": str(tmp_path / "c"),
+           "seeds": [0], "methods": ["greedy", "rl_eval"], "rl_agent": "maskable_ppo", "action_kind": "residual",
+           "threads": 1, "rl_eval_points": 4}
+    bench.quality_job(cfg)
+    rows = {r["method"]: r for r in bench.load_rows(tmp_path)}
+    row = rows["rl_eval"]
+    assert "error" not in row, row
+    assert row["train_episodes"] == 4 and 1 <= row["eval_points"] <= 4 and row["evals"] <= 8
+    assert not row["truncated"] and len(row["eval_kls"]) == row["eval_points"]
+    # the reward is the fidelity to the reference (size_weight 0): the best evaluation has the least KL
+    assert row["kl"] == pytest.approx(min(row["eval_kls"]), rel=1e-5) and row["bpw"] <= 3.0 + 1e-9
+    assert {"ppo", "rl_best"}.isdisjoint(rows)  # a run of its own
+    table = "\n".join(bench.rl_vs_searchers(bench.aggregate(bench.load_rows(tmp_path))))
+    assert "RL best of K evaluated rollouts (rl_eval)" in table and "- rl_eval: beats random in 0/1" in table
+    assert "(ppo)" not in table
+
+
+def test_bench_quality_counts_no_win_from_float_noise():
+    """A mean over seeds that all ended on greedy's recipe is that recipe's KL, not an ulp below
+    it, and the report's "beats" needs more than float noise."""
+    bench = load_bench_quality("bench_quality_noise")
+    x = 0.027259780652821064
+    assert bench._mean_std([x, x, x]) == (x, 0.0)
+    assert not bench.lower(x * (1 - 1e-12), x) and bench.lower(x * (1 - 1e-6), x)
+    cells = {"cells": {"m": {"3": {"greedy": {"kl": (x, 0.0), "runs": [1]},
+                                   "rl_eval": {"kl": (x * (1 - 1e-12), 0.0), "runs": [1]}}}}}
+    table = "\n".join(bench.rl_vs_searchers(cells))
+    assert "(beats none)" in table and "greedy in 0/1" in table
 
 
 def test_bench_quality_rl_env_reaches_the_rl_method_and_bad_keys_are_one_line(stories_bin, tmp_path, capsys):
