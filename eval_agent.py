@@ -36,8 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import (ArgumentParser, check_observation_matches, fmt, merge_flag, parse_key_values,
-                             plain_table, quiet_libraries, refuse_repeated_models, run_cli, run_folder_of)
+from qenv.cli.common import (ArgumentParser, check_observation_matches, fmt, merge_flag, normalizer_path,
+                             parse_key_values, plain_table, quiet_libraries, refuse_repeated_models, run_cli,
+                             run_folder_of)
 from qenv.errors import QenvError
 from qenv.io import read_json
 
@@ -257,7 +258,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     agent = load_agent(agent_name, args.policy, env=env)
-    stats = Path(args.policy).parent / "vecnormalize.json"
+    stats = normalizer_path(Path(args.policy))
     if stats.is_file():  # trained behind VecNormalize (`normalize` in its config): act on scaled observations
         from qenv.agents.sb3 import NormalizedAgent
 

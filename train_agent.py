@@ -40,6 +40,8 @@ from qenv.io import read_json
 REPO_DIR = Path(__file__).resolve().parent
 #: VecNormalize's observation statistics of a run with `normalize` in its config (JSON, no pickle)
 NORMALIZER_FILE = "vecnormalize.json"
+#: --eval-freq's best policy, and the VecNormalize statistics it acted with (qenv.cli.common.normalizer_path)
+BEST_MODEL_FILES = ("best_model.zip", "best_model.vecnormalize.json")
 DEFAULT_AGENT = "ppo"
 #: run length when neither --timesteps nor the config's n_timesteps says
 DEFAULT_TIMESTEPS = 8192
@@ -113,11 +115,12 @@ def build_parser() -> ArgumentParser:
                    help="timesteps between checkpoints (default: the config's checkpoint_freq, else a tenth of "
                         "the run)")
     p.add_argument("--eval-freq", type=int, default=0, metavar="N",
-                   help="every N timesteps, one deterministic episode of the policy on each model (at "
-                        "--budget-bpw); the best mean reward's policy is kept as <run>/best_model.zip and every "
-                        "evaluation in <run>/evaluations.npz and TensorBoard's eval/, as rl-zoo3's --eval-freq "
-                        "does (Stable-Baselines3 agents; each evaluation is an extra episode per model; "
-                        "default: 0, none)")
+                   help="every N timesteps (at the next rollout start: at most one per rollout), one "
+                        "deterministic episode of the policy on each model (at --budget-bpw); the best mean "
+                        "reward's policy is kept as <run>/best_model.zip and every evaluation in "
+                        "<run>/evaluations.npz and TensorBoard's eval/, as rl-zoo3's --eval-freq does "
+                        "(Stable-Baselines3 agents; each evaluation is an extra episode per model; default: 0, "
+                        "none)")
     p.add_argument("--keep-checkpoints", type=int, default=5, metavar="N",
                    help="checkpoints kept in <run>/checkpoints, newest first; 0 keeps all (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
@@ -179,6 +182,9 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         raise QenvError(f"--keep-checkpoints={args.keep_checkpoints} is negative.", "pass 0 to keep all, or a count.")
     if args.eval_freq < 0:
         raise QenvError(f"--eval-freq={args.eval_freq} is negative.", "pass a number of timesteps, or 0 for none.")
+    if args.eval_freq > total:
+        raise QenvError(f"--eval-freq={args.eval_freq} is more than the run's {total} timesteps: no evaluation "
+                        "would run.", f"pass at most {total} (--timesteps), or 0 for none.")
     if args.eval_freq and not callable(getattr(spec.load(), "algorithm_class", None)):
         raise QenvError(f"--eval-freq applies to Stable-Baselines3 agents; {args.agent!r} is not one.",
                         "leave --eval-freq out for this agent (its best recipe is in best_recipe.json).")
@@ -479,6 +485,16 @@ class Run:
                                   "best": None if best is None else {k: best[k] for k in ("timesteps", "mean_reward")}}
         return out
 
+    def save_best_normalizer(self) -> None:
+        """--eval-freq found a new best: the VecNormalize statistics it acted with, beside best_model.zip."""
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        from qenv.agents.sb3 import normalizer_state
+        from qenv.io import write_json_atomic
+
+        if isinstance(self.vec, VecNormalize):
+            write_json_atomic(self.folder / BEST_MODEL_FILES[1], normalizer_state(self.vec))
+
     def save_normalizer(self) -> None:
         """The VecNormalize statistics as JSON beside the model (kept after the envs close)."""
         from stable_baselines3.common.vec_env import VecNormalize
@@ -494,13 +510,14 @@ class Run:
 
         with sigint_deferred():
             self.save_normalizer()
-            best = self.folder / "best_model.zip"
-            if self.evaluator is not None and best.is_file():  # before the state, which marks the checkpoint complete
+            if self.evaluator is not None:  # before the state, which marks the checkpoint complete
                 from qenv.callbacks import best_model_copy
                 from qenv.io import atomic_path
 
-                with atomic_path(best_model_copy(self.ckpt_dir, step)) as tmp:
-                    shutil.copyfile(best, tmp)
+                for name in BEST_MODEL_FILES:
+                    if (self.folder / name).is_file():
+                        with atomic_path(best_model_copy(self.ckpt_dir, step, name)) as tmp:
+                            shutil.copyfile(self.folder / name, tmp)
             write_checkpoint(self.ckpt_dir, self.agent, step, self.state())
             prune_checkpoints(self.ckpt_dir, int(self.settings.get("keep_checkpoints", 0) or 0))
             self.write_summary("running", step)
@@ -625,7 +642,8 @@ class Run:
             from qenv.callbacks import DeterministicEvalCallback
 
             self.evaluator = DeterministicEvalCallback(self.eval_env, int(s["eval_freq"]), n_models=len(self.tasks),
-                                                       best_model_save_path=self.folder, log_path=self.folder)
+                                                       best_model_save_path=self.folder, log_path=self.folder,
+                                                       on_new_best=self.save_best_normalizer)
             if self.resumed:  # the evaluations, and the best model, of the checkpoint resumed from
                 from qenv.callbacks import best_model_copy
                 from qenv.io import atomic_path
@@ -634,14 +652,19 @@ class Run:
                 self.evaluator.next_eval = self.eval_state.get("next")
                 best = self.eval_state.get("best")
                 self.evaluator.best = None if best is None else {**best, "infos": []}
-                copy = best_model_copy(self.ckpt_dir, done)
-                if best is not None and copy.is_file():
-                    with atomic_path(self.folder / "best_model.zip") as tmp:
-                        shutil.copyfile(copy, tmp)
+                if best is not None and best_model_copy(self.ckpt_dir, done).is_file():
+                    for name in BEST_MODEL_FILES:
+                        copy = best_model_copy(self.ckpt_dir, done, name)
+                        if copy.is_file():
+                            with atomic_path(self.folder / name) as tmp:
+                                shutil.copyfile(copy, tmp)
+                        else:
+                            (self.folder / name).unlink(missing_ok=True)
                 else:  # from evaluations after that checkpoint, which the resumed run plays again
                     self.evaluator.best = None
                     self.evaluator.evaluations = [e for e in self.evaluator.evaluations if e["timesteps"] <= done]
-                    (self.folder / "best_model.zip").unlink(missing_ok=True)
+                    for name in BEST_MODEL_FILES:
+                        (self.folder / name).unlink(missing_ok=True)
                 self.evaluator.write_log()
             callbacks.insert(1, self.evaluator)  # before the checkpoints: one at this step holds this evaluation
         bar = TqdmProgressCallback(total, initial=done, desc=s["agent"], disable=not self.progress)
@@ -818,7 +841,7 @@ class Run:
             kls = ", ".join(fmt(k) for k in ev.get("kl") or [])
             print(f"best of {ev['evaluations']} evaluations of the deterministic policy (--eval-freq): mean reward "
                   f"{ev['mean_reward']:.4f} at step {ev['timesteps']} (KL {kls}), saved as best_model.zip")
-        files = [f for f in ("model.zip", "model.json", "best_model.zip", "evaluations.npz", NORMALIZER_FILE,
+        files = [f for f in ("model.zip", "model.json", *BEST_MODEL_FILES, "evaluations.npz", NORMALIZER_FILE,
                              "best_recipe.json", "summary.json", "pareto.png", "tb")
                  if (self.folder / f).exists()]
         print(f"saved in {self.folder}: {', '.join(files)}", flush=True)

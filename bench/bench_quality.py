@@ -255,15 +255,20 @@ def best_preset(task: Any, budget: float, family: str) -> tuple[str, Any] | None
     return None if best is None else (best[1], best[2])
 
 
+def agent_config_path(agent: str, config: str | None = None) -> Path:
+    """The RL method's config: ``--rl-config`` when given, else ``configs/<agent>.yaml``."""
+    return Path(config) if config else REPO_ROOT / "configs" / f"{agent}.yaml"
+
+
 def ppo_hyperparams(n_layers: int, episodes: int, per_rollout: bool = True, agent: str = "ppo",
-                    action_kind: str = "residual") -> dict[str, Any]:
-    """``configs/<agent>.yaml``'s hyperparameters, with on-policy rollouts (PPO's family) of whole
-    episodes (k episodes, k dividing N, so that training plays exactly N episodes) about as long as
-    the config's 256 steps. ``plan_deviations`` starts a policy at greedy's plan, which only the
-    residual kind has: it is left out for every other ``action_kind``."""
+                    action_kind: str = "residual", config: str | None = None) -> dict[str, Any]:
+    """``configs/<agent>.yaml``'s (or ``config``'s) hyperparameters, with on-policy rollouts (PPO's
+    family) of whole episodes (k episodes, k dividing N, so that training plays exactly N episodes)
+    about as long as the config's 256 steps. ``plan_deviations`` starts a policy at greedy's plan,
+    which only the residual kind has: it is left out for every other ``action_kind``."""
     from qenv.cli.config import load_agent_config
 
-    hp = dict(load_agent_config(REPO_ROOT / "configs" / f"{agent}.yaml", "QuantLLM-v0").hyperparams)
+    hp = dict(load_agent_config(agent_config_path(agent, config), "QuantLLM-v0").hyperparams)
     if action_kind != "residual":
         hp.pop("plan_deviations", None)
     if per_rollout and "n_steps" in hp:  # off-policy agents (sac, td3, dqn) have no rollouts to size
@@ -272,22 +277,26 @@ def ppo_hyperparams(n_layers: int, episodes: int, per_rollout: bool = True, agen
         k = min(divisors, key=lambda d: (abs(math.log(d / target)), d))
         hp["n_steps"] = k * n_layers
         hp["batch_size"] = max(16, hp["n_steps"] // 2)
+        if hp["n_steps"] % hp["batch_size"] == 1:  # a minibatch of one sample: its advantages normalise to NaN
+            hp["batch_size"] = hp["n_steps"]
     return hp
 
 
-def config_env_kwarg(agent: str, key: str, default: Any) -> Any:
-    """``configs/<agent>.yaml``'s env_kwargs[key] (``default`` when it sets none or has no file)."""
+def config_env_kwarg(agent: str, key: str, default: Any, config: str | None = None) -> Any:
+    """``configs/<agent>.yaml``'s (or ``config``'s) env_kwargs[key] (``default`` when it sets none
+    or has no file)."""
     from qenv.cli.config import load_agent_config
 
-    path = REPO_ROOT / "configs" / f"{agent}.yaml"
+    path = agent_config_path(agent, config)
     if not path.is_file():
         return default
     return load_agent_config(path, "QuantLLM-v0").env_kwargs.get(key, default)
 
 
-def config_shaping(agent: str) -> float:
-    """The ``shaping_weight`` in ``configs/<agent>.yaml``'s env_kwargs (0 when it sets none or has no file)."""
-    return float(config_env_kwarg(agent, "shaping_weight", 0.0))
+def config_shaping(agent: str, config: str | None = None) -> float:
+    """The ``shaping_weight`` in ``configs/<agent>.yaml``'s (or ``config``'s) env_kwargs (0 when it
+    sets none or has no file)."""
+    return float(config_env_kwarg(agent, "shaping_weight", 0.0, config))
 
 
 def deadline_callbacks(deadline: float) -> tuple[Any, Any]:
@@ -449,7 +458,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
         from qenv.callbacks import EpisodeTracker, QuantEpisodeCallback
 
         trained[seed] = None  # until the training below has finished
-        hp = ppo_hyperparams(n_layers, episodes, agent=rl_agent, action_kind=rl_kind)
+        hp = ppo_hyperparams(n_layers, episodes, agent=rl_agent, action_kind=rl_kind, config=cfg.get("rl_config"))
         agent = make_agent(rl_agent, rl_env, seed=seed, **hp)
         tracker = EpisodeTracker()
         agent.learn(episodes * n_layers, callback=CallbackList([sb3_cb, QuantEpisodeCallback(tracker)]))
@@ -471,10 +480,10 @@ def quality_job(cfg: dict[str, Any]) -> None:
 
         from qenv.callbacks import DeterministicEvalCallback
 
-        points = min(int(cfg.get("rl_eval_points") or 8), max(1, episodes // 2))
+        points = min(int(cfg.get("rl_eval_points", 8)), max(1, episodes // 2))
         train = episodes - points
         every = -(-train // points)  # whole episodes between evaluations, so at most K of them
-        hp = ppo_hyperparams(n_layers, train, agent=rl_agent, action_kind=rl_kind)
+        hp = ppo_hyperparams(n_layers, train, agent=rl_agent, action_kind=rl_kind, config=cfg.get("rl_config"))
         agent = make_agent(rl_agent, rl_env, seed=seed, **hp)
         evaluator = DeterministicEvalCallback(eval_env(), every * n_layers)
         agent.learn(train * n_layers, callback=CallbackList([sb3_cb, evaluator]))
@@ -624,7 +633,8 @@ def transfer_job(cfg: dict[str, Any]) -> None:
                              shaping_weight=float(cfg.get("rl_shaping") or 0.0), observation=rl_observation(cfg),
                              **rl_env_kwargs(cfg))
         steps = int(cfg["timesteps"])
-        hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent, action_kind=rl_kind)
+        hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent, action_kind=rl_kind,
+                             config=cfg.get("rl_config"))
         agent = make_agent(rl_agent, env, seed=seed, **hp)
         # training stops early enough to leave time for the zero-shot evaluations
         sb3_cb, _ = deadline_callbacks(deadline - float(cfg.get("eval_reserve_s", 0.0)))
@@ -633,6 +643,7 @@ def transfer_job(cfg: dict[str, Any]) -> None:
         rec.write(method="train", train_models=[m["name"] for m in train_models], timesteps=agent.num_timesteps,
                   asked_timesteps=steps, truncated=agent.num_timesteps < steps, train_s=time.perf_counter() - t1,
                   setup_s=t1 - t0, device=device, observation=env.unwrapped.observation_kind,
+                  agent=rl_agent, action_kind=env.unwrapped.mapper.kind, rl_config=cfg.get("rl_config"),
                   shaping_weight=env.unwrapped.shaping_weight, rl_env=rl_env_kwargs(cfg),
                   eval_env=rl_env_kwargs(cfg, evaluation=True))
         log(f"transfer {budget:g} s{seed}: trained {agent.num_timesteps} steps in {time.perf_counter() - t1:.0f}s")
@@ -707,7 +718,8 @@ def transfer_eval_job(cfg: dict[str, Any]) -> None:
         for seed in pending:
             rec.write(method="eval", seed=seed, model=model["name"], seen=seen, error=f"{type(exc).__name__}: {exc}")
         return
-    hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent, action_kind=rl_kind)
+    hp = ppo_hyperparams(0, 1, per_rollout=False, agent=rl_agent, action_kind=rl_kind,
+                             config=cfg.get("rl_config"))
     while pending:
         for seed in list(pending):
             path = policy_file(out, budget, seed)
@@ -755,9 +767,11 @@ def run(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "n_tokens": args.n_tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
             "held_tokens": args.held_tokens, "cache_dir": str(Path(args.cache_dir).resolve()), "threads": 1,
-            "rl_agent": args.rl_agent, "action_kind": args.action_kind,
-            "rl_shaping": args.rl_shaping if args.rl_shaping is not None else config_shaping(args.rl_agent),
-            "rl_observation": args.rl_observation or str(config_env_kwarg(args.rl_agent, "observation", "full")),
+            "rl_agent": args.rl_agent, "action_kind": args.action_kind, "rl_config": args.rl_config,
+            "rl_shaping": args.rl_shaping if args.rl_shaping is not None else config_shaping(args.rl_agent,
+                                                                                             args.rl_config),
+            "rl_observation": args.rl_observation or str(config_env_kwarg(args.rl_agent, "observation", "full",
+                                                                          args.rl_config)),
             "rl_env": args.rl_env, "transfer_eval_env": args.transfer_eval_env, "methods": args.methods,
             "search_evals": args.transfer_search_evals, "weight_cache_gib": args.weight_cache_gib,
             "rl_eval_points": args.rl_eval_points}
@@ -1192,7 +1206,8 @@ def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
     calibration KL over the seeds), and how many cells each RL row wins (lower mean KL by more than
     float noise, :func:`lower`)."""
     rl = tuple(m for m in RL_ROWS if any(m in budgets[k] for budgets in agg["cells"].values() for k in budgets))
-    rows, wins = [], {m: {"greedy": 0, "random": 0, "evolution": 0, "n": 0} for m in rl}
+    # per RL row and opponent: [cells won, cells where both ran]
+    rows, wins = [], {m: {o: [0, 0] for o in ("greedy", "random", "evolution")} for m in rl}
     evo_close: dict[str, list[bool]] = {m: [] for m in rl}
     for model, budgets in agg["cells"].items():
         for key in sorted(budgets, key=float):
@@ -1206,10 +1221,11 @@ def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
                 if m not in kl:
                     text.append("—")
                     continue
-                wins[m]["n"] += 1
                 beaten = [o for o in ("greedy", "random", "evolution") if o in kl and lower(kl[m][0], kl[o][0])]
-                for o in beaten:
-                    wins[m][o] += 1
+                for o in ("greedy", "random", "evolution"):
+                    if o in kl:
+                        wins[m][o][0] += o in beaten
+                        wins[m][o][1] += 1
                 if float(key) == 3.0 and "evolution" in kl:
                     evo_close[m].append(kl[m][0] <= 1.05 * kl["evolution"][0])
                 text.append(f"{fmt_num(kl[m][0])} ± {fmt_num(kl[m][1], 2)} (beats {', '.join(beaten) or 'none'})")
@@ -1224,9 +1240,9 @@ def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
     for m in rl:
         w = wins[m]
         close = evo_close[m]
-        out.append(f"- {m}: beats random in {w['random']}/{w['n']} cells, greedy in {w['greedy']}/{w['n']}, "
-                   f"evolution in {w['evolution']}/{w['n']}; at 3.0 bpw within 5% of evolution's KL (or better) "
-                   f"in {sum(close)}/{len(close)}")
+        out.append(f"- {m}: beats random in {w['random'][0]}/{w['random'][1]} cells, greedy in "
+                   f"{w['greedy'][0]}/{w['greedy'][1]}, evolution in {w['evolution'][0]}/{w['evolution'][1]}; at 3.0 "
+                   f"bpw within 5% of evolution's KL (or better) in {sum(close)}/{len(close)}")
     out.append("")
     return out
 
@@ -1401,7 +1417,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "skipped or failed); merge afterwards with `report --runs RUN... <out>`")
     r.add_argument("--rl-agent", default="maskable_ppo",
                    help="the RL method's agent (its configs/<agent>.yaml hyperparameters; default: %(default)s)")
-    r.add_argument("--action-kind", default="residual", help="the RL method's action kind (default: %(default)s)")
+    r.add_argument("--rl-config", default=None, metavar="YAML",
+                   help="the RL method's hyperparameters and env_kwargs (rl-zoo style, as train_agent.py --config; "
+                        "default: configs/<--rl-agent>.yaml), e.g. configs/ppo_allocation.yaml")
+    r.add_argument("--action-kind", default=None,
+                   help="the RL method's action kind (default: its config's env_kwargs, else residual)")
     r.add_argument("--rl-observation", default=None, choices=["full", "relative", "actions"],
                    help="the RL method's observation kind (default: its config's env_kwargs, else full)")
     r.add_argument("--rl-shaping", type=float, default=None,
@@ -1409,7 +1429,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "errors; the searchers' env is unshaped; default: the agent config's env_kwargs, else 0)")
     r.add_argument("--rl-eval-points", type=int, default=8, metavar="K",
                    help="the rl_eval method: K of the N evaluations go to the deterministic policy during "
-                        "training, N - K to training episodes; the best of the K is reported (default: %(default)s)")
+                        "training, N - K to training episodes; the best is reported. Evaluations fall on rollout "
+                        "boundaries, so short runs get fewer (the rows say how many) (default: %(default)s)")
     r.add_argument("--rl-env", nargs="+", default=[], metavar="KEY=VALUE",
                    help="further env arguments of the RL method, in training and evaluation (e.g. "
                         "max_deviations=12 deviation_cost=0.01)")
@@ -1451,6 +1472,16 @@ def main(argv: list[str] | None = None) -> int:
            "action_kind": "--action-kind", "observation": "--rl-observation", "shaping_weight": "--rl-shaping",
            "render_mode": "nothing (the benchmark draws nothing)"}
     try:  # before anything is written: a bad --rl-env is one line
+        if args.rl_config is not None:
+            if not Path(args.rl_config).is_file():
+                raise QenvError(f"--rl-config {args.rl_config} is not a file.",
+                                "pass an rl-zoo style YAML, e.g. configs/ppo_allocation.yaml.")
+            args.rl_config = str(Path(args.rl_config).resolve())  # the workers run from the repository root
+        if args.rl_eval_points < 1:
+            raise QenvError(f"--rl-eval-points={args.rl_eval_points} must be at least 1.",
+                            "pass how many of the N evaluations go to the policy during training, e.g. 8.")
+        if args.action_kind is None:  # the RL config's kind (its hyperparameters were chosen for it)
+            args.action_kind = str(config_env_kwarg(args.rl_agent, "action_kind", "residual", args.rl_config))
         known = set(inspect.signature(QuantLLMEnv.__init__).parameters) - {"self"}
         for flag in ("rl_env", "transfer_eval_env"):
             name = "--" + flag.replace("_", "-")

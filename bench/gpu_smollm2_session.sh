@@ -118,14 +118,17 @@ transfer)  # one MaskablePPO policy per budget trained on default, bench-llama a
   # `transfer DEADLINE [OBSERVATION [BUDGETS [MAX_PROCS [NAME]]]]` (observation kind, default relative;
   # 2026-12-06 on an H100: 16 workers at once ran out of GPU memory, 9 did not; EVAL_ENV="KEY=VALUE ..."
   # goes to --transfer-eval-env, e.g. EVAL_ENV=max_deviations=12; RL_ENV="KEY=VALUE ..." to --rl-env,
-  # the env of training and of the rollouts, e.g. RL_ENV=replan=fresh)
+  # the env of training and of the rollouts, e.g. RL_ENV=replan=fresh; RL_AGENT and RL_CONFIG the RL
+  # method, e.g. RL_AGENT=ppo RL_CONFIG=configs/ppo_allocation.yaml; SEEDS and TIMESTEPS its training;
+  # TRANSFER_TEST the unseen models. The eval jobs need llama.cpp's library: carry .llamacpp in some call)
   deadline=${2:-420}; observation=${3:-relative}; budgets=${4:-2.5 3.0 3.5 4.0}; procs=${5:-64}; name=${6:-qtr}
   python3 bench/bench_quality.py run --models --data-dir /tmp/qdata --out /tmp/$name --cache-dir /tmp/qcache \
     --transfer-train default /tmp/bench_models/bench-llama /tmp/bench_models/bench-qwen2 \
-    --transfer-test smollm2=smollm2-135m /tmp/bench_models/bench-gpt2 stories260K \
-    --transfer-budgets $budgets --max-procs "$procs" --transfer-seeds 0 --transfer-timesteps 12288 --transfer-eval-jobs \
-    --transfer-search-evals 16 --transfer-eval-reserve-s 0 --no-transfer-eval-seen --weight-cache-gib 6 --rl-agent maskable_ppo \
-    --action-kind residual --rl-observation "$observation" --nice 10 --deadline-s "$deadline" --grace-s 15 \
+    --transfer-test ${TRANSFER_TEST:-smollm2=smollm2-135m /tmp/bench_models/bench-gpt2 stories260K} \
+    --transfer-budgets $budgets --max-procs "$procs" --transfer-seeds ${SEEDS:-0} --transfer-timesteps ${TIMESTEPS:-12288} --transfer-eval-jobs \
+    --transfer-search-evals 16 --transfer-eval-reserve-s 0 --no-transfer-eval-seen --weight-cache-gib 6 \
+    --rl-agent ${RL_AGENT:-maskable_ppo} ${RL_CONFIG:+--rl-config $RL_CONFIG} \
+    --rl-observation "$observation" --nice 10 --deadline-s "$deadline" --grace-s 15 \
     ${RL_ENV:+--rl-env $RL_ENV} ${EVAL_ENV:+--transfer-eval-env $EVAL_ENV} > "$OUT/$name.log" 2>&1
   python3 bench/bench_quality.py report --out /tmp/$name >> "$OUT/$name.log" 2>&1
   tar czf "$OUT/$name.tgz" -C /tmp $name

@@ -4,7 +4,8 @@
     python bench/zero_shot_vs_greedy.py RUN_DIR --models M [M ...] --budgets 2.5 3.0 3.5 4.0 \\
         [--n-tokens N] [--env KEY=VALUE ...] [--policy model.zip|best_model.zip] [--out results.json]
 
-The quick form of ``eval_agent.py --searchers greedy``: the policy's env settings (action kind,
+The quick form of ``eval_agent.py --searchers greedy``, for the residual and allocation kinds
+(whose zero action is greedy's plan): the policy's env settings (action kind,
 observation kind, max_deviations, shaping, ...) come from the run's ``config.json``; for each
 (model, budget) the env is made with that budget, the policy plays one deterministic episode
 (``rollout_recipe``, with ``action_masks()`` where it has them), and the residual kind's all-zero
@@ -28,9 +29,9 @@ def main() -> int:
     import torch
 
     from qenv.agents import load_agent, rollout_recipe
-    from qenv.cli.common import parse_key_values
+    from qenv.cli.common import normalizer_path, parse_key_values
     from qenv.envs.episodes import play_episode
-    from qenv.envs.quant_llm import QuantLLMEnv
+    from qenv.envs.quant_llm import RESIDUAL_ONLY, QuantLLMEnv
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a train_agent.py run folder (model.zip, config.json)")
@@ -52,14 +53,18 @@ def main() -> int:
             "prebuild", "render_mode")
     kwargs = {k: v for k, v in config["env_kwargs"].items() if k not in drop}
     kwargs.update(parse_key_values(args.env, "--env"))
-    if kwargs.get("action_kind") != "residual":
-        raise SystemExit("this comparison needs a policy of the residual kind (action 0 = greedy's plan)")
+    if kwargs.get("action_kind") not in ("residual", "allocation"):
+        raise SystemExit("this comparison needs a policy of the residual or allocation kind (greedy's plan is "
+                         "their zero action)")
+    if not (run / args.policy).is_file():
+        raise SystemExit(f"{run / args.policy} does not exist (best_model.zip comes from train_agent.py --eval-freq)")
     agent = load_agent(config["agent"], run / args.policy)
-    if (run / "vecnormalize.json").is_file():  # trained behind VecNormalize: observations normalised as then
+    stats = normalizer_path(run / args.policy)
+    if stats.is_file():  # trained behind VecNormalize: observations normalised as then
         from qenv.agents.sb3 import NormalizedAgent
         from qenv.io import read_json
 
-        agent = NormalizedAgent(agent, read_json(run / "vecnormalize.json", "Normalisation statistics", "retrain."))
+        agent = NormalizedAgent(agent, read_json(stats, "Normalisation statistics", "retrain."))
     rows = []
     for model in args.models:
         for budget in args.budgets:
@@ -67,9 +72,18 @@ def main() -> int:
             extra = {} if args.n_tokens is None else {"n_tokens": args.n_tokens}
             env = QuantLLMEnv(model=model, budget_bpw=budget, device="cpu", **kwargs, **extra)
             _, info = rollout_recipe(agent, env, deterministic=True)
-            greedy = play_episode(env, [0] * env.episode_length)
+            # greedy's recipe: the residual kind's all-zero episode (the allocation kind's zero
+            # preferences are greedy's plan filled to the budget, not always the same recipe)
+            plain = {k: v for k, v in kwargs.items() if k not in ("action_kind", "observation", *RESIDUAL_ONLY)}
+            ref = env if kwargs["action_kind"] == "residual" else \
+                QuantLLMEnv(model=model, budget_bpw=budget, device="cpu", action_kind="residual", **plain, **extra)
+            greedy = play_episode(ref, [0] * ref.episode_length)
+            if ref is not env:
+                ref.close()
             off = sum(info["recipe"][name] != rule for name, rule in greedy["recipe"].items())
-            verdict = "better" if info["kl"] < greedy["kl"] else "same" if info["kl"] == greedy["kl"] else "worse"
+            margin = 1e-9 * greedy["kl"]  # the same recipe scored in two envs: equal, not an ulp better
+            verdict = "better" if info["kl"] < greedy["kl"] - margin else "worse" if info["kl"] > greedy["kl"] + margin \
+                else "same"
             rows.append({"model": model, "budget": budget, "policy_kl": info["kl"], "policy_bpw": info["bpw"],
                          "greedy_kl": greedy["kl"], "greedy_bpw": greedy["bpw"], "verdict": verdict,
                          "layers_off_plan": off, "layers": env.episode_length, "n_tokens": info["n_tokens"]})

@@ -491,9 +491,11 @@ class AtomicCheckpointCallback(BaseCallback):
 
 
 class DeterministicEvalCallback(BaseCallback):
-    """SB3's ``EvalCallback`` for qenv's deterministic environment: every ``eval_freq`` timesteps,
-    one deterministic episode of the current policy on each of the eval env's ``n_models`` models
-    (``reset(options={"model_index": i})``), and the policy with the best mean episode return kept.
+    """SB3's ``EvalCallback`` for qenv's deterministic environment: one deterministic episode of
+    the current policy on each of the eval env's ``n_models`` models (``reset(options={"model_index":
+    i})``) at the first rollout start at or after each multiple of ``eval_freq`` timesteps, and at
+    the end of training when a multiple falls there (the policy only changes between rollouts, so
+    at most one evaluation per rollout); the policy with the best mean episode return is kept.
 
     Why not SB3's own: its ``n_eval_episodes`` reset a multi-model env to randomly drawn models,
     while here one episode per model is the exact score (the env is deterministic); and the best
@@ -501,13 +503,15 @@ class DeterministicEvalCallback(BaseCallback):
     As SB3 and rl-zoo3 do, the best policy goes to ``<best_model_save_path>/best_model.zip`` and
     the evaluations to ``<log_path>/evaluations.npz`` (``timesteps``, ``results``, ``ep_lengths``),
     ``eval/mean_reward`` and ``eval/mean_kl`` to the logger. A policy trained on ``VecNormalize``d
-    observations is asked with the training env's statistics (``normalize_obs``). Each evaluation
+    observations is asked with the training env's statistics (``normalize_obs``; ``on_new_best``
+    can save them beside ``best_model.zip``, as train_agent.py does). Each evaluation
     plays ``n_models`` episodes more than training does: count them in any equal-evaluation
     comparison.
     """
 
     def __init__(self, eval_env: Any, eval_freq: int, n_models: int = 1, best_model_save_path: str | Path | None = None,
-                 log_path: str | Path | None = None, verbose: int = 0) -> None:
+                 log_path: str | Path | None = None, on_new_best: Callable[[], Any] | None = None,
+                 verbose: int = 0) -> None:
         super().__init__(verbose)
         if int(eval_freq) < 1 or int(n_models) < 1:
             raise ValueError(f"eval_freq ({eval_freq}) and n_models ({n_models}) must be positive")
@@ -516,6 +520,7 @@ class DeterministicEvalCallback(BaseCallback):
         self.n_models = int(n_models)
         self.best_model_save_path = Path(best_model_save_path) if best_model_save_path is not None else None
         self.log_path = Path(log_path) if log_path is not None else None
+        self.on_new_best = on_new_best  # e.g. the VecNormalize statistics saved beside best_model.zip
         self.next_eval: int | None = None
         self.evaluations: list[dict[str, Any]] = []
         #: the best evaluation: timesteps, mean_reward and each model's terminal info (with its recipe)
@@ -591,12 +596,15 @@ class DeterministicEvalCallback(BaseCallback):
         kls = [k for k in record["kl"] if k is not None]
         if kls:
             self.logger.record("eval/mean_kl", float(np.mean(kls)))
+        self.logger.dump(self.num_timesteps)  # as SB3's EvalCallback: now, at this step (the last one too)
         self.write_log()
         if self.best is None or record["mean_reward"] > self.best["mean_reward"]:
             self.best = {"timesteps": record["timesteps"], "mean_reward": record["mean_reward"], "infos": infos}
             if self.best_model_save_path is not None:
                 self.best_model_save_path.mkdir(parents=True, exist_ok=True)
                 save_agent_atomic(self.model, self.best_model_save_path / "best_model.zip")
+            if self.on_new_best is not None:
+                self.on_new_best()
             if self.verbose:
                 print(f"eval at {record['timesteps']} timesteps: new best mean reward {record['mean_reward']:+.4f}")
         return record
@@ -666,13 +674,15 @@ def prune_checkpoints(folder: str | Path, keep: int) -> None:
         model, state = checkpoint_paths(folder, step)
         state.unlink(missing_ok=True)  # first: the state marks the pair complete
         model.unlink(missing_ok=True)
-        best_model_copy(folder, step).unlink(missing_ok=True)
+        for extra in Path(folder).glob(f"step_{int(step):010d}.best_model.*"):
+            extra.unlink(missing_ok=True)
 
 
-def best_model_copy(folder: str | Path, step: int) -> Path:
-    """Where a checkpoint keeps the run's ``best_model.zip`` of that moment (``--eval-freq``), so
-    that a resumed run's best model is the one its restored evaluations describe."""
-    return Path(folder) / f"step_{int(step):010d}.best_model.zip"
+def best_model_copy(folder: str | Path, step: int, name: str = "best_model.zip") -> Path:
+    """Where a checkpoint keeps the run's ``best_model.zip`` of that moment (and, by ``name``, the
+    statistics beside it; ``--eval-freq``), so that a resumed run's best model is the one its
+    restored evaluations describe."""
+    return Path(folder) / f"step_{int(step):010d}.{name}"
 
 
 def latest_checkpoint(folder: str | Path) -> tuple[int, Path, Path] | None:

@@ -622,16 +622,20 @@ def test_unknown_action_kind_in_the_program(tmp_path, capsys):
 
 
 # -- configs --------------------------------------------------------------------------------------------
-CONFIGS = {"ppo": "ppo", "maskable_ppo": "ppo", "a2c": "a2c", "dqn": "dqn", "sac": "sac", "td3": "td3", "ddpg": "ddpg"}
+CONFIGS = {"ppo": "ppo", "maskable_ppo": "ppo", "a2c": "a2c", "dqn": "dqn", "sac": "sac", "td3": "td3", "ddpg": "ddpg",
+           "ppo_allocation": "ppo"}  # configs/<file>.yaml -> rl-zoo3's algorithm (and qenv's agent: the file's stem
+#                                      for one config per algorithm; ppo_allocation is PPO's second config)
 
 
 def test_every_algorithm_has_a_config_qenv_accepts():
     from qenv.agents.registry import check_hyperparams
     from qenv.cli.config import load_agent_config
 
-    for agent in CONFIGS:
-        cfg = load_agent_config(REPO / "configs" / f"{agent}.yaml", "QuantLLM-v0")
-        check_hyperparams(agent, cfg.hyperparams, agent)
+    assert {p.stem for p in (REPO / "configs").glob("*.yaml")} == set(CONFIGS)  # a new file is tested here too
+    for name in CONFIGS:
+        cfg = load_agent_config(REPO / "configs" / f"{name}.yaml", "QuantLLM-v0")
+        agent = name if name != "ppo_allocation" else "ppo"
+        check_hyperparams(agent, cfg.hyperparams, name)
         assert cfg.checkpoint_freq == 2048 and cfg.env_kwargs["action_kind"]
 
 
@@ -860,7 +864,7 @@ def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     agg = bench.aggregate(bench.load_rows(tmp_path))
     assert "rl_best" in agg["cells"]["stories260K"]["3"]
     table = "\n".join(bench.rl_vs_searchers(agg))
-    assert "| stories260K | 3 |" in table and "- rl_best: beats random in 0/1 cells" in table  # no random run here
+    assert "| stories260K | 3 |" in table and "- rl_best: beats random in 0/0 cells" in table  # no random run here
 
 
 def test_bench_quality_rl_eval_reports_the_best_of_k_evaluated_rollouts(stories_bin, tmp_path):
@@ -887,7 +891,7 @@ def test_bench_quality_rl_eval_reports_the_best_of_k_evaluated_rollouts(stories_
     assert row["kl"] == pytest.approx(min(row["eval_kls"]), rel=1e-5) and row["bpw"] <= 3.0 + 1e-9
     assert {"ppo", "rl_best"}.isdisjoint(rows)  # a run of its own
     table = "\n".join(bench.rl_vs_searchers(bench.aggregate(bench.load_rows(tmp_path))))
-    assert "RL best of K evaluated rollouts (rl_eval)" in table and "- rl_eval: beats random in 0/1" in table
+    assert "RL best of K evaluated rollouts (rl_eval)" in table and "- rl_eval: beats random in 0/0 cells, greedy in" in table
     assert "(ppo)" not in table
 
 
@@ -901,7 +905,7 @@ def test_bench_quality_counts_no_win_from_float_noise():
     cells = {"cells": {"m": {"3": {"greedy": {"kl": (x, 0.0), "runs": [1]},
                                    "rl_eval": {"kl": (x * (1 - 1e-12), 0.0), "runs": [1]}}}}}
     table = "\n".join(bench.rl_vs_searchers(cells))
-    assert "(beats none)" in table and "greedy in 0/1" in table
+    assert "(beats none)" in table and "greedy in 0/1" in table and "random in 0/0" in table
 
 
 def test_bench_quality_rl_env_reaches_the_rl_method_and_bad_keys_are_one_line(stories_bin, tmp_path, capsys):
@@ -927,7 +931,11 @@ def test_bench_quality_rl_env_reaches_the_rl_method_and_bad_keys_are_one_line(st
                        (["--rl-env", "deviation_cost"], "is not key=value"),
                        (["--rl-env", "budget_bpw=2.5"], "set by bench_quality.py itself"),
                        (["--rl-env", "deviation_cost=0.5", "--action-kind", "discrete"], "--action-kind discrete"),
-                       (["--rl-observation", "actions", "--action-kind", "discrete"], "residual kind's actions")):
+                       (["--rl-observation", "actions", "--action-kind", "discrete"], "residual kind's actions"),
+                       (["--rl-config", str(tmp_path / "nope.yaml")], "is not a file"),
+                       # the action kind comes from --rl-config's env_kwargs: allocation, not residual
+                       (["--rl-agent", "ppo", "--rl-config", str(REPO / "configs" / "ppo_allocation.yaml"), "--rl-env",
+                         "max_deviations=3"], "--action-kind allocation")):
         out = tmp_path / "never"
         code = bench.main(["run", "--models", "stories260K", "--out", str(out), *bad])
         err = capsys.readouterr().err.strip().splitlines()
@@ -953,6 +961,29 @@ def test_bench_quality_transfer_rolls_out_under_the_eval_env(stories_bin, tmp_pa
     assert train["rl_env"] == {"deviation_cost": 0.01} and train["eval_env"] == ev["eval_env"]
     assert ev["eval_env"] == {"deviation_cost": 0.01, "max_deviations": 0} and ev["deviations"] == 0
     assert "error" not in ev and ev["policy"]["bpw"] <= 3.0 + 1e-9
+
+
+def test_bench_quality_transfer_with_an_rl_config_of_the_allocation_kind(stories_bin, tmp_path):
+    """--rl-config: the RL method's hyperparameters and env_kwargs from another file
+    (configs/ppo_allocation.yaml: PPO on the allocation kind with the relative observation), its
+    action kind and observation taken from it, in training and in the zero-shot rollouts."""
+    bench = load_bench_quality("bench_quality_rl_config")
+    out = tmp_path / "tr"
+    code = bench.main(["run", "--models", "--data-dir", str(stories_bin.parents[1]), "--out", str(out),
+                       "--transfer-train", "default", "--transfer-test", "stories260K", "--transfer-budgets", "3.0",
+                       "--transfer-seeds", "0", "--transfer-timesteps", "128", "--transfer-eval-jobs",
+                       "--no-transfer-eval-seen", "--rl-agent", "ppo", "--rl-config",
+                       str(REPO / "configs" / "ppo_allocation.yaml"), "--device", "cpu", "--n-tokens", "256",
+                       "--held-tokens", "256", "--max-procs", "2", "--deadline-s", "300"])
+    assert code == 0
+    settings = json.loads((out / "raw" / "settings.json").read_text())["args"]
+    assert settings["action_kind"] == "allocation" and settings["rl_observation"] is None
+    rows = [r for r in bench.load_rows(out) if r.get("kind") == "transfer"]
+    train = next(r for r in rows if r["method"] == "train")
+    assert (train["agent"], train["action_kind"], train["observation"]) == ("ppo", "allocation", "relative")
+    ev = next(r for r in rows if r["method"] == "eval")
+    assert "error" not in ev, ev
+    assert ev["policy"]["bpw"] <= 3.0 + 1e-9
 
 
 def test_bench_quality_trains_on_the_rule_kinds(stories_bin, tmp_path):
@@ -1030,6 +1061,32 @@ def test_zero_shot_table_reads_eval_agent_results(tmp_path):
     md = table.markdown(cells)
     assert "| new (7) | 3 | 1 (3.000) | 1 | 2 | 0.9 | — | gptq-w2: 1.5 (2.300) | same (1.00x) | **better** (1.50x) |" in md
     assert "beats greedy in 0/1" in md and "beats random search in 1/1" in md and "evolution in 0/1" in md
+
+
+def test_recipe_shift_and_depth_tilt_scripts(stories_bin, tmp_path):
+    """bench/recipe_shift.py counts the layers an RL recipe that beats greedy moves up or down
+    against greedy's recipe (from a rollout that stayed on the plan), by kind and by third of the
+    model; bench/depth_tilt.py plays the allocation kind with a fixed depth tilt on a real model."""
+    import re
+    import subprocess
+    import sys
+
+    rule = lambda bits: {"bits": bits, "group_size": 128}  # noqa: E731
+    plan = {"model.layers.0.self_attn.k_proj": rule(3), "model.layers.5.mlp.up_proj": rule(4)}
+    better = {"model.layers.0.self_attn.k_proj": rule(4), "model.layers.5.mlp.up_proj": rule(3)}
+    (tmp_path / "run" / "raw").mkdir(parents=True)
+    lines = [{"model": "m", "budget": 3.0, "method": "greedy", "kl": 1.0},
+             {"model": "m", "budget": 3.0, "method": "ppo", "seed": 0, "kl": 1.0, "rules": plan},
+             {"model": "m", "budget": 3.0, "method": "rl_eval", "seed": 0, "kl": 0.8, "rules": better}]
+    (tmp_path / "run" / "raw" / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "recipe_shift.py"), str(tmp_path / "run")],
+                         check=True, capture_output=True, text=True).stdout
+    assert out.startswith("1 RL recipes better than greedy, in the 1 cells"), out
+    assert re.search(r"k_proj:\s+1 layers up,\s+0 down", out) and re.search(r"up_proj:\s+0 layers up,\s+1 down", out)
+    assert re.search(r"first third:\s+1 layers up", out) and re.search(r"last third:\s+0 layers up,\s+1 down", out)
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "depth_tilt.py"), str(stories_bin), "--budgets", "3.0",
+                          "--tilts", "0", "0.2", "--n-tokens", "256"], check=True, capture_output=True, text=True).stdout
+    assert re.search(r"stories260K.bin @ 3: greedy KL [\d.]+; tilted / greedy: a=0: [\d.]+, a=0.2: [\d.]+", out), out
 
 
 def test_replan_gap_and_one_deviation_scripts_print_their_measurements(stories_bin):

@@ -175,7 +175,7 @@ def test_existing_run_folder_is_not_overwritten(trained, stories_bin, tiny_confi
 
 @pytest.mark.parametrize("case", ["malformed", "unknown_key", "unknown_env_kwarg", "no_section", "unknown_agent",
                                   "bad_env_kwargs", "bad_int", "unknown_flag", "bad_budget", "negative_eval_freq",
-                                  "eval_freq_searcher"])
+                                  "eval_freq_searcher", "eval_freq_past_the_run"])
 def test_bad_input_is_one_line(case, tmp_path, stories_bin, cache_dir, capsys):
     cfg = tmp_path / "c.yaml"
     argv = ["--model", stories_bin, "--logdir", tmp_path / "runs", "--name", "x", "--no-progress", *SMALL_ENV,
@@ -186,7 +186,8 @@ def test_bad_input_is_one_line(case, tmp_path, stories_bin, cache_dir, capsys):
               "unknown_agent": "Unknown agent 'nosuchagent'", "bad_env_kwargs": "not key=value",
               "bad_int": "invalid int value", "unknown_flag": "unrecognized arguments",
               "bad_budget": "is below the", "negative_eval_freq": "--eval-freq=-5 is negative",
-              "eval_freq_searcher": "--eval-freq applies to Stable-Baselines3 agents"}[case]
+              "eval_freq_searcher": "--eval-freq applies to Stable-Baselines3 agents",
+              "eval_freq_past_the_run": "--eval-freq=512 is more than the run's 256 timesteps"}[case]
     if case == "malformed":
         cfg.write_text("QuantLLM-v0:\n  n_steps: [64\n  policy: MlpPolicy\n")
     elif case == "unknown_key":
@@ -209,6 +210,8 @@ def test_bad_input_is_one_line(case, tmp_path, stories_bin, cache_dir, capsys):
         argv += ["--eval-freq", "-5"]
     elif case == "eval_freq_searcher":
         argv = ["--agent", "greedy", "--eval-freq", "64", *argv[:-2]]
+    elif case == "eval_freq_past_the_run":
+        argv += ["--eval-freq", "512"]
     code = run_main(train_agent, argv)
     assert_one_line_error(code, capsys.readouterr().err, needle)
     assert not (tmp_path / "runs" / "x").exists()  # no half-made run folder
@@ -407,3 +410,35 @@ def test_eval_freq_keeps_the_best_evaluated_policy_across_a_resume(tmp_path, sto
     acc = EventAccumulator(str(folder / "tb" / "run_1"), size_guidance={"scalars": 0})
     acc.Reload()
     assert "eval/mean_reward" in acc.Tags()["scalars"]
+
+
+def test_eval_freq_best_model_keeps_the_normalisation_it_acted_with(tmp_path, stories_bin, cache_dir):
+    """Behind VecNormalize the statistics move on after the best evaluation: best_model.zip gets its
+    own (best_model.vecnormalize.json), which eval_agent.py and zero_shot_vs_greedy.py read for it
+    (qenv.cli.common.normalizer_path), so its rollout scores what summary.json's best_eval says."""
+    from qenv.agents.sb3 import NormalizedAgent
+    from qenv.cli.common import normalizer_path
+    from qenv.cli.envs import make_quant_env
+    from qenv.envs.episodes import rollout_recipe
+    from qenv.io import read_json
+    from stable_baselines3 import PPO
+
+    cfg = tmp_path / "n.yaml"
+    cfg.write_text(TINY_PPO.replace("  env_kwargs:", "  normalize: {norm_obs: true, norm_reward: false}\n  env_kwargs:"))
+    folder = tmp_path / "runs" / "nb"
+    code = run_main(train_agent, ["--model", stories_bin, "--config", cfg, "--timesteps", 256, "--eval-freq", 64,
+                                  "--logdir", tmp_path / "runs", "--name", "nb", "--no-progress", *SMALL_ENV])
+    assert code == 0
+    best = json.loads((folder / "summary.json").read_text())["best_eval"]
+    assert normalizer_path(folder / "best_model.zip") == folder / "best_model.vecnormalize.json"
+    assert normalizer_path(folder / "model.zip") == folder / "vecnormalize.json"
+    # the best evaluation came before the end here, so the two sets of statistics differ
+    assert best["timesteps"] < 256
+    assert (folder / "best_model.vecnormalize.json").read_text() != (folder / "vecnormalize.json").read_text()
+    config = json.loads((folder / "config.json").read_text())
+    env = make_quant_env(**config["env_kwargs"])
+    agent = NormalizedAgent(PPO.load(folder / "best_model.zip"), read_json(normalizer_path(folder / "best_model.zip"),
+                                                                           "stats", "retrain"))
+    _, info = rollout_recipe(agent, env, deterministic=True)
+    env.close()
+    assert info["episode_return"] == pytest.approx(best["mean_reward"], abs=1e-9)

@@ -93,6 +93,15 @@ def parse_key_values(items: Sequence[str] | None, what: str = "--env-kwargs") ->
     return out
 
 
+def normalizer_path(policy: Path) -> Path:
+    """The VecNormalize statistics a policy file acts with: ``<stem>.vecnormalize.json`` beside it
+    when there is one (``best_model.zip``: the statistics of the moment it was saved, from
+    ``--eval-freq``), else the run's final ``vecnormalize.json``."""
+    policy = Path(policy)
+    own = policy.with_name(policy.stem + ".vecnormalize.json")
+    return own if own.is_file() else policy.parent / "vecnormalize.json"
+
+
 def run_folder_of(policy: Path) -> Path | None:
     """The run folder ``policy`` belongs to: its own folder for ``model.zip``, the run folder above
     ``checkpoints/`` for a checkpoint (``<run>/checkpoints/step_*.zip``); ``None`` if neither holds
