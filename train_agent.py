@@ -651,19 +651,15 @@ class Run:
                 self.evaluator.evaluations = list(self.eval_state.get("records") or [])
                 self.evaluator.next_eval = self.eval_state.get("next")
                 best = self.eval_state.get("best")
-                self.evaluator.best = None if best is None else {**best, "infos": []}
-                if best is not None and best_model_copy(self.ckpt_dir, done).is_file():
-                    for name in BEST_MODEL_FILES:
-                        copy = best_model_copy(self.ckpt_dir, done, name)
-                        if copy.is_file():
-                            with atomic_path(self.folder / name) as tmp:
-                                shutil.copyfile(copy, tmp)
-                        else:
-                            (self.folder / name).unlink(missing_ok=True)
-                else:  # from evaluations after that checkpoint, which the resumed run plays again
-                    self.evaluator.best = None
-                    self.evaluator.evaluations = [e for e in self.evaluator.evaluations if e["timesteps"] <= done]
-                    for name in BEST_MODEL_FILES:
+                kept = best is not None and best_model_copy(self.ckpt_dir, done).is_file()
+                self.evaluator.best = {**best, "infos": []} if kept else None
+                # best_model.zip of evaluations after that checkpoint (played again now) gives way to its copy
+                for name in BEST_MODEL_FILES:
+                    copy = best_model_copy(self.ckpt_dir, done, name)
+                    if kept and copy.is_file():
+                        with atomic_path(self.folder / name) as tmp:
+                            shutil.copyfile(copy, tmp)
+                    else:
                         (self.folder / name).unlink(missing_ok=True)
                 self.evaluator.write_log()
             callbacks.insert(1, self.evaluator)  # before the checkpoints: one at this step holds this evaluation
