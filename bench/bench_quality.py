@@ -626,7 +626,10 @@ def transfer_job(cfg: dict[str, Any]) -> None:
             wait_for_model(m["spec"], deadline)
         device = pick_device(cfg["device"])
         rl_agent, rl_kind = rl_settings(cfg)
-        env = make_quant_env(model=[m["spec"] for m in train_models], budget_bpw=budget, data=calib,
+        # --transfer-train-budget: every budget's job trains the one policy at that budget (the same
+        # policy per seed: training is deterministic) and its rollouts are at `budget`
+        train_budget = float(cfg.get("train_budget") or budget)
+        env = make_quant_env(model=[m["spec"] for m in train_models], budget_bpw=train_budget, data=calib,
                              n_tokens=cfg["n_tokens"], seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
                              device=device, dtype=cfg["dtype"], seed=0, cache_dir=cfg["cache_dir"],
                              weight_cache_gib=cfg.get("weight_cache_gib"), action_kind=rl_kind,
@@ -644,6 +647,7 @@ def transfer_job(cfg: dict[str, Any]) -> None:
                   asked_timesteps=steps, truncated=agent.num_timesteps < steps, train_s=time.perf_counter() - t1,
                   setup_s=t1 - t0, device=device, observation=env.unwrapped.observation_kind,
                   agent=rl_agent, action_kind=env.unwrapped.mapper.kind, rl_config=cfg.get("rl_config"),
+                  train_budget=train_budget,
                   shaping_weight=env.unwrapped.shaping_weight, rl_env=rl_env_kwargs(cfg),
                   eval_env=rl_env_kwargs(cfg, evaluation=True))
         log(f"transfer {budget:g} s{seed}: trained {agent.num_timesteps} steps in {time.perf_counter() - t1:.0f}s")
@@ -798,7 +802,8 @@ def run(args: argparse.Namespace) -> int:
                                                               "test_models": test,
                                                               "timesteps": args.transfer_timesteps,
                                                               "eval_reserve_s": args.transfer_eval_reserve_s,
-                                                              "eval_jobs": args.transfer_eval_jobs}))
+                                                              "eval_jobs": args.transfer_eval_jobs,
+                                                              "train_budget": args.transfer_train_budget}))
             if args.transfer_eval_jobs:
                 seen_too = [(m, True) for m in train] if args.transfer_eval_seen else []
                 for model, seen in [(m, False) for m in test] + seen_too:
@@ -944,7 +949,7 @@ def merge_runs(runs: list[list[dict[str, Any]]], notes: list[str] | None = None)
     evaluated: dict[tuple, set] = {}
 
     def training(r: dict[str, Any]) -> str:  # what makes two trainings the same: length, zoo and env settings
-        keys = ("timesteps", "train_models", "observation", "shaping_weight", "rl_env", "eval_env")
+        keys = ("timesteps", "train_models", "observation", "shaping_weight", "rl_env", "eval_env", "train_budget")
         return json.dumps({k: r.get(k) for k in keys}, sort_keys=True, default=str)
 
     for index, rows in enumerate(runs):
@@ -1182,8 +1187,12 @@ def transfer_markdown(transfer: list[dict[str, Any]]) -> list[str]:
         if t["budget"] >= 3.0:
             count("human_3plus", lower(kl, t["human_kl"]))
     steps = transfer[0]["train_timesteps"]
+    fixed = sorted({r["train_budget"] for t in transfer for r in t["train"] if r and r.get("train_budget") is not None
+                    and r["train_budget"] != t["budget"]})
+    where = f" at {', '.join(f'{b:g}' for b in fixed)} bpw (one policy for every budget)" if fixed else \
+        " at each budget"
     md.append(f"\n(n = {len(transfer[0]['seeds'])} seeds, mean ± std where n > 1; trained "
-              f"{steps[0]:.0f} ± {steps[1]:.0f} timesteps; searchers seed 0)\n")
+              f"{steps[0]:.0f} ± {steps[1]:.0f} timesteps{where}; searchers seed 0)\n")
     words = {"greedy": "greedy", "random": "random search", "evolution": "evolution",
              "human": "the best human recipe at or under the budget",
              "human_3plus": "the best human recipe at or under the budget, at 3.0 bpw and above"}
@@ -1403,6 +1412,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--transfer-train", nargs="*", default=[])
     r.add_argument("--transfer-test", nargs="*", default=[])
     r.add_argument("--transfer-budgets", nargs="+", type=float, default=[3.0])
+    r.add_argument("--transfer-train-budget", type=float, default=None, metavar="BPW",
+                   help="train the transfer policies at this budget and roll them out at every --transfer-budgets "
+                        "value: one policy for all budgets (each budget's job trains that same policy, which "
+                        "costs compute, not wall time); default: one policy trained at each budget")
     r.add_argument("--transfer-seeds", nargs="+", type=int, default=[0])
     r.add_argument("--transfer-timesteps", type=int, default=24576)
     r.add_argument("--transfer-eval-reserve-s", type=float, default=90.0,

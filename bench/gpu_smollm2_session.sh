@@ -120,7 +120,8 @@ transfer)  # one MaskablePPO policy per budget trained on default, bench-llama a
   # goes to --transfer-eval-env, e.g. EVAL_ENV=max_deviations=12; RL_ENV="KEY=VALUE ..." to --rl-env,
   # the env of training and of the rollouts, e.g. RL_ENV=replan=fresh; RL_AGENT and RL_CONFIG the RL
   # method, e.g. RL_AGENT=ppo RL_CONFIG=configs/ppo_allocation.yaml; SEEDS and TIMESTEPS its training;
-  # TRANSFER_TEST the unseen models. The eval jobs need llama.cpp's library: carry .llamacpp in some call)
+  # TRANSFER_TEST the unseen models; TRAIN_BUDGET=3.0 one policy trained there for every budget. The
+  # eval jobs need llama.cpp's library: carry .llamacpp in some call; 14 workers ran out of GPU memory)
   deadline=${2:-420}; observation=${3:-relative}; budgets=${4:-2.5 3.0 3.5 4.0}; procs=${5:-64}; name=${6:-qtr}
   python3 bench/bench_quality.py run --models --data-dir /tmp/qdata --out /tmp/$name --cache-dir /tmp/qcache \
     --transfer-train default /tmp/bench_models/bench-llama /tmp/bench_models/bench-qwen2 \
@@ -129,7 +130,8 @@ transfer)  # one MaskablePPO policy per budget trained on default, bench-llama a
     --transfer-search-evals 16 --transfer-eval-reserve-s 0 --no-transfer-eval-seen --weight-cache-gib 6 \
     --rl-agent ${RL_AGENT:-maskable_ppo} ${RL_CONFIG:+--rl-config $RL_CONFIG} \
     --rl-observation "$observation" --nice 10 --deadline-s "$deadline" --grace-s 15 \
-    ${RL_ENV:+--rl-env $RL_ENV} ${EVAL_ENV:+--transfer-eval-env $EVAL_ENV} > "$OUT/$name.log" 2>&1
+    ${RL_ENV:+--rl-env $RL_ENV} ${EVAL_ENV:+--transfer-eval-env $EVAL_ENV} \
+    ${TRAIN_BUDGET:+--transfer-train-budget $TRAIN_BUDGET} > "$OUT/$name.log" 2>&1
   python3 bench/bench_quality.py report --out /tmp/$name >> "$OUT/$name.log" 2>&1
   tar czf "$OUT/$name.tgz" -C /tmp $name
   tail -30 "$OUT/$name.log"

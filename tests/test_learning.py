@@ -986,6 +986,31 @@ def test_bench_quality_transfer_with_an_rl_config_of_the_allocation_kind(stories
     assert ev["policy"]["bpw"] <= 3.0 + 1e-9
 
 
+def test_bench_quality_transfer_trains_one_policy_for_every_budget(stories_bin, tmp_path):
+    """--transfer-train-budget: every budget's zero-shot rollouts use the policy trained at that one
+    budget (the jobs of both budgets trained the same weights), and the report says so."""
+    import torch
+
+    bench = load_bench_quality("bench_quality_train_budget")
+    out = tmp_path / "tr"
+    code = bench.main(["run", "--models", "--data-dir", str(stories_bin.parents[1]), "--out", str(out),
+                       "--transfer-train", "default", "--transfer-test", "stories260K", "--transfer-budgets", "2.5",
+                       "3.5", "--transfer-train-budget", "3.0", "--transfer-seeds", "0", "--transfer-timesteps", "128",
+                       "--transfer-eval-jobs", "--no-transfer-eval-seen", "--rl-agent", "ppo", "--rl-config",
+                       str(REPO / "configs" / "ppo_allocation.yaml"), "--device", "cpu", "--n-tokens", "256",
+                       "--held-tokens", "256", "--max-procs", "2", "--deadline-s", "300"])
+    assert code == 0
+    rows = [r for r in bench.load_rows(out) if r.get("kind") == "transfer"]
+    trains = {r["budget"]: r for r in rows if r["method"] == "train"}
+    assert set(trains) == {2.5, 3.5} and {r["train_budget"] for r in trains.values()} == {3.0}
+    evals = {r["budget"]: r for r in rows if r["method"] == "eval"}
+    assert set(evals) == {2.5, 3.5} and all("error" not in r for r in evals.values()), evals
+    assert evals[2.5]["policy"]["bpw"] <= 2.5 + 1e-9 < evals[3.5]["policy"]["bpw"] <= 3.5 + 1e-9
+    a, b = (torch.load(bench.policy_file(out, budget, 0), weights_only=True) for budget in (2.5, 3.5))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # one policy
+    assert "at 3 bpw (one policy for every budget)" in (out / "quality_tables.md").read_text()
+
+
 def test_bench_quality_trains_on_the_rule_kinds(stories_bin, tmp_path):
     """bench_quality.py's RL method runs on the kinds that invent rules: MaskablePPO on ``rule``
     (the benchmark config's plan_deviations, which only the residual kind has, is left out) and
