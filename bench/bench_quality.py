@@ -1187,8 +1187,8 @@ def transfer_markdown(transfer: list[dict[str, Any]]) -> list[str]:
         if t["budget"] >= 3.0:
             count("human_3plus", lower(kl, t["human_kl"]))
     steps = transfer[0]["train_timesteps"]
-    fixed = sorted({r["train_budget"] for t in transfer for r in t["train"] if r and r.get("train_budget") is not None
-                    and r["train_budget"] != t["budget"]})
+    fixed = sorted({r["train_budget"] for t in transfer for r in t.get("train") or []
+                    if r and r.get("train_budget") is not None and r["train_budget"] != t["budget"]})
     where = f" at {', '.join(f'{b:g}' for b in fixed)} bpw (one policy for every budget)" if fixed else \
         " at each budget"
     md.append(f"\n(n = {len(transfer[0]['seeds'])} seeds, mean ± std where n > 1; trained "
