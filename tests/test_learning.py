@@ -840,19 +840,23 @@ def test_bench_quality_merge_fills_zero_shot_rows_from_the_same_complete_trainin
     assert [r["model"] for r in rows if r.get("method") == "eval"] == ["gpt2"]
 
 
+def quality_cfg(bench, stories_bin, out, **over):
+    """A bench_quality.py quality job's settings for stories260K at 3.0 bpw, small and on the CPU."""
+    import time
+
+    data_dir = stories_bin.parents[1]
+    return {"model": bench.resolve_model("stories260K", data_dir), "budget": 3.0, "deadline": time.time() + 600,
+            "out": str(out), "data_dir": str(data_dir), "n_tokens": 256, "seq_len": 32, "batch_size": 8,
+            "held_tokens": 256, "device": "cpu", "dtype": "float32", "cache_dir": str(Path(out) / "c"),
+            "seeds": [0], "rl_agent": "maskable_ppo", "action_kind": "residual", "threads": 1, **over}
+
+
 def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     """bench_quality.py reports the RL run twice: its deterministic rollout (ppo) and, like the
     searchers, the best recipe of its N training episodes (rl_best), measured again."""
     pytest.importorskip("sb3_contrib")
-    import time
-
     bench = load_bench_quality("bench_quality_rl")
-    data_dir = stories_bin.parents[1]
-    cfg = {"model": bench.resolve_model("stories260K", data_dir), "budget": 3.0, "deadline": time.time() + 600,
-           "episodes": 4, "out": str(tmp_path), "data_dir": str(data_dir), "n_tokens": 256, "seq_len": 32,
-           "batch_size": 8, "held_tokens": 256, "device": "cpu", "dtype": "float32", "cache_dir": str(tmp_path / "c"),
-           "seeds": [0], "methods": ["ppo"], "rl_agent": "maskable_ppo", "action_kind": "residual", "threads": 1,
-           "rl_observation": "relative"}
+    cfg = quality_cfg(bench, stories_bin, tmp_path, episodes=4, methods=["ppo"], rl_observation="relative")
     bench.quality_job(cfg)
     rows = {r["method"]: r for r in bench.load_rows(tmp_path)}
     assert rows["ppo"]["observation"] == rows["rl_best"]["observation"] == "relative"
@@ -872,15 +876,8 @@ def test_bench_quality_rl_eval_reports_the_best_of_k_evaluated_rollouts(stories_
     K times, N evaluations in all), and the best evaluation's recipe measured again; the report
     gives it its own column."""
     pytest.importorskip("sb3_contrib")
-    import time
-
     bench = load_bench_quality("bench_quality_rleval")
-    data_dir = stories_bin.parents[1]
-    cfg = {"model": bench.resolve_model("stories260K", data_dir), "budget": 3.0, "deadline": time.time() + 600,
-           "episodes": 8, "out": str(tmp_path), "data_dir": str(data_dir), "n_tokens": 256, "seq_len": 32,
-           "batch_size": 8, "held_tokens": 256, "device": "cpu", "dtype": "float32", "cache_dir": str(tmp_path / "c"),
-           "seeds": [0], "methods": ["greedy", "rl_eval"], "rl_agent": "maskable_ppo", "action_kind": "residual",
-           "threads": 1, "rl_eval_points": 4}
+    cfg = quality_cfg(bench, stories_bin, tmp_path, episodes=8, methods=["greedy", "rl_eval"], rl_eval_points=4)
     bench.quality_job(cfg)
     rows = {r["method"]: r for r in bench.load_rows(tmp_path)}
     row = rows["rl_eval"]
