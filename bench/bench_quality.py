@@ -446,9 +446,20 @@ def quality_job(cfg: dict[str, Any]) -> None:
     rl_agent, rl_kind = rl_settings(cfg)
     shaping = float(cfg.get("rl_shaping") or 0.0)
     observation = rl_observation(cfg)
+
+    def make_rl_env() -> Any:
+        """An env of the RL method's kind, shaping, observation and --rl-env on this task."""
+        return make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping, observation=observation,
+                        **rl_env_kwargs(cfg))[0]
+
     rl_env = env if rl_kind == "discrete" and not shaping and observation == "full" and not rl_env_kwargs(cfg) else \
-        make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping, observation=observation,
-                 **rl_env_kwargs(cfg))[0]
+        make_rl_env()
+    eval_envs: list[Any] = []  # rl_eval's second env, for the evaluations during training (made once, when needed)
+
+    def rl_fields() -> dict[str, Any]:
+        """What every RL row records of the method's settings."""
+        return {"agent": rl_agent, "action_kind": rl_kind, "shaping_weight": rl_env.unwrapped.shaping_weight,
+                "observation": rl_env.unwrapped.observation_kind, "rl_env": rl_env_kwargs(cfg)}
 
     trained: dict[int, Any] = {}  # seed -> the training run's episode tracker (for rl_best); None: it failed
 
@@ -468,9 +479,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
         return {**measure(task, held, recipe_of(info), budget), **menu_use(recipe_of(info)), "evals": played,
                 "n_steps": hp.get("n_steps"),
                 "truncated": played + 1e-9 < episodes, "clamped_actions": info.get("clamped_actions", 0),
-                "agent": rl_agent, "action_kind": rl_kind, "plan_deviations": hp.get("plan_deviations"),
-                "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind,
-                "rl_env": rl_env_kwargs(cfg)}
+                "plan_deviations": hp.get("plan_deviations"), **rl_fields()}
 
     def rl_eval(seed: int) -> dict[str, Any]:
         """The RL method trained on N − K episodes, its deterministic rollout evaluated every
@@ -485,7 +494,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
         every = -(-train // points)  # whole episodes between evaluations, so at most K of them
         hp = ppo_hyperparams(n_layers, train, agent=rl_agent, action_kind=rl_kind, config=cfg.get("rl_config"))
         agent = make_agent(rl_agent, rl_env, seed=seed, **hp)
-        evaluator = DeterministicEvalCallback(eval_env(), every * n_layers)
+        eval_envs[:] = eval_envs or [make_rl_env()]
+        evaluator = DeterministicEvalCallback(eval_envs[0], every * n_layers)
         agent.learn(train * n_layers, callback=CallbackList([sb3_cb, evaluator]))
         played = agent.num_timesteps / n_layers
         if evaluator.best is None:
@@ -497,18 +507,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
                 "eval_points": len(evaluator.evaluations), "best_at_episode": evaluator.best["timesteps"] / n_layers,
                 "eval_kls": [e["kl"][0] for e in evaluator.evaluations], "deviations": info.get("deviations"),
                 "n_steps": hp.get("n_steps"), "truncated": played + 1e-9 < train,
-                "agent": rl_agent, "action_kind": rl_kind, "plan_deviations": hp.get("plan_deviations"),
-                "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind,
-                "rl_env": rl_env_kwargs(cfg)}
-
-    evaluation_env: list[Any] = []
-
-    def eval_env() -> Any:
-        """A second env of the RL method's kind on the same task, for the evaluations during training."""
-        if not evaluation_env:
-            evaluation_env.append(make_env(model, budget, cfg, out / "work", rl_kind, shaping_weight=shaping,
-                                           observation=observation, **rl_env_kwargs(cfg))[0])
-        return evaluation_env[0]
+                "plan_deviations": hp.get("plan_deviations"), **rl_fields()}
 
     def rl_best(seed: int) -> dict[str, Any]:
         """The best recipe of the N training episodes, measured like the searchers' best."""
@@ -523,9 +522,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
         return {**measure(task, held, best, budget), **menu_use(best), "evals": len(tracker),
                 "best_episode": tracker.best["n"],
                 "episode_kl_min": min(e["kl"] for e in tracker.episodes if e.get("kl") is not None),
-                "truncated": len(tracker) < episodes, "agent": rl_agent, "action_kind": rl_kind,
-                "shaping_weight": rl_env.unwrapped.shaping_weight, "observation": rl_env.unwrapped.observation_kind,
-                "rl_env": rl_env_kwargs(cfg)}
+                "truncated": len(tracker) < episodes, **rl_fields()}
 
     only = set(cfg.get("methods") or DEFAULT_METHODS)
     for name in ("rtn", "gptq", "awq"):

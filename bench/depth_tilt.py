@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/depth_tilt.py MODEL [MODEL ...] [--tilts 0 0.1 0.2 0.3] [--n-tokens 1024]
 
 For each model and budget (2.5, 3.0, 3.5, 4.0 bpw) the allocation kind plays one episode with the
-preference p = a (1 - 2 depth) on every layer (depth in (0, 1): the layer's block position), i.e.
+preference p = a (1 - 2 depth) on every layer (depth: the observation's, features.layer_depth), i.e.
 greedy's allocation on the sensitivities weighted by exp(3 p), filled to the budget, and prints
 its calibration KL divided by greedy's (the residual kind's all-zero episode). A = 0 is greedy's
 plan filled to the budget. Below 1 is better than greedy. It checks BENCHMARKS.md's reading of
@@ -24,6 +24,7 @@ def main() -> int:
     import torch
 
     from qenv.envs.episodes import play_episode
+    from qenv.envs.features import layer_depth
     from qenv.envs.quant_llm import QuantLLMEnv
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -40,8 +41,7 @@ def main() -> int:
             plan = QuantLLMEnv(model=model, budget_bpw=budget, action_kind="residual", device="cpu",
                                n_tokens=args.n_tokens)
             greedy = play_episode(plan, [0] * plan.episode_length)["kl"]
-            depth = np.array([min(1.0, (i.block + 0.5) / max(i.n_blocks, 1)) if i.block >= 0 else 1.0
-                              for i in env.task.layers])
+            depth = np.array([layer_depth(info) for info in env.task.layers])  # the observation's depth
             ratios = []
             for a in args.tilts:
                 prefs = a * (1 - 2 * depth)

@@ -107,12 +107,18 @@ def _static_row(evaluator: Evaluator, info: LayerInfo, total_params: int, errors
         x_peak = float(rms.max()) / x_rms
     else:
         x_rms, x_peak = 1.0, 1.0
-    depth = 0.0 if info.block < 0 else min(1.0, (info.block + 0.5) / max(info.n_blocks, 1))
+    depth = layer_depth(info)
     kind = [1.0 if info.kind == k else 0.0 for k in LAYER_KINDS]
     errors = [math.log10(max(float(e), 1e-12)) / 4.0 for e in errors]
     return [depth, *kind, math.log2(info.in_features) / 16, math.log2(info.out_features) / 16,
             math.log10(info.numel) / 10, info.numel / total_params, math.log10(std), math.log10(kurtosis) / 2,
             math.log10(peak) / 2, math.log10(x_rms) / 2, math.log10(x_peak) / 2, *errors]
+
+
+def layer_depth(info: LayerInfo) -> float:
+    """Where the layer's block sits in the model, in (0, 1) (0 for a layer outside the blocks):
+    the observation's ``depth``."""
+    return 0.0 if info.block < 0 else min(1.0, (info.block + 0.5) / max(info.n_blocks, 1))
 
 
 def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray:
