@@ -126,6 +126,43 @@ def _no_conversion_bar() -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
+try:  # transformers' config classes are strict dataclasses: an impossible shape is this error
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+except ImportError:  # pragma: no cover - an older huggingface_hub raises ValueError instead
+    class _StrictDataclassError(Exception):  # type: ignore[no-redef]
+        pass
+
+_CONFIG_REFUSALS: tuple[type[BaseException], ...] = (_StrictDataclassError,)
+_METADATA_FIX = ("re-export it (llama.cpp's convert_hf_to_gguf.py); its metadata (block_count, embedding_length, "
+                 "feed_forward_length, head counts, context_length) must describe the weights it holds.")
+
+
+def check_declared_model(path: Path, config: Any, held: list[int], dtype: torch.dtype) -> None:
+    """Refuse, before a single weight is allocated, a GGUF whose metadata declares a model the file
+    cannot hold: the model is built on the ``meta`` device (shapes only) and its parameter count is
+    compared with the elements of the file's tensors. (A 142 KB file declaring 16 blocks of
+    2048 x 8192 would otherwise allocate 5 GB before the shapes disagree; one declaring
+    200 x 16384 x 65536, terabytes.) A context length of 0 or less is refused too: it cannot be run."""
+    from transformers import AutoModelForCausalLM
+
+    for key in ("max_position_embeddings", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            shown = {"max_position_embeddings": "context_length", "num_hidden_layers": "block_count",
+                     "hidden_size": "embedding_length", "num_attention_heads": "head_count"}.get(key, key)
+            raise QenvError(f"GGUF file {path.name} declares {shown}={value}, which no model can have.", _METADATA_FIX)
+    with torch.device("meta"):
+        probe = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    declared = sum(p.numel() for p in probe.parameters())  # shared (tied) weights once
+    del probe
+    # an untied output layer may reuse the embedding's tensor: allow one tensor's worth of slack
+    if declared > sum(held) + max(held, default=0):
+        need = declared * torch.empty((), dtype=dtype).element_size()
+        raise QenvError(f"GGUF file {path.name} declares a model of {declared:,} parameters ({need / 2**30:,.1f} GiB "
+                        f"as {str(dtype).replace('torch.', '')}), but its tensors hold {sum(held):,}; it is not "
+                        "built.", _METADATA_FIX)
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """A dequantized ``*ForCausalLM`` and its tokenizer from a GGUF file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -133,6 +170,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.
 
     path = Path(path)
     architecture, reader = read_gguf_architecture(path)
+    held = [int(t.n_elements) for t in reader.tensors]  # what the file holds, from its tensor table
     del reader
     supported = set(GGUF_SUPPORTED_ARCHITECTURES)
     if architecture not in supported and architecture.replace("-", "_") not in supported:
@@ -142,11 +180,17 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.
                         "or its transformers folder.")
     folder, name = str(path.parent), path.name
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        try:
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        except _CONFIG_REFUSALS as exc:  # e.g. head_count not dividing embedding_length
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise QenvError(f"GGUF file {path.name} declares a model that cannot be built "
+                            f"({lines[-1] if lines else type(exc).__name__}).", _METADATA_FIX) from None
         pad = getattr(config, "pad_token_id", None)
         if pad is not None and not 0 <= pad < config.vocab_size:
             # llama.cpp's converter writes "no padding token" as -1, read back as 4294967295 (uint32)
             config.pad_token_id = None
+        check_declared_model(path, config, held, dtype)
         with torch.device("cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         extra = {"torch_dtype": dtype} if "torch_dtype" in inspect.signature(load_gguf_checkpoint).parameters else {}
