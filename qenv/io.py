@@ -82,17 +82,30 @@ def apply_default_modes(folder: str | Path) -> None:
             os.chmod(path, default_mode(executable=path.is_dir()))
 
 
-def read_json(path: str | Path, what: str, fix: str) -> Any:
-    """Parse a JSON file, or raise one clear error naming ``what`` it should have been."""
+#: the largest JSON file qenv reads (run files, checkpoint states, saved searchers, statistics: KBs)
+MAX_JSON_BYTES = 64 * 2**20
+
+
+def read_json(path: str | Path, what: str, fix: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file, or raise one clear error naming ``what`` it should have been.
+
+    Files are input: the size is checked before reading, and nesting too deep to parse (a
+    ``RecursionError`` in the parser) is refused like any other bad JSON."""
     from qenv.errors import QenvError
 
     path = Path(path)
     if not path.is_file():
         raise QenvError(f"{what} {path} does not exist.", fix)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise QenvError(f"{what} {path} is {size / 2**20:,.1f} MiB, more than the {max_bytes / 2**20:,.0f} MiB such "
+                        "a file may have; it is not read.", fix)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QenvError(f"{what} {path} is not valid JSON ({exc}).", fix) from None
+    except RecursionError:
+        raise QenvError(f"{what} {path} is not valid JSON (it nests too deeply).", fix) from None
 
 
 def write_text_atomic(path: str | Path, text: str, executable: bool = False) -> Path:

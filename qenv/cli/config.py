@@ -170,11 +170,45 @@ def check_env_kwargs(env_kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+#: a config file's largest size, and the largest size its settings may resolve to (characters of
+#: scalars plus one per node, each alias counted where it is used): a config is a few hundred bytes,
+#: and a 588-byte file of nested aliases resolves to gigabytes ("billion laughs")
+MAX_CONFIG_BYTES = 1 * 2**20
+MAX_RESOLVED_SIZE = 4 * 2**20
+
+
+def resolved_size(data: Any, limit: int = MAX_RESOLVED_SIZE) -> int:
+    """The size ``data`` takes once every alias is expanded (one per node plus the characters of its
+    scalars), counted up to just past ``limit`` and no further: the count stops as soon as it is
+    exceeded, so it costs at most ``limit`` steps however large (or self-referencing) ``data`` is."""
+    size, stack = 0, [data]
+    while stack and size <= limit:
+        item = stack.pop()
+        size += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend(item)
+        elif isinstance(item, (str, bytes)):
+            size += len(item)
+    return size
+
+
 def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise QenvError(f"Config file {path} does not exist.", "pass an existing YAML file, e.g. --config configs/ppo.yaml.")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise QenvError(f"Config file {path} is {path.stat().st_size / 2**20:,.1f} MiB, more than the "
+                        f"{MAX_CONFIG_BYTES // 2**20} MiB a config may have; it is not read.",
+                        "pass an rl-zoo style YAML file of hyperparameters.")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if resolved_size(data) > MAX_RESOLVED_SIZE:  # aliases share objects: nothing was expanded yet
+            raise QenvError(f"Config file {path} resolves to more than {MAX_RESOLVED_SIZE // 2**20} MiB of settings "
+                            "once its aliases (*name) are expanded; it is not used.",
+                            "write the hyperparameters out plainly, without nested aliases.")
+        return data
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
