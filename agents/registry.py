@@ -187,6 +187,33 @@ def resolve_agent(name_or_path: str) -> AgentSpec:
                     f"use one of {', '.join(names)}, or a plug-in as 'package.module:Class'.")
 
 
+def is_plugin(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` names code by import path (``module:Class``, ``file.py:Class``)
+    rather than an agent of the registry."""
+    return ":" in str(name_or_path)
+
+
+def agent_named_by_file(value: Any, source: str) -> str | None:
+    """The registered agent a file names (a run folder's ``summary.json``/``config.json``, the agent
+    record of a zip), or ``None`` when it names none.
+
+    Files are input, and run folders are shared: a name from a file may only pick an agent of the
+    registry (built-in or installed entry point), never code by path. A plug-in
+    (``file.py:Class``, ``module:Class``) is taken from the command line alone (``--agent``), and its
+    path is not repeated back as advice: following it would run what the file chose.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str) and not is_plugin(value) and _normalize(value) in available_agents():
+        return _normalize(value)
+    what = "a plug-in by import path" if isinstance(value, str) and is_plugin(value) else \
+        "an agent that is not registered here"
+    raise QenvError(f"{source} names {what}, and a file never chooses code to run (only the registry's names: "
+                    f"{', '.join(available_agents())}).",
+                    "pass --agent yourself: a registered name, or the plug-in that trained this policy if you "
+                    "wrote or trust it.")
+
+
 def _check_hyperparams(factory: Callable[..., Any], name: str, hyperparams: dict[str, Any]) -> None:
     try:
         params = inspect.signature(factory).parameters

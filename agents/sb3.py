@@ -24,6 +24,7 @@ import importlib
 import io
 import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -104,12 +105,16 @@ class SB3Agent:
         if not path.is_file() and not path.with_name(path.name + ".zip").is_file():
             raise QenvError(f"No saved {cls.name} model at {path}.", "pass the .zip written by agent.save().")
         file = path if path.is_file() else path.with_name(path.name + ".zip")
+        check_zip_sizes(file)
         saved = agent_name_of_zip(file)
         if saved is not None and saved != cls.name:
-            algorithm = SB3_AGENTS[saved].class_name if saved in SB3_AGENTS else saved
-            raise QenvError(f"The saved agent {file} was trained with {algorithm} ({saved}), not {cls.class_name} "
-                            f"({cls.name}).", f"load it as {saved} (--agent {saved}), or leave --agent out to use the "
-                                              "run's agent.")
+            if saved not in SB3_AGENTS:  # a plug-in's record: not repeated back as advice (the file chose it)
+                raise QenvError(f"The saved agent {file} was not trained with {cls.class_name} ({cls.name}): it "
+                                "records another agent, which is not a registered one.",
+                                "pass --agent yourself: the plug-in that trained it if you wrote or trust it.")
+            raise QenvError(f"The saved agent {file} was trained with {SB3_AGENTS[saved].class_name} ({saved}), not "
+                            f"{cls.class_name} ({cls.name}).", f"load it as {saved} (--agent {saved}), or leave "
+                                                               "--agent out to use the run's agent.")
         # SB3 would cloudpickle.loads the zip's non-JSON entries, which runs whatever code the file
         # holds; they are unpickled here with an allow-list instead and handed over as custom_objects.
         custom_objects = {**safe_custom_objects(file), **(kwargs.pop("custom_objects", None) or {})}
@@ -117,6 +122,12 @@ class SB3Agent:
         try:
             agent.model = cls.algorithm_class().load(file, env=env, device=device, custom_objects=custom_objects,
                                                      **kwargs)
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickled object among the tensors
+            # (torch's own text suggests weights_only=False, which would run it: not repeated)
+            raise QenvError(f"The agent file {file} holds pickled Python objects among its tensors (policy.pth or "
+                            "pytorch_variables.pth), which qenv does not load: unpickling them could run arbitrary "
+                            "code.", "use agent files written by qenv (train_agent.py) or Stable-Baselines3 with "
+                                     "standard policies.") from None
         except (ValueError, KeyError, AssertionError, RuntimeError) as exc:
             import torch
 
@@ -261,6 +272,57 @@ class _AllowListUnpickler(pickle.Unpickler):
 
 #: the zip entry in which qenv records the agent that saved an SB3 zip
 AGENT_ENTRY = "qenv_agent.json"
+#: what :func:`agent_name_of_zip` returns for a record that is not a plain agent name (a plug-in path,
+#: or anything else a file may hold): never an import path to follow
+UNNAMED_AGENT = "<not a registered agent>"
+_PLAIN_AGENT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+#: the largest uncompressed sizes of an agent zip's entries: its JSON ``data`` (a PPO's is a few KB)
+#: and every entry (the policy's tensors: qenv's MLPs are KBs, a large SB3 network tens of MB).
+#: Checked on the zip's directory before anything is read, and again while reading.
+MAX_DATA_BYTES = 16 * 2**20
+MAX_ENTRY_BYTES = 512 * 2**20
+MAX_ZIP_BYTES = 1024 * 2**20
+
+
+def check_zip_sizes(path: str | Path) -> None:
+    """Refuse an agent zip whose entries would inflate past the caps above, before any is read
+    (a 2 MB file can hold gigabytes of compressed spaces)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise QenvError(f"{path} is not a readable Stable-Baselines3 agent file ({exc}).",
+                        "pass the model.zip written by train_agent.py or agent.save().") from None
+    total = 0
+    for info in infos:
+        cap = MAX_DATA_BYTES if info.filename in ("data", AGENT_ENTRY) else MAX_ENTRY_BYTES
+        total += info.file_size
+        if info.file_size > cap or total > MAX_ZIP_BYTES:
+            size = info.file_size if info.file_size > cap else total
+            limit = cap if info.file_size > cap else MAX_ZIP_BYTES
+            raise QenvError(f"The agent file {path} would inflate to {size / 2**20:,.0f} MiB "
+                            f"({'entry ' + repr(info.filename) if info.file_size > cap else 'all entries'}), more than "
+                            f"the {limit / 2**20:,.0f} MiB an agent file may hold; it is not read.",
+                            "pass the model.zip written by train_agent.py or agent.save().")
+
+
+def _read_entry(archive: zipfile.ZipFile, name: str, cap: int = MAX_DATA_BYTES) -> bytes:
+    """One zip entry, read at most ``cap`` bytes (a directory may understate what an entry inflates to)."""
+    if archive.getinfo(name).file_size > cap:
+        raise ValueError(f"entry {name!r} is larger than {cap} bytes")
+    with archive.open(name) as handle:
+        raw = handle.read(cap + 1)
+    if len(raw) > cap:
+        raise ValueError(f"entry {name!r} is larger than {cap} bytes")
+    return raw
+
+
+def _loads(raw: bytes) -> Any:
+    """JSON from a file's bytes; nesting too deep to parse is a ValueError, like other bad JSON."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("its JSON nests too deeply") from None
 
 
 def agent_name_of_zip(path: str | Path) -> str | None:
@@ -274,14 +336,17 @@ def agent_name_of_zip(path: str | Path) -> str | None:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             if AGENT_ENTRY in names:
-                name = json.loads(archive.read(AGENT_ENTRY).decode("utf-8")).get("agent")
-                return str(name) if name else None
+                name = _loads(_read_entry(archive, AGENT_ENTRY)).get("agent")
+                if not name:
+                    return None
+                return str(name) if _PLAIN_AGENT_NAME.fullmatch(str(name)) else UNNAMED_AGENT
             if "data" not in names:
                 return None
-            data = json.loads(archive.read("data").decode("utf-8"))
+            data = _loads(_read_entry(archive, "data"))
         raw = base64.b64decode(str(data["policy_class"][":serialized:"]).encode())
         policy = _AllowListUnpickler(io.BytesIO(raw)).load()
-    except (zipfile.BadZipFile, OSError, KeyError, TypeError, ValueError, _Refused, pickle.UnpicklingError, EOFError):
+    except (zipfile.BadZipFile, OSError, KeyError, TypeError, ValueError, AttributeError, _Refused,
+            pickle.UnpicklingError, EOFError):
         return None
     module = getattr(policy, "__module__", "")
     if module.startswith("stable_baselines3.dqn"):
@@ -309,17 +374,18 @@ def safe_custom_objects(path: str | Path) -> dict[str, Any]:
     zip's ``.pth`` tensors with ``torch.load(weights_only=True)`` itself.)
     """
     path = Path(path)
+    check_zip_sizes(path)
     try:
         with zipfile.ZipFile(path) as archive:
             if "data" not in archive.namelist():
                 raise QenvError(f"{path} is not a Stable-Baselines3 agent file (it has no 'data' entry).",
                                 "pass the model.zip written by train_agent.py or agent.save().")
-            data = json.loads(archive.read("data").decode("utf-8"))
+            data = _loads(_read_entry(archive, "data"))
     except (zipfile.BadZipFile, OSError) as exc:
         raise QenvError(f"{path} is not a readable Stable-Baselines3 agent file ({exc}).",
                         "pass the model.zip written by train_agent.py or agent.save().") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QenvError(f"{path} is damaged: its 'data' entry is not JSON ({exc}).",
+    except ValueError as exc:  # not UTF-8, not JSON, nested too deeply, larger than it said
+        raise QenvError(f"{path} is damaged: its 'data' entry is not readable JSON ({exc}).",
                         "pass an intact model.zip (e.g. a checkpoint in the run's checkpoints/ folder).") from None
     if not isinstance(data, dict):
         raise QenvError(f"{path} is damaged: its 'data' entry is not a JSON object.", "pass an intact model.zip.")
@@ -433,8 +499,55 @@ def normalizer_state(vec: Any) -> dict[str, Any]:
             "clip_reward": float(vec.clip_reward), "epsilon": float(vec.epsilon), "gamma": float(vec.gamma)}
 
 
-def load_normalizer_state(vec: Any, state: dict[str, Any]) -> None:
-    """Put saved statistics back into a ``VecNormalize`` (resuming a run)."""
+def _observation_size(space: Any) -> int | None:
+    shape = tuple(getattr(space, "shape", None) or ())
+    return int(np.prod(shape)) if shape else None
+
+
+def check_normalizer_state(state: Any, source: str | Path, size: int | None = None,
+                           fix: str = "delete it, or retrain the policy.") -> dict[str, Any]:
+    """Saved ``VecNormalize`` statistics (a file: input) checked before use, one error for any damage:
+    ``mean``/``var`` lists of ``size`` finite numbers, variances at least 0, a positive count,
+    ``clip_obs`` and ``epsilon`` positive numbers. Returns ``state``."""
+    def bad(why: str) -> QenvError:
+        return QenvError(f"Normalisation statistics {source} are damaged ({why}).", fix)
+
+    def number(key: str, positive: bool) -> float:
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or \
+                (positive and value <= 0):
+            raise bad(f"{key}={value!r} is not a {'positive ' if positive else ''}number")
+        return float(value)
+
+    if not isinstance(state, dict):
+        raise bad("not a JSON object")
+    missing = [k for k in ("mean", "var", "count", "clip_obs", "epsilon") if k not in state]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    arrays = {}
+    for key in ("mean", "var"):
+        value = state[key]
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in value):
+            raise bad(f"{key} is not a list of numbers")
+        arrays[key] = np.asarray(value, dtype=np.float64)
+        if not np.isfinite(arrays[key]).all():
+            raise bad(f"{key} holds NaN or inf")
+    if len(arrays["mean"]) != len(arrays["var"]) or (size is not None and len(arrays["mean"]) != size):
+        want = f"{size}, the observation size" if size is not None else "equal lengths"
+        raise bad(f"mean has {len(arrays['mean'])} entries and var {len(arrays['var'])}, not {want}")
+    if (arrays["var"] < 0).any():
+        raise bad(f"var holds a negative variance ({float(arrays['var'].min()):g})")
+    number("count", True), number("clip_obs", True), number("epsilon", True)
+    if not isinstance(state.get("norm_obs", True), bool):
+        raise bad(f"norm_obs={state['norm_obs']!r} is not true or false")
+    return state
+
+
+def load_normalizer_state(vec: Any, state: dict[str, Any], source: str | Path = "vecnormalize.json") -> None:
+    """Put saved statistics back into a ``VecNormalize`` (resuming a run), checked first."""
+    check_normalizer_state(state, source, _observation_size(vec.observation_space),
+                           "delete it to resume with fresh statistics.")
     vec.obs_rms.mean = np.asarray(state["mean"], dtype=np.float64)
     vec.obs_rms.var = np.asarray(state["var"], dtype=np.float64)
     vec.obs_rms.count = float(state["count"])
@@ -444,7 +557,10 @@ class NormalizedAgent:
     """An agent trained behind ``VecNormalize``, acting on raw observations: ``predict`` scales
     them with the training statistics first (the rest is the wrapped agent's)."""
 
-    def __init__(self, agent: Any, state: dict[str, Any]) -> None:
+    def __init__(self, agent: Any, state: dict[str, Any], source: str | Path = "vecnormalize.json") -> None:
+        space = getattr(getattr(agent, "model", None), "observation_space", None) or \
+            getattr(agent, "observation_space", None)  # a qenv agent's SB3 model, or an SB3 model itself
+        check_normalizer_state(state, source, _observation_size(space))
         self.agent = agent
         self.state = state
         self._mean = np.asarray(state["mean"], dtype=np.float64)

@@ -78,6 +78,47 @@ def _to_json(action: Any) -> Any:
     return arr.item() if arr.ndim == 0 else arr.tolist()
 
 
+
+def check_saved_searcher(data: dict[str, Any], path: Path, klass: type) -> None:
+    """A saved searcher (a file: input) checked field by field before anything is built from it, so
+    that damage is one error naming the field, not a ``TypeError``/``KeyError`` from deep inside."""
+    from qenv.agents.registry import check_hyperparams
+
+    fix = "pass the model.json written by a searcher (train_agent.py), or run the search again."
+
+    def bad(why: str) -> QenvError:
+        return QenvError(f"Saved searcher {path} is damaged ({why}).", fix)
+
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise bad(f"seed={seed!r} is not a whole number of at least 0")
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(n, str) for n in layers):
+        raise bad("it lists no layers" if not layers else "layers is not a list of layer names")
+    actions = data.get("actions")
+    if not isinstance(actions, list) or len(actions) != len(layers):
+        raise bad(f"actions is not a list of one action per layer ({len(layers)})")
+    if not isinstance(data.get("rules"), dict):
+        raise bad("rules is not a JSON object of layer rules")
+    hyperparams = data.get("hyperparams", {})
+    if not isinstance(hyperparams, dict):
+        raise bad("hyperparams is not a JSON object")
+    if "pool" in hyperparams:  # a worker pool is a live object of the caller, never a file's value
+        raise bad("hyperparams names a pool")
+    check_hyperparams(str(getattr(klass, "name", data.get("agent"))), hyperparams, f"Saved searcher {path}")
+    for key in ("reward", "evaluations"):
+        value = data.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(f"{key}={value!r} is not a number")
+    history = data.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                for x in history):
+        raise bad("history is not a list of numbers")
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise bad("metrics is not a JSON object")
+
+
 class Searcher:
     """Base class: budget bookkeeping, env evaluation, replay, save/load."""
 
@@ -310,6 +351,7 @@ class Searcher:
         if klass is None or not issubclass(klass, cls):
             raise QenvError(f"{path} holds a {data.get('agent')!r} searcher, not a {cls.name!r} one.",
                             f"load it with the {data.get('agent')!r} agent.")
+        check_saved_searcher(data, path, klass)
         recipe = Recipe.from_dict(data["rules"])
         if env is not None:
             obj = klass(env, seed=int(data.get("seed", 0)), **data.get("hyperparams", {}))
