@@ -100,19 +100,32 @@ def build_parser() -> ArgumentParser:
 
 
 # -- the run the policy came from -------------------------------------------------------------------------
-def read_run(policy: Path) -> dict[str, Any]:
+#: how many runs back a chain of --init-from is followed (each run read once: a cycle ends too)
+MAX_INIT_FROM_DEPTH = 64
+
+
+def read_run(policy: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, Any]:
     """What the run folder of ``policy`` says: agent, env kwargs, training models (may be empty).
 
     A checkpoint is read with its run's settings (the folder above ``checkpoints/``), so it is
-    scored on the model it was trained on, not the built-in default."""
+    scored on the model it was trained on, not the built-in default. The agent is the file's word
+    as it stands (see :func:`qenv.agents.registry.agent_named_by_file` for what is accepted)."""
     found = run_folder_of(policy)
     run: dict[str, Any] = {"folder": found or policy.parent, "summary": None, "config": None, "found": found}
     for key, name in (("summary", "summary.json"), ("config", "config.json")):
         path = run["folder"] / name
         if path.is_file():
             run[key] = read_json(path, "Run file", "pass --agent and --model explicitly, or fix the file.")
-    settings = (run["summary"] or {}).get("settings") or run["config"] or {}
-    run["agent"] = (run["summary"] or {}).get("agent") or settings.get("agent")
+            if not isinstance(run[key], dict):
+                raise QenvError(f"Run file {path} is not a JSON object.",
+                                "pass --agent and --model explicitly, or fix the file.")
+    summary = run["summary"] or {}
+    settings = summary.get("settings") or run["config"] or {}
+    if not isinstance(settings, dict):
+        raise QenvError(f"Run file {run['folder'] / 'summary.json'} holds settings that are not a JSON object.",
+                        "pass --agent and --model explicitly, or fix the file.")
+    run["agent"] = summary.get("agent") or settings.get("agent")
+    run["agent_source"] = run["folder"] / ("summary.json" if summary.get("agent") else "config.json")
     run["env_kwargs"] = dict(settings.get("env_kwargs") or {})
     run["train_models"] = list((run["summary"] or {}).get("train_models") or [])
     run["init_from"] = (run["summary"] or {}).get("init_from") or settings.get("init_from")
@@ -121,9 +134,14 @@ def read_run(policy: Path) -> dict[str, Any]:
         run["train_models"] = [{"spec": m} for m in (model if isinstance(model, list) else [model])]
     # a fine-tuned policy also saw the models of the run it started from: those are not zero-shot
     run["pretrain_models"] = []
-    if run["init_from"] and Path(run["init_from"]).is_file() and run_folder_of(Path(run["init_from"])) is not None:
-        before = read_run(Path(run["init_from"]))
-        run["pretrain_models"] = before["train_models"] + before["pretrain_models"]
+    seen = _seen | {run["folder"].resolve()}
+    start = Path(str(run["init_from"])) if run["init_from"] else None
+    if start is not None and start.is_file() and len(seen) < MAX_INIT_FROM_DEPTH:
+        before_folder = run_folder_of(start)
+        # a chain that comes back to a run already read (A; B from A; A --overwrite from B) ends there
+        if before_folder is not None and before_folder.resolve() not in seen:
+            before = read_run(start, seen)
+            run["pretrain_models"] = before["train_models"] + before["pretrain_models"]
     return run
 
 
@@ -262,7 +280,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     if stats.is_file():  # trained behind VecNormalize (`normalize` in its config): act on scaled observations
         from qenv.agents.sb3 import NormalizedAgent
 
-        agent = NormalizedAgent(agent, read_json(stats, "Normalisation statistics", "delete it or retrain."))
+        agent = NormalizedAgent(agent, read_json(stats, "Normalisation statistics", "delete it or retrain."), stats)
     recipe, info = rollout_recipe(agent, env, deterministic=True)
     if args.save_model and any(rule.gguf is not None for rule in recipe.values()):
         raise QenvError(f"The policy's recipe on {task.name} uses llama.cpp types, which qenv scores as llama.cpp runs "
@@ -439,6 +457,38 @@ def saved_algorithm(policy: Path) -> str | None:
         return None  # the loader reports a damaged file with its own message
 
 
+#: settings a policy's run folder does not choose here: where qenv writes its cache and where models run
+#: belong to this machine and its user ($QENV_CACHE_DIR, --device), not to a folder someone copied
+MACHINE_SETTINGS: tuple[str, ...] = ("cache_dir", "device")
+
+
+def untrusted_run_settings(env_kwargs: dict[str, Any], given: dict[str, Any], folder: Path) -> list[str]:
+    """Drop from the run's ``env_kwargs`` what a run folder must not decide, and say so (notes).
+
+    ``cache_dir`` and ``device`` are removed (the user's ``--env-kwargs``/``--device``/``$QENV_CACHE_DIR``
+    decide). The run's calibration text (``data``) is kept only where it is a file here, and named:
+    a run copied from another machine points at files that are not here, and is then calibrated on
+    tokens sampled from the model instead."""
+    notes = []
+    dropped = {key: env_kwargs.pop(key) for key in MACHINE_SETTINGS if key in env_kwargs}
+    dropped = {k: v for k, v in dropped.items() if k not in given and v not in (None, "auto")}
+    if dropped:
+        notes.append(f"ignoring {', '.join(f'{k}={v}' for k, v in dropped.items())} from the run folder {folder} "
+                     "(a run folder does not choose where qenv writes or runs; --env-kwargs cache_dir=..., "
+                     "$QENV_CACHE_DIR and --device do)")
+    data = env_kwargs.get("data")
+    if data is not None and "data" not in given:
+        paths = [str(d) for d in (data if isinstance(data, list) else [data])]
+        missing = [d for d in paths if not Path(d).is_file()]
+        if missing:
+            env_kwargs.pop("data")
+            notes.append(f"the run's calibration text {missing[0]} is not a file here: calibrating on tokens sampled "
+                         "from the model instead (--env-kwargs data=FILE calibrates on text)")
+        else:
+            notes.append(f"calibrating on the run's text {', '.join(paths)} (--env-kwargs data=FILE picks other text)")
+    return notes
+
+
 def check_outputs(args: Any, out: Path) -> None:
     """Every output path, before any model is loaded: a bad one would otherwise fail after the
     whole evaluation (the same checker as train_agent.py's --logdir)."""
@@ -492,12 +542,16 @@ def _body(argv: list[str] | None) -> int:
             raise QenvError(f"Held-out text file {path} {what}.", "pass an existing UTF-8 text file to --data.")
         read_text_file(path)  # binary or undecodable text is refused now, not after the evaluation
     run = read_run(policy)
-    agent_name = args.agent or run["agent"] or saved_algorithm(policy) or "ppo"
-    from qenv.agents.registry import resolve_agent
+    from qenv.agents.registry import agent_named_by_file, resolve_agent
 
+    # a plug-in only from the command line: a run folder or a zip names registered agents alone
+    agent_name = args.agent or agent_named_by_file(run["agent"], f"The run file {run['agent_source']}") or \
+        agent_named_by_file(saved_algorithm(policy), f"The agent record in {policy}") or "ppo"
     resolve_agent(agent_name)
     env_kwargs = at_one_budget(run["env_kwargs"])  # a policy trained over several budgets is evaluated at one
     given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
+    for note in untrusted_run_settings(env_kwargs, given, run["folder"]):
+        print(f"note: {note}", flush=True)
     if "observation" in given:
         trained = str(run["env_kwargs"].get("observation", "full")) if run["found"] and run["env_kwargs"] else None
         check_observation_matches(policy, given["observation"], "--env-kwargs", trained)

@@ -16,6 +16,7 @@ Every number comes from the environment's evaluator.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -209,6 +210,7 @@ def resolve_settings(args: Any) -> dict[str, Any]:
 def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any = "full") -> str:
     """The absolute path of an ``--init-from`` policy whose spaces fit this run (checked before any
     model loads): the same observation size and the same action space."""
+    from qenv.agents.registry import available_agents
     from qenv.agents.sb3 import agent_name_of_zip, safe_custom_objects
     from qenv.cli.common import check_observation_matches
     from qenv.envs.features import OBSERVATION_KINDS, observation_size
@@ -224,6 +226,10 @@ def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any
     saved = agent_name_of_zip(file)
     same_network = {"ppo", "maskable_ppo"}  # one policy network and optimizer: a PPO policy fine-tunes as MaskablePPO
     if saved is not None and saved != spec.name and not {saved, spec.name} <= same_network:
+        if saved not in available_agents():  # a plug-in's record: a file's choice is not repeated back as advice
+            raise QenvError(f"--init-from {file} was not trained by --agent {spec.name!r} but by an agent that is "
+                            "not registered.", "pass --agent yourself: the plug-in that trained it if you wrote or "
+                                               "trust it (its network and optimizer state only fit that algorithm).")
         raise QenvError(f"--init-from {file} was trained by {saved!r}, not by --agent {spec.name!r}.",
                         f"pass --agent {saved} (its network and optimizer state only fit that algorithm).")
     objects = safe_custom_objects(file)
@@ -404,7 +410,7 @@ class Run:
                 stats = self.folder / NORMALIZER_FILE
                 if checkpoint is not None and stats.is_file():
                     load_normalizer_state(self.vec, read_json(stats, "Normalisation statistics",
-                                                              "delete it to resume with fresh statistics."))
+                                                              "delete it to resume with fresh statistics."), stats)
             env: Any = self.vec
         else:
             if s["n_envs"] != 1:
@@ -883,12 +889,33 @@ def _prepare_resume(args: Any, parser: ArgumentParser) -> tuple[Path, dict[str, 
     settings = read_json(config, "Run config", "start a new run instead.")
     check_run_config(settings, config)
     ignored = _given_flags(args, parser)
+    if is_plugin_of_command_line(settings["agent"], args.agent):
+        ignored = [flag for flag in ignored if flag != "--agent"]  # --agent vouches for the run's plug-in
+    else:  # a run folder names registered agents only: a plug-in path in it is not imported
+        from qenv.agents.registry import agent_named_by_file
+
+        settings["agent"] = agent_named_by_file(settings["agent"], f"The run config {config}")
     if ignored:
         print(f"note: resuming with the settings in {config}; ignoring {', '.join(ignored)}", flush=True)
     if args.device is not None:
         settings["env_kwargs"]["device"] = args.device
         settings["agent_device"] = args.device
+    cache = os.environ.get("QENV_CACHE_DIR")
+    stored = settings["env_kwargs"].get("cache_dir")
+    if stored not in (None, False) and cache and str(stored) != cache:
+        settings["env_kwargs"].pop("cache_dir")
+        print(f"note: using $QENV_CACHE_DIR={cache}, not the cache_dir={stored} in {config}", flush=True)
+    elif stored not in (None, False):
+        print(f"note: caching in {stored}, the cache_dir of {config} ($QENV_CACHE_DIR overrides it)", flush=True)
     return folder, settings
+
+
+def is_plugin_of_command_line(stored: str, given: str | None) -> bool:
+    """Whether a resumed run's plug-in agent (``module:Class``, ``file.py:Class``) is the one the user
+    passed as ``--agent`` now: only then is it imported (a config.json never chooses code alone)."""
+    from qenv.agents.registry import is_plugin
+
+    return bool(given) and is_plugin(stored) and str(given).strip() == str(stored).strip()
 
 
 def _body(argv: list[str] | None) -> int:
