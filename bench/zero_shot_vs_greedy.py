@@ -58,13 +58,17 @@ def main() -> int:
                          "their zero action)")
     if not (run / args.policy).is_file():
         raise SystemExit(f"{run / args.policy} does not exist (best_model.zip comes from train_agent.py --eval-freq)")
-    agent = load_agent(config["agent"], run / args.policy)
+    from qenv.agents.registry import agent_named_by_file
+
+    # a run folder names registered agents only: a plug-in path in its config.json is not imported
+    agent = load_agent(agent_named_by_file(config["agent"], f"The run config {run / 'config.json'}") or "ppo",
+                       run / args.policy)
     stats = normalizer_path(run / args.policy)
     if stats.is_file():  # trained behind VecNormalize: observations normalised as then
         from qenv.agents.sb3 import NormalizedAgent
         from qenv.io import read_json
 
-        agent = NormalizedAgent(agent, read_json(stats, "Normalisation statistics", "retrain."))
+        agent = NormalizedAgent(agent, read_json(stats, "Normalisation statistics", "retrain."), stats)
     rows = []
     for model in args.models:
         for budget in args.budgets:
