@@ -895,6 +895,9 @@ def _prepare_resume(args: Any, parser: ArgumentParser) -> tuple[Path, dict[str, 
         from qenv.agents.registry import agent_named_by_file
 
         settings["agent"] = agent_named_by_file(settings["agent"], f"The run config {config}")
+        if settings["agent"] is None:
+            raise QenvError(f"Run config {config} names no agent.",
+                            "restore it from the run's summary.json ('settings'), or start a new run.")
     if ignored:
         print(f"note: resuming with the settings in {config}; ignoring {', '.join(ignored)}", flush=True)
     if args.device is not None:

@@ -177,6 +177,21 @@ def test_resume_takes_a_plugin_from_the_command_line_only(case, tmp_path, capsys
     assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
 
 
+def test_resume_caches_where_qenv_cache_dir_says(cache_dir, tmp_path, capsys):
+    """A resumed run's config.json with a cache_dir of its own: $QENV_CACHE_DIR wins, said in a note."""
+    folder = tmp_path / "runs" / "x"
+    folder.mkdir(parents=True)
+    foreign = tmp_path / "foreign-cache"
+    (folder / "config.json").write_text(json.dumps({**RUN_CONFIG, "env_kwargs": {"cache_dir": str(foreign)}}))
+    code = run_main(train_agent, ["--resume", folder, "--no-progress"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, err, "has no complete checkpoint to resume from")
+    assert f"note: using $QENV_CACHE_DIR={cache_dir}, not the cache_dir={foreign}" in out
+    (folder / "config.json").write_text(json.dumps({**RUN_CONFIG, "agent": " "}))
+    assert_one_line_error(run_main(train_agent, ["--resume", folder, "--no-progress"]), capsys.readouterr().err,
+                          "names no agent")
+
+
 def test_init_from_a_zip_recording_a_plugin_is_not_echoed(policy, stories_bin, tmp_path, capsys):  # noqa: F811
     evil = copy_run(policy, tmp_path / "run", zip_record=f"{plugin(tmp_path, tmp_path / 'MARKER')}:Agent")
     code = run_main(train_agent, ["--model", stories_bin, "--init-from", evil, "--logdir", tmp_path / "runs",
