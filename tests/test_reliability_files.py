@@ -291,24 +291,38 @@ def nested_aliases(levels: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_yaml_aliases_that_resolve_to_gigabytes_are_one_line(stories_bin, tmp_path, capsys):
-    config = tmp_path / "laughs.yaml"
-    config.write_text(nested_aliases(7))
-    assert config.stat().st_size < 600
+YAML_CASES = {
+    "nested_aliases_under_policy_kwargs": (nested_aliases(7), "once its aliases (*name) are expanded"),
+    "nested_brackets": ("QuantLLM-v0:\n  policy_kwargs: {net_arch: " + "[" * 5_000 + "]" * 5_000 + "}\n",
+                        "nests too deeply to read"),
+}
+
+
+@pytest.mark.parametrize("case", list(YAML_CASES))
+def test_a_yaml_config_that_resolves_to_gigabytes_is_one_line(case, stories_bin, tmp_path, capsys):
+    text, needle = YAML_CASES[case]
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    assert config.stat().st_size < 2**17  # small files
     code = run_main(train_agent, ["--model", stories_bin, "--config", config, "--logdir", tmp_path / "runs",
                                   "--name", "x", "--no-progress", "--timesteps", 64, *SMALL])
-    assert_one_line_error(code, capsys.readouterr().err, "once its aliases (*name) are expanded")
+    assert_one_line_error(code, capsys.readouterr().err, needle)
     assert not (tmp_path / "runs" / "x").exists()
 
 
-def test_resolved_size_stops_at_its_limit():
-    """Counting a self-referencing or exponential structure costs at most the limit."""
+def test_resolved_size_counts_each_alias_where_it_is_used():
+    """Shared objects (loaded aliases) count at every use; a self-reference counts past the limit."""
+    import yaml
+
     from qenv.cli.config import resolved_size
 
     loop: list = []
     loop.append(loop)
     assert resolved_size(loop, limit=1000) == 1001
     assert resolved_size({"a": ["xy", 3]}) == 8  # dict 1, "a" 1+1, list 1, "xy" 1+2, 3 1
+    shared = [1]
+    assert resolved_size([shared, shared, {"k": shared}]) == 10
+    assert resolved_size(yaml.safe_load(nested_aliases(7)), limit=10**9) > 10**7  # 10**7 strings "x"
 
 
 # -- 3. hostile or damaged agent files ------------------------------------------------------------------

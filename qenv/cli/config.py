@@ -178,21 +178,36 @@ MAX_RESOLVED_SIZE = 4 * 2**20
 
 
 def resolved_size(data: Any, limit: int = MAX_RESOLVED_SIZE) -> int:
-    """The size ``data`` takes once every alias is expanded (one per node plus the characters of its
-    scalars), counted up to just past ``limit`` and no further: the count stops as soon as it is
-    exceeded, so it costs at most ``limit`` steps however large (or self-referencing) ``data`` is."""
-    size, stack = 0, [data]
-    while stack and size <= limit:
-        item = stack.pop()
-        size += 1
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set)):
-            stack.extend(item)
-        elif isinstance(item, (str, bytes)):
-            size += len(item)
-    return size
+    """The size ``data`` takes once every alias is expanded: one per node plus the characters of its
+    scalars, each alias counted where it is used; at most ``limit + 1`` (a self-reference counts as
+    more than ``limit``). Shared objects (what aliases load as) are sized once, so this costs one step
+    per object and reference in the file, however far the aliases would expand."""
+    def scalar(item: Any) -> int:
+        return 1 + len(item) if isinstance(item, (str, bytes)) else 1
+
+    def children(item: Any) -> list[Any]:
+        return [*item.keys(), *item.values()] if isinstance(item, dict) else list(item)
+
+    containers = (dict, list, tuple, set)
+    if not isinstance(data, containers):
+        return min(scalar(data), limit + 1)
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()  # containers whose children are being sized: met again, a cycle
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        item, finished = stack.pop()
+        key = id(item)
+        if finished:
+            total = 1 + sum(sizes[id(c)] if isinstance(c, containers) else scalar(c) for c in children(item))
+            sizes[key] = min(total, limit + 1)
+            open_ids.discard(key)
+        elif key in open_ids:
+            return limit + 1
+        elif key not in sizes:
+            open_ids.add(key)
+            stack.append((item, True))
+            stack.extend((c, False) for c in children(item) if isinstance(c, containers) and id(c) not in sizes)
+    return sizes[id(data)]
 
 
 def read_yaml(path: Path) -> Any:
@@ -203,7 +218,11 @@ def read_yaml(path: Path) -> Any:
                         f"{MAX_CONFIG_BYTES // 2**20} MiB a config may have; it is not read.",
                         "pass an rl-zoo style YAML file of hyperparameters.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise QenvError(f"Config file {path} nests too deeply to read.",
+                            "write the hyperparameters as an rl-zoo style YAML mapping.") from None
         if resolved_size(data) > MAX_RESOLVED_SIZE:  # aliases share objects: nothing was expanded yet
             raise QenvError(f"Config file {path} resolves to more than {MAX_RESOLVED_SIZE // 2**20} MiB of settings "
                             "once its aliases (*name) are expanded; it is not used.",
