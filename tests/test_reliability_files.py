@@ -265,6 +265,26 @@ def test_a_gguf_that_cannot_hold_its_model_is_one_line(case, stories_gguf, cache
     assert not (tmp_path / "runs" / "x").exists()
 
 
+@pytest.mark.parametrize("case", ["16_blocks_of_2048x8192", "200_blocks_of_16384x65536"])
+def test_a_model_folder_whose_config_outgrows_its_weights_is_one_line(case, cache_dir, tmp_path, capsys):
+    """The same check for a transformers folder (safetensors headers against a meta-device build),
+    before transformers would allocate the declared model and fill in what the file lacks."""
+    from qenv.models.loading import load_model
+
+    folder = tmp_path / "model"
+    load_model("tiny-llama").model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    blocks, width, ffn = (int(x) for x in case.replace("_blocks_of_", "x").split("x"))
+    config.update(num_hidden_layers=blocks, hidden_size=width, intermediate_size=ffn, num_attention_heads=width // 64,
+                  num_key_value_heads=width // 64, head_dim=64)
+    (folder / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()  # save_pretrained's progress bar
+    code = run_main(train_agent, ["--model", folder, "--logdir", tmp_path / "runs", "--name", "x", "--no-progress",
+                                  "--timesteps", 64, *SMALL])
+    assert_one_line_error(code, capsys.readouterr().err, "but its tensors hold 106,816; it is not built")
+    assert not (tmp_path / "runs" / "x").exists()
+
+
 def test_the_size_check_passes_an_intact_gguf(stories_gguf):
     """The control: the file's own metadata describes its tensors."""
     from qenv.models.loading import load_model

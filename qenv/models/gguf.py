@@ -139,11 +139,10 @@ _METADATA_FIX = ("re-export it (llama.cpp's convert_hf_to_gguf.py); its metadata
 
 def check_declared_model(path: Path, config: Any, held: list[int], dtype: torch.dtype) -> None:
     """Refuse, before a single weight is allocated, a GGUF whose metadata declares a model the file
-    cannot hold: the model is built on the ``meta`` device (shapes only) and its parameter count is
-    compared with the elements of the file's tensors. (A 142 KB file declaring 16 blocks of
-    2048 x 8192 would otherwise allocate 5 GB before the shapes disagree; one declaring
-    200 x 16384 x 65536, terabytes.) A context length of 0 or less is refused too: it cannot be run."""
-    from transformers import AutoModelForCausalLM
+    cannot hold (see :func:`qenv.models.loading.check_declared_size`; a 142 KB file declaring 16
+    blocks of 2048 x 8192 would otherwise allocate 5 GB before the shapes disagree, one declaring
+    200 x 16384 x 65536 terabytes), or a context length of 0 or less, which cannot be run."""
+    from qenv.models.loading import check_declared_size
 
     for key in ("max_position_embeddings", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         value = getattr(config, key, None)
@@ -151,16 +150,7 @@ def check_declared_model(path: Path, config: Any, held: list[int], dtype: torch.
             shown = {"max_position_embeddings": "context_length", "num_hidden_layers": "block_count",
                      "hidden_size": "embedding_length", "num_attention_heads": "head_count"}.get(key, key)
             raise QenvError(f"GGUF file {path.name} declares {shown}={value}, which no model can have.", _METADATA_FIX)
-    with torch.device("meta"):
-        probe = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    declared = sum(p.numel() for p in probe.parameters())  # shared (tied) weights once
-    del probe
-    # an untied output layer may reuse the embedding's tensor: allow one tensor's worth of slack
-    if declared > sum(held) + max(held, default=0):
-        need = declared * torch.empty((), dtype=dtype).element_size()
-        raise QenvError(f"GGUF file {path.name} declares a model of {declared:,} parameters ({need / 2**30:,.1f} GiB "
-                        f"as {str(dtype).replace('torch.', '')}), but its tensors hold {sum(held):,}; it is not "
-                        "built.", _METADATA_FIX)
+    check_declared_size(f"GGUF file {path.name}", config, held, dtype, _METADATA_FIX)
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:

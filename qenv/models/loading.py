@@ -202,6 +202,69 @@ def _quiet_local_load(load: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def check_declared_size(what: str, config: Any, held: list[int], dtype: torch.dtype, fix: str) -> None:
+    """Refuse a model whose config declares more parameters than its weight files hold, before any
+    weight is allocated: the model is built on the ``meta`` device (shapes only) and its parameter
+    count compared with ``held``, the element counts of the file's tensors (from their headers). An
+    untied output layer may reuse the embedding's tensor: one tensor's worth of slack is allowed."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        probe = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    declared = sum(p.numel() for p in probe.parameters())  # shared (tied) weights once
+    del probe
+    if declared > sum(held) + max(held, default=0):
+        need = declared * torch.empty((), dtype=dtype).element_size()
+        raise QenvError(f"{what} declares a model of {declared:,} parameters ({need / 2**30:,.1f} GiB as "
+                        f"{str(dtype).replace('torch.', '')}), but its tensors hold {sum(held):,}; it is not built.",
+                        fix)
+
+
+def _safetensors_elements(folder: Path) -> list[int] | None:
+    """Element counts of every tensor in a folder's ``*.safetensors`` files, read from their headers
+    (no tensor data); ``None`` when there are none or one cannot be read (the loader says why)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    counts: list[int] = []
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shape = handle.get_slice(key).get_shape()
+                    count = 1
+                    for dim in shape:
+                        count *= int(dim)
+                    counts.append(count)
+    except Exception:  # noqa: BLE001 - a damaged file: transformers' loader reports it with its own message
+        return None
+    return counts
+
+
+def _check_folder_size(folder: Path, dtype: torch.dtype) -> None:
+    """A local model folder whose config.json declares more than its safetensors hold is refused
+    before transformers allocates it (it would build the declared model, then fill what is missing)."""
+    from transformers import AutoConfig
+
+    held = _safetensors_elements(folder)
+    if not held:
+        return
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception:  # noqa: BLE001 - custom code, unknown types: the loader refuses these with its own message
+        return
+    try:
+        check_declared_size(f"Model folder {folder}", config, held, dtype,
+                            "use the config.json saved with these weights (check num_hidden_layers, hidden_size, "
+                            "intermediate_size and vocab_size).")
+    except QenvError:
+        raise
+    except Exception:  # noqa: BLE001 - not a causal LM transformers can build: the loader says so in its words
+        return
+
+
 @_quiet_local_load
 def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,6 +272,8 @@ def _load_transformers(source: str, dtype: torch.dtype, trust_remote_code: bool)
     from safetensors import SafetensorError
 
     local = Path(source).is_dir()
+    if local:
+        _check_folder_size(Path(source), dtype)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                            output_loading_info=True)
