@@ -478,7 +478,7 @@ def untrusted_run_settings(env_kwargs: dict[str, Any], given: dict[str, Any], fo
                      "$QENV_CACHE_DIR and --device do)")
     data = env_kwargs.get("data")
     if data is not None and "data" not in given:
-        paths = [str(d) for d in (data if isinstance(data, list) else [data])]
+        paths = [d if isinstance(d, str) else repr(d) for d in (data if isinstance(data, list) else [data])]
         missing = [d for d in paths if not Path(d).is_file()]
         if missing:
             env_kwargs.pop("data")

@@ -202,6 +202,17 @@ def test_init_from_a_zip_recording_a_plugin_is_not_echoed(policy, stories_bin, t
     assert not (tmp_path / "runs" / "x").exists() and not (tmp_path / "MARKER").exists()
 
 
+def test_init_from_a_run_with_a_deeply_nested_config_is_one_line(policy, stories_bin, tmp_path, capsys):  # noqa: F811
+    """The run folder of an --init-from policy is read for its observation kind: a config.json nested
+    too deeply to parse is passed over (no RecursionError), and the next check speaks."""
+    start = copy_run(policy, tmp_path / "run", config_json="[" * 200_000 + "]" * 200_000)
+    code = run_main(train_agent, ["--model", stories_bin, "--init-from", start, "--logdir", tmp_path / "runs",
+                                  "--name", "x", "--no-progress", "--timesteps", 64, "--env-kwargs", "n_tokens=512",
+                                  "seq_len=64", "action_kind=continuous"])
+    assert_one_line_error(code, capsys.readouterr().err, "but action_kind='continuous' gives")
+    assert not (tmp_path / "runs" / "x").exists()
+
+
 def test_a_policys_run_folder_chooses_no_cache_folder_or_device(policy, cache_dir, tmp_path, capsys):  # noqa: F811
     """A copied run with cache_dir and device set: both are ignored, with a note (the cache goes to
     $QENV_CACHE_DIR, the model to the default device). ``--agent dqn`` ends the run once the

@@ -117,15 +117,17 @@ def trained_observation(policy: Path) -> str | None:
     """The observation kind the run of ``policy`` trained with (``full`` where its settings name
     none), or ``None`` when no run folder says. ``full`` and ``relative`` observations have the
     same size, so a policy fed the other kind runs without an error on meaningless inputs."""
-    import json
+    from qenv.io import read_json
 
     folder = run_folder_of(Path(policy))
     if folder is None:
         return None
     for name in ("config.json", "summary.json"):
-        try:
-            data = json.loads((folder / name).read_text())
-        except (OSError, ValueError):
+        try:  # size-capped, nesting checked: a run folder is input
+            data = read_json(folder / name, "Run file", "")
+        except QenvError:
+            continue
+        if not isinstance(data, dict):
             continue
         settings = data.get("settings", data) if name == "summary.json" else data
         if isinstance(settings, dict) and isinstance(settings.get("env_kwargs"), dict):
