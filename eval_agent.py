@@ -126,12 +126,18 @@ def read_run(policy: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, An
                         "pass --agent and --model explicitly, or fix the file.")
     run["agent"] = summary.get("agent") or settings.get("agent")
     run["agent_source"] = run["folder"] / ("summary.json" if summary.get("agent") else "config.json")
+    models = summary.get("train_models") or []
+    if not isinstance(settings.get("env_kwargs") or {}, dict) or not isinstance(models, list) or \
+            not all(isinstance(m, dict) and isinstance(m.get("spec"), str) for m in models):
+        raise QenvError(f"Run files of {run['folder']} hold env_kwargs or train_models of the wrong shape (edited by "
+                        "hand, or not written by train_agent.py).",
+                        "pass --agent and --model explicitly, or fix the files.")
     run["env_kwargs"] = dict(settings.get("env_kwargs") or {})
-    run["train_models"] = list((run["summary"] or {}).get("train_models") or [])
-    run["init_from"] = (run["summary"] or {}).get("init_from") or settings.get("init_from")
+    run["train_models"] = list(models)
+    run["init_from"] = summary.get("init_from") or settings.get("init_from")
     if not run["train_models"] and settings.get("env_kwargs"):
         model = settings["env_kwargs"].get("model", "default")
-        run["train_models"] = [{"spec": m} for m in (model if isinstance(model, list) else [model])]
+        run["train_models"] = [{"spec": str(m)} for m in (model if isinstance(model, list) else [model])]
     # a fine-tuned policy also saw the models of the run it started from: those are not zero-shot
     run["pretrain_models"] = []
     seen = _seen | {run["folder"].resolve()}

@@ -377,6 +377,10 @@ AGENT_FILE_CASES = {
         "its 'data' entry is not readable JSON (its JSON nests too deeply)"),
     "deeply_nested_summary_json": (lambda f, m, n: (f / "summary.json").write_text("[" * 200_000 + "]" * 200_000),
                                    "is not valid JSON (it nests too deeply)"),
+    "summary_train_models_not_a_list": (lambda f, m, n: (f / "summary.json").write_text(json.dumps(
+        {"agent": "ppo", "train_models": "stories260K"})), "env_kwargs or train_models of the wrong shape"),
+    "config_env_kwargs_a_string": (lambda f, m, n: (f / "config.json").write_text(json.dumps(
+        {"agent": "ppo", "env_kwargs": "n_tokens=512"})), "env_kwargs or train_models of the wrong shape"),
     "vecnormalize_wrong_length": (
         lambda f, m, n: (f / "vecnormalize.json").write_text(vecnormalize(n, mean=[0.0] * 3, var=[1.0] * 3)),
         "mean has 3 entries and var 3, not"),
