@@ -484,13 +484,13 @@ def _body(argv: list[str] | None) -> int:
     if unknown:
         raise QenvError(f"Unknown searcher(s) {unknown}.", f"use a comma-separated subset of {','.join(SEARCHERS)}, "
                                                             "or none.")
-    from qenv.eval.tokens import read_text_file
+    from qenv.eval.tokens import check_text_file
 
     for path in args.data or []:
         if not Path(path).is_file():
             what = "is a folder, not a text file" if Path(path).is_dir() else "does not exist"
             raise QenvError(f"Held-out text file {path} {what}.", "pass an existing UTF-8 text file to --data.")
-        read_text_file(path)  # binary or undecodable text is refused now, not after the evaluation
+        check_text_file(path)  # binary or undecodable text is refused now (its start only: a corpus is streamed)
     run = read_run(policy)
     agent_name = args.agent or run["agent"] or saved_algorithm(policy) or "ppo"
     from qenv.agents.registry import resolve_agent

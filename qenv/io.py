@@ -46,6 +46,9 @@ def default_mode(executable: bool = False) -> int:
 def atomic_path(path: str | Path, executable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
+    The file is synced to the disk before the rename and the folder after it, so that a power cut
+    never leaves a renamed file whose data was not written (a zero-filled file).
+
     The file gets the mode a plain ``open()`` would give it (``executable``: as ``mkdir`` would, for
     scripts), not the owner-only mode of ``mkstemp``.
     """
@@ -56,13 +59,27 @@ def atomic_path(path: str | Path, executable: bool = False) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, default_mode(executable))
-        os.replace(tmp, path)
+        _fsync(tmp)  # the data reaches the disk before the name does: a power cut leaves the old
+        os.replace(tmp, path)  # file or the new one, never a zero-filled new one
+        _fsync(path.parent)
     except OSError as exc:  # a full disk, a quota, a file-size limit: name the file the user asked for
         if exc.filename is None or str(exc.filename) == tmp:
             exc.filename = str(path)
         raise
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot sync a folder: nothing more can be done there
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def make_dir_like_mkdir(prefix: str, parent: str | Path) -> Path:
@@ -241,28 +258,3 @@ def remove_stale_temp_files(folder: str | Path, lock: RunLock) -> list[Path]:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
-
-
-def read_cached_array(path: Path | None, shape: tuple[int, ...]) -> Any:
-    """A numpy array cached at ``path`` if it is there, readable and of ``shape``; else ``None``
-    (a damaged or stale cache file is recomputed, not an error)."""
-    import numpy as np
-
-    if path is None or not path.is_file():
-        return None
-    try:
-        cached = np.load(path)
-    except (OSError, ValueError):
-        return None
-    return cached if cached.shape == shape else None
-
-
-def write_cached_array(path: Path | None, array: Any) -> None:
-    """Cache ``array`` at ``path`` (nothing when ``path`` is None), written whole or not at all."""
-    import numpy as np
-
-    if path is None:
-        return
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)

@@ -30,8 +30,30 @@ def set_torch_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise QenvError(f"--threads={threads} must be at least 1.", "pass --threads 1 or more.")
+    cores = available_cores()
+    if threads > MAX_THREADS_PER_CORE * cores:  # thousands of threads hang or crash torch's pool
+        raise QenvError(f"--threads={threads} is far more than the {cores} CPU cores this process may use.",
+                        f"pass --threads {cores} or fewer.")
+    if threads > cores:
+        print(f"note: --threads {threads} is more than the {cores} CPU cores this process may use; using {cores}",
+              flush=True)
+        threads = cores
     os.environ[THREADS_VAR] = str(int(threads))
     torch.set_num_threads(int(threads))
+
+
+#: ``--threads`` above this many per core is refused as a mistake (more than the cores is lowered)
+MAX_THREADS_PER_CORE = 8
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def strip_env_id(env_id: str) -> str:
