@@ -218,6 +218,10 @@ def evaluations_note(evaluations: int | None, screenings: int = 0) -> str:
     return note
 
 
+#: the kind of a searcher's row whose recipe is over the budget: listed apart, not as a searcher's result
+MISSED_BUDGET = "missed budget"
+
+
 def row(method: str, kind: str, metrics: Any, wall: float, budget: float, note: str = "") -> dict[str, Any]:
     return {"method": method, "kind": kind, "bpw": metrics.bpw, "model_mb": metrics.model_mb, "kl": metrics.kl,
             "ppl": metrics.ppl, "top1": metrics.top1, "wall_s": wall, "over_budget": metrics.bpw > budget + _TOL,
@@ -289,7 +293,11 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         note = evaluations_note(getattr(searcher, "evaluations", None), getattr(searcher, "screenings", 0))
         if s_info.get("mix"):
             note += f", {s_info['mix']}"
-        rows.append(row(name, "searcher", metrics, time.perf_counter() - t0, budget, note.strip(", ")))
+        kind = "searcher"
+        if metrics.bpw > budget + _TOL:  # e.g. llamacpp when no llama.cpp mix fits: its nearest is no result here
+            kind = MISSED_BUDGET
+            note = f"did not meet the {budget:g} bpw budget ({metrics.bpw:.3f} bpw), " + note
+        rows.append(row(name, kind, metrics, time.perf_counter() - t0, budget, note.strip(", ")))
     rows.sort(key=lambda r: (r["bpw"], r["kind"] != "policy", r["method"]))
 
     fair = [r for r in rows if r["kind"] == "preset" and not r["over_budget"]]
@@ -342,12 +350,19 @@ def print_model(result: dict[str, Any]) -> None:
     status = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model",
               "trained-on": "trained-on model"}[result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
     print(f"\n{result['model']} ({status}), budget {budget:g} bpw, scored on {result['tokens']}")
-    table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}", f"{r['model_mb']:.4f}",
-              fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", f"{r['wall_s']:.2f}", r["note"]]
-             for r in result["rows"]]
-    print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "wall s", "note"], table,
-                      align="llrrrrrrl"))
+    def table(rows: list[dict[str, Any]]) -> str:
+        return plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "wall s", "note"],
+                           [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}",
+                             f"{r['model_mb']:.4f}", fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}",
+                             f"{r['wall_s']:.2f}", r["note"]] for r in rows], align="llrrrrrrl")
+
+    print(table([r for r in result["rows"] if r["kind"] != MISSED_BUDGET]))
     print(f"  (* over the {budget:g} bpw budget)")
+    missed = [r for r in result["rows"] if r["kind"] == MISSED_BUDGET]
+    if missed:
+        print(f"Searchers that did not meet the {budget:g} bpw budget (what they returned instead; not results at "
+              f"this budget): {', '.join(r['method'] for r in missed)}")
+        print(table(missed))
     gain = result["gain"]
     prefix = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model", "trained-on": "trained-on model"}[
         result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
@@ -399,7 +414,8 @@ def pareto_plot(path: Path, results: list[dict[str, Any]]) -> None:
 
     n = len(results)
     fig = Figure(figsize=(6.4 * min(n, 3), 4.6 * ((n + 2) // 3)), dpi=100)
-    styles = {"policy": ("*", "tab:red", 180), "preset": ("o", "tab:blue", 40), "searcher": ("^", "tab:green", 50)}
+    styles = {"policy": ("*", "tab:red", 180), "preset": ("o", "tab:blue", 40), "searcher": ("^", "tab:green", 50),
+              MISSED_BUDGET: ("X", "tab:gray", 40)}
     axes_labels = []
     for k, result in enumerate(results):
         ax = fig.add_subplot((n + 2) // 3, min(n, 3), k + 1)
