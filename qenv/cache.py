@@ -6,7 +6,8 @@ set (log-probabilities, block outputs and each layer's input statistics: the bul
 large models), tokens sampled from a model, the layers' observation features and their output
 errors under each menu rule. Each file's
 name carries the fingerprints of what it was computed from, so a changed model or token set
-never reads a stale file; a damaged file is recomputed. Deleting the cache only costs time.
+never reads a stale file; a damaged file (its checksum or its shapes, values or token ids are
+wrong: :mod:`qenv.cache_files`) is recomputed, never used. Deleting the cache only costs time.
 
 ``python -m qenv cache --info`` prints this summary; ``python -m qenv cache --clear`` deletes
 qenv's files (and only those: other files in the folder are counted and left alone).
