@@ -350,19 +350,16 @@ def print_model(result: dict[str, Any]) -> None:
     status = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model",
               "trained-on": "trained-on model"}[result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
     print(f"\n{result['model']} ({status}), budget {budget:g} bpw, scored on {result['tokens']}")
-    def table(rows: list[dict[str, Any]]) -> str:
-        return plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "wall s", "note"],
-                           [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}",
-                             f"{r['model_mb']:.4f}", fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}",
-                             f"{r['wall_s']:.2f}", r["note"]] for r in rows], align="llrrrrrrl")
-
-    print(table([r for r in result["rows"] if r["kind"] != MISSED_BUDGET]))
+    table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}", f"{r['model_mb']:.4f}",
+              fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", f"{r['wall_s']:.2f}", r["note"]]
+             for r in result["rows"] if r["kind"] != MISSED_BUDGET]
+    print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "wall s", "note"], table,
+                      align="llrrrrrrl"))
     print(f"  (* over the {budget:g} bpw budget)")
-    missed = [r for r in result["rows"] if r["kind"] == MISSED_BUDGET]
-    if missed:
-        print(f"Searchers that did not meet the {budget:g} bpw budget (what they returned instead; not results at "
-              f"this budget): {', '.join(r['method'] for r in missed)}")
-        print(table(missed))
+    for r in result["rows"]:  # listed apart: what a searcher returned over the budget is no result at it
+        if r["kind"] == MISSED_BUDGET:
+            print(f"  not a result at {budget:g} bpw: the {r['method']} searcher did not meet the budget; it returned "
+                  f"{r['bpw']:.3f} bpw (KL {fmt(r['kl'])}, ppl {fmt(r['ppl'])}, top1 {r['top1']:.3f}; {r['note']})")
     gain = result["gain"]
     prefix = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model", "trained-on": "trained-on model"}[
         result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]

@@ -353,5 +353,7 @@ def test_searcher_over_budget_is_listed_apart(stories_bin, tmp_path, capsys):
     assert missed["bpw"] > 3.0 and missed["over_budget"]
     assert missed["kind"] == "missed budget" and missed["note"].startswith("did not meet the 3 bpw budget")
     assert by_method["greedy"]["kind"] == "searcher" and not by_method["greedy"]["over_budget"]
-    main_table, _, apart = out.partition("Searchers that did not meet the 3 bpw budget")
-    assert apart and "llamacpp" in apart and "llamacpp" not in main_table
+    main_table, _, apart = out.partition("(* over the 3 bpw budget)")
+    assert "llamacpp" not in main_table and "greedy" in main_table
+    said = [line for line in apart.splitlines() if "llamacpp" in line]
+    assert len(said) == 1 and "not a result at 3 bpw: the llamacpp searcher did not meet the budget" in said[0]

@@ -168,8 +168,9 @@ def reference_bytes(model: nn.Module, layers: list[LayerInfo], n_sequences: int,
     vocab = int(output.weight.shape[0]) if output is not None else 0
     _, blocks = find_blocks(model)
     param = next(model.parameters())
-    hidden = max((info.in_features for info in layers if info.kind != "embed"), default=0)
-    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or hidden)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hidden = int(embed.weight.shape[-1]) if embed is not None else \
+        int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
     logprobs = n_sequences * (seq_len - 1) * vocab * 4
     block_outputs = len(blocks) * n_sequences * seq_len * hidden * param.element_size()
     stats = sum(4 * (info.in_features + (info.in_features ** 2 if info.in_features <= MAX_HESSIAN_DIM else 0))
