@@ -187,6 +187,7 @@ def scoring_evaluator(task: Any, data: list[str] | None, n_tokens: int, seq_len:
     policy and the searchers saw them, and only scored on the held-out text.
     """
     from qenv.eval.evaluator import Evaluator
+    from qenv.eval.reference import check_reference_fits
     from qenv.eval.tokens import tokens_from_text
 
     ev = task.evaluator
@@ -194,6 +195,7 @@ def scoring_evaluator(task: Any, data: list[str] | None, n_tokens: int, seq_len:
         return ev, f"calibration tokens ({ev.tokens.n_tokens}, {ev.tokens.source})"
     if task.loaded.tokenizer is None:
         return ev, f"calibration tokens ({ev.tokens.n_tokens}; {task.name} has no tokenizer for the held-out text)"
+    check_reference_fits(task.loaded.model, task.layers, n_tokens // seq_len, seq_len, ev.cache_dir)  # before reading
     tokens = tokens_from_text(task.loaded.tokenizer, data, n_tokens, seq_len)
     ev.weights.restore()
     held = Evaluator(task.loaded, tokens, batch_size=batch_size, cache_dir=ev.cache_dir)

@@ -247,7 +247,7 @@ def test_a_reference_that_cannot_fit_is_refused_before_sampling(stories_bin, tmp
     with pytest.raises(QenvError) as refused:
         gym.make("QuantLLM-v0", model=str(stories_bin), n_tokens=50_000_000, seq_len=128, cache_dir=tmp_path)
     message = str(refused.value)
-    assert "50000000 calibration tokens needs about" in message and "GiB" in message and "fit here" in message
+    assert "50000000 tokens needs about" in message and "GiB" in message and "fit here" in message
     assert list(tmp_path.iterdir()) == []
 
 
@@ -357,3 +357,12 @@ def test_searcher_over_budget_is_listed_apart(stories_bin, tmp_path, capsys):
     assert "llamacpp" not in main_table and "greedy" in main_table
     said = [line for line in apart.splitlines() if "llamacpp" in line]
     assert len(said) == 1 and "not a result at 3 bpw: the llamacpp searcher did not meet the budget" in said[0]
+    # the same run scored on held-out text at 50,000,000 tokens: refused before the text is read
+    held = tmp_path / "held.txt"
+    held.write_text("Once upon a time there was a cat.\n" * 100)
+    code = run_main(eval_agent, ["--policy", tmp_path / "g" / "model.json", "--searchers", "none", "--data", held,
+                                 "--n-tokens", 50_000_000, "--out", tmp_path / "e-big"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "50000000 tokens needs about" in lines[0], err
+    assert not (tmp_path / "e-big").exists()

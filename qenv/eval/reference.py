@@ -230,7 +230,7 @@ def check_reference_fits(model: nn.Module, layers: list[LayerInfo], n_sequences:
     if where is None:
         return need
     fits = max(0, (int(free * 0.8) - (need - per_sequence * n_sequences)) // per_sequence) * seq_len
-    raise QenvError(f"The full-precision reference of {n_sequences * seq_len} calibration tokens needs about "
+    raise QenvError(f"The full-precision reference of {n_sequences * seq_len} tokens needs about "
                     f"{_gib(need)} (log-probabilities over the whole vocabulary at each token, and every block's "
                     f"outputs), {where}.",
                     f"ask for fewer tokens (n_tokens / --n-tokens): about {fits} fit here.")
