@@ -505,7 +505,7 @@ def _body(argv: list[str] | None) -> int:
         if not Path(path).is_file():
             what = "is a folder, not a text file" if Path(path).is_dir() else "does not exist"
             raise QenvError(f"Held-out text file {path} {what}.", "pass an existing UTF-8 text file to --data.")
-        check_text_file(path)  # binary or undecodable text is refused now (its start only: a corpus is streamed)
+        check_text_file(path)  # binary or undecodable text is refused now (its start only: it is streamed)
     run = read_run(policy)
     agent_name = args.agent or run["agent"] or saved_algorithm(policy) or "ppo"
     from qenv.agents.registry import resolve_agent

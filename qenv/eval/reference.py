@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 #: Hessians of layers wider than this are not collected (GPTQ on them raises a clear error).
 MAX_HESSIAN_DIM = 16384
-CACHE_VERSION = "3"  # 2: Hessian sharing no longer matches freed addresses (v1 files may be wrong); 3: checksummed, hashed key
+# 2: Hessian sharing no longer matches freed addresses (v1 files may be wrong); 3: checksummed, hashed key
+CACHE_VERSION = "3"
 
 
 def default_cache_dir() -> Path:
