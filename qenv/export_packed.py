@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -269,14 +270,24 @@ def write_packed_checkpoint(evaluator: Any, recipe: Mapping[str, Rule], folder: 
 
 
 def load_packed_checkpoint(folder: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(folder)`` on the CPU, in eval mode: transformers keeps the
-    layers packed and compressed-tensors dequantizes each with its own scheme (``(codes - zero) *
-    scale``) at the first forward pass. (transformers' ``dequantize=True`` load decompresses every
+    """``AutoModelForCausalLM.from_pretrained(folder)`` on the CPU, in eval mode, decompressed: transformers
+    keeps the layers packed and compressed-tensors dequantizes each with its own scheme (``(codes -
+    zero) * scale``) at the first forward pass, which runs here on one token. (transformers' ``dequantize=True`` load decompresses every
     layer with the first config group's scheme, which is wrong for a mixed-precision recipe.)"""
+    import contextlib
+    import io
+
     _compressed_tensors()
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto")
+    bars = io.StringIO()  # compressed-tensors' per-stage progress bars: four bars per load, on every load
+    try:
+        with contextlib.redirect_stderr(bars), torch.inference_mode():
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto").eval()
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)  # decompresses every layer
+    except BaseException:
+        sys.stderr.write(bars.getvalue())
+        raise
     return model.eval()
 
 
