@@ -42,6 +42,8 @@ from qenv.errors import QenvError
 RUNTIMES: tuple[str, ...] = ("auto", "transformers", "gguf")
 SEARCH_AGENTS: tuple[str, ...] = ("greedy", "evolution")
 DEFAULT_SEARCH_EVALS = 16
+DEFAULT_N_TOKENS = 256
+DEFAULT_SEQ_LEN = 128
 #: the largest KL(qenv's scored model || the written file's) accepted: a packed checkpoint is exact,
 #: so anything above float noise means the file is not the model measured
 MAX_FILE_KL = 1e-3
@@ -81,9 +83,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing qenv's files")
     p.add_argument("--data", nargs="+", action="extend", metavar="FILE",
                    help="calibration text file(s) (default: tokens sampled from the model)")
-    p.add_argument("--n-tokens", type=int, default=256, metavar="N",
-                   help="calibration tokens; every row is scored on them (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, metavar="N", help="sequence length (default: %(default)s)")
+    p.add_argument("--n-tokens", type=int, metavar="N",
+                   help=f"calibration tokens; every row is scored on them (default: the policy's run's, else "
+                        f"{DEFAULT_N_TOKENS})")
+    p.add_argument("--seq-len", type=int, metavar="N",
+                   help=f"sequence length (default: the policy's run's, else {DEFAULT_SEQ_LEN})")
     p.add_argument("--search-evals", type=int, default=DEFAULT_SEARCH_EVALS, metavar="N",
                    help="evaluation budget of the searcher, in full evaluations (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the searcher and sampled tokens (default: %(default)s)")
@@ -141,6 +145,9 @@ def policy_settings(policy: Path) -> tuple[str, dict[str, Any]]:
                 found = (data.get("settings") or data) if isinstance(data, dict) else {}
                 settings = settings or dict(found.get("env_kwargs") or {})
                 agent = agent or data.get("agent") or found.get("agent")
+    if agent is None and policy.suffix == ".json":  # a searcher's model.json names its searcher
+        saved = read_json(policy, "Policy file", "pass a model.json written by a qenv searcher.")
+        agent = saved.get("agent") if isinstance(saved, dict) and isinstance(saved.get("agent"), str) else None
     agent = agent or (agent_name_of_zip(policy) if policy.suffix == ".zip" else None) or "ppo"
     kwargs = at_one_budget(settings)
     kwargs.pop("model", None)
@@ -242,7 +249,7 @@ def _body(argv: list[str] | None) -> int:
     set_torch_threads(args.threads)
     for flag, value, low in (("--search-evals", args.search_evals, 1), ("--n-tokens", args.n_tokens, 1),
                              ("--seq-len", args.seq_len, 2), ("--seed", args.seed, 0)):
-        if value < low:
+        if value is not None and value < low:
             raise QenvError(f"{flag}={value} must be at least {low}.", f"pass {flag} {max(low, 1)} or more.")
     for path in args.data or []:
         if not Path(path).is_file():
@@ -273,7 +280,9 @@ def _body(argv: list[str] | None) -> int:
             kwargs["menu"] = [r.to_dict() for r in packable_menu()]
             notes.append("searched on the default menu's packable rules (no AWQ, no fp16 outliers), so the packed "
                          "checkpoint is the model scored")
-    kwargs.update(budget_bpw=budget, n_tokens=args.n_tokens, seq_len=args.seq_len, seed=args.seed)
+    kwargs.update(budget_bpw=budget, seed=args.seed)
+    for key, value, default in (("n_tokens", args.n_tokens, DEFAULT_N_TOKENS), ("seq_len", args.seq_len, DEFAULT_SEQ_LEN)):
+        kwargs[key] = value if value is not None else kwargs.get(key, default)
     if args.data:
         kwargs["data"] = list(args.data)
     if args.device:
