@@ -157,6 +157,7 @@ np.save(out_file, np.stack(rows))
 """
 
 
+@pytest.mark.slow
 def test_quantize_on_the_gguf_menu_writes_a_gguf_llama_cpp_runs(stories_bin, tmp_path) -> None:
     pytest.importorskip("llama_cpp")
     out = tmp_path / "out"
@@ -260,3 +261,26 @@ def test_a_policy_recipe_the_runtime_cannot_run_is_one_line(tmp_path, capsys) ->
     line = one_line_error(capsys)
     assert "model.layers.0.self_attn.q_proj" in line and "-awq0.5" in line and "AWQ" in line
     assert not out.exists()
+
+
+def test_codes_that_do_not_give_back_the_scored_weights_are_refused() -> None:
+    from qenv.export_packed import layer_codes
+
+    task = tiny_task()
+    info = task.layers[0]
+    rule = Rule(bits=4, group_size=32)
+    weights = task.evaluator.weights
+    assert torch.equal(layer_codes(task.evaluator, info, rule).dequantize(), weights.weight_for(info.name, rule))
+    weights._cache[(info.name, rule)] = weights.weight_for(info.name, rule) * 1.001  # not what the codes give
+    with pytest.raises(QenvError, match="do not give back the weights qenv scored"):
+        layer_codes(task.evaluator, info, rule)
+    del weights._cache[(info.name, rule)]
+
+
+def test_a_stale_install_without_the_command_is_one_line(monkeypatch, capsys) -> None:
+    import qenv.__main__ as cli
+
+    monkeypatch.setattr(cli, "installed_commands", lambda: {})
+    assert cli.main(["quantize", "--model", "tiny-llama"]) == 2
+    line = one_line_error(capsys)
+    assert "not installed" in line and "pip install -e ." in line
