@@ -178,6 +178,43 @@ def find_recipe(args: Any, env: Any, n_layers: int) -> tuple[Any, str, str]:
     return recipe, args.agent, f"{spent} evaluation{'s' if spent != 1 else ''}" if spent is not None else ""
 
 
+def check_runtime_possible(runtime: str, loaded: Any, rules: list[Any] | None) -> None:
+    """Before any search: the runtime can hold this model, and (for a search, whose ``rules`` are known)
+    every layer has a rule in the menu it can run; else one error naming the layers and why."""
+    model = loaded.model
+    if runtime == "gguf":
+        from qenv.export_gguf import GGUF_ARCHITECTURES
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in GGUF_ARCHITECTURES:
+            raise QenvError(f"qenv writes .gguf files of Llama-architecture models; {loaded.name} is "
+                            f"{model_type!r}.", "use --runtime transformers.")
+        return
+    if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
+        raise QenvError(f"{loaded.name} is not a transformers model, so it has no packed checkpoint.",
+                        "save it as a transformers folder first (eval_agent.py --save-model with an fp16 recipe), "
+                        "then quantize that folder.")
+    if not rules:
+        return
+    from qenv.export_packed import packed_rule_problem, tied_names
+    from qenv.models.layers import get_module
+
+    tied = tied_names(model)
+    bad: dict[str, list[str]] = {}
+    for info in loaded.layers:
+        module = get_module(model, info.name)
+        problems = [(r, packed_rule_problem(info, r, module, info.name in tied)) for r in rules if not r.keeps]
+        if problems and all(why for _, why in problems):
+            first, why = problems[0]
+            bad.setdefault(f"e.g. {first.label()} {why}", []).append(info.name)
+    if bad:
+        listed = "; ".join(f"{', '.join(names)} ({why})" for why, names in bad.items())
+        raise QenvError(f"A packed checkpoint (transformers) cannot hold any rule of the menu on "
+                        f"{sum(map(len, bad.values()))} layer(s) of {loaded.name}: {listed}.",
+                        "use --runtime gguf on a Llama-architecture model, or a model whose layers are nn.Linear with "
+                        "input widths the menu's groups divide.")
+
+
 def check_runtime(runtime: str, evaluator: Any, recipe: Any) -> None:
     """The runtime can run every rule as qenv measured it, else one error naming the layers and rules."""
     if runtime == "transformers":
@@ -291,7 +328,13 @@ def _body(argv: list[str] | None) -> int:
     t0 = time.perf_counter()
     print(f"quantizing {args.model} at {budget:g} bpw with "
           f"{args.policy or args.agent} for {runtime} ({menu_name} menu)", flush=True)
-    env = make_quant_env(model=args.model, **kwargs)
+    from qenv.models.loading import load_model
+    from qenv.envs.spaces import parse_menu
+
+    loaded = load_model(args.model, device=kwargs.get("device"), dtype=kwargs.get("dtype"),
+                        include_lm_head=bool(kwargs.get("include_lm_head", False)))
+    check_runtime_possible(runtime, loaded, None if args.policy else list(parse_menu(kwargs.get("menu"))))
+    env = make_quant_env(model=loaded, **kwargs)
     try:
         task = env.unwrapped.task
         evaluator = task.evaluator

@@ -88,7 +88,7 @@ def packed_rule_problem(info: LayerInfo, rule: Rule, module: torch.nn.Module | N
 
 def check_packed_recipe(model: torch.nn.Module, layers: Sequence[LayerInfo], recipe: Mapping[str, Rule]) -> None:
     """Refuse a recipe the packed format cannot hold, naming every layer and rule it cannot (one error)."""
-    tied = _tied_names(model)
+    tied = tied_names(model)
     problems: dict[str, list[str]] = {}
     for info in layers:
         rule = recipe.get(info.name, KEEP)
@@ -104,7 +104,7 @@ def check_packed_recipe(model: torch.nn.Module, layers: Sequence[LayerInfo], rec
                         "--runtime transformers), or write a .gguf from a gguf-menu recipe (--runtime gguf).")
 
 
-def _tied_names(model: torch.nn.Module) -> set[str]:
+def tied_names(model: torch.nn.Module) -> set[str]:
     """Modules whose weight is the same tensor as another module's (a head tied to the embeddings)."""
     seen: dict[int, str] = {}
     tied: set[str] = set()
@@ -308,5 +308,5 @@ def packed_kl(folder: str | Path, evaluator: Any, recipe: Mapping[str, Rule], ma
     return total / max(count, 1)
 
 
-__all__ = ["PACKED_BITS", "PACKED_FORMAT", "check_packed_recipe", "layer_codes", "load_packed_checkpoint",
+__all__ = ["PACKED_BITS", "PACKED_FORMAT", "check_packed_recipe", "tied_names", "layer_codes", "load_packed_checkpoint",
            "packed_kl", "packed_rule_problem", "packed_state_dict", "quantization_config", "write_packed_checkpoint"]

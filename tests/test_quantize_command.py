@@ -284,3 +284,10 @@ def test_a_stale_install_without_the_command_is_one_line(monkeypatch, capsys) ->
     assert cli.main(["quantize", "--model", "tiny-llama"]) == 2
     line = one_line_error(capsys)
     assert "not installed" in line and "pip install -e ." in line
+
+
+def test_a_model_the_packed_runtime_cannot_hold_fails_before_the_search(stories_bin, tmp_path, capsys) -> None:
+    # stories260K's feed-forward rows are 172 wide: groups of 128 do not divide them
+    assert quantize("--model", str(stories_bin), "--budget-bpw", "4.0", "--out", str(tmp_path / "o")) == 2
+    line = one_line_error(capsys)
+    assert "cannot hold any rule of the menu" in line and "layers.0.mlp.down_proj" in line and "172" in line
