@@ -109,11 +109,40 @@ def budget_bpw(text: str) -> float:
     return value
 
 
-def packable_menu() -> list[Any]:
-    """The default menu's rules a packed checkpoint holds as measured (no AWQ scale, no fp16 outliers)."""
-    from qenv.envs.spaces import DEFAULT_MENU
+def packable_menu(layers: list[Any]) -> tuple[list[Any], str]:
+    """The default menu's rules a packed checkpoint holds as measured on every layer of a model, and
+    what was changed: no AWQ scale, no fp16 outliers, and groups that divide every layer's input
+    width (compressed-tensors' groups must): a rule's group becomes the widest of qenv's group
+    sizes not above it that divides them all, else one group per output row (e.g. SmolLM2's
+    576-wide rows take groups of 64, stories260K's 64- and 172-wide rows one group per row)."""
+    import math
+    from dataclasses import replace
 
-    return [r for r in DEFAULT_MENU if r.act_scale == 0 and r.outlier_fraction == 0]
+    from qenv.envs.spaces import DEFAULT_MENU
+    from qenv.quant.rules import ALLOWED_GROUP_SIZES
+
+    def divides(group: int) -> bool:  # the quantizer's group on a row narrower than it is the whole row
+        return group == -1 or all(info.in_features % min(group, info.in_features) == 0 for info in layers)
+
+    width = 0
+    for info in layers:
+        width = math.gcd(width, int(info.in_features))
+    rules, changed = [], {}
+    for rule in DEFAULT_MENU:
+        if rule.act_scale > 0 or rule.outlier_fraction > 0:
+            continue
+        group = rule.group_size
+        if not divides(group):
+            group = max((g for g in ALLOWED_GROUP_SIZES if 0 < g <= rule.group_size and divides(g)), default=-1)
+            changed[rule.group_size] = group
+        rule = replace(rule, group_size=group)
+        if rule not in rules:
+            rules.append(rule)
+    note = "searched on the default menu's packable rules (no AWQ, no fp16 outliers)"
+    if changed:
+        note += "; groups " + ", ".join(f"of {a} -> {'one per row' if b == -1 else f'of {b}'}" for a, b in changed.items()) \
+            + f" to divide every layer's input width (their gcd is {width})"
+    return rules, note + ", so the packed checkpoint is the model scored"
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -309,14 +338,21 @@ def _body(argv: list[str] | None) -> int:
     menu_name = args.menu or (str(kwargs["menu"]) if isinstance(kwargs.get("menu"), str) else "default")
     runtime = args.runtime if args.runtime != "auto" else ("gguf" if menu_name == "gguf" else "transformers")
     notes: list[str] = []
+    from qenv.envs.spaces import parse_menu
+    from qenv.models.loading import load_model
+
+    t0 = time.perf_counter()
+    print(f"loading {args.model}", flush=True)
+    loaded = load_model(args.model, device=args.device or kwargs.get("device"), dtype=kwargs.get("dtype"),
+                        include_lm_head=bool(kwargs.get("include_lm_head", False)))
     if not args.policy:
         kwargs["action_kind"] = "discrete"
         if menu_name == "gguf":
             kwargs["menu"] = "gguf"
         elif runtime == "transformers":
-            kwargs["menu"] = [r.to_dict() for r in packable_menu()]
-            notes.append("searched on the default menu's packable rules (no AWQ, no fp16 outliers), so the packed "
-                         "checkpoint is the model scored")
+            menu_rules, menu_note = packable_menu(list(loaded.layers))
+            kwargs["menu"] = [r.to_dict() for r in menu_rules]
+            notes.append(menu_note)
     kwargs.update(budget_bpw=budget, seed=args.seed)
     for key, value, default in (("n_tokens", args.n_tokens, DEFAULT_N_TOKENS), ("seq_len", args.seq_len, DEFAULT_SEQ_LEN)):
         kwargs[key] = value if value is not None else kwargs.get(key, default)
@@ -325,14 +361,8 @@ def _body(argv: list[str] | None) -> int:
     if args.device:
         kwargs["device"] = args.device
 
-    t0 = time.perf_counter()
     print(f"quantizing {args.model} at {budget:g} bpw with "
           f"{args.policy or args.agent} for {runtime} ({menu_name} menu)", flush=True)
-    from qenv.models.loading import load_model
-    from qenv.envs.spaces import parse_menu
-
-    loaded = load_model(args.model, device=kwargs.get("device"), dtype=kwargs.get("dtype"),
-                        include_lm_head=bool(kwargs.get("include_lm_head", False)))
     check_runtime_possible(runtime, loaded, None if args.policy else list(parse_menu(kwargs.get("menu"))))
     env = make_quant_env(model=loaded, **kwargs)
     try:

@@ -286,8 +286,22 @@ def test_a_stale_install_without_the_command_is_one_line(monkeypatch, capsys) ->
     assert "not installed" in line and "pip install -e ." in line
 
 
-def test_a_model_the_packed_runtime_cannot_hold_fails_before_the_search(stories_bin, tmp_path, capsys) -> None:
-    # stories260K's feed-forward rows are 172 wide: groups of 128 do not divide them
-    assert quantize("--model", str(stories_bin), "--budget-bpw", "4.0", "--out", str(tmp_path / "o")) == 2
+def test_a_model_the_packed_runtime_cannot_hold_fails_before_the_search(tmp_path, capsys) -> None:
+    assert quantize("--model", "tiny-gpt2", "--budget-bpw", "4.0", "--out", str(tmp_path / "o")) == 2
     line = one_line_error(capsys)
-    assert "cannot hold any rule of the menu" in line and "layers.0.mlp.down_proj" in line and "172" in line
+    assert "cannot hold any rule of the menu" in line and "transformer.h.0.mlp.c_fc" in line and "Conv1D" in line
+    assert "greedy" not in capsys.readouterr().out  # refused before the search: no table
+
+
+@pytest.mark.parametrize("widths, groups", [((128, 384), {128, 64}), ((576, 1536), {64}), ((64, 172), {-1}),
+                                            ((64, 128), {128, 64})])
+def test_the_packable_menu_has_groups_that_divide_every_row(widths, groups) -> None:
+    from types import SimpleNamespace
+
+    from qenv.agents.quantize import packable_menu
+
+    rules, note = packable_menu([SimpleNamespace(in_features=w) for w in widths])
+    assert {r.group_size for r in rules} == groups
+    assert all(r.act_scale == 0 and r.outlier_fraction == 0 and not r.keeps for r in rules)
+    assert len({r.bits for r in rules}) == 6 and len(set(rules)) == len(rules)
+    assert ("to divide every layer's input width" in note) == (groups != {128, 64})
