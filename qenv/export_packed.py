@@ -9,13 +9,15 @@ loads it (with the ``export`` extra installed) and dequantizes ``(codes - zero) 
 
 The codes and scales are qenv's own (:func:`qenv.quant.quantizer.quantize_codes`), checked against
 the quantized weights the evaluator scored (``evaluator.weights``) before anything is written: every
-layer must dequantize to exactly the tensor qenv scored, so the file is the model measured.
+layer must dequantize to exactly the tensor qenv scored, so the file is the model measured (folded
+AWQ scales move float factors between ops: equal within float rounding).
 
 What the format can hold (:func:`packed_rule_problem`): symmetric or asymmetric integer codes of
 2 to 8 bits, round-to-nearest or GPTQ rounding, clipped or not, with groups that divide the layer's
-input width (or one group per output row), on ``nn.Linear`` layers. It cannot hold fp16 outliers
-(weights kept beside the codes), AWQ's activation scale (qenv does not fold it into the previous
-layer), llama.cpp's types (write the ``.gguf`` instead: :mod:`qenv.export_gguf`), GPT-2's
+input width (or one group per output row), on ``nn.Linear`` layers; AWQ's activation scale is folded
+into the op before the layer, as AWQ folds it (:func:`awq_fold_problem`: the RMSNorm before q/k/v
+or gate/up, up_proj's rows before down, v_proj's before o without GQA). It cannot hold fp16 outliers
+(weights kept beside the codes), llama.cpp's types (write the ``.gguf`` instead: :mod:`qenv.export_gguf`), GPT-2's
 ``Conv1D`` layers, or a quantized head tied to the embeddings; a recipe with such a rule is refused
 with every offending layer named.
 """
@@ -70,8 +72,6 @@ def packed_rule_problem(info: LayerInfo, rule: Rule, module: torch.nn.Module | N
         return "is a llama.cpp type (write the .gguf instead)"
     if rule.outlier_fraction > 0:
         return "keeps fp16 outliers beside its codes, which pack-quantized cannot store"
-    if rule.act_scale > 0:
-        return "scales input channels by activations (AWQ), which qenv does not fold into the previous layer"
     if rule.bits not in PACKED_BITS:
         return f"has {rule.bits}-bit codes"
     if module is not None and type(module) is not torch.nn.Linear:
@@ -93,6 +93,8 @@ def check_packed_recipe(model: torch.nn.Module, layers: Sequence[LayerInfo], rec
     for info in layers:
         rule = recipe.get(info.name, KEEP)
         why = packed_rule_problem(info, rule, get_module(model, info.name), info.name in tied)
+        if why is None and rule.act_scale > 0 and not rule.keeps and rule.gguf is None:
+            why = awq_fold_problem(model, info, rule, recipe)
         if why is not None:
             problems.setdefault(f"{rule.label()} {why}", []).append(info.name)
     if problems:
@@ -120,6 +122,62 @@ def tied_names(model: torch.nn.Module) -> set[str]:
     return tied
 
 
+#: architectures whose blocks read q/k/v and gate/up from an RMSNorm computing ``weight * x / rms(x)``,
+#: with Llama's module names: an AWQ scale folds into that weight, as AWQ itself folds it
+FOLD_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+#: the layers reading each norm of a block (under the block's module name)
+NORM_READERS: dict[str, tuple[str, ...]] = {
+    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+}
+#: the norm a layer kind reads, and the layer whose output rows are a kind's input channels
+NORM_OF_KIND: dict[str, str] = {"q": "input_layernorm", "k": "input_layernorm", "v": "input_layernorm",
+                                "gate": "post_attention_layernorm", "up": "post_attention_layernorm"}
+ROW_PRODUCER_OF_KIND: dict[str, str] = {"down": "up_proj", "o": "v_proj"}
+
+
+def _module_or_none(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def awq_fold_problem(model: torch.nn.Module, info: LayerInfo, rule: Rule, recipe: Mapping[str, Rule]) -> str | None:
+    """Why the AWQ scale of ``rule`` on ``info`` cannot fold into the op before the layer (``None``: it can).
+
+    q/k/v and gate/up: into the RMSNorm they read (every other quantized reader must use the same
+    scale; fp16 readers take it into their weights); down: into up_proj's output rows; o: into
+    v_proj's, when no query heads share a value head (GQA would need one scale per shared channel).
+    """
+    config = getattr(model, "config", None)
+    why = "scales input channels by activations (AWQ)"
+    if getattr(config, "model_type", None) not in FOLD_ARCHITECTURES:
+        return f"{why}, which qenv folds only in {', '.join(FOLD_ARCHITECTURES)} models"
+    block = info.name.rsplit(".", 2)[0]
+    if info.kind in NORM_OF_KIND:
+        norm_name = f"{block}.{NORM_OF_KIND[info.kind]}"
+        norm = _module_or_none(model, norm_name)
+        if norm is None or not type(norm).__name__.endswith("RMSNorm") or type(norm).__name__.startswith("Gemma"):
+            return f"{why}, and {norm_name} is not the RMSNorm qenv folds the scale into"
+        for reader in NORM_READERS[NORM_OF_KIND[info.kind]]:
+            other = recipe.get(f"{block}.{reader}", KEEP)
+            if not other.keeps and (other.gguf is not None or other.act_scale != rule.act_scale):
+                return f"{why}, but {block}.{reader} reads the same input with another scale"
+        return None
+    if info.kind in ROW_PRODUCER_OF_KIND:
+        producer = f"{info.name.rsplit('.', 1)[0]}.{ROW_PRODUCER_OF_KIND[info.kind]}"
+        if _module_or_none(model, producer) is None:
+            return f"{why}, and there is no {producer} to fold it into"
+        if info.kind == "o":
+            heads = int(getattr(config, "num_attention_heads", 0) or 0)
+            if int(getattr(config, "num_key_value_heads", None) or heads) != heads:
+                return f"{why}, and its value heads are shared by several query heads (GQA), so no one scale per " \
+                       f"channel of {producer} gives it"
+        return None
+    return f"{why}, and qenv folds no op before a {info.kind!r} layer"
+
+
 def layer_codes(evaluator: Any, info: LayerInfo, rule: Rule) -> QuantCodes:
     """The integer codes of one layer under ``rule``, checked to dequantize to exactly the tensor the
     evaluator scored (its cached quantized weight): the codes are read off that tensor with the
@@ -134,8 +192,10 @@ def layer_codes(evaluator: Any, info: LayerInfo, rule: Rule) -> QuantCodes:
     scale, zero = grid.scale.cpu(), grid.zero.cpu()
     in_f = scored.shape[1]
     expand = lambda t: t.repeat_interleave(grid.group, dim=1)[:, :in_f]  # noqa: E731
-    codes = torch.clamp(torch.round(scored / expand(scale)) + expand(zero), 0, 2**rule.bits - 1)
-    codes = QuantCodes(codes.to(torch.int16), scale, zero, grid.group, rule.bits)
+    channel = None if grid.channel_scale is None else grid.channel_scale.float().cpu()
+    unscaled = scored if channel is None else scored * channel[None, :]
+    codes = torch.clamp(torch.round(unscaled / expand(scale)) + expand(zero), 0, 2**rule.bits - 1)
+    codes = QuantCodes(codes.to(torch.int16), scale, zero, grid.group, rule.bits, channel)
     image = codes.dequantize().to(weights.weight_for(info.name, rule).dtype).float()
     if not torch.equal(image, scored):
         worst = float((image - scored).abs().max())
@@ -197,11 +257,14 @@ def packed_state_dict(evaluator: Any, recipe: Mapping[str, Rule]) -> dict[str, t
             continue
         seen.add(tensor.data_ptr())
         state[key] = tensor.detach().cpu().contiguous()
+    all_codes = {info.name: layer_codes(evaluator, info, recipe.get(info.name, KEEP))
+                 for info in evaluator.layers if not recipe.get(info.name, KEEP).keeps}
+    _fold_awq_scales(model, evaluator.layers, all_codes, state)
     for info in evaluator.layers:
         rule = recipe.get(info.name, KEEP)
         if rule.keeps:
             continue
-        codes = layer_codes(evaluator, info, rule)
+        codes = all_codes[info.name]
         offset = 1 << (rule.bits - 1)  # qenv's codes are unsigned, compressed-tensors' signed
         state.pop(f"{info.name}.weight")
         state[f"{info.name}.weight_packed"] = pack_to_int32((codes.codes - offset).to(torch.int8), rule.bits)
@@ -216,6 +279,51 @@ def packed_state_dict(evaluator: Any, recipe: Mapping[str, Rule]) -> dict[str, t
             state[f"{info.name}.weight_zero_point"] = torch.nn.functional.pad(
                 packed, (0, 0, 0, info.out_features - packed.shape[0])).contiguous()
     return state
+
+
+def _fold_awq_scales(model: torch.nn.Module, layers: Sequence[LayerInfo], all_codes: dict[str, QuantCodes],
+                     state: dict[str, torch.Tensor]) -> None:
+    """Fold every AWQ layer's ``1 / channel_scale`` into the op before it (see :func:`awq_fold_problem`,
+    checked before): the norm's weight (and fp16 readers of the norm take the scale into their
+    columns), or the producer's output rows (its packed scales, or its dense rows, and its bias).
+    The codes stay qenv's; only float factors move, so logits agree within float rounding."""
+    def scale_by(key: str, factor: torch.Tensor, dim: int) -> None:
+        tensor = state[key]
+        shape = [1, 1]
+        shape[dim] = -1
+        state[key] = (tensor.float() * (factor.view(shape) if tensor.dim() == 2 else factor)).to(tensor.dtype)
+
+    folded: dict[str, torch.Tensor] = {}
+    for info in layers:
+        codes = all_codes.get(info.name)
+        if codes is None or codes.channel_scale is None:
+            continue
+        s = codes.channel_scale
+        if info.kind in NORM_OF_KIND:
+            block = info.name.rsplit(".", 2)[0]
+            norm = f"{block}.{NORM_OF_KIND[info.kind]}"
+            if norm in folded:
+                if not torch.equal(folded[norm], s):
+                    raise QenvError(f"Layer {info.name} reads {norm} with another AWQ scale than the layers before it.",
+                                    "give the layers reading one input the same act_scale (the environment does).")
+                continue
+            folded[norm] = s
+            state[f"{norm}.weight"] = (state[f"{norm}.weight"].float() / s).to(state[f"{norm}.weight"].dtype)
+            for reader in NORM_READERS[NORM_OF_KIND[info.kind]]:
+                name = f"{block}.{reader}"
+                if name not in all_codes and f"{name}.weight" in state:  # fp16 reader: W diag(s)
+                    scale_by(f"{name}.weight", s, 1)
+            continue
+        producer = f"{info.name.rsplit('.', 1)[0]}.{ROW_PRODUCER_OF_KIND[info.kind]}"
+        inverse = 1.0 / s
+        if producer in all_codes:
+            from dataclasses import replace
+
+            all_codes[producer] = replace(all_codes[producer], scale=all_codes[producer].scale * inverse[:, None])
+        else:
+            scale_by(f"{producer}.weight", inverse, 0)
+        if f"{producer}.bias" in state:
+            scale_by(f"{producer}.bias", inverse, 0)
 
 
 def write_packed_checkpoint(evaluator: Any, recipe: Mapping[str, Rule], folder: str | Path,

@@ -53,7 +53,9 @@ def one_line_error(capsys) -> str:
 
 
 # -- the integer codes behind the quantizer's images ------------------------------------------------------
-@pytest.mark.parametrize("rule", [r for r in PACKABLE if not r.keeps], ids=lambda r: r.label())
+@pytest.mark.parametrize("rule", [r for r in PACKABLE if not r.keeps] + [
+    Rule(bits=4, group_size=32, act_scale=0.5, mse_clip=True), Rule(bits=3, group_size=64, act_scale=0.5, rounding="gptq")],
+    ids=lambda r: r.label())
 def test_codes_dequantize_to_the_quantizers_image(rule: Rule) -> None:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 128, generator=gen)
@@ -66,7 +68,7 @@ def test_codes_dequantize_to_the_quantizers_image(rule: Rule) -> None:
 
 
 def test_codes_refuse_rules_that_are_not_codes() -> None:
-    for rule in (Rule(bits=4, act_scale=0.5), Rule(bits=3, outlier_fraction=0.005), Rule(gguf="Q4_K"), KEEP):
+    for rule in (Rule(bits=3, outlier_fraction=0.005), Rule(gguf="Q4_K"), KEEP):
         with pytest.raises(QenvError, match="integer codes"):
             quantize_codes(torch.randn(8, 64), rule, LayerCalibration(act_rms=torch.ones(64)))
 
@@ -259,7 +261,9 @@ def test_a_policy_recipe_the_runtime_cannot_run_is_one_line(tmp_path, capsys) ->
     out = tmp_path / "out"
     assert quantize("--model", "tiny-llama", "--budget-bpw", "8.5", "--policy", str(policy), "--out", str(out)) == 2
     line = one_line_error(capsys)
-    assert "model.layers.0.self_attn.q_proj" in line and "-awq0.5" in line and "AWQ" in line
+    # q/k/v, gate/up and down fold their scales; o_proj's cannot (tiny-llama's value heads are shared: GQA)
+    assert "model.layers.0.self_attn.o_proj" in line and "-awq0.5" in line and "GQA" in line
+    assert "q_proj" not in line and "down_proj" not in line
     assert not out.exists()
 
 
@@ -305,3 +309,50 @@ def test_the_packable_menu_has_groups_that_divide_every_row(widths, groups) -> N
     assert all(r.act_scale == 0 and r.outlier_fraction == 0 and not r.keeps for r in rules)
     assert len({r.bits for r in rules}) == 6 and len(set(rules)) == len(rules)
     assert ("to divide every layer's input width" in note) == (groups != {128, 64})
+
+
+# -- AWQ scales folded into the op before the layer --------------------------------------------------------
+def awq_recipe(task, kept: tuple[str, ...] = ()) -> Recipe:
+    """AWQ rules (of several kinds) on every layer, fp16 on the layers whose names end with ``kept``."""
+    awq = [Rule(bits=4, group_size=32, act_scale=0.5, mse_clip=True), Rule(bits=3, group_size=64, act_scale=0.5,
+                                                                         rounding="gptq", symmetric=True)]
+    return Recipe({info.name: KEEP if info.name.endswith(kept) else awq[info.block % 2] for info in task.layers})
+
+
+@pytest.mark.parametrize("kept", [(), ("k_proj", "up_proj")], ids=["all-awq", "fp16-readers-and-producer"])
+def test_awq_scales_fold_into_the_previous_op(tmp_path, kept) -> None:
+    from qenv.export_packed import packed_kl, write_packed_checkpoint
+    from qenv.models.loading import load_model
+    from qenv.models.tiny import build_tiny_model
+
+    no_gqa = tmp_path / "llama-mha"  # o_proj's scale folds into v_proj only when no value head is shared
+    build_tiny_model("llama", num_key_value_heads=4).save_pretrained(no_gqa)
+    import gymnasium as gym
+
+    loaded = load_model(str(no_gqa))
+    task = gym.make("QuantLLM-v0", model=loaded, n_tokens=128, seq_len=64, prebuild=False).unwrapped.task
+    recipe = awq_recipe(task, kept)
+    folder = write_packed_checkpoint(task.evaluator, recipe, tmp_path / "packed")
+    kl = packed_kl(folder, task.evaluator, recipe, max_batches=None)
+    scored = task.evaluator.evaluate(recipe).kl  # the model is not the full-precision one ...
+    # ... and the file is it up to float rounding: the codes are qenv's, the scales moved into the norm / rows
+    assert scored > 1e-5 and kl <= min(1e-6, scored * 1e-2), (kl, scored)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        norm = f.get_tensor("model.layers.0.input_layernorm.weight")
+    assert not torch.equal(norm, loaded.model.model.layers[0].input_layernorm.weight)  # the scale is in the norm
+
+
+def test_an_awq_scale_that_cannot_fold_is_named(tmp_path) -> None:
+    from qenv.export_packed import write_packed_checkpoint
+
+    task = tiny_task()  # GQA: o_proj's scale cannot fold
+    recipe = dict(awq_recipe(task))
+    recipe["model.layers.1.self_attn.k_proj"] = Rule(bits=4, group_size=32)  # reads q's input without its scale
+    with pytest.raises(QenvError) as err:
+        write_packed_checkpoint(task.evaluator, Recipe(recipe), tmp_path / "packed")
+    message = str(err.value)
+    assert "model.layers.0.self_attn.o_proj" in message and "GQA" in message
+    assert "model.layers.1.self_attn.q_proj" in message and "another scale" in message
+    assert "model.layers.0.self_attn.q_proj" not in message and "down_proj" not in message

@@ -320,7 +320,9 @@ class QuantCodes:
     channels is exactly the dequantized image :func:`quantize_matrix` gives (float32 arithmetic).
 
     ``codes`` is ``[out, in]`` in ``[0, 2**bits - 1]``; ``scale`` (fp16 values held in float32) and
-    ``zero`` (whole numbers; ``2**(bits-1)`` for a symmetric rule) are ``[out, n_groups]``.
+    ``zero`` (whole numbers; ``2**(bits-1)`` for a symmetric rule) are ``[out, n_groups]``. Under an
+    AWQ rule the codes are those of the matrix times ``channel_scale`` (``[in]``), and the image
+    divides them by it again: a runtime folds ``1 / channel_scale`` into the op before the layer.
     """
 
     codes: torch.Tensor
@@ -328,27 +330,29 @@ class QuantCodes:
     zero: torch.Tensor
     group: int
     bits: int
+    channel_scale: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[out, in]`` image, computed as the quantizer computes it."""
         in_f = self.codes.shape[1]
         scale = _expand(self.scale, self.group, in_f)
-        return (self.codes.float() - _expand(self.zero, self.group, in_f)) * scale
+        image = (self.codes.float() - _expand(self.zero, self.group, in_f)) * scale
+        return image if self.channel_scale is None else image / self.channel_scale[None, :]
 
 
 def quantize_codes(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None = None) -> QuantCodes:
     """The integer codes, scales and zero points behind ``quantize_matrix(weight, rule, calib)``, for
     exports that store integers (a packed checkpoint), from the same grids and the same rounding.
 
-    Only rules whose image is ``(codes - zero) * scale`` have codes: no fp16 outliers (they replace
-    codes), no AWQ scaling (it divides the image by a per-channel scale) and no llama.cpp type.
+    Only rules whose image is ``(codes - zero) * scale`` (divided by an AWQ channel scale) have codes:
+    no fp16 outliers (they replace codes) and no llama.cpp type.
     """
-    if rule.keeps or rule.gguf is not None or rule.outlier_fraction > 0 or rule.act_scale > 0:
+    if rule.keeps or rule.gguf is not None or rule.outlier_fraction > 0:
         raise QenvError(f"Rule {rule.label()} is not stored as integer codes with per-group scales.",
-                        "use a rule without fp16 outliers, AWQ scaling or a llama.cpp type.")
+                        "use a rule without fp16 outliers or a llama.cpp type.")
     if rule.rounding == "gptq" and (calib is None or calib.hessian is None):
         raise QenvError(f"Rule {rule.label()} uses GPTQ rounding, which needs the layer's calibration Hessian.")
-    w, ws, keep, group, hessian, _, _ = _prepare(weight, rule, calib)
+    w, ws, keep, group, hessian, channel, _ = _prepare(weight, rule, calib)
     out_f, in_f = w.shape
     maxq = 2**rule.bits - 1
     if rule.rounding == "gptq":
@@ -359,10 +363,12 @@ def quantize_codes(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | N
         codes = torch.round(image / _expand(scale, group, in_f)) + _expand(zero, group, in_f)
     else:
         importance = None if calib is None or not rule.mse_clip else calib.hessian_diag.to(w.device).float()
+        if importance is not None and channel is not None:  # as _quantize_batch weighs the scaled matrix
+            importance = importance / channel.square()
         grid = _choose_grid(ws, ~keep, rule, group, importance)
         codes = torch.clamp(torch.round(ws / grid.scale) + grid.zero, 0, maxq)
         scale, zero = grid.scale[:, ::group], grid.zero[:, ::group]
-    return QuantCodes(codes.to(torch.int16), scale.contiguous(), zero.contiguous(), group, rule.bits)
+    return QuantCodes(codes.to(torch.int16), scale.contiguous(), zero.contiguous(), group, rule.bits, channel)
 
 
 def quantize_matrix(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None = None) -> torch.Tensor:
