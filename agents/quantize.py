@@ -15,10 +15,12 @@ human baselines that bracket the budget on the same tokens, and writes into ``DI
   :mod:`qenv.export_gguf`).
 
 ``--runtime`` picks it (default: ``gguf`` for the gguf menu, else ``transformers``). With a searcher
-and the transformers runtime, the search runs on the packable rules of the default menu (AWQ and
-fp16-outlier rules left out: the packed format cannot hold them), so the file is what was scored.
-A policy acts on its own run's menu; a recipe the runtime cannot run is one error line naming the
-layers and rules (exit status 2).
+and the transformers runtime, the search runs on the packable rules of the default menu
+(:func:`packable_menu`: no fp16 outliers, which the format cannot hold; no AWQ, whose scale cannot
+fold before o_proj when value heads are shared; groups that divide every row), so the file is what
+was scored. A policy acts on its own run's menu (AWQ scales are folded where they can be); a recipe
+the runtime cannot run is one error line naming the layers and rules (exit status 2), and so is a
+model it cannot hold, before any search.
 
 Why this lives in the programs' layer (``qenv.agents``): it builds agents (the registry, SB3
 policies), which the library (``qenv/``) never imports. ``qenv/__main__`` finds the command through
@@ -111,7 +113,8 @@ def budget_bpw(text: str) -> float:
 
 def packable_menu(layers: list[Any]) -> tuple[list[Any], str]:
     """The default menu's rules a packed checkpoint holds as measured on every layer of a model, and
-    what was changed: no AWQ scale, no fp16 outliers, and groups that divide every layer's input
+    what was changed: no fp16 outliers, no AWQ scale (o_proj's folds only without GQA, and a menu is
+    the same for every layer), and groups that divide every layer's input
     width (compressed-tensors' groups must): a rule's group becomes the widest of qenv's group
     sizes not above it that divides them all, else one group per output row (e.g. SmolLM2's
     576-wide rows take groups of 64, stories260K's 64- and 172-wide rows one group per row)."""
