@@ -270,6 +270,10 @@ def check_runtime(runtime: str, evaluator: Any, recipe: Any) -> None:
     if model_type not in GGUF_ARCHITECTURES:
         raise QenvError(f"qenv writes .gguf files of Llama-architecture models; {evaluator.loaded.name} is "
                         f"{model_type!r}.", "use --runtime transformers.")
+    if evaluator.loaded.tokenizer is None:  # a .gguf carries its vocabulary; nothing is written without one
+        raise QenvError(f"{evaluator.loaded.name} has no tokenizer, which a .gguf must carry.",
+                        "quantize a model with its tokenizer (a transformers folder, a .gguf, or a llama2.c .bin "
+                        "beside its tokenizer.model), or use --runtime transformers.")
 
 
 def baselines(evaluator: Any, budget: float, menu: str) -> list[str]:

@@ -196,6 +196,9 @@ def test_a_runtime_that_cannot_run_the_recipe_is_one_line(tmp_path, capsys) -> N
                     "--out", str(out)) == 2
     line = one_line_error(capsys)
     assert "packed checkpoint" in line and "model.layers.0." in line and "llama.cpp type" in line
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "6.0", "--menu", "gguf", "--out", str(out)) == 2
+    assert "has no tokenizer, which a .gguf must carry" in one_line_error(capsys)
+    assert not out.exists()
     assert quantize("--model", "tiny-gpt2", "--budget-bpw", "4.0", "--out", str(out)) == 2
     line = one_line_error(capsys)
     assert "Conv1D" in line and "transformer.h.0." in line
