@@ -244,7 +244,9 @@ def quantization_config(layers: Sequence[LayerInfo], recipe: Mapping[str, Rule])
 def packed_state_dict(evaluator: Any, recipe: Mapping[str, Rule]) -> dict[str, torch.Tensor]:
     """The model's tensors with each quantized layer's ``weight`` replaced by its packed codes,
     float32 scales, shape and (asymmetric) zero points; tensors shared with an earlier name (tied
-    weights) are left out, as ``save_pretrained`` leaves them out."""
+    weights) are left out, as ``save_pretrained`` leaves them out. A float32 tensor whose values are
+    all fp16 values (qenv's scales; the weights of a model loaded from an fp16 checkpoint) is stored
+    in fp16: the same numbers, loaded back into the model's dtype, at the size qenv charges."""
     _compressed_tensors()
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
@@ -278,6 +280,9 @@ def packed_state_dict(evaluator: Any, recipe: Mapping[str, Rule]) -> dict[str, t
             packed = pack_to_int32(zero, rule.bits, packed_dim=0)
             state[f"{info.name}.weight_zero_point"] = torch.nn.functional.pad(
                 packed, (0, 0, 0, info.out_features - packed.shape[0])).contiguous()
+    for key, tensor in state.items():  # fp16 where that is lossless (qenv charges dense tensors and scales fp16)
+        if tensor.dtype == torch.float32 and torch.equal(tensor.half().float(), tensor):
+            state[key] = tensor.half()
     return state
 
 

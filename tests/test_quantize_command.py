@@ -91,6 +91,9 @@ def test_mixed_recipe_packs_exactly(tmp_path) -> None:
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         packed = f.get_tensor("model.layers.0.self_attn.q_proj.weight_packed")
+        scale = f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale")
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    assert scale.dtype == torch.float16 and embedding.dtype == torch.float32  # qenv's scales are fp16 values
     assert packed.dtype == torch.int32 and packed.shape == (64, 64 * 2 // 32)  # 2-bit codes, 16 per int32
     assert "model.layers.0.self_attn.q_proj.weight" not in keys and "model.layers.0.mlp.up_proj.weight" in keys
     # transformers' model is exactly the one qenv scored ...
