@@ -87,7 +87,9 @@ def build_parser() -> ArgumentParser:
                         "model.gguf (GGUF rules) and a GPTQModel dynamic config (into <out>/export/<model>/)")
     p.add_argument("--save-model", metavar="DIR",
                    help="write the policy-quantized model(s) with save_pretrained (safetensors, dequantized weights, "
-                        "recipe in config.qenv_recipe, tokenizer); with several models, one subfolder each")
+                        "recipe in config.qenv_recipe, tokenizer); with several models, one subfolder each. The "
+                        "fake-quant fallback: full-size float weights, no quantization_config; python -m qenv "
+                        "quantize writes the packed checkpoint (or .gguf) a runtime loads")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-model folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the searchers (default: %(default)s)")
     p.add_argument("--weight-cache-gib", type=float, metavar="GIB",
