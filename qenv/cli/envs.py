@@ -89,7 +89,7 @@ def at_one_budget(env_kwargs: dict[str, Any]) -> dict[str, Any]:
 def make_quant_env(**env_kwargs: Any) -> Any:
     """``gymnasium.make("qenv:QuantLLM-v0", **env_kwargs)``.
 
-    In a worker process (``SubprocVecEnv``) Ctrl-C and SIGTERM are ignored: the main process handles
+    In a worker process (``SubprocVecEnv``) Ctrl-C, SIGTERM and SIGHUP are ignored: the main process handles
     them, saves a checkpoint and stops the workers, so no worker dies first or prints a traceback.
     """
     import os
@@ -102,6 +102,8 @@ def make_quant_env(**env_kwargs: Any) -> Any:
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if hasattr(signal, "SIGHUP"):  # a closed terminal hangs up the whole group: the main process saves
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if os.environ.get(THREADS_VAR, "").isdigit():
             import torch
 
