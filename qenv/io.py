@@ -123,18 +123,65 @@ def write_json_atomic(path: str | Path, payload: Any) -> Path:
 
 
 # -- output paths -----------------------------------------------------------------------------------
-def check_output_dir(path: str | Path, what: str, fix: str | None = None) -> Path:
+#: NAME_MAX where the file system does not say (Linux, macOS and Windows file systems all hold 255)
+DEFAULT_NAME_MAX = 255
+#: PATH_MAX of Linux (a longer path is ENAMETOOLONG whatever its components)
+DEFAULT_PATH_MAX = 4096
+
+
+def name_max(path: str | Path) -> int:
+    """The longest file name the file system holding ``path`` (or its nearest existing ancestor) takes."""
+    probe = Path(os.path.abspath(Path(path).expanduser()))
+    while True:
+        try:
+            return int(os.pathconf(probe, "PC_NAME_MAX"))
+        except (OSError, ValueError, AttributeError):  # missing, or itself too long: ask its parent
+            if probe.parent == probe:
+                return DEFAULT_NAME_MAX
+            probe = probe.parent
+
+
+def check_name_lengths(path: str | Path, what: str, reserve: int = 0, last_only: bool = False) -> Path:
+    """Refuse, before any work, a path with a component longer than the file system's NAME_MAX
+    (``ENAMETOOLONG`` would otherwise come when the output is written, after the work). ``reserve``
+    is what the writer adds to the last component (e.g. a temporary name's prefix and suffix);
+    ``last_only`` checks the last component alone (the parent is another option's, checked there)."""
+    from qenv.errors import QenvError
+
+    path = Path(path).expanduser()
+    limit = name_max(path)
+    parts = path.parts
+    for i, part in enumerate(parts):
+        if last_only and i < len(parts) - 1:
+            continue
+        extra = reserve if i == len(parts) - 1 else 0
+        if len(os.fsencode(part)) + extra > limit:
+            shown = part if len(part) <= 40 else part[:20] + "..." + part[-12:]
+            room = f" ({extra} more are kept for temporary names)" if extra else ""
+            raise QenvError(f"{what} {shown!r} is a name of {len(os.fsencode(part))} bytes; the file system takes at "
+                            f"most {limit}{room}.", f"pass a shorter {what} (at most {limit - extra} bytes for that "
+                            "name).")
+    whole = len(os.fsencode(os.path.abspath(path))) + reserve
+    if whole >= DEFAULT_PATH_MAX:
+        raise QenvError(f"{what} {str(path)[:40]}... is a path of {whole} bytes; the system takes fewer than "
+                        f"{DEFAULT_PATH_MAX}.", f"pass a shorter {what}.")
+    return path
+
+
+def check_output_dir(path: str | Path, what: str, fix: str | None = None, reserve: int = 0) -> Path:
     """Check, before any work, that the folder ``path`` exists or can be created, and can be written.
 
     Nothing is created: the nearest existing ancestor must be a writable folder (tested by creating
     and removing a temporary file there, which is what counts for root, for read-only file systems
-    and for ACLs alike), and no ancestor may be a file. ``what`` names the path in the error (e.g.
-    ``"--logdir"``). Returns ``path``.
+    and for ACLs alike), and no ancestor may be a file, and no component may be longer than the file
+    system takes (:func:`check_name_lengths`, ``reserve`` as there). ``what`` names the path in the
+    error (e.g. ``"--logdir"``). Returns ``path``.
     """
     from qenv.errors import QenvError
 
     path = Path(path).expanduser()
     fix = fix or f"pass a {what} folder that you can write to."
+    check_name_lengths(path, what, reserve)
     probe = path
     while not probe.exists():
         if probe.is_symlink():  # a dangling link: following it would write elsewhere
