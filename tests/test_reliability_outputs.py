@@ -316,6 +316,37 @@ def test_sighup_saves_a_checkpoint_and_the_summary_like_sigterm(hung_up_run):
     assert not (folder / ".lock").exists()
 
 
+@pytest.mark.timeout(420)
+def test_sighup_from_a_closed_terminal_still_saves(stories_bin, cache_dir, tmp_path):
+    """The terminal is really gone (its pseudo-terminal's other end closed: every write to it fails
+    with EIO): the checkpoint and summary are still written, and the exit status is SIGHUP's."""
+    import pty
+
+    from qenv.callbacks import latest_checkpoint
+
+    config = tmp_path / "tiny_ppo.yaml"
+    config.write_text(TINY_PPO)
+    folder = tmp_path / "runs" / "tty"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_agent.py"), "--model", str(stories_bin), "--config",
+                             str(config), "--timesteps", "100000", "--checkpoint-freq", "64", "--logdir",
+                             str(tmp_path / "runs"), "--name", "tty", "--no-progress", *map(str, SMALL)],
+                            stdin=slave, stdout=slave, stderr=slave, env=child_env(cache_dir), cwd=tmp_path)
+    os.close(slave)
+    try:
+        wait_for(lambda: bool(list((folder / "checkpoints").glob("step_*.json"))), proc)
+        os.close(master)  # the terminal window closes ...
+        proc.send_signal(signal.SIGHUP)  # ... and its process group is sent SIGHUP
+        code = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 129
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == "SIGHUP"
+    assert latest_checkpoint(folder / "checkpoints")[0] == summary["timesteps"]
+
+
 def _drop_fingerprints(folder: Path) -> None:
     """A checkpoint written before fingerprints were kept: the summary's model fingerprint is compared."""
     for state in (folder / "checkpoints").glob("step_*.json"):
