@@ -16,8 +16,9 @@ bits per weight (the equal-size comparison). Models the policy was not trained o
 --init-from``) as "fine-tuned model", and the summary lists the two groups separately; the models
 of the run it started from are "trained-on", never zero-shot.
 
-Writes results.json, results.csv and pareto.png (KL vs bpw of every method) into --out
-(default: <run folder>/eval-<date>-<time>); --export adds the policy's recipe per model as
+Writes results.json, results.csv and pareto.png (KL vs bpw of every method) into --out, a new or
+empty folder (default: <run folder>/eval-<date>-<time>, numbered -2, -3, ... when taken; never the
+run folder itself); --export adds the policy's recipe per model as
 JSON, llama.cpp --tensor-type overrides (llamacpp-quantize.sh), the quantized model as model.gguf
 (recipes of GGUF rules, e.g. from menu=gguf: exactly the scored model) and a GPTQModel dynamic
 config (recipes GPTQModel runs as measured); skipped.txt says why one was not written; --save-model writes the

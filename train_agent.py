@@ -104,7 +104,9 @@ def build_parser() -> ArgumentParser:
                         "spaces (same --agent family and action_kind)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its latest checkpoint with the same settings and total timesteps")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run folder of the same name (only a run of train_agent.py: its "
+                        "config.json or summary.json; any other non-empty folder, or a symbolic link, is refused)")
     p.add_argument("--env-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="environment arguments, values parsed as YAML, e.g. reward=ppl seq_len=64 "
                         "'menu=[{bits: 4}, {bits: 8}]' (override the config's env_kwargs)")
