@@ -388,3 +388,17 @@ def test_names_with_a_trailing_newline_are_not_taken_for_qenvs(tmp_path):
     (folder / "step_0000000064.json").write_text("{}")
     assert latest_checkpoint(folder) is None
     assert _FLOAT_RE.fullmatch("1e5") and not _FLOAT_RE.fullmatch("1e5\n")
+
+
+def test_an_out_folder_in_use_by_another_evaluation_is_refused(policy_run, tmp_path, capsys):
+    """--out is locked for the evaluation's life, as a run folder is: a second evaluation into the same
+    folder is refused before any work, naming the holder."""
+    from qenv.io import RunLock
+
+    out = tmp_path / "shared-out"
+    out.mkdir()
+    with RunLock(out).acquire():  # another evaluation, writing there now
+        code = run_main(eval_agent, ["--policy", policy_run / "model.zip", "--model", tmp_path / "no-such-model",
+                                     "--searchers", "none", "--out", out])
+        assert_one_line_error(code, capsys.readouterr().err, f"output folder {out} is in use: process {os.getpid()}")
+    assert not any(out.iterdir())

@@ -259,7 +259,7 @@ def claim_output_dir(folder_of: Callable[[int], Path], kind: OutputKind, overwri
                         "and nothing in this one is touched.", f"pick another {kind.flag} (or an empty folder).")
     lock = RunLock(folder)
     try:
-        lock.acquire()
+        lock.acquire(kind.noun.lower())
         others = _entries(folder)
         if others:
             if not overwrite:
