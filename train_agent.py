@@ -632,7 +632,11 @@ class Run:
         print(f"run folder: {self.folder}", flush=True)
         self.build_envs()
         if ckpt is not None:
-            self.check_fingerprints(state)
+            try:
+                self.check_fingerprints(state)
+            except QenvError:  # nothing of the refused model stays in this process's task cache
+                self.eval_env.close()
+                raise
         self.tracker.budget_bpw = self.inner.budget_bpw  # with budgets, the best recipe is one at this budget
         self.build_agent(None if ckpt is None else ckpt[1])
         if not self.is_sb3:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_script, run_main
+from conftest import TINYSTORIES, load_script, require, run_main
 from test_reliability import SMALL, TINY_PPO, assert_one_line_error, child_env, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,19 +275,23 @@ def test_evaluations_never_share_or_replace_a_folder(policy_run, cache_dir, tmp_
 # -- SIGHUP, and --resume after the model changed ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hung_up_run(stories_bin, cache_dir, tmp_path_factory) -> dict[str, object]:
-    """A real training process on a copy of stories260K, sent SIGHUP (what a closed terminal sends)
-    after its first checkpoint."""
+    """A real training process on a copy of stories260K, calibrated on a copy of TinyStories text, sent
+    SIGHUP (what a closed terminal sends) after its first checkpoint."""
+    require(TINYSTORIES, "TinyStories text")
     root = tmp_path_factory.mktemp("hup")
     model = root / "model" / "stories260K.bin"
     model.parent.mkdir()
     shutil.copy(stories_bin, model)
     shutil.copy(stories_bin.parent / "tok512.model", model.parent / "tok512.model")
+    text = root / "calibration.txt"
+    shutil.copy(TINYSTORIES, text)
     config = root / "tiny_ppo.yaml"
     config.write_text(TINY_PPO)
     folder = root / "runs" / "hup"
     proc = subprocess.Popen([sys.executable, str(REPO / "train_agent.py"), "--model", str(model), "--config",
                              str(config), "--timesteps", "100000", "--checkpoint-freq", "64", "--logdir",
-                             str(root / "runs"), "--name", "hup", "--no-progress", *map(str, SMALL)],
+                             str(root / "runs"), "--name", "hup", "--no-progress", "--data", str(text),
+                             *map(str, SMALL)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(cache_dir),
                             cwd=root)
     try:
@@ -297,7 +301,7 @@ def hung_up_run(stories_bin, cache_dir, tmp_path_factory) -> dict[str, object]:
     finally:
         if proc.poll() is None:
             proc.kill()
-    return {"folder": folder, "model": model, "code": proc.returncode, "out": out, "err": err}
+    return {"folder": folder, "model": model, "text": text, "code": proc.returncode, "out": out, "err": err}
 
 
 @pytest.mark.timeout(420)
@@ -355,39 +359,39 @@ def _drop_fingerprints(folder: Path) -> None:
         state.write_text(json.dumps(data))
 
 
+def _scaled_weights(data: bytes) -> bytes:
+    weights = np.frombuffer(data, dtype=np.float32).copy()
+    weights[7:] *= 1.01  # the same file, other weights (the 28-byte header is 7 int32 and kept)
+    return weights.tobytes()
+
+
+RESUME_CHANGES = {
+    # case: (which file changes, how, drop the checkpoint's fingerprints?, phrase of the error line)
+    "model_file_changed": ("model", _scaled_weights, False, "the model {model} changed since the checkpoint"),
+    "model_changed_older_checkpoint": ("model", _scaled_weights, True, "the model {model} changed since the checkpoint"),
+    "calibration_text_changed": ("text", lambda data: b"A fox sang all night. " + data, False,
+                                 "the calibration tokens of {model} changed since the checkpoint"),
+}
+
+
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("checkpoint", ["with_fingerprints", "older_checkpoint"])
-def test_resume_after_the_model_file_changed_is_refused(checkpoint, hung_up_run, tmp_path, capsys):
+@pytest.mark.parametrize("case", list(RESUME_CHANGES))
+def test_resume_after_the_model_or_its_text_changed_is_refused(case, hung_up_run, tmp_path, capsys):
+    which, change, drop, needle = RESUME_CHANGES[case]
     folder = tmp_path / "hup"
     shutil.copytree(hung_up_run["folder"], folder)
-    if checkpoint == "older_checkpoint":
+    if drop:
         _drop_fingerprints(folder)
-    model: Path = hung_up_run["model"]
-    original = model.read_bytes()
-    weights = np.frombuffer(original, dtype=np.float32).copy()
-    weights[7:] *= 1.01  # the same file, other weights (the 28-byte header is 7 int32 and kept)
+    path: Path = hung_up_run[which]
+    original = path.read_bytes()
     before = snapshot(folder)
     try:
-        model.write_bytes(weights.tobytes())
+        path.write_bytes(change(original))
         code = run_main(train_agent, ["--resume", folder, "--no-progress"])
     finally:
-        model.write_bytes(original)
-    assert_one_line_error(code, capsys.readouterr().err, "changed since the checkpoint")
+        path.write_bytes(original)
+    assert_one_line_error(code, capsys.readouterr().err, needle.format(model=hung_up_run["model"]))
     assert snapshot(folder) == before  # the recorded fingerprints are not rewritten, nothing else either
-
-
-def test_names_with_a_trailing_newline_are_not_taken_for_qenvs(tmp_path):
-    """``$`` matches before a final newline: a checkpoint-like file name ending in one is not a
-    checkpoint, and a number with one is not a number (names are matched whole)."""
-    from qenv.callbacks import latest_checkpoint
-    from qenv.cli.config import _FLOAT_RE
-
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    (folder / "step_0000000064.zip\n").write_bytes(b"not a checkpoint")
-    (folder / "step_0000000064.json").write_text("{}")
-    assert latest_checkpoint(folder) is None
-    assert _FLOAT_RE.fullmatch("1e5") and not _FLOAT_RE.fullmatch("1e5\n")
 
 
 def test_an_out_folder_in_use_by_another_evaluation_is_refused(policy_run, tmp_path, capsys):
