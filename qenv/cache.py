@@ -66,8 +66,8 @@ _HEX = r"[0-9a-f]{8,64}"
 CACHE_NAME_PATTERNS: dict[str, re.Pattern[str]] = {
     "reference": re.compile(rf"reference-v\d+-{_HEX}(?:-{_HEX}|-b\d+(?:x\d+)*|-n[0-9a-f]{{8}})*\.safetensors"),
     "tokens": re.compile(rf"tokens-{_HEX}-s\d+-n\d+-l\d+(?:-n[0-9a-f]{{8}})?\.safetensors"),
-    "features": re.compile(rf"features-v\d+-{_HEX}\.npy"),
-    "errors": re.compile(rf"errors-v\d+-{_HEX}\.npy"),
+    "features": re.compile(rf"features-v\d+-{_HEX}\.(?:safetensors|npy)"),  # .npy: written before v3
+    "errors": re.compile(rf"errors-v\d+-{_HEX}\.(?:safetensors|npy)"),  # .npy: written before v2
 }
 #: :func:`qenv.io.atomic_path`'s temporary name: ``.<name>.<mkstemp's 8 random characters>.tmp``
 _TEMP_RE = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")

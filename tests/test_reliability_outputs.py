@@ -174,9 +174,9 @@ def test_overwrite_replaces_a_run_and_an_empty_folder_is_reused(stories_bin, cac
 USER_FILES = ["reference-letter.docx", "tokens-backup.txt", "errors-2024.log", "features-wishlist.md",
               "reference-v2-draft.safetensors", ".tokens-backup.txt.abcdefgh.tmp", "features-v2-0123456789abcdef.npy.bak"]
 KEY = "0123456789abcdef"
-QENV_FILES = [f"reference-v2-{KEY}-89abcdef-{KEY}-b8x8-n01234567.safetensors",
-              f"tokens-{KEY}-s0-n512-l64-n01234567.safetensors", f"features-v2-{KEY}.npy", f"errors-v1-{KEY}.npy",
-              f".errors-v1-{KEY}.npy.x1_y2z3a.tmp"]
+QENV_FILES = [f"reference-v3-{KEY}-{KEY}{KEY}.safetensors", f"reference-v2-{KEY}-89abcdef-{KEY}-b8x8-n01234567.safetensors",
+              f"tokens-{KEY}-s0-n512-l64-n01234567.safetensors", f"features-v3-{KEY}.safetensors",
+              f"errors-v2-{KEY}.safetensors", f"features-v2-{KEY}.npy", f".errors-v2-{KEY}.safetensors.x1_y2z3a.tmp"]
 
 
 @pytest.mark.parametrize("name", USER_FILES)
