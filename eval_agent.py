@@ -16,8 +16,9 @@ bits per weight (the equal-size comparison). Models the policy was not trained o
 --init-from``) as "fine-tuned model", and the summary lists the two groups separately; the models
 of the run it started from are "trained-on", never zero-shot.
 
-Writes results.json, results.csv and pareto.png (KL vs bpw of every method) into --out
-(default: <run folder>/eval-<date>-<time>); --export adds the policy's recipe per model as
+Writes results.json, results.csv and pareto.png (KL vs bpw of every method) into --out, a new or
+empty folder (default: <run folder>/eval-<date>-<time>, numbered -2, -3, ... when taken; never the
+run folder itself); --export adds the policy's recipe per model as
 JSON, llama.cpp --tensor-type overrides (llamacpp-quantize.sh), the quantized model as model.gguf
 (recipes of GGUF rules, e.g. from menu=gguf: exactly the scored model) and a GPTQModel dynamic
 config (recipes GPTQModel runs as measured); skipped.txt says why one was not written; --save-model writes the
@@ -31,6 +32,7 @@ import io
 import json
 import math
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -81,14 +83,19 @@ def build_parser() -> ArgumentParser:
                    help="comma-separated searchers to compare, or 'none' (default: %(default)s)")
     p.add_argument("--env-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override environment arguments of the run (YAML values), e.g. seq_len=64")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: <policy's folder>/eval-<date>-<time>)")
+    p.add_argument("--out", metavar="DIR", help="output folder, new or empty (default: <policy's folder>/eval-<date>-"
+                                                "<time>, numbered -2, -3, ... when taken)")
     p.add_argument("--export", action="store_true",
                    help="also write the policy's recipe per model as JSON, llama.cpp --tensor-type overrides, "
                         "model.gguf (GGUF rules) and a GPTQModel dynamic config (into <out>/export/<model>/)")
     p.add_argument("--save-model", metavar="DIR",
                    help="write the policy-quantized model(s) with save_pretrained (safetensors, dequantized weights, "
-                        "recipe in config.qenv_recipe, tokenizer); with several models, one subfolder each")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-model folder")
+                        "recipe in config.qenv_recipe, tokenizer); with several models, one subfolder each. The "
+                        "fake-quant fallback: full-size float weights, no quantization_config; python -m qenv "
+                        "quantize writes the packed checkpoint (or .gguf) a runtime loads")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation in --out (its results.json, results.csv, pareto.png, export/; "
+                        "nothing else) and a model saved by --save-model; any other non-empty folder is refused")
     p.add_argument("--seed", type=int, default=0, help="seed of the searchers (default: %(default)s)")
     p.add_argument("--weight-cache-gib", type=float, metavar="GIB",
                    help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
@@ -211,6 +218,7 @@ def scoring_evaluator(task: Any, data: list[str] | None, n_tokens: int, seq_len:
     policy and the searchers saw them, and only scored on the held-out text.
     """
     from qenv.eval.evaluator import Evaluator
+    from qenv.eval.reference import check_reference_fits
     from qenv.eval.tokens import tokens_from_text
 
     ev = task.evaluator
@@ -218,6 +226,7 @@ def scoring_evaluator(task: Any, data: list[str] | None, n_tokens: int, seq_len:
         return ev, f"calibration tokens ({ev.tokens.n_tokens}, {ev.tokens.source})"
     if task.loaded.tokenizer is None:
         return ev, f"calibration tokens ({ev.tokens.n_tokens}; {task.name} has no tokenizer for the held-out text)"
+    check_reference_fits(task.loaded.model, task.layers, n_tokens // seq_len, seq_len, ev.cache_dir)  # before reading
     tokens = tokens_from_text(task.loaded.tokenizer, data, n_tokens, seq_len)
     ev.weights.restore()
     held = Evaluator(task.loaded, tokens, batch_size=batch_size, cache_dir=ev.cache_dir)
@@ -240,6 +249,10 @@ def evaluations_note(evaluations: int | None, screenings: int = 0) -> str:
     if screenings:
         note += f" + {screenings} screening{'s' if screenings != 1 else ''}"
     return note
+
+
+#: the kind of a searcher's row whose recipe is over the budget: listed apart, not as a searcher's result
+MISSED_BUDGET = "missed budget"
 
 
 def row(method: str, kind: str, metrics: Any, wall: float, budget: float, note: str = "") -> dict[str, Any]:
@@ -313,7 +326,11 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         note = evaluations_note(getattr(searcher, "evaluations", None), getattr(searcher, "screenings", 0))
         if s_info.get("mix"):
             note += f", {s_info['mix']}"
-        rows.append(row(name, "searcher", metrics, time.perf_counter() - t0, budget, note.strip(", ")))
+        kind = "searcher"
+        if metrics.bpw > budget + _TOL:  # e.g. llamacpp when no llama.cpp mix fits: its nearest is no result here
+            kind = MISSED_BUDGET
+            note = f"did not meet the {budget:g} bpw budget ({metrics.bpw:.3f} bpw), " + note
+        rows.append(row(name, kind, metrics, time.perf_counter() - t0, budget, note.strip(", ")))
     rows.sort(key=lambda r: (r["bpw"], r["kind"] != "policy", r["method"]))
 
     fair = [r for r in rows if r["kind"] == "preset" and not r["over_budget"]]
@@ -368,10 +385,14 @@ def print_model(result: dict[str, Any]) -> None:
     print(f"\n{result['model']} ({status}), budget {budget:g} bpw, scored on {result['tokens']}")
     table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}", f"{r['model_mb']:.4f}",
               fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", f"{r['wall_s']:.2f}", r["note"]]
-             for r in result["rows"]]
+             for r in result["rows"] if r["kind"] != MISSED_BUDGET]
     print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "wall s", "note"], table,
                       align="llrrrrrrl"))
     print(f"  (* over the {budget:g} bpw budget)")
+    for r in result["rows"]:  # listed apart: what a searcher returned over the budget is no result at it
+        if r["kind"] == MISSED_BUDGET:
+            print(f"  not a result at {budget:g} bpw: the {r['method']} searcher did not meet the budget; it returned "
+                  f"{r['bpw']:.3f} bpw (KL {fmt(r['kl'])}, ppl {fmt(r['ppl'])}, top1 {r['top1']:.3f}; {r['note']})")
     gain = result["gain"]
     prefix = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model", "trained-on": "trained-on model"}[
         result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
@@ -423,7 +444,8 @@ def pareto_plot(path: Path, results: list[dict[str, Any]]) -> None:
 
     n = len(results)
     fig = Figure(figsize=(6.4 * min(n, 3), 4.6 * ((n + 2) // 3)), dpi=100)
-    styles = {"policy": ("*", "tab:red", 180), "preset": ("o", "tab:blue", 40), "searcher": ("^", "tab:green", 50)}
+    styles = {"policy": ("*", "tab:red", 180), "preset": ("o", "tab:blue", 40), "searcher": ("^", "tab:green", 50),
+              MISSED_BUDGET: ("X", "tab:gray", 40)}
     axes_labels = []
     for k, result in enumerate(results):
         ax = fig.add_subplot((n + 2) // 3, min(n, 3), k + 1)
@@ -495,24 +517,48 @@ def untrusted_run_settings(env_kwargs: dict[str, Any], given: dict[str, Any], fo
     return notes
 
 
-def check_outputs(args: Any, out: Path) -> None:
+def check_outputs(args: Any, out: Path, run_folder: Path) -> None:
     """Every output path, before any model is loaded: a bad one would otherwise fail after the
-    whole evaluation (the same checker as train_agent.py's --logdir)."""
+    whole evaluation (the same checker as train_agent.py's --logdir). Neither output may be, or
+    hold, the run folder of the policy (``run_folder``): the training run would be replaced; nor
+    may ``--out`` be any run folder of train_agent.py (its pareto.png would be replaced)."""
+    from qenv.cli.common import is_run_folder
+    from qenv.export import SAVE_MODEL_TEMP_RESERVE, is_saved_model
     from qenv.io import check_output_dir
 
     check_output_dir(out, "--out", "pass --out a folder you can write to (or that can be created).")
+    targets = [("--out", out)]
     if args.save_model:
-        target = check_output_dir(args.save_model, "--save-model",
-                                  "pass --save-model a folder you can write to (or that can be created).")
-        if len(args.models) == 1 and target.is_dir() and any(target.iterdir()) and not args.overwrite:
-            raise QenvError(f"Folder {target} already exists and is not empty.",
-                            "pick another --save-model folder, remove it, or pass --overwrite.")
+        targets.append(("--save-model", check_output_dir(
+            args.save_model, "--save-model", "pass --save-model a folder you can write to (or that can be created).",
+            reserve=SAVE_MODEL_TEMP_RESERVE)))
+    home = run_folder.resolve()
+    for flag, target in targets:
+        where = target.resolve()
+        if where == home or home.is_relative_to(where):
+            what = "is" if where == home else "holds"
+            raise QenvError(f"{flag} {target} {what} the run folder {run_folder} of --policy: writing there would "
+                            "replace the training run's files.",
+                            f"pass a {flag} folder outside the run (or leave --out out: {run_folder}/eval-<date>-<time>).")
+    if args.save_model:
+        target = targets[1][1]
+        if len(args.models) == 1 and target.is_dir() and any(target.iterdir()):
+            if not args.overwrite:
+                raise QenvError(f"Folder {target} already exists and is not empty.",
+                                "pick another --save-model folder, remove it, or pass --overwrite.")
+            if not is_saved_model(target):
+                raise QenvError(f"--save-model {target} is not empty and is not a model saved by eval_agent.py "
+                                "--save-model (no config.json with qenv_recipe): --overwrite only replaces such a "
+                                "folder.", "pick another --save-model folder (or an empty one).")
+    if is_run_folder(out):
+        raise QenvError(f"--out {out} is a run folder of train_agent.py: the evaluation's files (pareto.png, ...) "
+                        "would replace the run's.", "leave --out out (each evaluation gets <run folder>/eval-<date>-"
+                        "<time>), or pass another folder.")
 
 
 def _body(argv: list[str] | None) -> int:
     from qenv.cli.config import check_env_kwargs
     from qenv.cli.envs import at_one_budget, set_torch_threads
-    from qenv.io import write_json_atomic
 
     quiet_libraries()
     args = build_parser().parse_args(argv)
@@ -540,13 +586,13 @@ def _body(argv: list[str] | None) -> int:
     if unknown:
         raise QenvError(f"Unknown searcher(s) {unknown}.", f"use a comma-separated subset of {','.join(SEARCHERS)}, "
                                                             "or none.")
-    from qenv.eval.tokens import read_text_file
+    from qenv.eval.tokens import check_text_file
 
     for path in args.data or []:
         if not Path(path).is_file():
             what = "is a folder, not a text file" if Path(path).is_dir() else "does not exist"
             raise QenvError(f"Held-out text file {path} {what}.", "pass an existing UTF-8 text file to --data.")
-        read_text_file(path)  # binary or undecodable text is refused now, not after the evaluation
+        check_text_file(path)  # binary or undecodable text is refused now (its start only: it is streamed)
     run = read_run(policy)
     from qenv.agents.registry import agent_named_by_file, resolve_agent
 
@@ -586,7 +632,64 @@ def _body(argv: list[str] | None) -> int:
     out = Path(args.out).expanduser() if args.out else run["folder"] / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.save_model:
         args.save_model = str(Path(args.save_model).expanduser())
-    check_outputs(args, out)
+    check_outputs(args, out, run["folder"])
+    out, lock, created = claim_eval_dir(out, numbered=not args.out, overwrite=args.overwrite)
+    try:
+        with lock:
+            return evaluate_all(args, run, policy, agent_name, budget, env_kwargs, searchers, models, out)
+    except BaseException:
+        discard_eval_dir(out, created)
+        raise
+
+
+def claim_eval_dir(out: Path, numbered: bool, overwrite: bool) -> tuple[Path, Any, Path | None]:
+    """Create the output folder now, exclusively, and lock it for this evaluation: the default name
+    is numbered (``eval-<date>-<time>-2``, ... as train_agent.py numbers runs: two evaluations started
+    in the same second never share a folder); an explicit ``--out`` that exists must be empty, or an
+    earlier evaluation's folder with ``--overwrite``. Returns the folder, its held lock and the
+    topmost folder this call created (removed again if the evaluation fails), or ``None``."""
+    from qenv.cli.common import EVAL_OUTPUT, claim_output_dir
+
+    top = None
+    probe = out.parent
+    while not probe.exists() and probe.parent != probe:
+        top, probe = probe, probe.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QenvError(f"--out {out} cannot be created ({exc.strerror}).", "pass --out a folder you can write to.") \
+            from None
+    try:
+        folder, lock, created = claim_output_dir(
+            lambda n: out if n == 1 else out.with_name(f"{out.name}-{n}"), EVAL_OUTPUT, overwrite=overwrite,
+            numbered=numbered)
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+    return folder, lock, top if top is not None else folder if created else None
+
+
+def discard_eval_dir(out: Path, created: Path | None) -> None:
+    """After a failed evaluation: no half-written output (the folders this run created go, and in a
+    folder that was there before, what eval_agent.py writes)."""
+    from qenv.cli.common import EVAL_OUTPUTS
+
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for name in EVAL_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def evaluate_all(args: Any, run: dict[str, Any], policy: Path, agent_name: str, budget: float,
+                 env_kwargs: dict[str, Any], searchers: list[str], models: list[str], out: Path) -> int:
+    """Every model's table, the summary lines and the output files (in ``out``, claimed and locked)."""
+    from qenv.io import write_json_atomic
 
     print(f"evaluating {policy} ({agent_name}) at {budget:g} bpw on {', '.join(models)}", flush=True)
     results = []

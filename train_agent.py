@@ -60,7 +60,7 @@ examples:
   python train_agent.py --init-from runs/zoo/model.zip --model tiny-qwen2 --timesteps 2048   # fine-tune
 
 Ctrl-C saves a checkpoint and summary.json, then exits with status 130; SIGTERM does the same and
-exits with status 143. One process writes to a run folder at a time (a second one is refused).
+exits with status 143, SIGHUP (a closed terminal) with 129. One process writes to a run folder at a time (a second one is refused).
 Errors print one line, 'error: <problem> Fix: <fix>', and exit with status 2.
 """
 
@@ -105,7 +105,9 @@ def build_parser() -> ArgumentParser:
                         "spaces (same --agent family and action_kind)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its latest checkpoint with the same settings and total timesteps")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run folder of the same name (only a run of train_agent.py: its "
+                        "config.json or summary.json; any other non-empty folder, or a symbolic link, is refused)")
     p.add_argument("--env-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="environment arguments, values parsed as YAML, e.g. reward=ppl seq_len=64 "
                         "'menu=[{bits: 4}, {bits: 8}]' (override the config's env_kwargs)")
@@ -181,6 +183,12 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         raise QenvError(f"--seed={args.seed} is negative.", "pass a seed of 0 or more.")
     if args.keep_checkpoints < 0:
         raise QenvError(f"--keep-checkpoints={args.keep_checkpoints} is negative.", "pass 0 to keep all, or a count.")
+    for flag, value in (("--timesteps", total), ("--n-envs", args.n_envs), ("--checkpoint-freq", args.checkpoint_freq),
+                        ("--n-tokens", args.n_tokens)):  # before --eval-freq, which is compared with the total
+        if value is not None and value < 1:
+            source = "" if flag != "--timesteps" or args.timesteps is not None else f" (n_timesteps of {config_path})"
+            raise QenvError(f"{flag}={value}{source} must be positive (at least 1).",
+                            f"pass a positive whole number to {flag}.")
     if args.eval_freq < 0:
         raise QenvError(f"--eval-freq={args.eval_freq} is negative.", "pass a number of timesteps, or 0 for none.")
     if args.eval_freq > total:
@@ -189,10 +197,6 @@ def resolve_settings(args: Any) -> dict[str, Any]:
     if args.eval_freq and not callable(getattr(spec.load(), "algorithm_class", None)):
         raise QenvError(f"--eval-freq applies to Stable-Baselines3 agents; {args.agent!r} is not one.",
                         "leave --eval-freq out for this agent (its best recipe is in best_recipe.json).")
-    for flag, value in (("--timesteps", total), ("--n-envs", args.n_envs), ("--checkpoint-freq", args.checkpoint_freq),
-                        ("--n-tokens", args.n_tokens)):
-        if value is not None and value < 1:
-            raise QenvError(f"{flag}={value} must be at least 1.", f"pass a positive whole number to {flag}.")
     n_envs = args.n_envs or cfg.n_envs or 1
     init_from = check_init_from(args.init_from, spec, env_kwargs.get("action_kind", "discrete"),
                                 env_kwargs.get("menu"), env_kwargs.get("observation", "full")) if args.init_from else None
@@ -364,7 +368,7 @@ class Run:
         self.episodes_cb: Any = None
         self.evaluator: Any = None  # --eval-freq's DeterministicEvalCallback
         self.eval_state: dict[str, Any] = {}  # its state from the checkpoint resumed
-        self.stopped_by: str | None = None  # SIGINT or SIGTERM
+        self.stopped_by: str | None = None  # SIGINT, SIGTERM or SIGHUP
 
     # -- building ---------------------------------------------------------------------------------
     def build_envs(self) -> None:
@@ -484,7 +488,7 @@ class Run:
     # -- saving -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         out = {"tracker": self.tracker.state_dict(), "wall_time_s": self.watch.total,
-               "reward_before": self.reward_before, "sessions": self.sessions}
+               "reward_before": self.reward_before, "sessions": self.sessions, "fingerprints": self.fingerprints()}
         if self.evaluator is not None:  # a resumed run goes on comparing with the best evaluation so far
             best = self.evaluator.best
             out["evaluations"] = {"records": self.evaluator.evaluations, "next": self.evaluator.next_eval,
@@ -530,6 +534,43 @@ class Run:
             tb = self.tb if self.tb is not None else getattr(self.episodes_cb, "tb", None)
             if tb is not None:
                 tb.flush()
+
+    def fingerprints(self) -> list[dict[str, str]]:
+        """What the run trains on, per model: the weights' and the calibration tokens' fingerprints
+        (kept in every checkpoint: a resume on other weights or tokens is refused)."""
+        return [{"model": t.name, "spec": spec, "model_fingerprint": t.loaded.fingerprint,
+                 "tokens_fingerprint": t.evaluator.tokens.fingerprint}
+                for spec, t in zip(model_list(self.settings["env_kwargs"]), self.tasks)]
+
+    def check_fingerprints(self, state: dict[str, Any]) -> None:
+        """Refuse to resume on weights or tokens other than the checkpoint's: the agent would go on
+        learning from other rewards, and the summary would record the new fingerprint as the run's.
+        A checkpoint written before fingerprints were kept is compared with the summary's models."""
+        recorded = state.get("fingerprints")
+        if not isinstance(recorded, list):
+            summary = self.folder / "summary.json"
+            data = read_json(summary, "Run summary", "delete it; the run is resumed from its checkpoints.") \
+                if summary.is_file() else {}
+            models = data.get("train_models") if isinstance(data, dict) else None
+            recorded = [{"model": m.get("name"), "spec": m.get("spec"), "model_fingerprint": m.get("fingerprint")}
+                        for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+        fresh = "start a new run on it instead (the same command with another --name, or with --overwrite)"
+        for before, now in zip(recorded, self.fingerprints()):
+            if not isinstance(before, dict):
+                continue
+            spec = now["spec"]
+            if before.get("model_fingerprint") not in (None, now["model_fingerprint"]):
+                raise QenvError(
+                    f"Cannot resume {self.folder}: the model {spec} changed since the checkpoint (its weights' "
+                    f"fingerprint was {before['model_fingerprint']}, it is now {now['model_fingerprint']}), so the "
+                    "agent would go on learning from another model's rewards.",
+                    f"restore the model file the run was trained on, or {fresh}.")
+            if before.get("tokens_fingerprint") not in (None, now["tokens_fingerprint"]):
+                raise QenvError(
+                    f"Cannot resume {self.folder}: the calibration tokens of {spec} changed since the checkpoint "
+                    f"(fingerprint {before['tokens_fingerprint']}, now {now['tokens_fingerprint']}: the --data text "
+                    "changed, or tokens sampled from the model came out otherwise on another --device or --threads).",
+                    f"restore the data file (or resume on the device and threads of the run), or {fresh}.")
 
     def train_models(self) -> list[dict[str, Any]]:
         return [{"spec": spec, "name": t.name, "fingerprint": t.loaded.fingerprint, "n_layers": len(t.layers)}
@@ -585,6 +626,7 @@ class Run:
         ckpt = latest_checkpoint(self.ckpt_dir) if self.resumed else None
         if self.resumed and ckpt is None:
             self.refuse_resume_without_checkpoint()
+        state: dict[str, Any] = {}
         if ckpt is not None:
             state = read_json(ckpt[2], "Checkpoint state", "delete that checkpoint's files to resume from the one before.")
             self.tracker.load_state_dict(state.get("tracker", {}))
@@ -595,6 +637,12 @@ class Run:
         self.watch = Stopwatch(before_s)
         print(f"run folder: {self.folder}", flush=True)
         self.build_envs()
+        if ckpt is not None:
+            try:
+                self.check_fingerprints(state)
+            except QenvError:  # nothing of the refused model stays in this process's task cache
+                self.eval_env.close()
+                raise
         self.tracker.budget_bpw = self.inner.budget_bpw  # with budgets, the best recipe is one at this budget
         self.build_agent(None if ckpt is None else ckpt[1])
         if not self.is_sb3:
@@ -624,7 +672,7 @@ class Run:
 
         from qenv.callbacks import (AtomicCheckpointCallback, QuantEpisodeCallback, TqdmProgressCallback,
                                     save_agent_atomic, sigint_deferred, wait_past_event_files)
-        from qenv.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, signal_name
+        from qenv.signals import exit_status_of, signal_name, stopped_message
 
         s = self.settings
         model = self.sb3_model()
@@ -691,7 +739,7 @@ class Run:
                 self.agent.learn(remaining, callback=CallbackList([*callbacks, bar]), progress_bar=False,
                                  reset_num_timesteps=not self.resumed, tb_log_name="run")
                 self.tb = episodes.tb
-            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (qenv.signals.Terminated)
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (qenv.signals.Terminated)
                 self.tb = episodes.tb
                 bar.close()
                 status = "interrupted"
@@ -712,10 +760,10 @@ class Run:
                 self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
                 self.log_pareto(steps)
                 self.write_summary("interrupted", steps)
-                what = "terminated (SIGTERM)" if self.stopped_by == "SIGTERM" else "interrupted"
+                what = stopped_message(self.stopped_by)
                 print(f"\n{what} at step {self.interrupted_at}: checkpoint at step {steps} and summary saved in "
                       f"{self.folder}; continue with: python train_agent.py --resume {self.folder}", flush=True)
-                return EXIT_TERMINATED if self.stopped_by == "SIGTERM" else EXIT_INTERRUPTED
+                return exit_status_of(self.stopped_by)
             self.policy_file = save_agent_atomic(self.agent, self.folder / "model.zip")
             self.save_normalizer()
             self.close_envs(interrupted=False)
@@ -731,7 +779,7 @@ class Run:
         from torch.utils.tensorboard import SummaryWriter
 
         from qenv.callbacks import TBLogger, save_agent_atomic, sigint_deferred
-        from qenv.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, signal_name
+        from qenv.signals import exit_status_of, signal_name, stopped_message
 
         s = self.settings
         layer_sizes = {i.name: (i.out_features, i.in_features) for t in self.tasks for i in t.layers}
@@ -755,7 +803,7 @@ class Run:
         self.started = True
         try:
             self.agent.learn(total, progress_bar=self.progress)
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (qenv.signals.Terminated)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (qenv.signals.Terminated)
             status = "interrupted"
             self.stopped_by = signal_name(exc)
             self.interrupted_at = steps["n"]
@@ -778,9 +826,9 @@ class Run:
             summary = self.write_summary(status, steps["n"], final)
             writer.close()
         if status == "interrupted":
-            what = "terminated (SIGTERM)" if self.stopped_by == "SIGTERM" else "interrupted"
+            what = stopped_message(self.stopped_by)
             print(f"\n{what}: summary saved in {self.folder}", flush=True)
-            return EXIT_TERMINATED if self.stopped_by == "SIGTERM" else EXIT_INTERRUPTED
+            return exit_status_of(self.stopped_by)
         self.report(summary)
         return 0
 
@@ -943,9 +991,11 @@ def _body(argv: list[str] | None) -> int:
                           "timesteps); nothing to resume.")
                     return 0
             return Run(folder, settings, progress=not args.no_progress, resumed=True, lock=lock).execute()
+    if args.name and args.overwrite and args.init_from:
+        refuse_init_from_inside(Path(args.init_from), Path(args.logdir) / args.name)
     settings = resolve_settings(args)
     logdir = Path(args.logdir)
-    name = check_run_name(args.name) if args.name else default_run_name(logdir, settings["agent"].split(":")[-1].lower())
+    name = check_run_name(args.name, logdir) if args.name else default_run_name(logdir, settings["agent"].split(":")[-1].lower())
     folder, lock = new_run_dir(logdir, name, overwrite=args.overwrite, numbered=not args.name)
     with lock:
         from qenv.io import write_json_atomic
@@ -960,8 +1010,22 @@ def _body(argv: list[str] | None) -> int:
             raise
 
 
+def refuse_init_from_inside(policy: Path, folder: Path) -> None:
+    """``--overwrite`` empties ``folder`` before training starts: a ``--init-from`` policy inside it
+    would be deleted before it is read (and the failed start would then remove the folder too)."""
+    try:
+        inside = policy.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return
+    if inside:
+        raise QenvError(f"--init-from {policy} is inside the run folder {folder}, which --overwrite empties before "
+                        "training starts: the policy would be deleted before it is read.",
+                        f"copy it out first (e.g. cp {policy} {folder.parent / (folder.name + '-init.zip')}) and pass "
+                        "the copy to --init-from, or pick another --name.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the program; returns the exit status (0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM)."""
+    """Run the program; returns the exit status (0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
     return run_cli(lambda: _body(argv))
 
 

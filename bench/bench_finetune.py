@@ -76,9 +76,9 @@ def cell(args: argparse.Namespace, spec: str, budget: float, episodes: int, seed
     zs_out, ft_out = work / f"{name}.zeroshot", work / f"{name}.finetuned"
     run([py, "eval_agent.py", "--policy", args.zoo, "--model", spec, "--budget-bpw", f"{budget:g}",
          "--search-evals", str(played), "--searchers", "greedy,random,evolution", "--seed", str(seed),
-         "--out", str(zs_out)], work / f"{name}.zeroshot.log")
+         "--out", str(zs_out), "--overwrite"], work / f"{name}.zeroshot.log")  # a rerun replaces its evaluation
     run([py, "eval_agent.py", "--policy", str(work / "runs" / name / "model.zip"), "--model", spec,
-         "--budget-bpw", f"{budget:g}", "--searchers", "none", "--seed", str(seed), "--out", str(ft_out)],
+         "--budget-bpw", f"{budget:g}", "--searchers", "none", "--seed", str(seed), "--out", str(ft_out), "--overwrite"],
         work / f"{name}.finetuned.log")
     zs = json.loads((zs_out / "results.json").read_text())["models"][0]
     ft = json.loads((ft_out / "results.json").read_text())["models"][0]

@@ -6,14 +6,17 @@ set (log-probabilities, block outputs and each layer's input statistics: the bul
 large models), tokens sampled from a model, the layers' observation features and their output
 errors under each menu rule. Each file's
 name carries the fingerprints of what it was computed from, so a changed model or token set
-never reads a stale file; a damaged file is recomputed. Deleting the cache only costs time.
+never reads a stale file; a damaged file (its checksum or its shapes, values or token ids are
+wrong: :mod:`qenv.cache_files`) is recomputed, never used. Deleting the cache only costs time.
 
 ``python -m qenv cache --info`` prints this summary; ``python -m qenv cache --clear`` deletes
-qenv's files (and only those: other files in the folder are counted and left alone).
+qenv's files (and only those: a file counts as qenv's only when its whole name has the exact form
+qenv gives it, :data:`CACHE_NAME_PATTERNS`; other files in the folder are counted and left alone).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,13 +60,28 @@ def _size(path: Path) -> int:
         return 0
 
 
+_HEX = r"[0-9a-f]{8,64}"
+#: the exact names qenv gives its cache files, per kind (qenv.eval.reference, qenv.envs.quant_llm's make_tokens,
+#: qenv.eval.reference.layer_table_path): a user's ``tokens-backup.txt`` or ``errors-2024.log`` is none of them
+CACHE_NAME_PATTERNS: dict[str, re.Pattern[str]] = {
+    "reference": re.compile(rf"reference-v\d+-{_HEX}(?:-{_HEX}|-b\d+(?:x\d+)*|-n[0-9a-f]{{8}})*\.safetensors"),
+    "tokens": re.compile(rf"tokens-{_HEX}-s\d+-n\d+-l\d+(?:-n[0-9a-f]{{8}})?\.safetensors"),
+    "features": re.compile(rf"features-v\d+-{_HEX}\.(?:safetensors|npy)"),  # .npy: written before v3
+    "errors": re.compile(rf"errors-v\d+-{_HEX}\.(?:safetensors|npy)"),  # .npy: written before v2
+}
+#: :func:`qenv.io.atomic_path`'s temporary name: ``.<name>.<mkstemp's 8 random characters>.tmp``
+_TEMP_RE = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
 def _kind_of(name: str) -> str | None:
     """The cache kind of a file name, for finished files and for :func:`qenv.io.atomic_path`'s
-    temporary ``.<name>.<random>.tmp`` files (left behind when a writer is killed)."""
-    if name.startswith(".") and name.endswith(".tmp"):
-        name = name[1:]
-    for kind in CACHE_KINDS:
-        if name.startswith(f"{kind}-"):
+    temporary ``.<name>.<random>.tmp`` files (left behind when a writer is killed); ``None`` for any
+    other name, however it begins (matched whole: ``fullmatch``)."""
+    temp = _TEMP_RE.fullmatch(name)
+    if temp is not None:
+        name = temp.group("name")
+    for kind, pattern in CACHE_NAME_PATTERNS.items():
+        if pattern.fullmatch(name):
             return kind
     return None
 

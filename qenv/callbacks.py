@@ -37,7 +37,7 @@ BEST_KEYS: tuple[str, ...] = (
     "kl", "ppl", "top1", "bpw", "model_bytes", "model_mb", "clamped_actions", "fidelity_reward", "budget_bpw",
     "reference_kl", "reference_ppl", "reference_top1", "reference",
 )
-CHECKPOINT_RE = re.compile(r"^step_(\d+)\.zip$")
+CHECKPOINT_RE = re.compile(r"step_(\d+)\.zip")  # matched with fullmatch ("$" passes a final newline)
 
 try:  # SB3 is a dependency; keep the module importable for the plain tracker without it
     from stable_baselines3.common.callbacks import BaseCallback
@@ -668,7 +668,7 @@ def prune_checkpoints(folder: str | Path, keep: int) -> None:
     folder = Path(folder)
     if keep <= 0 or not folder.is_dir():
         return
-    steps = sorted(int(m.group(1)) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
+    steps = sorted(int(m.group(1)) for p in folder.iterdir() if (m := CHECKPOINT_RE.fullmatch(p.name)))
     complete = [s for s in steps if checkpoint_paths(folder, s)[1].is_file()]
     for step in complete[:-keep]:
         model, state = checkpoint_paths(folder, step)
@@ -692,7 +692,7 @@ def latest_checkpoint(folder: str | Path) -> tuple[int, Path, Path] | None:
         return None
     found = []
     for path in folder.iterdir():
-        match = CHECKPOINT_RE.match(path.name)
+        match = CHECKPOINT_RE.fullmatch(path.name)
         if match:
             step = int(match.group(1))
             state = checkpoint_paths(folder, step)[1]

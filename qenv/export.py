@@ -295,6 +295,24 @@ def gptqmodel_rule_for(config: Mapping[str, Any], module_name: str) -> dict[str,
 
 
 # -- quantized model ------------------------------------------------------------------------------------
+#: what :func:`save_quantized_model` adds to its folder's name for temporary folders (``.<name>.old.<8>``)
+SAVE_MODEL_TEMP_RESERVE = 14
+
+
+def is_saved_model(folder: str | Path) -> bool:
+    """Whether ``folder`` is a model that :func:`save_quantized_model` wrote: a real folder whose
+    config.json holds ``qenv_recipe``. Only such a folder is replaced by ``overwrite``."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    try:
+        if folder.is_symlink() or config.is_symlink() or not config.is_file() or config.stat().st_size > 64 << 20:
+            return False
+        data = json.loads(config.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("qenv_recipe"), dict)
+
+
 def _replace_folder(tmp: Path, target: Path, overwrite: bool) -> None:
     if target.exists():
         if not target.is_dir():
@@ -303,6 +321,10 @@ def _replace_folder(tmp: Path, target: Path, overwrite: bool) -> None:
             if not overwrite:
                 raise QenvError(f"Folder {target} already exists and is not empty.",
                                 "pick another folder or remove it first.")
+            if not is_saved_model(target):
+                raise QenvError(f"Folder {target} is not empty and is not a model saved by qenv (no config.json with "
+                                "qenv_recipe): overwrite only replaces such a folder.",
+                                "pick another folder (or an empty one).")
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, old / target.name)
             os.replace(tmp, target)

@@ -46,6 +46,9 @@ def default_mode(executable: bool = False) -> int:
 def atomic_path(path: str | Path, executable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
+    The file is synced to the disk before the rename and the folder after it, so that a power cut
+    never leaves a renamed file whose data was not written (a zero-filled file).
+
     The file gets the mode a plain ``open()`` would give it (``executable``: as ``mkdir`` would, for
     scripts), not the owner-only mode of ``mkstemp``.
     """
@@ -56,13 +59,27 @@ def atomic_path(path: str | Path, executable: bool = False) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, default_mode(executable))
-        os.replace(tmp, path)
+        _fsync(tmp)  # the data reaches the disk before the name does: a power cut leaves the old
+        os.replace(tmp, path)  # file or the new one, never a zero-filled new one
+        _fsync(path.parent)
     except OSError as exc:  # a full disk, a quota, a file-size limit: name the file the user asked for
         if exc.filename is None or str(exc.filename) == tmp:
             exc.filename = str(path)
         raise
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot sync a folder: nothing more can be done there
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def make_dir_like_mkdir(prefix: str, parent: str | Path) -> Path:
@@ -119,18 +136,65 @@ def write_json_atomic(path: str | Path, payload: Any) -> Path:
 
 
 # -- output paths -----------------------------------------------------------------------------------
-def check_output_dir(path: str | Path, what: str, fix: str | None = None) -> Path:
+#: NAME_MAX where the file system does not say (Linux, macOS and Windows file systems all hold 255)
+DEFAULT_NAME_MAX = 255
+#: PATH_MAX of Linux (a longer path is ENAMETOOLONG whatever its components)
+DEFAULT_PATH_MAX = 4096
+
+
+def name_max(path: str | Path) -> int:
+    """The longest file name the file system holding ``path`` (or its nearest existing ancestor) takes."""
+    probe = Path(os.path.abspath(Path(path).expanduser()))
+    while True:
+        try:
+            return int(os.pathconf(probe, "PC_NAME_MAX"))
+        except (OSError, ValueError, AttributeError):  # missing, or itself too long: ask its parent
+            if probe.parent == probe:
+                return DEFAULT_NAME_MAX
+            probe = probe.parent
+
+
+def check_name_lengths(path: str | Path, what: str, reserve: int = 0, last_only: bool = False) -> Path:
+    """Refuse, before any work, a path with a component longer than the file system's NAME_MAX
+    (``ENAMETOOLONG`` would otherwise come when the output is written, after the work). ``reserve``
+    is what the writer adds to the last component (e.g. a temporary name's prefix and suffix);
+    ``last_only`` checks the last component alone (the parent is another option's, checked there)."""
+    from qenv.errors import QenvError
+
+    path = Path(path).expanduser()
+    limit = name_max(path)
+    parts = path.parts
+    for i, part in enumerate(parts):
+        if last_only and i < len(parts) - 1:
+            continue
+        extra = reserve if i == len(parts) - 1 else 0
+        if len(os.fsencode(part)) + extra > limit:
+            shown = part if len(part) <= 40 else part[:20] + "..." + part[-12:]
+            room = f" ({extra} more are kept for temporary names)" if extra else ""
+            raise QenvError(f"{what} {shown!r} is a name of {len(os.fsencode(part))} bytes; the file system takes at "
+                            f"most {limit}{room}.", f"pass a shorter {what} (at most {limit - extra} bytes for that "
+                            "name).")
+    whole = len(os.fsencode(os.path.abspath(path))) + reserve
+    if whole >= DEFAULT_PATH_MAX:
+        raise QenvError(f"{what} {str(path)[:40]}... is a path of {whole} bytes; the system takes fewer than "
+                        f"{DEFAULT_PATH_MAX}.", f"pass a shorter {what}.")
+    return path
+
+
+def check_output_dir(path: str | Path, what: str, fix: str | None = None, reserve: int = 0) -> Path:
     """Check, before any work, that the folder ``path`` exists or can be created, and can be written.
 
     Nothing is created: the nearest existing ancestor must be a writable folder (tested by creating
     and removing a temporary file there, which is what counts for root, for read-only file systems
-    and for ACLs alike), and no ancestor may be a file. ``what`` names the path in the error (e.g.
-    ``"--logdir"``). Returns ``path``.
+    and for ACLs alike), and no ancestor may be a file, and no component may be longer than the file
+    system takes (:func:`check_name_lengths`, ``reserve`` as there). ``what`` names the path in the
+    error (e.g. ``"--logdir"``). Returns ``path``.
     """
     from qenv.errors import QenvError
 
     path = Path(path).expanduser()
     fix = fix or f"pass a {what} folder that you can write to."
+    check_name_lengths(path, what, reserve)
     probe = path
     while not probe.exists():
         if probe.is_symlink():  # a dangling link: following it would write elsewhere
@@ -254,28 +318,3 @@ def remove_stale_temp_files(folder: str | Path, lock: RunLock) -> list[Path]:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
-
-
-def read_cached_array(path: Path | None, shape: tuple[int, ...]) -> Any:
-    """A numpy array cached at ``path`` if it is there, readable and of ``shape``; else ``None``
-    (a damaged or stale cache file is recomputed, not an error)."""
-    import numpy as np
-
-    if path is None or not path.is_file():
-        return None
-    try:
-        cached = np.load(path)
-    except (OSError, ValueError):
-        return None
-    return cached if cached.shape == shape else None
-
-
-def write_cached_array(path: Path | None, array: Any) -> None:
-    """Cache ``array`` at ``path`` (nothing when ``path`` is None), written whole or not at all."""
-    import numpy as np
-
-    if path is None:
-        return
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)

@@ -272,5 +272,10 @@ def test_saved_model_folder_is_not_overwritten(task, recipe, tmp_path):
         save_quantized_model(task.evaluator, recipe, target)
     assert (target / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no temporary folder left behind
-    save_quantized_model(task.evaluator, recipe, target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()
+    with pytest.raises(QenvError, match="is not a model saved by qenv"):  # overwrite replaces only a saved model
+        save_quantized_model(task.evaluator, recipe, target, overwrite=True)
+    assert (target / "keep.txt").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["q"]
+    saved = save_quantized_model(task.evaluator, recipe, tmp_path / "saved")
+    (saved / "stale.txt").write_text("from an earlier save")
+    save_quantized_model(task.evaluator, recipe, saved, overwrite=True)
+    assert not (saved / "stale.txt").exists() and (saved / "model.safetensors").is_file()

@@ -147,10 +147,11 @@ def test_cache_info_and_clear(tmp_path, monkeypatch, capsys):
     from qenv.__main__ import main
 
     monkeypatch.setenv("QENV_CACHE_DIR", str(tmp_path))
-    (tmp_path / "reference-v2-abc-def-b8x8.safetensors").write_bytes(b"x" * 3000)
-    (tmp_path / "tokens-abc-s0-n512-l64.safetensors").write_bytes(b"x" * 100)
-    (tmp_path / "features-v1-abc.npy").write_bytes(b"x" * 10)
-    (tmp_path / ".reference-v2-zzz.safetensors.k3j.tmp").write_bytes(b"x" * 7)  # a killed writer's leftover
+    key = "0123456789abcdef"
+    (tmp_path / f"reference-v2-{key}-89abcdef-{key}-b8x8-n01234567.safetensors").write_bytes(b"x" * 3000)
+    (tmp_path / f"tokens-{key}-s0-n512-l64-n01234567.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / f"features-v1-{key}.npy").write_bytes(b"x" * 10)
+    (tmp_path / f".reference-v2-{key}.safetensors.k3j_x9z0.tmp").write_bytes(b"x" * 7)  # a killed writer's leftover
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["cache", "--info"]) == 0
     out = capsys.readouterr().out

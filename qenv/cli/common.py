@@ -10,20 +10,23 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
 from qenv.errors import QenvError
-from qenv.io import LOCK_NAME, RunLock, check_output_dir, default_mode
-from qenv.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, exit_status, signal_name, terminate_as_interrupt
+from qenv.io import LOCK_NAME, RunLock, check_name_lengths, check_output_dir, default_mode
+from qenv.signals import (EXIT_INTERRUPTED, EXIT_TERMINATED, exit_status, signal_name, stopped_message,
+                          terminate_as_interrupt)
 
 EXIT_ERROR = 2
 EXIT_IO_ERROR = 74  # sysexits' EX_IOERR: the disk refused a write (full, quota, read-only, I/O error)
 #: errors of the storage, not of the input: reported in one line, like input errors
 DISK_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
+#: a plain folder name; matched with ``fullmatch`` (``$`` would also match before a final newline)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*")
 
 
 def format_error(exc: QenvError) -> str:
@@ -34,7 +37,7 @@ def format_error(exc: QenvError) -> str:
 
 def run_cli(body: Callable[[], int | None], stderr: Any = None) -> int:
     """Run a program body: a :class:`QenvError` prints one line and returns 2; Ctrl-C returns 130,
-    SIGTERM 143 (it is raised as :class:`qenv.signals.Terminated`, a ``KeyboardInterrupt``).
+    SIGTERM 143, SIGHUP 129 (raised as :class:`qenv.signals.Terminated`, a ``KeyboardInterrupt``).
 
     The body handles its own Ctrl-C / SIGTERM when it has something to save; this is the last
     resort for one during start-up (loading models, computing references).
@@ -47,7 +50,7 @@ def run_cli(body: Callable[[], int | None], stderr: Any = None) -> int:
         print(format_error(exc), file=err, flush=True)
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
-        print("interrupted" if signal_name(exc) == "SIGINT" else "terminated (SIGTERM)", file=err, flush=True)
+        print(stopped_message(signal_name(exc)), file=err, flush=True)
         return exit_status(exc)
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:
@@ -145,10 +148,12 @@ def check_observation_matches(policy: Path, observation: Any, flag: str, trained
                         f"use observation={trained}, or train a policy with observation={observation}.")
 
 
-def check_run_name(name: str) -> str:
-    if not _NAME_RE.match(name) or name in (".", ".."):
+def check_run_name(name: str, parent: str | Path = ".") -> str:
+    """``name`` if it is a plain folder name that the file system under ``parent`` can hold."""
+    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise QenvError(f"Run name {name!r} is not a plain folder name.",
                         "use letters, digits, '.', '_', '-' (no slashes); --logdir picks the parent folder.")
+    check_name_lengths(Path(parent) / name, "--name", last_only=True)
     return name
 
 
@@ -157,26 +162,84 @@ def default_run_name(logdir: Path, stem: str) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def new_run_dir(logdir: str | Path, name: str, overwrite: bool = False,
-                numbered: bool = False) -> tuple[Path, RunLock]:
-    """Create ``logdir/name`` and lock it for this process; returns the folder and its held lock.
+#: what marks a folder as a run of train_agent.py: one of these files, a JSON object naming every key of
+#: RUN_MARK_KEYS (train_agent.py writes config.json as soon as the folder is made, summary.json after)
+RUN_MARK_FILES: tuple[str, ...] = ("config.json", "summary.json")
+RUN_MARK_KEYS: tuple[str, ...] = ("env_id", "agent", "total_timesteps")
+#: what marks a folder as eval_agent.py's output: its results.json, a JSON object naming these keys
+EVAL_MARK_KEYS: tuple[str, ...] = ("policy", "agent", "budget_bpw", "models")
+#: what eval_agent.py writes in its output folder (and all that its --overwrite removes there)
+EVAL_OUTPUTS: tuple[str, ...] = ("results.json", "results.csv", "pareto.png", "export")
+_MARK_MAX_BYTES = 64 << 20  # a larger "summary.json" is not one qenv wrote: not read to find out
+
+
+def _json_object_naming(path: Path, keys: Sequence[str]) -> bool:
+    """Whether ``path`` is a regular file holding a JSON object with every one of ``keys``."""
+    import json
+
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _MARK_MAX_BYTES:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in keys)
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a run of train_agent.py: a real folder (not a link) whose config.json or
+    summary.json is a JSON object naming ``env_id``, ``agent`` and ``total_timesteps``. Only such a
+    folder is emptied by ``--overwrite``: a model folder's config.json, a folder of photos, a link to
+    a thesis are not runs."""
+    folder = Path(folder)
+    return (not folder.is_symlink() and folder.is_dir()
+            and any(_json_object_naming(folder / name, RUN_MARK_KEYS) for name in RUN_MARK_FILES))
+
+
+def is_eval_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is an output folder of eval_agent.py: its results.json names ``policy``,
+    ``agent``, ``budget_bpw`` and ``models``."""
+    folder = Path(folder)
+    return not folder.is_symlink() and folder.is_dir() and _json_object_naming(folder / "results.json", EVAL_MARK_KEYS)
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a program's output folder is, for :func:`claim_output_dir`: how to recognise one it
+    wrote (the only kind of non-empty folder that ``--overwrite`` replaces) and what to remove then."""
+
+    noun: str  # "Run folder"
+    flag: str  # the option that names the folder, for the advice: "--name"
+    owner: str  # "a run of train_agent.py"
+    is_ours: Callable[[Path], bool]
+    exists_fix: Callable[[Path], str]  # advice for an existing folder of ours, without --overwrite
+    owned: tuple[str, ...] | None = None  # the entries --overwrite removes; None: every entry
+
+
+RUN_OUTPUT = OutputKind(
+    "Run folder", "--name", "a run of train_agent.py (a config.json or summary.json that train_agent.py wrote)",
+    is_run_folder, lambda f: f"pass --resume {f} to continue it, --overwrite to replace it, or another --name.")
+EVAL_OUTPUT = OutputKind(
+    "Output folder", "--out", "an output folder of eval_agent.py (a results.json that eval_agent.py wrote)",
+    is_eval_folder, lambda f: "pass --overwrite to replace that evaluation, or another --out.", EVAL_OUTPUTS)
+
+
+def claim_output_dir(folder_of: Callable[[int], Path], kind: OutputKind, overwrite: bool = False,
+                     numbered: bool = False) -> tuple[Path, RunLock, bool]:
+    """Create the output folder ``folder_of(1)`` and lock it for this process; returns the folder,
+    its held lock and whether this call created it.
 
     The creation is one ``mkdir``, which exactly one of several racing processes wins; with
-    ``numbered``, a taken name gets ``-2``, ``-3``, ... instead. An existing folder is locked
-    first (a second writer gets the holder's PID), then refused unless it is empty, or
-    ``overwrite`` (its contents are removed under the lock).
+    ``numbered``, a taken name gets ``folder_of(2)``, ``folder_of(3)``, ... instead. An existing
+    folder is refused when it is a symbolic link (whatever it points to: writing, or emptying,
+    through it reaches a folder that was never named) or a non-empty folder that ``kind`` did not
+    write (even with ``overwrite``), before anything in it is touched. A folder of ``kind`` is locked
+    first (a second writer gets the holder's PID), then refused unless it is empty, or ``overwrite``
+    (what ``kind`` owns in it is removed under the lock).
     """
-    logdir = check_output_dir(logdir, "--logdir", "pass a --logdir folder that you can write to (or that can be "
-                                                  "created), e.g. --logdir runs.")
-    try:
-        logdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise QenvError(f"--logdir {logdir} cannot be created ({exc.strerror}).",
-                        "pass a --logdir folder that you can write to.") from None
-    base = check_run_name(name)
     n = 1
     while True:
-        folder = logdir / (base if n == 1 else f"{base}-{n}")
+        folder = folder_of(n)
         try:
             os.mkdir(folder, default_mode(executable=True))
             created = True
@@ -184,19 +247,30 @@ def new_run_dir(logdir: str | Path, name: str, overwrite: bool = False,
             if numbered:
                 n += 1
                 continue
+            if folder.is_symlink():
+                raise QenvError(f"{kind.noun} {folder} is a symbolic link (to {os.readlink(folder)}): qenv writes "
+                                "only into a real folder that it names, never through a link.",
+                                f"pass the folder the link points to, or another {kind.flag}.") from None
             if not folder.is_dir():
-                raise QenvError(f"{folder} exists and is not a folder.", "pick another --name or --logdir.") from None
+                raise QenvError(f"{folder} exists and is not a folder.", f"pick another {kind.flag}.") from None
             created = False
         break
+    if not created and _entries(folder) and not kind.is_ours(folder):  # refused before the lock touches it
+        what = "is not empty and" if overwrite else "already exists, is not empty and"
+        raise QenvError(f"{kind.noun} {folder} {what} is not {kind.owner}: --overwrite only replaces such a folder, "
+                        "and nothing in this one is touched.", f"pick another {kind.flag} (or an empty folder).")
     lock = RunLock(folder)
     try:
-        lock.acquire()
-        others = [p for p in folder.iterdir() if p.name != LOCK_NAME]
+        lock.acquire(kind.noun.lower())
+        others = _entries(folder)
         if others:
             if not overwrite:
-                raise QenvError(f"Run folder {folder} already exists.",
-                                f"pass --resume {folder} to continue it, --overwrite to replace it, or another --name.")
+                raise QenvError(f"{kind.noun} {folder} already exists.", kind.exists_fix(folder))
+            if not kind.is_ours(folder):  # changed since the check above: still never empty a stranger's folder
+                raise QenvError(f"{kind.noun} {folder} is not {kind.owner}.", f"pick another {kind.flag}.")
             for path in others:
+                if kind.owned is not None and path.name not in kind.owned:
+                    continue
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
@@ -206,6 +280,28 @@ def new_run_dir(logdir: str | Path, name: str, overwrite: bool = False,
         if created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
+    return folder, lock, created
+
+
+def _entries(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name != LOCK_NAME]
+
+
+def new_run_dir(logdir: str | Path, name: str, overwrite: bool = False,
+                numbered: bool = False) -> tuple[Path, RunLock]:
+    """Create ``logdir/name`` and lock it for this process; returns the folder and its held lock
+    (see :func:`claim_output_dir`: ``overwrite`` empties a run folder of train_agent.py, and only
+    that; a taken name is numbered ``-2``, ``-3``, ... with ``numbered``)."""
+    logdir = check_output_dir(logdir, "--logdir", "pass a --logdir folder that you can write to (or that can be "
+                                                  "created), e.g. --logdir runs.")
+    base = check_run_name(name, logdir)
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QenvError(f"--logdir {logdir} cannot be created ({exc.strerror}).",
+                        "pass a --logdir folder that you can write to.") from None
+    folder, lock, _ = claim_output_dir(lambda n: logdir / (base if n == 1 else f"{base}-{n}"), RUN_OUTPUT,
+                                       overwrite=overwrite, numbered=numbered)
     return folder, lock
 
 

@@ -51,7 +51,7 @@ QENV_ONLY_KEYS: tuple[str, ...] = ("vec_env", "checkpoint_freq", "plan_deviation
 #: qenv-only keys of the ``qenv:`` section that go to the agent's constructor (not to rl-zoo3's algorithm)
 QENV_AGENT_KEYS: tuple[str, ...] = ("plan_deviations",)
 VEC_ENVS: tuple[str, ...] = ("dummy", "subproc", "ray")
-_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_FLOAT_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")  # fullmatch: "$" passes a final newline
 _ACTIVATIONS = {"tanh": "Tanh", "relu": "ReLU", "elu": "ELU", "leaky_relu": "LeakyReLU", "gelu": "GELU",
                 "silu": "SiLU", "sigmoid": "Sigmoid"}
 
@@ -85,7 +85,7 @@ class AgentConfig:
 
 
 def _positive_int(value: Any, key: str, where: str) -> int:
-    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):  # YAML 1.1 reads 1e5 as a string
+    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):  # YAML 1.1 reads 1e5 as a string
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
         raise QenvError(f"{where}: {key}={value!r} must be a positive whole number.", f"write e.g. {key}: 1000.")
@@ -96,11 +96,11 @@ def _convert_value(key: str, value: Any, where: str) -> Any:
     """YAML 1.1 reads ``3e-4`` as a string; rl-zoo writes schedules as ``lin_3e-4``."""
     if isinstance(value, str):
         text = value.strip()
-        if _FLOAT_RE.match(text):
+        if _FLOAT_RE.fullmatch(text):
             return float(text)
         if text.startswith("lin_"):
             number = text[4:]
-            if not _FLOAT_RE.match(number):
+            if not _FLOAT_RE.fullmatch(number):
                 raise QenvError(f"{where}: {key}={value!r} is not a linear schedule.", "write e.g. lin_3e-4.")
             return LinearSchedule(float(number))
     return value

@@ -30,8 +30,30 @@ def set_torch_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise QenvError(f"--threads={threads} must be at least 1.", "pass --threads 1 or more.")
+    cores = available_cores()
+    if threads > MAX_THREADS_PER_CORE * cores:  # thousands of threads hang or crash torch's pool
+        raise QenvError(f"--threads={threads} is far more than the {cores} CPU cores this process may use.",
+                        f"pass --threads {cores} or fewer.")
+    if threads > cores:
+        print(f"note: --threads {threads} is more than the {cores} CPU cores this process may use; using {cores}",
+              flush=True)
+        threads = cores
     os.environ[THREADS_VAR] = str(int(threads))
     torch.set_num_threads(int(threads))
+
+
+#: ``--threads`` above this many per core is refused as a mistake (more than the cores is lowered)
+MAX_THREADS_PER_CORE = 8
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def strip_env_id(env_id: str) -> str:
@@ -67,7 +89,7 @@ def at_one_budget(env_kwargs: dict[str, Any]) -> dict[str, Any]:
 def make_quant_env(**env_kwargs: Any) -> Any:
     """``gymnasium.make("qenv:QuantLLM-v0", **env_kwargs)``.
 
-    In a worker process (``SubprocVecEnv``) Ctrl-C and SIGTERM are ignored: the main process handles
+    In a worker process (``SubprocVecEnv``) Ctrl-C, SIGTERM and SIGHUP are ignored: the main process handles
     them, saves a checkpoint and stops the workers, so no worker dies first or prints a traceback.
     """
     import os
@@ -80,6 +102,8 @@ def make_quant_env(**env_kwargs: Any) -> Any:
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if hasattr(signal, "SIGHUP"):  # a closed terminal hangs up the whole group: the main process saves
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if os.environ.get(THREADS_VAR, "").isdigit():
             import torch
 

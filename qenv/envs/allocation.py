@@ -26,7 +26,7 @@ import torch
 
 from qenv.eval.evaluator import Evaluator
 from qenv.eval.reference import layer_table_path
-from qenv.io import read_cached_array, write_cached_array
+from qenv.cache_files import read_table, write_table
 from qenv.models.layers import LayerInfo
 from qenv.quant.rules import Rule
 
@@ -38,14 +38,14 @@ def rule_errors(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequen
     cached on disk under the model, tokens, batching, rules and :func:`numerics_key`."""
     from qenv.envs.features import output_error
 
-    path = layer_table_path(evaluator, layers, "errors-v1", "|".join(r.label() + repr(r) for r in rules))
-    cached = read_cached_array(path, (len(layers), len(rules)))
+    path = layer_table_path(evaluator, layers, "errors-v2", "|".join(r.label() + repr(r) for r in rules))
+    cached = read_table(path, (len(layers), len(rules)), nonnegative=True)
     if cached is not None:
-        return cached
+        return cached.astype(np.float64)
     with torch.inference_mode():
         err = np.array([[output_error(evaluator, info, rule) for rule in rules] for info in layers], dtype=np.float64)
     err = np.nan_to_num(err, nan=1e30, posinf=1e30)
-    write_cached_array(path, err)
+    write_table(path, err)
     return err
 
 

@@ -22,7 +22,7 @@ import torch
 
 from qenv.eval.evaluator import Evaluator
 from qenv.eval.reference import layer_table_path
-from qenv.io import read_cached_array, write_cached_array
+from qenv.cache_files import read_table, write_table
 from qenv.models.layers import LAYER_KINDS, LayerInfo
 from qenv.quant.rules import Rule
 
@@ -127,10 +127,10 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
     # differ in the last float bits between batchings, and a cache must not make runs differ
     from qenv.envs.allocation import rule_errors
 
-    path = layer_table_path(evaluator, layers, "features-v2")
-    cached = read_cached_array(path, (len(layers), len(STATIC_NAMES)))
+    path = layer_table_path(evaluator, layers, "features-v3")
+    cached = read_table(path, (len(layers), len(STATIC_NAMES)))
     if cached is not None:
-        return cached
+        return cached.astype(np.float32)
     total = sum(info.numel for info in layers)
     errors = rule_errors(evaluator, layers, ladder_rules())
     with torch.inference_mode():
@@ -141,7 +141,7 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
     z = (log_err - log_err.mean(axis=0)) / np.maximum(log_err.std(axis=0), 1e-6)
     rows = np.concatenate([rows, z / 2.0], axis=1).astype(np.float32)
     rows = np.clip(np.nan_to_num(rows, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT), -OBS_LIMIT, OBS_LIMIT)
-    write_cached_array(path, rows)
+    write_table(path, rows)
     return rows
 
 

@@ -26,11 +26,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from safetensors.torch import load_file, save_file
 
+from qenv.cache_files import check_token_ids, read_cache_file, write_cache_file
 from qenv.errors import QenvError
-from qenv.eval.reference import numerics_key, resolve_cache_dir
-from qenv.io import atomic_path, check_output_dir
+from qenv.eval.reference import check_reference_fits, numerics_key, resolve_cache_dir
+from qenv.io import check_output_dir
 from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
 from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
 from qenv.envs.allocation import LagrangianSuffix, fill_budget, greedy_allocation, rule_errors
@@ -203,16 +203,15 @@ def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens:
     numerics = hashlib.sha1(numerics_key(loaded.device).encode()).hexdigest()[:8]  # sampling reads the logits
     path = None if folder is None else folder / (f"tokens-{loaded.fingerprint}-s{seed}-n{n_tokens}-l{seq_len}"
                                                  f"-n{numerics}.safetensors")
-    if path is not None and path.is_file():
-        try:
-            return TokenSet(load_file(str(path))["ids"], f"sampled:seed={seed}")
-        except (OSError, KeyError, ValueError, RuntimeError):
-            path.unlink(missing_ok=True)
+    key = str(path.name) if path is not None else ""
+    vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
+    cached = read_cache_file(path, key, lambda t: check_token_ids(t.get("ids"), (n_tokens // seq_len, seq_len), vocab))
+    if cached is not None:
+        return TokenSet(cached["ids"].long(), f"sampled:seed={seed}")
     bos = getattr(loaded.tokenizer, "bos_token_id", None) if loaded.tokenizer is not None else None
     tokens = tokens_from_model(loaded.model, n_tokens, seq_len, seed=seed, bos_token_id=bos)
     if path is not None:
-        with atomic_path(path) as tmp:
-            save_file({"ids": tokens.ids.contiguous()}, str(tmp))
+        write_cache_file(path, {"ids": tokens.ids}, key)
     return tokens
 
 
@@ -236,6 +235,8 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
                                                      "cache_dir=False to cache nothing.")
     loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
     check_context(loaded, seq_len)
+    if seq_len >= 2:  # before sampling tokens: a reference that cannot fit is refused at once
+        check_reference_fits(loaded.model, loaded.layers, max(n_tokens, 0) // seq_len, seq_len, folder)
     with oom_guard(batch_size):  # sampling calibration tokens runs the model too
         tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
     evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir,

@@ -22,7 +22,7 @@ import torch
 from qenv.errors import QenvError
 from qenv.eval.blocks import BlockCall, block_returns_tuple, capture_block_inputs, run_block, run_head
 from qenv.eval.graphs import BlockGraphs, graphs_wanted
-from qenv.eval.reference import Reference, cached_reference, resolve_cache_dir
+from qenv.eval.reference import Reference, cached_reference, check_reference_fits, resolve_cache_dir
 from qenv.eval.tokens import TokenSet
 from qenv.models.layers import LayerInfo, find_blocks
 from qenv.models.loading import LoadedModel, check_context
@@ -157,6 +157,18 @@ def stage_of(info: LayerInfo) -> int:
     return info.block
 
 
+def check_tokens_in_vocab(loaded: LoadedModel, tokens: TokenSet) -> None:
+    """Refuse token ids the model has no embedding for (they would raise an IndexError mid-pass)."""
+    output = loaded.model.get_output_embeddings() if hasattr(loaded.model, "get_output_embeddings") else None
+    if output is None or not tokens.ids.numel():
+        return
+    vocab = int(output.weight.shape[0])
+    low, high = int(tokens.ids.min()), int(tokens.ids.max())
+    if low < 0 or high >= vocab:
+        raise QenvError(f"The token set {tokens.source} holds ids in [{low}, {high}], outside {loaded.name}'s "
+                        f"vocabulary [0, {vocab}).", "use tokens made with this model's tokenizer (or sampled from it).")
+
+
 class Evaluator:
     """Scores recipes on one model and one token set; everything recipe-independent is cached."""
 
@@ -166,6 +178,7 @@ class Evaluator:
         if batch_size < 1:
             raise QenvError(f"batch_size={batch_size} must be at least 1.")
         check_context(loaded, int(tokens.ids.shape[-1]))
+        check_tokens_in_vocab(loaded, tokens)
         self.loaded = loaded
         self.model = loaded.model
         self.tokens = tokens
@@ -173,6 +186,8 @@ class Evaluator:
         self.batch_size = batch_size
         self.batches = [b.to(loaded.device) for b in tokens.batches(batch_size)]
         self.cache_dir = resolve_cache_dir(cache_dir)
+        check_reference_fits(self.model, self.layers, int(tokens.ids.shape[0]), int(tokens.ids.shape[-1]),
+                             self.cache_dir)
         self.progress = progress
         self._blocks = find_blocks(self.model)[1]
         self._reference: Reference | None = None

@@ -12,15 +12,14 @@ from typing import TYPE_CHECKING
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qenv.io import atomic_path
+from qenv.cache_files import read_cache_file, write_cache_file
 from qenv.models.layers import LayerInfo, find_blocks, get_module
 from qenv.quant.quantizer import LayerCalibration
 
@@ -29,7 +28,8 @@ if TYPE_CHECKING:
 
 #: Hessians of layers wider than this are not collected (GPTQ on them raises a clear error).
 MAX_HESSIAN_DIM = 16384
-CACHE_VERSION = "2"  # 2: Hessian sharing no longer matches freed addresses (v1 files may be wrong)
+# 2: Hessian sharing no longer matches freed addresses (v1 files may be wrong); 3: checksummed, hashed key
+CACHE_VERSION = "3"
 
 
 def default_cache_dir() -> Path:
@@ -161,6 +161,82 @@ def compute_reference(model: nn.Module, layers: list[LayerInfo], batches: list[t
     return Reference(logprobs, outputs if keep_block_outputs else None, calibration)
 
 
+def reference_bytes(model: nn.Module, layers: list[LayerInfo], n_sequences: int, seq_len: int) -> int:
+    """The size of the reference of ``n_sequences`` x ``seq_len`` tokens, estimated before computing
+    it: float32 log-probabilities at every scored position (``vocab`` each: the bulk), every block's
+    output hidden states, and the layers' input statistics (one ``XᵀX`` per layer at most)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = int(output.weight.shape[0]) if output is not None else 0
+    _, blocks = find_blocks(model)
+    param = next(model.parameters())
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hidden = int(embed.weight.shape[-1]) if embed is not None else \
+        int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    logprobs = n_sequences * (seq_len - 1) * vocab * 4
+    block_outputs = len(blocks) * n_sequences * seq_len * hidden * param.element_size()
+    stats = sum(4 * (info.in_features + (info.in_features ** 2 if info.in_features <= MAX_HESSIAN_DIM else 0))
+                for info in layers if info.kind != "embed")
+    return logprobs + block_outputs + stats
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (the GPU's free memory; on the CPU, the kernel's
+    MemAvailable); ``None`` when it cannot be told."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_reference_fits(model: nn.Module, layers: list[LayerInfo], n_sequences: int, seq_len: int,
+                         cache_dir: Path | None) -> int:
+    """Refuse, before any token is sampled or any batch is run, a token set whose reference cannot
+    fit the device's free memory (it is held whole) or the cache folder's free disk (it is written
+    whole after the pass). Returns the estimate in bytes."""
+    from qenv.errors import QenvError
+
+    need = reference_bytes(model, layers, n_sequences, seq_len)
+    per_sequence = max(1, reference_bytes(model, layers, 1, seq_len) - reference_bytes(model, layers, 0, seq_len))
+    device = next(model.parameters()).device
+    where = None
+    free = available_memory(device)
+    if free is not None and need > free:
+        where = f"more than the {_gib(free)} of memory free on {device}"
+    elif cache_dir is not None:
+        probe = Path(cache_dir)
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        try:
+            disk = shutil.disk_usage(probe).free
+        except OSError:
+            disk = None
+        if disk is not None and need > disk:
+            where = f"more than the {_gib(disk)} free on the disk of the cache folder {cache_dir}"
+            free = disk
+    if where is None:
+        return need
+    fits = max(0, (int(free * 0.8) - (need - per_sequence * n_sequences)) // per_sequence) * seq_len
+    raise QenvError(f"The full-precision reference of {n_sequences * seq_len} tokens needs about "
+                    f"{_gib(need)} (log-probabilities over the whole vocabulary at each token, and every block's "
+                    f"outputs), {where}.",
+                    f"ask for fewer tokens (n_tokens / --n-tokens): about {fits} fit here.")
+
+
 def numerics_key(device: torch.device | str | None = None) -> str:
     """What changes float results on one machine besides the inputs: torch's CPU thread count
     (intra-op reductions split their sums by thread: the reference KL of the default model is
@@ -186,14 +262,19 @@ def layer_table_path(evaluator: "Evaluator", layers: list[LayerInfo] | tuple[Lay
     text = (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
             + "|b" + batching_key(evaluator.batches) + ("|" + extra if extra else "")
             + "|" + numerics_key(evaluator.loaded.device))
-    return Path(evaluator.cache_dir) / f"{stem}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.npy"
+    return Path(evaluator.cache_dir) / f"{stem}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.safetensors"
 
 
-def _cache_file(cache_dir: Path, model_key: str, tokens_key: str) -> Path:
-    return cache_dir / f"reference-v{CACHE_VERSION}-{model_key}-{tokens_key}.safetensors"
+def _cache_file(cache_dir: Path, key: str, model_key: str) -> Path:
+    """The reference's file: a readable prefix (the model's fingerprint) and a hash of the whole
+    key. The key itself (one entry per batch among others) is unbounded, and a file name is not:
+    it is stored in the file's header instead, and checked on reading."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return cache_dir / f"reference-v{CACHE_VERSION}-{model_key[:16]}-{digest}.safetensors"
 
 
-def save_reference(path: Path, ref: Reference) -> None:
+def reference_tensors(ref: Reference) -> dict[str, torch.Tensor]:
+    """The reference as named tensors, as it is cached."""
     tensors: dict[str, torch.Tensor] = {}
     for b, lp in enumerate(ref.logprobs):
         tensors[f"logprobs.{b}"] = lp
@@ -210,12 +291,52 @@ def save_reference(path: Path, ref: Reference) -> None:
         if id(value) in seen:
             tensors[key] = value.clone()
         seen.add(id(value))
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    return tensors
 
 
-def load_reference(path: Path, n_batches: int, n_blocks: int, device: torch.device) -> Reference:
-    data = load_file(str(path), device=str(device))
+def check_reference(tensors: dict[str, torch.Tensor], batches: list[torch.Tensor], n_blocks: int,
+                    vocab: int | None) -> str | None:
+    """Cheap checks that cached reference tensors fit these batches: every batch's log-probs of the
+    right shape, finite and normalised (a zero-filled or bit-flipped file fails), block outputs and
+    layer statistics finite, Hessians square with a non-negative diagonal."""
+    for b, ids in enumerate(batches):
+        lp = tensors.get(f"logprobs.{b}")
+        if lp is None:
+            return f"batch {b}'s log-probabilities are missing"
+        rows, length = int(ids.shape[0]), int(ids.shape[1])
+        if lp.dim() != 3 or tuple(lp.shape[:2]) != (rows, length - 1) or (vocab is not None and lp.shape[2] != vocab):
+            return f"batch {b}'s log-probabilities are {tuple(lp.shape)}, not ({rows}, {length - 1}, {vocab})"
+        if lp.numel() and not bool(torch.isfinite(lp).all()):
+            return f"batch {b}'s log-probabilities hold NaN or infinite values"
+        if lp.numel() and float(torch.logsumexp(lp.float(), dim=-1).abs().max()) > 1e-3:
+            return f"batch {b}'s log-probabilities do not sum to one"
+    if "block.0.0" in tensors:
+        for i in range(n_blocks):
+            for b, ids in enumerate(batches):
+                h = tensors.get(f"block.{i}.{b}")
+                if h is None or h.dim() != 3 or tuple(h.shape[:2]) != tuple(ids.shape):
+                    return f"block {i}'s output for batch {b} is missing or misshapen"
+                if not bool(torch.isfinite(h).all()):
+                    return f"block {i}'s output for batch {b} holds NaN or infinite values"
+    for key, value in tensors.items():
+        if key.startswith("rms."):
+            if value.dim() != 1 or not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+                return f"the input statistics of {key[4:]} are malformed or not finite"
+            hessian = tensors.get("hessian." + key[4:])
+            if hessian is not None and (tuple(hessian.shape) != (value.shape[0],) * 2
+                                        or not bool(torch.isfinite(hessian).all())
+                                        or bool((hessian.diagonal() < 0).any())):
+                return f"the Hessian of {key[4:]} is malformed, not finite or has a negative diagonal"
+    return None
+
+
+def save_reference(path: Path, ref: Reference, key: str = "") -> None:
+    write_cache_file(path, reference_tensors(ref), key)
+
+
+def reference_from_tensors(data: dict[str, torch.Tensor], n_batches: int, n_blocks: int,
+                           device: torch.device) -> Reference:
+    data = {k: v.to(device) for k, v in data.items()}
     logprobs = [data[f"logprobs.{b}"] for b in range(n_batches)]
     block_outputs = None
     if "block.0.0" in data:
@@ -230,20 +351,25 @@ def load_reference(path: Path, n_batches: int, n_blocks: int, device: torch.devi
 
 def cached_reference(model: nn.Module, layers: list[LayerInfo], batches: list[torch.Tensor], model_key: str,
                      tokens_key: str, cache_dir: Path | None, progress: bool = False) -> Reference:
-    """``compute_reference``, read from / written to ``cache_dir`` when one is given."""
+    """``compute_reference``, read from / written to ``cache_dir`` when one is given.
+
+    The cache key holds everything the reference depends on: the model, the layers hooked, the
+    tokens, their split into batches and :func:`numerics_key`. A cached file that fails its
+    checksum or :func:`check_reference` is recomputed (:mod:`qenv.cache_files`)."""
     n_blocks = len(find_blocks(model)[1])
     device = next(model.parameters()).device
     layers_key = hashlib.sha1("|".join(info.name for info in layers).encode()).hexdigest()[:8]
+    path = key = None
     if cache_dir is not None:
-        numerics = hashlib.sha1(numerics_key(device).encode()).hexdigest()[:8]
-        path = _cache_file(Path(cache_dir), model_key + "-" + layers_key,
-                           tokens_key + "-b" + batching_key(batches) + "-n" + numerics)
-        if path.is_file():
-            try:
-                return load_reference(path, len(batches), n_blocks, device)
-            except (KeyError, OSError, RuntimeError, ValueError, SafetensorError):
-                path.unlink(missing_ok=True)  # stale or damaged: recompute
+        key = (f"reference-v{CACHE_VERSION}|model={model_key}|layers={layers_key}|tokens={tokens_key}"
+               f"|batches={batching_key(batches)}|numerics={numerics_key(device)}")
+        path = _cache_file(Path(cache_dir), key, model_key)
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = int(output.weight.shape[0]) if output is not None else None
+        cached = read_cache_file(path, key, lambda t: check_reference(t, batches, n_blocks, vocab))
+        if cached is not None:
+            return reference_from_tensors(cached, len(batches), n_blocks, device)
     ref = compute_reference(model, layers, batches, progress=progress)
-    if cache_dir is not None:
-        save_reference(path, ref)
+    if path is not None and key is not None:
+        save_reference(path, ref, key)
     return ref

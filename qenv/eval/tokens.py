@@ -55,25 +55,112 @@ def _check_sizes(n_tokens: int, seq_len: int) -> int:
     return n_tokens // seq_len
 
 
+#: bytes read from a text file at a time; a text file is only read as far as its tokens are needed
+TEXT_CHUNK_BYTES = 1 << 20
+#: how far into a file the binary check (a NUL byte) looks
+BINARY_PROBE_BYTES = 1 << 20
+
+
+def _is_byte_encoding(encoding: str) -> bool:
+    return encoding.replace("-", "").replace("_", "").lower() in ("utf8", "ascii", "latin1", "iso88591", "cp1252")
+
+
+class TextStream:
+    """The text of one or more files, joined by newlines, decoded as it is read: :meth:`read` reads
+    only as many bytes as the characters asked for need (a 2 GB corpus read for 256 tokens costs a
+    few MB). Binary files (a NUL byte in the first MiB) and bytes invalid in ``encoding`` are refused
+    with one clear error naming the file and the offset."""
+
+    def __init__(self, paths: Sequence[Path], encoding: str = "utf-8") -> None:
+        import codecs
+
+        try:
+            self._decoder_factory = codecs.getincrementaldecoder(encoding)
+        except LookupError:
+            raise QenvError(f"Unknown text encoding {encoding!r}.", "use e.g. utf-8 or latin-1.") from None
+        self.paths = list(paths)
+        self.encoding = encoding
+        self.text = ""  # what has been read so far
+        self.done = False  # every file read to its end
+        self._index = -1
+        self._handle = None
+        self._decoder = None
+        self._offset = 0
+
+    def _open_next(self) -> bool:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self._index += 1
+        if self._index >= len(self.paths):
+            self.done = True
+            return False
+        if self._index > 0:
+            self.text += "\n"
+        self._handle = open(self.paths[self._index], "rb")  # noqa: SIM115 (closed when read through)
+        self._decoder = self._decoder_factory()
+        self._offset = 0
+        return True
+
+    def _read_chunk(self) -> None:
+        if self._handle is None and not self._open_next():
+            return
+        path = self.paths[self._index]
+        data = self._handle.read(TEXT_CHUNK_BYTES)
+        if self._offset < BINARY_PROBE_BYTES and _is_byte_encoding(self.encoding) and b"\x00" in data:
+            at = self._offset + data.index(b"\x00")
+            if at < BINARY_PROBE_BYTES:
+                self.close()
+                raise QenvError(f"Text file {path} is a binary file, not text (a NUL byte at offset {at}).",
+                                "pass a plain-text file (e.g. a .txt of the corpus), not a model, archive or binary "
+                                "dump.")
+        pending = self._decoder.getstate()[0]
+        try:
+            self.text += self._decoder.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            buffer = pending + data
+            at = self._offset - len(pending) + exc.start
+            self.close()
+            raise QenvError(f"Text file {path} is not valid {self.encoding} text (byte 0x{buffer[exc.start]:02x} at "
+                            f"offset {at} cannot be decoded).",
+                            f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}, "
+                            "or pass a UTF-8 text file.") from None
+        self._offset += len(data)
+        if not data:
+            self._open_next()
+
+    def read(self, chars: int) -> str:
+        """The first ``chars`` characters (all of the text when it is shorter)."""
+        while len(self.text) < chars and not self.done:
+            self._read_chunk()
+        return self.text[:chars]
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def read_text_file(path: str | Path, encoding: str = "utf-8") -> str:
-    """The text of ``path``, refusing what is not text: a binary file (NUL bytes) or bytes that are
-    not valid in ``encoding``. Decoding with replacement would calibrate on garbage silently."""
-    path = Path(path)
-    data = path.read_bytes()
-    if b"\x00" in data[: 1 << 20] and encoding.replace("-", "").replace("_", "").lower() in ("utf8", "ascii", "latin1",
-                                                                                             "iso88591", "cp1252"):
-        at = data.index(b"\x00")
-        raise QenvError(f"Text file {path} is a binary file, not text (a NUL byte at offset {at}).",
-                        "pass a plain-text file (e.g. a .txt of the corpus), not a model, archive or binary dump.")
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as exc:
-        raise QenvError(f"Text file {path} is not valid {encoding} text (byte 0x{data[exc.start]:02x} at offset "
-                        f"{exc.start} cannot be decoded).",
-                        f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}, "
-                        "or pass a UTF-8 text file.") from None
-    except LookupError:
-        raise QenvError(f"Unknown text encoding {encoding!r}.", "use e.g. utf-8 or latin-1.") from None
+    """The whole text of ``path``, refusing what is not text: a binary file (NUL bytes) or bytes
+    that are not valid in ``encoding``. Decoding with replacement would calibrate on garbage silently."""
+    with TextStream([Path(path)], encoding) as stream:
+        while not stream.done:
+            stream._read_chunk()
+        return stream.text
+
+
+def check_text_file(path: str | Path, encoding: str = "utf-8") -> None:
+    """Refuse, before any slow work, a file that is binary or does not decode at its start (only
+    the first chunk is read: a large corpus is not read for a check)."""
+    with TextStream([Path(path)], encoding) as stream:
+        stream.read(1)
 
 
 def tokens_from_text(
@@ -86,32 +173,36 @@ def tokens_from_text(
     """The first ``n_tokens`` tokens (after ``offset_tokens``) of the files, cut into sequences.
 
     Document separators (``<|endoftext|>``) become document boundaries as the model's tokenizer
-    defines them (BOS at each document start for llama2.c models); see the module docstring.
+    defines them (BOS at each document start for llama2.c models); see the module docstring. The
+    files are read as a stream, only as far as the tokens asked for need (whether the text is split
+    into documents is decided on what was read).
     """
     n_seq = _check_sizes(n_tokens, seq_len)
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if tokenizer is None:
         raise QenvError("This model has no tokenizer, so text files cannot be tokenized for it.",
                         "omit the data files to evaluate on tokens sampled from the model itself.")
-    texts = []
     for path in paths:
         if not path.is_file():
             raise QenvError(f"Text file {path} does not exist.", "pass an existing UTF-8 text file.")
-        texts.append(read_text_file(path))
-    text = "\n".join(texts)
-    if not text.strip():
-        raise QenvError(f"Text file(s) {', '.join(map(str, paths))} are empty.", "pass a file with text in it.")
+        check_text_file(path)
     need = n_seq * seq_len + offset_tokens
-    documents = split_documents(text)
-    if documents is not None:
-        ids = _encode_documents(tokenizer, documents, need)
-    else:
-        chars = min(len(text), max(4096, need * 8))
+    with TextStream(paths) as stream:
+        chars = max(4096, need * 8)
         while True:  # tokenize only as much text as needed: corpora can be large
-            ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
-            if len(ids) >= need or chars >= len(text):
+            text = stream.read(chars)
+            complete = stream.done and len(text) == len(stream.text)
+            if complete and not text.strip():
+                raise QenvError(f"Text file(s) {', '.join(map(str, paths))} are empty.", "pass a file with text in it.")
+            documents = split_documents(text)
+            if documents is not None:
+                # the last document may be cut where the reading stopped: only whole ones count
+                ids = _encode_documents(tokenizer, documents if complete else documents[:-1], need)
+            else:
+                ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            if len(ids) >= need or complete:
                 break
-            chars = min(len(text), chars * 2)
+            chars *= 2
     if len(ids) < need:
         raise QenvError(
             f"Text file(s) {', '.join(map(str, paths))} hold only {len(ids)} tokens, fewer than the {need} asked for.",

@@ -169,7 +169,8 @@ def _gptq_hinv(hessian: torch.Tensor) -> torch.Tensor:
                         "use more calibration tokens or a rule with rounding='nearest'.") from None
 
 
-def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: torch.Tensor) -> torch.Tensor:
+def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: torch.Tensor,
+          grids: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """GPTQ on a batch of matrices ``[B, out, in]`` (each with its Hessian ``[B, in, in]``): quantize
     column by column, spreading each column's error over later columns.
 
@@ -177,7 +178,8 @@ def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: 
     costs the kernel launches of one layer (on a GPU the loop is launch-bound: about ten small
     kernels per column). Each matrix's arithmetic is the per-matrix algorithm's, in the same order
     (lazy block updates of ``GPTQ_BLOCK`` columns), so results agree with one-at-a-time GPTQ
-    within float noise.
+    within float noise. ``grids``, when given, receives each group's ``(scale, zero)`` (``[B, out, 1]``
+    each), in column order: the integer codes behind the result (:func:`quantize_codes`).
     """
     n_b, out_f, in_f = w.shape
     w = w.clone()
@@ -202,6 +204,8 @@ def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: 
                                    rule, group, None)
                 scale = sub.scale[:, :1].reshape(n_b, out_f, 1)
                 zero = sub.zero[:, :1].reshape(n_b, out_f, 1)
+                if grids is not None:
+                    grids.append((scale, zero))
             assert scale is not None and zero is not None
             wc = w_block[:, :, i : i + 1]
             qc = _fake_quant(wc, _Grid(scale, zero, maxq))
@@ -308,6 +312,63 @@ def gguf_encode(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None
     if qtype in _gguf.REQUIRES_IMATRIX and imatrix is None:  # cannot happen for a valid rule; ggml would abort
         raise QenvError(f"llama.cpp type {qtype} needs an importance matrix.")
     return qtype, _gguf.quantize_rows(w.numpy(), qtype, imatrix)
+
+
+@dataclass(frozen=True)
+class QuantCodes:
+    """A layer's quantized form as integers: ``(codes - zero) * scale`` per group of ``group`` input
+    channels is exactly the dequantized image :func:`quantize_matrix` gives (float32 arithmetic).
+
+    ``codes`` is ``[out, in]`` in ``[0, 2**bits - 1]``; ``scale`` (fp16 values held in float32) and
+    ``zero`` (whole numbers; ``2**(bits-1)`` for a symmetric rule) are ``[out, n_groups]``. Under an
+    AWQ rule the codes are those of the matrix times ``channel_scale`` (``[in]``), and the image
+    divides them by it again: a runtime folds ``1 / channel_scale`` into the op before the layer.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group: int
+    bits: int
+    channel_scale: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 ``[out, in]`` image, computed as the quantizer computes it."""
+        in_f = self.codes.shape[1]
+        scale = _expand(self.scale, self.group, in_f)
+        image = (self.codes.float() - _expand(self.zero, self.group, in_f)) * scale
+        return image if self.channel_scale is None else image / self.channel_scale[None, :]
+
+
+def quantize_codes(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None = None) -> QuantCodes:
+    """The integer codes, scales and zero points behind ``quantize_matrix(weight, rule, calib)``, for
+    exports that store integers (a packed checkpoint), from the same grids and the same rounding.
+
+    Only rules whose image is ``(codes - zero) * scale`` (divided by an AWQ channel scale) have codes:
+    no fp16 outliers (they replace codes) and no llama.cpp type.
+    """
+    if rule.keeps or rule.gguf is not None or rule.outlier_fraction > 0:
+        raise QenvError(f"Rule {rule.label()} is not stored as integer codes with per-group scales.",
+                        "use a rule without fp16 outliers or a llama.cpp type.")
+    if rule.rounding == "gptq" and (calib is None or calib.hessian is None):
+        raise QenvError(f"Rule {rule.label()} uses GPTQ rounding, which needs the layer's calibration Hessian.")
+    w, ws, keep, group, hessian, channel, _ = _prepare(weight, rule, calib)
+    out_f, in_f = w.shape
+    maxq = 2**rule.bits - 1
+    if rule.rounding == "gptq":
+        grids: list[tuple[torch.Tensor, torch.Tensor]] = []
+        image = _gptq(ws[None], keep[None], rule, group, hessian[None], grids)[0]
+        scale = torch.cat([g[0][0] for g in grids], dim=1)
+        zero = torch.cat([g[1][0] for g in grids], dim=1)
+        codes = torch.round(image / _expand(scale, group, in_f)) + _expand(zero, group, in_f)
+    else:
+        importance = None if calib is None or not rule.mse_clip else calib.hessian_diag.to(w.device).float()
+        if importance is not None and channel is not None:  # as _quantize_batch weighs the scaled matrix
+            importance = importance / channel.square()
+        grid = _choose_grid(ws, ~keep, rule, group, importance)
+        codes = torch.clamp(torch.round(ws / grid.scale) + grid.zero, 0, maxq)
+        scale, zero = grid.scale[:, ::group], grid.zero[:, ::group]
+    return QuantCodes(codes.to(torch.int16), scale.contiguous(), zero.contiguous(), group, rule.bits, channel)
 
 
 def quantize_matrix(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None = None) -> torch.Tensor:

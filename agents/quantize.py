@@ -1,0 +1,439 @@
+"""``python -m qenv quantize``: from a model to a deployable file in one command.
+
+    python -m qenv quantize --model M --budget-bpw 4.0 [--agent greedy|evolution | --policy PATH] --out DIR
+
+finds a recipe (a searcher's, or a trained policy's deterministic rollout), scores it beside the
+human baselines that bracket the budget on the same tokens, and writes into ``DIR``:
+
+- ``recipe.json``: the rules per layer, with the recipe's metrics;
+- ``comparison.csv`` / ``results.json``: the recipe and the baselines (bits per weight over the
+  quantized layers, MB, KL, perplexity, top-1), the table printed;
+- the deployable file, for the runtime that can run the recipe as qenv measured it:
+  ``model/`` a packed checkpoint that transformers loads (compressed-tensors ``pack-quantized``,
+  :mod:`qenv.export_packed`; loaded back before the command ends and its logits compared with
+  qenv's), or ``model.gguf`` for a recipe of llama.cpp types (the ``gguf`` menu;
+  :mod:`qenv.export_gguf`).
+
+``--runtime`` picks it (default: ``gguf`` for the gguf menu, else ``transformers``). With a searcher
+and the transformers runtime, the search runs on the packable rules of the default menu
+(:func:`packable_menu`: no fp16 outliers, which the format cannot hold; no AWQ, whose scale cannot
+fold before o_proj when value heads are shared; groups that divide every row), so the file is what
+was scored. A policy acts on its own run's menu (AWQ scales are folded where they can be); a recipe
+the runtime cannot run is one error line naming the layers and rules (exit status 2), and so is a
+model it cannot hold, before any search.
+
+Why this lives in the programs' layer (``qenv.agents``): it builds agents (the registry, SB3
+policies), which the library (``qenv/``) never imports. ``qenv/__main__`` finds the command through
+the ``qenv.commands`` entry-point group that qenv's own ``pyproject.toml`` fills, the same plug-in
+route installed agents take (``qenv.agents``); ``python -m qenv.agents.quantize`` runs it too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qenv.cli.common import ArgumentParser, fmt, plain_table, quiet_libraries, run_cli
+from qenv.errors import QenvError
+
+RUNTIMES: tuple[str, ...] = ("auto", "transformers", "gguf")
+SEARCH_AGENTS: tuple[str, ...] = ("greedy", "evolution")
+DEFAULT_SEARCH_EVALS = 16
+DEFAULT_N_TOKENS = 256
+DEFAULT_SEQ_LEN = 128
+#: the largest KL(qenv's scored model || the written file's) accepted: a packed checkpoint is exact,
+#: so anything above float noise means the file is not the model measured
+MAX_FILE_KL = 1e-3
+#: llama.cpp mixes within this many bits per weight of the budget are baselines on the gguf menu
+MIX_WINDOW_BPW = 1.0
+_TOL = 1e-9
+
+EXAMPLES = """\
+examples:
+  python -m qenv quantize --model default --budget-bpw 4.0 --out quantized/
+  python -m qenv quantize --model tiny-llama --budget-bpw 3.5 --agent evolution --out q/
+  python -m qenv quantize --model default --budget-bpw 4.5 --menu gguf --out q-gguf/
+  python -m qenv quantize --model default --budget-bpw 4.0 --policy runs/x/model.zip --out q/
+
+Errors print one line, 'error: <problem> Fix: <fix>', and exit with status 2.
+"""
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m qenv quantize", epilog=EXAMPLES,
+                       description="Find a recipe at a budget, compare it with the human baselines and write a "
+                                   "file a runtime loads (a packed transformers checkpoint, or a .gguf).")
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="model: built-in name, tiny-<arch>, transformers folder, hub id, .gguf or llama2.c .bin")
+    p.add_argument("--budget-bpw", required=True, metavar="BPW",
+                   help="bits-per-weight budget over the quantized layers, e.g. 4.0")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--agent", choices=SEARCH_AGENTS, help="searcher that finds the recipe (default: greedy)")
+    who.add_argument("--policy", metavar="PATH", help="a trained policy (runs/<run>/model.zip): its deterministic "
+                                                      "rollout is the recipe, on its run's menu and settings")
+    p.add_argument("--menu", choices=("default", "gguf"),
+                   help="rule menu of the search (default: the policy's run's, else 'default')")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="what the deployable file is for: transformers (packed checkpoint), gguf (llama.cpp), or "
+                        "auto: gguf for the gguf menu, else transformers (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing qenv's files")
+    p.add_argument("--data", nargs="+", action="extend", metavar="FILE",
+                   help="calibration text file(s) (default: tokens sampled from the model)")
+    p.add_argument("--n-tokens", type=int, metavar="N",
+                   help=f"calibration tokens; every row is scored on them (default: the policy's run's, else "
+                        f"{DEFAULT_N_TOKENS})")
+    p.add_argument("--seq-len", type=int, metavar="N",
+                   help=f"sequence length (default: the policy's run's, else {DEFAULT_SEQ_LEN})")
+    p.add_argument("--search-evals", type=int, default=DEFAULT_SEARCH_EVALS, metavar="N",
+                   help="evaluation budget of the searcher, in full evaluations (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the searcher and sampled tokens (default: %(default)s)")
+    p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:N, auto (default: auto)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: %(default)s)")
+    return p
+
+
+def budget_bpw(text: str) -> float:
+    """The budget in bits per weight. A number today; preset-named budgets (``gptq-w4``: that preset's
+    own bpw on the model) plug in here once :mod:`qenv.quant.presets` resolves them."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise QenvError(f"--budget-bpw={text!r} is not a number of bits per weight.",
+                        "pass a number such as 4.0.") from None
+    if not 0 < value <= 16:
+        raise QenvError(f"--budget-bpw={text} is out of range.", "use a number of bits per weight in (0, 16].")
+    return value
+
+
+def packable_menu(layers: list[Any]) -> tuple[list[Any], str]:
+    """The default menu's rules a packed checkpoint holds as measured on every layer of a model, and
+    what was changed: no fp16 outliers, no AWQ scale (o_proj's folds only without GQA, and a menu is
+    the same for every layer), and groups that divide every layer's input
+    width (compressed-tensors' groups must): a rule's group becomes the widest of qenv's group
+    sizes not above it that divides them all, else one group per output row (e.g. SmolLM2's
+    576-wide rows take groups of 64, stories260K's 64- and 172-wide rows one group per row)."""
+    import math
+    from dataclasses import replace
+
+    from qenv.envs.spaces import DEFAULT_MENU
+    from qenv.quant.rules import ALLOWED_GROUP_SIZES
+
+    def divides(group: int) -> bool:  # the quantizer's group on a row narrower than it is the whole row
+        return group == -1 or all(info.in_features % min(group, info.in_features) == 0 for info in layers)
+
+    width = 0
+    for info in layers:
+        width = math.gcd(width, int(info.in_features))
+    rules, changed = [], {}
+    for rule in DEFAULT_MENU:
+        if rule.act_scale > 0 or rule.outlier_fraction > 0:
+            continue
+        group = rule.group_size
+        if not divides(group):
+            group = max((g for g in ALLOWED_GROUP_SIZES if 0 < g <= rule.group_size and divides(g)), default=-1)
+            changed[rule.group_size] = group
+        rule = replace(rule, group_size=group)
+        if rule not in rules:
+            rules.append(rule)
+    note = "searched on the default menu's packable rules (no AWQ, no fp16 outliers)"
+    if changed:
+        note += "; groups " + ", ".join(f"of {a} -> {'one per row' if b == -1 else f'of {b}'}" for a, b in changed.items()) \
+            + f" to divide every layer's input width (their gcd is {width})"
+    return rules, note + ", so the packed checkpoint is the model scored"
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    from qenv.io import check_output_dir
+
+    check_output_dir(out, "--out", "pass --out a folder you can write to (or that can be created).")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise QenvError(f"Folder {out} already exists and is not empty.",
+                        "pick another --out folder, remove it, or pass --overwrite.")
+
+
+def policy_settings(policy: Path) -> tuple[str, dict[str, Any]]:
+    """``(agent name, env kwargs)`` of the run a policy file came from (its summary.json / config.json)."""
+    from qenv.agents.sb3 import agent_name_of_zip
+    from qenv.cli.common import run_folder_of
+    from qenv.cli.envs import at_one_budget
+    from qenv.io import read_json
+
+    if not policy.is_file():
+        raise QenvError(f"Policy file {policy} does not exist.", "pass the model.zip of a run folder written by "
+                                                                  "train_agent.py.")
+    folder = run_folder_of(policy)
+    settings: dict[str, Any] = {}
+    agent = None
+    if folder is not None:
+        for name in ("summary.json", "config.json"):
+            if (folder / name).is_file():
+                data = read_json(folder / name, "Run file", "fix or remove it.")
+                found = (data.get("settings") or data) if isinstance(data, dict) else {}
+                settings = settings or dict(found.get("env_kwargs") or {})
+                agent = agent or data.get("agent") or found.get("agent")
+    if agent is None and policy.suffix == ".json":  # a searcher's model.json names its searcher
+        saved = read_json(policy, "Policy file", "pass a model.json written by a qenv searcher.")
+        agent = saved.get("agent") if isinstance(saved, dict) and isinstance(saved.get("agent"), str) else None
+    agent = agent or (agent_name_of_zip(policy) if policy.suffix == ".zip" else None) or "ppo"
+    kwargs = at_one_budget(settings)
+    kwargs.pop("model", None)
+    return str(agent), kwargs
+
+
+def find_recipe(args: Any, env: Any, n_layers: int) -> tuple[Any, str, str]:
+    """``(recipe, method name, note)``: the searcher's result or the policy's deterministic rollout."""
+    from qenv.agents.registry import load_agent, make_agent
+    from qenv.envs.episodes import rollout_recipe
+
+    if args.policy:
+        from qenv.cli.common import normalizer_path
+        from qenv.io import read_json
+
+        agent = load_agent(args.agent_name, args.policy, env=env)
+        stats = normalizer_path(Path(args.policy))
+        if stats.is_file():
+            from qenv.agents.sb3 import NormalizedAgent
+
+            agent = NormalizedAgent(agent, read_json(stats, "Normalisation statistics", "delete it or retrain."))
+        recipe, info = rollout_recipe(agent, env, deterministic=True)
+        clamped = info.get("clamped_actions", 0)
+        return recipe, f"policy ({args.agent_name})", f"{clamped} actions lowered by the budget" if clamped else ""
+    searcher = make_agent(args.agent, env, seed=args.seed)
+    recipe, _ = searcher.search(env, total_timesteps=args.search_evals * n_layers)
+    spent = getattr(searcher, "evaluations", None)
+    return recipe, args.agent, f"{spent} evaluation{'s' if spent != 1 else ''}" if spent is not None else ""
+
+
+def check_runtime_possible(runtime: str, loaded: Any, rules: list[Any] | None) -> None:
+    """Before any search: the runtime can hold this model, and (for a search, whose ``rules`` are known)
+    every layer has a rule in the menu it can run; else one error naming the layers and why."""
+    model = loaded.model
+    if runtime == "gguf":
+        from qenv.export_gguf import GGUF_ARCHITECTURES
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in GGUF_ARCHITECTURES:
+            raise QenvError(f"qenv writes .gguf files of Llama-architecture models; {loaded.name} is "
+                            f"{model_type!r}.", "use --runtime transformers.")
+        return
+    if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
+        raise QenvError(f"{loaded.name} is not a transformers model, so it has no packed checkpoint.",
+                        "save it as a transformers folder first (eval_agent.py --save-model with an fp16 recipe), "
+                        "then quantize that folder.")
+    if not rules:
+        return
+    from qenv.export_packed import packed_rule_problem, tied_names
+    from qenv.models.layers import get_module
+
+    tied = tied_names(model)
+    bad: dict[str, list[str]] = {}
+    for info in loaded.layers:
+        module = get_module(model, info.name)
+        problems = [(r, packed_rule_problem(info, r, module, info.name in tied)) for r in rules if not r.keeps]
+        if problems and all(why for _, why in problems):
+            first, why = problems[0]
+            bad.setdefault(f"e.g. {first.label()} {why}", []).append(info.name)
+    if bad:
+        listed = "; ".join(f"{', '.join(names)} ({why})" for why, names in bad.items())
+        raise QenvError(f"A packed checkpoint (transformers) cannot hold any rule of the menu on "
+                        f"{sum(map(len, bad.values()))} layer(s) of {loaded.name}: {listed}.",
+                        "use --runtime gguf on a Llama-architecture model, or a model whose layers are nn.Linear with "
+                        "input widths the menu's groups divide.")
+
+
+def check_runtime(runtime: str, evaluator: Any, recipe: Any) -> None:
+    """The runtime can run every rule as qenv measured it, else one error naming the layers and rules."""
+    if runtime == "transformers":
+        from qenv.export_packed import check_packed_recipe
+
+        check_packed_recipe(evaluator.loaded.model, evaluator.layers, recipe)
+        return
+    from qenv.export_gguf import GGUF_ARCHITECTURES
+
+    bad: dict[str, list[str]] = {}
+    for info in evaluator.layers:
+        rule = recipe.get(info.name)
+        if rule is not None and not rule.keeps and rule.gguf is None:
+            bad.setdefault(rule.label(), []).append(info.name)
+    if bad:
+        listed = "; ".join(f"{', '.join(names)} ({label})" for label, names in bad.items())
+        raise QenvError(f"llama.cpp cannot run {sum(map(len, bad.values()))} layer(s) of the recipe as qenv measured "
+                        f"them, whose rules are not llama.cpp types: {listed}.",
+                        "search on the gguf menu (--menu gguf), or write a packed checkpoint (--runtime transformers).")
+    model_type = getattr(getattr(evaluator.loaded.model, "config", None), "model_type", None)
+    if model_type not in GGUF_ARCHITECTURES:
+        raise QenvError(f"qenv writes .gguf files of Llama-architecture models; {evaluator.loaded.name} is "
+                        f"{model_type!r}.", "use --runtime transformers.")
+    if evaluator.loaded.tokenizer is None:  # a .gguf carries its vocabulary; nothing is written without one
+        raise QenvError(f"{evaluator.loaded.name} has no tokenizer, which a .gguf must carry.",
+                        "quantize a model with its tokenizer (a transformers folder, a .gguf, or a llama2.c .bin "
+                        "beside its tokenizer.model), or use --runtime transformers.")
+
+
+def baselines(evaluator: Any, budget: float, menu: str) -> list[str]:
+    """The human presets the recipe is compared with: rtn/gptq/awq at the widths bracketing the budget,
+    on the gguf menu llama.cpp's mixes within :data:`MIX_WINDOW_BPW` of it, and fp16."""
+    from qenv.envs.reward import bracketing_widths
+    from qenv.quant.presets import LLAMACPP_PRESETS, preset
+
+    widths = sorted({p[1] for p in bracketing_widths(evaluator, budget) if p is not None})
+    names = [f"{family}-w{b}" for b in widths for family in ("rtn", "gptq", "awq")]
+    if menu == "gguf":
+        for name in LLAMACPP_PRESETS:
+            bpw = evaluator.size(preset(name, evaluator.layers))[0]
+            if abs(bpw - budget) <= MIX_WINDOW_BPW:
+                names.append(name)
+    return names + ["fp16"]
+
+
+def score_row(method: str, kind: str, metrics: Any, budget: float, wall: float, note: str = "") -> dict[str, Any]:
+    return {"method": method, "kind": kind, "bpw": metrics.bpw, "model_mb": metrics.model_mb, "kl": metrics.kl,
+            "ppl": metrics.ppl, "top1": metrics.top1, "wall_s": wall, "over_budget": metrics.bpw > budget + _TOL,
+            "note": note}
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    from qenv.io import write_text_atomic
+
+    buf = io.StringIO()
+    cols = ["method", "kind", "bpw", "model_mb", "kl", "ppl", "top1", "wall_s", "over_budget", "note"]
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r[k] for k in cols})
+    return write_text_atomic(path, buf.getvalue())
+
+
+def _body(argv: list[str] | None) -> int:
+    from qenv.cli.envs import make_quant_env, set_torch_threads
+    from qenv.eval.tokens import read_text_file
+    from qenv.io import write_json_atomic
+    from qenv.quant.presets import preset
+
+    quiet_libraries()
+    args = build_parser().parse_args(argv)
+    budget = budget_bpw(args.budget_bpw)
+    set_torch_threads(args.threads)
+    for flag, value, low in (("--search-evals", args.search_evals, 1), ("--n-tokens", args.n_tokens, 1),
+                             ("--seq-len", args.seq_len, 2), ("--seed", args.seed, 0)):
+        if value is not None and value < low:
+            raise QenvError(f"{flag}={value} must be at least {low}.", f"pass {flag} {max(low, 1)} or more.")
+    for path in args.data or []:
+        if not Path(path).is_file():
+            raise QenvError(f"Calibration text file {path} does not exist.", "pass an existing UTF-8 text file.")
+        read_text_file(path)
+    out = Path(args.out).expanduser()
+    check_out(out, args.overwrite)
+
+    kwargs: dict[str, Any] = {}
+    if args.policy:
+        args.agent_name, kwargs = policy_settings(Path(args.policy))
+        from qenv.agents.registry import resolve_agent
+
+        resolve_agent(args.agent_name)
+        if args.menu and str(kwargs.get("menu", "default")) != args.menu:
+            raise QenvError(f"--menu {args.menu} differs from the menu the policy was trained on "
+                            f"({kwargs.get('menu', 'default')}).", "leave --menu out with --policy.")
+    else:
+        args.agent = args.agent or "greedy"
+    menu_name = args.menu or (str(kwargs["menu"]) if isinstance(kwargs.get("menu"), str) else "default")
+    runtime = args.runtime if args.runtime != "auto" else ("gguf" if menu_name == "gguf" else "transformers")
+    notes: list[str] = []
+    from qenv.envs.spaces import parse_menu
+    from qenv.models.loading import load_model
+
+    t0 = time.perf_counter()
+    print(f"loading {args.model}", flush=True)
+    loaded = load_model(args.model, device=args.device or kwargs.get("device"), dtype=kwargs.get("dtype"),
+                        include_lm_head=bool(kwargs.get("include_lm_head", False)))
+    if not args.policy:
+        kwargs["action_kind"] = "discrete"
+        if menu_name == "gguf":
+            kwargs["menu"] = "gguf"
+        elif runtime == "transformers":
+            menu_rules, menu_note = packable_menu(list(loaded.layers))
+            kwargs["menu"] = [r.to_dict() for r in menu_rules]
+            notes.append(menu_note)
+    kwargs.update(budget_bpw=budget, seed=args.seed)
+    for key, value, default in (("n_tokens", args.n_tokens, DEFAULT_N_TOKENS), ("seq_len", args.seq_len, DEFAULT_SEQ_LEN)):
+        kwargs[key] = value if value is not None else kwargs.get(key, default)
+    if args.data:
+        kwargs["data"] = list(args.data)
+    if args.device:
+        kwargs["device"] = args.device
+
+    print(f"quantizing {args.model} at {budget:g} bpw with "
+          f"{args.policy or args.agent} for {runtime} ({menu_name} menu)", flush=True)
+    check_runtime_possible(runtime, loaded, None if args.policy else list(parse_menu(kwargs.get("menu"))))
+    env = make_quant_env(model=loaded, **kwargs)
+    try:
+        task = env.unwrapped.task
+        evaluator = task.evaluator
+        t_search = time.perf_counter()
+        recipe, method, note = find_recipe(args, env, len(task.layers))
+        check_runtime(runtime, evaluator, recipe)
+        metrics = evaluator.evaluate(recipe)
+        rows = [score_row(method, "policy" if args.policy else "searcher", metrics, budget,
+                          time.perf_counter() - t_search, note)]
+        for name in baselines(evaluator, budget, menu_name):
+            t1 = time.perf_counter()
+            rows.append(score_row(name, "preset", evaluator.evaluate(preset(name, task.layers)), budget,
+                                  time.perf_counter() - t1))
+        rows.sort(key=lambda r: (r["bpw"], r["kind"] == "preset", r["method"]))
+        table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}",
+                  f"{r['model_mb']:.4f}", fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", r["note"]] for r in rows]
+        tokens = f"{evaluator.tokens.n_tokens} calibration tokens ({evaluator.tokens.source})"
+        print(f"\n{task.name}, budget {budget:g} bpw (over the quantized layers), scored on {tokens}")
+        print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "note"], table, align="llrrrrrl"))
+        print(f"  (* over the {budget:g} bpw budget)")
+
+        out.mkdir(parents=True, exist_ok=True)
+        metadata = {"model": task.name, "spec": args.model, "budget_bpw": budget, "method": method,
+                    "menu": menu_name, "runtime": runtime, "metrics": metrics.to_dict(), "tokens": tokens}
+        recipe.save(out / "recipe.json", **metadata)
+        write_csv(out / "comparison.csv", rows)
+        written = ["recipe.json", "comparison.csv", "results.json"]
+        check: dict[str, Any] = {}
+        if runtime == "transformers":
+            from qenv.export_packed import packed_kl, write_packed_checkpoint
+
+            write_packed_checkpoint(evaluator, recipe, out / "model", metadata, overwrite=True)
+            kl = packed_kl(out / "model", evaluator, recipe, max_batches=1)
+            check = {"loaded_by": "transformers", "kl_to_scored": kl, "max_kl": MAX_FILE_KL}
+            if not kl <= MAX_FILE_KL:
+                raise QenvError(f"The packed checkpoint in {out / 'model'} loads in transformers, but its logits are "
+                                f"KL {kl:.3g} from the model qenv scored (over {MAX_FILE_KL:g}).",
+                                "report this as a qenv bug; use --save-model of eval_agent.py meanwhile.")
+            written.append("model/ (packed checkpoint: AutoModelForCausalLM.from_pretrained loads it)")
+            notes.append(f"transformers loaded model/ back: KL {kl:.3g} to the model qenv scored")
+        else:
+            from qenv.export_gguf import write_gguf
+
+            write_gguf(evaluator, recipe, out / "model.gguf",
+                       {k: v for k, v in metadata.items() if not isinstance(v, dict)})
+            written.append("model.gguf (llama.cpp; load it with --no-repack / use_extra_bufts=False on CPUs whose "
+                           "repacked kernels crash, see the README)")
+        write_json_atomic(out / "results.json", json.loads(json.dumps(
+            {**metadata, "rows": rows, "recipe": recipe.to_dict(), "check": check, "notes": notes,
+             "wall_s": time.perf_counter() - t0}, default=str)))
+    finally:
+        env.close()
+    for line in notes:
+        print(f"note: {line}")
+    print(f"\nwrote {out}: " + ", ".join(written))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
+    return run_cli(lambda: _body(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
