@@ -333,7 +333,8 @@ def test_searchers_are_deterministic_for_a_seed(stories_env, searched, name):
 def test_evolution_screens_cheaply_and_keeps_within_budget(stories_env, searched):
     evo = searched["evolution"]
     assert isinstance(evo, EvolutionSearch)
-    assert evo.screen_cost == pytest.approx(0.5)  # 1 of the 2 token batches
+    assert evo.screen_cost(1) == pytest.approx(0.5)  # 1 of the 2 token batches
+    assert evo._stages == [(1, 1)]  # the default stages (1/8, then 1/2 of the tokens) round to one batch
     assert evo.screenings > 0 and evo.spent == pytest.approx(evo.evaluations + 0.5 * evo.screenings)
     assert all(evo.feasible(np.array(choice)) for _, choice in evo.population)
     plain = make_agent("evolution", stories_env, seed=0, screen_batches=0).learn(6 * len(stories_env.task.layers))
