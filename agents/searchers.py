@@ -555,29 +555,41 @@ class GreedySearch(Searcher):
        evaluation still returns it (the old one-evaluation greedy).
     2. Refinement, because per-layer errors do not add up (issue 24: at gptq-w4's size on stories260K
        greedy's plan is better than uniform gptq-w4 by its summed errors and 2x worse end to end).
-       From the best recipe so far, every single-layer change (layer ``i`` to rule ``j``) is
-       re-balanced to the budget by greedy's own rule with layer ``i`` held
-       (:func:`~qenv.envs.allocation.greedy_allocation` started from it) and ranked by the proxy's
-       predicted change. The ``width`` best-predicted moves not tried yet are screened on a few token
-       batches (``stages``, as evolution's multi-step selection), the best is evaluated on all the
-       calibration tokens, and it is accepted **only if it measures better**. After ``patience``
-       windows without a measured gain the search stops on its own, usually well under its budget.
+       Moves from the best recipe so far are ranked, the ``width`` best not tried yet are screened on
+       a few token batches (``stages``, as evolution's multi-step selection), the best is evaluated on
+       all the calibration tokens, and it is accepted **only if it measures better**. After
+       ``patience`` windows without a measured gain the search stops on its own.
 
-    So greedy costs "a few evaluations" (the start's candidates plus the refinement's), not one: its
-    ``evaluations`` and ``screenings`` say how many. It never ends worse than its start.
+       ``ranking="measured"`` (default): the moves are swaps of one width up and one down between
+       two layers of one shape (the size stays), ranked by *measured* marginals: the end-to-end
+       reward change of each single-layer step (one width up, one down, the other knobs kept) from
+       the current recipe, screened on the first stage's token batches (``2 x n_layers`` screenings,
+       cached; after an accepted move only the two changed layers are re-measured). Each swap is
+       predicted as the sum of its two marginals: additivity trusted only between two changes.
+       ``ranking="proxy"``: every single-layer change re-balanced by greedy's own rule
+       (:meth:`moves`), ranked by the summed per-layer errors. Measured on stories260K at gptq-w3's
+       and gptq-w4's sizes, no proxy-ranked move measured better than uniform GPTQ (BENCHMARKS.md).
+
+    So greedy costs "a few evaluations" (the start's candidates plus the refinement's screenings and
+    evaluations), not one: ``evaluations``, ``screenings`` and ``spent`` say how many. It never ends
+    worse than its start.
     """
 
     name = "greedy"
     default_evaluations = 32
+    RANKINGS: ClassVar[tuple[str, ...]] = ("measured", "proxy")
 
     def __init__(self, env: Any, seed: int = 0, verbose: int = 0, width: int = 8, patience: int = 2,
-                 stages: Any = ((0.125, 4), (0.5, 1)), pool: Any = None) -> None:
+                 stages: Any = ((0.125, 4), (0.5, 1)), ranking: str = "measured", pool: Any = None) -> None:
         for label, value in (("width", width), ("patience", patience)):
             if int(value) < 1:
                 raise QenvError(f"greedy {label}={value} must be at least 1.")
+        if ranking not in self.RANKINGS:
+            raise QenvError(f"greedy ranking={ranking!r} is unknown.", f"use one of {self.RANKINGS}.")
         self.width, self.patience, self.stages = int(width), int(patience), tuple(tuple(x) for x in stages)
+        self.ranking = ranking
         super().__init__(env, seed=seed, verbose=verbose, pool=pool)
-        self._kwargs.update(width=width, patience=patience, stages=[list(x) for x in self.stages])
+        self._kwargs.update(width=width, patience=patience, stages=[list(x) for x in self.stages], ranking=ranking)
 
     def _bind(self, env: Any) -> None:
         super()._bind(env)
@@ -587,16 +599,87 @@ class GreedySearch(Searcher):
         """Greedy's proxy plan (what the start measures first)."""
         return greedy_allocation(self.costs, self.sensitivity(), self.budget_bits)
 
+    def _width_step(self, rule_index: int, up: bool) -> int | None:
+        """The menu rule one width up (down) from this one most like it (the fewest other knobs
+        changed; ties: menu order), or ``None`` at the end of the menu's widths."""
+        rule = self.rules[rule_index]
+        widths = sorted({r.bits for r in self.rules})
+        level = widths.index(rule.bits) + (1 if up else -1)
+        if not 0 <= level < len(widths):
+            return None
+        names = [f.name for f in fields(Rule) if f.name != "bits"]
+        options = [k for k, r in enumerate(self.rules) if r.bits == widths[level]]
+        return min(options, key=lambda k: (sum(getattr(self.rules[k], n) != getattr(rule, n) for n in names), k))
+
+    def _marginals(self, choice: tuple[int, ...], known: dict[tuple[int, int], float],
+                   stale: set[int] | None) -> dict[tuple[int, int], float]:
+        """``{(layer, rule): measured reward change}`` of each single-layer step one width up or down
+        from ``choice``, screened on the first stage's token batches (all of them without stages).
+        Layers not in ``stale`` keep their ``known`` marginals (``stale=None``: measure all)."""
+        batches = self._stages[0][0] if self._stages else self.n_batches
+        cost = self.screen_cost(batches) if self._stages else 1.0
+        if not self._can_spend(cost):
+            return known
+        base = self._screen(choice, batches) if self._stages else self._seen[choice]
+        out = {key: value for key, value in known.items() if stale is not None and key[0] not in stale}
+        for i in range(self.n_layers):
+            if stale is not None and i not in stale and any(key[0] == i for key in out):
+                continue
+            for up in (True, False):
+                j = self._width_step(choice[i], up)
+                if j is None or not self._can_spend(cost + 1.0):
+                    continue
+                y = list(choice)
+                y[i] = j
+                key = tuple(y)
+                value = self._screen(key, batches) if self._stages else self._evaluate(np.array(key))
+                out[(i, j)] = value - base
+        return out
+
+    def measured_moves(self, choice: tuple[int, ...],
+                       marginals: dict[tuple[int, int], float]) -> list[tuple[float, tuple[int, ...]]]:
+        """``[(-predicted reward change, recipe), ...]``, best first: each swap of one width up (layer
+        ``i``) and one down (layer ``k`` of ``i``'s shape) that meets the budget, predicted as the sum of
+        the two measured marginals."""
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, info in enumerate(self.task.layers):
+            shapes.setdefault((info.out_features, info.in_features), []).append(i)
+        out = []
+        for members in shapes.values():
+            for i in members:
+                up = self._width_step(choice[i], True)
+                if up is None or (i, up) not in marginals:
+                    continue
+                for k in members:
+                    down = None if k == i else self._width_step(choice[k], False)
+                    if down is None or (k, down) not in marginals:
+                        continue
+                    y = np.array(choice)
+                    y[i], y[k] = up, down
+                    if self.feasible(y):
+                        out.append((-(marginals[(i, up)] + marginals[(k, down)]), tuple(int(v) for v in y)))
+        return sorted(out, key=lambda item: item[0])
+
     def moves(self, choice: tuple[int, ...]) -> list[tuple[float, tuple[int, ...]]]:
-        """``[(predicted change of the summed proxy error, recipe), ...]`` of every single-layer change
-        of ``choice``, each re-balanced to the budget by greedy's rule with the changed layer held;
-        sorted by the prediction (ties: layer, then rule order). Recipes that cannot meet the budget
-        are left out."""
+        """``[(predicted change of the summed proxy error, recipe), ...]``: every single-layer change
+        of ``choice`` (layer ``i`` to rule ``j``) re-balanced to the budget by greedy's rule with layer
+        ``i`` held, and every swap of one width up and one down between two layers of one shape (the
+        bits move, the size stays). Recipes that cannot meet the budget are left out.
+
+        Order: by the prediction, but the best move of each changed layer comes before any layer's
+        second best (a proxy that is wrong about one layer would otherwise fill every window with
+        that layer's moves); ties: layer, then rule order."""
         sens = self.sensitivity()
         x = np.array(choice, dtype=np.int64)
         rows = np.arange(self.n_layers)
         base = float(sens[rows, x].sum())
-        out: dict[tuple[int, ...], float] = {}
+        found: dict[tuple[int, ...], tuple[float, int]] = {}
+
+        def add(y: np.ndarray, layer: int) -> None:
+            key = tuple(int(k) for k in y)
+            if key != tuple(choice) and key not in found and self.feasible(y):
+                found[key] = (float(sens[rows, y].sum()) - base, layer)
+
         for i in range(self.n_layers):
             for j in range(len(self.rules)):
                 if j == x[i] or not math.isfinite(sens[i, j]):
@@ -606,21 +689,54 @@ class GreedySearch(Searcher):
                 held[i, j] = sens[i, j]
                 start = x.copy()
                 start[i] = j
-                y = greedy_allocation(self.costs, held, self.budget_bits, start=start)
-                if not self.feasible(y):
+                add(greedy_allocation(self.costs, held, self.budget_bits, start=start), i)
+        widths = sorted({r.bits for r in self.rules})
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, info in enumerate(self.task.layers):
+            shapes.setdefault((info.out_features, info.in_features), []).append(i)
+
+        def step(i: int, up: bool) -> int | None:
+            """The menu rule one width up (down) from layer i's with its other knobs (None if none)."""
+            rule = self.rules[x[i]]
+            level = widths.index(rule.bits) + (1 if up else -1)
+            if not 0 <= level < len(widths):
+                return None
+            same = [k for k, r in enumerate(self.rules) if r.bits == widths[level] and
+                    all(getattr(r, f.name) == getattr(rule, f.name) for f in fields(Rule) if f.name != "bits")]
+            return same[0] if same else None
+
+        for members in shapes.values():
+            for i in members:
+                up = step(i, True)
+                if up is None:
                     continue
-                key = tuple(int(k) for k in y)
-                if key != tuple(choice) and key not in out:
-                    out[key] = float(sens[rows, y].sum()) - base
-        return sorted(((delta, key) for key, delta in out.items()), key=lambda dk: dk[0])
+                for k in members:
+                    down = step(k, False) if k != i else None
+                    if down is not None:
+                        y = x.copy()
+                        y[i], y[k] = up, down
+                        add(y, i)
+        ranked = sorted(found.items(), key=lambda item: (item[1][0], item[1][1]))
+        first, rest, layers = [], [], set()
+        for key, (delta, layer) in ranked:
+            (rest if layer in layers else first).append((delta, key))
+            layers.add(layer)
+        return first + rest
 
     def _search(self) -> None:
         if not self._start():
             return
         current = self._best_choice()
+        marginals: dict[tuple[int, int], float] = {}
+        changed: set[int] | None = None  # layers whose marginals are stale (None: all)
         while current is not None and self._can_spend():
             reward = self._seen[current]
-            ranked = [y for _, y in self.moves(current) if y not in self._proposed and y not in self._seen]
+            if self.ranking == "measured":
+                marginals = self._marginals(current, marginals, changed)
+                moves = self.measured_moves(current, marginals)
+            else:
+                moves = self.moves(current)
+            ranked = [y for _, y in moves if y not in self._proposed and y not in self._seen]
             better = None
             for w in range(self.patience):
                 window = ranked[w * self.width:(w + 1) * self.width]
@@ -638,7 +754,8 @@ class GreedySearch(Searcher):
                 if better is not None:
                     break
             if better is None:
-                return  # no measured improvement among the proxy's best moves: a local optimum
+                return  # no measured improvement among the best-ranked moves: a local optimum
+            changed = {i for i in range(self.n_layers) if better[i] != current[i]}
             current = better
 
 
