@@ -620,20 +620,25 @@ class GreedySearch(Searcher):
         cost = self.screen_cost(batches) if self._stages else 1.0
         if not self._can_spend(cost):
             return known
-        base = self._screen(choice, batches) if self._stages else self._seen[choice]
         out = {key: value for key, value in known.items() if stale is not None and key[0] not in stale}
+        steps: list[tuple[int, int, tuple[int, ...]]] = []
         for i in range(self.n_layers):
             if stale is not None and i not in stale and any(key[0] == i for key in out):
                 continue
             for up in (True, False):
                 j = self._width_step(choice[i], up)
-                if j is None or not self._can_spend(cost + 1.0):
-                    continue
-                y = list(choice)
-                y[i] = j
-                key = tuple(y)
-                value = self._screen(key, batches) if self._stages else self._evaluate(np.array(key))
-                out[(i, j)] = value - base
+                if j is not None:
+                    steps.append((i, j, tuple(choice[:i]) + (j,) + tuple(choice[i + 1:])))
+        if self._stages:  # with a pool: screened at once, in the order the loop below reaches them
+            self._prefetch_screens([choice] + [key for _, _, key in steps], batches)
+        else:
+            self._prefetch([np.array(key) for _, _, key in steps])
+        base = self._screen(choice, batches) if self._stages else self._seen[choice]
+        for i, j, key in steps:
+            if not self._can_spend(cost + 1.0):
+                break
+            value = self._screen(key, batches) if self._stages else self._evaluate(np.array(key))
+            out[(i, j)] = value - base
         return out
 
     def measured_moves(self, choice: tuple[int, ...],
