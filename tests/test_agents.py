@@ -315,12 +315,14 @@ def test_uniform_searcher_picks_the_best_fitting_single_rule(stories_env, search
 
 
 def test_searchers_rank_as_expected(searched):
-    """Measured on stories260K at 3.0 bpw: greedy and evolution clearly beat the uniform rule and
-    random recipes (margins of ~0.4 in log-KL); evolution starts from the filled uniform rule."""
+    """Measured on stories260K at 3.0 bpw: greedy's plan clearly beats the uniform rule (a margin of
+    ~0.4 in log-KL) and is the best start here; greedy, random and evolution all start from the best
+    start, so none ends below it (random's own recipes are worse: it returns the start)."""
     reward = {name: agent.best_reward for name, agent in searched.items()}
-    for better in ("greedy", "evolution"):
-        for worse in ("uniform", "random"):
-            assert reward[better] > reward[worse], reward
+    for name in ("greedy", "random", "evolution"):
+        assert searched[name].start.candidate.label == "greedy plan"
+        assert reward[name] >= searched[name].start.score > reward["uniform"] + 0.2, reward
+    assert reward["evolution"] > searched["evolution"].start.score  # evolution improves on it
 
 
 @pytest.mark.parametrize("name", ["random", "evolution", "greedy"])
