@@ -334,6 +334,8 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         result["export"] = str(folder)
         if "skipped" in paths:
             notes.extend(line for line in paths["skipped"].read_text().splitlines() if line)
+        if "gguf_check" in paths:
+            notes.append(paths["gguf_check"].read_text().strip())
     if args.save_model:
         from qenv.export import save_quantized_model
 
