@@ -103,6 +103,8 @@ def build_parser() -> ArgumentParser:
                    help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
                         "a quarter of the available RAM on a CPU)")
     p.add_argument("--device", metavar="DEV", help="device of the models: cpu, cuda, cuda:N, auto (default: auto)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (by default: bars on a terminal; in a log, one line per stage or tenth)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch CPU threads (default: %(default)s; small models run fastest on one)")
     return p
@@ -312,8 +314,11 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
 
     kwargs = {**env_kwargs, "budget_bpw": budget}
     notes: list[str] = []
-    loaded = load_model(spec, device=kwargs.get("device"), dtype=kwargs.get("dtype"),
-                        include_lm_head=bool(kwargs.get("include_lm_head", False)))
+    from qenv.progress import progress_bar, stage
+
+    with stage(f"loading model {spec}"):
+        loaded = load_model(spec, device=kwargs.get("device"), dtype=kwargs.get("dtype"),
+                            include_lm_head=bool(kwargs.get("include_lm_head", False)))
     if kwargs.get("data") and loaded.tokenizer is None:
         kwargs.pop("data")  # the run calibrated on text, which this model cannot read
         notes.append(f"{loaded.name} has no tokenizer: calibrated on tokens sampled from it, not on the run's text")
@@ -352,17 +357,22 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     rows.append(policy_row)
     from qenv.eval.preset_cache import cached_metrics
 
-    for name in select_presets(args.presets, task.evaluator, budget, policy_metrics.bpw):
+    names = select_presets(args.presets, task.evaluator, budget, policy_metrics.bpw)
+    bar = progress_bar(len(names), f"scoring {len(names)} presets", "preset")
+    for name in names:
         t0 = time.perf_counter()
         metrics, hit = cached_metrics(scorer, preset(name, task.layers))
         rows.append(row(name, "preset", metrics, time.perf_counter() - t0, budget, "cached" if hit else ""))
+        bar.update(1)
+    bar.close()
     search_env = env
     if inner.mapper.stateful:  # searchers replay rules, which these kinds' actions do not name: same task, menu kind
         search_env = make_quant_env(model=loaded, **as_menu_kind(kwargs))
     for name in searchers:
         t0 = time.perf_counter()
         searcher = make_agent(name, search_env, seed=args.seed)
-        s_recipe, s_info = searcher.search(search_env, total_timesteps=args.search_evals * len(task.layers))
+        s_recipe, s_info = searcher.search(search_env, total_timesteps=args.search_evals * len(task.layers),
+                                           progress_bar=not args.no_progress)
         metrics = scorer.evaluate(s_recipe)
         note = evaluations_note(getattr(searcher, "evaluations", None), getattr(searcher, "screenings", 0))
         if s_info.get("mix"):
@@ -551,6 +561,9 @@ def _body(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     set_torch_threads(args.threads)
     args.presets = parse_presets(args.presets)  # before any file is read: a typo costs nothing
+    from qenv.progress import enable
+
+    enable(not args.no_progress)
     policy = Path(args.policy)
     if policy.is_dir():  # a run folder: its final agent
         inside = [policy / n for n in ("model.zip", "model.json") if (policy / n).is_file()]
@@ -648,7 +661,10 @@ def _body(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the program; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
-    return run_cli(lambda: _body(argv))
+    from qenv.progress import shown
+
+    with shown(False):  # _body turns progress on (unless --no-progress); as it was afterwards
+        return run_cli(lambda: _body(argv))
 
 
 if __name__ == "__main__":
