@@ -224,7 +224,7 @@ class Searcher:
         if progress_bar:
             from qenv.progress import progress_bar as make_bar
 
-            self._bar = make_bar(self.planned_evaluations(n), desc=self.name, unit="eval", show=True)
+            self._bar = make_bar(self.planned_evaluations(n), desc=f"search {self.name}", unit="eval", show=True)
             self._bar_mark = self.spent
         try:
             with torch.inference_mode():

@@ -76,7 +76,7 @@ def test_a_searchers_bar_counts_what_it_will_spend(env, name, granted, capsys) -
     planned = searcher.planned_evaluations(granted)
     searcher.learn(granted * searcher.n_layers, progress_bar=True)
     out = capsys.readouterr().out
-    done = [line for line in out.splitlines() if line.startswith(f"{name}: done, ")]
+    done = [line for line in out.splitlines() if line.startswith(f"search {name}: done, ")]
     assert len(done) == 1 and "\r" not in out
     spent = float(done[0].split("done, ")[1].split(" eval")[0])
     assert spent == pytest.approx(searcher.spent)  # the bar ends at the budget really spent
@@ -101,12 +101,12 @@ def test_programs_in_a_log_write_bounded_whole_lines(stories_bin, tmp_path) -> N
     log = _run(["train_agent.py", "--agent", "greedy", "--model", stories_bin, "--budget-bpw", 4.0, "--name", "g",
                 "--logdir", tmp_path, "--env-kwargs", "n_tokens=256", "seq_len=64"], tmp_path)
     assert "\r" not in log
-    assert "loading model" in log and "reference pass" in log and "greedy: done, 1 eval in" in log
+    assert "loading model" in log and "reference pass" in log and "search greedy: done, 1 eval in" in log
     assert len(log.splitlines()) <= 80, log
     log = _run(["eval_agent.py", "--policy", tmp_path / "g" / "model.json", "--searchers", "greedy,uniform",
                 "--out", tmp_path / "e"], tmp_path)
     assert "\r" not in log
-    assert "loading model" in log and "presets: done," in log and "greedy: done, 1 eval in" in log
+    assert "loading model" in log and "presets: done," in log and "search greedy: done, 1 eval in" in log
     progress = [line for line in log.splitlines() if ": done" in line or "%" in line.split("(")[0] or
                 line.endswith(" ...")]
     assert 0 < len(progress) <= 60, log
