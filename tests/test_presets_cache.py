@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
+import torch
 from conftest import STORIES_BIN, load_script, require, run_main
 
 from qenv import Evaluator, load_model, tokens_from_model
-from qenv.eval.preset_cache import cached_metrics, metrics_cache_path
+from qenv.cache_files import CacheWarning, write_cache_file
+from qenv.eval.preset_cache import cached_metrics, metrics_cache_key, metrics_cache_path
 from qenv.quant.presets import LLAMACPP_PRESETS, preset
 
 eval_agent = load_script("eval_agent")
@@ -36,12 +37,16 @@ def test_cached_metrics_match_a_fresh_computation_and_are_read_back(stories, tmp
     assert hit and again == first
     path = metrics_cache_path(ev, recipe)
     assert path.parent == tmp_path and path.name.startswith("presets-v1-")
-    values = np.load(path)
-    values[0] = 123.0  # what is in the file is what is returned: it was read, not recomputed
-    np.save(path, values)
+    # what the file holds is what is returned: it was read, not recomputed
+    vector = torch.tensor([123.0, first.ppl, first.top1, first.bpw, first.model_bytes, first.n_tokens],
+                          dtype=torch.float64)
+    write_cache_file(path, {"metrics": vector}, metrics_cache_key(ev, recipe))
     assert cached_metrics(ev, recipe)[0].kl == 123.0
-    path.write_bytes(b"damaged")  # a damaged file is recomputed, not trusted
-    assert cached_metrics(ev, recipe) == (first, False)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # a flipped bit: the checksum refuses it, and it is measured again
+    path.write_bytes(bytes(data))
+    with pytest.warns(CacheWarning, match="checksum"):
+        assert cached_metrics(ev, recipe) == (first, False)
 
 
 def test_every_key_component_misses(stories, tmp_path) -> None:
