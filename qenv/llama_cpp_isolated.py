@@ -16,6 +16,7 @@ naming the signal and the workaround.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +67,15 @@ def run_llama_cpp(request: Mapping[str, Any], what: str, timeout: float = 600.0,
     which is how the tests make a real child crash.
     """
     out_dir = Path(tempfile.mkdtemp(prefix="qenv-llama-cpp-"))
+    try:
+        return _run_child(request, what, timeout, script, out_dir)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # nothing left behind by a failed call
+        raise
+
+
+def _run_child(request: Mapping[str, Any], what: str, timeout: float, script: Sequence[str] | None,
+               out_dir: Path) -> tuple[dict[str, Any], Path]:
     payload = json.dumps({**dict(request), "out_dir": str(out_dir)})
     command = list(script) if script is not None else [sys.executable, str(_CHILD)]
     try:
@@ -110,8 +120,6 @@ def score_gguf(path: str | Path, ids: Any, f32_cache: bool = False, repack: bool
     try:
         logits = np.load(out_dir / str(result.get("logits")), allow_pickle=False)
     finally:
-        import shutil
-
         shutil.rmtree(out_dir, ignore_errors=True)
     if logits.ndim != 3 or logits.shape[:2] != (len(rows), len(rows[0])):
         raise QenvError(f"llama.cpp returned logits of shape {logits.shape} for {len(rows)} x {len(rows[0])} tokens.",
@@ -123,7 +131,7 @@ def tokenize_gguf(path: str | Path, text: str, add_bos: bool = False) -> dict[st
     """``{"ids", "bos", "eos"}``: the .gguf's own tokenizer on ``text`` (special tokens parsed)."""
     result, out_dir = run_llama_cpp({"task": "tokenize", "path": str(path), "text": text, "add_bos": add_bos},
                                     f"tokenizing with {path}")
-    out_dir.rmdir()
+    shutil.rmtree(out_dir, ignore_errors=True)
     return result
 
 

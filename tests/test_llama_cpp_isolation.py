@@ -31,6 +31,9 @@ def evaluator():
 
 
 def test_a_segfaulting_child_is_one_error_naming_the_signal() -> None:
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("qenv-llama-cpp-*"))
     crash = "import ctypes, sys; sys.stdin.read(); ctypes.string_at(0)"  # a real SIGSEGV
     with pytest.raises(QenvError) as err:
         run_llama_cpp({"task": "score"}, "scoring x.gguf", script=[sys.executable, "-c", crash])
@@ -38,6 +41,7 @@ def test_a_segfaulting_child_is_one_error_naming_the_signal() -> None:
     assert "crashed while scoring x.gguf" in message and "SIGSEGV" in message
     assert "--no-repack" in message and "use_extra_bufts" in message
     assert signal_name(-11) == "SIGSEGV" and signal_name(0) is None and signal_name(2) is None
+    assert set(Path(tempfile.gettempdir()).glob("qenv-llama-cpp-*")) == before  # its folder is removed too
 
 
 def test_a_failing_child_is_one_error_with_its_last_line(tmp_path) -> None:
