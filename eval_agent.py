@@ -3,9 +3,11 @@
 
     python eval_agent.py --policy runs/<run>/model.zip [--model SPEC ...] [--budget-bpw B] [--data held-out.txt]
 
-For each model, the policy picks a recipe deterministically; every preset (rtn/gptq/awq at the
-bit widths bracketing the budget and the policy's own bpw, llama.cpp's real mixes with and without
-the importance matrix, quantized by llama.cpp itself, fp16) and every searcher (uniform,
+For each model, the policy picks a recipe deterministically; the human presets of --presets (by
+default rtn/gptq/awq at the bit widths bracketing the budget and the policy's own bpw, llama.cpp's
+real mixes, with and without the importance matrix and quantized by llama.cpp itself, nearest those
+sizes and within 1 bpw of them, and fp16; ``--presets all``: every mix; preset scores are cached on
+disk per model, tokens, recipe and settings) and every searcher (uniform,
 llamacpp, greedy, random, evolution, with the same evaluation budget) gives one too. All are
 scored by the same evaluator on the same tokens (held-out text with --data, else the
 calibration tokens) and printed as one table per model, sorted by bits per weight, with rows
@@ -79,6 +81,13 @@ def build_parser() -> ArgumentParser:
                    help="evaluation budget of each searcher, in full evaluations: one recipe scored on all the "
                         "tokens, the cost of one RL episode; uniform, greedy and llamacpp may need fewer, evolution "
                         "spends part on cheap screenings (the table's note says what each spent) (default: %(default)s)")
+    p.add_argument("--presets", default="default", metavar="LIST",
+                   help="comma-separated human baselines: 'default' (each family's presets bracketing the budget "
+                        "and the policy's bpw, llama.cpp's mixes within 1 bpw of them, fp16), 'all' (every family's "
+                        "bracketing widths and every llama.cpp mix), 'none', a family (rtn, gptq, awq: its bracketing "
+                        "widths; llama.cpp, llama.cpp+imatrix: every mix), or preset names (rtn-w4, gptq-w3-g64, "
+                        "q4_k_m, q4_k_m-im, fp16, ...). Scores are cached per model, tokens and recipe "
+                        "(default: %(default)s)")
     p.add_argument("--searchers", default=",".join(SEARCHERS), metavar="LIST",
                    help="comma-separated searchers to compare, or 'none' (default: %(default)s)")
     p.add_argument("--env-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -101,6 +110,8 @@ def build_parser() -> ArgumentParser:
                    help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
                         "a quarter of the available RAM on a CPU)")
     p.add_argument("--device", metavar="DEV", help="device of the models: cpu, cuda, cuda:N, auto (default: auto)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (by default: bars on a terminal; in a log, one line per stage or tenth)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch CPU threads (default: %(default)s; small models run fastest on one)")
     return p
@@ -148,11 +159,73 @@ def bracketing_presets(evaluator: Any, *bpws: float) -> list[str]:
     return [f"{family}-w{b}" for b in widths for family in ("rtn", "gptq", "awq")]
 
 
-def llamacpp_presets() -> list[str]:
-    """llama.cpp's real mixes (with and without the importance matrix), quantized by llama.cpp itself."""
-    from qenv.quant.presets import LLAMACPP_PRESETS
+#: --presets words that are not preset names
+PRESET_WORDS: tuple[str, ...] = ("default", "all", "none")
+#: llama.cpp mixes within this many bits per weight of the budget or the policy are default baselines
+MIX_WINDOW_BPW = 1.0
 
-    return list(LLAMACPP_PRESETS)
+
+def parse_presets(text: str) -> list[str]:
+    """--presets as a list of words (``default``, ``all``, ``none``, families, preset names), each checked
+    now, before any model is loaded; an unknown one is one error listing what is valid."""
+    from qenv.quant.presets import LLAMACPP_PRESETS, preset
+
+    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    unknown = []
+    for word in words:
+        if word in PRESET_WORDS or word in FAMILIES:
+            continue
+        try:
+            preset(word, [])
+        except QenvError:
+            unknown.append(word)
+    if unknown or not words:
+        raise QenvError(f"Unknown preset(s) {unknown or [text]} in --presets.",
+                        f"use a comma-separated list of {', '.join(PRESET_WORDS)}, the families "
+                        f"{', '.join(FAMILIES)}, rtn-w<b> / gptq-w<b> / awq-w<b> (with -g32, -g64, -gc), fp16, or "
+                        f"llama.cpp's mixes {', '.join(LLAMACPP_PRESETS)}.")
+    return words
+
+
+def nearest_mixes(evaluator: Any, family: str, bpws: tuple[float, ...], window: float) -> list[str]:
+    """``family``'s llama.cpp mixes (sized, not scored) nearest at or under and at or over each of ``bpws``,
+    and those within ``window`` bits per weight of any of them."""
+    from qenv.quant.presets import LLAMACPP_PRESETS, preset
+
+    sized = sorted((evaluator.size(preset(m, evaluator.layers))[0], m) for m in LLAMACPP_PRESETS
+                   if family_of(m) == family)
+    keep = set()
+    for bpw in bpws:
+        below = [m for b, m in sized if b <= bpw + _TOL]
+        above = [m for b, m in sized if b >= bpw - _TOL]
+        keep.update(([below[-1]] if below else []) + ([above[0]] if above else []))
+        keep.update(m for b, m in sized if abs(b - bpw) <= window + _TOL)
+    return [m for _, m in sized if m in keep]
+
+
+def select_presets(words: list[str], evaluator: Any, budget: float, policy_bpw: float) -> list[str]:
+    """The preset names ``words`` (from :func:`parse_presets`) stand for on this model, in table order,
+    each once. ``default``: rtn/gptq/awq at the widths bracketing the budget and the policy's bpw,
+    llama.cpp's mixes (with and without the importance matrix) nearest both and within
+    :data:`MIX_WINDOW_BPW` of them, and fp16; ``all``: the bracketing widths, every mix and fp16."""
+    chosen: list[str] = []
+    bpws = (budget, policy_bpw)
+    for word in words:
+        if word == "none":
+            continue
+        if word in ("default", "all"):
+            names = bracketing_presets(evaluator, *bpws)
+            for family in ("llama.cpp", "llama.cpp+imatrix"):
+                names += nearest_mixes(evaluator, family, bpws, MIX_WINDOW_BPW if word == "default" else math.inf)
+            names += list(FIXED_PRESETS)
+        elif word in ("rtn", "gptq", "awq"):
+            names = [n for n in bracketing_presets(evaluator, *bpws) if n.startswith(word + "-")]
+        elif word in FAMILIES:
+            names = nearest_mixes(evaluator, word, bpws, math.inf)
+        else:
+            names = [word]
+        chosen += [n for n in names if n not in chosen]
+    return chosen
 
 
 def family_of(method: str) -> str | None:
@@ -248,8 +321,11 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
 
     kwargs = {**env_kwargs, "budget_bpw": budget}
     notes: list[str] = []
-    loaded = load_model(spec, device=kwargs.get("device"), dtype=kwargs.get("dtype"),
-                        include_lm_head=bool(kwargs.get("include_lm_head", False)))
+    from qenv.progress import progress_bar, stage
+
+    with stage(f"loading model {spec}"):
+        loaded = load_model(spec, device=kwargs.get("device"), dtype=kwargs.get("dtype"),
+                            include_lm_head=bool(kwargs.get("include_lm_head", False)))
     if kwargs.get("data") and loaded.tokenizer is None:
         kwargs.pop("data")  # the run calibrated on text, which this model cannot read
         notes.append(f"{loaded.name} has no tokenizer: calibrated on tokens sampled from it, not on the run's text")
@@ -286,18 +362,24 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
                      f"{info.get('clamped_actions', 0)} actions lowered by the budget"
                      if info.get("clamped_actions") else "")
     rows.append(policy_row)
-    for name in bracketing_presets(task.evaluator, budget, policy_metrics.bpw) + llamacpp_presets() + \
-            list(FIXED_PRESETS):
+    from qenv.eval.preset_cache import cached_metrics
+
+    names = select_presets(args.presets, task.evaluator, budget, policy_metrics.bpw)
+    bar = progress_bar(len(names), f"scoring {len(names)} presets", "preset")
+    for name in names:
         t0 = time.perf_counter()
-        metrics = scorer.evaluate(preset(name, task.layers))
-        rows.append(row(name, "preset", metrics, time.perf_counter() - t0, budget))
+        metrics, hit = cached_metrics(scorer, preset(name, task.layers))
+        rows.append(row(name, "preset", metrics, time.perf_counter() - t0, budget, "cached" if hit else ""))
+        bar.update(1)
+    bar.close()
     search_env = env
     if inner.mapper.stateful:  # searchers replay rules, which these kinds' actions do not name: same task, menu kind
         search_env = make_quant_env(model=loaded, **as_menu_kind(kwargs))
     for name in searchers:
         t0 = time.perf_counter()
         searcher = make_agent(name, search_env, seed=args.seed)
-        s_recipe, s_info = searcher.search(search_env, total_timesteps=args.search_evals * len(task.layers))
+        s_recipe, s_info = searcher.search(search_env, total_timesteps=args.search_evals * len(task.layers),
+                                           progress_bar=not args.no_progress)
         metrics = scorer.evaluate(s_recipe)
         note = evaluations_note(getattr(searcher, "evaluations", None), getattr(searcher, "screenings", 0))
         if s_info.get("mix"):
@@ -341,6 +423,8 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         result["export"] = str(folder)
         if "skipped" in paths:
             notes.extend(line for line in paths["skipped"].read_text().splitlines() if line)
+        if "gguf_check" in paths:
+            notes.append(paths["gguf_check"].read_text().strip())
     if args.save_model:
         from qenv.export import save_quantized_model
 
@@ -507,6 +591,10 @@ def _body(argv: list[str] | None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
     set_torch_threads(args.threads)
+    args.presets = parse_presets(args.presets)  # before any file is read: a typo costs nothing
+    from qenv.progress import enable
+
+    enable(not args.no_progress)
     policy = Path(args.policy)
     if policy.is_dir():  # a run folder: its final agent
         inside = [policy / n for n in ("model.zip", "model.json") if (policy / n).is_file()]
@@ -661,7 +749,10 @@ def evaluate_all(args: Any, run: dict[str, Any], policy: Path, agent_name: str, 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the program; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
-    return run_cli(lambda: _body(argv))
+    from qenv.progress import shown
+
+    with shown(False):  # _body turns progress on (unless --no-progress); as it was afterwards
+        return run_cli(lambda: _body(argv))
 
 
 if __name__ == "__main__":

@@ -946,6 +946,9 @@ def _body(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     set_torch_threads(args.threads)
+    from qenv.progress import enable
+
+    enable(not args.no_progress)  # set-up stages and bars: a terminal's bar, or a line per stage / tenth in a log
     if args.resume:
         from qenv.io import RunLock
 
@@ -996,7 +999,10 @@ def refuse_init_from_inside(policy: Path, folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the program; returns the exit status (0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
-    return run_cli(lambda: _body(argv))
+    from qenv.progress import shown
+
+    with shown(False):  # _body turns progress on (unless --no-progress); as it was afterwards
+        return run_cli(lambda: _body(argv))
 
 
 if __name__ == "__main__":

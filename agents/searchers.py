@@ -121,6 +121,7 @@ class Searcher:
         self._stop = False
         self._callback: Any = None
         self._bar: Any = None
+        self._bar_mark = 0.0  # budget spent when the bar last moved
 
     def _bind(self, env: Any) -> None:
         inner = base_env(env)
@@ -209,8 +210,7 @@ class Searcher:
                 print(f"[{self.name}] evaluation {self.evaluations}: reward {reward:.4f}  "
                       f"kl {info.get('kl', math.nan):.4g}  bpw {info.get('bpw', math.nan):.3f}")
         self.history.append(self.best_reward)
-        if self._bar is not None:
-            self._bar.update(1)
+        self._advance_bar()
         if self._callback is not None and self._callback(self) is False:
             self._stop = True
 
@@ -293,6 +293,7 @@ class Searcher:
             self._screened[key] = score_recipe(self.inner, self._recipe_of(choice), max_batches=batches)[0]
             self.screenings += 1
             self.spent += self.screen_cost(batches)
+        self._advance_bar()
         return self._screened[key]
 
     def _prefetch_screens(self, children: list[tuple[int, ...]], batches: int) -> None:
@@ -348,17 +349,33 @@ class Searcher:
         self._stop = False
         self._callback = callback
         if progress_bar:
-            from tqdm.auto import tqdm
+            from qenv.progress import progress_bar as make_bar
 
-            self._bar = tqdm(total=n, desc=self.name, unit="eval")
+            self._bar = make_bar(self.planned_evaluations(n), desc=f"search {self.name}", unit="eval", show=True)
+            self._bar_mark = self.spent
         try:
             with torch.inference_mode():
                 self._search()
         finally:
             if self._bar is not None:
+                from qenv.progress import shrink_to_done
+
+                shrink_to_done(self._bar)  # stopped early (a converged search): the bar ends where it did
                 self._bar.close()
             self._bar, self._callback = None, None
         return self
+
+    def planned_evaluations(self, granted: int) -> float:
+        """The budget this search will really spend of the ``granted`` evaluations (full evaluations;
+        screenings count as their fraction of one): what its progress bar counts. Searchers that stop
+        on their own (greedy, llamacpp: one recipe; uniform: the uniform rules that fit) say so."""
+        return granted
+
+    def _advance_bar(self) -> None:
+        """Move the progress bar to the budget spent so far (evaluations and screenings)."""
+        if self._bar is not None and self.spent > self._bar_mark:
+            self._bar.update(self.spent - self._bar_mark)
+            self._bar_mark = self.spent
 
     def _search(self) -> None:
         raise NotImplementedError
@@ -367,13 +384,15 @@ class Searcher:
         """The step budget of ``search()`` when none is given: ``default_evaluations`` episodes."""
         return self.default_evaluations * self.n_layers
 
-    def search(self, env: Any = None, total_timesteps: int | None = None) -> tuple[Recipe, dict[str, Any]]:
+    def search(self, env: Any = None, total_timesteps: int | None = None,
+               progress_bar: bool = False) -> tuple[Recipe, dict[str, Any]]:
         """The best recipe and its info, searching first if needed (``default_evaluations``)."""
         if env is not None and getattr(self, "env", None) is not env:
             self._reset_state()
             self._bind(env)
         if self.best_recipe is None or total_timesteps is not None:
-            self.learn(total_timesteps if total_timesteps is not None else self.default_timesteps())
+            self.learn(total_timesteps if total_timesteps is not None else self.default_timesteps(),
+                       progress_bar=progress_bar)
         if self.best_recipe is None or self.best_info is None:
             raise QenvError(f"Searcher {self.name!r} found no recipe.", "give it a larger budget.")
         return self.best_recipe, dict(self.best_info)
@@ -516,6 +535,10 @@ class UniformSearch(Searcher):
     def default_timesteps(self) -> int:
         return len(self.candidates()) * self.n_layers
 
+    def planned_evaluations(self, granted: int) -> float:
+        todo = [j for j in self.candidates() if tuple(np.full(self.n_layers, j)) not in self._seen]
+        return min(granted, len(todo))
+
 
 class LlamaCppSearch(Searcher):
     """llama.cpp's own mixes (``llama-quantize`` Q2_K ... Q6_K, IQ2_XS ... IQ4_XS, with the importance
@@ -535,6 +558,9 @@ class LlamaCppSearch(Searcher):
         if fits:
             return max(fits, key=lambda o: (o[2], o[0].endswith("-IM"), o[0]))
         return min(options, key=lambda o: (abs(o[2] - budget), not o[0].endswith("-IM"), o[0]))
+
+    def planned_evaluations(self, granted: int) -> float:
+        return 0 if self.best_recipe is not None else min(granted, 1)
 
     def _search(self) -> None:
         if self.best_recipe is not None or not self._can_spend():

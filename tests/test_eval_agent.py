@@ -51,7 +51,8 @@ def evaluated(policy, stories_bin, tmp_path_factory):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = run_main(eval_agent, ["--policy", policy, "--model", stories_bin, "--model", "tiny-llama",
-                                     "--search-evals", 2, "--out", out, "--export", "--save-model", saved])
+                                     "--search-evals", 2, "--presets", "all", "--out", out, "--export",
+                                     "--save-model", saved])
     capture.write_text(buf.getvalue())
     assert code == 0, buf.getvalue()
     return {"out": out, "stdout": buf.getvalue(), "saved": saved}
@@ -183,7 +184,7 @@ def test_held_out_text_is_scored(policy, stories_bin, tmp_path, capsys):
     if not data.is_file():
         pytest.skip(f"real data missing: {data}")
     code = run_main(eval_agent, ["--policy", policy, "--data", data, "--n-tokens", 512, "--searchers", "none",
-                                 "--out", tmp_path / "o"])
+                                 "--presets", "all", "--out", tmp_path / "o"])
     out = capsys.readouterr().out
     assert code == 0
     assert "held-out text (512 tokens of TinyStories-valid-first1000.txt)" in out
@@ -196,9 +197,10 @@ def test_held_out_text_is_scored(policy, stories_bin, tmp_path, capsys):
     assert rows["rtn-w2"]["kl"] != pytest.approx(train_summary["final"]["stories260K"]["reference"]["kl"])
 
 
-@pytest.mark.parametrize("case", ["missing_policy", "bad_searcher", "bad_evals"])
+@pytest.mark.parametrize("case", ["missing_policy", "bad_searcher", "bad_evals", "bad_presets"])
 def test_bad_input_is_one_line(case, policy, tmp_path, capsys):
     argv = {"missing_policy": ["--policy", tmp_path / "nope.zip"],
+            "bad_presets": ["--policy", policy, "--presets", "no-such"],
             "bad_searcher": ["--policy", policy, "--searchers", "greedy,astrology"],
             "bad_evals": ["--policy", policy, "--search-evals", 0]}[case]
     code = run_main(eval_agent, argv + ["--out", tmp_path / "o"])
