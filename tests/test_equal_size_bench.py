@@ -55,3 +55,17 @@ def test_unknown_preset_is_one_line(tmp_path, capsys):
     code = load_bench().main(["--presets", "no-such-preset", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "gptq-w4" in err[0]
+
+
+def test_calibration_agreement_counts_rank_order():
+    """bench/calib_agreement.py's measure of whether the calibration ranking is the held-out one."""
+    spec = importlib.util.spec_from_file_location("calib_agreement", REPO / "bench" / "calib_agreement.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    same = module.agreement([0.1, 0.2, 0.3], [1.0, 2.0, 3.0])
+    assert same["spearman"] == pytest.approx(1.0) and same["pairs_alike"] == 1.0 and same["best_agrees"]
+    swapped = module.agreement([0.1, 0.2, 0.3], [1.0, 3.0, 2.0])
+    assert swapped["spearman"] == pytest.approx(0.5) and swapped["pairs_alike"] == pytest.approx(2 / 3)
+    flipped = module.agreement([0.1, 0.2, 0.3], [3.0, 2.0, 1.0])
+    assert flipped["spearman"] == pytest.approx(-1.0) and not flipped["best_agrees"]
+    assert flipped["held_rank_of_calib_best"] == 3
