@@ -106,7 +106,7 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"{r['pairs_alike']:.3f} | {'yes' if r['best_agrees'] else 'no'} | "
                      f"{r['held_rank_of_calib_best']} |")
     held = {r["model"]: r["held"] for r in results}
-    return "\n".join(lines + [""] + [f"- {m}: held-out {h}" for m, h in held.items()])
+    return "\n".join(lines + [""] + [f"- {m}: scored on {h}" for m, h in held.items()])
 
 
 def main(argv: list[str] | None = None) -> int:
