@@ -423,7 +423,9 @@ class QuantLLMEnv(gym.Env):
             episode samples one, for policies that transfer across models.
         budget_bpw: target bits per weight over the quantizable layers.
         action_kind: one of :data:`qenv.envs.spaces.ACTION_SPACE_KINDS` (table below).
-        menu: the rules of the menu kinds (default :data:`qenv.envs.spaces.DEFAULT_MENU`), or
+        menu: the rules of the menu kinds (default :data:`qenv.envs.spaces.DEFAULT_MENU`: every human
+            rule; ``print(qenv.quant.rules.menu_table(DEFAULT_MENU))`` lists each with its bpw on a
+            4096-wide layer; ``"compact"``: the 13 rules of qenv's earlier default), or
             ``"gguf"``: llama.cpp's own types (:data:`qenv.envs.spaces.GGUF_MENU`, quantized by
             llama.cpp, charged at its bytes; needs the ``gguf`` extra). ``info["fallback"]`` lists
             layers whose rows a type cannot hold (scored and charged as llama-quantize's fallback).
