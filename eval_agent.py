@@ -3,15 +3,21 @@
 
     python eval_agent.py --policy runs/<run>/model.zip [--model SPEC ...] [--budget-bpw B] [--data held-out.txt]
 
-For each model, the policy picks a recipe deterministically; every preset (rtn/gptq/awq at the
-bit widths bracketing the budget and the policy's own bpw, llama.cpp's real mixes with and without
-the importance matrix, quantized by llama.cpp itself, fp16) and every searcher (uniform,
+For each model, the policy picks a recipe deterministically; the human presets of --presets (by
+default rtn/gptq/awq at the bit widths bracketing the budget and the policy's own bpw, llama.cpp's
+real mixes, with and without the importance matrix and quantized by llama.cpp itself, nearest those
+sizes and within 1 bpw of them, and fp16; ``--presets all``: every mix; preset scores are cached on
+disk per model, tokens, recipe and settings) and every searcher (uniform,
 llamacpp, greedy, random, evolution, with the same evaluation budget) gives one too. All are
 scored by the same evaluator on the same tokens (held-out text with --data, else the
 calibration tokens) and printed as one table per model, sorted by bits per weight, with rows
-over the budget marked '*'. The summary compares the policy with the best preset at or under the
-budget, showing both sizes, and with each human family's frontier interpolated at the policy's own
-bits per weight (the equal-size comparison). Models the policy was not trained on are reported as
+over the budget marked '*'. The summary leads with comparisons at the policy's own size: greedy,
+the best start (the best of greedy, the best uniform menu rule and the rtn/gptq/awq presets at or
+under the budget) and each human family's frontier interpolated at the policy's own bits per
+weight, saying "policy worse" where it is; the best preset at or under the budget (usually smaller)
+follows for reference and is never called a win. --budget-bpw takes a preset's name (gptq-w4): its
+exact bpw on each model. Every rule is calibrated on --calib-data, else the run's own calibration
+source; the table header says which, and held-out --data is refused as calibration. Models the policy was not trained on are reported as
 "unseen model" (zero-shot); models a policy was fine-tuned on (a run started with ``train_agent.py
 --init-from``) as "fine-tuned model", and the summary lists the two groups separately; the models
 of the run it started from are "trained-on", never zero-shot.
@@ -56,6 +62,8 @@ examples:
   python eval_agent.py --policy runs/ppo-20250101-120000/model.zip
   python eval_agent.py --policy runs/x/model.zip --data ../shared/data/wikitext-2/test.txt
   python eval_agent.py --policy runs/x/model.zip --model default --model tiny-llama --budget-bpw 2.5
+  python eval_agent.py --policy runs/x/model.zip --budget-bpw gptq-w4 \
+      --calib-data ../shared/data/wikitext-2/train.txt --data ../shared/data/wikitext-2/test.txt
   python eval_agent.py --policy runs/x/model.zip --export --save-model quantized/
 
 Errors print one line, 'error: <problem> Fix: <fix>', and exit with status 2.
@@ -70,15 +78,28 @@ def build_parser() -> ArgumentParser:
                                    "from summary.json / config.json beside it, else ppo)")
     p.add_argument("--model", action="append", metavar="SPEC",
                    help="model(s) to evaluate on; repeatable (default: the models the policy was trained on)")
-    p.add_argument("--budget-bpw", type=float, metavar="BPW", help="bits-per-weight budget (default: the run's)")
+    p.add_argument("--budget-bpw", metavar="BPW|PRESET",
+                   help="bits-per-weight budget, or a human preset's name (gptq-w4, awq-w3, q4_k_m-im, ...): that "
+                        "preset's exact bpw on each model (default: the run's)")
     p.add_argument("--data", nargs="+", action="extend", metavar="FILE",
-                   help="held-out text file(s) to score every recipe on (default: the calibration tokens)")
+                   help="held-out text file(s) to score every recipe on (default: the calibration tokens); never "
+                        "the calibration text")
+    p.add_argument("--calib-data", nargs="+", action="extend", metavar="FILE",
+                   help="calibration text file(s) every rule is calibrated on (default: the run's own calibration "
+                        "source: its text when it trained on text, else tokens sampled from each model)")
     p.add_argument("--n-tokens", type=int, metavar="N",
                    help="tokens scored (and calibration tokens of new envs) (default: the run's, else 2048)")
     p.add_argument("--search-evals", type=int, default=DEFAULT_SEARCH_EVALS, metavar="N",
                    help="evaluation budget of each searcher, in full evaluations: one recipe scored on all the "
                         "tokens, the cost of one RL episode; uniform, greedy and llamacpp may need fewer, evolution "
                         "spends part on cheap screenings (the table's note says what each spent) (default: %(default)s)")
+    p.add_argument("--presets", default="default", metavar="LIST",
+                   help="comma-separated human baselines: 'default' (each family's presets bracketing the budget "
+                        "and the policy's bpw, llama.cpp's mixes within 1 bpw of them, fp16), 'all' (every family's "
+                        "bracketing widths and every llama.cpp mix), 'none', a family (rtn, gptq, awq: its bracketing "
+                        "widths; llama.cpp, llama.cpp+imatrix: every mix), or preset names (rtn-w4, gptq-w3-g64, "
+                        "q4_k_m, q4_k_m-im, fp16, ...). Scores are cached per model, tokens and recipe "
+                        "(default: %(default)s)")
     p.add_argument("--searchers", default=",".join(SEARCHERS), metavar="LIST",
                    help="comma-separated searchers to compare, or 'none' (default: %(default)s)")
     p.add_argument("--env-kwargs", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -101,6 +122,8 @@ def build_parser() -> ArgumentParser:
                    help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
                         "a quarter of the available RAM on a CPU)")
     p.add_argument("--device", metavar="DEV", help="device of the models: cpu, cuda, cuda:N, auto (default: auto)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (by default: bars on a terminal; in a log, one line per stage or tenth)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch CPU threads (default: %(default)s; small models run fastest on one)")
     return p
@@ -142,6 +165,7 @@ def read_run(policy: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, An
     run["env_kwargs"] = dict(settings.get("env_kwargs") or {})
     run["train_models"] = list(models)
     run["init_from"] = summary.get("init_from") or settings.get("init_from")
+    run["budget_preset"] = summary.get("budget_preset") or settings.get("budget_preset")
     if not run["train_models"] and settings.get("env_kwargs"):
         model = settings["env_kwargs"].get("model", "default")
         run["train_models"] = [{"spec": str(m)} for m in (model if isinstance(model, list) else [model])]
@@ -172,11 +196,73 @@ def bracketing_presets(evaluator: Any, *bpws: float) -> list[str]:
     return [f"{family}-w{b}" for b in widths for family in ("rtn", "gptq", "awq")]
 
 
-def llamacpp_presets() -> list[str]:
-    """llama.cpp's real mixes (with and without the importance matrix), quantized by llama.cpp itself."""
-    from qenv.quant.presets import LLAMACPP_PRESETS
+#: --presets words that are not preset names
+PRESET_WORDS: tuple[str, ...] = ("default", "all", "none")
+#: llama.cpp mixes within this many bits per weight of the budget or the policy are default baselines
+MIX_WINDOW_BPW = 1.0
 
-    return list(LLAMACPP_PRESETS)
+
+def parse_presets(text: str) -> list[str]:
+    """--presets as a list of words (``default``, ``all``, ``none``, families, preset names), each checked
+    now, before any model is loaded; an unknown one is one error listing what is valid."""
+    from qenv.quant.presets import LLAMACPP_PRESETS, preset
+
+    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    unknown = []
+    for word in words:
+        if word in PRESET_WORDS or word in FAMILIES:
+            continue
+        try:
+            preset(word, [])
+        except QenvError:
+            unknown.append(word)
+    if unknown or not words:
+        raise QenvError(f"Unknown preset(s) {unknown or [text]} in --presets.",
+                        f"use a comma-separated list of {', '.join(PRESET_WORDS)}, the families "
+                        f"{', '.join(FAMILIES)}, rtn-w<b> / gptq-w<b> / awq-w<b> (with -g32, -g64, -gc), fp16, or "
+                        f"llama.cpp's mixes {', '.join(LLAMACPP_PRESETS)}.")
+    return words
+
+
+def nearest_mixes(evaluator: Any, family: str, bpws: tuple[float, ...], window: float) -> list[str]:
+    """``family``'s llama.cpp mixes (sized, not scored) nearest at or under and at or over each of ``bpws``,
+    and those within ``window`` bits per weight of any of them."""
+    from qenv.quant.presets import LLAMACPP_PRESETS, preset
+
+    sized = sorted((evaluator.size(preset(m, evaluator.layers))[0], m) for m in LLAMACPP_PRESETS
+                   if family_of(m) == family)
+    keep = set()
+    for bpw in bpws:
+        below = [m for b, m in sized if b <= bpw + _TOL]
+        above = [m for b, m in sized if b >= bpw - _TOL]
+        keep.update(([below[-1]] if below else []) + ([above[0]] if above else []))
+        keep.update(m for b, m in sized if abs(b - bpw) <= window + _TOL)
+    return [m for _, m in sized if m in keep]
+
+
+def select_presets(words: list[str], evaluator: Any, budget: float, policy_bpw: float) -> list[str]:
+    """The preset names ``words`` (from :func:`parse_presets`) stand for on this model, in table order,
+    each once. ``default``: rtn/gptq/awq at the widths bracketing the budget and the policy's bpw,
+    llama.cpp's mixes (with and without the importance matrix) nearest both and within
+    :data:`MIX_WINDOW_BPW` of them, and fp16; ``all``: the bracketing widths, every mix and fp16."""
+    chosen: list[str] = []
+    bpws = (budget, policy_bpw)
+    for word in words:
+        if word == "none":
+            continue
+        if word in ("default", "all"):
+            names = bracketing_presets(evaluator, *bpws)
+            for family in ("llama.cpp", "llama.cpp+imatrix"):
+                names += nearest_mixes(evaluator, family, bpws, MIX_WINDOW_BPW if word == "default" else math.inf)
+            names += list(FIXED_PRESETS)
+        elif word in ("rtn", "gptq", "awq"):
+            names = [n for n in bracketing_presets(evaluator, *bpws) if n.startswith(word + "-")]
+        elif word in FAMILIES:
+            names = nearest_mixes(evaluator, word, bpws, math.inf)
+        else:
+            names = [word]
+        chosen += [n for n in names if n not in chosen]
+    return chosen
 
 
 def family_of(method: str) -> str | None:
@@ -261,19 +347,23 @@ def row(method: str, kind: str, metrics: Any, wall: float, budget: float, note: 
             "note": note}
 
 
-def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, budget: float,
+def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, budget_spec: float | str,
                    env_kwargs: dict[str, Any], searchers: list[str], out: Path) -> dict[str, Any]:
     from qenv.agents.base import rollout_recipe
     from qenv.agents.registry import load_agent, make_agent
     from qenv.cli.envs import as_menu_kind, make_quant_env
-    from qenv.quant.presets import preset
+    from qenv.quant.presets import preset, resolve_budget
 
     from qenv.models.loading import load_model
 
-    kwargs = {**env_kwargs, "budget_bpw": budget}
     notes: list[str] = []
-    loaded = load_model(spec, device=kwargs.get("device"), dtype=kwargs.get("dtype"),
-                        include_lm_head=bool(kwargs.get("include_lm_head", False)))
+    from qenv.progress import progress_bar, stage
+
+    with stage(f"loading model {spec}"):
+        loaded = load_model(spec, device=env_kwargs.get("device"), dtype=env_kwargs.get("dtype"),
+                            include_lm_head=bool(env_kwargs.get("include_lm_head", False)))
+    budget, budget_preset = resolve_budget(budget_spec, loaded.layers)  # a preset's own size on this model
+    kwargs = {**env_kwargs, "budget_bpw": budget}
     if kwargs.get("data") and loaded.tokenizer is None:
         kwargs.pop("data")  # the run calibrated on text, which this model cannot read
         notes.append(f"{loaded.name} has no tokenizer: calibrated on tokens sampled from it, not on the run's text")
@@ -283,6 +373,9 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     seq_len = int(kwargs.get("seq_len", 128))
     n_tokens = int(args.n_tokens or kwargs.get("n_tokens", 2048))
     scorer, tokens_desc = scoring_evaluator(task, args.data, n_tokens, seq_len, int(kwargs.get("batch_size", 8)))
+    calib = task.evaluator.tokens
+    calib_desc = (f"{calib.n_tokens} tokens sampled from the model ({calib.source})" if calib.source.startswith("sampled")
+                  else f"{calib.n_tokens} tokens of {calib.source}")
     def trained_on(models: list[dict[str, Any]]) -> bool:
         prints = {m.get("fingerprint") for m in models if m.get("fingerprint")}
         return task.loaded.fingerprint in prints if prints else spec in {str(m.get("spec")) for m in models}
@@ -310,18 +403,24 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
                      f"{info.get('clamped_actions', 0)} actions lowered by the budget"
                      if info.get("clamped_actions") else "")
     rows.append(policy_row)
-    for name in bracketing_presets(task.evaluator, budget, policy_metrics.bpw) + llamacpp_presets() + \
-            list(FIXED_PRESETS):
+    from qenv.eval.preset_cache import cached_metrics
+
+    names = select_presets(args.presets, task.evaluator, budget, policy_metrics.bpw)
+    bar = progress_bar(len(names), f"scoring {len(names)} presets", "preset")
+    for name in names:
         t0 = time.perf_counter()
-        metrics = scorer.evaluate(preset(name, task.layers))
-        rows.append(row(name, "preset", metrics, time.perf_counter() - t0, budget))
+        metrics, hit = cached_metrics(scorer, preset(name, task.layers))
+        rows.append(row(name, "preset", metrics, time.perf_counter() - t0, budget, "cached" if hit else ""))
+        bar.update(1)
+    bar.close()
     search_env = env
     if inner.mapper.stateful:  # searchers replay rules, which these kinds' actions do not name: same task, menu kind
         search_env = make_quant_env(model=loaded, **as_menu_kind(kwargs))
     for name in searchers:
         t0 = time.perf_counter()
         searcher = make_agent(name, search_env, seed=args.seed)
-        s_recipe, s_info = searcher.search(search_env, total_timesteps=args.search_evals * len(task.layers))
+        s_recipe, s_info = searcher.search(search_env, total_timesteps=args.search_evals * len(task.layers),
+                                           progress_bar=not args.no_progress)
         metrics = scorer.evaluate(s_recipe)
         note = evaluations_note(getattr(searcher, "evaluations", None), getattr(searcher, "screenings", 0))
         if s_info.get("mix"):
@@ -333,6 +432,7 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         rows.append(row(name, kind, metrics, time.perf_counter() - t0, budget, note.strip(", ")))
     rows.sort(key=lambda r: (r["bpw"], r["kind"] != "policy", r["method"]))
 
+    comparisons = own_size_comparisons(rows, policy_row)
     fair = [r for r in rows if r["kind"] == "preset" and not r["over_budget"]]
     gain = None
     if fair:
@@ -351,7 +451,8 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     if gain is not None:
         gain["frontiers_at_policy_bpw"] = frontiers
     result = {"model": task.name, "spec": spec, "seen": seen, "status": status, "fingerprint": task.loaded.fingerprint,
-              "n_layers": len(task.layers), "tokens": tokens_desc, "budget_bpw": budget, "rows": rows, "gain": gain,
+              "n_layers": len(task.layers), "tokens": tokens_desc, "calibration": calib_desc, "budget_bpw": budget,
+              "budget_preset": budget_preset, "rows": rows, "gain": gain, "comparisons": comparisons,
               "policy_recipe": recipe.to_dict(), "policy_over_budget": policy_row["over_budget"], "notes": notes}
 
     if args.export:
@@ -365,6 +466,8 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
         result["export"] = str(folder)
         if "skipped" in paths:
             notes.extend(line for line in paths["skipped"].read_text().splitlines() if line)
+        if "gguf_check" in paths:
+            notes.append(paths["gguf_check"].read_text().strip())
     if args.save_model:
         from qenv.export import save_quantized_model
 
@@ -377,12 +480,59 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     return result
 
 
+def verdict_of(ratio: float) -> str:
+    """``other KL / policy KL`` in words: above 1 the policy is better, below 1 it is worse."""
+    return "policy better" if ratio > 1 else "policy worse" if ratio < 1 else "equal"
+
+
+#: rows a search may start from (issue 24): greedy's plan, the best uniform menu rule, the menu's human presets
+START_SEARCHERS: tuple[str, ...] = ("greedy", "uniform")
+START_FAMILIES: tuple[str, ...] = ("rtn", "gptq", "awq")
+
+
+def own_size_comparisons(rows: list[dict[str, Any]], policy_row: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The comparisons that lead the summary, all at the policy's own size or the budget it met.
+
+    ``greedy``: the greedy searcher's recipe at the budget; ``best_start``: the best of what a
+    search starts from (greedy, the best uniform menu rule, every rtn/gptq/awq preset at or under the
+    budget); ``frontier:<family>``: each human family interpolated at the policy's own bpw. Each
+    gets ``kl_ratio`` = its KL / the policy's and a verdict; "policy worse" when the policy's KL is
+    higher. The best preset at or under the budget is not here: it is usually smaller, so it is
+    printed for reference only and never called a win.
+    """
+    kl = policy_row["kl"]
+
+    def entry(what: str, other_kl: float, **extra: Any) -> dict[str, Any]:
+        ratio = other_kl / kl if kl > 0 else float("inf") if other_kl > 0 else 1.0
+        return {"what": what, "kl": other_kl, "kl_ratio": ratio, "verdict": verdict_of(ratio), **extra}
+
+    out: dict[str, dict[str, Any]] = {}
+    greedy = next((r for r in rows if r["kind"] == "searcher" and r["method"] == "greedy"), None)
+    if greedy is not None:
+        out["greedy"] = entry("greedy", greedy["kl"], bpw=greedy["bpw"])
+    starts = [r for r in rows if not r["over_budget"] and (
+        (r["kind"] == "searcher" and r["method"] in START_SEARCHERS)
+        or (r["kind"] == "preset" and family_of(r["method"]) in START_FAMILIES))]
+    if starts:
+        best = min(starts, key=lambda r: (r["kl"], r["bpw"]))
+        out["best_start"] = entry(f"the best start ({best['method']} @ {best['bpw']:.3f} bpw)", best["kl"],
+                                  method=best["method"], bpw=best["bpw"])
+    for family in FAMILIES:
+        point = frontier_at(rows, family, policy_row["bpw"])
+        if point is not None:
+            out[f"frontier:{family}"] = entry(f"the {family} frontier", point["kl"], between=point["between"])
+    return out
+
+
 # -- output ---------------------------------------------------------------------------------------------
 def print_model(result: dict[str, Any]) -> None:
+    from qenv.quant.presets import budget_label
+
     budget = result["budget_bpw"]
     status = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model",
               "trained-on": "trained-on model"}[result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
-    print(f"\n{result['model']} ({status}), budget {budget:g} bpw, scored on {result['tokens']}")
+    print(f"\n{result['model']} ({status}), budget {budget_label(budget, result.get('budget_preset'))}, scored on "
+          f"{result['tokens']}, calibrated on {result.get('calibration', 'the calibration tokens')}")
     table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}", f"{r['model_mb']:.4f}",
               fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", f"{r['wall_s']:.2f}", r["note"]]
              for r in result["rows"] if r["kind"] != MISSED_BUDGET]
@@ -396,32 +546,59 @@ def print_model(result: dict[str, Any]) -> None:
     gain = result["gain"]
     prefix = {"zero-shot": "unseen model", "fine-tuned": "fine-tuned model", "trained-on": "trained-on model"}[
         result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
+    over = " (policy over budget!)" if result["policy_over_budget"] else ""
+    policy_row = next((r for r in result["rows"] if r["kind"] == "policy"), None)
+    comparisons = result.get("comparisons") or {}
+    if policy_row is not None:
+        # the lead: comparisons at the policy's own size (greedy, the best start, each family's frontier)
+        parts = [f"{c['what']} KL {fmt(c['kl'])} ({c['kl_ratio']:.3g}x, {c['verdict']})"
+                 for key, c in comparisons.items() if key in ("greedy", "best_start")]
+        worse = [c["what"] for c in comparisons.values() if c["verdict"] == "policy worse"]
+        overall = (f"policy worse than {', '.join(worse)}" if worse else
+                   "policy better than all of them" if comparisons else "nothing to compare with at its size")
+        print(f"{prefix} {result['model']}: policy KL {fmt(policy_row['kl'])} at its own {policy_row['bpw']:.3f} bpw"
+              + (" vs " + "; ".join(parts) if parts else "") + f": {overall} (KL ratio other/policy){over}")
+        fronts = []
+        for family in FAMILIES:
+            c = comparisons.get(f"frontier:{family}")
+            fronts.append(f"{family} n/a (no bracketing presets)" if c is None else
+                          f"{family} KL {fmt(c['kl'])} ({c['kl_ratio']:.3g}x, {c['verdict']}; {c['between']})")
+        print(f"  at the policy's own {policy_row['bpw']:.3f} bpw, each human family's frontier (KL ratio "
+              f"frontier/policy): " + "; ".join(fronts))
     if gain is None:
-        print(f"{prefix} {result['model']}: no preset fits the {budget:g} bpw budget to compare with")
+        print(f"  for reference: no preset fits the {budget:g} bpw budget")
     else:
-        over = " (policy over budget!)" if result["policy_over_budget"] else ""
-        verdict = "policy better" if gain["kl_ratio"] > 1 else ("equal" if gain["kl_ratio"] == 1 else "policy worse")
         size = ("same size" if abs(gain["preset_bpw"] - gain["policy_bpw"]) < 1e-3 else
                 f"not the same size: the preset has {gain['policy_bpw'] - gain['preset_bpw']:.3f} bpw less"
                 if gain["preset_bpw"] < gain["policy_bpw"] else
                 f"not the same size: the preset has {gain['preset_bpw'] - gain['policy_bpw']:.3f} bpw more")
-        print(f"{prefix} {result['model']}: policy ({gain['policy_bpw']:.3f} bpw) vs the best preset at or under "
-              f"{budget:g} bpw ({gain['best_preset']} @ {gain['preset_bpw']:.3f} bpw, {size}): "
-              f"KL {fmt(gain['policy_kl'])} vs {fmt(gain['preset_kl'])}, "
-              f"KL ratio preset/policy {gain['kl_ratio']:.3g}x ({verdict}); ppl {fmt(gain['policy_ppl'])} vs "
-              f"{fmt(gain['preset_ppl'])} ({gain['ppl_diff']:+.4g}){over}")
-    policy_row = next((r for r in result["rows"] if r["kind"] == "policy"), None)
-    if policy_row is not None and gain is not None:
-        parts = []
-        for family, point in gain.get("frontiers_at_policy_bpw", {}).items():
-            if point is None:
-                parts.append(f"{family} n/a (no bracketing presets)")
-            else:
-                parts.append(f"{family} KL {fmt(point['kl'])} ({point['kl_ratio']:.3g}x; {point['between']})")
-        print(f"  at the policy's own {policy_row['bpw']:.3f} bpw, each human family's frontier (KL ratio "
-              f"frontier/policy): " + "; ".join(parts))
+        # secondary, and never a win: a preset under the budget is usually smaller than the policy
+        print(f"  for reference (not an equal-size comparison): the best preset at or under {budget:g} bpw "
+              f"({gain['best_preset']} @ {gain['preset_bpw']:.3f} bpw, {size}): KL {fmt(gain['policy_kl'])} vs "
+              f"{fmt(gain['preset_kl'])}, KL ratio preset/policy {gain['kl_ratio']:.3g}x; ppl "
+              f"{fmt(gain['policy_ppl'])} vs {fmt(gain['preset_ppl'])} ({gain['ppl_diff']:+.4g})")
     for note in result.get("notes", []):
         print(f"note: {note}")
+
+
+def rollup(results: list[dict[str, Any]]) -> str:
+    """One line over several models, led by the comparisons at the policy's own size: on how many the
+    policy is worse than greedy, the best start, each family's frontier; each model's worst ratio."""
+    n = len(results)
+    counts = []
+    for key, what in (("greedy", "greedy"), ("best_start", "the best start"), *(
+            (f"frontier:{f}", f"the {f} frontier") for f in FAMILIES)):
+        had = [r for r in results if key in r["comparisons"]]
+        if had:
+            worse = sum(r["comparisons"][key]["verdict"] == "policy worse" for r in had)
+            counts.append(f"worse than {what} on {worse} of {len(had)}")
+    better = sum(all(c["verdict"] == "policy better" for c in r["comparisons"].values()) for r in results)
+    worst = []
+    for r in results:
+        c = min(r["comparisons"].values(), key=lambda c: c["kl_ratio"])
+        worst.append(f"{r['model']} {c['kl_ratio']:.3g}x vs {c['what']} ({c['verdict']})")
+    return (f"at the policy's own size, policy better than every comparison on {better} of {n} model(s); "
+            + "; ".join(counts) + ". Worst ratio per model: " + ", ".join(worst))
 
 
 def write_csv(path: Path, results: list[dict[str, Any]]) -> None:
@@ -563,6 +740,10 @@ def _body(argv: list[str] | None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
     set_torch_threads(args.threads)
+    args.presets = parse_presets(args.presets)  # before any file is read: a typo costs nothing
+    from qenv.progress import enable
+
+    enable(not args.no_progress)
     policy = Path(args.policy)
     if policy.is_dir():  # a run folder: its final agent
         inside = [policy / n for n in ("model.zip", "model.json") if (policy / n).is_file()]
@@ -588,11 +769,12 @@ def _body(argv: list[str] | None) -> int:
                                                             "or none.")
     from qenv.eval.tokens import check_text_file
 
-    for path in args.data or []:
-        if not Path(path).is_file():
-            what = "is a folder, not a text file" if Path(path).is_dir() else "does not exist"
-            raise QenvError(f"Held-out text file {path} {what}.", "pass an existing UTF-8 text file to --data.")
-        check_text_file(path)  # binary or undecodable text is refused now (its start only: it is streamed)
+    for flag, what_file, paths in (("--data", "Held-out", args.data), ("--calib-data", "Calibration", args.calib_data)):
+        for path in paths or []:
+            if not Path(path).is_file():
+                what = "is a folder, not a text file" if Path(path).is_dir() else "does not exist"
+                raise QenvError(f"{what_file} text file {path} {what}.", f"pass an existing UTF-8 text file to {flag}.")
+            check_text_file(path)  # binary or undecodable text is refused now (its start only: it is streamed)
     run = read_run(policy)
     from qenv.agents.registry import agent_named_by_file, resolve_agent
 
@@ -612,14 +794,34 @@ def _body(argv: list[str] | None) -> int:
     if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:
         raise QenvError(f"--weight-cache-gib={args.weight_cache_gib:g} must be positive.",
                         "pass a size in GiB, or leave it out to size the cache from free memory.")
+    from qenv.quant.presets import parse_budget
+
+    budget_flag = None if args.budget_bpw is None else parse_budget(args.budget_bpw)
+    if isinstance(budget_flag, str) and "budget_bpw" in given:
+        raise QenvError(f"--budget-bpw {budget_flag} and --env-kwargs budget_bpw={given['budget_bpw']} disagree.",
+                        "give the budget once.")
+    calib_flag = None if not args.calib_data else [str(Path(d).expanduser().resolve()) for d in args.calib_data]
     for key, flag, value in (("device", "--device", args.device), ("n_tokens", "--n-tokens", args.n_tokens),
-                             ("budget_bpw", "--budget-bpw", args.budget_bpw),
+                             ("budget_bpw", "--budget-bpw", budget_flag if isinstance(budget_flag, float) else None),
+                             ("data", "--calib-data", None if calib_flag is None else
+                              calib_flag[0] if len(calib_flag) == 1 else calib_flag),
                              ("weight_cache_gib", "--weight-cache-gib", args.weight_cache_gib)):
         merge_flag(env_kwargs, key, flag, value, given)
-    budget = float(env_kwargs.pop("budget_bpw", 3.0))
-    env_kwargs.pop("budget_bpw", None)
-    if not 0 < budget <= 16:
-        raise QenvError(f"--budget-bpw={budget} is out of range.", "use a number of bits per weight in (0, 16].")
+    # the budget: a preset named here, else a number given, else the run's preset, else the run's number
+    run_budget = env_kwargs.pop("budget_bpw", None)
+    budget: float | str
+    if isinstance(budget_flag, str):
+        budget = budget_flag
+    elif budget_flag is not None or "budget_bpw" in given:
+        budget = run_budget
+    elif run["budget_preset"]:
+        budget = parse_budget(run["budget_preset"])  # the run named a preset: its size on each model here
+    else:
+        budget = 3.0 if run_budget is None else run_budget
+    if not isinstance(budget, str):
+        budget = float(budget)
+        if not 0 < budget <= 16:
+            raise QenvError(f"--budget-bpw={budget} is out of range.", "use a number of bits per weight in (0, 16].")
     models = list(args.model or [m["spec"] for m in run["train_models"]] or ["default"])
     args.models = models
     refuse_repeated_models(models, "their exports and saved models would land in the same folder")
@@ -627,8 +829,11 @@ def _body(argv: list[str] | None) -> int:
     calib = env_kwargs.get("data")
     for c in [calib] if isinstance(calib, str) else list(calib or []):
         held.add(Path(c).resolve())
-    if args.data and any(Path(d).resolve() in held for d in args.data):
-        print("note: --data is also the calibration text: scores are not held-out", flush=True)
+    same = [d for d in args.data or [] if Path(d).resolve() in held]
+    if same:  # both read the file from its start: the held-out tokens would be the calibration tokens
+        raise QenvError(f"Held-out --data {', '.join(map(str, same))} is also the calibration text: scores would not "
+                        "be held-out.", "pass --calib-data another file (e.g. the corpus's train split), or score on "
+                                        "another --data file.")
     out = Path(args.out).expanduser() if args.out else run["folder"] / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.save_model:
         args.save_model = str(Path(args.save_model).expanduser())
@@ -691,20 +896,21 @@ def evaluate_all(args: Any, run: dict[str, Any], policy: Path, agent_name: str, 
     """Every model's table, the summary lines and the output files (in ``out``, claimed and locked)."""
     from qenv.io import write_json_atomic
 
-    print(f"evaluating {policy} ({agent_name}) at {budget:g} bpw on {', '.join(models)}", flush=True)
+    at = f"{budget} (its own bpw on each model)" if isinstance(budget, str) else f"{budget:g} bpw"
+    print(f"evaluating {policy} ({agent_name}) at {at} on {', '.join(models)}", flush=True)
     results = []
     for spec in models:
         result = evaluate_model(spec, args, run, agent_name, budget, env_kwargs, searchers, out)
         print_model(result)
         results.append(result)
     for group in ("zero-shot", "fine-tuned"):
-        rows = [r for r in results if r["status"] == group and r["gain"] is not None]
+        rows = [r for r in results if r["status"] == group and r.get("comparisons")]
         if rows:
-            wins = sum(r["gain"]["kl_ratio"] > 1 for r in rows)
             print(f"{group} ({'models the policy never saw' if group == 'zero-shot' else 'after --init-from'}): "
-                  f"policy better than the best preset on {wins} of {len(rows)} model(s): "
-                  + ", ".join(f"{r['model']} {r['gain']['kl_ratio']:.3g}x" for r in rows))
-    payload = {"policy": str(policy), "agent": agent_name, "run": str(run["folder"]), "budget_bpw": budget,
+                  + rollup(rows))
+    payload = {"policy": str(policy), "agent": agent_name, "run": str(run["folder"]),
+               "budget_bpw": None if isinstance(budget, str) else budget,
+               "budget_preset": budget if isinstance(budget, str) else None, "calib_data": calib_flag,
                "search_evals": args.search_evals, "seed": args.seed, "held_out": list(args.data or []),
                "train_models": run["train_models"], "init_from": run.get("init_from"),
                "zero_shot": [r["model"] for r in results if r["status"] == "zero-shot"],
@@ -721,7 +927,10 @@ def evaluate_all(args: Any, run: dict[str, Any], policy: Path, agent_name: str, 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the program; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
-    return run_cli(lambda: _body(argv))
+    from qenv.progress import shown
+
+    with shown(False):  # _body turns progress on (unless --no-progress); as it was afterwards
+        return run_cli(lambda: _body(argv))
 
 
 if __name__ == "__main__":

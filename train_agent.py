@@ -80,11 +80,16 @@ def build_parser() -> ArgumentParser:
                    help="model to quantize: 'default' (embedded), tiny-<arch>, a llama2.c .bin, a transformers "
                         "folder or a hub id; repeat for a multi-model env that samples one per episode "
                         "(default: the config's env_kwargs.model, else 'default')")
-    p.add_argument("--budget-bpw", type=float, metavar="BPW",
-                   help="bits-per-weight budget over the quantizable layers (default: the config's, else 3.0)")
+    p.add_argument("--budget-bpw", metavar="BPW|PRESET",
+                   help="bits-per-weight budget over the quantizable layers, or a human preset's name (gptq-w4, "
+                        "awq-w3, q4_k_m-im, ...): that preset's exact bpw on the model (default: the config's, "
+                        "else 3.0)")
     p.add_argument("--timesteps", type=int, metavar="N",
                    help=f"total environment steps, one per layer (default: the config's n_timesteps, else "
                         f"{DEFAULT_TIMESTEPS}; on-policy agents round up to whole rollouts)")
+    p.add_argument("--evaluations", type=int, metavar="N",
+                   help="the run's length in episodes instead of --timesteps: N x the model's layer count "
+                        "timesteps; for a searcher, N full evaluations (the cost of N RL episodes); one model only")
     p.add_argument("--n-envs", type=int, metavar="N", help="parallel environments (default: the config's, else 1)")
     p.add_argument("--vec-env", "--backend", dest="vec_env", choices=("dummy", "subproc", "ray"),
                    help="where the --n-envs environments run: dummy (one process), subproc (one process per env) "
@@ -168,9 +173,12 @@ def resolve_settings(args: Any) -> dict[str, Any]:
     given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
     env_kwargs.update(given)
     refuse_repeated_models(args.model or [], "a zoo samples each model once per episode draw; a repeat only skews it")
+    from qenv.quant.presets import parse_budget
+
+    budget_spec = None if args.budget_bpw is None else parse_budget(args.budget_bpw)
     for key, flag, value in (
             ("model", "--model", None if not args.model else args.model[0] if len(args.model) == 1 else list(args.model)),
-            ("budget_bpw", "--budget-bpw", args.budget_bpw),
+            ("budget_bpw", "--budget-bpw", budget_spec if isinstance(budget_spec, float) else None),
             ("data", "--data", None if not args.data else args.data[0] if len(args.data) == 1 else list(args.data)),
             ("n_tokens", "--n-tokens", args.n_tokens), ("device", "--device", args.device),
             ("weight_cache_gib", "--weight-cache-gib", args.weight_cache_gib)):
@@ -178,7 +186,18 @@ def resolve_settings(args: Any) -> dict[str, Any]:
     check_env_kwargs(env_kwargs, "the environment arguments")  # flags pass the same type checks
     env_kwargs = absolute_paths(env_kwargs)
     check_agent_action_kind(spec, env_kwargs.get("action_kind", "discrete"))
-    total = args.timesteps if args.timesteps is not None else (cfg.n_timesteps or DEFAULT_TIMESTEPS)
+    if args.evaluations is not None and args.evaluations < 1:
+        raise QenvError(f"--evaluations={args.evaluations} must be at least 1.", "pass a positive whole number.")
+    if args.evaluations is not None and args.timesteps is not None:
+        raise QenvError("--evaluations and --timesteps both give the run's length.", "pass only one of them.")
+    budget_preset, n_layers = None, None
+    if isinstance(budget_spec, str) or args.evaluations is not None:
+        budget, budget_preset, n_layers = budget_on_models(budget_spec, env_kwargs, given, args.evaluations is not None)
+        if budget is not None:
+            env_kwargs["budget_bpw"] = budget
+    total = args.timesteps if args.timesteps is not None else \
+        args.evaluations * n_layers if args.evaluations is not None and n_layers is not None else \
+        (cfg.n_timesteps or DEFAULT_TIMESTEPS)
     if args.seed < 0:
         raise QenvError(f"--seed={args.seed} is negative.", "pass a seed of 0 or more.")
     if args.keep_checkpoints < 0:
@@ -207,8 +226,44 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         "checkpoint_freq": args.checkpoint_freq or cfg.checkpoint_freq or max(1, total // 10),
         "env_kwargs": _jsonable(env_kwargs), "config_file": None if config_path is None else str(config_path),
         "config_section": _jsonable(section), "agent_device": args.device, "keep_checkpoints": args.keep_checkpoints,
-        "eval_freq": args.eval_freq, "argv": list(sys.argv[1:]),
+        "eval_freq": args.eval_freq, "argv": list(sys.argv[1:]), "budget_preset": budget_preset,
+        "evaluations": args.evaluations,
     }
+
+
+def budget_on_models(budget_spec: float | str | None, env_kwargs: dict[str, Any], given: dict[str, Any],
+                     one_model: bool) -> tuple[float | None, str | None, int | None]:
+    """``(budget, preset name, layer count)`` for a budget named by a preset and/or ``--evaluations``.
+
+    The models' layers are read here, before the run folder exists, so a preset the model cannot
+    hold or a zoo on which the preset has different sizes is a one-line error, not a half-made run.
+    A zoo env has one budget for all its models, so a preset must cost the same on each of them.
+    """
+    from qenv.models.loading import load_model
+    from qenv.quant.presets import budget_label, resolve_budget
+
+    models = model_list(env_kwargs)
+    if one_model and len(models) > 1:
+        raise QenvError(f"--evaluations counts episodes of one model, and this run has {len(models)}.",
+                        "pass --timesteps for a multi-model run.")
+    if isinstance(budget_spec, str) and "budget_bpw" in given:
+        raise QenvError(f"--budget-bpw {budget_spec} and --env-kwargs budget_bpw={given['budget_bpw']} disagree.",
+                        "give the budget once.")
+    sizes: dict[str, float] = {}
+    n_layers = None
+    for model in models:
+        layers = load_model(model, device="cpu", include_lm_head=bool(env_kwargs.get("include_lm_head", False))).layers
+        n_layers = len(layers)
+        if isinstance(budget_spec, str):
+            sizes[model], _ = resolve_budget(budget_spec, layers)
+    if not isinstance(budget_spec, str):
+        return None, None, n_layers
+    values = sorted(set(round(v, 9) for v in sizes.values()))
+    if len(values) > 1:
+        listed = ", ".join(f"{Path(m).name}: {budget_label(v, budget_spec)}" for m, v in sizes.items())
+        raise QenvError(f"--budget-bpw {budget_spec} has a different size on each model of this zoo ({listed}), and "
+                        "a zoo env has one budget.", "train on one model, or pass a number of bits per weight.")
+    return next(iter(sizes.values())), budget_spec, n_layers
 
 
 def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any = "full") -> str:
@@ -585,6 +640,12 @@ class Run:
         return {"timesteps": ev.best["timesteps"], "mean_reward": ev.best["mean_reward"], "kl": record.get("kl"),
                 "bpw": record.get("bpw"), "evaluations": len(ev.evaluations), "policy_file": "best_model.zip"}
 
+    def budget_text(self) -> str:
+        """The budget as tables name it: ``gptq-w4 (4.156 bpw)`` when it was given as a preset."""
+        from qenv.quant.presets import budget_label
+
+        return budget_label(self.inner.budget_bpw, self.settings.get("budget_preset"))
+
     def write_summary(self, status: str, timesteps: int, final: dict[str, Any] | None = None) -> dict[str, Any]:
         from qenv.io import write_json_atomic
 
@@ -594,7 +655,8 @@ class Run:
             "status": status, "env_id": s["env_id"], "agent": s["agent"], "seed": s["seed"],
             "timesteps": int(timesteps), "total_timesteps": s["total_timesteps"],
             "wall_time_s": round(self.watch.total, 3), "sessions": self.sessions, "episodes": len(self.tracker),
-            "budget_bpw": self.inner.budget_bpw, "train_models": self.train_models(),
+            "budget_bpw": self.inner.budget_bpw, "budget_preset": s.get("budget_preset"),
+            "train_models": self.train_models(),
             "policy_file": self.policy_file.name if self.policy_file is not None else None,
             "best_reward": None if best is None else best["reward"],
             "best": None if best is None else {"model": best["model"], "reward": best["reward"], "timestep": best["t"],
@@ -731,7 +793,7 @@ class Run:
                 end = done + -(-remaining // rollout) * rollout
             if self.resumed:  # this session's events must be read after the earlier ones (they purge them)
                 wait_past_event_files(self.folder / "tb")
-            print(f"training {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.inner.budget_bpw:g} bpw: "
+            print(f"training {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.budget_text()}: "
                   f"{done} -> {total} timesteps" + (" (resumed)" if self.resumed else "")
                   + (f", run to {end} (whole rollouts of {rollout} timesteps)" if end != total else ""),
                   flush=True)
@@ -797,7 +859,7 @@ class Run:
 
         self.recorder.on_episode = on_episode
         total = int(s["total_timesteps"])
-        print(f"running {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.inner.budget_bpw:g} bpw "
+        print(f"running {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.budget_text()} "
               f"for {total} timesteps", flush=True)
         status = "complete"
         self.started = True
@@ -874,7 +936,7 @@ class Run:
                          ref["fp_ppl"], after["bpw"], after["model_mb"]])
         if rows:
             print(f"deterministic policy before -> after training, vs the uniform RTN reference at "
-                  f"{summary['budget_bpw']:g} bpw:")
+                  f"{self.budget_text()}:")
             print(plain_table(["model", "reward before", "reward after", "KL", "ref KL", "ppl", "ref ppl", "fp ppl",
                                "bpw", "MB"], rows))
         best = summary.get("best")
@@ -976,6 +1038,9 @@ def _body(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     set_torch_threads(args.threads)
+    from qenv.progress import enable
+
+    enable(not args.no_progress)  # set-up stages and bars: a terminal's bar, or a line per stage / tenth in a log
     if args.resume:
         from qenv.io import RunLock
 
@@ -1026,7 +1091,10 @@ def refuse_init_from_inside(policy: Path, folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the program; returns the exit status (0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
-    return run_cli(lambda: _body(argv))
+    from qenv.progress import shown
+
+    with shown(False):  # _body turns progress on (unless --no-progress); as it was afterwards
+        return run_cli(lambda: _body(argv))
 
 
 if __name__ == "__main__":

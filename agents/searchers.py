@@ -4,13 +4,13 @@ Every searcher scores a recipe with the environment itself: a recipe is played a
 (one action per layer), so its reward is exactly the environment's (fidelity against the
 uniform frontier ``task.reference(budget)``), computed by the same evaluator with the same
 streaming prefix cache. Only recipes that the action space cannot express (the llama.cpp
-mixes) and the evolution's screening are scored directly, by
+mixes) and the screenings (evolution, greedy's refinement) are scored directly, by
 :func:`qenv.agents.base.score_recipe` with the same evaluator and reward formula.
 
 Budgets are comparable: ``learn(total_timesteps)`` grants ``total_timesteps // n_layers``
 evaluations (at least one), the number of episodes an RL agent would play with the same steps.
-A full evaluation costs 1; the evolution's screening on the first ``screen_batches`` token
-batches costs ``screen_batches / n_batches``. ``history`` holds the best reward after each full
+A full evaluation costs 1; a screening on the first ``b`` of the ``n`` token batches costs
+``b / n``. ``history`` holds the best reward after each full
 evaluation; ``best_recipe`` / ``best_info`` the best recipe and its terminal info.
 ``predict`` replays the best recipe's action for the current layer, so
 :func:`qenv.agents.base.rollout_recipe` works for searchers too; ``search(env)`` returns
@@ -23,8 +23,8 @@ Searchers are deterministic for a fixed seed. ``save`` writes the best recipe as
 
 ``pool=`` (an evaluator pool of :mod:`qenv.distributed`, e.g. ``RayEvaluatorPool.from_env(env,
 n_actors=4)``) scores the recipes a searcher has in hand at once (random: a round of proposals;
-evolution: the initial population, each generation's screening and its survivors; uniform: the
-candidates; greedy: its one recipe) in parallel on the pool's workers, each playing the recipe as
+the best start's candidates; evolution and greedy: each screening stage and its survivors; uniform:
+the candidates) in parallel on the pool's workers, each playing the recipe as
 an episode of its own copy of the env. Results, records and budgets are those of the default
 in-process evaluation (``pool=None``), in the same order.
 
@@ -32,20 +32,23 @@ in-process evaluation (``pool=None``), in the same order.
   on every layer; candidates are tried costliest first.
 - ``llamacpp``: llama.cpp's own mixes (:mod:`qenv.quant.presets`, quantized by llama.cpp), the
   largest that fits, else the nearest.
-- ``greedy``: HAWQ-style allocation: every layer starts at its cheapest rule; the upgrade with the
-  largest drop in measured output error (:func:`qenv.envs.features.output_error` × layer size)
-  per extra bit is applied until nothing fits. One evaluation.
+- ``greedy``: HAWQ-style allocation (the upgrade with the largest drop in measured output error
+  per extra bit, until nothing fits), measured first, then corrected end to end: the proxy's
+  best-predicted single-layer changes are screened and measured, and only a measured improvement is
+  kept (a few evaluations, not one; it stops at a local optimum).
 - ``random``: random budget-feasible recipes (layers visited in random order, each picking
   uniformly among the rules that leave the rest feasible); keeps the best.
-- ``evolution``: EvoPress-like. A population starts from the best-fitting uniform rule and
-  random recipes, each filled up to the budget. Offspring come from block-wise crossover and
-  mutations: moving bits between layers at (nearly) constant size (raise one layer a cost level,
-  lower others until the recipe fits, then fill any slack), and switching one other knob of a
-  layer's rule at the same bit width (group size, outlier fraction, salience, rounding, AWQ
-  scaling: whatever the environment's candidate rules vary; the search stays inside the action
-  space, so ``predict`` can replay what it finds). Offspring are screened on the first token
-  batch(es); the best ``survivors`` get a full evaluation; the ``population`` best of parents
-  and children survive.
+- ``evolution``: EvoPress-style (1 + λ) evolution: level-switch mutations that move bits between
+  layers of one shape at constant size (and knob switches at the same width), multi-step
+  selection (every child screened on a few token batches, the best on more, then all of them).
+
+``greedy``, ``random`` and ``evolution`` start from the **best start**
+(:mod:`qenv.envs.start`): greedy's plan, every human preset the action space can express at or
+under the budget and every uniform rule that fits, each measured end to end and counted as a full
+evaluation. With a budget at least the number of these candidates (``len(start_candidates())``),
+none of them can return a recipe worse on its calibration tokens than the best human recipe it could
+have returned as is; ``self.start`` records what was measured. ``uniform`` and ``llamacpp`` are the
+human points themselves and do not search.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from qenv.agents.base import base_env, layer_index_of, play_episode, recipe_of, 
 from qenv.callbacks import report_scored_episode
 from qenv.envs.allocation import greedy_allocation, rule_errors
 from qenv.envs.spaces import RULE_KINDS
+from qenv.envs.start import BestStart, StartCandidate, best_start, start_candidates
 from qenv.errors import QenvError
 from qenv.io import read_json, write_json_atomic
 from qenv.quant.presets import LLAMACPP_PRESETS, preset
@@ -147,14 +151,18 @@ class Searcher:
         self.best_recipe: Recipe | None = None
         self.best_info: dict[str, Any] | None = None
         self.best_actions: list[Any] | None = None
+        self.start: BestStart | None = None  # what the best start measured (searchers that search)
         self._seen: dict[tuple[int, ...], float] = {}
         self._pooled: dict[tuple[int, ...], dict[str, Any]] = {}  # scored by the pool, not yet recorded
-        self._pooled_screens: dict[tuple[int, ...], float] = {}
+        self._screened: dict[tuple[tuple[int, ...], int], float] = {}  # (recipe, batches) -> reward
+        self._pooled_screens: dict[tuple[tuple[int, ...], int], float] = {}
+        self._proposed: set[tuple[int, ...]] = set()  # recipes a search proposed (screened or evaluated)
         self._step = np.zeros(1, dtype=np.int64)
         self._limit = 0.0
         self._stop = False
         self._callback: Any = None
         self._bar: Any = None
+        self._bar_mark = 0.0  # budget spent when the bar last moved
 
     def _bind(self, env: Any) -> None:
         inner = base_env(env)
@@ -173,6 +181,8 @@ class Searcher:
         self.numel = np.array([info.numel for info in self.task.layers], dtype=np.float64)
         self.action_kind = inner.mapper.kind
         self._sensitivity: np.ndarray | None = None
+        self._candidates: list[StartCandidate] | None = None
+        self.n_batches = len(self.task.evaluator.batches)
 
     # -- budget ----------------------------------------------------------------------------------
     def evaluations_for(self, total_timesteps: int) -> int:
@@ -241,10 +251,127 @@ class Searcher:
                 print(f"[{self.name}] evaluation {self.evaluations}: reward {reward:.4f}  "
                       f"kl {info.get('kl', math.nan):.4g}  bpw {info.get('bpw', math.nan):.3f}")
         self.history.append(self.best_reward)
-        if self._bar is not None:
-            self._bar.update(1)
+        self._advance_bar()
         if self._callback is not None and self._callback(self) is False:
             self._stop = True
+
+
+    # -- the best start (issue 24: every search starts where the humans are) ----------------------
+    def sensitivity(self) -> np.ndarray:
+        """``[n_layers, n_rules]`` measured output error × layer size (computed once, cached on disk):
+        greedy's per-layer proxy."""
+        if self._sensitivity is None:
+            err = rule_errors(self.task.evaluator, self.task.layers, self.rules)
+            self._sensitivity = err * self.numel[:, None]
+        return self._sensitivity
+
+    def start_candidates(self) -> list[StartCandidate]:
+        """Greedy's plan, the human presets the action space can express and the uniform rules, at or
+        under the budget (:func:`qenv.envs.start.start_candidates`)."""
+        if self._candidates is None:
+            self._candidates = start_candidates(self.task.layers, self.rules, self.costs, self.budget_bits,
+                                                self.sensitivity())
+        return self._candidates
+
+    def _start(self) -> bool:
+        """Measure the best start (:func:`qenv.envs.start.best_start`), each candidate as a full
+        evaluation counted like any other; a budget cut short continues at the next ``learn``.
+        True once every candidate is measured: from then on no result can be worse than the best
+        of them, which ``self.start`` holds."""
+        if self.start is not None and self.start.complete:
+            return True
+        candidates = self.start_candidates()
+        self._prefetch([np.array(c.choice) for c in candidates])
+        self._proposed.update(c.choice for c in candidates)
+
+        def stop() -> bool:
+            return not self._can_spend()
+
+        result = best_start(candidates, lambda choice: self._evaluate(np.array(choice)), should_stop=stop)
+        if result is not None:
+            self.start = result
+        return result is not None and result.complete
+
+    def _best_choice(self) -> tuple[int, ...] | None:
+        """The best fully evaluated recipe as menu indices (ties: the first evaluated)."""
+        if not self._seen:
+            return None
+        best = max(self._seen.values())
+        return next(key for key, value in self._seen.items() if value == best)
+
+    # -- multi-step selection (EvoPress): many screened on a few tokens, the best on more ----------
+    def _stage_batches(self, stages: Any) -> list[tuple[int, int]]:
+        """``[(batches, keep), ...]`` of screening stages given as ``(fraction of the calibration
+        tokens, keep)``: each fraction becomes whole token batches (at least one); a stage that
+        would score every batch is the full evaluation, not a screening, and is dropped; stages that
+        round to the same batches merge (the later's ``keep``)."""
+        out: list[tuple[int, int]] = []
+        for fraction, keep in stages:
+            if not 0.0 < float(fraction) <= 1.0 or int(keep) < 1:
+                raise QenvError(f"screening stage ({fraction}, {keep}) needs a token fraction in (0, 1] and keep >= 1.",
+                                "give stages as (fraction, keep) pairs, e.g. ((0.125, 4), (0.5, 1)).")
+            batches = min(self.n_batches, max(1, int(round(float(fraction) * self.n_batches))))
+            if batches >= self.n_batches:
+                continue
+            if out and batches <= out[-1][0]:
+                out[-1] = (out[-1][0], int(keep))
+            else:
+                out.append((batches, int(keep)))
+        return out
+
+    def screen_cost(self, batches: int) -> float:
+        """The budget a screening on the first ``batches`` token batches costs, in full evaluations."""
+        return batches / self.n_batches
+
+    def _screen(self, choice: tuple[int, ...], batches: int) -> float:
+        """The reward of a recipe on the first ``batches`` token batches (cached; charged once)."""
+        key = (choice, batches)
+        if key in self._pooled_screens:  # screened by the pool (see _prefetch_screens)
+            self._screened[key] = self._pooled_screens.pop(key)
+            self.screenings += 1
+            self.spent += self.screen_cost(batches)
+        elif key not in self._screened:
+            self._screened[key] = score_recipe(self.inner, self._recipe_of(choice), max_batches=batches)[0]
+            self.screenings += 1
+            self.spent += self.screen_cost(batches)
+        self._advance_bar()
+        return self._screened[key]
+
+    def _prefetch_screens(self, children: list[tuple[int, ...]], batches: int) -> None:
+        """With a ``pool``: screen at once, in parallel, the children the screening loop will reach."""
+        if self.pool is None:
+            return
+        spent, batch, cost = self.spent, [], self.screen_cost(batches)
+        for child in children:
+            if self._stop or spent + cost + 1.0 > self._limit + 1e-9:
+                break
+            key = (child, batches)
+            if key not in self._screened and key not in self._pooled_screens and child not in batch:
+                batch.append(child)
+                spent += cost
+        if batch:
+            results = self.pool.evaluate([self._recipe_of(c) for c in batch], max_batches=batches)
+            self._pooled_screens.update(((c, batches), r["reward"]) for c, r in zip(batch, results))
+
+    def _select(self, children: list[tuple[int, ...]], stages: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+        """Multi-step selection: at each stage every child left is scored on that stage's first token
+        batches and the best ``keep`` go on (ties: the first proposed); what is left gets the full
+        evaluation. A stage is skipped when no more children are left than it keeps; the screening
+        stops where the budget could no longer pay for one full evaluation after it."""
+        for batches, keep in stages:
+            if len(children) <= keep:
+                continue
+            self._prefetch_screens(children, batches)
+            scored = []
+            for child in children:
+                if not self._can_spend(self.screen_cost(batches) + 1.0):
+                    break
+                scored.append((self._screen(child, batches), child))
+            if not scored:
+                return children[:1]
+            order = sorted(range(len(scored)), key=lambda k: (-scored[k][0], k))
+            children = [scored[k][1] for k in order[:keep]]
+        return children
 
     # -- protocol --------------------------------------------------------------------------------
     def learn(self, total_timesteps: int, callback: Any = None, progress_bar: bool = False) -> Searcher:
@@ -263,17 +390,33 @@ class Searcher:
         self._stop = False
         self._callback = callback
         if progress_bar:
-            from tqdm.auto import tqdm
+            from qenv.progress import progress_bar as make_bar
 
-            self._bar = tqdm(total=n, desc=self.name, unit="eval")
+            self._bar = make_bar(self.planned_evaluations(n), desc=f"search {self.name}", unit="eval", show=True)
+            self._bar_mark = self.spent
         try:
             with torch.inference_mode():
                 self._search()
         finally:
             if self._bar is not None:
+                from qenv.progress import shrink_to_done
+
+                shrink_to_done(self._bar)  # stopped early (a converged search): the bar ends where it did
                 self._bar.close()
             self._bar, self._callback = None, None
         return self
+
+    def planned_evaluations(self, granted: int) -> float:
+        """The budget this search will really spend of the ``granted`` evaluations (full evaluations;
+        screenings count as their fraction of one): what its progress bar counts. Searchers that stop
+        on their own (greedy, llamacpp: one recipe; uniform: the uniform rules that fit) say so."""
+        return granted
+
+    def _advance_bar(self) -> None:
+        """Move the progress bar to the budget spent so far (evaluations and screenings)."""
+        if self._bar is not None and self.spent > self._bar_mark:
+            self._bar.update(self.spent - self._bar_mark)
+            self._bar_mark = self.spent
 
     def _search(self) -> None:
         raise NotImplementedError
@@ -282,13 +425,15 @@ class Searcher:
         """The step budget of ``search()`` when none is given: ``default_evaluations`` episodes."""
         return self.default_evaluations * self.n_layers
 
-    def search(self, env: Any = None, total_timesteps: int | None = None) -> tuple[Recipe, dict[str, Any]]:
+    def search(self, env: Any = None, total_timesteps: int | None = None,
+               progress_bar: bool = False) -> tuple[Recipe, dict[str, Any]]:
         """The best recipe and its info, searching first if needed (``default_evaluations``)."""
         if env is not None and getattr(self, "env", None) is not env:
             self._reset_state()
             self._bind(env)
         if self.best_recipe is None or total_timesteps is not None:
-            self.learn(total_timesteps if total_timesteps is not None else self.default_timesteps())
+            self.learn(total_timesteps if total_timesteps is not None else self.default_timesteps(),
+                       progress_bar=progress_bar)
         if self.best_recipe is None or self.best_info is None:
             raise QenvError(f"Searcher {self.name!r} found no recipe.", "give it a larger budget.")
         return self.best_recipe, dict(self.best_info)
@@ -332,6 +477,8 @@ class Searcher:
             "model": info.get("model"), "budget_bpw": info.get("budget_bpw"), "action_kind": self.action_kind,
             "reward": self.best_reward, "evaluations": self.evaluations, "screenings": self.screenings,
             "history": self.history, "layers": self.layer_names,
+            "start": None if self.start is None else {"label": self.start.candidate.label, "reward": self.start.score,
+                                                      "candidates": len(self.start.measured)},
             "actions": [_to_json(a) for a in self.best_actions],
             "metrics": {k: info[k] for k in _SUMMARY_KEYS if k in info},
             "rules": self.best_recipe.to_dict(),
@@ -430,6 +577,10 @@ class UniformSearch(Searcher):
     def default_timesteps(self) -> int:
         return len(self.candidates()) * self.n_layers
 
+    def planned_evaluations(self, granted: int) -> float:
+        todo = [j for j in self.candidates() if tuple(np.full(self.n_layers, j)) not in self._seen]
+        return min(granted, len(todo))
+
 
 class LlamaCppSearch(Searcher):
     """llama.cpp's own mixes (``llama-quantize`` Q2_K ... Q6_K, IQ2_XS ... IQ4_XS, with the importance
@@ -450,6 +601,9 @@ class LlamaCppSearch(Searcher):
             return max(fits, key=lambda o: (o[2], o[0].endswith("-IM"), o[0]))
         return min(options, key=lambda o: (abs(o[2] - budget), not o[0].endswith("-IM"), o[0]))
 
+    def planned_evaluations(self, granted: int) -> float:
+        return 0 if self.best_recipe is not None else min(granted, 1)
+
     def _search(self) -> None:
         if self.best_recipe is not None or not self._can_spend():
             return
@@ -462,27 +616,220 @@ class LlamaCppSearch(Searcher):
 
 
 class GreedySearch(Searcher):
-    """HAWQ-style: upgrade the layer with the best output-error drop per extra bit, in budget."""
+    """HAWQ-style greedy whose per-layer proxy is corrected by end-to-end measurement.
+
+    1. The best start (:meth:`Searcher._start`): greedy's proxy plan, the human presets and the
+       uniform rules, each measured end to end. Greedy's plan is measured first, so a budget of one
+       evaluation still returns it (the old one-evaluation greedy).
+    2. Refinement, because per-layer errors do not add up (issue 24: at gptq-w4's size on stories260K
+       greedy's plan is better than uniform gptq-w4 by its summed errors and 2x worse end to end).
+       Moves from the best recipe so far are ranked, the ``width`` best not tried yet are screened on
+       a few token batches (``stages``, as evolution's multi-step selection), the best is evaluated on
+       all the calibration tokens, and it is accepted **only if it measures better**. After
+       ``patience`` windows without a measured gain the search stops on its own.
+
+       ``ranking="measured"`` (default): the moves are swaps of one width up and one down between
+       two layers of one shape (the size stays), ranked by *measured* marginals: the end-to-end
+       reward change of each single-layer step (one width up, one down, the other knobs kept) from
+       the current recipe, screened on the first stage's token batches (``2 x n_layers`` screenings,
+       cached; after an accepted move only the two changed layers are re-measured). Each swap is
+       predicted as the sum of its two marginals: additivity trusted only between two changes.
+       ``ranking="proxy"``: every single-layer change re-balanced by greedy's own rule
+       (:meth:`moves`), ranked by the summed per-layer errors. Measured on stories260K at gptq-w3's
+       and gptq-w4's sizes, no proxy-ranked move measured better than uniform GPTQ (BENCHMARKS.md).
+
+    So greedy costs "a few evaluations" (the start's candidates plus the refinement's screenings and
+    evaluations), not one: ``evaluations``, ``screenings`` and ``spent`` say how many. It never ends
+    worse than its start.
+    """
 
     name = "greedy"
-    default_evaluations = 1
+    default_evaluations = 32
+    RANKINGS: ClassVar[tuple[str, ...]] = ("measured", "proxy")
 
-    def sensitivity(self) -> np.ndarray:
-        """``[n_layers, n_rules]`` measured output error × layer size (computed once, cached on disk)."""
-        if self._sensitivity is None:
-            err = rule_errors(self.task.evaluator, self.task.layers, self.rules)
-            self._sensitivity = err * self.numel[:, None]
-        return self._sensitivity
+    def __init__(self, env: Any, seed: int = 0, verbose: int = 0, width: int = 8, patience: int = 2,
+                 stages: Any = ((0.125, 4), (0.5, 1)), ranking: str = "measured", pool: Any = None) -> None:
+        for label, value in (("width", width), ("patience", patience)):
+            if int(value) < 1:
+                raise QenvError(f"greedy {label}={value} must be at least 1.")
+        if ranking not in self.RANKINGS:
+            raise QenvError(f"greedy ranking={ranking!r} is unknown.", f"use one of {self.RANKINGS}.")
+        self.width, self.patience, self.stages = int(width), int(patience), tuple(tuple(x) for x in stages)
+        self.ranking = ranking
+        super().__init__(env, seed=seed, verbose=verbose, pool=pool)
+        self._kwargs.update(width=width, patience=patience, stages=[list(x) for x in self.stages], ranking=ranking)
+
+    def _bind(self, env: Any) -> None:
+        super()._bind(env)
+        self._stages = self._stage_batches(self.stages)
 
     def allocate(self) -> np.ndarray:
+        """Greedy's proxy plan (what the start measures first)."""
         return greedy_allocation(self.costs, self.sensitivity(), self.budget_bits)
 
+    def _width_step(self, rule_index: int, up: bool) -> int | None:
+        """The menu rule one width up (down) from this one most like it (the fewest other knobs
+        changed; ties: menu order), or ``None`` at the end of the menu's widths."""
+        rule = self.rules[rule_index]
+        widths = sorted({r.bits for r in self.rules})
+        level = widths.index(rule.bits) + (1 if up else -1)
+        if not 0 <= level < len(widths):
+            return None
+        names = [f.name for f in fields(Rule) if f.name != "bits"]
+        options = [k for k, r in enumerate(self.rules) if r.bits == widths[level]]
+        return min(options, key=lambda k: (sum(getattr(self.rules[k], n) != getattr(rule, n) for n in names), k))
+
+    def _marginals(self, choice: tuple[int, ...], known: dict[tuple[int, int], float],
+                   stale: set[int] | None) -> dict[tuple[int, int], float]:
+        """``{(layer, rule): measured reward change}`` of each single-layer step one width up or down
+        from ``choice``, screened on the first stage's token batches (all of them without stages).
+        Layers not in ``stale`` keep their ``known`` marginals (``stale=None``: measure all)."""
+        batches = self._stages[0][0] if self._stages else self.n_batches
+        cost = self.screen_cost(batches) if self._stages else 1.0
+        if not self._can_spend(cost):
+            return known
+        out = {key: value for key, value in known.items() if stale is not None and key[0] not in stale}
+        steps: list[tuple[int, int, tuple[int, ...]]] = []
+        for i in range(self.n_layers):
+            if stale is not None and i not in stale and any(key[0] == i for key in out):
+                continue
+            for up in (True, False):
+                j = self._width_step(choice[i], up)
+                if j is not None:
+                    steps.append((i, j, tuple(choice[:i]) + (j,) + tuple(choice[i + 1:])))
+        if self._stages:  # with a pool: screened at once, in the order the loop below reaches them
+            self._prefetch_screens([choice] + [key for _, _, key in steps], batches)
+        else:
+            self._prefetch([np.array(key) for _, _, key in steps])
+        base = self._screen(choice, batches) if self._stages else self._seen[choice]
+        for i, j, key in steps:
+            if not self._can_spend(cost + 1.0):
+                break
+            value = self._screen(key, batches) if self._stages else self._evaluate(np.array(key))
+            out[(i, j)] = value - base
+        return out
+
+    def measured_moves(self, choice: tuple[int, ...],
+                       marginals: dict[tuple[int, int], float]) -> list[tuple[float, tuple[int, ...]]]:
+        """``[(-predicted reward change, recipe), ...]``, best first: each swap of one width up (layer
+        ``i``) and one down (layer ``k`` of ``i``'s shape) that meets the budget, predicted as the sum of
+        the two measured marginals."""
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, info in enumerate(self.task.layers):
+            shapes.setdefault((info.out_features, info.in_features), []).append(i)
+        out = []
+        for members in shapes.values():
+            for i in members:
+                up = self._width_step(choice[i], True)
+                if up is None or (i, up) not in marginals:
+                    continue
+                for k in members:
+                    down = None if k == i else self._width_step(choice[k], False)
+                    if down is None or (k, down) not in marginals:
+                        continue
+                    y = np.array(choice)
+                    y[i], y[k] = up, down
+                    if self.feasible(y):
+                        out.append((-(marginals[(i, up)] + marginals[(k, down)]), tuple(int(v) for v in y)))
+        return sorted(out, key=lambda item: item[0])
+
+    def moves(self, choice: tuple[int, ...]) -> list[tuple[float, tuple[int, ...]]]:
+        """``[(predicted change of the summed proxy error, recipe), ...]``: every single-layer change
+        of ``choice`` (layer ``i`` to rule ``j``) re-balanced to the budget by greedy's rule with layer
+        ``i`` held, and every swap of one width up and one down between two layers of one shape (the
+        bits move, the size stays). Recipes that cannot meet the budget are left out.
+
+        Order: by the prediction, but the best move of each changed layer comes before any layer's
+        second best (a proxy that is wrong about one layer would otherwise fill every window with
+        that layer's moves); ties: layer, then rule order."""
+        sens = self.sensitivity()
+        x = np.array(choice, dtype=np.int64)
+        rows = np.arange(self.n_layers)
+        base = float(sens[rows, x].sum())
+        found: dict[tuple[int, ...], tuple[float, int]] = {}
+
+        def add(y: np.ndarray, layer: int) -> None:
+            key = tuple(int(k) for k in y)
+            if key != tuple(choice) and key not in found and self.feasible(y):
+                found[key] = (float(sens[rows, y].sum()) - base, layer)
+
+        for i in range(self.n_layers):
+            for j in range(len(self.rules)):
+                if j == x[i] or not math.isfinite(sens[i, j]):
+                    continue
+                held = sens.copy()
+                held[i, :] = np.inf  # layer i keeps rule j: no move of it can lower the proxy
+                held[i, j] = sens[i, j]
+                start = x.copy()
+                start[i] = j
+                add(greedy_allocation(self.costs, held, self.budget_bits, start=start), i)
+        widths = sorted({r.bits for r in self.rules})
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, info in enumerate(self.task.layers):
+            shapes.setdefault((info.out_features, info.in_features), []).append(i)
+
+        def step(i: int, up: bool) -> int | None:
+            """The menu rule one width up (down) from layer i's with its other knobs (None if none)."""
+            rule = self.rules[x[i]]
+            level = widths.index(rule.bits) + (1 if up else -1)
+            if not 0 <= level < len(widths):
+                return None
+            same = [k for k, r in enumerate(self.rules) if r.bits == widths[level] and
+                    all(getattr(r, f.name) == getattr(rule, f.name) for f in fields(Rule) if f.name != "bits")]
+            return same[0] if same else None
+
+        for members in shapes.values():
+            for i in members:
+                up = step(i, True)
+                if up is None:
+                    continue
+                for k in members:
+                    down = step(k, False) if k != i else None
+                    if down is not None:
+                        y = x.copy()
+                        y[i], y[k] = up, down
+                        add(y, i)
+        ranked = sorted(found.items(), key=lambda item: (item[1][0], item[1][1]))
+        first, rest, layers = [], [], set()
+        for key, (delta, layer) in ranked:
+            (rest if layer in layers else first).append((delta, key))
+            layers.add(layer)
+        return first + rest
+
     def _search(self) -> None:
-        if self.best_recipe is not None or not self._can_spend():
+        if not self._start():
             return
-        choice = self.allocate()
-        self._prefetch([choice])
-        self._evaluate(choice)
+        current = self._best_choice()
+        marginals: dict[tuple[int, int], float] = {}
+        changed: set[int] | None = None  # layers whose marginals are stale (None: all)
+        while current is not None and self._can_spend():
+            reward = self._seen[current]
+            if self.ranking == "measured":
+                marginals = self._marginals(current, marginals, changed)
+                moves = self.measured_moves(current, marginals)
+            else:
+                moves = self.moves(current)
+            ranked = [y for _, y in moves if y not in self._proposed and y not in self._seen]
+            better = None
+            for w in range(self.patience):
+                window = ranked[w * self.width:(w + 1) * self.width]
+                if not window or not self._can_spend():
+                    break
+                self._proposed.update(window)
+                finalists = self._select(window, self._stages)
+                self._prefetch(finalists)
+                for y in finalists:
+                    if not self._can_spend():
+                        break
+                    value = self._evaluate(np.array(y))
+                    if value > reward and (better is None or value > self._seen[better]):
+                        better = y
+                if better is not None:
+                    break
+            if better is None:
+                return  # no measured improvement among the best-ranked moves: a local optimum
+            changed = {i for i in range(self.n_layers) if better[i] != current[i]}
+            current = better
 
 
 def sample_feasible(costs: np.ndarray, budget_bits: float, rng: np.random.Generator) -> np.ndarray:
@@ -506,12 +853,14 @@ def sample_feasible(costs: np.ndarray, budget_bits: float, rng: np.random.Genera
 
 
 class RandomSearch(Searcher):
-    """Random budget-feasible recipes; keeps the best."""
+    """Random budget-feasible recipes after the best start; keeps the best."""
 
     name = "random"
     default_evaluations = 32
 
     def _search(self) -> None:
+        if not self._start():
+            return
         misses = 0
         while self._can_spend() and misses < 1000:
             batch: list[tuple[int, ...]] = []  # one recipe at a time, or a round for the pool
@@ -530,45 +879,86 @@ class RandomSearch(Searcher):
 
 
 class EvolutionSearch(Searcher):
-    """EvoPress-like evolutionary search over recipes at (nearly) constant size.
+    """EvoPress-style evolutionary search at constant size, started from the best start.
+
+    Follows IST-DASLab's EvoPress (``evo_quant_search.py``) where it fits qenv:
+
+    - **(1 + λ) with elitism**: by default one parent (``population=1``), the best recipe measured
+      so far, and ``offspring`` children per generation; the parent survives until a child
+      measures better. EvoPress starts its parent at the uniform level of the target width; here
+      the first population is the best start (:meth:`Searcher._start`: greedy's plan, the human
+      presets, the uniform rules, all measured), so the search never ends below the human recipe.
+    - **Level-switch mutations at constant size**: a layer's level is its rule's bit width. A flip
+      raises one layer a level and lowers another layer *of the same shape* a level (EvoPress's
+      ``group_rule="size"``), each to the rule of the new width most like its current one (the
+      same family and group when the menu has it), so the bits just move: uniform GPTQ-w4 with one
+      layer at w5 and a same-shaped layer at w3 has exactly the size of uniform GPTQ-w4. A flip
+      that would exceed the budget is redrawn. A child gets ``min(U(1..3), U(1..3))`` flips
+      (EvoPress's bias towards one). Models with no two layers of one shape use EvoPress's
+      ``group_rule="none"`` move instead: raise one layer, lower random others until the recipe
+      fits, reject a child that needs more than 10 level changes or gives back more than 1/0.8
+      of the bits it added.
+    - **Multi-step selection**: all children are scored on the first token batches of the first
+      stage, the best ``keep`` go on to the next stage's larger share, and what is left gets a full
+      evaluation on all the calibration tokens; the fitness is the environment's reward, i.e.
+      ``log(KL_ref / KL)`` with the default ``reward="kl"`` (EvoPress's KL fitness). Defaults
+      ``stages=((0.125, 4), (0.5, 1))`` mirror EvoPress's 16 → 4 → 1 schedule over growing token
+      counts; shares round to whole batches, so with few batches stages merge (2 batches: one
+      screening stage on one batch).
+
+    Where it deviates, and why:
+
+    - A knob mutation (probability ``knob_rate``) switches a layer to another rule of the same
+      width (GPTQ ↔ AWQ ↔ RTN, group size, outliers), when it fits: qenv's menus hold several
+      rules per width and issue 24 found the gains come from *which rule* a layer gets. EvoPress's
+      database has one method per level.
+    - The stages score the *first* token batches, the same each generation, where EvoPress draws a
+      fresh random minibatch per stage: the evaluator and the evaluator pools screen prefixes of the
+      batches, and the parent keeps an exact full-calibration fitness to be compared with.
+    - Budgets are in evaluations (``learn(total_timesteps)`` grants ``total_timesteps // n_layers``;
+      a screening on ``b`` of ``n`` batches costs ``b / n``), where EvoPress runs a fixed number of
+      generations (150 × 128 offspring on Llama-scale models, far beyond a CPU's budget).
+    - Optional block-wise ``crossover`` between parents (EvoPress has none; off by default); a
+      crossed child over the budget is redrawn.
 
     Args:
-        population: parents kept between generations.
-        offspring: children proposed per generation (screened cheaply).
-        survivors: children per generation that get a full evaluation.
-        max_mutations: each child gets 1..max_mutations mutations.
+        population: parents kept between generations (EvoPress: 1).
+        offspring: children proposed per generation (EvoPress: 128 for quantization).
+        survivors: children per generation that get a full evaluation (the last stage's ``keep``;
+            default: that of ``stages``).
+        stages: screening stages as ``(share of the calibration tokens, keep)`` pairs.
+        screen_batches: shorthand for one screening stage on that many batches keeping
+            ``survivors`` (0: no screening, every child gets a full evaluation).
+        max_mutations: flips per child are ``min(U(1..max), U(1..max))``.
+        knob_rate: probability that a flip switches a rule's knobs instead of moving bits.
         crossover: probability that a child starts as a block-wise crossover of two parents.
-        knob_rate: probability that a mutation switches one knob of a rule (same bit width)
-            instead of moving bits.
-        screen_batches: token batches of the cheap screening (0 or None: no screening, every
-            child gets a full evaluation).
     """
 
     name = "evolution"
     default_evaluations = 48
 
-    def __init__(self, env: Any, seed: int = 0, verbose: int = 0, population: int = 4, offspring: int = 8,
-                 survivors: int = 2, max_mutations: int = 3, crossover: float = 0.25, knob_rate: float = 0.3,
-                 screen_batches: int | None = 1, pool: Any = None) -> None:
-        for label, value in (("population", population), ("offspring", offspring), ("survivors", survivors),
-                             ("max_mutations", max_mutations)):
+    def __init__(self, env: Any, seed: int = 0, verbose: int = 0, population: int = 1, offspring: int = 16,
+                 survivors: int | None = None, stages: Any = ((0.125, 4), (0.5, 1)), screen_batches: int | None = None,
+                 max_mutations: int = 3, knob_rate: float = 0.25, crossover: float = 0.0, pool: Any = None) -> None:
+        for label, value in (("population", population), ("offspring", offspring), ("max_mutations", max_mutations),
+                             ("survivors", 1 if survivors is None else survivors)):
             if int(value) < 1:
                 raise QenvError(f"evolution {label}={value} must be at least 1.")
         for label, value in (("crossover", crossover), ("knob_rate", knob_rate)):
             if not 0.0 <= float(value) <= 1.0:
                 raise QenvError(f"evolution {label}={value} must be a probability in [0, 1].")
-        self.population_size, self.offspring, self.survivors = int(population), int(offspring), int(survivors)
+        self.population_size, self.offspring = int(population), int(offspring)
         self.max_mutations, self.crossover, self.knob_rate = int(max_mutations), float(crossover), float(knob_rate)
-        self.screen_batches = int(screen_batches or 0)
+        self.stages = tuple(tuple(x) for x in stages)
+        self.survivors_arg, self.screen_batches = survivors, screen_batches
         super().__init__(env, seed=seed, verbose=verbose, pool=pool)
         self._kwargs.update(population=population, offspring=offspring, survivors=survivors,
-                            max_mutations=max_mutations, crossover=crossover, knob_rate=knob_rate,
-                            screen_batches=screen_batches)
+                            stages=[list(x) for x in self.stages], screen_batches=screen_batches,
+                            max_mutations=max_mutations, knob_rate=knob_rate, crossover=crossover)
 
     def _reset_state(self) -> None:
         super()._reset_state()
         self.population: list[tuple[float, tuple[int, ...]]] = []  # (reward, rule indices), best first
-        self._screened: dict[tuple[int, ...], float] = {}
 
     def _bind(self, env: Any) -> None:
         super()._bind(env)
@@ -576,170 +966,157 @@ class EvolutionSearch(Searcher):
 
     # -- structure of the rule set ---------------------------------------------------------------
     def _prepare_moves(self) -> None:
-        # the same bit width with one other knob changed (group, outliers, salience, rounding, ...);
-        # a rule with no such neighbour may switch to any other rule of its bit width
+        if self.screen_batches is not None:
+            keep = 1 if self.survivors_arg is None else int(self.survivors_arg)
+            b = int(self.screen_batches)
+            self._stages = [(b, keep)] if 0 < b < self.n_batches else []
+        else:
+            self._stages = self._stage_batches(self.stages)
+            if self.survivors_arg is not None and self._stages:
+                self._stages[-1] = (self._stages[-1][0], int(self.survivors_arg))
+        self.survivors = self._stages[-1][1] if self._stages else int(self.survivors_arg or self.offspring)
         names = [f.name for f in fields(Rule) if f.name != "bits"]
-        self._knob_neighbours = []
-        for rule in self.rules:
-            same_bits = [k for k, other in enumerate(self.rules) if other.bits == rule.bits and other != rule]
-            one_knob = [k for k in same_bits if sum(getattr(self.rules[k], n) != getattr(rule, n) for n in names) == 1]
-            self._knob_neighbours.append(one_knob or same_bits)
-        layers = self.task.layers
-        self._blocks = np.array([info.block for info in layers])
-        n_batches = len(self.task.evaluator.batches)
-        self.screen_cost = self.screen_batches / n_batches if 0 < self.screen_batches < n_batches else 0.0
 
-    def _levels(self, i: int, choice: np.ndarray, up: bool) -> np.ndarray:
-        """Rules of layer ``i`` one cost level above (or below) its current rule."""
-        costs = self.costs[i]
-        current = costs[choice[i]]
-        other = costs[costs > current + _TOL] if up else costs[costs < current - _TOL]
-        if other.size == 0:
-            return np.array([], dtype=np.int64)
-        level = other.min() if up else other.max()
-        return np.flatnonzero(np.abs(costs - level) <= _TOL)
+        def mismatches(a: Rule, b: Rule) -> int:
+            return sum(getattr(a, n) != getattr(b, n) for n in names)
+
+        widths = sorted({r.bits for r in self.rules})
+        self._up: list[list[int]] = []  # per rule: the most similar rules one width up
+        self._down: list[list[int]] = []
+        self._same_width: list[list[int]] = []
+        for rule in self.rules:
+            level = widths.index(rule.bits)
+            for target, store in ((level + 1, self._up), (level - 1, self._down)):
+                if not 0 <= target < len(widths):
+                    store.append([])
+                    continue
+                options = [k for k, other in enumerate(self.rules) if other.bits == widths[target]]
+                best = min(mismatches(rule, self.rules[k]) for k in options)
+                store.append([k for k in options if mismatches(rule, self.rules[k]) == best])
+            self._same_width.append([k for k, other in enumerate(self.rules) if other.bits == rule.bits and other != rule])
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, info in enumerate(self.task.layers):
+            shapes.setdefault((info.out_features, info.in_features), []).append(i)
+        self._groups = [members for members in shapes.values() if len(members) > 1]
+        self._blocks = np.array([info.block for info in self.task.layers])
 
     # -- variation -------------------------------------------------------------------------------
-    def _repair(self, choice: np.ndarray, keep: int | None = None) -> np.ndarray:
-        """Lower random layers one level at a time until the recipe meets the budget."""
-        total = self._total(choice)
-        while total > self.budget_bits + _TOL:
-            lowerable = [i for i in range(self.n_layers) if i != keep and self._levels(i, choice, up=False).size]
-            if not lowerable:
-                lowerable = [i for i in range(self.n_layers) if self._levels(i, choice, up=False).size]
-            i = int(self.rng.choice(lowerable))
-            j = int(self.rng.choice(self._levels(i, choice, up=False)))
-            total += self.costs[i, j] - self.costs[i, choice[i]]
-            choice[i] = j
-        return choice
+    def _flip(self, child: np.ndarray) -> bool:
+        """One level switch at constant size (or a knob switch); False when none was found."""
+        budget = self.budget_bits + _TOL
+        total = self._total(child)
+        if self.rng.random() < self.knob_rate:
+            i = int(self.rng.integers(self.n_layers))
+            options = [k for k in self._same_width[child[i]]
+                       if total + self.costs[i, k] - self.costs[i, child[i]] <= budget]
+            if options:
+                child[i] = int(self.rng.choice(options))
+                return True
+        if not self._groups:
+            return self._flip_across_sizes(child)
+        sizes = np.array([len(g) for g in self._groups], dtype=np.float64)
+        for _ in range(20):
+            group = self._groups[int(self.rng.choice(len(self._groups), p=sizes / sizes.sum()))]
+            ups = [i for i in group if self._up[child[i]]]
+            downs = [i for i in group if self._down[child[i]]]
+            if not ups or not downs:
+                continue
+            i = int(self.rng.choice(ups))
+            k = int(self.rng.choice([d for d in downs if d != i] or [-1]))
+            if k < 0:
+                continue
+            new_i, new_k = int(self.rng.choice(self._up[child[i]])), int(self.rng.choice(self._down[child[k]]))
+            delta = self.costs[i, new_i] - self.costs[i, child[i]] + self.costs[k, new_k] - self.costs[k, child[k]]
+            if total + delta <= budget:
+                child[i], child[k] = new_i, new_k
+                return True
+        return False
 
-    def _fill(self, choice: np.ndarray) -> np.ndarray:
-        """Raise random layers one level at a time while the budget allows."""
-        total = self._total(choice)
-        while True:
-            ups = []
-            for i in range(self.n_layers):
-                level = self._levels(i, choice, up=True)
-                if level.size and total + self.costs[i, level[0]] - self.costs[i, choice[i]] <= self.budget_bits + _TOL:
-                    ups.append((i, level))
-            if not ups:
-                return choice
-            i, level = ups[int(self.rng.integers(len(ups)))]
-            j = int(self.rng.choice(level))
-            total += self.costs[i, j] - self.costs[i, choice[i]]
-            choice[i] = j
-
-    def _mutate(self, choice: np.ndarray) -> np.ndarray:
-        i = int(self.rng.integers(self.n_layers))
-        knobs = self._knob_neighbours[choice[i]]
-        if knobs and self.rng.random() < self.knob_rate:
-            choice[i] = int(self.rng.choice(knobs))  # switch one knob of this layer's rule
-            return self._fill(self._repair(choice, keep=i))
-        ups = [k for k in range(self.n_layers) if self._levels(k, choice, up=True).size]
+    def _flip_across_sizes(self, child: np.ndarray) -> bool:
+        """EvoPress's ``group_rule="none"`` move: raise one layer a level, lower random others until
+        the recipe fits; refused past 10 level changes or when it gives back over 1/0.8 of the bits."""
+        ups = [i for i in range(self.n_layers) if self._up[child[i]]]
         if not ups:
-            return choice
-        i = int(self.rng.choice(ups))  # move bits: raise one layer a level, lower others to pay for it
-        choice[i] = int(self.rng.choice(self._levels(i, choice, up=True)))
-        return self._fill(self._repair(choice, keep=i))
+            return False
+        trial = child.copy()
+        i = int(self.rng.choice(ups))
+        j = int(self.rng.choice(self._up[trial[i]]))
+        added = self.costs[i, j] - self.costs[i, trial[i]]
+        trial[i] = j
+        removed, changes = 0.0, 1
+        while self._total(trial) > self.budget_bits + _TOL:
+            downs = [k for k in range(self.n_layers) if k != i and self._down[trial[k]]]
+            if not downs or changes > 10:
+                return False
+            k = int(self.rng.choice(downs))
+            j = int(self.rng.choice(self._down[trial[k]]))
+            removed += self.costs[k, trial[k]] - self.costs[k, j]
+            trial[k] = j
+            changes += 1
+        if removed > 0 and added / removed < 0.8:
+            return False
+        child[:] = trial
+        return True
 
     def _crossover(self, a: tuple[int, ...], b: tuple[int, ...]) -> np.ndarray:
         blocks = np.unique(self._blocks)
         take_a = dict(zip(blocks.tolist(), (self.rng.random(blocks.size) < 0.5).tolist()))
-        child = np.array([a[i] if take_a[int(self._blocks[i])] else b[i] for i in range(self.n_layers)])
-        return self._fill(self._repair(child))
+        return np.array([a[i] if take_a[int(self._blocks[i])] else b[i] for i in range(self.n_layers)])
 
     def _parent(self) -> tuple[int, ...]:
-        """Rank-biased choice: the best parent is the likeliest."""
+        """Rank-biased choice: the best parent is the likeliest (the only one when ``population=1``)."""
         n = len(self.population)
         weights = np.arange(n, 0, -1, dtype=np.float64)
         return self.population[int(self.rng.choice(n, p=weights / weights.sum()))][1]
 
-    def _child(self) -> np.ndarray:
+    def _child(self) -> np.ndarray | None:
         if len(self.population) > 1 and self.rng.random() < self.crossover:
-            a = self._parent()
-            b = self._parent()
-            child = self._crossover(a, b)
+            child = self._crossover(self._parent(), self._parent())
+            if not self.feasible(child):
+                return None
         else:
             child = np.array(self._parent())
-        for _ in range(int(self.rng.integers(1, self.max_mutations + 1))):
-            child = self._mutate(child)
-        return child
+        top = self.max_mutations
+        flips = min(int(self.rng.integers(1, top + 1)), int(self.rng.integers(1, top + 1)))
+        changed = False
+        for _ in range(flips):
+            changed = self._flip(child) or changed
+        return child if changed else None
 
     # -- selection -------------------------------------------------------------------------------
-    def _screen(self, choice: tuple[int, ...]) -> float:
-        if choice in self._pooled_screens:  # screened by the pool (see _prefetch_screens)
-            self._screened[choice] = self._pooled_screens.pop(choice)
-            self.screenings += 1
-            self.spent += self.screen_cost
-        elif choice not in self._screened:
-            recipe = Recipe({name: self.rules[j] for name, j in zip(self.layer_names, choice)})
-            self._screened[choice] = score_recipe(self.inner, recipe, max_batches=self.screen_batches)[0]
-            self.screenings += 1
-            self.spent += self.screen_cost
-        return self._screened[choice]
-
-    def _prefetch_screens(self, children: list[tuple[int, ...]]) -> None:
-        """With a ``pool``: screen at once, in parallel, the children the screening loop will reach."""
-        if self.pool is None:
-            return
-        spent, batch = self.spent, []
-        for child in children:
-            if self._stop or spent + self.screen_cost + 1.0 > self._limit + 1e-9:
-                break
-            if child not in self._screened and child not in self._pooled_screens and child not in batch:
-                batch.append(child)
-                spent += self.screen_cost
-        if batch:
-            results = self.pool.evaluate([self._recipe_of(c) for c in batch], max_batches=self.screen_batches)
-            self._pooled_screens.update((c, r["reward"]) for c, r in zip(batch, results))
-
     def _admit(self, choice: tuple[int, ...], reward: float) -> None:
         if all(c != choice for _, c in self.population):
             self.population.append((reward, choice))
         self.population.sort(key=lambda rc: -rc[0])
         del self.population[self.population_size:]
 
-    def _initial(self) -> list[np.ndarray]:
-        totals = self.costs.sum(axis=0)
-        fits = [j for j in range(len(self.rules)) if totals[j] <= self.budget_bits + _TOL]
-        start = [self._fill(np.full(self.n_layers, max(fits, key=lambda j: (totals[j], -j))))] if fits else []
-        while len(start) < self.population_size:
-            start.append(self._fill(sample_feasible(self.costs, self.budget_bits, self.rng)))
-        return start
-
     def _search(self) -> None:
         if not self.population:
-            initial = self._initial()
-            self._prefetch(initial)
-            for choice in initial:
-                if not self._can_spend():
-                    return
-                self._admit(tuple(int(i) for i in choice), self._evaluate(choice))
+            if not self._start():
+                return
+            assert self.start is not None
+            for candidate, reward in self.start.measured:
+                self._admit(candidate.choice, reward)
         while self._can_spend():
             children: list[tuple[int, ...]] = []
             tries = 0
             while len(children) < self.offspring and tries < 20 * self.offspring:
                 tries += 1
-                child = tuple(int(i) for i in self._child())
-                if child not in self._seen and child not in children:
+                made = self._child()
+                if made is None:
+                    continue
+                child = tuple(int(i) for i in made)
+                if child not in self._proposed and child not in children:
                     children.append(child)
             if not children:
                 return  # the neighbourhood is exhausted
-            if self.screen_cost > 0 and len(children) > self.survivors:
-                screened = []
-                self._prefetch_screens(children)
-                for child in children:
-                    if not self._can_spend(self.screen_cost + 1.0):
-                        break
-                    screened.append((self._screen(child), child))
-                screened.sort(key=lambda sc: -sc[0])
-                children = [c for _, c in screened[: self.survivors]] or children[:1]
+            self._proposed.update(children)
+            children = self._select(children, self._stages)
             self._prefetch(children)
             for child in children:
                 if not self._can_spend():
                     return
                 self._admit(child, self._evaluate(np.array(child)))
-
 
 SEARCHERS: dict[str, type[Searcher]] = {
     cls.name: cls for cls in (UniformSearch, LlamaCppSearch, GreedySearch, RandomSearch, EvolutionSearch)

@@ -320,6 +320,24 @@ def common_setup(cfg: dict[str, Any]) -> None:
     os.environ["QENV_TORCH_THREADS"] = str(int(cfg.get("threads", 1)))
 
 
+def budget_tag(budget: float | str) -> str:
+    """A budget in file and job names: ``3`` for a number, the preset's name for a preset."""
+    return budget if isinstance(budget, str) else f"{budget:g}"
+
+
+def job_budget(model: dict[str, str], cfg: dict[str, Any]) -> tuple[float, str | None]:
+    """``(bpw, preset name or None)`` of a job's budget: a preset's exact bpw on this model
+    (:func:`qenv.quant.presets.resolve_budget`, the programs' own resolver), a number as it is."""
+    from qenv.models.loading import load_model
+    from qenv.quant.presets import resolve_budget
+
+    spec = cfg["budget"]
+    if not isinstance(spec, str):
+        return float(spec), None
+    wait_for_model(model["spec"], cfg["deadline"])
+    return resolve_budget(spec, load_model(model["spec"], device="cpu").layers)
+
+
 def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Path,
              action_kind: str = "discrete", shaping_weight: float = 0.0,
              observation: str = "full", **extra: Any) -> tuple[Any, str]:
@@ -330,6 +348,10 @@ def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Pa
     from qenv.cli.envs import make_quant_env
 
     calib, held_path = corpus_files(model["corpus"], Path(cfg["data_dir"]), work)
+    # a caller's own text split (bench/equal_size.py) and menu (menu="gguf" for llama.cpp's mixes)
+    calib, held_path = model.get("calib", calib), model.get("held", held_path)
+    if cfg.get("menu") is not None:
+        extra.setdefault("menu", cfg["menu"])
     wait_for_model(model["spec"], cfg["deadline"])
     env = make_quant_env(model=model["spec"], budget_bpw=budget, data=calib, n_tokens=cfg["n_tokens"],
                          seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], device=pick_device(cfg["device"]),
@@ -368,11 +390,14 @@ def quality_job(cfg: dict[str, Any]) -> None:
     from eval_agent import scoring_evaluator
     from qenv.envs.reward import uniform_frontier
 
+    from qenv.quant.presets import preset
+
     common_setup(cfg)
-    model, budget, deadline, episodes = cfg["model"], float(cfg["budget"]), float(cfg["deadline"]), int(cfg["episodes"])
+    model, deadline, episodes = cfg["model"], float(cfg["deadline"]), int(cfg["episodes"])
+    budget, budget_preset = job_budget(model, cfg)
     out = Path(cfg["out"])
-    rec = Recorder(out / "raw" / f"quality_{model['name']}_{budget:g}.jsonl",
-                   {"kind": "quality", "model": model["name"], "budget": budget})
+    rec = Recorder(out / "raw" / f"quality_{model['name']}_{budget_tag(cfg['budget'])}.jsonl",
+                   {"kind": "quality", "model": model["name"], "budget": budget, "budget_preset": budget_preset})
     t0 = time.perf_counter()
     env, held_path = make_env(model, budget, cfg, out / "work")
     inner = env.unwrapped
@@ -524,6 +549,9 @@ def quality_job(cfg: dict[str, Any]) -> None:
                 "episode_kl_min": min(e["kl"] for e in tracker.episodes if e.get("kl") is not None),
                 "truncated": len(tracker) < episodes, **rl_fields()}
 
+    for name in cfg.get("presets") or ():  # named presets, measured as they are (bench/equal_size.py)
+        unit(f"preset:{name}", None,
+             lambda name=name: {**measure(task, held, preset(name, task.layers), budget), "preset": name})
     only = set(cfg.get("methods") or DEFAULT_METHODS)
     for name in ("rtn", "gptq", "awq"):
         if name in only:
@@ -783,10 +811,12 @@ def run(args: argparse.Namespace) -> int:
             selected = set(args.methods or DEFAULT_METHODS)
             units = [(m, None) for m in ("rtn", "gptq", "awq", "llamacpp", "greedy") if m in selected]
             units += [(m, s) for s in args.seeds for m in SEEDED if m in selected]
-            skip = [[m, s] for m, s in units if (model["name"], float(budget), m, s) in done]
-            if len(skip) == len(units):
+            # --fill-from matches numbers; a preset's size is known only in its job
+            skip = [] if isinstance(budget, str) else [[m, s] for m, s in units if (model["name"], float(budget), m, s)
+                                                       in done]
+            if units and len(skip) == len(units):
                 continue  # --fill-from: every unit of this cell is already measured
-            jobs.append((f"quality_{model['name']}_{budget:g}", {**base, "job": "quality", "model": model,
+            jobs.append((f"quality_{model['name']}_{budget_tag(budget)}", {**base, "job": "quality", "model": model,
                                                                   "budget": budget, "seeds": args.seeds,
                                                                   "episodes": args.episodes, "skip": skip}))
     if args.transfer_train and args.transfer_test:
@@ -1298,6 +1328,8 @@ def pareto_png(path: Path, model: str, budgets: dict[str, dict[str, Any]]) -> No
 
 
 def report(args: argparse.Namespace) -> int:
+    from qenv.quant.presets import budget_label
+
     out = Path(args.out).resolve()
     run_dirs = [Path(d).resolve() for d in (getattr(args, "runs", None) or [out])]
     notes: list[str] = []
@@ -1346,7 +1378,8 @@ def report(args: argparse.Namespace) -> int:
             md.append(f"{meta.get('n_params', 0):,} parameters, {meta.get('n_layers')} quantized layers, on "
                       f"{meta.get('device')}; calibration: {meta.get('calib_tokens')} tokens ({meta.get('calib')}); "
                       f"held-out: {meta.get('held')}; N = {meta.get('episodes')} evaluations per search.\n")
-        md.append("| method | " + " | ".join(f"{k} bpw" for k in keys) + " |")
+        named = {k: agg["meta"].get(model, {}).get(k, {}).get("budget_preset") for k in keys}
+        md.append("| method | " + " | ".join(budget_label(float(k), named[k]) for k in keys) + " |")
         md.append("|---|" + "---|" * len(keys))
         for method in METHOD_ORDER:
             if not any(method in budgets[k] for k in keys):
@@ -1389,12 +1422,15 @@ def report(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from qenv.quant.presets import parse_budget
+
     p = argparse.ArgumentParser(description="qenv quality benchmark (issue 5, part 2)")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the benchmark (workers in parallel), then the report")
     r.add_argument("--models", nargs="*", default=["stories260K", "default"],
                    help="stories260K, default, NAME=FOLDER or a model folder")
-    r.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0])
+    r.add_argument("--budgets", nargs="+", type=parse_budget, default=[2.5, 3.0, 3.5, 4.0],
+                   help="bits per weight, or presets' names (gptq-w4: that preset's exact bpw on each model)")
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--episodes", type=int, default=128, help="N: evaluations per search = PPO training episodes")
     r.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder with wikitext-2/, tinystories/, stories260K/")

@@ -4,7 +4,7 @@ Everything that does not depend on a recipe is computed once and kept in one fol
 ``$QENV_CACHE_DIR`` or else ``~/.cache/qenv``: the full-precision reference of a model on a token
 set (log-probabilities, block outputs and each layer's input statistics: the bulk, up to GBs on
 large models), tokens sampled from a model, the layers' observation features and their output
-errors under each menu rule. Each file's
+errors under each menu rule, the human presets' metrics. Each file's
 name carries the fingerprints of what it was computed from, so a changed model or token set
 never reads a stale file; a damaged file (its checksum or its shapes, values or token ids are
 wrong: :mod:`qenv.cache_files`) is recomputed, never used. Deleting the cache only costs time.
@@ -28,6 +28,7 @@ CACHE_KINDS: dict[str, str] = {
     "tokens": "calibration tokens sampled from a model",
     "features": "layers' observation features",
     "errors": "each layer's output error under each menu rule (greedy plan, allocation, residual kinds)",
+    "presets": "human presets' metrics (eval_agent.py's baselines), per model, tokens, recipe and settings",
 }
 
 

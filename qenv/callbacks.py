@@ -611,7 +611,7 @@ class DeterministicEvalCallback(BaseCallback):
 
 
 class TqdmProgressCallback(BaseCallback):
-    """A tqdm progress bar over the whole run (starts at the resumed step count)."""
+    """A progress bar over the whole run (starts at the resumed step count): :func:`qenv.progress.progress_bar`."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "training", disable: bool = False) -> None:
         super().__init__(0)
@@ -619,10 +619,10 @@ class TqdmProgressCallback(BaseCallback):
         self.bar: Any = None
 
     def _on_training_start(self) -> None:
-        from tqdm.auto import tqdm
+        from qenv.progress import progress_bar
 
-        self.bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, unit="step", dynamic_ncols=True,
-                        disable=self.disable, smoothing=0.05, mininterval=1.0)
+        # a tqdm bar on a terminal; a line per tenth of the run in a log (no carriage returns)
+        self.bar = progress_bar(self.total, self.desc, "step", initial=self.initial, show=not self.disable)
 
     def _on_step(self) -> bool:
         if self.bar is not None:

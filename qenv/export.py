@@ -384,7 +384,10 @@ def export_all(folder: str | Path, layers: Sequence[LayerInfo], recipe: Mapping[
     """Write ``recipe.json``, ``llamacpp-tensor-types.txt``, ``llamacpp-quantize.sh``, and where the
     recipe allows, ``gptqmodel-quantize-config.json`` (GPTQModel-runnable rules only) and ``model.gguf``
     (GGUF rules, with ``evaluator``: the quantized model itself, see :mod:`qenv.export_gguf`) into
-    ``folder``; returns the paths by kind. Why an export was not written is in ``skipped.txt``."""
+    ``folder``; returns the paths by kind. Why an export was not written is in ``skipped.txt``.
+    A model.gguf is kept only once llama.cpp has loaded and scored it as qenv scored it (in a child
+    process, :func:`qenv.llama_cpp_isolated.check_gguf_export`); ``model-gguf-check.txt`` says how
+    close, and whether llama.cpp's default weight repacking runs it on this CPU."""
     folder = Path(folder)
     recipe = Recipe(dict(recipe))
     paths = {"recipe": recipe.save(folder / "recipe.json", **dict(metadata or {}))}
@@ -413,11 +416,21 @@ def export_all(folder: str | Path, layers: Sequence[LayerInfo], recipe: Mapping[
     if evaluator is not None:
         from qenv.export_gguf import write_gguf
 
+        from qenv.llama_cpp_isolated import check_gguf_export
+
         try:
             paths["gguf"] = write_gguf(evaluator, recipe, folder / "model.gguf",
                                        {k: v for k, v in dict(metadata or {}).items() if not isinstance(v, dict)})
+            # what was written is what was measured: llama.cpp loads and scores it (in a child process)
+            report = check_gguf_export(evaluator, recipe, paths["gguf"])
         except QenvError as exc:
-            skipped.append(f"model.gguf: {exc}")
+            if "gguf" in paths:  # written but failed the check: not kept
+                paths.pop("gguf").unlink(missing_ok=True)
+                skipped.append(f"model.gguf: written, then removed: {exc}")
+            else:
+                skipped.append(f"model.gguf: {exc}")
+        else:
+            paths["gguf_check"] = write_text_atomic(folder / "model-gguf-check.txt", report + "\n")
     if skipped:
         paths["skipped"] = write_text_atomic(folder / "skipped.txt", "\n".join(skipped) + "\n")
     return paths

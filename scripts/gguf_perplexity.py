@@ -8,8 +8,9 @@ tokens are cut into windows of ``--ctx`` tokens exactly as qenv's ``tokens_from_
 seq_len=ctx)`` cuts them (no BOS added), so the number is comparable with the held-out perplexity
 ``eval_agent.py --data`` prints (for text without ``<|endoftext|>`` separators, which qenv turns
 into document boundaries and this script does not). Every window is evaluated by llama.cpp with all logits kept;
-perplexity is ``exp(mean NLL)`` of each next token inside a window. Needs the gguf extra:
-``pip install 'qenv[gguf]'``.
+perplexity is ``exp(mean NLL)`` of each next token inside a window. llama.cpp's CPU weight repacking is
+off (``use_extra_bufts=False``, as ``--no-repack`` in llama.cpp's tools): its repacked kernels crash on
+some CPUs, see docs/llama_cpp_repack_crash.md. Needs the gguf extra: ``pip install 'qenv[gguf]'``.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import llama_cpp
         import numpy as np
+
+        from qenv.llama_cpp_child import load_llama
     except ImportError:
         print("error: llama-cpp-python is not installed. Fix: pip install 'qenv[gguf]'.", file=sys.stderr)
         return 2
     try:
-        llm = llama_cpp.Llama(model_path=args.model, logits_all=True, n_ctx=args.ctx, n_batch=args.ctx,
-                              n_ubatch=args.ctx, verbose=False)
+        # repacking off: llama.cpp's repacked kernels crash on some CPUs (docs/llama_cpp_repack_crash.md)
+        llm = load_llama(args.model, logits_all=True, n_ctx=args.ctx, n_batch=args.ctx, n_ubatch=args.ctx,
+                         verbose=False)
     except ValueError as exc:
         print(f"error: llama.cpp cannot load {args.model} ({exc}). Fix: pass a valid .gguf.", file=sys.stderr)
         return 2

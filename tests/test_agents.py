@@ -315,12 +315,14 @@ def test_uniform_searcher_picks_the_best_fitting_single_rule(stories_env, search
 
 
 def test_searchers_rank_as_expected(searched):
-    """Measured on stories260K at 3.0 bpw: greedy and evolution clearly beat the uniform rule and
-    random recipes (margins of ~0.4 in log-KL); evolution starts from the filled uniform rule."""
+    """Measured on stories260K at 3.0 bpw: greedy's plan clearly beats the uniform rule (a margin of
+    ~0.4 in log-KL) and is the best start here; greedy, random and evolution all start from the best
+    start, so none ends below it (random's own recipes are worse: it returns the start)."""
     reward = {name: agent.best_reward for name, agent in searched.items()}
-    for better in ("greedy", "evolution"):
-        for worse in ("uniform", "random"):
-            assert reward[better] > reward[worse], reward
+    for name in ("greedy", "random", "evolution"):
+        assert searched[name].start.candidate.label == "greedy plan"
+        assert reward[name] >= searched[name].start.score > reward["uniform"] + 0.2, reward
+    assert reward["evolution"] > searched["evolution"].start.score  # evolution improves on it
 
 
 @pytest.mark.parametrize("name", ["random", "evolution", "greedy"])
@@ -333,7 +335,8 @@ def test_searchers_are_deterministic_for_a_seed(stories_env, searched, name):
 def test_evolution_screens_cheaply_and_keeps_within_budget(stories_env, searched):
     evo = searched["evolution"]
     assert isinstance(evo, EvolutionSearch)
-    assert evo.screen_cost == pytest.approx(0.5)  # 1 of the 2 token batches
+    assert evo.screen_cost(1) == pytest.approx(0.5)  # 1 of the 2 token batches
+    assert evo._stages == [(1, 1)]  # the default stages (1/8, then 1/2 of the tokens) round to one batch
     assert evo.screenings > 0 and evo.spent == pytest.approx(evo.evaluations + 0.5 * evo.screenings)
     assert all(evo.feasible(np.array(choice)) for _, choice in evo.population)
     plain = make_agent("evolution", stories_env, seed=0, screen_batches=0).learn(6 * len(stories_env.task.layers))

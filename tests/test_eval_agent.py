@@ -51,7 +51,8 @@ def evaluated(policy, stories_bin, tmp_path_factory):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = run_main(eval_agent, ["--policy", policy, "--model", stories_bin, "--model", "tiny-llama",
-                                     "--search-evals", 2, "--out", out, "--export", "--save-model", saved])
+                                     "--search-evals", 2, "--presets", "all", "--out", out, "--export",
+                                     "--save-model", saved])
     capture.write_text(buf.getvalue())
     assert code == 0, buf.getvalue()
     return {"out": out, "stdout": buf.getvalue(), "saved": saved}
@@ -71,25 +72,39 @@ def test_tables_printed_per_model(evaluated):
 
 
 def test_unseen_model_gain_line(evaluated):
-    lines = [line for line in evaluated["stdout"].splitlines() if line.startswith("unseen model tiny-llama")]
+    """The summary leads with comparisons at the policy's own size; the best preset at or under the budget
+    (usually smaller) follows for reference and is never called a win."""
+    text = evaluated["stdout"].splitlines()
+    lines = [line for line in text if line.startswith("unseen model tiny-llama")]
     assert len(lines) == 1
-    line = lines[0]
-    assert "the best preset at or under 3 bpw" in line and "KL ratio preset/policy" in line and "ppl" in line
-    # both sizes are named, and the equal-size comparison follows
-    assert f"@ {gain_bpw(evaluated, 'tiny-llama'):.3f} bpw" in line
-    text = evaluated["stdout"]
-    at_own = [t for t in text.splitlines() if t.startswith("  at the policy's own ")]
-    assert len(at_own) == 2 and all("rtn" in t and "llama.cpp" in t for t in at_own)
+    lead = lines[0]
     results = json.loads((evaluated["out"] / "results.json").read_text())
     tiny = next(m for m in results["models"] if m["model"] == "tiny-llama")
+    comps = tiny["comparisons"]
+    policy = next(r for r in tiny["rows"] if r["kind"] == "policy")
+    greedy = next(r for r in tiny["rows"] if r["method"] == "greedy")
+    assert f"at its own {policy['bpw']:.3f} bpw" in lead and "greedy KL" in lead and "the best start (" in lead
+    assert comps["greedy"]["kl_ratio"] == pytest.approx(greedy["kl"] / policy["kl"])
+    for comp in comps.values():  # "worse" exactly where the policy's KL is higher
+        assert (comp["verdict"] == "policy worse") == (comp["kl"] < policy["kl"])
+        if comp["verdict"] == "policy worse":
+            assert comp["what"] in lead.split(": policy worse than ")[1]
+    starts = [r for r in tiny["rows"] if not r["over_budget"] and (r["method"] in ("greedy", "uniform") or (
+        r["kind"] == "preset" and r["method"].split("-w")[0] in ("rtn", "gptq", "awq")))]
+    assert comps["best_start"]["kl"] == min(r["kl"] for r in starts)
+    # then the secondary line: the best preset at or under the budget, both sizes named, never a win
+    ref = text[text.index(lead) + 2]
+    assert ref.startswith("  for reference (not an equal-size comparison): the best preset at or under 3 bpw")
     gain = tiny["gain"]
     assert tiny["seen"] is False
     assert gain["kl_ratio"] == pytest.approx(gain["preset_kl"] / gain["policy_kl"])
     fair = [r for r in tiny["rows"] if r["kind"] == "preset" and not r["over_budget"]]
     assert gain["preset_kl"] == min(r["kl"] for r in fair)
-    assert f"KL ratio preset/policy {gain['kl_ratio']:.3g}x" in line
-    assert f"({gain['best_preset']} @ {gain['preset_bpw']:.3f} bpw" in line
-    assert ("policy better" in line) == (gain["kl_ratio"] > 1)
+    assert f"KL ratio preset/policy {gain['kl_ratio']:.3g}x" in ref and "ppl" in ref
+    assert f"({gain['best_preset']} @ {gain['preset_bpw']:.3f} bpw" in ref
+    assert "better" not in ref and "win" not in ref.replace("not an equal-size", "")
+    at_own = [t for t in text if t.startswith("  at the policy's own ")]
+    assert len(at_own) == 2 and all("rtn" in t and "llama.cpp" in t for t in at_own)
 
 
 def gain_bpw(evaluated, model: str) -> float:
@@ -183,7 +198,7 @@ def test_held_out_text_is_scored(policy, stories_bin, tmp_path, capsys):
     if not data.is_file():
         pytest.skip(f"real data missing: {data}")
     code = run_main(eval_agent, ["--policy", policy, "--data", data, "--n-tokens", 512, "--searchers", "none",
-                                 "--out", tmp_path / "o"])
+                                 "--presets", "all", "--out", tmp_path / "o"])
     out = capsys.readouterr().out
     assert code == 0
     assert "held-out text (512 tokens of TinyStories-valid-first1000.txt)" in out
@@ -196,9 +211,10 @@ def test_held_out_text_is_scored(policy, stories_bin, tmp_path, capsys):
     assert rows["rtn-w2"]["kl"] != pytest.approx(train_summary["final"]["stories260K"]["reference"]["kl"])
 
 
-@pytest.mark.parametrize("case", ["missing_policy", "bad_searcher", "bad_evals"])
+@pytest.mark.parametrize("case", ["missing_policy", "bad_searcher", "bad_evals", "bad_presets"])
 def test_bad_input_is_one_line(case, policy, tmp_path, capsys):
     argv = {"missing_policy": ["--policy", tmp_path / "nope.zip"],
+            "bad_presets": ["--policy", policy, "--presets", "no-such"],
             "bad_searcher": ["--policy", policy, "--searchers", "greedy,astrology"],
             "bad_evals": ["--policy", policy, "--search-evals", 0]}[case]
     code = run_main(eval_agent, argv + ["--out", tmp_path / "o"])

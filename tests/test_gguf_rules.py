@@ -258,23 +258,15 @@ def test_mixes_on_real_models_are_presets(models) -> None:
 
 # -- the .gguf export, loaded by the real llama.cpp ----------------------------------------------------------
 def _llama_cpp_logprobs(path: Path, ids: torch.Tensor, f32_cache: bool = False) -> torch.Tensor:
-    """llama.cpp's next-token log-probabilities at every position of every row of ``ids``.
+    """llama.cpp's next-token log-probabilities at every position of every row of ``ids``, computed in a
+    child process with repacking off (``qenv.llama_cpp_isolated``: a llama.cpp crash fails this test only).
 
     ``f32_cache`` stores the KV cache in F32 instead of llama.cpp's default F16 (which also rounds
     the queries and the attention probabilities to F16 before the two attention matmuls).
     """
-    import llama_cpp
+    from qenv.llama_cpp_isolated import score_gguf
 
-    kv = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=ids.shape[1], n_batch=ids.shape[1],
-                          n_ubatch=ids.shape[1], n_threads=1, verbose=False, **kv)
-    out = []
-    for row in ids:
-        llm.reset()
-        llm.eval(row.tolist())
-        out.append(torch.log_softmax(torch.tensor(np.array(llm.scores[: ids.shape[1]])), -1))
-    llm.close()
-    return torch.stack(out)
+    return torch.log_softmax(torch.from_numpy(score_gguf(path, ids, f32_cache=f32_cache)), -1)
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -349,10 +341,9 @@ def test_fp16_gguf_export_matches_the_model(models, tmp_path) -> None:
 def test_gguf_vocabulary_tokenizes_as_the_model_does(models, tmp_path, spec: str) -> None:
     """llama.cpp reading the written vocabulary (sentencepiece -> "llama", byte-level BPE -> "gpt2")
     gives the model's own token ids on real text, special tokens included."""
-    import llama_cpp
-
     from conftest import TINYSTORIES, WIKITEXT_TEST
     from qenv.export_gguf import write_gguf
+    from qenv.llama_cpp_isolated import tokenize_gguf
 
     text_file = TINYSTORIES if spec == "stories" else WIKITEXT_TEST
     require(text_file, "real text")
@@ -360,10 +351,10 @@ def test_gguf_vocabulary_tokenizes_as_the_model_does(models, tmp_path, spec: str
     path = write_gguf(ev, {}, tmp_path / "v.gguf")
     # sentencepiece strips trailing whitespace (remove_extra_whitespaces), llama.cpp's SPM tokenizer does not
     text = text_file.read_text(encoding="utf-8")[:6000].rstrip()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    theirs = tokenize_gguf(path, text)
     ours = ev.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours
-    assert llm.token_bos() == ev.loaded.tokenizer.bos_token_id
+    assert theirs["ids"] == ours
+    assert theirs["bos"] == ev.loaded.tokenizer.bos_token_id
 
 
 def test_gguf_export_refuses_what_llama_cpp_cannot_run(models, tmp_path) -> None:

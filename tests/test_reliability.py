@@ -555,8 +555,10 @@ for name in ("uniform", "llamacpp", "greedy", "random", "evolution"):
     agent = make_agent(name, env, seed=5).learn(4 * n)
     out[name] = {"recipe": agent.best_recipe.to_dict(), "history": agent.history,
                  **{k: agent.best_info[k] for k in keys}}
+    if name == "random":  # it starts at the best start (the same for any seed); its own proposals follow
+        out[name]["proposed"] = [list(k) for k in agent._seen]
 other = make_agent("random", env, seed=6).learn(4 * n)
-out["random_seed6"] = {"recipe": other.best_recipe.to_dict()}
+out["random_seed6"] = {"recipe": other.best_recipe.to_dict(), "proposed": [list(k) for k in other._seen]}
 ppo = make_agent("ppo", env, seed=5, n_steps=n, batch_size=n, n_epochs=2, policy_kwargs={"net_arch": [16, 16]})
 ppo.learn(2 * n)
 recipe, info = rollout_recipe(ppo, env)
@@ -589,7 +591,7 @@ def test_same_seed_same_recipes_and_metrics_in_fresh_processes(stories_bin, tmp_
     assert set(first) == {"env", "uniform", "llamacpp", "greedy", "random", "evolution", "random_seed6", "ppo"}
     for name in first:
         assert first[name] == second[name], name
-    assert first["random_seed6"]["recipe"] != first["random"]["recipe"]  # the seed is what decides
+    assert first["random_seed6"]["proposed"] != first["random"]["proposed"]  # the seed is what decides
 
 
 # == issue 13: one writer per run, the right model for every checkpoint, no silent nonsense =================

@@ -42,8 +42,16 @@ def rule_errors(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequen
     cached = read_table(path, (len(layers), len(rules)), nonnegative=True)
     if cached is not None:
         return cached.astype(np.float64)
+    from qenv.progress import progress_bar
+
+    bar = progress_bar(len(layers) * len(rules), f"layer errors under {len(rules)} rules", "layer-rule")
+    rows = []
     with torch.inference_mode():
-        err = np.array([[output_error(evaluator, info, rule) for rule in rules] for info in layers], dtype=np.float64)
+        for info in layers:
+            rows.append([output_error(evaluator, info, rule) for rule in rules])
+            bar.update(len(rules))
+    bar.close()
+    err = np.array(rows, dtype=np.float64)
     err = np.nan_to_num(err, nan=1e30, posinf=1e30)
     write_table(path, err)
     return err

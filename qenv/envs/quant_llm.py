@@ -233,11 +233,14 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     if folder is not None:  # checked before the slow part: the first write comes after the reference
         check_output_dir(folder, "The cache folder", "set QENV_CACHE_DIR to a folder you can write to, or pass "
                                                      "cache_dir=False to cache nothing.")
-    loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
+    from qenv.progress import stage
+
+    with stage(f"loading model {spec}", show=False if isinstance(spec, LoadedModel) else None):
+        loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
     check_context(loaded, seq_len)
     if seq_len >= 2:  # before sampling tokens: a reference that cannot fit is refused at once
         check_reference_fits(loaded.model, loaded.layers, max(n_tokens, 0) // seq_len, seq_len, folder)
-    with oom_guard(batch_size):  # sampling calibration tokens runs the model too
+    with stage(f"calibration tokens ({n_tokens})"), oom_guard(batch_size):  # sampling them runs the model too
         tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
     evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir,
                           max_weight_cache_bytes=None if weight_cache_gib is None else int(weight_cache_gib * 2**30))
@@ -251,7 +254,8 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     stage_end = [i + 1 == len(layers) or stages[i + 1] != stages[i] for i in range(len(layers))]
     numel = np.array([info.numel for info in layers], dtype=np.int64)
     rest_numel = np.concatenate([np.cumsum(numel[::-1])[::-1], [0]])
-    static = static_features(evaluator, layers)
+    with stage(f"reference and layer features ({len(layers)} layers)"):
+        static = static_features(evaluator, layers)
     ladder = ladder_rules()
     ladder_costs = np.array([[layer_bits(r, info.out_features, info.in_features) for r in ladder] for info in layers],
                             dtype=np.float64)
@@ -419,7 +423,9 @@ class QuantLLMEnv(gym.Env):
             episode samples one, for policies that transfer across models.
         budget_bpw: target bits per weight over the quantizable layers.
         action_kind: one of :data:`qenv.envs.spaces.ACTION_SPACE_KINDS` (table below).
-        menu: the rules of the menu kinds (default :data:`qenv.envs.spaces.DEFAULT_MENU`), or
+        menu: the rules of the menu kinds (default :data:`qenv.envs.spaces.DEFAULT_MENU`: every human
+            rule; ``print(qenv.quant.rules.menu_table(DEFAULT_MENU))`` lists each with its bpw on a
+            4096-wide layer; ``"compact"``: the 13 rules of qenv's earlier default), or
             ``"gguf"``: llama.cpp's own types (:data:`qenv.envs.spaces.GGUF_MENU`, quantized by
             llama.cpp, charged at its bytes; needs the ``gguf`` extra). ``info["fallback"]`` lists
             layers whose rows a type cannot hold (scored and charged as llama-quantize's fallback).

@@ -50,7 +50,9 @@ SPACE_FAMILY: dict[str, str] = {"discrete": "discrete", "multidiscrete": "multid
                                 "relative": "discrete", "residual": "discrete", "allocation": "continuous",
                                 "rule": "multidiscrete"}
 
-DEFAULT_MENU: tuple[Rule, ...] = (
+#: the menu of the 13 rules qenv had before every human rule joined it (``menu="compact"``): runs and
+#: policies trained with it keep their action space
+COMPACT_MENU: tuple[Rule, ...] = (
     Rule(bits=2, group_size=64),
     Rule(bits=2, group_size=32, act_scale=0.5, mse_clip=True),
     Rule(bits=3, group_size=128),
@@ -65,12 +67,40 @@ DEFAULT_MENU: tuple[Rule, ...] = (
     Rule(bits=6, group_size=128),
     Rule(bits=8, group_size=128),
 )
+#: the low bit widths where the presets' smaller groups (``-g64``, ``-g32``) are what fits a budget best
+#: (bench_quality's best-fitting presets at 2.5-4.0 bpw are all w2/w3 at g64/g32)
+SMALL_GROUP_BITS: tuple[int, ...] = (2, 3)
+#: bit widths that also get GPTQ combined with AWQ's scale and with MSE clipping
+COMBINED_BITS: tuple[int, ...] = (2, 3, 4)
+
+
+def _human_rules() -> tuple[Rule, ...]:
+    """Every human rule (see :data:`DEFAULT_MENU`), cheapest bit width first."""
+    rules: list[Rule] = []
+    for bits in (2, 3, 4, 5, 6, 8):
+        groups = (128, 64, 32) if bits in SMALL_GROUP_BITS else (128,)
+        for group in groups:
+            rules += [Rule(bits=bits, group_size=group), Rule(bits=bits, group_size=group, rounding="gptq"),
+                      Rule(bits=bits, group_size=group, act_scale=0.5, mse_clip=True)]
+        if bits in COMBINED_BITS:
+            rules += [Rule(bits=bits, group_size=128, rounding="gptq", act_scale=0.5),  # AWQ then GPTQ
+                      Rule(bits=bits, group_size=128, rounding="gptq", mse_clip=True)]
+    return tuple(rules)
+
+
+#: the default menu: the compact menu's 13 rules (same indices), then every human rule it lacked:
+#: RTN, GPTQ and AWQ (:func:`qenv.quant.presets.rtn` / ``gptq`` / ``awq``) at every bit width (2, 3, 4, 5,
+#: 6, 8) with the presets' default group of 128, and at 2 and 3 bits with the groups of 64 and 32 the
+#: ``-g64``/``-g32`` presets use; GPTQ after AWQ's activation scale ("AWQ then GPTQ") and GPTQ with
+#: MSE-searched clipping at 2, 3 and 4 bits. Every uniform preset of those groups is one menu entry
+#: (``tests/test_quant.py`` checks it); :func:`qenv.quant.rules.menu_table` prints each rule's bpw.
+DEFAULT_MENU: tuple[Rule, ...] = COMPACT_MENU + tuple(r for r in _human_rules() if r not in COMPACT_MENU)
 
 #: ``menu="gguf"``: llama.cpp's own types (quantized by llama.cpp, charged at its bytes), with and without
 #: the importance matrix, from 2.3 to 8.5 bpw (:data:`qenv.quant.gguf.MENU_TYPES`)
 GGUF_MENU: tuple[Rule, ...] = tuple(Rule(gguf=t, imatrix=im) for t, im in _gguf.MENU_TYPES)
 #: named menus
-MENUS: dict[str, tuple[Rule, ...]] = {"default": DEFAULT_MENU, "gguf": GGUF_MENU}
+MENUS: dict[str, tuple[Rule, ...]] = {"default": DEFAULT_MENU, "compact": COMPACT_MENU, "gguf": GGUF_MENU}
 
 #: knob values of the multidiscrete and continuous kinds
 KNOB_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)

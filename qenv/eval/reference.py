@@ -144,17 +144,18 @@ def compute_reference(model: nn.Module, layers: list[LayerInfo], batches: list[t
                 outputs[i].append((out[0] if isinstance(out, tuple) else out).detach().clone())
             handles.append(block.register_forward_hook(keep))
     logprobs = []
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
+    from qenv.progress import progress_bar
 
-        iterator = tqdm(batches, desc="reference pass", unit="batch", leave=False)
+    bar = progress_bar(len(batches), "reference pass (full-precision model)", "batch", leave=False,
+                       show=True if progress else None)
     try:
-        for ids in iterator:
+        for ids in batches:
             logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits
             logprobs.append(_log_softmax_chunked(logits[:, :-1]))
             stats.next_batch()
+            bar.update(1)
     finally:
+        bar.close()
         for handle in handles:
             handle.remove()
     calibration = stats.close()

@@ -12,6 +12,11 @@ tokenised as the model's own tokenizer frames one text (``add_special_tokens=Tru
 at the start of every document, as they were trained; a tokenizer that adds BOS/EOS adds both. A
 tokenizer that adds no special tokens itself (GPT-2 style) gets its EOS token between documents, the
 boundary it was trained with. Text with no separator (WikiText) is running text, tokenised as is.
+
+Calibration and validation. A search fits recipes on calibration tokens; :func:`split_tokens`
+holds back a seeded quarter of those sequences (:data:`VALIDATION_FRACTION`) on which it picks its
+final recipe, so the pick is not the recipe that best fits the tokens it was tuned on. Held-out
+text (``eval_agent.py --data``) is a third set, never calibration.
 """
 
 from __future__ import annotations
@@ -274,3 +279,32 @@ def tokens_from_model(model: torch.nn.Module, n_tokens: int, seq_len: int, seed:
             )
             sequences.append(out[:, :seq_len].cpu())
     return TokenSet(torch.cat(sequences), f"sampled:seed={seed}")
+
+
+#: share of a search's calibration sequences held back for choosing its final recipe
+VALIDATION_FRACTION = 0.25
+
+
+def split_tokens(tokens: TokenSet, validation_fraction: float = VALIDATION_FRACTION,
+                 seed: int = 0) -> tuple[TokenSet, TokenSet]:
+    """``(fit, validation)``: the sequences of ``tokens`` split in two disjoint sets by ``seed``.
+
+    A search fits its recipes on the ``fit`` sequences and picks its final recipe on the
+    ``validation`` ones, which it never fitted: with 2048 calibration tokens a search at 4 bits
+    fits the tokens rather than the model (issue 24), and a recipe chosen on tokens it was not
+    tuned on is the honest pick. Whole sequences move (never a sequence cut in two), chosen by a
+    seeded permutation, so the split is the same for every recipe of one search and differs
+    between seeds; each side keeps at least one sequence. ``source`` says which side a set is.
+    """
+    n = int(tokens.ids.shape[0])
+    if n < 2:
+        raise QenvError(f"{tokens.n_tokens} calibration tokens make {n} sequence, too few to hold some back for "
+                        "validation.", "use at least two sequences of calibration tokens (n_tokens >= 2 * seq_len).")
+    if not 0.0 < validation_fraction < 1.0:
+        raise QenvError(f"validation_fraction={validation_fraction!r} must be between 0 and 1.", "use e.g. 0.25.")
+    held = min(n - 1, max(1, round(n * validation_fraction)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    fit_idx, val_idx = order[held:].sort().values, order[:held].sort().values
+    ids = tokens.ids
+    return (TokenSet(ids[fit_idx.to(ids.device)], f"{tokens.source} [fit {n - held}/{n} sequences, seed {seed}]"),
+            TokenSet(ids[val_idx.to(ids.device)], f"{tokens.source} [validation {held}/{n} sequences, seed {seed}]"))

@@ -87,9 +87,9 @@ def _progress(progress: bool | Callable[[int, int], None], total: int) -> Callab
         return call
     if not progress:
         return lambda n, close=False: None
-    from tqdm.auto import tqdm
+    from qenv.progress import progress_bar
 
-    bar = tqdm(total=total, desc="building menu weights", unit="layer-rule", leave=False)
+    bar = progress_bar(total, "building menu weights", "layer-rule", leave=False, show=True)
 
     def advance(n: int, close: bool = False) -> None:
         if n:

@@ -199,6 +199,18 @@ def awq(bits: int, group_size: int = 128) -> Rule:
 
 
 _FAMILIES: dict[str, Callable[[int], Rule]] = {"rtn": rtn, "gptq": gptq, "awq": awq}
+
+
+def human_preset_name(rule: Rule) -> str | None:
+    """The uniform preset whose every layer gets ``rule`` (``gptq-w4``, ``awq-w2-g32``, ``rtn-w3-gc``),
+    or ``None`` when no human preset uses it."""
+    if rule.keeps or rule.gguf is not None:
+        return None
+    for family, make in _FAMILIES.items():
+        if replace(make(rule.bits), group_size=rule.group_size) == rule:
+            group = "" if rule.group_size == 128 else "-gc" if rule.group_size == -1 else f"-g{rule.group_size}"
+            return f"{family}-w{rule.bits}{group}"
+    return None
 PRESET_EXAMPLES: tuple[str, ...] = (
     "rtn-w2", "rtn-w3", "rtn-w4", "rtn-w8", "gptq-w3", "gptq-w4", "awq-w3", "awq-w4", "q3_k_m", "q4_k_m",
     "q4_k_m-im", "iq3_xxs-im", "fp16",
@@ -228,3 +240,61 @@ def preset(name: str, layers: list[LayerInfo]) -> Recipe:
     raise QenvError(f"Unknown preset {name!r}.",
                     f"use one of {', '.join(PRESET_EXAMPLES)} (rtn/gptq/awq take any bit width and -g32/-g64/-gc; "
                     f"llama.cpp mixes: {', '.join(LLAMACPP_PRESETS)}).")
+
+
+def preset_names_text() -> str:
+    """Every preset name a user can give (for error lines): the examples, the families' pattern and
+    llama.cpp's mixes."""
+    return (f"{', '.join(PRESET_EXAMPLES)} (rtn/gptq/awq-w<2..8>, optionally -g32/-g64/-gc; llama.cpp mixes: "
+            f"{', '.join(LLAMACPP_PRESETS)})")
+
+
+def parse_budget(value: str | float | int) -> float | str:
+    """A ``--budget-bpw`` value as given: a number of bits per weight, or a preset name (lower case).
+
+    The name is checked now, before any model loads, so that a typo fails in one line that lists
+    the presets; what it means in bits per weight depends on the model (:func:`resolve_budget`).
+    """
+    if isinstance(value, bool):
+        raise QenvError(f"Budget {value!r} is neither a number of bits per weight nor a preset name.",
+                        "pass e.g. 3.0 or gptq-w4.")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    name = text.lower()
+    try:
+        preset(name, [])
+    except QenvError:
+        raise QenvError(f"Budget {text!r} is neither a number of bits per weight nor a known preset.",
+                        f"pass a number (e.g. 3.0) or one of {preset_names_text()}.") from None
+    return name
+
+
+def resolve_budget(spec: str | float | int, layers: list[LayerInfo]) -> tuple[float, str | None]:
+    """``(bits per weight, preset name or None)`` of a budget on one model.
+
+    A number stays that number. A preset name (``gptq-w4``, ``q4_k_m-im``) becomes the preset's
+    exact bits per weight on these layers, counted as every recipe is counted
+    (:func:`qenv.quant.accounting.bits_per_weight`): equal-size comparisons against a human rule
+    need its own size, which differs between models (group scales on short rows, llama.cpp's
+    fallback types). A preset that costs more than keeping the model in 16-bit is refused.
+    """
+    from qenv.quant.accounting import bits_per_weight
+
+    parsed = parse_budget(spec)
+    if isinstance(parsed, float):
+        return parsed, None
+    bpw = bits_per_weight(layers, preset(parsed, layers))
+    if bpw > 16.0 + 1e-9:
+        raise QenvError(f"Budget {parsed} is {bpw:.3f} bits per weight on this model, more than keeping it in 16-bit.",
+                        "pass a smaller preset or a number of bits per weight in (0, 16].")
+    return bpw, parsed
+
+
+def budget_label(bpw: float, name: str | None = None) -> str:
+    """How tables name a budget: ``gptq-w4 (4.156 bpw)`` for a preset's size, ``3 bpw`` for a number."""
+    return f"{name} ({bpw:.3f} bpw)" if name else f"{bpw:g} bpw"

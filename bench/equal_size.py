@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""The equal-size (H1) table: searched recipes against each human preset at the preset's own size.
+
+For each model and each human preset (gptq-w3, gptq-w4, awq-w3, awq-w4 on the default menu;
+llama.cpp's q3_k_m-im, q4_k_m-im, iq3_xxs-im on ``menu="gguf"``), the budget is the preset's exact
+bits per weight on that model (:func:`qenv.quant.presets.resolve_budget`, the programs' resolver),
+and the rows are:
+
+- the preset itself;
+- greedy (one evaluation);
+- evolution (``--evaluations`` evaluations, default 128; mean ± std over ``--seeds``);
+- with ``--rl-eval``, the best RL method (bench_quality's ``rl_eval``: the RL agent trained on N − K
+  episodes, the best of K deterministic rollouts).
+
+Calibration is on text (WikiText-2 train for the WikiText models; for stories260K the first 60% of
+the TinyStories validation stories, whose last 40% are its held-out text: no story is in both), and
+every recipe is scored on held-out text: KL to the full-precision model and perplexity. The ratio is
+searched held-out KL / preset held-out KL: below 1 the searched recipe is better; every cell where
+it is worse says so.
+
+Each (model, preset) is one ``bench_quality.quality_job`` (its env, evaluator, methods and rows),
+run here in one process, one after the other, so that the presets of one model share its task.
+
+    python bench/equal_size.py --models stories260K default --out /tmp/equal --seeds 0 1 2
+    python bench/equal_size.py --models stories260K --presets gptq-w4 --evaluations 8 --seeds 0 \\
+        --n-tokens 512 --held-tokens 512 --out /tmp/eq-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import bench_quality as bq  # noqa: E402  (puts the repo on sys.path too)
+
+#: the human presets of the table; llama.cpp's mixes are searched on llama.cpp's own menu
+PRESETS: tuple[str, ...] = ("gptq-w3", "gptq-w4", "awq-w3", "awq-w4", "q3_k_m-im", "q4_k_m-im", "iq3_xxs-im")
+#: share of the TinyStories validation stories used for calibration (the rest is held out)
+TINYSTORIES_CALIB_SHARE = 0.6
+SEARCHED = ("greedy", "evolution", "rl_eval")
+
+
+def menu_of(preset_name: str) -> str | None:
+    """``"gguf"`` for llama.cpp's mixes (searched among llama.cpp's types), else the default menu."""
+    from qenv.quant.presets import LLAMACPP_PRESETS
+
+    return "gguf" if preset_name in LLAMACPP_PRESETS else None
+
+
+def text_split(model: dict[str, str], data_dir: Path, work: Path) -> tuple[str, str]:
+    """``(calibration text, held-out text)`` of a model: WikiText-2 train/test, or for a TinyStories
+    model two files of disjoint stories cut from the validation file (no train split is stored)."""
+    if model["corpus"] == "wikitext":
+        return str(data_dir / "wikitext-2" / "train.txt"), str(data_dir / "wikitext-2" / "test.txt")
+    from qenv.eval.tokens import DOCUMENT_SEPARATORS, read_text_file
+
+    source = data_dir / "tinystories" / "TinyStories-valid-first1000.txt"
+    sep = DOCUMENT_SEPARATORS[0]
+    stories = [s for s in read_text_file(source).split(sep) if s.strip()]
+    cut = int(len(stories) * TINYSTORIES_CALIB_SHARE)
+    work.mkdir(parents=True, exist_ok=True)
+    calib, held = work / "tinystories_calib.txt", work / "tinystories_held.txt"
+    calib.write_text(sep.join(stories[:cut]) + sep)
+    held.write_text(sep.join(stories[cut:]) + sep)
+    return str(calib), str(held)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (model, preset) job; returns the rows they recorded."""
+    out = Path(args.out).resolve()
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data_dir).resolve()
+    methods = ["greedy", "evolution"] + (["rl_eval"] if args.rl_eval else [])
+    deadline = time.time() + args.deadline_s
+    for entry in args.models:
+        model = bq.resolve_model(entry, data_dir)
+        model["calib"], model["held"] = text_split(model, data_dir, out / "work")
+        for name in args.presets:
+            cfg = {"model": model, "budget": name, "presets": [name], "methods": methods, "menu": menu_of(name),
+                   "deadline": deadline, "out": str(out), "data_dir": str(data_dir), "n_tokens": args.n_tokens,
+                   "seq_len": args.seq_len, "batch_size": args.batch_size, "held_tokens": args.held_tokens,
+                   "device": args.device, "dtype": "float32", "cache_dir": str(Path(args.cache_dir or out / "cache")),
+                   "seeds": args.seeds, "episodes": args.evaluations, "threads": 1, "rl_agent": args.rl_agent,
+                   "action_kind": args.action_kind, "rl_eval_points": args.rl_eval_points}
+            bq.log(f"{model['name']} at {name}'s size ({menu_of(name) or 'default'} menu)")
+            bq.quality_job(cfg)
+    return bq.load_rows(out)
+
+
+def _mean(values: list[float]) -> tuple[float, float]:
+    return bq._mean_std(values) if values else (math.nan, math.nan)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown report: what bpw counts and what calibrated, then one row per (model, preset)."""
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("kind") != "quality" or not r.get("budget_preset"):
+            continue
+        cell = cells.setdefault((r["model"], r["budget_preset"]), {"bpw": r["budget"], "rows": {}})
+        if r["method"] == "meta":
+            cell["meta"] = r
+        elif "kl" in r or r.get("error"):
+            cell["rows"].setdefault(r["method"], []).append(r)
+    lines = ["bpw counts the quantized linear layers of the blocks (codes, group scales and zero points; "
+             "embeddings, norms and an untied lm_head stay 16-bit and are not counted); the budget of each row "
+             "is the preset's own bpw on that model. KL and perplexity are on held-out text; ratio = searched "
+             "held-out KL / preset held-out KL (below 1: the searched recipe is better).", ""]
+    for model in dict.fromkeys(m for m, _ in cells):
+        meta = next((c.get("meta") for (m, _), c in cells.items() if m == model and c.get("meta")), {}) or {}
+        lines.append(f"### {model}\n")
+        lines.append(f"Calibration: {meta.get('calib_tokens')} tokens ({meta.get('calib')}); held-out: "
+                     f"{meta.get('held')}; evolution and RL: {meta.get('episodes')} evaluations.\n")
+        lines.append("| preset (its bpw) | menu | preset KL / ppl | greedy KL / ppl (ratio) | evolution KL / ppl "
+                     "(ratio) | RL (rl_eval) KL / ppl (ratio) | best searched |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for (m, name), cell in cells.items():
+            if m != model:
+                continue
+            human = (cell["rows"].get(f"preset:{name}") or [{}])[0]
+            if "held_kl" not in human:
+                lines.append(f"| {name} ({cell['bpw']:.3f}) | {menu_of(name) or 'default'} | failed: "
+                             f"{human.get('error', 'no row')} | | | | |")
+                continue
+            texts, best = [], None
+            for method in SEARCHED:
+                runs = [r for r in cell["rows"].get(method, []) if "held_kl" in r]
+                if not runs:
+                    errors = [r.get("error") for r in cell["rows"].get(method, []) if r.get("error")]
+                    texts.append(f"failed: {errors[0][:60]}" if errors else "—")
+                    continue
+                kl, ppl = _mean([r["held_kl"] for r in runs]), _mean([r["ppl"] for r in runs])
+                ratio = kl[0] / human["held_kl"] if human["held_kl"] > 0 else math.inf
+                spread = f" ± {bq.fmt_num(kl[1], 2)}" if len(runs) > 1 else ""
+                verdict = "**worse**" if ratio > 1 else "better" if ratio < 1 else "equal"
+                over = " **over budget**" if any(r.get("over_budget") for r in runs) else ""
+                texts.append(f"{bq.fmt_num(kl[0])}{spread} / {ppl[0]:.2f} ({ratio:.3g}, {verdict}){over}")
+                if best is None or ratio < best[1]:
+                    best = (method, ratio)
+            best_text = "—" if best is None else (f"{best[0]} {best[1]:.3g}" + (
+                " — **worse than the preset**" if best[1] > 1 else ""))
+            lines.append(f"| {name} ({cell['bpw']:.3f}) | {menu_of(name) or 'default'} | "
+                         f"{bq.fmt_num(human['held_kl'])} / {human['ppl']:.2f} | " + " | ".join(texts)
+                         + f" | {best_text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["stories260K", "default"],
+                   help="stories260K, default, NAME=PATH or a path (see bench_quality.py)")
+    p.add_argument("--presets", nargs="+", default=list(PRESETS))
+    p.add_argument("--evaluations", type=int, default=128, help="evaluations of evolution and the RL method")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--rl-eval", action="store_true", help="add the best RL method (bench_quality's rl_eval)")
+    p.add_argument("--rl-agent", default="maskable_ppo")
+    p.add_argument("--action-kind", default="residual")
+    p.add_argument("--rl-eval-points", type=int, default=8)
+    p.add_argument("--n-tokens", type=int, default=2048, help="calibration tokens")
+    p.add_argument("--held-tokens", type=int, default=16384, help="held-out tokens")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=str(bq.DEFAULT_DATA_DIR))
+    p.add_argument("--cache-dir", default=None, help="qenv cache (default <out>/cache)")
+    p.add_argument("--deadline-s", type=float, default=6 * 3600.0, help="no new unit after this many seconds")
+    p.add_argument("--out", required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qenv.quant.presets import parse_budget
+
+    from qenv.errors import QenvError
+
+    args = build_parser().parse_args(argv)
+    for name in args.presets:
+        try:
+            named = parse_budget(name)
+        except QenvError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(named, str):
+            print(f"error: --presets {name} is a number, not a preset. Fix: name presets, e.g. gptq-w4.",
+                  file=sys.stderr)
+            return 2
+    rows = run(args)
+    text = table(rows)
+    (Path(args.out) / "equal_size.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""bench/equal_size.py with tiny settings: a preset's own size as the budget, held-out scores, the ratio,
+and "worse" wherever the searched recipe is worse (issue 24, item 8)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from qenv import load_model
+from qenv.quant.presets import resolve_budget
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("equal_size", REPO / "bench" / "equal_size.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_equal_size_table_on_stories260k(stories_bin, tmp_path, capsys):
+    bench = load_bench()
+    data_dir = stories_bin.parents[1]
+    if not (data_dir / "tinystories" / "TinyStories-valid-first1000.txt").is_file():
+        pytest.skip("real data missing: tinystories beside the repo")
+    code = bench.main(["--models", "stories260K", "--presets", "gptq-w4", "--evaluations", "2", "--seeds", "0",
+                       "--n-tokens", "256", "--held-tokens", "256", "--seq-len", "64", "--batch-size", "8",
+                       "--device", "cpu", "--data-dir", str(data_dir), "--out", str(tmp_path)])
+    assert code == 0
+    text = (tmp_path / "equal_size.md").read_text()
+    bpw, _ = resolve_budget("gptq-w4", load_model(stories_bin, device="cpu").layers)
+    row = next(line for line in text.splitlines() if line.startswith("| gptq-w4 "))
+    assert row.startswith(f"| gptq-w4 ({bpw:.3f}) | default |")
+    assert "text:tinystories_calib.txt" in text and "tinystories_held.txt" in text
+    # the calibration and held-out stories are disjoint files cut from one corpus
+    calib = (tmp_path / "work" / "tinystories_calib.txt").read_text()
+    held = (tmp_path / "work" / "tinystories_held.txt").read_text()
+    assert held[:200] not in calib
+    rows = {r["method"]: r for r in bench.bq.load_rows(tmp_path) if r.get("budget_preset") == "gptq-w4"}
+    human = rows["preset:gptq-w4"]
+    assert human["bpw"] == pytest.approx(bpw) and human["budget"] == pytest.approx(bpw)
+    for method in ("greedy", "evolution"):
+        assert rows[method]["bpw"] <= bpw + 1e-9  # searched at the preset's own size
+        ratio = rows[method]["held_kl"] / human["held_kl"]
+        cell = re.search(rf"\({ratio:.3g}, (\*\*worse\*\*|better|equal)\)", row)
+        assert cell is not None, (method, ratio, row)
+        assert (cell.group(1) == "**worse**") == (ratio > 1)
+
+
+def test_unknown_preset_is_one_line(tmp_path, capsys):
+    code = load_bench().main(["--presets", "no-such-preset", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "gptq-w4" in err[0]
+
+
+def test_calibration_agreement_counts_rank_order():
+    """bench/calib_agreement.py's measure of whether the calibration ranking is the held-out one."""
+    spec = importlib.util.spec_from_file_location("calib_agreement", REPO / "bench" / "calib_agreement.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    same = module.agreement([0.1, 0.2, 0.3], [1.0, 2.0, 3.0])
+    assert same["spearman"] == pytest.approx(1.0) and same["pairs_alike"] == 1.0 and same["best_agrees"]
+    swapped = module.agreement([0.1, 0.2, 0.3], [1.0, 3.0, 2.0])
+    assert swapped["spearman"] == pytest.approx(0.5) and swapped["pairs_alike"] == pytest.approx(2 / 3)
+    flipped = module.agreement([0.1, 0.2, 0.3], [3.0, 2.0, 1.0])
+    assert flipped["spearman"] == pytest.approx(-1.0) and not flipped["best_agrees"]
+    assert flipped["held_rank_of_calib_best"] == 3

@@ -1,0 +1,117 @@
+"""EvoPress-style evolution (issue 24 item 3): level switches at constant size, multi-step selection,
+seeded with the best start. Real model (stories260K), real evaluator; budget = uniform gptq-w4's bpw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qenv.agents import make_agent
+from qenv.agents.base import score_recipe
+from qenv.agents.searchers import EvolutionSearch
+from qenv.envs.quant_llm import QuantLLMEnv
+from qenv.errors import QenvError
+from qenv.models.loading import load_model
+from qenv.quant.accounting import bits_per_weight
+from qenv.quant.presets import preset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def env(stories_bin, tmp_path_factory):
+    """512 calibration tokens in 8 batches of one sequence: stages of 1/8 and 1/2 of the tokens are
+    1 and 4 batches."""
+    loaded = load_model(str(stories_bin), device="cpu")
+    budget = bits_per_weight(loaded.layers, preset("gptq-w4", loaded.layers))
+    return QuantLLMEnv(str(stories_bin), budget_bpw=budget, n_tokens=512, seq_len=64, batch_size=1, device="cpu",
+                       cache_dir=tmp_path_factory.mktemp("qenv-cache"))
+
+
+def uniform_gptq_w4(agent: EvolutionSearch) -> np.ndarray:
+    return np.array(next(c.choice for c in agent.start_candidates() if c.label == "gptq-w4"))
+
+
+def test_level_switches_keep_the_size_of_uniform_gptq_w4(env):
+    """From uniform gptq-w4 (exactly the budget), one level switch raises a layer to w5 and lowers a
+    layer of the same shape to gptq-w3: the same bits, moved. Every child meets the budget."""
+    agent = make_agent("evolution", env, seed=0, knob_rate=0.0, max_mutations=1)
+    parent = uniform_gptq_w4(agent)
+    agent.population = [(0.0, tuple(int(j) for j in parent))]
+    shapes = [(i.out_features, i.in_features) for i in env.unwrapped.task.layers]
+    for _ in range(40):
+        child = agent._child()
+        assert child is not None
+        changed = np.flatnonzero(child != parent)
+        assert len(changed) == 2 and shapes[changed[0]] == shapes[changed[1]]
+        bits = [agent.rules[child[i]].bits - agent.rules[parent[i]].bits for i in changed]
+        assert sorted(bits) == [-1, 1]
+        assert agent._total(child) == agent._total(parent)  # exactly constant size
+    agent = make_agent("evolution", env, seed=1, knob_rate=0.5, max_mutations=3)
+    agent.population = [(0.0, tuple(int(j) for j in parent))]
+    children = [agent._child() for _ in range(60)]
+    assert all(agent.feasible(c) for c in children if c is not None)
+    # knob switches: a layer moves to another rule of its width (GPTQ to AWQ or RTN: the same bits here)
+    assert any(c is not None and any(c[i] != parent[i] and agent.rules[c[i]].bits == 4 for i in range(len(c)))
+               for c in children)
+
+
+def test_moves_across_sizes_when_no_two_layers_share_a_shape(env):
+    agent = make_agent("evolution", env, seed=0, knob_rate=0.0)
+    agent._groups = []  # as on a model whose layers all differ in shape: EvoPress's group_rule="none"
+    parent = uniform_gptq_w4(agent)
+    agent.population = [(0.0, tuple(int(j) for j in parent))]
+    children = [agent._child() for _ in range(30)]
+    made = [c for c in children if c is not None]
+    assert made and all(agent.feasible(c) for c in made)
+
+
+def test_multi_step_selection_promotes_the_best_of_each_stage(env):
+    agent = make_agent("evolution", env, seed=0)
+    assert agent.n_batches == 8 and agent._stages == [(1, 4), (4, 1)] and agent.survivors == 1
+    parent = uniform_gptq_w4(agent)
+    agent.population = [(0.0, tuple(int(j) for j in parent))]
+    agent._limit = 100.0
+    children = []
+    while len(children) < 8:
+        child = agent._child()
+        if child is not None and tuple(child) not in children:
+            children.append(tuple(int(j) for j in child))
+    chosen = agent._select(children, agent._stages)
+    inner = env.unwrapped
+    first = [score_recipe(inner, agent._recipe_of(c), max_batches=1)[0] for c in children]
+    top4 = [children[k] for k in sorted(range(8), key=lambda k: (-first[k], k))[:4]]
+    second = [score_recipe(inner, agent._recipe_of(c), max_batches=4)[0] for c in top4]
+    assert chosen == [top4[int(np.argmax(second))]]
+    assert agent.screenings == 8 + 4 and agent.spent == pytest.approx(8 * 1 / 8 + 4 * 4 / 8)
+
+
+def test_evolution_starts_from_the_best_start_and_improves_on_its_own_tokens(env):
+    n = len(env.unwrapped.task.layers)
+    agent = make_agent("evolution", env, seed=0).learn(40 * n)
+    start = agent.start
+    assert start.complete and agent.history[len(start.measured) - 1] == pytest.approx(start.score)
+    assert agent.best_reward >= start.score
+    assert agent.population[0][0] == agent.best_reward and len(agent.population) == 1  # (1 + λ), elitist
+    assert {b for _, b in agent._screened} == {1, 4}
+    assert agent.spent == pytest.approx(agent.evaluations + sum(b / 8 for _, b in agent._screened)) and agent.spent <= 40
+    assert agent.feasible(np.array(agent._best_choice()))
+
+
+def test_stage_settings(env):
+    agent = make_agent("evolution", env, seed=0, stages=((0.1, 8), (0.12, 3), (0.6, 2), (1.0, 1)))
+    assert agent._stages == [(1, 3), (5, 2)]  # shares round to batches; equal ones merge; all batches: dropped
+    assert make_agent("evolution", env, screen_batches=2, survivors=3)._stages == [(2, 3)]
+    assert make_agent("evolution", env, screen_batches=0)._stages == []
+    assert make_agent("evolution", env, survivors=2)._stages == [(1, 4), (4, 2)]
+    with pytest.raises(QenvError, match="token fraction"):
+        make_agent("evolution", env, stages=((1.5, 2),))
+    with pytest.raises(QenvError, match="population=0"):
+        make_agent("evolution", env, population=0)
