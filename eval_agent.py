@@ -801,6 +801,7 @@ def _body(argv: list[str] | None) -> int:
         raise QenvError(f"--budget-bpw {budget_flag} and --env-kwargs budget_bpw={given['budget_bpw']} disagree.",
                         "give the budget once.")
     calib_flag = None if not args.calib_data else [str(Path(d).expanduser().resolve()) for d in args.calib_data]
+    args.calib_data = calib_flag  # resolved: results.json records it (evaluate_all)
     for key, flag, value in (("device", "--device", args.device), ("n_tokens", "--n-tokens", args.n_tokens),
                              ("budget_bpw", "--budget-bpw", budget_flag if isinstance(budget_flag, float) else None),
                              ("data", "--calib-data", None if calib_flag is None else
@@ -910,7 +911,7 @@ def evaluate_all(args: Any, run: dict[str, Any], policy: Path, agent_name: str, 
                   + rollup(rows))
     payload = {"policy": str(policy), "agent": agent_name, "run": str(run["folder"]),
                "budget_bpw": None if isinstance(budget, str) else budget,
-               "budget_preset": budget if isinstance(budget, str) else None, "calib_data": calib_flag,
+               "budget_preset": budget if isinstance(budget, str) else None, "calib_data": args.calib_data,
                "search_evals": args.search_evals, "seed": args.seed, "held_out": list(args.data or []),
                "train_models": run["train_models"], "init_from": run.get("init_from"),
                "zero_shot": [r["model"] for r in results if r["status"] == "zero-shot"],
