@@ -263,7 +263,7 @@ def test_relative_observation_reads_no_scale_of_its_own(stories_bin):
     full = make("tiny-gpt2")
     rel = make("tiny-gpt2", observation="relative")
     layers = rel.task.layers
-    static = rel._static[id(rel.task)]
+    static = rel.task.relative_static
     for name in _CENTRED:
         j = STATIC_NAMES.index(name)
         assert np.median(static[:, j]) == pytest.approx(0.0, abs=1e-6)

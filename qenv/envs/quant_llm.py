@@ -37,7 +37,7 @@ from qenv.envs.allocation import LagrangianSuffix, fill_budget, greedy_allocatio
 from qenv.envs.features import (ACTION_NAMES, OBS_LIMIT, OBSERVATION_KINDS, ladder_rules, model_relative,
                                 observation_size, relative_static, rung_gains, static_features)
 from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
-from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper, check_finite_action
+from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel, check_context, load_model
 from qenv.quant.accounting import fallbacks, input_groups, rule_bpw, rule_text
@@ -78,6 +78,8 @@ class ModelTask:
     _ladder_gains: np.ndarray | None = None
     _menu_table: LagrangianSuffix | None = None
     _numel: np.ndarray | None = None
+    _relative_static: np.ndarray | None = None
+    in_budget: dict[float, Metrics] = field(default_factory=dict)
 
     @property
     def total_weights(self) -> int:
@@ -91,6 +93,28 @@ class ModelTask:
         if budget_bpw not in self.references:
             self.references[budget_bpw] = uniform_frontier(self.evaluator, budget_bpw)
         return self.references[budget_bpw]
+
+    @property
+    def relative_static(self) -> np.ndarray:
+        """The static entries of ``observation="relative"`` (and ``"actions"``): no scale of the model's
+        own (:func:`~qenv.envs.features.relative_static`; computed once, kept on the task so that a
+        copied or unpickled env finds it with its task)."""
+        if self._relative_static is None:
+            self._relative_static = relative_static(self.static, self.layers)
+        return self._relative_static
+
+    def in_budget_metrics(self, budget_bpw: float) -> Metrics:
+        """The metrics of one recipe within the budget that the ``penalty`` budget mode caps every
+        over-budget recipe's fidelity at: the widest uniform RTN width at or under the budget, or,
+        when none fits, the menu's cheapest rule on every layer (evaluated once per budget)."""
+        if budget_bpw not in self.in_budget:
+            below, _ = bracketing_widths(self.evaluator, budget_bpw)
+            if below is not None:
+                recipe = dict(uniform(self.layers, rtn(below[1])))
+            else:
+                recipe = {info.name: self.rules[int(j)] for info, j in zip(self.layers, self.costs.argmin(axis=1))}
+            self.in_budget[budget_bpw] = self.evaluator.evaluate(recipe)
+        return self.in_budget[budget_bpw]
 
     @property
     def numel(self) -> np.ndarray:
@@ -674,9 +698,6 @@ class QuantLLMEnv(gym.Env):
                         + (", train the models that cannot meet it separately," if zoo else "")
                         + " or add cheaper rules to the menu.",
                     )
-        # the static entries each model's observations start with ("relative": no scale of its own)
-        self._static = {id(task): task.static if observation == "full" else relative_static(task.static, task.layers)
-                        for task in self.tasks}
         self.task = self.tasks[0]
         self._reset_episode()
 
@@ -733,7 +754,9 @@ class QuantLLMEnv(gym.Env):
             episode[-1] = math.log10(max(episode[-1] * (n - self.index), 1e-6)) / 2.0
         if self.observation_kind == "actions":
             episode += self._action_entries() if self.index < n else [0.0] * len(ACTION_NAMES)
-        obs = np.concatenate([self._static[id(task)][i], np.asarray(episode, dtype=np.float32)])
+        # the static entries of the model ("relative": no scale of its own)
+        static = task.static if self.observation_kind == "full" else task.relative_static
+        obs = np.concatenate([static[i], np.asarray(episode, dtype=np.float32)])
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
     def _action_entries(self) -> list[float]:
@@ -907,28 +930,53 @@ class QuantLLMEnv(gym.Env):
         self.inherited += 1
         return _replace(rule, act_scale=chosen.act_scale), True
 
-    # -- gymnasium API ---------------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        options = options or {}
+    #: the keys ``reset(options=...)`` reads
+    RESET_OPTIONS: tuple[str, ...] = ("model_index", "budget_bpw")
+
+    def _check_reset(self, seed: Any, options: Any) -> tuple[int | None, float | None]:
+        """The seed, model index and budget a ``reset`` asks for, or a clear error before anything
+        changes: a refused reset leaves the env (and gymnasium's wrappers around it) as it was."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise QenvError(f"reset(seed={seed!r}) is not a seed.", "pass a whole number of at least 0, or None.")
+        if options is None:
+            return None, None
+        if not isinstance(options, dict):
+            raise QenvError(f"reset(options={options!r}) is not a dict.",
+                            f"pass a dict with any of the keys {list(self.RESET_OPTIONS)}, or None.")
+        unknown = sorted(str(k) for k in options if k not in self.RESET_OPTIONS)
+        if unknown:
+            raise QenvError(f"reset(options=...) has unknown key(s) {unknown}.",
+                            f"use only {list(self.RESET_OPTIONS)}.")
+        index = None
         if "model_index" in options:
             index = options["model_index"]
             if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(self.tasks):
                 raise QenvError(f"reset(options={{'model_index': {index!r}}}) names no model: this environment has "
                                 f"{len(self.tasks)} model(s), numbered from 0.",
                                 f"pass a model_index from 0 to {len(self.tasks) - 1}.")
-            self.task = self.tasks[int(index)]
-        elif len(self.tasks) > 1:
-            self.task = self.tasks[int(self.np_random.integers(len(self.tasks)))]
+            index = int(index)
+        budget = None
         if "budget_bpw" in options:
-            budget = options["budget_bpw"]
+            asked = options["budget_bpw"]
             known = (*self.budgets, self.nominal_budget_bpw)
-            match = [b for b in known if _is_number(budget) and abs(float(budget) - b) <= 1e-6]
+            match = [b for b in known if _is_number(asked) and abs(float(asked) - b) <= 1e-6]
             if not match:
-                raise QenvError(f"reset(options={{'budget_bpw': {budget!r}}}) is not one of this environment's "
+                raise QenvError(f"reset(options={{'budget_bpw': {asked!r}}}) is not one of this environment's "
                                 f"budgets {sorted(set(known))} (budget_bpw and budgets).",
                                 "pass one of them, or make the environment with it.")
-            self.budget_bpw = match[0]
+            budget = match[0]
+        return index, budget
+
+    # -- gymnasium API ---------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        index, budget = self._check_reset(seed, options)
+        super().reset(seed=None if seed is None else int(seed))
+        if index is not None:
+            self.task = self.tasks[index]
+        elif len(self.tasks) > 1:
+            self.task = self.tasks[int(self.np_random.integers(len(self.tasks)))]
+        if budget is not None:
+            self.budget_bpw = budget
         elif self._sample_budgets:
             self.budget_bpw = self.budgets[int(self.np_random.integers(len(self.budgets)))]
         self._reset_episode()
@@ -944,7 +992,7 @@ class QuantLLMEnv(gym.Env):
         capped = False
         reward = 0.0
         if self.mapper.stateful:
-            check_finite_action(action)
+            self.mapper.check_action(action)
             choice = self._menu_choice(action)
             if kind == "residual" and self.plan is not None and choice != int(self.plan[self.index]):
                 if self._deviations_spent():  # an agent without masks asked for one more: the plan instead
@@ -1044,8 +1092,14 @@ class QuantLLMEnv(gym.Env):
         fidelity = fidelity_reward(self.reward_kind, metrics, ref)
         size = self.size_weight * (self.budget_bpw - metrics.bpw) / self.budget_bpw
         penalty = 0.0
-        if self.budget_mode == "penalty":
-            penalty = self.penalty_weight * max(0.0, metrics.bpw - self.budget_bpw)
+        over = max(0.0, metrics.bpw - self.budget_bpw)
+        if self.budget_mode == "penalty" and over > 0:
+            # the bits over budget are charged, and the fidelity gained over an in-budget recipe is
+            # forfeited: an over-budget recipe then scores below that recipe (its fidelity is at most
+            # the in-budget one's, its size term negative, its charge positive) whatever the weight,
+            # so breaking the budget never pays (8 bits everywhere would otherwise out-score greedy)
+            floor = fidelity_reward(self.reward_kind, task.in_budget_metrics(self.budget_bpw), ref)
+            penalty = self.penalty_weight * over + max(0.0, fidelity - floor)
         reward = fidelity + size - penalty
         info = {
             "model": task.name, "bpw": metrics.bpw, "model_bytes": metrics.model_bytes,
@@ -1058,6 +1112,8 @@ class QuantLLMEnv(gym.Env):
             "fallback": fallbacks(task.layers, recipe),
             "recipe_rules": {info.name: recipe[info.name].to_dict() for info in task.layers if info.name in recipe},
         }
+        if self.budget_mode == "penalty":
+            info["budget_penalty"] = penalty
         return reward, info
 
     def close(self) -> None:

@@ -166,6 +166,34 @@ class ActionMapper:
             else:
                 self.space = spaces.MultiDiscrete([len(k) for k in self.knobs])
 
+    def check_action(self, action: Any) -> np.ndarray:
+        """``action`` as an array of this kind's space, or a clear error: an action the space does
+        not contain is refused, never rounded or cut (``2.7``, ``-0.5``, ``[3, 99]``, ``1+0j`` for a
+        Discrete space; ``[1.9] * 4`` for a MultiDiscrete one; a Box vector of the wrong length or
+        outside its bounds). Numpy integers and 0-d arrays, as SB3 passes them, are whole numbers;
+        a single-entry vector counts as its entry."""
+        space = self.space
+        raw = np.asarray(action)
+        # NaN and inf say the policy diverged (check_finite_action's message); other non-reals are refused below
+        raw = check_finite_action(raw) if raw.dtype.kind in "iufb" else raw
+        whole = raw.dtype.kind in "iu"  # bools and floats are not indices, even 2.0 (gymnasium agrees)
+        if isinstance(space, spaces.Discrete):
+            ok = whole and raw.ndim <= 1 and raw.size == 1 and space.contains(int(raw.reshape(-1)[0]))
+            need = f"one whole number from 0 to {int(space.n) - 1}"
+        elif isinstance(space, spaces.MultiDiscrete):
+            ok = whole and raw.shape == space.shape and bool(np.all(raw >= 0)) and bool(np.all(raw < space.nvec))
+            need = f"{len(space.nvec)} whole numbers, each from 0 to its knob's count - 1 ({space.nvec.tolist()})"
+        else:
+            box: spaces.Box = space  # type: ignore[assignment]
+            values = raw.reshape(-1)
+            ok = raw.dtype.kind in "iuf" and raw.ndim <= 1 and values.size == box.low.size \
+                and bool(np.all(values >= box.low - 1e-6)) and bool(np.all(values <= box.high + 1e-6))
+            need = f"{box.low.size} real number(s) in [{float(box.low.min()):g}, {float(box.high.max()):g}]"
+        if not ok:
+            raise QenvError(f"Action {action!r} is not in the {self.kind} action space {space}.",
+                            f"pass {need}; an action outside the space is refused, not rounded.")
+        return raw
+
     @property
     def stateful(self) -> bool:
         """True when an action's rule depends on the episode (relative, residual, allocation)."""
@@ -203,7 +231,7 @@ class ActionMapper:
         if self.stateful:
             raise QenvError(f"A {self.kind!r} action has no rule of its own: it is read against the episode's state.",
                             "step the environment with it (env.step), or use a discrete/multidiscrete/continuous/rule env.")
-        raw = check_finite_action(action)
+        raw = self.check_action(action)
         if self.kind == "discrete":
             index = int(raw.reshape(-1)[0])
             if not 0 <= index < len(self.menu):
