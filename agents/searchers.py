@@ -33,7 +33,7 @@ in-process evaluation (``pool=None``), in the same order.
 - ``llamacpp``: llama.cpp's own mixes (:mod:`qenv.quant.presets`, quantized by llama.cpp), the
   largest that fits, else the nearest.
 - ``greedy``: HAWQ-style allocation: every layer starts at its cheapest rule; the upgrade with the
-  largest drop in measured output error (:func:`qenv.envs.features.output_error` × layer size)
+  largest drop in measured output error (:func:`qenv.eval.sensitivity.output_error` × layer size)
   per extra bit is applied until nothing fits. One evaluation.
 - ``random``: random budget-feasible recipes (layers visited in random order, each picking
   uniformly among the rules that leave the rest feasible); keeps the best.
@@ -60,9 +60,10 @@ import torch
 
 from qenv.agents.base import base_env, layer_index_of, play_episode, recipe_of, rule_to_action, score_recipe
 from qenv.callbacks import report_scored_episode
-from qenv.envs.allocation import greedy_allocation, rule_errors
+from qenv.envs.allocation import greedy_allocation
 from qenv.envs.spaces import RULE_KINDS
 from qenv.errors import QenvError
+from qenv.eval.sensitivity import rule_errors
 from qenv.io import read_json, write_json_atomic
 from qenv.quant.presets import LLAMACPP_PRESETS, preset
 from qenv.quant.rules import Recipe, Rule

@@ -195,11 +195,11 @@ def test_close_releases_the_model(stories_bin):
     import gc
     import weakref
 
-    from qenv.envs import quant_llm
+    from qenv.envs import task as env_task
 
     env = gym.make("QuantLLM-v0", model=str(stories_bin), seed=5, **SMALL)
     model = weakref.ref(env.unwrapped.task.loaded.model)
-    assert any(task is env.unwrapped.task for task in quant_llm._TASKS.values())
+    assert any(task is env.unwrapped.task for task in env_task._TASKS.values())
     env.close()
     del env
     gc.collect()
