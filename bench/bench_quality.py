@@ -1472,7 +1472,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return report(args)
     from qenv.cli.common import parse_key_values
-    from qenv.envs.quant_llm import RESIDUAL_ONLY, QuantLLMEnv, check_env_arguments
+    from qenv.envs.config import RESIDUAL_ONLY, check_env_arguments
+    from qenv.envs.quant_llm import QuantLLMEnv
     from qenv.errors import QenvError
 
     # set by this benchmark itself (per model, budget and method, or by its own flags)

@@ -161,7 +161,7 @@ def check_env_kwargs(env_kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     if unknown:
         raise QenvError(f"{where}: unknown environment argument(s) {unknown}.", f"use only {known}.")
     out = {k: _convert_value(k, v, where) for k, v in env_kwargs.items()}
-    from qenv.envs.quant_llm import check_env_arguments
+    from qenv.envs.config import check_env_arguments
 
     try:
         check_env_arguments(out)

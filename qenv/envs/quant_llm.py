@@ -17,7 +17,6 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import replace as _replace
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -25,132 +24,18 @@ import numpy as np
 from gymnasium import spaces
 
 from qenv.envs.allocation import fill_budget, greedy_allocation
-from qenv.envs.features import ACTION_NAMES, OBS_LIMIT, OBSERVATION_KINDS, model_relative, observation_size
+from qenv.envs.config import RENDER_MODES, EnvConfig, is_number, check_env_arguments
+from qenv.envs.features import ACTION_NAMES, OBS_LIMIT, model_relative, observation_size
 from qenv.envs.render import recipe_image, recipe_table
 from qenv.envs.reward import check_reward_kind, fidelity_reward
-from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
+from qenv.envs.spaces import MASKABLE_KINDS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
 from qenv.envs.task import _TASKS, build_task
 from qenv.errors import QenvError
 from qenv.eval.evaluator import Metrics, Stream, stage_of
 from qenv.models.layers import LayerInfo
-from qenv.models.loading import DEFAULT_MODEL, LoadedModel
+from qenv.models.loading import LoadedModel
 from qenv.quant.accounting import fallbacks, rule_text
 from qenv.quant.rules import Rule, layer_bits
-
-BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
-REPLANS: tuple[str, ...] = ("lagrangian", "greedy", "fresh")  # the residual kind's re-plan after a deviation
-LADDERS: tuple[str, ...] = ("menu", "frontier")  # what the residual kind's shifts step along
-#: arguments only the residual action kind takes (with observation="actions"): an env of another
-#: kind made from a residual run's settings (e.g. the searchers' menu env) leaves them out
-RESIDUAL_ONLY: tuple[str, ...] = ("max_deviations", "deviation_cost", "replan", "ladder")
-
-
-def _check_numbers(**values: Any) -> None:
-    """Counts must be whole numbers (at least 1; the seed at least 0) and weights finite numbers: a
-    value of the wrong type (e.g. ``n_tokens=abc`` from a command line) is a clear error here, not
-    a ``TypeError`` deep in token sampling."""
-    examples = {"n_tokens": 2048, "seq_len": 128, "batch_size": 8, "seed": 0}
-    for key, value in values.items():
-        if key in examples:
-            low = 0 if key == "seed" else 1
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise QenvError(f"{key}={value!r} must be a whole number of at least {low}.",
-                                f"pass e.g. {key}={examples[key]}.")
-        elif isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(value):
-            raise QenvError(f"{key}={value!r} must be a number.", f"pass e.g. {key}=1.0.")
-
-
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
-        and bool(np.isfinite(value))
-
-
-def _is_path_like(value: Any) -> bool:
-    return isinstance(value, (str, Path)) and str(value).strip() != ""
-
-
-def check_env_arguments(arguments: dict[str, Any]) -> None:
-    """Check the types and values of the environment's arguments that are given (others are skipped).
-
-    The environment calls it first thing, and the programs call it on ``--env-kwargs`` and config
-    files before anything slow, so a value of the wrong type (``include_lm_head="maybe"``, which
-    Python would count as true) or out of range (``weight_cache_gib=-1``) is a one-line error, not
-    a silent misreading or a traceback later.
-    """
-    from qenv.envs.spaces import ACTION_SPACE_KINDS
-    from qenv.envs.reward import REWARD_KINDS
-
-    def fail(key: str, value: Any, need: str, example: str) -> None:
-        raise QenvError(f"{key}={value!r} {need}.", f"pass e.g. {key}={example}.")
-
-    for key, value in arguments.items():
-        if key == "model":
-            items = value if isinstance(value, (list, tuple)) else [value]
-            if not items or not all(_is_path_like(v) or isinstance(v, LoadedModel) for v in items):
-                fail(key, value, "must be a model spec (a path, hub id or built-in name) or a list of them", "default")
-        elif key == "data":
-            items = value if isinstance(value, (list, tuple)) else [value]
-            if value is not None and (not items or not all(_is_path_like(v) for v in items)):
-                fail(key, value, "must be a text file path or a list of them", "train.txt")
-        elif key == "budget_bpw":
-            if not _is_number(value) or not 0 < value <= 16:
-                raise QenvError(f"budget_bpw={value!r} is out of range.", "use a number of bits per weight in (0, 16].")
-        elif key in ("dense_weight", "shaping_weight", "size_weight", "penalty_weight", "deviation_cost"):
-            if not _is_number(value) or value < 0:
-                fail(key, value, "must be a number of at least 0", "1.0")
-        elif key == "weight_cache_gib":  # None: sized from free memory; too small for a recipe: QuantizedWeights says so
-            if value is not None and (not _is_number(value) or value < 0):
-                fail(key, value, "must be a number of at least 0", "8 (or leave it unset to size it from free memory)")
-        elif key == "prebuild":
-            if value is not None and not isinstance(value, (bool, np.bool_)):
-                fail(key, value, "must be true or false", "true")
-        elif key in ("n_tokens", "seq_len", "batch_size", "seed"):
-            low = {"seed": 0, "seq_len": 2}.get(key, 1)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise QenvError(f"{key}={value!r} must be a whole number of at least {low}.",
-                                f"pass e.g. {key}={ {'n_tokens': 2048, 'seq_len': 128, 'batch_size': 8, 'seed': 0}[key]}.")
-        elif key == "include_lm_head":
-            if not isinstance(value, (bool, np.bool_)):
-                fail(key, value, "must be true or false", "true")
-        elif key == "action_kind":
-            if value not in ACTION_SPACE_KINDS:
-                raise QenvError(f"Unknown action space kind {value!r}.", f"use one of {ACTION_SPACE_KINDS}.")
-        elif key == "budgets":
-            items = list(value) if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) == 1 else None
-            if value is not None and (not items or not all(_is_number(b) and 0 < b <= 16 for b in items)):
-                fail(key, value, "must be a list of budgets in bits per weight, each in (0, 16]", "[2.5, 3.0, 3.5, 4.0]")
-        elif key == "max_deviations":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
-                fail(key, value, "must be a whole number of at least 0 (or unset: no limit)", "6")
-        elif key == "observation":
-            if value not in OBSERVATION_KINDS:
-                raise QenvError(f"Unknown observation kind {value!r}.", f"use one of {OBSERVATION_KINDS}.")
-        elif key == "reward":
-            if value not in REWARD_KINDS:
-                raise QenvError(f"Unknown reward {value!r}.", f"use one of {REWARD_KINDS}.")
-        elif key in ("budget_mode", "replan", "ladder"):
-            options = {"budget_mode": BUDGET_MODES, "replan": REPLANS, "ladder": LADDERS}[key]
-            if value not in options:
-                raise QenvError(f"Unknown {key} {value!r}.", f"use one of {options}.")
-        elif key == "render_mode":
-            if value is not None and value not in QuantLLMEnv.metadata["render_modes"]:
-                raise QenvError(f"render_mode={value!r} is not supported: the environment draws no window.",
-                                "use render_mode='ansi' (a text table) or 'rgb_array' (an image), or leave it unset.")
-        elif key in ("device", "dtype"):
-            import torch
-
-            if value is not None and not isinstance(value, (str, torch.device, torch.dtype)):
-                fail(key, value, "must be a name", "cpu" if key == "device" else "float32")
-        elif key == "cache_dir":
-            if value is not None and not isinstance(value, bool) and not _is_path_like(value):
-                fail(key, value, "must be a folder, or false to cache nothing", "false")
-        elif key == "menu":
-            named = isinstance(value, str) and value.lower() in MENUS  # menu="gguf"
-            if value is not None and not named and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
-                raise QenvError("The rule menu must be a list of rules or one of "
-                                f"{sorted(MENUS)}.", "pass e.g. menu='gguf' or menu=[{'bits': 4}, {'bits': 8}].")
-
 
 class QuantLLMEnv(gym.Env):
     """Pick a survival rule for each quantizable layer of a causal LM, under a bits-per-weight budget.
@@ -305,102 +190,58 @@ class QuantLLMEnv(gym.Env):
     ``TimeLimit`` wrapper could only cut real episodes short.
     """
 
-    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}
 
-    def __init__(
-        self,
-        model: str | LoadedModel | Sequence[str | LoadedModel] = DEFAULT_MODEL,
-        budget_bpw: float = 3.0,
-        action_kind: str = "discrete",
-        menu: Sequence[Rule | dict[str, Any]] | None = None,
-        reward: str = "kl",
-        dense_weight: float = 0.0,
-        shaping_weight: float = 0.0,
-        size_weight: float = 0.0,
-        budget_mode: str = "hard",
-        penalty_weight: float = 1.0,
-        data: str | Sequence[str] | None = None,
-        n_tokens: int = 2048,
-        seq_len: int = 128,
-        batch_size: int = 8,
-        device: str | None = None,
-        dtype: str | None = None,
-        seed: int = 0,
-        include_lm_head: bool = False,
-        cache_dir: str | Path | None | bool = None,
-        weight_cache_gib: float | None = None,
-        prebuild: bool | None = None,
-        observation: str = "full",
-        budgets: Sequence[float] | None = None,
-        max_deviations: int | None = None,
-        deviation_cost: float = 0.0,
-        replan: str = "lagrangian",
-        ladder: str = "menu",
-        render_mode: str | None = None,
-    ) -> None:
+    def __init__(self, config: EnvConfig | str | LoadedModel | Sequence[str | LoadedModel] | None = None, *,
+                 render_mode: str | None = None, **kwargs: Any) -> None:
+        """``QuantLLMEnv(config)``, or ``QuantLLMEnv(**kwargs)`` with :class:`EnvConfig`'s fields as
+        keyword arguments (what ``gym.make("QuantLLM-v0", budget_bpw=2.5)`` passes); keyword
+        arguments next to a config replace its fields. A first argument that is not a config is
+        the model (``QuantLLMEnv("tiny-llama", budget_bpw=2.5)``)."""
         super().__init__()
-        check_env_arguments({k: v for k, v in locals().items() if k not in ("self", "__class__")})
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise QenvError(f"Unknown render_mode {render_mode!r}.", "use 'ansi', 'rgb_array' or leave it unset.")
-        if not _is_number(budget_bpw) or not 0 < budget_bpw <= 16:
-            raise QenvError(f"budget_bpw={budget_bpw!r} is out of range.", "use a number of bits per weight in (0, 16].")
-        if budget_mode not in BUDGET_MODES:
-            raise QenvError(f"Unknown budget_mode {budget_mode!r}.", f"use one of {BUDGET_MODES}.")
-        _check_numbers(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                       dense_weight=dense_weight, size_weight=size_weight, penalty_weight=penalty_weight,
-                       shaping_weight=shaping_weight, deviation_cost=deviation_cost,
-                       **({} if weight_cache_gib is None else {"weight_cache_gib": weight_cache_gib}))
-        self.reward_kind = check_reward_kind(reward)
+        if render_mode is not None and render_mode not in RENDER_MODES:
+            check_env_arguments({"render_mode": render_mode})
+        if isinstance(config, EnvConfig):
+            config = dataclasses.replace(config, **kwargs) if kwargs else config
+        else:
+            if config is not None:
+                kwargs = {"model": config, **kwargs}
+            config = EnvConfig.from_kwargs(**kwargs)
+        self.config = config
+        self.reward_kind = check_reward_kind(config.reward)
         self.render_mode = render_mode
-        self.budget_bpw = float(budget_bpw)
+        self.budget_bpw = float(config.budget_bpw)
         self.nominal_budget_bpw = self.budget_bpw
         # the budgets episodes sample from (budget_bpw until the first reset, or when only it is given)
-        self.budgets: tuple[float, ...] = (self.budget_bpw,) if budgets is None else tuple(float(b) for b in budgets)
-        self._sample_budgets = budgets is not None
-        self.budget_mode = budget_mode
-        self.dense_weight = float(dense_weight)
-        self.shaping_weight = float(shaping_weight)
-        self.size_weight = float(size_weight)
-        self.penalty_weight = float(penalty_weight)
-        self.mapper = ActionMapper(action_kind, menu)
+        self.budgets: tuple[float, ...] = (self.budget_bpw,) if config.budgets is None else config.budgets
+        self._sample_budgets = config.budgets is not None
+        self.budget_mode = config.budget_mode
+        self.dense_weight = float(config.dense_weight)
+        self.shaping_weight = float(config.shaping_weight)
+        self.size_weight = float(config.size_weight)
+        self.penalty_weight = float(config.penalty_weight)
+        self.mapper = ActionMapper(config.action_kind, config.menu)
         self.action_space = self.mapper.space
-        self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(observation_size(observation),),
+        self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(observation_size(config.observation),),
                                             dtype=np.float32)
-        self.observation_kind = observation
-        if observation == "actions" and action_kind != "residual":
-            raise QenvError(f"observation='actions' describes the residual kind's actions, not those of the "
-                            f"{action_kind} kind.",
-                            "use action_kind='residual', or observation='relative'.")
-        if max_deviations is not None and action_kind != "residual":
-            raise QenvError(f"max_deviations={max_deviations} applies to the residual action kind, not {action_kind!r}.",
-                            "use action_kind='residual', or leave max_deviations unset.")
-        self.max_deviations = max_deviations
-        if deviation_cost and action_kind != "residual":
-            raise QenvError(f"deviation_cost={deviation_cost} applies to the residual action kind, not {action_kind!r}.",
-                            "use action_kind='residual', or leave deviation_cost at 0.")
-        self.deviation_cost = float(deviation_cost)
-        for key, value, default in (("replan", replan, "lagrangian"), ("ladder", ladder, "menu")):
-            if value != default and action_kind != "residual":
-                raise QenvError(f"{key}={value!r} applies to the residual action kind, not {action_kind!r}.",
-                                f"use action_kind='residual', or leave {key} unset.")
-        self.replan = replan
-        self.ladder = ladder
-        specs = [model] if isinstance(model, (str, Path, LoadedModel)) else list(model)
-        if not specs:
-            raise QenvError("No model was given.", "pass model='default', a path, a hub id, or a list of them.")
+        self.observation_kind = config.observation
+        self.max_deviations = config.max_deviations
+        self.deviation_cost = float(config.deviation_cost)
+        self.replan = config.replan
+        self.ladder = config.ladder
         self.tasks = [
-            build_task(spec if isinstance(spec, LoadedModel) else str(spec), self.mapper, data=data, n_tokens=n_tokens,
-                       seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                       include_lm_head=include_lm_head, cache_dir=cache_dir, weight_cache_gib=weight_cache_gib,
-                       prebuild=prebuild)
-            for spec in specs
+            build_task(spec, self.mapper, data=config.data, n_tokens=config.n_tokens, seq_len=config.seq_len,
+                       batch_size=config.batch_size, seed=config.seed, device=config.device, dtype=config.dtype,
+                       include_lm_head=config.include_lm_head, cache_dir=config.cache_dir,
+                       weight_cache_gib=config.weight_cache_gib, prebuild=config.prebuild)
+            for spec in config.models
         ]
         if self.dense_weight > 0 or self.shaping_weight > 0:
             for task in self.tasks:
                 if task.evaluator.reference.block_outputs is None:
                     raise QenvError("dense_weight or shaping_weight > 0 needs the reference block outputs, which "
                                     "were not kept.")
-        if budget_mode == "hard":
+        if self.budget_mode == "hard":
             lowest = min(self.budget_bpw, *self.budgets)
             for task in self.tasks:
                 floor = task.rest_min[0] / task.total_weights
@@ -677,7 +518,7 @@ class QuantLLMEnv(gym.Env):
         if "budget_bpw" in options:
             asked = options["budget_bpw"]
             known = (*self.budgets, self.nominal_budget_bpw)
-            match = [b for b in known if _is_number(asked) and abs(float(asked) - b) <= 1e-6]
+            match = [b for b in known if is_number(asked) and abs(float(asked) - b) <= 1e-6]
             if not match:
                 raise QenvError(f"reset(options={{'budget_bpw': {asked!r}}}) is not one of this environment's "
                                 f"budgets {sorted(set(known))} (budget_bpw and budgets).",
