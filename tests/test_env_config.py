@@ -94,3 +94,30 @@ def test_gym_make_keyword_arguments_a_config_and_overrides_make_the_same_env(sto
     positional = QuantLLMEnv(str(stories_bin), budget_bpw=2.5, **SMALL)
     assert from_config.config == positional.config == made.config
     assert from_config.budget_bpw == made.budget_bpw == 2.5 and from_config.task is made.task
+
+
+def test_the_env_docstring_is_a_contract_that_renders():
+    """The env's docstring renders as reStructuredText without a warning (its tables were
+    malformed), and its tables say what the code does: the observation's length and entries, the
+    default menu's rules in order."""
+    import inspect
+
+    import docutils.core
+    import docutils.nodes
+
+    from qenv.envs.features import EPISODE_NAMES, OBS_DIM, STATIC_NAMES
+    from qenv.envs.spaces import DEFAULT_MENU
+
+    doc = inspect.cleandoc(QuantLLMEnv.__doc__)
+    tree = docutils.core.publish_doctree(doc, settings_overrides={"halt_level": 2, "report_level": 2})
+    tables = list(tree.findall(docutils.nodes.table))
+    assert len(tables) == 3  # actions, observation, menu
+    assert f"Box(-10, 10, ({OBS_DIM},), float32)" in doc and OBS_DIM == 45
+    rows = [[entry.astext() for entry in row.findall(docutils.nodes.entry)] for row in tables[1].findall(docutils.nodes.row)]
+    names = " ".join(row[1] for row in rows[1:])
+    assert all(name.removeprefix("w_log").removeprefix("x_log") in names or name.split("_")[0] in names
+               for name in STATIC_NAMES + EPISODE_NAMES)
+    assert rows[-2][0] == f"{OBS_DIM - 1}" and rows[-2][1] == EPISODE_NAMES[-1]
+    menu = [[entry.astext() for entry in row.findall(docutils.nodes.entry)] for row in tables[2].findall(docutils.nodes.row)]
+    assert [row[1] for row in menu[1:]] == [rule.label() for rule in DEFAULT_MENU]
+    assert ">>> " in doc and "benchmark" not in doc.lower() and "BENCHMARKS" not in doc

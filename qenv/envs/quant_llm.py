@@ -40,154 +40,119 @@ from qenv.quant.rules import Rule, layer_bits
 class QuantLLMEnv(gym.Env):
     """Pick a survival rule for each quantizable layer of a causal LM, under a bits-per-weight budget.
 
-    Args:
-        model: a model spec (see :func:`qenv.load_model`) or a list of them; with a list, each
-            episode samples one, for policies that transfer across models.
-        budget_bpw: target bits per weight over the quantizable layers.
-        action_kind: one of :data:`qenv.envs.spaces.ACTION_SPACE_KINDS` (table below).
-        menu: the rules of the menu kinds (default :data:`qenv.envs.spaces.DEFAULT_MENU`), or
-            ``"gguf"``: llama.cpp's own types (:data:`qenv.envs.spaces.GGUF_MENU`, quantized by
-            llama.cpp, charged at its bytes; needs the ``gguf`` extra). ``info["fallback"]`` lists
-            layers whose rows a type cannot hold (scored and charged as llama-quantize's fallback).
-            Layers reading the same input (q/k/v, gate/up) share one AWQ ``act_scale`` so that it
-            folds into the norm: a later layer inherits its group's (``info["act_scale_inherited"]``).
-        reward: ``kl`` (default), ``ppl`` or ``top1``; see :mod:`qenv.envs.reward`.
-        dense_weight: ``-dense_weight · err_b`` at the end of each block (changes the optimum).
-        shaping_weight: potential-based shaping from the streamed block errors (keeps the optimum).
-        budget_mode: ``hard`` (actions that would break the budget are lowered; ``info`` says so;
-            the maskable kinds also expose ``action_masks()``) or ``penalty`` (the return is
-            reduced by ``penalty_weight`` per bit over budget).
-        data: text file(s) for calibration tokens; default: tokens sampled from the model itself.
-        n_tokens, seq_len, batch_size: calibration size and batching.
-        device, dtype: where and how the model runs (default: cuda if present).
-        seed: seeds the sampled calibration tokens (episodes are seeded through ``reset``).
-        weight_cache_gib: memory for quantized weights cached per (layer, rule). Default: half the
-            free GPU memory (a quarter of the available RAM on a CPU). Size it to hold every menu
-            rule of every layer (about menu size × model size) for the fastest episodes; a size
-            that cannot hold one recipe is an error.
-        prebuild: quantize the whole menu for every layer at construction, in batches, with a
-            progress bar (default: on a GPU only). Envs sharing a task share this work.
-        budgets: budgets in bits per weight that each episode samples one of (as with several
-            models), for one policy over a range of sizes; ``reset(options={"budget_bpw": b})``
-            picks one. Default: ``budget_bpw`` only.
-        max_deviations: residual kind only: at most this many steps per episode leave greedy's
-            plan (then only action 0 is unmasked; an agent without masks gets the plan, and
-            ``info["deviation_capped"]`` says so). ``info["deviations"]`` counts them at the end.
-            A policy that learned a per-step deviation rate on 14–42-layer models would otherwise
-            leave the plan on half of a 210-layer model's layers. Default: no limit.
-        deviation_cost: residual kind only: the reward of a step that leaves greedy's plan is
-            lowered by this much (a KL-style cost of moving away from the greedy prior: a policy
-            leaves the plan only where it expects to gain more than this, on a model of any
-            length). It changes the optimum on purpose; ``info["fidelity_reward"]`` does not
-            include it. Default 0.
-        replan: residual kind: how the layers left are re-planned after a deviation.
-            ``lagrangian`` (default): the convex-hull form of greedy (Lagrangian, then filled);
-            ``greedy``: greedy's own rule, started from the plan they had (over the budget: the
-            cheapest error rise per bit saved first); ``fresh``: greedy's plan of the layers left
-            as if they were a model of their own: the Lagrangian hull, then greedy's
-            error-lowering upgrades only (the fill may move a layer to a costlier rule that errs
-            more). The Lagrangian plan can be worse than greedy's (on bench-gpt2-small at 4.0
-            bpw, for the whole model, 1.47x greedy's summed sensitivity); ``fresh`` planning a
-            whole model gives greedy's plan on all 12 (model, budget) cells of
-            ``bench/replan_gap.py``. Training with ``greedy`` did not help: the per-model
-            benchmark on stories260K and the default model beat greedy in 5 of 8 cells, against
-            7 of 8 with ``lagrangian`` (BENCHMARKS.md, "Learning and transfer").
-        ladder: residual kind: what a shift steps along. ``menu`` (default): every menu rule of the
-            layer sorted by cost, then error; ``frontier``: only the layer's efficient rules (none
-            other as cheap and as accurate; :meth:`qenv.envs.task.ModelTask.frontier_ladder`), so +1 always means
-            more bits and less error. On the menu ladder a step can land on a dominated rule: on
-            bench-gpt2-small at 4.0 bpw, +1 from ``w4g128a-gptq`` is ``w4g128a-mse-awq0.5``, with
-            2x the error at a slightly higher cost.
-        observation: ``full`` (default) or ``relative``: the same entries, but in ``relative`` none
-            says how large the model is: every size, weight/activation statistic and log error is
-            taken relative to the model's median layer, so a policy trained on small models reads a
-            large one within the ranges it learned from (see the table and
-            :func:`qenv.envs.features.relative_static`). ``actions`` (residual kind): ``relative``
-            plus what each shift would do (table below).
+    **Description.** An episode walks the model's quantizable layers in forward order; each step
+    fixes the rule of the next layer. When a block's layers are all fixed, the block runs on the
+    hidden states of the quantized prefix (streaming evaluation), so an episode costs about one
+    forward pass over the calibration tokens. Settings: ``EnvConfig`` (``qenv.envs.config``), as
+    one config or as its fields in keyword arguments.
 
-    **Action space** (``action_kind``):
+    **Action space** (``action_kind``; ``action_masks()`` for the maskable kinds, in sb3-contrib's
+    convention, so that no allowed action makes the budget unreachable):
 
-    ==============  ==========================  =============================================
-    kind            space                       an action means
-    ==============  ==========================  ====================================================
-    discrete        Discrete(len(menu))         the menu rule with that index (maskable)
-    multidiscrete   MultiDiscrete([6, 4, 3, 2]) bits, group, outlier fraction, rounding (maskable)
-    continuous      Box(-1, 1, (10,))           every Rule knob, HAQ-style bins: bits, group,
-                                                outliers, rounding, clip/mse, salience a, b, c,
-                                                act_scale, symmetric
-    rule            MultiDiscrete(10 knobs)     the same ten knobs by index (maskable)
-    relative        Discrete(7)                 bpw above the even share of the budget left
-                                                (0, +.5, -.5, +1, -1, +2, -2); the most accurate
-                                                menu rule at or under it (maskable)
-    residual        Discrete(7)                 shift along the layer's cost-sorted menu from
-                                                greedy's plan (0, +1, -1, +2, -2, +3, -3); action 0
-                                                on every layer is the greedy searcher's recipe;
-                                                a deviation re-plans the rest (Lagrangian
-                                                greedy, filled; ``replan``); ``ladder``
-                                                picks the menu or its efficient rules (maskable)
-    allocation      Box(-1, 1, (1,))            the layer's preference p; after the last layer
-                                                greedy on sensitivities × exp(3p), then filled,
-                                                gives a recipe at or under the budget with less
-                                                than one menu step unused
-    ==============  ==========================  ====================================================
+    =============  ============================  =========  =================================================
+    kind           space                         maskable   an action means
+    =============  ============================  =========  =================================================
+    discrete       Discrete(len(menu))           yes        the menu rule with that index
+    multidiscrete  MultiDiscrete([6, 4, 3, 2])   yes        bits, group, outlier fraction, rounding
+    continuous     Box(-1, 1, (10,))             no         every rule knob in equal bins (HAQ-style): bits,
+                                                            group, outliers, rounding, clip, salience a, b,
+                                                            c, act_scale, symmetric
+    rule           MultiDiscrete(10 knobs)       yes        the same ten knobs by index
+    relative       Discrete(7)                   yes        bits per weight above the even share of the
+                                                            budget left (0, +0.5, -0.5, +1, -1, +2, -2):
+                                                            the most accurate menu rule at or under it
+    residual       Discrete(7)                   yes        a shift along the layer's cost-sorted menu from
+                                                            greedy's plan (0, +1, -1, +2, -2, +3, -3);
+                                                            action 0 everywhere is greedy's recipe
+    allocation     Box(-1, 1, (1,))              no         the layer's preference p; after the last layer,
+                                                            greedy on sensitivities x exp(3p), then filled
+    =============  ============================  =========  =================================================
 
-    **Observation** (``Box(-10, 10, (OBS_DIM,))``, with ``observation="actions"`` 12 more;
-    :mod:`qenv.envs.features`): the layer's static
-    features, then the episode's.
+    With ``menu="gguf"`` the knob kinds choose (llama.cpp type, importance matrix). An action the
+    space does not contain is refused (``QenvError``), never rounded.
 
-    ============================  ==================================================================
-    entries                       meaning
-    ============================  ==================================================================
-    depth                         block position, 0..1 through the model
-    kind_*                        one-hot layer kind (q, k, v, o, gate, up, down, ...)
-    log_fan_in/out, log_numel     log2 sizes / 16, log10 weights / 10
-    param_share                   the layer's share of the quantizable weights
-    w_log_std/kurtosis/peak       weight statistics (log10)
-    x_log_rms/peak_ratio          input-activation statistics (log10)
-    log_err_w{2,3,4,6,8}          log10 relative output error at RTN width b, / 4
-    z_log_err_w{2,3,4,6,8}        the same, z-scored over the model's layers, / 2 (model-relative)
-    budget_bpw, bpw_left_for_rest  the budget and the bits per weight left for this and later layers, / 16
-    budget_used, params_left      spent / budget bits; weights left / all weights
-    prev_bits, prev_rule          the previous layer's bits / 16 and rule index (0: none)
-    layers_left                   layers left (this one included) / layers
-    greedy_bits                   bits greedy (Lagrangian, RTN ladder) gives this layer from what is left, / 16
-    greedy_minus_even             (greedy_bits - bpw_left_for_rest) / 4
-    gain_vs_median                log10 of the error one more bit removes here / the median over
-                                  the layers left (at greedy's widths), / 2
-    sensitivity_share_left        this layer's share of the 3-bit error × size of the layers left
-    ============================  ==================================================================
+    **Observation**: ``Box(-10, 10, (45,), float32)`` (57 entries with ``observation="actions"``),
+    every entry clipped to [-10, 10]. Entries 0-33 describe the layer, 34-44 the episode:
 
-    With ``observation="relative"``: ``log_fan_in/out``, ``log_numel``, ``w_log_*``, ``x_log_*`` and
-    ``log_err_w*`` minus their median over the model's layers; ``param_share`` = log2(layer size /
-    mean layer size) / 4; ``sensitivity_share_left`` = log10(share × layers left) / 2 (0: an
-    average layer); fused kinds mark their parts (qkv → q, k, v; gate_up → gate, up; fc_in → up;
-    fc_out → down).
+    =====  =========================  ===========  ==================================================
+    index  feature                    range        meaning
+    =====  =========================  ===========  ==================================================
+    0      depth                      [0, 1]       where the layer's block sits in the model
+    1-14   kind_q ... kind_other      {0, 1}       one-hot layer kind: q, k, v, o, qkv, gate, up,
+                                                   down, gate_up, fc_in, fc_out, lm_head, embed, other
+    15-16  log_fan_in, log_fan_out    [0, 1]       log2 of the input and output width / 16
+    17     log_numel                  [0, 1]       log10 of the layer's weights / 10
+    18     param_share                [0, 1]       the layer's share of the quantizable weights
+    19-21  w_log_std, _kurtosis,      [-10, 10]    weight statistics (log10)
+           _peak
+    22-23  x_log_rms, _peak_ratio     [-10, 10]    input-activation statistics (log10)
+    24-28  log_err_w2 ... w8          [-10, 10]    log10 relative output error at RTN widths 2, 3, 4,
+                                                   6, 8, / 4
+    29-33  z_log_err_w2 ... w8        [-10, 10]    the same, z-scored over the model's layers, / 2
+    34     budget_bpw                 (0, 1]       the budget / 16
+    35     bpw_left_for_rest          [-10, 10]    bits per weight left for this and later layers / 16
+    36     budget_used                [0, 10]      bits spent / budget bits
+    37     params_left                [0, 1]       weights left / all weights
+    38     prev_bits                  [0, 1]       the previous layer's bits / 16 (0: none)
+    39     prev_rule                  [0, 1]       (the previous layer's rule index + 1) / rules
+    40     layers_left                (0, 1]       layers left, this one included / layers
+    41     greedy_bits                [0, 1]       bits greedy gives this layer from what is left / 16
+    42     greedy_minus_even          [-10, 10]    (greedy_bits - bpw_left_for_rest) / 4
+    43     gain_vs_median             [-10, 10]    log10 of one more bit's error drop here over the
+                                                   median of the layers left, / 2
+    44     sensitivity_share_left     [-10, 10]    this layer's share of the 3-bit error x size left
+    45-56  act_log_err_up1 ...        [-10, 10]    ``observation="actions"`` only: for each residual
+           act_bpw_down3                           shift, the log10 error ratio / 2 and the bpw
+                                                   difference / 4 against the plan's rule
+    =====  =========================  ===========  ==================================================
 
-    With ``observation="actions"`` (residual kind only): ``relative``, then for each action other
-    than 0 (shift up1, down1, up2, down2, up3, down3 along the cost-sorted menu):
+    With ``observation="relative"`` the size, statistic and error entries are taken relative to
+    the model's median layer, so that no entry says how large the model is.
 
-    ============================  ==================================================================
-    act_log_err_<shift>           log10 of the output error of the rule it gives / the plan rule's, / 2
-    act_bpw_<shift>               its bits per weight minus the plan rule's, / 4
-    ============================  ==================================================================
+    **Menu** (the default, ``DEFAULT_MENU``; ``menu=`` takes any list of rules, or ``"gguf"``):
 
-    (0 and 0 where the masks forbid it). What a shift means differs by model and layer: the
-    menu's neighbours in cost are not the same kind of rule everywhere.
+    =====  ====================  ==================================================
+    index  rule                  what it is
+    =====  ====================  ==================================================
+    0      w2g64a                2-bit round-to-nearest, groups of 64
+    1      w2g32a-mse-awq0.5     2-bit, groups of 32, MSE-searched clip, AWQ scale 0.5
+    2      w3g128a               3-bit round-to-nearest, groups of 128
+    3      w3g128a-mse-awq0.5    3-bit, MSE clip, AWQ scale 0.5
+    4      w3g128a-gptq          3-bit GPTQ
+    5      w3g32a-mse-awq0.5     3-bit, groups of 32, MSE clip, AWQ scale 0.5
+    6      w3g64a-gptq-o0.5%     3-bit GPTQ, groups of 64, 0.5% outliers kept in fp16
+    7      w4g128a               4-bit round-to-nearest
+    8      w4g128a-mse-awq0.5    4-bit, MSE clip, AWQ scale 0.5
+    9      w4g128a-gptq          4-bit GPTQ
+    10     w5g128a               5-bit round-to-nearest
+    11     w6g128a               6-bit round-to-nearest
+    12     w8g128a               8-bit round-to-nearest
+    =====  ====================  ==================================================
 
-    **Reward**: 0 per step, plus at the last step the fidelity reward against the uniform RTN
-    frontier at the budget (``log(KL_ref / KL)`` for ``kl``; :mod:`qenv.envs.reward`), which
-    means the same on every model (0 = as good as the human reference at that size). With
-    ``shaping_weight`` w > 0, each finished block b adds ``Φ_b − Φ_{b−1}`` and the last step
-    ``−Φ_last``, where ``Φ_b = −w · log(err_b / err_b^ref)`` compares the block's streamed
-    output error with the uniform RTN width's: potential-based shaping (γ = 1, Φ = 0 at both
-    ends), so every episode's return and the optimal policy are unchanged. With
-    ``deviation_cost`` c > 0 (residual kind), each step that leaves greedy's plan also adds −c.
+    **Reward**: 0 at every step but the last (unless ``dense_weight`` or ``shaping_weight`` is
+    set), then the fidelity against the uniform RTN frontier at the budget, ``log(KL_ref / KL)``
+    for ``reward="kl"``: 0 means as faithful as the human-designed uniform rule of that size, on
+    every model (``qenv.envs.reward``). In the ``hard`` budget mode an action that would break
+    the budget is lowered (``info["clamped"]``); in the ``penalty`` mode breaking it is charged
+    and never pays.
 
-    Episode length: one step per quantizable layer of the episode's model
-    (:attr:`episode_length`); every episode *terminates* there and none is ever truncated.
-    ``env.spec.max_episode_steps`` is ``None`` on purpose: the length depends on the model (and,
-    with several models, on the episode), so the registration has no single number to give, and a
-    ``TimeLimit`` wrapper could only cut real episodes short.
+    **Episode end**: the episode terminates after one step per quantizable layer of its model
+    (``episode_length``); none is truncated, and the registration sets no ``max_episode_steps``
+    (the length depends on the model). The last step's ``info`` holds the recipe and its
+    measured ``kl``, ``ppl``, ``top1``, ``bpw`` and size.
+
+    **Example**:
+
+    >>> import gymnasium as gym, qenv
+    >>> env = gym.make("QuantLLM-v0", model="tiny-llama", budget_bpw=3.0, n_tokens=256, seq_len=32)
+    >>> obs, info = env.reset(seed=0)
+    >>> obs.shape
+    (45,)
+    >>> terminated = False
+    >>> while not terminated:
+    ...     obs, reward, terminated, truncated, info = env.step(int(env.unwrapped.action_masks().nonzero()[0][-1]))
+    >>> info["bpw"] <= 3.0
+    True
     """
 
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}
