@@ -26,7 +26,8 @@ import numpy as np
 
 from qenv.envs.features import OBSERVATION_KINDS
 from qenv.envs.reward import REWARD_KINDS
-from qenv.envs.spaces import ACTION_SPACE_KINDS, MENUS, parse_menu
+from qenv.envs.kinds import KINDS
+from qenv.envs.spaces import MENUS, parse_menu
 from qenv.errors import QenvError
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel
 from qenv.quant.rules import Rule
@@ -91,8 +92,8 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
             if not isinstance(value, (bool, np.bool_)):
                 fail(key, value, "must be true or false", "true")
         elif key == "action_kind":
-            if value not in ACTION_SPACE_KINDS:
-                raise QenvError(f"Unknown action space kind {value!r}.", f"use one of {ACTION_SPACE_KINDS}.")
+            if not isinstance(value, str) or value not in KINDS:
+                raise QenvError(f"Unknown action space kind {value!r}.", f"use one of {tuple(KINDS)}.")
         elif key == "budgets":
             items = list(value) if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) == 1 else None
             if value is not None and (not items or not all(is_number(b) and 0 < b <= 16 for b in items)):
@@ -158,7 +159,7 @@ class EnvConfig:
         size_weight: ``size_weight · (budget − bpw) / budget`` rewards bits left unused.
 
     Action (:mod:`qenv.envs.spaces`):
-        action_kind: one of :data:`~qenv.envs.spaces.ACTION_SPACE_KINDS`.
+        action_kind: one of :data:`~qenv.envs.kinds.KINDS` (the built-in ones: ``ACTION_SPACE_KINDS``).
         menu: the rules of the menu kinds (default :data:`~qenv.envs.spaces.DEFAULT_MENU`), or
             ``"gguf"``: llama.cpp's own types (needs the ``gguf`` extra).
         observation: ``full`` (default), ``relative`` (no entry says how large the model is) or

@@ -23,12 +23,12 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from qenv.envs.allocation import fill_budget, greedy_allocation
 from qenv.envs.config import RENDER_MODES, EnvConfig, is_number, check_env_arguments
+from qenv.envs.kinds import KINDS, ActionKind, keeps_knobs
 from qenv.envs.features import ACTION_NAMES, OBS_LIMIT, model_relative, observation_size
 from qenv.envs.render import recipe_image, recipe_table
 from qenv.envs.reward import check_reward_kind, fidelity_reward
-from qenv.envs.spaces import MASKABLE_KINDS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper
+from qenv.envs.spaces import MASKABLE_KINDS, RESIDUAL_SHIFTS, ActionMapper, parse_menu
 from qenv.envs.task import _TASKS, build_task
 from qenv.errors import QenvError
 from qenv.eval.evaluator import Metrics, Stream, stage_of
@@ -185,7 +185,8 @@ class QuantLLMEnv(gym.Env):
         self.shaping_weight = float(config.shaping_weight)
         self.size_weight = float(config.size_weight)
         self.penalty_weight = float(config.penalty_weight)
-        self.mapper = ActionMapper(config.action_kind, config.menu)
+        self.kind: ActionKind = KINDS[config.action_kind].from_config(config)  # what an action means
+        self.mapper = ActionMapper(config.action_kind, config.menu, space=self.kind.space(parse_menu(config.menu)))
         self.action_space = self.mapper.space
         self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(observation_size(config.observation),),
                                             dtype=np.float32)
@@ -240,7 +241,7 @@ class QuantLLMEnv(gym.Env):
         self.last_metrics: Metrics | None = None
         self.preferences: list[float] = []  # allocation kind
         self.plan: np.ndarray | None = None  # residual kind: greedy's plan, re-planned after a deviation
-        if self.mapper.kind in ("residual", "allocation"):
+        if self.kind.plans:
             self.plan = self.task.greedy_plan(self.budget_bpw).copy()
 
     @property
@@ -294,7 +295,7 @@ class QuantLLMEnv(gym.Env):
         plan = int(self.plan[i])
         err, costs = task.menu_sensitivity()[i], task.costs[i]
         allowed = self._allowed_bits() + 1e-9
-        capped = self._deviations_spent()
+        capped = self.kind.deviations_spent(self)  # type: ignore[attr-defined]  # (residual kind only)
         out: list[float] = []
         for action in range(1, len(RESIDUAL_SHIFTS)):
             choice = self._menu_choice(action)
@@ -324,7 +325,7 @@ class QuantLLMEnv(gym.Env):
         if fits.size == 0:  # cannot happen once the budget passed the floor check; be safe
             return self.mapper.rules[int(np.argmin(costs))], True
         best = self.mapper.rules[int(fits[np.argmax(costs[fits])])]
-        if self.mapper.kind in ("continuous", "rule") and not self.mapper.gguf:
+        if keeps_knobs(self.kind, self):
             best = dataclasses.replace(best, clip=rule.clip, mse_clip=rule.mse_clip, salience=rule.salience,
                                        act_scale=rule.act_scale, symmetric=rule.symmetric)
         return best, True
@@ -332,113 +333,21 @@ class QuantLLMEnv(gym.Env):
     # -- state-dependent kinds -----------------------------------------------------------------
     def _menu_choice(self, action: Any) -> int:
         """The menu index a relative, residual or allocation action asks for at this layer."""
-        task = self.task
-        i = self.index
-        index = int(np.asarray(action).reshape(-1)[0]) if self.mapper.kind != "allocation" else 0
-        if self.mapper.kind == "allocation":
-            assert self.plan is not None
-            return int(self.plan[i])
-        if not 0 <= index < self.action_space.n:  # type: ignore[attr-defined]
-            raise QenvError(f"Action {index} is outside the {self.mapper.kind} space of {self.action_space.n} actions.")  # type: ignore[attr-defined]
-        if self.mapper.kind == "residual" and self.ladder == "frontier":
-            assert self.plan is not None
-            if index == 0:
-                return int(self.plan[i])
-            order, position, length = task.frontier_ladder()
-            k = int(np.clip(position[i, self.plan[i]] + RESIDUAL_SHIFTS[index], 0, length[i] - 1))
-            return int(order[i, k])
-        if self.mapper.kind == "residual":
-            assert self.plan is not None
-            order, position = task.menu_ladder()
-            k = int(np.clip(position[i, self.plan[i]] + RESIDUAL_SHIFTS[index], 0, order.shape[1] - 1))
-            return int(order[i, k])
-        # relative: the most accurate menu rule at or under the even share left plus the delta
-        remaining = float(task.rest_numel[i])
-        target = (self.budget_bits - self.spent) / remaining + RELATIVE_DELTAS[index]
-        bpw = task.costs[i] / float(task.numel[i])
-        sens = task.menu_sensitivity()[i]
-        ok = np.flatnonzero(bpw <= target + 1e-9)
-        if ok.size == 0:
-            return int(np.lexsort((sens, task.costs[i]))[0])
-        return int(ok[np.argmin(sens[ok])])
+        return self.kind.choice(self, action)
 
     def action_masks(self) -> np.ndarray:
         """Which actions keep the budget reachable (sb3-contrib's convention: a flat bool array;
         MultiDiscrete: the per-knob masks concatenated). Every allowed action's rule leaves the
         later layers room for their cheapest rules, so no lowering happens; at least one action
         is always allowed. In the ``penalty`` budget mode everything is allowed."""
-        if self.mapper.kind not in MASKABLE_KINDS:
+        if not self.kind.maskable:
             raise QenvError(f"The {self.mapper.kind!r} action space (a Box) has no action masks.",
                             f"use one of {MASKABLE_KINDS}, or an agent that needs no masks.")
         space = self.action_space
         n_total = int(space.n) if isinstance(space, spaces.Discrete) else int(np.sum(space.nvec))  # type: ignore[attr-defined]
         if self.budget_mode != "hard" or self.index >= len(self.task.layers):
             return np.ones(n_total, dtype=bool)
-        task = self.task
-        i = self.index
-        allowed = self._allowed_bits() + 1e-9
-        if self.mapper.kind == "discrete":
-            return task.costs[i] <= allowed
-        if self._deviations_spent():  # residual kind, max_deviations reached: the plan only
-            return np.arange(n_total) == 0
-        if self.mapper.kind in ("residual", "relative"):
-            saved = self.plan
-            mask = np.array([task.costs[i, self._menu_choice(a)] <= allowed for a in range(n_total)], dtype=bool)
-            self.plan = saved
-            if not mask.any():  # cannot happen (action 0 of residual always fits); be safe
-                mask[0] = True
-            return mask
-        return self._knob_masks(allowed)
-
-    def _deviations_spent(self) -> bool:
-        return self.max_deviations is not None and self.deviations >= self.max_deviations
-
-    def _knob_masks(self, allowed: float) -> np.ndarray:
-        """MultiDiscrete masks: a box of knob values whose costliest combination fits, so every
-        combination the masks allow fits. Cost grows with bits, smaller groups, more outliers and
-        asymmetric zero points; values are dropped from the costliest end (outliers first, then
-        group, zero point and bits) until the box fits."""
-        info = self.task.layers[self.index]
-        knobs = self.mapper.knobs
-        if self.mapper.gguf:  # (type, imatrix): a type is allowed when each of its rules fits
-            costs = self.task.costs[self.index]
-            worst = {t: max(c for r, c in zip(self.mapper.rules, costs) if r.gguf == t) for t in knobs[0]}
-            types = np.array([worst[t] <= allowed for t in knobs[0]])
-            if not types.any():
-                types[int(np.argmin([worst[t] for t in knobs[0]]))] = True
-            return np.concatenate([types, np.ones(len(knobs[1]), dtype=bool)])
-        keep = [list(range(len(k))) for k in knobs]
-        group_cost = {g: (info.in_features if g == -1 else g) for g in knobs[1]}
-
-        def costliest(keep: list[list[int]]) -> Rule:
-            bits = max(knobs[0][j] for j in keep[0])
-            group = min((knobs[1][j] for j in keep[1]), key=lambda g: group_cost[g])
-            outliers = max(knobs[2][j] for j in keep[2])
-            symmetric = all(knobs[9][j] for j in keep[9]) if len(knobs) > 9 else False
-            return Rule(bits=bits, group_size=group, outlier_fraction=outliers, symmetric=symmetric)
-
-        def drop(dim: int) -> bool:
-            if len(keep[dim]) <= 1:
-                return False
-            if dim == 0:
-                worst = max(keep[0], key=lambda j: knobs[0][j])
-            elif dim == 1:
-                worst = min(keep[1], key=lambda j: group_cost[knobs[1][j]])
-            elif dim == 2:
-                worst = max(keep[2], key=lambda j: knobs[2][j])
-            else:
-                worst = min(keep[9], key=lambda j: knobs[9][j])  # asymmetric (False) costs more
-            keep[dim].remove(worst)
-            return True
-
-        order = (2, 1, 9, 0) if len(knobs) > 9 else (2, 1, 0)
-        while layer_bits(costliest(keep), info.out_features, info.in_features) > allowed:
-            if not any(drop(dim) for dim in order):
-                break
-        masks = [np.zeros(len(k), dtype=bool) for k in knobs]
-        for mask, kept in zip(masks, keep):
-            mask[kept] = True
-        return np.concatenate(masks)
+        return self.kind.masks(self, self._allowed_bits() + 1e-9)
 
     def _fold_act_scale(self, info: LayerInfo, rule: Rule) -> tuple[Rule, bool]:
         """Layers reading the same input (q/k/v, gate/up) share one AWQ scale, so that it folds into the
@@ -511,76 +420,39 @@ class QuantLLMEnv(gym.Env):
         task = self.task
         if self.index >= len(task.layers):
             raise QenvError("step() was called after the episode ended.", "call reset() first.")
-        kind = self.mapper.kind
-        choice = -1
-        capped = False
-        reward = 0.0
-        if self.mapper.stateful:
-            self.mapper.check_action(action)
-            choice = self._menu_choice(action)
-            if kind == "residual" and self.plan is not None and choice != int(self.plan[self.index]):
-                if self._deviations_spent():  # an agent without masks asked for one more: the plan instead
-                    choice, capped = int(self.plan[self.index]), True
-                else:
-                    self.deviations += 1
-                    reward -= self.deviation_cost
-            asked = self.mapper.rules[choice]
-            if kind == "allocation":
-                value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
-                self.preferences.append(float(np.clip(value, -1.0, 1.0)))
-        else:
-            asked = self.mapper.to_rule(action)
+        # 1. the rule the action asks for, read by the action kind against the episode (an action
+        #    the space does not contain is refused, never rounded)
+        asked, choice, reward, kind_info = self.kind.decode(self, action)
+        # 2. in the hard budget mode, lowered to a rule that leaves the later layers room; layers
+        #    reading one input share one AWQ scale
         rule, clamped = self._fit_budget(asked)
         info_layer = task.layers[self.index]
         rule, inherited = self._fold_act_scale(info_layer, rule)
+        # 3. fixed in the recipe and charged
         self.recipe[info_layer.name] = rule
         self.spent += layer_bits(rule, info_layer.out_features, info_layer.in_features)
         self.clamped += int(clamped)
         self.prev_rule = rule
-        if kind == "residual" and self.plan is not None and (clamped or choice != int(self.plan[self.index])):
-            # a deviation: the layers left are re-planned on what is left
-            rest = slice(self.index + 1, len(task.layers))
-            costs, sens, left = task.costs[rest], task.menu_sensitivity()[rest], self.budget_bits - self.spent
-            if self.replan == "greedy":  # greedy's own rule, from the plan it had (a few moves)
-                self.plan[rest] = greedy_allocation(costs, sens, left, start=self.plan[rest])
-            elif self.replan == "fresh":  # greedy's plan of the rest: the Lagrangian hull, then greedy's upgrades
-                self.plan[rest] = greedy_allocation(costs, sens, left, start=task.menu_table.allocate(self.index + 1, left))
-            else:  # Lagrangian greedy, then filled (greedy's convex-hull form)
-                self.plan[rest] = fill_budget(costs, sens, task.menu_table.allocate(self.index + 1, left), left)
+        # 4. the kind's own bookkeeping (the residual kind re-plans the layers left after a deviation)
+        self.kind.after_step(self, choice, clamped)
         info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
-                                "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited}
-        if kind == "residual":
-            info["deviation_capped"] = capped
-        if task.stage_end[self.index] and kind != "allocation":
-            stage = stage_of(info_layer)
-            if 0 <= stage < task.evaluator.n_blocks:
-                self.stream.advance(self.recipe, stage)
-                if self.dense_weight > 0 or self.shaping_weight > 0:
-                    error = self.stream.block_error(stage)
-                if self.dense_weight > 0:
-                    dense = -self.dense_weight * error
-                    self.dense_return += dense
-                    reward += dense
-                if self.shaping_weight > 0:
-                    ref = task.block_reference(self.budget_bpw)[stage]
-                    phi = -self.shaping_weight * float(np.log(max(error, 1e-12) / max(ref, 1e-12)))
-                    reward += phi - self.potential
-                    self.dense_return += phi - self.potential
-                    self.potential = phi
+                                "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited,
+                                **kind_info}
+        # 5. a finished block runs on the quantized prefix's hidden states (dense and shaping terms)
+        if task.stage_end[self.index] and self.kind.streams:
+            reward = self._block_finished(stage_of(info_layer), reward)
         self.index += 1
         terminated = self.index == len(task.layers)
+        # 6. the last layer: the kind finishes the recipe, which is scored against the reference
         if terminated:
-            if kind == "allocation":
-                self._project()
-                self.stream = task.evaluator.stream()
+            self.kind.finish(self)
             metrics = self.stream.finish(self.recipe)
             self.last_metrics = metrics
             final, final_info = self.score(metrics, self.recipe)
             reward += final - self.potential  # the potential returns to 0 at the end
             self.dense_return -= self.potential
             self.potential = 0.0
-            if kind == "residual":
-                final_info["deviations"] = self.deviations
+            final_info.update(self.kind.final_info(self))
             final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped,
                                "act_scales_inherited": self.inherited})
             info.update(final_info)
@@ -589,21 +461,24 @@ class QuantLLMEnv(gym.Env):
             info["table"] = self.render()
         return obs, float(reward), terminated, False, info
 
-    def _project(self) -> None:
-        """The allocation kind's projection: greedy on the sensitivities weighted by exp(3·preference),
-        then filled, so the recipe meets the budget with less than one menu step unused."""
+    def _block_finished(self, stage: int, reward: float) -> float:
+        """Stream block ``stage`` on the quantized prefix; ``reward`` plus its dense and shaping terms."""
         task = self.task
-        weights = np.exp(3.0 * np.asarray(self.preferences, dtype=np.float64))
-        sens = task.menu_sensitivity() * weights[:, None]
-        choice = greedy_allocation(task.costs, sens, self.budget_bits)
-        choice = fill_budget(task.costs, sens, choice, self.budget_bits)
-        self.allocation_choice = choice  # the menu index of each layer (before AWQ scales are shared)
-        self.recipe = {}
-        self.inherited = 0
-        for info, j in zip(task.layers, choice):  # layers sharing an input share one AWQ scale, as in step()
-            self.recipe[info.name] = self._fold_act_scale(info, self.mapper.rules[int(j)])[0]
-        self.spent = float(task.costs[np.arange(len(task.layers)), choice].sum())
-        self.clamped = 0
+        if 0 <= stage < task.evaluator.n_blocks:
+            self.stream.advance(self.recipe, stage)
+            if self.dense_weight > 0 or self.shaping_weight > 0:
+                error = self.stream.block_error(stage)
+            if self.dense_weight > 0:
+                dense = -self.dense_weight * error
+                self.dense_return += dense
+                reward += dense
+            if self.shaping_weight > 0:
+                ref = task.block_reference(self.budget_bpw)[stage]
+                phi = -self.shaping_weight * float(np.log(max(error, 1e-12) / max(ref, 1e-12)))
+                reward += phi - self.potential
+                self.dense_return += phi - self.potential
+                self.potential = phi
+        return reward
 
     def score(self, metrics: Metrics, recipe: dict[str, Rule]) -> tuple[float, dict[str, Any]]:
         """The final reward of a finished recipe (no dense terms) and the terminal ``info`` keys.

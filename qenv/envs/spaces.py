@@ -132,18 +132,23 @@ def check_finite_action(action: Any) -> np.ndarray:
 class ActionMapper:
     """Maps actions of one space kind to rules (state-dependent kinds are decoded by the env)."""
 
-    def __init__(self, kind: str, menu: Sequence[Rule] | None = None) -> None:
-        if kind not in ACTION_SPACE_KINDS:
+    def __init__(self, kind: str, menu: Sequence[Rule] | None = None, space: spaces.Space | None = None) -> None:
+        """``space``: the space of a kind added beyond the built-in ones (:mod:`qenv.envs.kinds`),
+        whose actions are read against the episode's state and choose from the menu."""
+        if kind not in ACTION_SPACE_KINDS and space is None:
             raise QenvError(f"Unknown action space kind {kind!r}.", f"use one of {ACTION_SPACE_KINDS}.")
         self.kind = kind
         self.menu = parse_menu(menu)
         self.knobs: tuple[tuple[Any, ...], ...] = ()
         self.gguf = False
         self._rule_positions: dict[Rule, int] | None = None  # rule -> its index, built on first use
-        if kind in ("discrete", "relative", "residual", "allocation"):
+        if space is not None:
             self.rules: tuple[Rule, ...] = self.menu
+            self.space: spaces.Space = space
+        elif kind in ("discrete", "relative", "residual", "allocation"):
+            self.rules = self.menu
             if kind == "discrete":
-                self.space: spaces.Space = spaces.Discrete(len(self.menu))
+                self.space = spaces.Discrete(len(self.menu))
             elif kind == "relative":
                 self.space = spaces.Discrete(len(RELATIVE_DELTAS))
             elif kind == "residual":
