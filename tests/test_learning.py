@@ -716,7 +716,7 @@ def test_out_of_range_knob_indices_are_refused(kind: str) -> None:
     env = make("tiny-llama", kind, 4.0)
     env.reset(seed=0)
     too_big = np.asarray(env.action_space.nvec) + 5
-    with pytest.raises(QenvError, match="outside its range"):
+    with pytest.raises(QenvError, match="is not in the .* action space"):
         env.step(too_big)
     env.step(np.zeros_like(too_big))  # in range still works
     env.close()
