@@ -63,10 +63,11 @@ import torch
 
 from qenv.agents.base import base_env, layer_index_of, play_episode, recipe_of, rule_to_action, score_recipe
 from qenv.callbacks import report_scored_episode
-from qenv.envs.allocation import greedy_allocation, rule_errors
+from qenv.envs.allocation import greedy_allocation
 from qenv.envs.spaces import RULE_KINDS
 from qenv.envs.start import BestStart, StartCandidate, best_start, start_candidates
 from qenv.errors import QenvError
+from qenv.eval.sensitivity import rule_errors
 from qenv.io import read_json, write_json_atomic
 from qenv.quant.presets import LLAMACPP_PRESETS, preset
 from qenv.quant.rules import Recipe, Rule

@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import inspect
 import json
 import math
 import os
@@ -1508,7 +1507,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return report(args)
     from qenv.cli.common import parse_key_values
-    from qenv.envs.quant_llm import RESIDUAL_ONLY, QuantLLMEnv, check_env_arguments
+    from qenv.cli.config import env_kwarg_names
+    from qenv.envs.config import RESIDUAL_ONLY, check_env_arguments
     from qenv.errors import QenvError
 
     # set by this benchmark itself (per model, budget and method, or by its own flags)
@@ -1528,7 +1528,7 @@ def main(argv: list[str] | None = None) -> int:
                             "pass how many of the N evaluations go to the policy during training, e.g. 8.")
         if args.action_kind is None:  # the RL config's kind (its hyperparameters were chosen for it)
             args.action_kind = str(config_env_kwarg(args.rl_agent, "action_kind", "residual", args.rl_config))
-        known = set(inspect.signature(QuantLLMEnv.__init__).parameters) - {"self"}
+        known = set(env_kwarg_names())
         for flag in ("rl_env", "transfer_eval_env"):
             name = "--" + flag.replace("_", "-")
             values = parse_key_values(getattr(args, flag), name)

@@ -473,7 +473,7 @@ def bench_menu_build(cfg: dict[str, Any], ev, menu_rules, clock, peak: PeakMemor
         out["per_rule_s"][rule.label()] = clock() - r0
     # and, as the env's prebuild_menu does, the AWQ-scale variants that later layers of an input group
     # inherit (foldable AWQ), so that no episode quantizes anything afterwards
-    from qenv.envs.quant_llm import inherited_scale_variants
+    from qenv.envs.task import inherited_scale_variants
 
     later, variants = inherited_scale_variants(env_task, menu_rules)
     r0 = clock()
@@ -574,9 +574,9 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["model"].startswith("random-llama-") and cfg["random_tokens"]:
         # Calibration tokens of a random-weight model: sampling it (HF generate, ~20 s for a 1B model)
         # gives near-uniform ids anyway, so draw them directly. Only the data changes, not the code timed.
-        import qenv.envs.quant_llm as quant_llm
+        import qenv.envs.task as env_task
 
-        quant_llm.tokens_from_model = _uniform_random_tokens
+        env_task.tokens_from_model = _uniform_random_tokens
     device = resolve_device(cfg["device"])
     clock = Clock(device, cfg["timer"])
     peak = PeakMemory(device)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qenv.eval.evaluator import Evaluator
-    from qenv.envs.quant_llm import make_tokens
+    from qenv.envs.task import make_tokens
     from qenv.models.layers import get_weight
     from qenv.models.loading import load_model
     from qenv.quant.quantizer import quantize_matrices

@@ -31,7 +31,8 @@ def main() -> int:
     from qenv.agents import load_agent, rollout_recipe
     from qenv.cli.common import normalizer_path, parse_key_values
     from qenv.envs.episodes import play_episode
-    from qenv.envs.quant_llm import RESIDUAL_ONLY, QuantLLMEnv
+    from qenv.envs.config import RESIDUAL_ONLY
+    from qenv.envs.quant_llm import QuantLLMEnv
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a train_agent.py run folder (model.zip, config.json)")

@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from qenv.errors import QenvError
+from qenv.export_gguf import nearest_kquant, write_gguf
 from qenv.io import apply_default_modes, make_dir_like_mkdir, write_json_atomic, write_text_atomic
 from qenv.models.layers import LayerInfo
-from qenv.quant.gguf import nominal_bpw as _gguf_bpw
-from qenv.quant.presets import KQUANT_BPW
 from qenv.quant.accounting import rule_bpw
 from qenv.quant.rules import KEEP, Recipe, Rule
 
@@ -58,8 +57,6 @@ GGML_TYPE_NAMES: dict[str, str] = {
 #: ignored ``--tensor-type`` until PR #25716 (2026-07), and an override equal to the base type's default was
 #: not always applied until PR #22572. The llama.cpp vendored in llama-cpp-python 0.3.36 has both.
 LLAMACPP_MIN_VERSION = "llama.cpp with PR #25716 (2026-07; e.g. the one vendored in llama-cpp-python 0.3.36)"
-#: bits per weight of f16 in llama.cpp
-F16_BPW = 16.0
 #: bit widths GPTQModel's kernels quantize to
 GPTQMODEL_BITS: tuple[int, ...] = (2, 3, 4, 8)
 
@@ -74,41 +71,6 @@ def gguf_tensor_name(info: LayerInfo) -> str | None:
     if stem is None or info.block < 0:
         return None
     return f"blk.{info.block}.{stem}.weight"
-
-
-def _approximations(rule: Rule, kquant: str, bpw: float, type_bpw: float) -> list[str]:
-    """Why a qenv rule is only approximated by llama.cpp's ``kquant`` type (empty for GGUF rules)."""
-    if rule.gguf is not None:
-        if rule.imatrix:
-            return ["importance matrix: pass --imatrix from llama-imatrix (qenv used its calibration tokens' matrix)"]
-        return []
-    notes = [f"{rule.label()} is not a llama.cpp type: {kquant} is the nearest by bits per weight"]
-    if rule.rounding == "gptq":
-        notes.append("GPTQ rounding (llama.cpp rounds per block, optionally with an imatrix)")
-    if rule.outlier_fraction > 0:
-        notes.append(f"{rule.outlier_fraction * 100:g}% fp16 outliers (not expressible)")
-    if rule.act_scale > 0:
-        notes.append("AWQ activation scaling (not expressible)")
-    if rule.mse_clip:
-        notes.append("per-group MSE clipping search")
-    elif rule.clip < 1.0:
-        notes.append(f"clip {rule.clip:g}")
-    if abs(bpw - type_bpw) > 0.25:
-        notes.append(f"{bpw:.3f} bpw -> {type_bpw:g} bpw")
-    return notes
-
-
-def nearest_kquant(rule: Rule, info: LayerInfo | None = None) -> tuple[str, float, list[str]]:
-    """``(type, type_bpw, approximation notes)``: the rule's own llama.cpp type for a GGUF rule (exact),
-    else the k-quant type nearest to the rule in bits per weight."""
-    if rule.keeps:
-        return "F16", F16_BPW, []
-    if rule.gguf is not None:
-        bpw = rule_bpw(rule, info) if info is not None else _gguf_bpw(rule.gguf)
-        return rule.gguf, bpw, _approximations(rule, rule.gguf, bpw, bpw)
-    bpw = rule_bpw(rule, info) if info is not None else float(rule.bits)
-    kquant = min(KQUANT_BPW, key=lambda t: (abs(KQUANT_BPW[t] - bpw), KQUANT_BPW[t]))
-    return kquant, KQUANT_BPW[kquant], _approximations(rule, kquant, bpw, KQUANT_BPW[kquant])
 
 
 @dataclass
@@ -414,8 +376,6 @@ def export_all(folder: str | Path, layers: Sequence[LayerInfo], recipe: Mapping[
     else:
         paths["gptqmodel"] = write_json_atomic(folder / "gptqmodel-quantize-config.json", config)
     if evaluator is not None:
-        from qenv.export_gguf import write_gguf
-
         from qenv.llama_cpp_isolated import check_gguf_export
 
         try:
@@ -438,6 +398,6 @@ def export_all(folder: str | Path, layers: Sequence[LayerInfo], recipe: Mapping[
 
 __all__ = [
     "GGML_TYPE_NAMES", "GGUF_BLOCK_NAMES", "LlamaCppExport", "export_all", "gguf_tensor_name",
-    "gptqmodel_dynamic", "gptqmodel_rule_for", "llamacpp_overrides", "module_regex", "nearest_kquant",
+    "gptqmodel_dynamic", "gptqmodel_rule_for", "llamacpp_overrides", "module_regex",
     "parse_tensor_types", "rule_bpw", "save_quantized_model",
 ]

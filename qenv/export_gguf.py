@@ -28,10 +28,14 @@ import numpy as np
 from qenv.errors import QenvError
 from qenv.io import atomic_path
 from qenv.models.layers import LayerInfo
+from qenv.quant.accounting import rule_bpw
 from qenv.quant import gguf as _gguf
+from qenv.quant.presets import KQUANT_BPW
 from qenv.quant.quantizer import gguf_encode
 from qenv.quant.rules import KEEP, Rule
 
+#: bits per weight of f16 in llama.cpp
+F16_BPW = 16.0
 #: transformers ``model_type`` values written as GGUF architecture ``llama`` (same tensors and rope)
 GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "mistral": "llama"}
 #: file type recorded in ``general.file_type`` for the type covering most weights
@@ -62,14 +66,47 @@ def rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+def _approximations(rule: Rule, kquant: str, bpw: float, type_bpw: float) -> list[str]:
+    """Why a qenv rule is only approximated by llama.cpp's ``kquant`` type (empty for GGUF rules)."""
+    if rule.gguf is not None:
+        if rule.imatrix:
+            return ["importance matrix: pass --imatrix from llama-imatrix (qenv used its calibration tokens' matrix)"]
+        return []
+    notes = [f"{rule.label()} is not a llama.cpp type: {kquant} is the nearest by bits per weight"]
+    if rule.rounding == "gptq":
+        notes.append("GPTQ rounding (llama.cpp rounds per block, optionally with an imatrix)")
+    if rule.outlier_fraction > 0:
+        notes.append(f"{rule.outlier_fraction * 100:g}% fp16 outliers (not expressible)")
+    if rule.act_scale > 0:
+        notes.append("AWQ activation scaling (not expressible)")
+    if rule.mse_clip:
+        notes.append("per-group MSE clipping search")
+    elif rule.clip < 1.0:
+        notes.append(f"clip {rule.clip:g}")
+    if abs(bpw - type_bpw) > 0.25:
+        notes.append(f"{bpw:.3f} bpw -> {type_bpw:g} bpw")
+    return notes
+
+
+def nearest_kquant(rule: Rule, info: LayerInfo | None = None) -> tuple[str, float, list[str]]:
+    """``(type, type_bpw, approximation notes)``: the rule's own llama.cpp type for a GGUF rule (exact),
+    else the k-quant type nearest to the rule in bits per weight."""
+    if rule.keeps:
+        return "F16", F16_BPW, []
+    if rule.gguf is not None:
+        bpw = rule_bpw(rule, info) if info is not None else _gguf.nominal_bpw(rule.gguf)
+        return rule.gguf, bpw, _approximations(rule, rule.gguf, bpw, bpw)
+    bpw = rule_bpw(rule, info) if info is not None else float(rule.bits)
+    kquant = min(KQUANT_BPW, key=lambda t: (abs(KQUANT_BPW[t] - bpw), KQUANT_BPW[t]))
+    return kquant, KQUANT_BPW[kquant], _approximations(rule, kquant, bpw, KQUANT_BPW[kquant])
+
+
 def check_gguf_recipe(layers: list[LayerInfo], recipe: Mapping[str, Rule]) -> None:
     """Refuse a recipe with a rule llama.cpp cannot run, naming the layer and what to use instead."""
     for info in layers:
         rule = recipe.get(info.name, KEEP)
         if rule.keeps or rule.gguf is not None:
             continue
-        from qenv.export import nearest_kquant
-
         nearest = nearest_kquant(rule, info)[0]
         raise QenvError(f"Layer {info.name} has rule {rule.label()}, which llama.cpp cannot run, so a .gguf of it "
                         "would not be the model qenv measured.",
@@ -295,4 +332,5 @@ def gguf_tensor_types(path: str | Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in reader.tensors}
 
 
-__all__ = ["GGUF_ARCHITECTURES", "check_gguf_recipe", "gguf_tensor_types", "rope_permute", "write_gguf"]
+__all__ = ["F16_BPW", "GGUF_ARCHITECTURES", "check_gguf_recipe", "gguf_tensor_types", "nearest_kquant", "rope_permute",
+           "write_gguf"]

@@ -71,7 +71,14 @@ def test_penalty_mode_charges_overspending(stories_bin):
     eight = [r.bits for r in env.unwrapped.mapper.menu].index(8)
     total, info, _ = run_episode(env, 0, policy=lambda e: eight)
     assert info["bpw"] > 3.0 and info["clamped_actions"] == 0
-    assert total == pytest.approx(info["fidelity_reward"] - 2.0 * (info["bpw"] - 3.0))
+    # the bits over budget are charged, and the fidelity above the in-budget recipe's is forfeited
+    from qenv.envs.reward import fidelity_reward
+
+    task = env.unwrapped.task
+    floor = fidelity_reward("kl", task.in_budget_metrics(3.0), task.reference(3.0))
+    forfeit = max(0.0, info["fidelity_reward"] - floor)
+    assert total == pytest.approx(info["fidelity_reward"] - 2.0 * (info["bpw"] - 3.0) - forfeit)
+    assert info["budget_penalty"] == pytest.approx(2.0 * (info["bpw"] - 3.0) + forfeit)
 
 
 def test_same_seed_same_recipe_and_reward(stories_bin):
@@ -188,11 +195,11 @@ def test_close_releases_the_model(stories_bin):
     import gc
     import weakref
 
-    from qenv.envs import quant_llm
+    from qenv.envs import task as env_task
 
     env = gym.make("QuantLLM-v0", model=str(stories_bin), seed=5, **SMALL)
     model = weakref.ref(env.unwrapped.task.loaded.model)
-    assert any(task is env.unwrapped.task for task in quant_llm._TASKS.values())
+    assert any(task is env.unwrapped.task for task in env_task._TASKS.values())
     env.close()
     del env
     gc.collect()

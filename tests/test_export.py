@@ -18,10 +18,10 @@ from qenv.export import (
     gptqmodel_dynamic,
     gptqmodel_rule_for,
     llamacpp_overrides,
-    nearest_kquant,
     parse_tensor_types,
     save_quantized_model,
 )
+from qenv.export_gguf import nearest_kquant
 from qenv.quant.presets import KQUANT_RULES
 from qenv.quant.rules import KEEP, Recipe, Rule
 

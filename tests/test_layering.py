@@ -48,3 +48,57 @@ def test_agents_import_as_qenv_agents_only() -> None:
     assert subprocess.run([sys.executable, "-c", probe], cwd="/", env=env, check=False).returncode == 0, \
         "a top-level 'agents' module is importable after installing qenv"
     assert importlib.util.find_spec("qenv.agents.registry") is not None
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each ``qenv`` module's imports of other ``qenv`` modules, at any depth of the file (lazy and
+    ``TYPE_CHECKING`` imports included: a circle hidden in a function is still a circle).
+    ``from package import submodule`` counts as an import of the submodule."""
+    modules = {}
+    for path in sorted((REPO / "qenv").rglob("*.py")):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                subs = [f"{node.module}.{alias.name}" for alias in node.names]
+                targets = [s for s in subs if s in modules] or [node.module]
+            else:
+                continue
+            edges[name] |= {t for t in targets if t in modules and t != name}
+    return edges
+
+
+def test_no_import_circle_in_the_library() -> None:
+    """Imports point one way inside ``qenv`` too: no module reaches itself through others (the env's
+    features and allocation, export and export_gguf, the evaluator and its reference were circles)."""
+    edges = _module_imports()
+    circles = []
+    for start in edges:
+        stack = [(start, [start])]
+        seen = set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges[node]:
+                if nxt == start:
+                    circles.append(" -> ".join(path + [start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+    assert circles == []
+
+
+
+#: files over the limit whose split is planned but not done yet (issue 27: callbacks.py by concern)
+_LONG_PENDING = {"qenv/callbacks.py"}
+
+
+def test_no_library_file_is_over_600_lines() -> None:
+    """Rooms of one job each: the env's hall (quant_llm.py, 1,112 lines) was split into its task,
+    config, kinds and rendering; no file of the library grows past 600 lines again."""
+    long = {str(p.relative_to(REPO)): n for p in sorted((REPO / "qenv").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 600 and str(p.relative_to(REPO)) not in _LONG_PENDING}
+    assert long == {}

@@ -10,7 +10,8 @@ from qenv.errors import QenvError
 from qenv.models.layers import LayerInfo
 from qenv.quant.accounting import bits_per_weight
 from qenv.quant.presets import budget_label, human_preset_name, parse_budget, preset, resolve_budget
-from qenv.quant.rules import Rule, menu_table
+from qenv.quant.presets import menu_table
+from qenv.quant.rules import Rule
 
 UNIFORM_BITS = (2, 3, 4, 5, 6, 8)
 

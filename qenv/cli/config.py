@@ -33,7 +33,6 @@ Anything else that the agent does not take is an error naming the accepted keys.
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,10 +146,12 @@ def _normalize_kwargs(value: Any, where: str) -> dict[str, Any] | None:
 
 
 def env_kwarg_names() -> list[str]:
-    from qenv.envs.quant_llm import QuantLLMEnv
+    """The environment's keyword arguments: :class:`~qenv.envs.config.EnvConfig`'s fields and ``render_mode``."""
+    import dataclasses
 
-    params = inspect.signature(QuantLLMEnv.__init__).parameters
-    return [n for n in params if n != "self"]
+    from qenv.envs.config import EnvConfig
+
+    return [f.name for f in dataclasses.fields(EnvConfig)] + ["render_mode"]
 
 
 def check_env_kwargs(env_kwargs: dict[str, Any], where: str) -> dict[str, Any]:
@@ -161,7 +162,7 @@ def check_env_kwargs(env_kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     if unknown:
         raise QenvError(f"{where}: unknown environment argument(s) {unknown}.", f"use only {known}.")
     out = {k: _convert_value(k, v, where) for k, v in env_kwargs.items()}
-    from qenv.envs.quant_llm import check_env_arguments
+    from qenv.envs.config import check_env_arguments
 
     try:
         check_env_arguments(out)

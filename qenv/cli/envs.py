@@ -72,7 +72,7 @@ def as_menu_kind(env_kwargs: dict[str, Any]) -> dict[str, Any]:
     """A run's env arguments for an env of the discrete (menu) kind on the same task, e.g. the
     searchers' env beside a residual policy: the residual-only arguments left out and the
     ``actions`` observation read as ``relative`` (searchers do not read observations)."""
-    from qenv.envs.quant_llm import RESIDUAL_ONLY
+    from qenv.envs.config import RESIDUAL_ONLY
 
     out = {k: v for k, v in env_kwargs.items() if k not in RESIDUAL_ONLY}
     if out.get("observation") == "actions":
@@ -96,7 +96,7 @@ def make_quant_env(**env_kwargs: Any) -> Any:
 
     import gymnasium as gym
 
-    from qenv.envs.quant_llm import check_env_arguments
+    from qenv.envs.config import check_env_arguments
 
     check_env_arguments(env_kwargs)  # before gymnasium wraps anything (render_mode="human" needs pygame)
     if multiprocessing.parent_process() is not None:

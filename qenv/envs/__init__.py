@@ -1,1 +1,5 @@
-"""The Gymnasium environment and its parts (action spaces, features, rewards)."""
+"""The Gymnasium environment and its parts (settings, action spaces, features, rewards)."""
+
+from qenv.envs.config import EnvConfig
+
+__all__ = ["EnvConfig"]

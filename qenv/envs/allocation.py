@@ -1,9 +1,8 @@
-"""Bit allocation under a budget: the measured sensitivities and the allocations built on them.
+"""Bit allocation under a budget: the allocations built on the measured sensitivities.
 
-One place for what both the environment and the searchers need:
+One place for what both the environment and the searchers need (the sensitivities themselves
+are measured by :func:`qenv.eval.sensitivity.rule_errors`):
 
-- :func:`rule_errors`: the relative output error of every layer under every rule of a list
-  (:func:`qenv.envs.features.output_error`), cached on disk beside the reference;
 - :func:`greedy_allocation`: HAWQ-style greedy. Every layer starts at its cheapest rule, and the
   upgrade with the largest drop in ``error × layer size`` per extra bit is applied until nothing
   fits. It is the ``greedy`` searcher's recipe, the plan of the ``residual`` action kind (whose
@@ -19,42 +18,10 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
 
 import numpy as np
-import torch
-
-from qenv.eval.evaluator import Evaluator
-from qenv.eval.reference import layer_table_path
-from qenv.cache_files import read_table, write_table
-from qenv.models.layers import LayerInfo
-from qenv.quant.rules import Rule
 
 _TOL = 1e-9
-
-
-def rule_errors(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequence[Rule]) -> np.ndarray:
-    """``[n_layers, n_rules]`` relative output errors ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` (float64),
-    cached on disk under the model, tokens, batching, rules and :func:`numerics_key`."""
-    from qenv.envs.features import output_error
-
-    path = layer_table_path(evaluator, layers, "errors-v2", "|".join(r.label() + repr(r) for r in rules))
-    cached = read_table(path, (len(layers), len(rules)), nonnegative=True)
-    if cached is not None:
-        return cached.astype(np.float64)
-    from qenv.progress import progress_bar
-
-    bar = progress_bar(len(layers) * len(rules), f"layer errors under {len(rules)} rules", "layer-rule")
-    rows = []
-    with torch.inference_mode():
-        for info in layers:
-            rows.append([output_error(evaluator, info, rule) for rule in rules])
-            bar.update(len(rules))
-    bar.close()
-    err = np.array(rows, dtype=np.float64)
-    err = np.nan_to_num(err, nan=1e30, posinf=1e30)
-    write_table(path, err)
-    return err
 
 
 def greedy_allocation(costs: np.ndarray, sensitivity: np.ndarray, budget_bits: float,

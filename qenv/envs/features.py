@@ -15,19 +15,16 @@ are what greedy's advantage comes from, and they mean the same thing on every mo
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from qenv.eval.evaluator import Evaluator
-from qenv.eval.reference import layer_table_path
 from qenv.cache_files import read_table, write_table
+from qenv.envs.allocation import LagrangianSuffix, lagrangian_allocation
+from qenv.eval.evaluator import Evaluator, layer_table_path
+from qenv.eval.sensitivity import rule_errors
 from qenv.models.layers import LAYER_KINDS, LayerInfo
 from qenv.quant.rules import Rule
-
-if TYPE_CHECKING:
-    from qenv.envs.allocation import LagrangianSuffix
 
 SENSITIVITY_BITS: tuple[int, ...] = (2, 3, 4, 6, 8)
 STATIC_NAMES: tuple[str, ...] = (
@@ -69,26 +66,6 @@ _CENTRED = ("log_fan_in", "log_fan_out", "log_numel", "w_log_std", "w_log_kurtos
 _FUSED_KINDS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up"), "fc_in": ("up",), "fc_out": ("down",)}
 
 
-def output_error(evaluator: Evaluator, info: LayerInfo, rule: Rule) -> float:
-    """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of one layer on calibration inputs."""
-    calib = evaluator.calibration_of(info.name)
-    original = evaluator.weights.original(info.name).float()
-    delta = evaluator.weights.weight_for(info.name, rule).float() - original
-    if info.transposed:
-        original, delta = original.T, delta.T
-    if calib is None:
-        return float(delta.square().sum() / original.square().sum().clamp_min(1e-30))
-    if calib.hessian is not None:
-        h = calib.hessian.to(delta.device)
-        num = (delta @ h * delta).sum()
-        den = (original @ h * original).sum()
-    else:
-        d = calib.hessian_diag.to(delta.device)
-        num = (delta.square() * d).sum()
-        den = (original.square() * d).sum()
-    return float(num / den.clamp_min(1e-30))
-
-
 def ladder_rules() -> list[Rule]:
     """The rules whose errors describe a layer's sensitivity: round-to-nearest at each of ``SENSITIVITY_BITS``."""
     return [Rule(bits=b) for b in SENSITIVITY_BITS]
@@ -125,8 +102,6 @@ def static_features(evaluator: Evaluator, layers: list[LayerInfo]) -> np.ndarray
     """``[n_layers, len(STATIC_NAMES)]`` float32, cached on disk beside the reference."""
     # the batch count is part of the key, as for the reference: calibration statistics summed per batch
     # differ in the last float bits between batchings, and a cache must not make runs differ
-    from qenv.envs.allocation import rule_errors
-
     path = layer_table_path(evaluator, layers, "features-v3")
     cached = read_table(path, (len(layers), len(STATIC_NAMES)))
     if cached is not None:
@@ -200,8 +175,6 @@ def model_relative(costs: np.ndarray, sensitivity: np.ndarray, index: int, bits_
     per model, computes that allocation faster with the same result; ``gains``, the
     :func:`rung_gains` of ``costs`` and ``sensitivity``, saves recomputing them (the same floats).
     """
-    from qenv.envs.allocation import lagrangian_allocation
-
     n = costs.shape[0]
     if index >= n:
         return [0.0, 0.0, 0.0, 0.0]

@@ -14,658 +14,226 @@ an agent never picks a rule that makes the budget unreachable.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from dataclasses import replace as _replace
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from qenv.cache_files import check_token_ids, read_cache_file, write_cache_file
+from qenv.envs.config import RENDER_MODES, EnvConfig, is_number, check_env_arguments
+from qenv.envs.kinds import KINDS, ActionKind, keeps_knobs
+from qenv.envs.features import ACTION_NAMES, OBS_LIMIT, model_relative, observation_size
+from qenv.envs.render import recipe_image, recipe_table
+from qenv.envs.reward import check_reward_kind, fidelity_reward
+from qenv.envs.spaces import MASKABLE_KINDS, RESIDUAL_SHIFTS, ActionMapper, parse_menu
+from qenv.envs.task import _TASKS, build_task
 from qenv.errors import QenvError
-from qenv.eval.reference import check_reference_fits, numerics_key, resolve_cache_dir
-from qenv.io import check_output_dir
-from qenv.eval.evaluator import Evaluator, Metrics, Stream, oom_guard, stage_of
-from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
-from qenv.envs.allocation import LagrangianSuffix, fill_budget, greedy_allocation, rule_errors
-from qenv.envs.features import (ACTION_NAMES, OBS_LIMIT, OBSERVATION_KINDS, ladder_rules, model_relative,
-                                observation_size, relative_static, rung_gains, static_features)
-from qenv.envs.reward import Reference, bracketing_widths, check_reward_kind, fidelity_reward, uniform_frontier
-from qenv.envs.spaces import MASKABLE_KINDS, MENUS, RELATIVE_DELTAS, RESIDUAL_SHIFTS, ActionMapper, check_finite_action
+from qenv.eval.evaluator import Metrics, Stream, stage_of
 from qenv.models.layers import LayerInfo
-from qenv.models.loading import DEFAULT_MODEL, LoadedModel, check_context, load_model
-from qenv.quant.accounting import fallbacks, input_groups, rule_bpw, rule_text
-from qenv.quant.presets import rtn, uniform
+from qenv.models.loading import LoadedModel
+from qenv.quant.accounting import fallbacks, rule_text
 from qenv.quant.rules import Rule, layer_bits
-
-BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
-REPLANS: tuple[str, ...] = ("lagrangian", "greedy", "fresh")  # the residual kind's re-plan after a deviation
-LADDERS: tuple[str, ...] = ("menu", "frontier")  # what the residual kind's shifts step along
-#: arguments only the residual action kind takes (with observation="actions"): an env of another
-#: kind made from a residual run's settings (e.g. the searchers' menu env) leaves them out
-RESIDUAL_ONLY: tuple[str, ...] = ("max_deviations", "deviation_cost", "replan", "ladder")
-
-
-@dataclass
-class ModelTask:
-    """Everything an episode needs about one model, built once and shared by envs in a process."""
-
-    loaded: LoadedModel
-    evaluator: Evaluator
-    layers: list[LayerInfo]
-    static: np.ndarray
-    costs: np.ndarray  # [n_layers, n_candidate_rules] storage bits
-    rest_min: np.ndarray  # [n_layers + 1] cheapest bits of layers i.. end
-    stage_end: list[bool]
-    rest_numel: np.ndarray  # [n_layers + 1] weights in layers i.. end
-    ladder_costs: np.ndarray  # [n_layers, len(SENSITIVITY_BITS)] bits of the ladder rules
-    ladder_sens: np.ndarray  # [n_layers, len(SENSITIVITY_BITS)] error x layer size of the ladder rules
-    rules: tuple[Rule, ...] = ()
-    references: dict[float, Reference] = field(default_factory=dict)
-    input_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layers sharing an input (AWQ folding)
-    plans: dict[float, np.ndarray] = field(default_factory=dict)
-    block_refs: dict[float, list[float]] = field(default_factory=dict)
-    _menu_sens: np.ndarray | None = None
-    _ladder: tuple[np.ndarray, np.ndarray] | None = None
-    _frontier: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-    _ladder_table: LagrangianSuffix | None = None
-    _ladder_gains: np.ndarray | None = None
-    _menu_table: LagrangianSuffix | None = None
-    _numel: np.ndarray | None = None
-
-    @property
-    def total_weights(self) -> int:
-        return int(self.rest_numel[0])
-
-    @property
-    def name(self) -> str:
-        return self.loaded.name
-
-    def reference(self, budget_bpw: float) -> Reference:
-        if budget_bpw not in self.references:
-            self.references[budget_bpw] = uniform_frontier(self.evaluator, budget_bpw)
-        return self.references[budget_bpw]
-
-    @property
-    def numel(self) -> np.ndarray:
-        if self._numel is None:  # read at every step: computed once
-            self._numel = np.diff(-self.rest_numel).astype(np.float64)
-        return self._numel
-
-    @property
-    def ladder_table(self) -> LagrangianSuffix:
-        """The ladder's :class:`LagrangianSuffix`: the observation's greedy plan of the layers left,
-        computed at every step, in a lookup per bisection step (built on first use)."""
-        if self._ladder_table is None:
-            self._ladder_table = LagrangianSuffix(self.ladder_costs, self.ladder_sens)
-        return self._ladder_table
-
-    @property
-    def ladder_gains(self) -> np.ndarray:
-        """The ladder's :func:`~qenv.envs.features.rung_gains`, read by the observation at every step."""
-        if self._ladder_gains is None:
-            self._ladder_gains = rung_gains(self.ladder_costs, self.ladder_sens)
-        return self._ladder_gains
-
-    @property
-    def menu_table(self) -> LagrangianSuffix:
-        """The menu's :class:`LagrangianSuffix`: the residual kind's re-plan of the layers left."""
-        if self._menu_table is None:
-            self._menu_table = LagrangianSuffix(self.costs, self.menu_sensitivity())
-        return self._menu_table
-
-    def menu_sensitivity(self) -> np.ndarray:
-        """``[n_layers, n_rules]`` measured output error × layer size of the action space's rules
-        (what the greedy searcher ranks; computed on first use, cached on disk)."""
-        if self._menu_sens is None:
-            self._menu_sens = rule_errors(self.evaluator, self.layers, self.rules) * self.numel[:, None]
-        return self._menu_sens
-
-    def menu_ladder(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each layer's rules sorted by (cost, error, index): ``order[i, k]`` is the k-th rule of layer
-        i, ``position[i, j]`` where rule j stands (the residual kind shifts along it)."""
-        if self._ladder is None:
-            sens = self.menu_sensitivity()
-            m = self.costs.shape[1]
-            order = np.array([np.lexsort((np.arange(m), sens[i], self.costs[i])) for i in range(len(self.layers))],
-                             dtype=np.int64).reshape(len(self.layers), m)
-            position = np.empty_like(order)
-            rows = np.arange(len(self.layers))[:, None]
-            position[rows, order] = np.arange(m)[None, :]
-            self._ladder = (order, position)
-        return self._ladder
-
-    def frontier_ladder(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each layer's efficient rules: those no other rule matches or beats in both cost and error
-        (ties: the first), sorted by cost. ``order[i, :length[i]]`` are layer i's, and
-        ``position[i, j]`` is the last of them that costs no more than rule j (the residual kind's
-        ``ladder="frontier"`` shifts along it, so +1 always means more bits and less error)."""
-        if self._frontier is None:
-            sens = self.menu_sensitivity()
-            n, m = self.costs.shape
-            order = np.zeros((n, m), dtype=np.int64)
-            length = np.zeros(n, dtype=np.int64)
-            position = np.zeros((n, m), dtype=np.int64)
-            for i in range(n):
-                keep: list[int] = []
-                # by cost, then error, then index: a rule is efficient when it errs less than every
-                # cheaper one (one as cheap and more accurate would have come first)
-                for j in np.lexsort((np.arange(m), sens[i], self.costs[i])):
-                    if not keep or sens[i, j] < sens[i, keep[-1]]:
-                        keep.append(int(j))
-                length[i] = len(keep)
-                order[i, :len(keep)] = keep
-                order[i, len(keep):] = keep[-1]
-                kept_costs = self.costs[i, keep]
-                position[i] = np.searchsorted(kept_costs, self.costs[i] + 1e-9, side="right") - 1
-            self._frontier = (order, position.clip(min=0), length)
-        return self._frontier
-
-    def greedy_plan(self, budget_bpw: float) -> np.ndarray:
-        """The ``greedy`` searcher's recipe at this budget, as rule indices (computed once per budget)."""
-        if budget_bpw not in self.plans:
-            self.plans[budget_bpw] = greedy_allocation(self.costs, self.menu_sensitivity(),
-                                                       budget_bpw * self.total_weights)
-        return self.plans[budget_bpw]
-
-    def block_reference(self, budget_bpw: float) -> list[float]:
-        """Each block's output error under the uniform RTN width at or under the budget: the scale
-        of the potential-based shaping (so that its values mean the same on every model)."""
-        if budget_bpw not in self.block_refs:
-            below, above = bracketing_widths(self.evaluator, budget_bpw)
-            bits = (below or above)[1]  # type: ignore[index]
-            recipe = dict(uniform(self.layers, rtn(bits)))
-            stream = self.evaluator.stream()
-            errors = []
-            for block in range(self.evaluator.n_blocks):
-                stream.advance(recipe, block)
-                errors.append(stream.block_error(block))
-            self.block_refs[budget_bpw] = errors
-        return self.block_refs[budget_bpw]
-
-
-_TASKS: dict[tuple, ModelTask] = {}
-
-
-def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens: int, seq_len: int, seed: int,
-                cache_dir: str | Path | None | bool = None) -> TokenSet:
-    """Calibration tokens: from text files when given, else sampled from the model with ``seed``
-    (sampled tokens are cached on disk: generation is slow and they depend only on these inputs)."""
-    if data:
-        return tokens_from_text(loaded.tokenizer, data, n_tokens, seq_len)
-    folder = resolve_cache_dir(cache_dir)
-    numerics = hashlib.sha1(numerics_key(loaded.device).encode()).hexdigest()[:8]  # sampling reads the logits
-    path = None if folder is None else folder / (f"tokens-{loaded.fingerprint}-s{seed}-n{n_tokens}-l{seq_len}"
-                                                 f"-n{numerics}.safetensors")
-    key = str(path.name) if path is not None else ""
-    vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
-    cached = read_cache_file(path, key, lambda t: check_token_ids(t.get("ids"), (n_tokens // seq_len, seq_len), vocab))
-    if cached is not None:
-        return TokenSet(cached["ids"].long(), f"sampled:seed={seed}")
-    bos = getattr(loaded.tokenizer, "bos_token_id", None) if loaded.tokenizer is not None else None
-    tokens = tokens_from_model(loaded.model, n_tokens, seq_len, seed=seed, bos_token_id=bos)
-    if path is not None:
-        write_cache_file(path, {"ids": tokens.ids}, key)
-    return tokens
-
-
-def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Sequence[str] | None, n_tokens: int,
-               seq_len: int, batch_size: int, seed: int, device: str | None, dtype: str | None,
-               include_lm_head: bool, cache_dir: str | Path | None | bool, weight_cache_gib: float | None = None,
-               prebuild: bool | None = None) -> ModelTask:
-    """The shared :class:`ModelTask` of these arguments (built once per process; envs that ask for the
-    same model, tokens and menu get the same object: one model copy and one weight cache)."""
-    key = (str(spec) if not isinstance(spec, LoadedModel) else id(spec), tuple(mapper.rules),
-           str(data), n_tokens, seq_len, batch_size, seed, str(device), str(dtype), include_lm_head, str(cache_dir),
-           weight_cache_gib)
-    if key in _TASKS:
-        task = _TASKS[key]
-        if prebuild:
-            prebuild_menu(task, mapper.rules)
-        return task
-    folder = resolve_cache_dir(cache_dir)
-    if folder is not None:  # checked before the slow part: the first write comes after the reference
-        check_output_dir(folder, "The cache folder", "set QENV_CACHE_DIR to a folder you can write to, or pass "
-                                                     "cache_dir=False to cache nothing.")
-    from qenv.progress import stage
-
-    with stage(f"loading model {spec}", show=False if isinstance(spec, LoadedModel) else None):
-        loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
-    check_context(loaded, seq_len)
-    if seq_len >= 2:  # before sampling tokens: a reference that cannot fit is refused at once
-        check_reference_fits(loaded.model, loaded.layers, max(n_tokens, 0) // seq_len, seq_len, folder)
-    with stage(f"calibration tokens ({n_tokens})"), oom_guard(batch_size):  # sampling them runs the model too
-        tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
-    evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir,
-                          max_weight_cache_bytes=None if weight_cache_gib is None else int(weight_cache_gib * 2**30))
-    order = sorted(range(len(loaded.layers)), key=lambda i: (stage_of(loaded.layers[i]), i))
-    layers = [loaded.layers[i] for i in order]
-    costs = np.array([[layer_bits(r, info.out_features, info.in_features) for r in mapper.rules] for info in layers],
-                     dtype=np.float64)
-    cheapest = costs.min(axis=1)
-    rest_min = np.concatenate([np.cumsum(cheapest[::-1])[::-1], [0.0]])
-    stages = [stage_of(info) for info in layers]
-    stage_end = [i + 1 == len(layers) or stages[i + 1] != stages[i] for i in range(len(layers))]
-    numel = np.array([info.numel for info in layers], dtype=np.int64)
-    rest_numel = np.concatenate([np.cumsum(numel[::-1])[::-1], [0]])
-    with stage(f"reference and layer features ({len(layers)} layers)"):
-        static = static_features(evaluator, layers)
-    ladder = ladder_rules()
-    ladder_costs = np.array([[layer_bits(r, info.out_features, info.in_features) for r in ladder] for info in layers],
-                            dtype=np.float64)
-    ladder_sens = rule_errors(evaluator, layers, ladder) * numel[:, None].astype(np.float64)
-    task = ModelTask(loaded, evaluator, layers, static, costs, rest_min, stage_end, rest_numel, ladder_costs,
-                     ladder_sens, tuple(mapper.rules), input_groups=input_groups(layers))
-    if prebuild:
-        prebuild_menu(task, mapper.rules)
-    elif prebuild is None and loaded.device.type == "cuda":
-        weights = evaluator.weights
-        later, variants = inherited_scale_variants(task, mapper.rules)
-        need = weights.recipe_bytes() * sum(not r.keeps for r in mapper.rules) + sum(
-            weights.layer_bytes(name) for name in later) * len(variants)
-        if need <= weights.max_cache_bytes:
-            prebuild_menu(task, mapper.rules)
-        else:  # not asked for explicitly: quantize on demand rather than fail
-            warnings.warn(f"The menu's quantized weights ({need / 2**30:.1f} GiB) do not fit the weight cache "
-                          f"({weights.max_cache_bytes / 2**30:.1f} GiB); they are quantized on demand instead. "
-                          "Raise weight_cache_gib or shorten the menu to build them up front.", stacklevel=3)
-    _TASKS[key] = task
-    return task
-
-
-def prebuild_menu(task: ModelTask, rules: Sequence[Rule], progress: bool = True) -> int:
-    """Quantize every (layer, menu rule) pair of the task up front, layers of one shape in batches.
-
-    On a GPU, episodes then only swap cached tensors in: a warm episode costs about one forward
-    pass. Quantizing on demand instead spreads the same work over the first episodes, one layer
-    at a time (GPTQ is launch-bound per layer). See ``QuantizedWeights.prebuild``.
-    """
-    with oom_guard(task.evaluator.batch_size):
-        task.evaluator.reference  # noqa: B018  (calibration statistics first, outside the build's OOM handling)
-    weights = task.evaluator.weights
-    built = weights.prebuild(rules, progress=progress)
-    # A later layer of an input group inherits the AWQ scale its group chose (QuantLLMEnv._fold_act_scale),
-    # so it can need a menu rule with another menu rule's act_scale: build those variants for those layers.
-    later, variants = inherited_scale_variants(task, rules)
-    if later and variants:
-        built += weights.prebuild(variants, progress=progress, names=later)
-    return built
-
-
-def inherited_scale_variants(task: ModelTask, rules: Sequence[Rule]) -> tuple[list[str], list[Rule]]:
-    """``(later layers of input groups, menu rules with another menu rule's act_scale)``: what an
-    episode can quantize beyond the menu itself, since a later layer of a group inherits its
-    group's AWQ scale."""
-    later = [name for name, members in task.input_groups.items() if members and members[0] != name]
-    scalable = [r for r in rules if not r.keeps and r.gguf is None]
-    scales = sorted({r.act_scale for r in scalable})
-    return later, [_replace(r, act_scale=s) for r in scalable for s in scales if s != r.act_scale]
-
-
-def _check_numbers(**values: Any) -> None:
-    """Counts must be whole numbers (at least 1; the seed at least 0) and weights finite numbers: a
-    value of the wrong type (e.g. ``n_tokens=abc`` from a command line) is a clear error here, not
-    a ``TypeError`` deep in token sampling."""
-    examples = {"n_tokens": 2048, "seq_len": 128, "batch_size": 8, "seed": 0}
-    for key, value in values.items():
-        if key in examples:
-            low = 0 if key == "seed" else 1
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise QenvError(f"{key}={value!r} must be a whole number of at least {low}.",
-                                f"pass e.g. {key}={examples[key]}.")
-        elif isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(value):
-            raise QenvError(f"{key}={value!r} must be a number.", f"pass e.g. {key}=1.0.")
-
-
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
-        and bool(np.isfinite(value))
-
-
-def _is_path_like(value: Any) -> bool:
-    return isinstance(value, (str, Path)) and str(value).strip() != ""
-
-
-def check_env_arguments(arguments: dict[str, Any]) -> None:
-    """Check the types and values of the environment's arguments that are given (others are skipped).
-
-    The environment calls it first thing, and the programs call it on ``--env-kwargs`` and config
-    files before anything slow, so a value of the wrong type (``include_lm_head="maybe"``, which
-    Python would count as true) or out of range (``weight_cache_gib=-1``) is a one-line error, not
-    a silent misreading or a traceback later.
-    """
-    from qenv.envs.spaces import ACTION_SPACE_KINDS
-    from qenv.envs.reward import REWARD_KINDS
-
-    def fail(key: str, value: Any, need: str, example: str) -> None:
-        raise QenvError(f"{key}={value!r} {need}.", f"pass e.g. {key}={example}.")
-
-    for key, value in arguments.items():
-        if key == "model":
-            items = value if isinstance(value, (list, tuple)) else [value]
-            if not items or not all(_is_path_like(v) or isinstance(v, LoadedModel) for v in items):
-                fail(key, value, "must be a model spec (a path, hub id or built-in name) or a list of them", "default")
-        elif key == "data":
-            items = value if isinstance(value, (list, tuple)) else [value]
-            if value is not None and (not items or not all(_is_path_like(v) for v in items)):
-                fail(key, value, "must be a text file path or a list of them", "train.txt")
-        elif key == "budget_bpw":
-            if not _is_number(value) or not 0 < value <= 16:
-                raise QenvError(f"budget_bpw={value!r} is out of range.", "use a number of bits per weight in (0, 16].")
-        elif key in ("dense_weight", "shaping_weight", "size_weight", "penalty_weight", "deviation_cost"):
-            if not _is_number(value) or value < 0:
-                fail(key, value, "must be a number of at least 0", "1.0")
-        elif key == "weight_cache_gib":  # None: sized from free memory; too small for a recipe: QuantizedWeights says so
-            if value is not None and (not _is_number(value) or value < 0):
-                fail(key, value, "must be a number of at least 0", "8 (or leave it unset to size it from free memory)")
-        elif key == "prebuild":
-            if value is not None and not isinstance(value, (bool, np.bool_)):
-                fail(key, value, "must be true or false", "true")
-        elif key in ("n_tokens", "seq_len", "batch_size", "seed"):
-            low = {"seed": 0, "seq_len": 2}.get(key, 1)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise QenvError(f"{key}={value!r} must be a whole number of at least {low}.",
-                                f"pass e.g. {key}={ {'n_tokens': 2048, 'seq_len': 128, 'batch_size': 8, 'seed': 0}[key]}.")
-        elif key == "include_lm_head":
-            if not isinstance(value, (bool, np.bool_)):
-                fail(key, value, "must be true or false", "true")
-        elif key == "action_kind":
-            if value not in ACTION_SPACE_KINDS:
-                raise QenvError(f"Unknown action space kind {value!r}.", f"use one of {ACTION_SPACE_KINDS}.")
-        elif key == "budgets":
-            items = list(value) if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) == 1 else None
-            if value is not None and (not items or not all(_is_number(b) and 0 < b <= 16 for b in items)):
-                fail(key, value, "must be a list of budgets in bits per weight, each in (0, 16]", "[2.5, 3.0, 3.5, 4.0]")
-        elif key == "max_deviations":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
-                fail(key, value, "must be a whole number of at least 0 (or unset: no limit)", "6")
-        elif key == "observation":
-            if value not in OBSERVATION_KINDS:
-                raise QenvError(f"Unknown observation kind {value!r}.", f"use one of {OBSERVATION_KINDS}.")
-        elif key == "reward":
-            if value not in REWARD_KINDS:
-                raise QenvError(f"Unknown reward {value!r}.", f"use one of {REWARD_KINDS}.")
-        elif key in ("budget_mode", "replan", "ladder"):
-            options = {"budget_mode": BUDGET_MODES, "replan": REPLANS, "ladder": LADDERS}[key]
-            if value not in options:
-                raise QenvError(f"Unknown {key} {value!r}.", f"use one of {options}.")
-        elif key == "render_mode":
-            if value is not None and value not in QuantLLMEnv.metadata["render_modes"]:
-                raise QenvError(f"render_mode={value!r} is not supported: the environment draws no window.",
-                                "use render_mode='ansi' (a text table) or 'rgb_array' (an image), or leave it unset.")
-        elif key in ("device", "dtype"):
-            import torch
-
-            if value is not None and not isinstance(value, (str, torch.device, torch.dtype)):
-                fail(key, value, "must be a name", "cpu" if key == "device" else "float32")
-        elif key == "cache_dir":
-            if value is not None and not isinstance(value, bool) and not _is_path_like(value):
-                fail(key, value, "must be a folder, or false to cache nothing", "false")
-        elif key == "menu":
-            named = isinstance(value, str) and value.lower() in MENUS  # menu="gguf"
-            if value is not None and not named and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
-                raise QenvError("The rule menu must be a list of rules or one of "
-                                f"{sorted(MENUS)}.", "pass e.g. menu='gguf' or menu=[{'bits': 4}, {'bits': 8}].")
-
 
 class QuantLLMEnv(gym.Env):
     """Pick a survival rule for each quantizable layer of a causal LM, under a bits-per-weight budget.
 
-    Args:
-        model: a model spec (see :func:`qenv.load_model`) or a list of them; with a list, each
-            episode samples one, for policies that transfer across models.
-        budget_bpw: target bits per weight over the quantizable layers.
-        action_kind: one of :data:`qenv.envs.spaces.ACTION_SPACE_KINDS` (table below).
-        menu: the rules of the menu kinds (default :data:`qenv.envs.spaces.DEFAULT_MENU`: every human
-            rule; ``print(qenv.quant.rules.menu_table(DEFAULT_MENU))`` lists each with its bpw on a
-            4096-wide layer; ``"compact"``: the 13 rules of qenv's earlier default), or
-            ``"gguf"``: llama.cpp's own types (:data:`qenv.envs.spaces.GGUF_MENU`, quantized by
-            llama.cpp, charged at its bytes; needs the ``gguf`` extra). ``info["fallback"]`` lists
-            layers whose rows a type cannot hold (scored and charged as llama-quantize's fallback).
-            Layers reading the same input (q/k/v, gate/up) share one AWQ ``act_scale`` so that it
-            folds into the norm: a later layer inherits its group's (``info["act_scale_inherited"]``).
-        reward: ``kl`` (default), ``ppl`` or ``top1``; see :mod:`qenv.envs.reward`.
-        dense_weight: ``-dense_weight · err_b`` at the end of each block (changes the optimum).
-        shaping_weight: potential-based shaping from the streamed block errors (keeps the optimum).
-        budget_mode: ``hard`` (actions that would break the budget are lowered; ``info`` says so;
-            the maskable kinds also expose ``action_masks()``) or ``penalty`` (the return is
-            reduced by ``penalty_weight`` per bit over budget).
-        data: text file(s) for calibration tokens; default: tokens sampled from the model itself.
-        n_tokens, seq_len, batch_size: calibration size and batching.
-        device, dtype: where and how the model runs (default: cuda if present).
-        seed: seeds the sampled calibration tokens (episodes are seeded through ``reset``).
-        weight_cache_gib: memory for quantized weights cached per (layer, rule). Default: half the
-            free GPU memory (a quarter of the available RAM on a CPU). Size it to hold every menu
-            rule of every layer (about menu size × model size) for the fastest episodes; a size
-            that cannot hold one recipe is an error.
-        prebuild: quantize the whole menu for every layer at construction, in batches, with a
-            progress bar (default: on a GPU only). Envs sharing a task share this work.
-        budgets: budgets in bits per weight that each episode samples one of (as with several
-            models), for one policy over a range of sizes; ``reset(options={"budget_bpw": b})``
-            picks one. Default: ``budget_bpw`` only.
-        max_deviations: residual kind only: at most this many steps per episode leave greedy's
-            plan (then only action 0 is unmasked; an agent without masks gets the plan, and
-            ``info["deviation_capped"]`` says so). ``info["deviations"]`` counts them at the end.
-            A policy that learned a per-step deviation rate on 14–42-layer models would otherwise
-            leave the plan on half of a 210-layer model's layers. Default: no limit.
-        deviation_cost: residual kind only: the reward of a step that leaves greedy's plan is
-            lowered by this much (a KL-style cost of moving away from the greedy prior: a policy
-            leaves the plan only where it expects to gain more than this, on a model of any
-            length). It changes the optimum on purpose; ``info["fidelity_reward"]`` does not
-            include it. Default 0.
-        replan: residual kind: how the layers left are re-planned after a deviation.
-            ``lagrangian`` (default): the convex-hull form of greedy (Lagrangian, then filled);
-            ``greedy``: greedy's own rule, started from the plan they had (over the budget: the
-            cheapest error rise per bit saved first); ``fresh``: greedy's plan of the layers left
-            as if they were a model of their own: the Lagrangian hull, then greedy's
-            error-lowering upgrades only (the fill may move a layer to a costlier rule that errs
-            more). The Lagrangian plan can be worse than greedy's (on bench-gpt2-small at 4.0
-            bpw, for the whole model, 1.47x greedy's summed sensitivity); ``fresh`` planning a
-            whole model gives greedy's plan on all 12 (model, budget) cells of
-            ``bench/replan_gap.py``. Training with ``greedy`` did not help: the per-model
-            benchmark on stories260K and the default model beat greedy in 5 of 8 cells, against
-            7 of 8 with ``lagrangian`` (BENCHMARKS.md, "Learning and transfer").
-        ladder: residual kind: what a shift steps along. ``menu`` (default): every menu rule of the
-            layer sorted by cost, then error; ``frontier``: only the layer's efficient rules (none
-            other as cheap and as accurate; :meth:`ModelTask.frontier_ladder`), so +1 always means
-            more bits and less error. On the menu ladder a step can land on a dominated rule: on
-            bench-gpt2-small at 4.0 bpw, +1 from ``w4g128a-gptq`` is ``w4g128a-mse-awq0.5``, with
-            2x the error at a slightly higher cost.
-        observation: ``full`` (default) or ``relative``: the same entries, but in ``relative`` none
-            says how large the model is: every size, weight/activation statistic and log error is
-            taken relative to the model's median layer, so a policy trained on small models reads a
-            large one within the ranges it learned from (see the table and
-            :func:`qenv.envs.features.relative_static`). ``actions`` (residual kind): ``relative``
-            plus what each shift would do (table below).
+    **Description.** An episode walks the model's quantizable layers in forward order; each step
+    fixes the rule of the next layer. When a block's layers are all fixed, the block runs on the
+    hidden states of the quantized prefix (streaming evaluation), so an episode costs about one
+    forward pass over the calibration tokens. Settings: ``EnvConfig`` (``qenv.envs.config``), as
+    one config or as its fields in keyword arguments.
 
-    **Action space** (``action_kind``):
+    **Action space** (``action_kind``; ``action_masks()`` for the maskable kinds, in sb3-contrib's
+    convention, so that no allowed action makes the budget unreachable):
 
-    ==============  ==========================  =============================================
-    kind            space                       an action means
-    ==============  ==========================  ====================================================
-    discrete        Discrete(len(menu))         the menu rule with that index (maskable)
-    multidiscrete   MultiDiscrete([6, 4, 3, 2]) bits, group, outlier fraction, rounding (maskable)
-    continuous      Box(-1, 1, (10,))           every Rule knob, HAQ-style bins: bits, group,
-                                                outliers, rounding, clip/mse, salience a, b, c,
-                                                act_scale, symmetric
-    rule            MultiDiscrete(10 knobs)     the same ten knobs by index (maskable)
-    relative        Discrete(7)                 bpw above the even share of the budget left
-                                                (0, +.5, -.5, +1, -1, +2, -2); the most accurate
-                                                menu rule at or under it (maskable)
-    residual        Discrete(7)                 shift along the layer's cost-sorted menu from
-                                                greedy's plan (0, +1, -1, +2, -2, +3, -3); action 0
-                                                on every layer is the greedy searcher's recipe;
-                                                a deviation re-plans the rest (Lagrangian
-                                                greedy, filled; ``replan``); ``ladder``
-                                                picks the menu or its efficient rules (maskable)
-    allocation      Box(-1, 1, (1,))            the layer's preference p; after the last layer
-                                                greedy on sensitivities × exp(3p), then filled,
-                                                gives a recipe at or under the budget with less
-                                                than one menu step unused
-    ==============  ==========================  ====================================================
+    =============  ============================  =========  =================================================
+    kind           space                         maskable   an action means
+    =============  ============================  =========  =================================================
+    discrete       Discrete(len(menu))           yes        the menu rule with that index
+    multidiscrete  MultiDiscrete([6, 4, 3, 2])   yes        bits, group, outlier fraction, rounding
+    continuous     Box(-1, 1, (10,))             no         every rule knob in equal bins (HAQ-style): bits,
+                                                            group, outliers, rounding, clip, salience a, b,
+                                                            c, act_scale, symmetric
+    rule           MultiDiscrete(10 knobs)       yes        the same ten knobs by index
+    relative       Discrete(7)                   yes        bits per weight above the even share of the
+                                                            budget left (0, +0.5, -0.5, +1, -1, +2, -2):
+                                                            the most accurate menu rule at or under it
+    residual       Discrete(7)                   yes        a shift along the layer's cost-sorted menu from
+                                                            greedy's plan (0, +1, -1, +2, -2, +3, -3);
+                                                            action 0 everywhere is greedy's recipe
+    allocation     Box(-1, 1, (1,))              no         the layer's preference p; after the last layer,
+                                                            greedy on sensitivities x exp(3p), then filled
+    =============  ============================  =========  =================================================
 
-    **Observation** (``Box(-10, 10, (OBS_DIM,))``, with ``observation="actions"`` 12 more;
-    :mod:`qenv.envs.features`): the layer's static
-    features, then the episode's.
+    With ``menu="gguf"`` the knob kinds choose (llama.cpp type, importance matrix). An action the
+    space does not contain is refused (``QenvError``), never rounded.
 
-    ============================  ==================================================================
-    entries                       meaning
-    ============================  ==================================================================
-    depth                         block position, 0..1 through the model
-    kind_*                        one-hot layer kind (q, k, v, o, gate, up, down, ...)
-    log_fan_in/out, log_numel     log2 sizes / 16, log10 weights / 10
-    param_share                   the layer's share of the quantizable weights
-    w_log_std/kurtosis/peak       weight statistics (log10)
-    x_log_rms/peak_ratio          input-activation statistics (log10)
-    log_err_w{2,3,4,6,8}          log10 relative output error at RTN width b, / 4
-    z_log_err_w{2,3,4,6,8}        the same, z-scored over the model's layers, / 2 (model-relative)
-    budget_bpw, bpw_left_for_rest  the budget and the bits per weight left for this and later layers, / 16
-    budget_used, params_left      spent / budget bits; weights left / all weights
-    prev_bits, prev_rule          the previous layer's bits / 16 and rule index (0: none)
-    layers_left                   layers left (this one included) / layers
-    greedy_bits                   bits greedy (Lagrangian, RTN ladder) gives this layer from what is left, / 16
-    greedy_minus_even             (greedy_bits - bpw_left_for_rest) / 4
-    gain_vs_median                log10 of the error one more bit removes here / the median over
-                                  the layers left (at greedy's widths), / 2
-    sensitivity_share_left        this layer's share of the 3-bit error × size of the layers left
-    ============================  ==================================================================
+    **Observation**: ``Box(-10, 10, (45,), float32)`` (57 entries with ``observation="actions"``),
+    every entry clipped to [-10, 10]. Entries 0-33 describe the layer, 34-44 the episode:
 
-    With ``observation="relative"``: ``log_fan_in/out``, ``log_numel``, ``w_log_*``, ``x_log_*`` and
-    ``log_err_w*`` minus their median over the model's layers; ``param_share`` = log2(layer size /
-    mean layer size) / 4; ``sensitivity_share_left`` = log10(share × layers left) / 2 (0: an
-    average layer); fused kinds mark their parts (qkv → q, k, v; gate_up → gate, up; fc_in → up;
-    fc_out → down).
+    =====  =========================  ===========  ==================================================
+    index  feature                    range        meaning
+    =====  =========================  ===========  ==================================================
+    0      depth                      [0, 1]       where the layer's block sits in the model
+    1-14   kind_q ... kind_other      {0, 1}       one-hot layer kind: q, k, v, o, qkv, gate, up,
+                                                   down, gate_up, fc_in, fc_out, lm_head, embed, other
+    15-16  log_fan_in, log_fan_out    [0, 1]       log2 of the input and output width / 16
+    17     log_numel                  [0, 1]       log10 of the layer's weights / 10
+    18     param_share                [0, 1]       the layer's share of the quantizable weights
+    19-21  w_log_std, _kurtosis,      [-10, 10]    weight statistics (log10)
+           _peak
+    22-23  x_log_rms, _peak_ratio     [-10, 10]    input-activation statistics (log10)
+    24-28  log_err_w2 ... w8          [-10, 10]    log10 relative output error at RTN widths 2, 3, 4,
+                                                   6, 8, / 4
+    29-33  z_log_err_w2 ... w8        [-10, 10]    the same, z-scored over the model's layers, / 2
+    34     budget_bpw                 (0, 1]       the budget / 16
+    35     bpw_left_for_rest          [-10, 10]    bits per weight left for this and later layers / 16
+    36     budget_used                [0, 10]      bits spent / budget bits
+    37     params_left                [0, 1]       weights left / all weights
+    38     prev_bits                  [0, 1]       the previous layer's bits / 16 (0: none)
+    39     prev_rule                  [0, 1]       (the previous layer's rule index + 1) / rules
+    40     layers_left                (0, 1]       layers left, this one included / layers
+    41     greedy_bits                [0, 1]       bits greedy gives this layer from what is left / 16
+    42     greedy_minus_even          [-10, 10]    (greedy_bits - bpw_left_for_rest) / 4
+    43     gain_vs_median             [-10, 10]    log10 of one more bit's error drop here over the
+                                                   median of the layers left, / 2
+    44     sensitivity_share_left     [-10, 10]    this layer's share of the 3-bit error x size left
+    45-56  act_log_err_up1 ...        [-10, 10]    ``observation="actions"`` only: for each residual
+           act_bpw_down3                           shift, the log10 error ratio / 2 and the bpw
+                                                   difference / 4 against the plan's rule
+    =====  =========================  ===========  ==================================================
 
-    With ``observation="actions"`` (residual kind only): ``relative``, then for each action other
-    than 0 (shift up1, down1, up2, down2, up3, down3 along the cost-sorted menu):
+    With ``observation="relative"`` the size, statistic and error entries are taken relative to
+    the model's median layer, so that no entry says how large the model is.
 
-    ============================  ==================================================================
-    act_log_err_<shift>           log10 of the output error of the rule it gives / the plan rule's, / 2
-    act_bpw_<shift>               its bits per weight minus the plan rule's, / 4
-    ============================  ==================================================================
+    **Menu** (the default, ``DEFAULT_MENU``: every human rule, rtn/gptq/awq at 2-8 bits; ``menu=`` takes
+    any list of rules, ``"compact"`` for the 13 rules of qenv's earlier default, or ``"gguf"``), each
+    rule's bits per weight on a 4096x4096 layer (``qenv.quant.presets.menu_table``):
 
-    (0 and 0 where the masks forbid it). What a shift means differs by model and layer: the
-    menu's neighbours in cost are not the same kind of rule everywhere.
+    ==  ===================  ================  ===============
+    #   rule                 human preset      bpw (4096x4096)
+    ==  ===================  ================  ===============
+    0   w2g64a               rtn-w2-g64        2.281
+    1   w2g32a-mse-awq0.5    awq-w2-g32        2.562
+    2   w3g128a              rtn-w3            3.148
+    3   w3g128a-mse-awq0.5   awq-w3            3.148
+    4   w3g128a-gptq         gptq-w3           3.148
+    5   w3g32a-mse-awq0.5    awq-w3-g32        3.594
+    6   w3g64a-gptq-o0.5%                      3.497
+    7   w4g128a              rtn-w4            4.156
+    8   w4g128a-mse-awq0.5   awq-w4            4.156
+    9   w4g128a-gptq         gptq-w4           4.156
+    10  w5g128a              rtn-w5            5.164
+    11  w6g128a              rtn-w6            6.172
+    12  w8g128a              rtn-w8            8.188
+    13  w2g128a              rtn-w2            2.141
+    14  w2g128a-gptq         gptq-w2           2.141
+    15  w2g128a-mse-awq0.5   awq-w2            2.141
+    16  w2g64a-gptq          gptq-w2-g64       2.281
+    17  w2g64a-mse-awq0.5    awq-w2-g64        2.281
+    18  w2g32a               rtn-w2-g32        2.562
+    19  w2g32a-gptq          gptq-w2-g32       2.562
+    20  w2g128a-gptq-awq0.5  (AWQ then GPTQ)   2.141
+    21  w2g128a-gptq-mse     (GPTQ, MSE clip)  2.141
+    22  w3g64a               rtn-w3-g64        3.297
+    23  w3g64a-gptq          gptq-w3-g64       3.297
+    24  w3g64a-mse-awq0.5    awq-w3-g64        3.297
+    25  w3g32a               rtn-w3-g32        3.594
+    26  w3g32a-gptq          gptq-w3-g32       3.594
+    27  w3g128a-gptq-awq0.5  (AWQ then GPTQ)   3.148
+    28  w3g128a-gptq-mse     (GPTQ, MSE clip)  3.148
+    29  w4g128a-gptq-awq0.5  (AWQ then GPTQ)   4.156
+    30  w4g128a-gptq-mse     (GPTQ, MSE clip)  4.156
+    31  w5g128a-gptq         gptq-w5           5.164
+    32  w5g128a-mse-awq0.5   awq-w5            5.164
+    33  w6g128a-gptq         gptq-w6           6.172
+    34  w6g128a-mse-awq0.5   awq-w6            6.172
+    35  w8g128a-gptq         gptq-w8           8.188
+    36  w8g128a-mse-awq0.5   awq-w8            8.188
+    ==  ===================  ================  ===============
 
-    **Reward**: 0 per step, plus at the last step the fidelity reward against the uniform RTN
-    frontier at the budget (``log(KL_ref / KL)`` for ``kl``; :mod:`qenv.envs.reward`), which
-    means the same on every model (0 = as good as the human reference at that size). With
-    ``shaping_weight`` w > 0, each finished block b adds ``Φ_b − Φ_{b−1}`` and the last step
-    ``−Φ_last``, where ``Φ_b = −w · log(err_b / err_b^ref)`` compares the block's streamed
-    output error with the uniform RTN width's: potential-based shaping (γ = 1, Φ = 0 at both
-    ends), so every episode's return and the optimal policy are unchanged. With
-    ``deviation_cost`` c > 0 (residual kind), each step that leaves greedy's plan also adds −c.
+    **Reward**: 0 at every step but the last (unless ``dense_weight`` or ``shaping_weight`` is
+    set), then the fidelity against the uniform RTN frontier at the budget, ``log(KL_ref / KL)``
+    for ``reward="kl"``: 0 means as faithful as the human-designed uniform rule of that size, on
+    every model (``qenv.envs.reward``). In the ``hard`` budget mode an action that would break
+    the budget is lowered (``info["clamped"]``); in the ``penalty`` mode breaking it is charged
+    and never pays.
 
-    Episode length: one step per quantizable layer of the episode's model
-    (:attr:`episode_length`); every episode *terminates* there and none is ever truncated.
-    ``env.spec.max_episode_steps`` is ``None`` on purpose: the length depends on the model (and,
-    with several models, on the episode), so the registration has no single number to give, and a
-    ``TimeLimit`` wrapper could only cut real episodes short.
+    **Episode end**: the episode terminates after one step per quantizable layer of its model
+    (``episode_length``); none is truncated, and the registration sets no ``max_episode_steps``
+    (the length depends on the model). The last step's ``info`` holds the recipe and its
+    measured ``kl``, ``ppl``, ``top1``, ``bpw`` and size.
+
+    **Example**:
+
+    >>> import gymnasium as gym, qenv
+    >>> env = gym.make("QuantLLM-v0", model="tiny-llama", budget_bpw=3.0, n_tokens=256, seq_len=32)
+    >>> obs, info = env.reset(seed=0)
+    >>> obs.shape
+    (45,)
+    >>> terminated = False
+    >>> while not terminated:
+    ...     obs, reward, terminated, truncated, info = env.step(int(env.unwrapped.action_masks().nonzero()[0][-1]))
+    >>> info["bpw"] <= 3.0
+    True
     """
 
-    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}
 
-    def __init__(
-        self,
-        model: str | LoadedModel | Sequence[str | LoadedModel] = DEFAULT_MODEL,
-        budget_bpw: float = 3.0,
-        action_kind: str = "discrete",
-        menu: Sequence[Rule | dict[str, Any]] | None = None,
-        reward: str = "kl",
-        dense_weight: float = 0.0,
-        shaping_weight: float = 0.0,
-        size_weight: float = 0.0,
-        budget_mode: str = "hard",
-        penalty_weight: float = 1.0,
-        data: str | Sequence[str] | None = None,
-        n_tokens: int = 2048,
-        seq_len: int = 128,
-        batch_size: int = 8,
-        device: str | None = None,
-        dtype: str | None = None,
-        seed: int = 0,
-        include_lm_head: bool = False,
-        cache_dir: str | Path | None | bool = None,
-        weight_cache_gib: float | None = None,
-        prebuild: bool | None = None,
-        observation: str = "full",
-        budgets: Sequence[float] | None = None,
-        max_deviations: int | None = None,
-        deviation_cost: float = 0.0,
-        replan: str = "lagrangian",
-        ladder: str = "menu",
-        render_mode: str | None = None,
-    ) -> None:
+    def __init__(self, config: EnvConfig | str | LoadedModel | Sequence[str | LoadedModel] | None = None, *,
+                 render_mode: str | None = None, **kwargs: Any) -> None:
+        """``QuantLLMEnv(config)``, or ``QuantLLMEnv(**kwargs)`` with :class:`EnvConfig`'s fields as
+        keyword arguments (what ``gym.make("QuantLLM-v0", budget_bpw=2.5)`` passes); keyword
+        arguments next to a config replace its fields. A first argument that is not a config is
+        the model (``QuantLLMEnv("tiny-llama", budget_bpw=2.5)``)."""
         super().__init__()
-        check_env_arguments({k: v for k, v in locals().items() if k not in ("self", "__class__")})
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise QenvError(f"Unknown render_mode {render_mode!r}.", "use 'ansi', 'rgb_array' or leave it unset.")
-        if not _is_number(budget_bpw) or not 0 < budget_bpw <= 16:
-            raise QenvError(f"budget_bpw={budget_bpw!r} is out of range.", "use a number of bits per weight in (0, 16].")
-        if budget_mode not in BUDGET_MODES:
-            raise QenvError(f"Unknown budget_mode {budget_mode!r}.", f"use one of {BUDGET_MODES}.")
-        _check_numbers(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                       dense_weight=dense_weight, size_weight=size_weight, penalty_weight=penalty_weight,
-                       shaping_weight=shaping_weight, deviation_cost=deviation_cost,
-                       **({} if weight_cache_gib is None else {"weight_cache_gib": weight_cache_gib}))
-        self.reward_kind = check_reward_kind(reward)
+        if render_mode is not None and render_mode not in RENDER_MODES:
+            check_env_arguments({"render_mode": render_mode})
+        if isinstance(config, EnvConfig):
+            config = dataclasses.replace(config, **kwargs) if kwargs else config
+        else:
+            if config is not None:
+                kwargs = {"model": config, **kwargs}
+            config = EnvConfig.from_kwargs(**kwargs)
+        self.config = config
+        self.reward_kind = check_reward_kind(config.reward)
         self.render_mode = render_mode
-        self.budget_bpw = float(budget_bpw)
+        self.budget_bpw = float(config.budget_bpw)
         self.nominal_budget_bpw = self.budget_bpw
         # the budgets episodes sample from (budget_bpw until the first reset, or when only it is given)
-        self.budgets: tuple[float, ...] = (self.budget_bpw,) if budgets is None else tuple(float(b) for b in budgets)
-        self._sample_budgets = budgets is not None
-        self.budget_mode = budget_mode
-        self.dense_weight = float(dense_weight)
-        self.shaping_weight = float(shaping_weight)
-        self.size_weight = float(size_weight)
-        self.penalty_weight = float(penalty_weight)
-        self.mapper = ActionMapper(action_kind, menu)
+        self.budgets: tuple[float, ...] = (self.budget_bpw,) if config.budgets is None else config.budgets
+        self._sample_budgets = config.budgets is not None
+        self.budget_mode = config.budget_mode
+        self.dense_weight = float(config.dense_weight)
+        self.shaping_weight = float(config.shaping_weight)
+        self.size_weight = float(config.size_weight)
+        self.penalty_weight = float(config.penalty_weight)
+        self.kind: ActionKind = KINDS[config.action_kind].from_config(config)  # what an action means
+        self.mapper = ActionMapper(config.action_kind, config.menu, space=self.kind.space(parse_menu(config.menu)))
         self.action_space = self.mapper.space
-        self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(observation_size(observation),),
+        self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(observation_size(config.observation),),
                                             dtype=np.float32)
-        self.observation_kind = observation
-        if observation == "actions" and action_kind != "residual":
-            raise QenvError(f"observation='actions' describes the residual kind's actions, not those of the "
-                            f"{action_kind} kind.",
-                            "use action_kind='residual', or observation='relative'.")
-        if max_deviations is not None and action_kind != "residual":
-            raise QenvError(f"max_deviations={max_deviations} applies to the residual action kind, not {action_kind!r}.",
-                            "use action_kind='residual', or leave max_deviations unset.")
-        self.max_deviations = max_deviations
-        if deviation_cost and action_kind != "residual":
-            raise QenvError(f"deviation_cost={deviation_cost} applies to the residual action kind, not {action_kind!r}.",
-                            "use action_kind='residual', or leave deviation_cost at 0.")
-        self.deviation_cost = float(deviation_cost)
-        for key, value, default in (("replan", replan, "lagrangian"), ("ladder", ladder, "menu")):
-            if value != default and action_kind != "residual":
-                raise QenvError(f"{key}={value!r} applies to the residual action kind, not {action_kind!r}.",
-                                f"use action_kind='residual', or leave {key} unset.")
-        self.replan = replan
-        self.ladder = ladder
-        specs = [model] if isinstance(model, (str, Path, LoadedModel)) else list(model)
-        if not specs:
-            raise QenvError("No model was given.", "pass model='default', a path, a hub id, or a list of them.")
+        self.observation_kind = config.observation
+        self.max_deviations = config.max_deviations
+        self.deviation_cost = float(config.deviation_cost)
+        self.replan = config.replan
+        self.ladder = config.ladder
         self.tasks = [
-            build_task(spec if isinstance(spec, LoadedModel) else str(spec), self.mapper, data=data, n_tokens=n_tokens,
-                       seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-                       include_lm_head=include_lm_head, cache_dir=cache_dir, weight_cache_gib=weight_cache_gib,
-                       prebuild=prebuild)
-            for spec in specs
+            build_task(spec, self.mapper, data=config.data, n_tokens=config.n_tokens, seq_len=config.seq_len,
+                       batch_size=config.batch_size, seed=config.seed, device=config.device, dtype=config.dtype,
+                       include_lm_head=config.include_lm_head, cache_dir=config.cache_dir,
+                       weight_cache_gib=config.weight_cache_gib, prebuild=config.prebuild)
+            for spec in config.models
         ]
         if self.dense_weight > 0 or self.shaping_weight > 0:
             for task in self.tasks:
                 if task.evaluator.reference.block_outputs is None:
                     raise QenvError("dense_weight or shaping_weight > 0 needs the reference block outputs, which "
                                     "were not kept.")
-        if budget_mode == "hard":
+        if self.budget_mode == "hard":
             lowest = min(self.budget_bpw, *self.budgets)
             for task in self.tasks:
                 floor = task.rest_min[0] / task.total_weights
@@ -681,9 +249,6 @@ class QuantLLMEnv(gym.Env):
                         + (", train the models that cannot meet it separately," if zoo else "")
                         + " or add cheaper rules to the menu.",
                     )
-        # the static entries each model's observations start with ("relative": no scale of its own)
-        self._static = {id(task): task.static if observation == "full" else relative_static(task.static, task.layers)
-                        for task in self.tasks}
         self.task = self.tasks[0]
         self._reset_episode()
 
@@ -702,7 +267,7 @@ class QuantLLMEnv(gym.Env):
         self.last_metrics: Metrics | None = None
         self.preferences: list[float] = []  # allocation kind
         self.plan: np.ndarray | None = None  # residual kind: greedy's plan, re-planned after a deviation
-        if self.mapper.kind in ("residual", "allocation"):
+        if self.kind.plans:
             self.plan = self.task.greedy_plan(self.budget_bpw).copy()
 
     @property
@@ -740,7 +305,9 @@ class QuantLLMEnv(gym.Env):
             episode[-1] = math.log10(max(episode[-1] * (n - self.index), 1e-6)) / 2.0
         if self.observation_kind == "actions":
             episode += self._action_entries() if self.index < n else [0.0] * len(ACTION_NAMES)
-        obs = np.concatenate([self._static[id(task)][i], np.asarray(episode, dtype=np.float32)])
+        # the static entries of the model ("relative": no scale of its own)
+        static = task.static if self.observation_kind == "full" else task.relative_static
+        obs = np.concatenate([static[i], np.asarray(episode, dtype=np.float32)])
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
 
     def _action_entries(self) -> list[float]:
@@ -754,7 +321,7 @@ class QuantLLMEnv(gym.Env):
         plan = int(self.plan[i])
         err, costs = task.menu_sensitivity()[i], task.costs[i]
         allowed = self._allowed_bits() + 1e-9
-        capped = self._deviations_spent()
+        capped = self.kind.deviations_spent(self)  # type: ignore[attr-defined]  # (residual kind only)
         out: list[float] = []
         for action in range(1, len(RESIDUAL_SHIFTS)):
             choice = self._menu_choice(action)
@@ -784,7 +351,7 @@ class QuantLLMEnv(gym.Env):
         if fits.size == 0:  # cannot happen once the budget passed the floor check; be safe
             return self.mapper.rules[int(np.argmin(costs))], True
         best = self.mapper.rules[int(fits[np.argmax(costs[fits])])]
-        if self.mapper.kind in ("continuous", "rule") and not self.mapper.gguf:
+        if keeps_knobs(self.kind, self):
             best = dataclasses.replace(best, clip=rule.clip, mse_clip=rule.mse_clip, salience=rule.salience,
                                        act_scale=rule.act_scale, symmetric=rule.symmetric)
         return best, True
@@ -792,113 +359,21 @@ class QuantLLMEnv(gym.Env):
     # -- state-dependent kinds -----------------------------------------------------------------
     def _menu_choice(self, action: Any) -> int:
         """The menu index a relative, residual or allocation action asks for at this layer."""
-        task = self.task
-        i = self.index
-        index = int(np.asarray(action).reshape(-1)[0]) if self.mapper.kind != "allocation" else 0
-        if self.mapper.kind == "allocation":
-            assert self.plan is not None
-            return int(self.plan[i])
-        if not 0 <= index < self.action_space.n:  # type: ignore[attr-defined]
-            raise QenvError(f"Action {index} is outside the {self.mapper.kind} space of {self.action_space.n} actions.")  # type: ignore[attr-defined]
-        if self.mapper.kind == "residual" and self.ladder == "frontier":
-            assert self.plan is not None
-            if index == 0:
-                return int(self.plan[i])
-            order, position, length = task.frontier_ladder()
-            k = int(np.clip(position[i, self.plan[i]] + RESIDUAL_SHIFTS[index], 0, length[i] - 1))
-            return int(order[i, k])
-        if self.mapper.kind == "residual":
-            assert self.plan is not None
-            order, position = task.menu_ladder()
-            k = int(np.clip(position[i, self.plan[i]] + RESIDUAL_SHIFTS[index], 0, order.shape[1] - 1))
-            return int(order[i, k])
-        # relative: the most accurate menu rule at or under the even share left plus the delta
-        remaining = float(task.rest_numel[i])
-        target = (self.budget_bits - self.spent) / remaining + RELATIVE_DELTAS[index]
-        bpw = task.costs[i] / float(task.numel[i])
-        sens = task.menu_sensitivity()[i]
-        ok = np.flatnonzero(bpw <= target + 1e-9)
-        if ok.size == 0:
-            return int(np.lexsort((sens, task.costs[i]))[0])
-        return int(ok[np.argmin(sens[ok])])
+        return self.kind.choice(self, action)
 
     def action_masks(self) -> np.ndarray:
         """Which actions keep the budget reachable (sb3-contrib's convention: a flat bool array;
         MultiDiscrete: the per-knob masks concatenated). Every allowed action's rule leaves the
         later layers room for their cheapest rules, so no lowering happens; at least one action
         is always allowed. In the ``penalty`` budget mode everything is allowed."""
-        if self.mapper.kind not in MASKABLE_KINDS:
+        if not self.kind.maskable:
             raise QenvError(f"The {self.mapper.kind!r} action space (a Box) has no action masks.",
                             f"use one of {MASKABLE_KINDS}, or an agent that needs no masks.")
         space = self.action_space
         n_total = int(space.n) if isinstance(space, spaces.Discrete) else int(np.sum(space.nvec))  # type: ignore[attr-defined]
         if self.budget_mode != "hard" or self.index >= len(self.task.layers):
             return np.ones(n_total, dtype=bool)
-        task = self.task
-        i = self.index
-        allowed = self._allowed_bits() + 1e-9
-        if self.mapper.kind == "discrete":
-            return task.costs[i] <= allowed
-        if self._deviations_spent():  # residual kind, max_deviations reached: the plan only
-            return np.arange(n_total) == 0
-        if self.mapper.kind in ("residual", "relative"):
-            saved = self.plan
-            mask = np.array([task.costs[i, self._menu_choice(a)] <= allowed for a in range(n_total)], dtype=bool)
-            self.plan = saved
-            if not mask.any():  # cannot happen (action 0 of residual always fits); be safe
-                mask[0] = True
-            return mask
-        return self._knob_masks(allowed)
-
-    def _deviations_spent(self) -> bool:
-        return self.max_deviations is not None and self.deviations >= self.max_deviations
-
-    def _knob_masks(self, allowed: float) -> np.ndarray:
-        """MultiDiscrete masks: a box of knob values whose costliest combination fits, so every
-        combination the masks allow fits. Cost grows with bits, smaller groups, more outliers and
-        asymmetric zero points; values are dropped from the costliest end (outliers first, then
-        group, zero point and bits) until the box fits."""
-        info = self.task.layers[self.index]
-        knobs = self.mapper.knobs
-        if self.mapper.gguf:  # (type, imatrix): a type is allowed when each of its rules fits
-            costs = self.task.costs[self.index]
-            worst = {t: max(c for r, c in zip(self.mapper.rules, costs) if r.gguf == t) for t in knobs[0]}
-            types = np.array([worst[t] <= allowed for t in knobs[0]])
-            if not types.any():
-                types[int(np.argmin([worst[t] for t in knobs[0]]))] = True
-            return np.concatenate([types, np.ones(len(knobs[1]), dtype=bool)])
-        keep = [list(range(len(k))) for k in knobs]
-        group_cost = {g: (info.in_features if g == -1 else g) for g in knobs[1]}
-
-        def costliest(keep: list[list[int]]) -> Rule:
-            bits = max(knobs[0][j] for j in keep[0])
-            group = min((knobs[1][j] for j in keep[1]), key=lambda g: group_cost[g])
-            outliers = max(knobs[2][j] for j in keep[2])
-            symmetric = all(knobs[9][j] for j in keep[9]) if len(knobs) > 9 else False
-            return Rule(bits=bits, group_size=group, outlier_fraction=outliers, symmetric=symmetric)
-
-        def drop(dim: int) -> bool:
-            if len(keep[dim]) <= 1:
-                return False
-            if dim == 0:
-                worst = max(keep[0], key=lambda j: knobs[0][j])
-            elif dim == 1:
-                worst = min(keep[1], key=lambda j: group_cost[knobs[1][j]])
-            elif dim == 2:
-                worst = max(keep[2], key=lambda j: knobs[2][j])
-            else:
-                worst = min(keep[9], key=lambda j: knobs[9][j])  # asymmetric (False) costs more
-            keep[dim].remove(worst)
-            return True
-
-        order = (2, 1, 9, 0) if len(knobs) > 9 else (2, 1, 0)
-        while layer_bits(costliest(keep), info.out_features, info.in_features) > allowed:
-            if not any(drop(dim) for dim in order):
-                break
-        masks = [np.zeros(len(k), dtype=bool) for k in knobs]
-        for mask, kept in zip(masks, keep):
-            mask[kept] = True
-        return np.concatenate(masks)
+        return self.kind.masks(self, self._allowed_bits() + 1e-9)
 
     def _fold_act_scale(self, info: LayerInfo, rule: Rule) -> tuple[Rule, bool]:
         """Layers reading the same input (q/k/v, gate/up) share one AWQ scale, so that it folds into the
@@ -914,28 +389,53 @@ class QuantLLMEnv(gym.Env):
         self.inherited += 1
         return _replace(rule, act_scale=chosen.act_scale), True
 
-    # -- gymnasium API ---------------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        options = options or {}
+    #: the keys ``reset(options=...)`` reads
+    RESET_OPTIONS: tuple[str, ...] = ("model_index", "budget_bpw")
+
+    def _check_reset(self, seed: Any, options: Any) -> tuple[int | None, float | None]:
+        """The seed, model index and budget a ``reset`` asks for, or a clear error before anything
+        changes: a refused reset leaves the env (and gymnasium's wrappers around it) as it was."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise QenvError(f"reset(seed={seed!r}) is not a seed.", "pass a whole number of at least 0, or None.")
+        if options is None:
+            return None, None
+        if not isinstance(options, dict):
+            raise QenvError(f"reset(options={options!r}) is not a dict.",
+                            f"pass a dict with any of the keys {list(self.RESET_OPTIONS)}, or None.")
+        unknown = sorted(str(k) for k in options if k not in self.RESET_OPTIONS)
+        if unknown:
+            raise QenvError(f"reset(options=...) has unknown key(s) {unknown}.",
+                            f"use only {list(self.RESET_OPTIONS)}.")
+        index = None
         if "model_index" in options:
             index = options["model_index"]
             if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(self.tasks):
                 raise QenvError(f"reset(options={{'model_index': {index!r}}}) names no model: this environment has "
                                 f"{len(self.tasks)} model(s), numbered from 0.",
                                 f"pass a model_index from 0 to {len(self.tasks) - 1}.")
-            self.task = self.tasks[int(index)]
-        elif len(self.tasks) > 1:
-            self.task = self.tasks[int(self.np_random.integers(len(self.tasks)))]
+            index = int(index)
+        budget = None
         if "budget_bpw" in options:
-            budget = options["budget_bpw"]
+            asked = options["budget_bpw"]
             known = (*self.budgets, self.nominal_budget_bpw)
-            match = [b for b in known if _is_number(budget) and abs(float(budget) - b) <= 1e-6]
+            match = [b for b in known if is_number(asked) and abs(float(asked) - b) <= 1e-6]
             if not match:
-                raise QenvError(f"reset(options={{'budget_bpw': {budget!r}}}) is not one of this environment's "
+                raise QenvError(f"reset(options={{'budget_bpw': {asked!r}}}) is not one of this environment's "
                                 f"budgets {sorted(set(known))} (budget_bpw and budgets).",
                                 "pass one of them, or make the environment with it.")
-            self.budget_bpw = match[0]
+            budget = match[0]
+        return index, budget
+
+    # -- gymnasium API ---------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        index, budget = self._check_reset(seed, options)
+        super().reset(seed=None if seed is None else int(seed))
+        if index is not None:
+            self.task = self.tasks[index]
+        elif len(self.tasks) > 1:
+            self.task = self.tasks[int(self.np_random.integers(len(self.tasks)))]
+        if budget is not None:
+            self.budget_bpw = budget
         elif self._sample_budgets:
             self.budget_bpw = self.budgets[int(self.np_random.integers(len(self.budgets)))]
         self._reset_episode()
@@ -946,76 +446,39 @@ class QuantLLMEnv(gym.Env):
         task = self.task
         if self.index >= len(task.layers):
             raise QenvError("step() was called after the episode ended.", "call reset() first.")
-        kind = self.mapper.kind
-        choice = -1
-        capped = False
-        reward = 0.0
-        if self.mapper.stateful:
-            check_finite_action(action)
-            choice = self._menu_choice(action)
-            if kind == "residual" and self.plan is not None and choice != int(self.plan[self.index]):
-                if self._deviations_spent():  # an agent without masks asked for one more: the plan instead
-                    choice, capped = int(self.plan[self.index]), True
-                else:
-                    self.deviations += 1
-                    reward -= self.deviation_cost
-            asked = self.mapper.rules[choice]
-            if kind == "allocation":
-                value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
-                self.preferences.append(float(np.clip(value, -1.0, 1.0)))
-        else:
-            asked = self.mapper.to_rule(action)
+        # 1. the rule the action asks for, read by the action kind against the episode (an action
+        #    the space does not contain is refused, never rounded)
+        asked, choice, reward, kind_info = self.kind.decode(self, action)
+        # 2. in the hard budget mode, lowered to a rule that leaves the later layers room; layers
+        #    reading one input share one AWQ scale
         rule, clamped = self._fit_budget(asked)
         info_layer = task.layers[self.index]
         rule, inherited = self._fold_act_scale(info_layer, rule)
+        # 3. fixed in the recipe and charged
         self.recipe[info_layer.name] = rule
         self.spent += layer_bits(rule, info_layer.out_features, info_layer.in_features)
         self.clamped += int(clamped)
         self.prev_rule = rule
-        if kind == "residual" and self.plan is not None and (clamped or choice != int(self.plan[self.index])):
-            # a deviation: the layers left are re-planned on what is left
-            rest = slice(self.index + 1, len(task.layers))
-            costs, sens, left = task.costs[rest], task.menu_sensitivity()[rest], self.budget_bits - self.spent
-            if self.replan == "greedy":  # greedy's own rule, from the plan it had (a few moves)
-                self.plan[rest] = greedy_allocation(costs, sens, left, start=self.plan[rest])
-            elif self.replan == "fresh":  # greedy's plan of the rest: the Lagrangian hull, then greedy's upgrades
-                self.plan[rest] = greedy_allocation(costs, sens, left, start=task.menu_table.allocate(self.index + 1, left))
-            else:  # Lagrangian greedy, then filled (greedy's convex-hull form)
-                self.plan[rest] = fill_budget(costs, sens, task.menu_table.allocate(self.index + 1, left), left)
+        # 4. the kind's own bookkeeping (the residual kind re-plans the layers left after a deviation)
+        self.kind.after_step(self, choice, clamped)
         info: dict[str, Any] = {"layer": info_layer.name, "rule": rule_text(rule, info_layer),
-                                "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited}
-        if kind == "residual":
-            info["deviation_capped"] = capped
-        if task.stage_end[self.index] and kind != "allocation":
-            stage = stage_of(info_layer)
-            if 0 <= stage < task.evaluator.n_blocks:
-                self.stream.advance(self.recipe, stage)
-                if self.dense_weight > 0 or self.shaping_weight > 0:
-                    error = self.stream.block_error(stage)
-                if self.dense_weight > 0:
-                    dense = -self.dense_weight * error
-                    self.dense_return += dense
-                    reward += dense
-                if self.shaping_weight > 0:
-                    ref = task.block_reference(self.budget_bpw)[stage]
-                    phi = -self.shaping_weight * float(np.log(max(error, 1e-12) / max(ref, 1e-12)))
-                    reward += phi - self.potential
-                    self.dense_return += phi - self.potential
-                    self.potential = phi
+                                "asked": asked.label(), "clamped": clamped, "act_scale_inherited": inherited,
+                                **kind_info}
+        # 5. a finished block runs on the quantized prefix's hidden states (dense and shaping terms)
+        if task.stage_end[self.index] and self.kind.streams:
+            reward = self._block_finished(stage_of(info_layer), reward)
         self.index += 1
         terminated = self.index == len(task.layers)
+        # 6. the last layer: the kind finishes the recipe, which is scored against the reference
         if terminated:
-            if kind == "allocation":
-                self._project()
-                self.stream = task.evaluator.stream()
+            self.kind.finish(self)
             metrics = self.stream.finish(self.recipe)
             self.last_metrics = metrics
             final, final_info = self.score(metrics, self.recipe)
             reward += final - self.potential  # the potential returns to 0 at the end
             self.dense_return -= self.potential
             self.potential = 0.0
-            if kind == "residual":
-                final_info["deviations"] = self.deviations
+            final_info.update(self.kind.final_info(self))
             final_info.update({"dense_return": self.dense_return, "clamped_actions": self.clamped,
                                "act_scales_inherited": self.inherited})
             info.update(final_info)
@@ -1024,21 +487,24 @@ class QuantLLMEnv(gym.Env):
             info["table"] = self.render()
         return obs, float(reward), terminated, False, info
 
-    def _project(self) -> None:
-        """The allocation kind's projection: greedy on the sensitivities weighted by exp(3·preference),
-        then filled, so the recipe meets the budget with less than one menu step unused."""
+    def _block_finished(self, stage: int, reward: float) -> float:
+        """Stream block ``stage`` on the quantized prefix; ``reward`` plus its dense and shaping terms."""
         task = self.task
-        weights = np.exp(3.0 * np.asarray(self.preferences, dtype=np.float64))
-        sens = task.menu_sensitivity() * weights[:, None]
-        choice = greedy_allocation(task.costs, sens, self.budget_bits)
-        choice = fill_budget(task.costs, sens, choice, self.budget_bits)
-        self.allocation_choice = choice  # the menu index of each layer (before AWQ scales are shared)
-        self.recipe = {}
-        self.inherited = 0
-        for info, j in zip(task.layers, choice):  # layers sharing an input share one AWQ scale, as in step()
-            self.recipe[info.name] = self._fold_act_scale(info, self.mapper.rules[int(j)])[0]
-        self.spent = float(task.costs[np.arange(len(task.layers)), choice].sum())
-        self.clamped = 0
+        if 0 <= stage < task.evaluator.n_blocks:
+            self.stream.advance(self.recipe, stage)
+            if self.dense_weight > 0 or self.shaping_weight > 0:
+                error = self.stream.block_error(stage)
+            if self.dense_weight > 0:
+                dense = -self.dense_weight * error
+                self.dense_return += dense
+                reward += dense
+            if self.shaping_weight > 0:
+                ref = task.block_reference(self.budget_bpw)[stage]
+                phi = -self.shaping_weight * float(np.log(max(error, 1e-12) / max(ref, 1e-12)))
+                reward += phi - self.potential
+                self.dense_return += phi - self.potential
+                self.potential = phi
+        return reward
 
     def score(self, metrics: Metrics, recipe: dict[str, Rule]) -> tuple[float, dict[str, Any]]:
         """The final reward of a finished recipe (no dense terms) and the terminal ``info`` keys.
@@ -1051,8 +517,14 @@ class QuantLLMEnv(gym.Env):
         fidelity = fidelity_reward(self.reward_kind, metrics, ref)
         size = self.size_weight * (self.budget_bpw - metrics.bpw) / self.budget_bpw
         penalty = 0.0
-        if self.budget_mode == "penalty":
-            penalty = self.penalty_weight * max(0.0, metrics.bpw - self.budget_bpw)
+        over = max(0.0, metrics.bpw - self.budget_bpw)
+        if self.budget_mode == "penalty" and over > 0:
+            # the bits over budget are charged, and the fidelity gained over an in-budget recipe is
+            # forfeited: an over-budget recipe then scores below that recipe (its fidelity is at most
+            # the in-budget one's, its size term negative, its charge positive) whatever the weight,
+            # so breaking the budget never pays (8 bits everywhere would otherwise out-score greedy)
+            floor = fidelity_reward(self.reward_kind, task.in_budget_metrics(self.budget_bpw), ref)
+            penalty = self.penalty_weight * over + max(0.0, fidelity - floor)
         reward = fidelity + size - penalty
         info = {
             "model": task.name, "bpw": metrics.bpw, "model_bytes": metrics.model_bytes,
@@ -1065,6 +537,8 @@ class QuantLLMEnv(gym.Env):
             "fallback": fallbacks(task.layers, recipe),
             "recipe_rules": {info.name: recipe[info.name].to_dict() for info in task.layers if info.name in recipe},
         }
+        if self.budget_mode == "penalty":
+            info["budget_penalty"] = penalty
         return reward, info
 
     def close(self) -> None:
@@ -1082,38 +556,3 @@ class QuantLLMEnv(gym.Env):
         if self.render_mode == "rgb_array":
             return recipe_image(self.task.layers, self.recipe, self.budget_bpw)
         return None
-
-
-def recipe_table(layers: list[LayerInfo], recipe: dict[str, Rule], metrics: Metrics | None = None) -> str:
-    """A plain-text table of a (possibly partial) recipe."""
-    rows = [("layer", "kind", "block", "rule", "bpw")]
-    for info in layers:
-        rule = recipe.get(info.name)
-        bpw = "" if rule is None else f"{rule_bpw(rule, info):.3f}"
-        rows.append((info.name, info.kind, str(info.block), "-" if rule is None else rule_text(rule, info), bpw))
-    widths = [max(len(r[c]) for r in rows) for c in range(5)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    if metrics is not None:
-        lines.append(f"bpw {metrics.bpw:.3f}  size {metrics.model_mb:.3f} MB  KL {metrics.kl:.4g}  "
-                     f"ppl {metrics.ppl:.3f}  top1 {metrics.top1:.3f}")
-    return "\n".join(lines) + "\n"
-
-
-def recipe_image(layers: list[LayerInfo], recipe: dict[str, Rule], budget_bpw: float) -> np.ndarray:
-    """Bits per weight of each decided layer as a bar chart, ``[H, W, 3]`` uint8."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 2.5), dpi=80)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    values = [rule_bpw(recipe[i.name], i) if i.name in recipe else 0.0
-              for i in layers]
-    ax.bar(range(len(layers)), values, color="tab:blue")
-    ax.axhline(budget_bpw, color="tab:red", linestyle="--", linewidth=1)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("bits / weight")
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

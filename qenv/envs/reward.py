@@ -14,8 +14,11 @@ Fidelity rewards, by ``reward`` kind:
 
 The episode's return is ``fidelity + size_weight · (budget − bpw) / budget − penalty`` plus,
 with ``dense_weight`` > 0, ``−dense_weight · err_b`` at the end of each block ``b`` (its relative
-output error against full precision). ``penalty = penalty_weight · max(0, bpw − budget)`` applies
-only in the ``penalty`` budget mode.
+output error against full precision). ``penalty`` applies only in the ``penalty`` budget mode, to a
+recipe over the budget: ``penalty_weight · (bpw − budget) + max(0, fidelity − fidelity_in)``, where
+``fidelity_in`` is an in-budget recipe's (the widest uniform RTN width that fits; see
+``ModelTask.in_budget_metrics``). So no over-budget recipe out-scores that in-budget one, whatever
+the weight: its fidelity counts at most as much, its size term is negative, its charge positive.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def _human_rules() -> tuple[Rule, ...]:
 #: 6, 8) with the presets' default group of 128, and at 2 and 3 bits with the groups of 64 and 32 the
 #: ``-g64``/``-g32`` presets use; GPTQ after AWQ's activation scale ("AWQ then GPTQ") and GPTQ with
 #: MSE-searched clipping at 2, 3 and 4 bits. Every uniform preset of those groups is one menu entry
-#: (``tests/test_quant.py`` checks it); :func:`qenv.quant.rules.menu_table` prints each rule's bpw.
+#: (``tests/test_quant.py`` checks it); :func:`qenv.quant.presets.menu_table` prints each rule's bpw.
 DEFAULT_MENU: tuple[Rule, ...] = COMPACT_MENU + tuple(r for r in _human_rules() if r not in COMPACT_MENU)
 
 #: ``menu="gguf"``: llama.cpp's own types (quantized by llama.cpp, charged at its bytes), with and without
@@ -162,18 +162,23 @@ def check_finite_action(action: Any) -> np.ndarray:
 class ActionMapper:
     """Maps actions of one space kind to rules (state-dependent kinds are decoded by the env)."""
 
-    def __init__(self, kind: str, menu: Sequence[Rule] | None = None) -> None:
-        if kind not in ACTION_SPACE_KINDS:
+    def __init__(self, kind: str, menu: Sequence[Rule] | None = None, space: spaces.Space | None = None) -> None:
+        """``space``: the space of a kind added beyond the built-in ones (:mod:`qenv.envs.kinds`),
+        whose actions are read against the episode's state and choose from the menu."""
+        if kind not in ACTION_SPACE_KINDS and space is None:
             raise QenvError(f"Unknown action space kind {kind!r}.", f"use one of {ACTION_SPACE_KINDS}.")
         self.kind = kind
         self.menu = parse_menu(menu)
         self.knobs: tuple[tuple[Any, ...], ...] = ()
         self.gguf = False
         self._rule_positions: dict[Rule, int] | None = None  # rule -> its index, built on first use
-        if kind in ("discrete", "relative", "residual", "allocation"):
+        if space is not None:
             self.rules: tuple[Rule, ...] = self.menu
+            self.space: spaces.Space = space
+        elif kind in ("discrete", "relative", "residual", "allocation"):
+            self.rules = self.menu
             if kind == "discrete":
-                self.space: spaces.Space = spaces.Discrete(len(self.menu))
+                self.space = spaces.Discrete(len(self.menu))
             elif kind == "relative":
                 self.space = spaces.Discrete(len(RELATIVE_DELTAS))
             elif kind == "residual":
@@ -195,6 +200,34 @@ class ActionMapper:
                 self.space = spaces.Box(-1.0, 1.0, shape=(len(self.knobs),), dtype=np.float32)
             else:
                 self.space = spaces.MultiDiscrete([len(k) for k in self.knobs])
+
+    def check_action(self, action: Any) -> np.ndarray:
+        """``action`` as an array of this kind's space, or a clear error: an action the space does
+        not contain is refused, never rounded or cut (``2.7``, ``-0.5``, ``[3, 99]``, ``1+0j`` for a
+        Discrete space; ``[1.9] * 4`` for a MultiDiscrete one; a Box vector of the wrong length or
+        outside its bounds). Numpy integers and 0-d arrays, as SB3 passes them, are whole numbers;
+        a single-entry vector counts as its entry."""
+        space = self.space
+        raw = np.asarray(action)
+        # NaN and inf say the policy diverged (check_finite_action's message); other non-reals are refused below
+        raw = check_finite_action(raw) if raw.dtype.kind in "iufb" else raw
+        whole = raw.dtype.kind in "iu"  # bools and floats are not indices, even 2.0 (gymnasium agrees)
+        if isinstance(space, spaces.Discrete):
+            ok = whole and raw.ndim <= 1 and raw.size == 1 and space.contains(int(raw.reshape(-1)[0]))
+            need = f"one whole number from 0 to {int(space.n) - 1}"
+        elif isinstance(space, spaces.MultiDiscrete):
+            ok = whole and raw.shape == space.shape and bool(np.all(raw >= 0)) and bool(np.all(raw < space.nvec))
+            need = f"{len(space.nvec)} whole numbers, each from 0 to its knob's count - 1 ({space.nvec.tolist()})"
+        else:
+            box: spaces.Box = space  # type: ignore[assignment]
+            values = raw.reshape(-1)
+            ok = raw.dtype.kind in "iuf" and raw.ndim <= 1 and values.size == box.low.size \
+                and bool(np.all(values >= box.low - 1e-6)) and bool(np.all(values <= box.high + 1e-6))
+            need = f"{box.low.size} real number(s) in [{float(box.low.min()):g}, {float(box.high.max()):g}]"
+        if not ok:
+            raise QenvError(f"Action {action!r} is not in the {self.kind} action space {space}.",
+                            f"pass {need}; an action outside the space is refused, not rounded.")
+        return raw
 
     @property
     def stateful(self) -> bool:
@@ -233,7 +266,7 @@ class ActionMapper:
         if self.stateful:
             raise QenvError(f"A {self.kind!r} action has no rule of its own: it is read against the episode's state.",
                             "step the environment with it (env.step), or use a discrete/multidiscrete/continuous/rule env.")
-        raw = check_finite_action(action)
+        raw = self.check_action(action)
         if self.kind == "discrete":
             index = int(raw.reshape(-1)[0])
             if not 0 <= index < len(self.menu):

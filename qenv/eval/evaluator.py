@@ -9,6 +9,7 @@ Both paths score with the same function and must agree.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections import OrderedDict
@@ -22,7 +23,8 @@ import torch
 from qenv.errors import QenvError
 from qenv.eval.blocks import BlockCall, block_returns_tuple, capture_block_inputs, run_block, run_head
 from qenv.eval.graphs import BlockGraphs, graphs_wanted
-from qenv.eval.reference import Reference, cached_reference, check_reference_fits, resolve_cache_dir
+from qenv.eval.reference import (Reference, batching_key, cached_reference, check_reference_fits, numerics_key,
+                                 resolve_cache_dir)
 from qenv.eval.tokens import TokenSet
 from qenv.models.layers import LayerInfo, find_blocks
 from qenv.models.loading import LoadedModel, check_context
@@ -466,3 +468,16 @@ class Stream:
             for ids, h, ref_lp, top in zip(ev.batches, self.hidden, ev.reference.logprobs, ev.reference_top1):
                 score.add(run_head(ev.model, ev._blocks, ids, h, ev._as_tuple), ref_lp, ids, top)
         return score.metrics(*ev.size(recipe))
+
+
+def layer_table_path(evaluator: Evaluator, layers: list[LayerInfo] | tuple[LayerInfo, ...], stem: str,
+                     extra: str = "") -> Path | None:
+    """Where a per-layer table measured on ``evaluator`` (features, per-rule errors) is cached:
+    keyed on the model, the tokens, the layers, the batch split, ``extra`` (e.g. the rules) and
+    :func:`numerics_key`; ``None`` when the evaluator has no cache folder."""
+    if evaluator.cache_dir is None:
+        return None
+    text = (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
+            + "|b" + batching_key(evaluator.batches) + ("|" + extra if extra else "")
+            + "|" + numerics_key(evaluator.loaded.device))
+    return Path(evaluator.cache_dir) / f"{stem}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.safetensors"

@@ -8,8 +8,6 @@ and GPTQ). Layers that read the same input tensor (q/k/v, gate/up) share one Hes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import hashlib
 import os
 import shutil
@@ -22,9 +20,6 @@ from torch import nn
 from qenv.cache_files import read_cache_file, write_cache_file
 from qenv.models.layers import LayerInfo, find_blocks, get_module
 from qenv.quant.quantizer import LayerCalibration
-
-if TYPE_CHECKING:
-    from qenv.eval.evaluator import Evaluator
 
 #: Hessians of layers wider than this are not collected (GPTQ on them raises a clear error).
 MAX_HESSIAN_DIM = 16384
@@ -251,19 +246,6 @@ def numerics_key(device: torch.device | str | None = None) -> str:
 def batching_key(batches: list[torch.Tensor]) -> str:
     """How the tokens are split into batches: cached per-batch tensors are only valid for the same split."""
     return "x".join(str(int(b.shape[0])) for b in batches)
-
-
-def layer_table_path(evaluator: "Evaluator", layers: list[LayerInfo] | tuple[LayerInfo, ...], stem: str,
-                     extra: str = "") -> Path | None:
-    """Where a per-layer table measured on ``evaluator`` (features, per-rule errors) is cached:
-    keyed on the model, the tokens, the layers, the batch split, ``extra`` (e.g. the rules) and
-    :func:`numerics_key`; ``None`` when the evaluator has no cache folder."""
-    if evaluator.cache_dir is None:
-        return None
-    text = (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
-            + "|b" + batching_key(evaluator.batches) + ("|" + extra if extra else "")
-            + "|" + numerics_key(evaluator.loaded.device))
-    return Path(evaluator.cache_dir) / f"{stem}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.safetensors"
 
 
 def _cache_file(cache_dir: Path, key: str, model_key: str) -> Path:

@@ -139,10 +139,10 @@ _METADATA_FIX = ("re-export it (llama.cpp's convert_hf_to_gguf.py); its metadata
 
 def check_declared_model(path: Path, config: Any, held: list[int], dtype: torch.dtype) -> None:
     """Refuse, before a single weight is allocated, a GGUF whose metadata declares a model the file
-    cannot hold (see :func:`qenv.models.loading.check_declared_size`; a 142 KB file declaring 16
+    cannot hold (see :func:`qenv.models.sizes.check_declared_size`; a 142 KB file declaring 16
     blocks of 2048 x 8192 would otherwise allocate 5 GB before the shapes disagree, one declaring
     200 x 16384 x 65536 terabytes), or a context length of 0 or less, which cannot be run."""
-    from qenv.models.loading import check_declared_size
+    from qenv.models.sizes import check_declared_size
 
     for key in ("max_position_embeddings", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         value = getattr(config, key, None)

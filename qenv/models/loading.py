@@ -23,6 +23,7 @@ from torch import nn
 from qenv.errors import QenvError
 from qenv.models.gguf import PACKAGED_GGUF, find_packaged_gguf, load_gguf
 from qenv.models.layers import LayerInfo, discover_layers, find_blocks
+from qenv.models.sizes import check_declared_size
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 #: built-in names -> folder under ``qenv/models/builtin``
@@ -200,24 +201,6 @@ def _quiet_local_load(load: Callable[..., Any]) -> Callable[..., Any]:
                 hf_logging.enable_progress_bar()
 
     return wrapper
-
-
-def check_declared_size(what: str, config: Any, held: list[int], dtype: torch.dtype, fix: str) -> None:
-    """Refuse a model whose config declares more parameters than its weight files hold, before any
-    weight is allocated: the model is built on the ``meta`` device (shapes only) and its parameter
-    count compared with ``held``, the element counts of the file's tensors (from their headers). An
-    untied output layer may reuse the embedding's tensor: one tensor's worth of slack is allowed."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        probe = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    declared = sum(p.numel() for p in probe.parameters())  # shared (tied) weights once
-    del probe
-    if declared > sum(held) + max(held, default=0):
-        need = declared * torch.empty((), dtype=dtype).element_size()
-        raise QenvError(f"{what} declares a model of {declared:,} parameters ({need / 2**30:,.1f} GiB as "
-                        f"{str(dtype).replace('torch.', '')}), but its tensors hold {sum(held):,}; it is not built.",
-                        fix)
 
 
 def _safetensors_elements(folder: Path) -> list[int] | None:

@@ -10,13 +10,13 @@ by llama.cpp's own code (GGUF rules, :mod:`qenv.quant.gguf`).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from qenv.errors import QenvError
 from qenv.models.layers import LayerInfo
 from qenv.quant import gguf as _gguf
-from qenv.quant.rules import Rule, Recipe
+from qenv.quant.rules import Recipe, Rule, layer_bits
 
 #: uniform llama.cpp types as GGUF rules (quantized by llama.cpp itself; see :mod:`qenv.quant.gguf`)
 KQUANT_RULES: dict[str, Rule] = {t: Rule(gguf=t) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")}
@@ -211,6 +211,40 @@ def human_preset_name(rule: Rule) -> str | None:
             group = "" if rule.group_size == 128 else "-gc" if rule.group_size == -1 else f"-g{rule.group_size}"
             return f"{family}-w{rule.bits}{group}"
     return None
+
+
+#: the row width :func:`menu_table` charges rules on (a 7B model's hidden size)
+MENU_TABLE_WIDTH = 4096
+
+
+def menu_table(rules: Sequence[Rule], width: int = MENU_TABLE_WIDTH) -> str:
+    """A reST table of a rule menu: each rule's index, label, the human preset it is (if any) and its
+    exact bits per weight on a ``width`` x ``width`` layer (scales and zero points included).
+
+    The bpw column is the size a rule costs on a large model, where groups divide the rows evenly;
+    small models with rows shorter than a group pay more per weight. For the default menu:
+    ``print(menu_table(qenv.envs.spaces.DEFAULT_MENU))``.
+    """
+
+    def named(rule: Rule) -> str:
+        if rule.rounding == "gptq" and rule.act_scale > 0:
+            return "(AWQ then GPTQ)"
+        if rule.rounding == "gptq" and rule.mse_clip:
+            return "(GPTQ, MSE clip)"
+        return ""
+
+    rows = [(str(i), rule.label(), human_preset_name(rule) or named(rule), f"{layer_bits(rule, width, width) / width**2:.3f}")
+            for i, rule in enumerate(rules)]
+    head = ("#", "rule", "human preset", f"bpw ({width}x{width})")
+    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(head)]
+    rule_line = "  ".join("=" * w for w in widths)
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([rule_line, line(head), rule_line, *(line(r) for r in rows), rule_line]) + "\n"
+
+
 PRESET_EXAMPLES: tuple[str, ...] = (
     "rtn-w2", "rtn-w3", "rtn-w4", "rtn-w8", "gptq-w3", "gptq-w4", "awq-w3", "awq-w4", "q3_k_m", "q4_k_m",
     "q4_k_m-im", "iq3_xxs-im", "fp16",

@@ -220,39 +220,6 @@ def layer_bits(rule: Rule, out_features: int, in_features: int) -> int:
     return numel * rule.bits + groups * per_group + outliers * (FP16_BITS + _storage_bits_for_index(numel))
 
 
-#: the row width :func:`menu_table` charges rules on (a 7B model's hidden size)
-MENU_TABLE_WIDTH = 4096
-
-
-def menu_table(rules: Sequence[Rule], width: int = MENU_TABLE_WIDTH) -> str:
-    """A reST table of a rule menu: each rule's index, label, the human preset it is (if any) and its
-    exact bits per weight on a ``width`` x ``width`` layer (scales and zero points included).
-
-    The bpw column is the size a rule costs on a large model, where groups divide the rows evenly;
-    small models with rows shorter than a group pay more per weight. For the default menu:
-    ``print(menu_table(qenv.envs.spaces.DEFAULT_MENU))``.
-    """
-    from qenv.quant.presets import human_preset_name  # presets build on rules: imported when used
-
-    def named(rule: Rule) -> str:
-        if rule.rounding == "gptq" and rule.act_scale > 0:
-            return "(AWQ then GPTQ)"
-        if rule.rounding == "gptq" and rule.mse_clip:
-            return "(GPTQ, MSE clip)"
-        return ""
-
-    rows = [(str(i), rule.label(), human_preset_name(rule) or named(rule), f"{layer_bits(rule, width, width) / width**2:.3f}")
-            for i, rule in enumerate(rules)]
-    head = ("#", "rule", "human preset", f"bpw ({width}x{width})")
-    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(head)]
-    rule_line = "  ".join("=" * w for w in widths)
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    return "\n".join([rule_line, line(head), rule_line, *(line(r) for r in rows), rule_line]) + "\n"
-
-
 @dataclass(frozen=True)
 class Recipe(Mapping[str, Rule]):
     """A survival rule per layer name. Layers not named are kept in fp16."""

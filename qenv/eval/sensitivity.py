@@ -1,0 +1,64 @@
+"""Sensitivity measurements: how much a layer's output moves under a rule, on calibration inputs.
+
+What the observation's features, the greedy allocation and the action kinds' plans all rank
+layers by. They are measurements of the evaluator's model, so they live with the evaluator
+(``eval``), below the environment that reads them.
+
+- :func:`output_error`: one layer's relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` under a rule;
+- :func:`rule_errors`: the table of it for every layer and every rule of a list, cached on disk
+  beside the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from qenv.cache_files import read_table, write_table
+from qenv.eval.evaluator import Evaluator, layer_table_path
+from qenv.models.layers import LayerInfo
+from qenv.quant.rules import Rule
+
+
+def output_error(evaluator: Evaluator, info: LayerInfo, rule: Rule) -> float:
+    """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of one layer on calibration inputs."""
+    calib = evaluator.calibration_of(info.name)
+    original = evaluator.weights.original(info.name).float()
+    delta = evaluator.weights.weight_for(info.name, rule).float() - original
+    if info.transposed:
+        original, delta = original.T, delta.T
+    if calib is None:
+        return float(delta.square().sum() / original.square().sum().clamp_min(1e-30))
+    if calib.hessian is not None:
+        h = calib.hessian.to(delta.device)
+        num = (delta @ h * delta).sum()
+        den = (original @ h * original).sum()
+    else:
+        d = calib.hessian_diag.to(delta.device)
+        num = (delta.square() * d).sum()
+        den = (original.square() * d).sum()
+    return float(num / den.clamp_min(1e-30))
+
+
+def rule_errors(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequence[Rule]) -> np.ndarray:
+    """``[n_layers, n_rules]`` relative output errors ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` (float64),
+    cached on disk under the model, tokens, batching, rules and :func:`numerics_key`."""
+    path = layer_table_path(evaluator, layers, "errors-v2", "|".join(r.label() + repr(r) for r in rules))
+    cached = read_table(path, (len(layers), len(rules)), nonnegative=True)
+    if cached is not None:
+        return cached.astype(np.float64)
+    from qenv.progress import progress_bar
+
+    bar = progress_bar(len(layers) * len(rules), f"layer errors under {len(rules)} rules", "layer-rule")
+    rows = []
+    with torch.inference_mode():
+        for info in layers:
+            rows.append([output_error(evaluator, info, rule) for rule in rules])
+            bar.update(len(rules))
+    bar.close()
+    err = np.array(rows, dtype=np.float64)
+    err = np.nan_to_num(err, nan=1e30, posinf=1e30)
+    write_table(path, err)
+    return err
