@@ -37,7 +37,7 @@ def loaded(stories_bin):
 
 # -- each cache kind: how to build it, where its file is, how to read back what it holds ---------------------
 def _tokens(loaded, folder):
-    from qenv.envs.quant_llm import make_tokens
+    from qenv.envs.task import make_tokens
 
     return make_tokens(loaded, None, N_TOKENS, SEQ_LEN, 0, folder)
 
@@ -50,7 +50,7 @@ def _evaluator(loaded, folder):
 
 def build(kind: str, loaded, folder: Path):
     """Build (or read from ``folder``) the cache of ``kind``; returns what it holds, as numpy."""
-    from qenv.envs.allocation import rule_errors
+    from qenv.eval.sensitivity import rule_errors
     from qenv.envs.features import ladder_rules, static_features
 
     if kind == "tokens":
@@ -243,7 +243,7 @@ def test_a_reference_that_cannot_fit_is_refused_before_sampling(stories_bin, tmp
         raise AssertionError("tokens were sampled before the size check")
 
     monkeypatch.setattr(tokens_module, "tokens_from_model", no_sampling)
-    monkeypatch.setattr("qenv.envs.quant_llm.tokens_from_model", no_sampling)
+    monkeypatch.setattr("qenv.envs.task.tokens_from_model", no_sampling)
     with pytest.raises(QenvError) as refused:
         gym.make("QuantLLM-v0", model=str(stories_bin), n_tokens=50_000_000, seq_len=128, cache_dir=tmp_path)
     message = str(refused.value)
