@@ -345,7 +345,7 @@ def test_searcher_over_budget_is_listed_apart(stories_bin, tmp_path, capsys):
                                   "--logdir", tmp_path, "--no-progress", *small]) == 0
     capsys.readouterr()
     assert run_main(eval_agent, ["--policy", tmp_path / "g" / "model.json", "--searchers", "llamacpp,greedy",
-                                 "--out", tmp_path / "e"]) == 0
+                                 "--out", tmp_path / "e", "--no-progress"]) == 0
     out = capsys.readouterr().out
     rows = json.loads((tmp_path / "e" / "results.json").read_text())["models"][0]["rows"]
     by_method = {r["method"]: r for r in rows}
