@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from qenv.agents import make_agent
 from qenv.agents.base import play_episode
@@ -22,14 +21,6 @@ from qenv.models.loading import load_model
 from qenv.quant.presets import preset
 
 SEARCHERS_THAT_SEARCH = ("greedy", "random", "evolution")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from qenv.agents import make_agent
 from qenv.agents.base import score_recipe
@@ -15,14 +14,6 @@ from qenv.errors import QenvError
 from qenv.models.loading import load_model
 from qenv.quant.accounting import bits_per_weight
 from qenv.quant.presets import preset
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
