@@ -506,7 +506,7 @@ class Searcher:
             if obj.layer_names != list(data["layers"]):
                 raise QenvError(f"{path} was searched on a model whose layers differ from this environment's "
                                 f"({data.get('model')!r}).", "load it with an environment of the same model.")
-            actions = obj._actions_for(recipe)
+            actions = obj._saved_actions(data.get("actions")) or obj._actions_for(recipe)
         else:
             obj = klass.__new__(klass)
             obj.seed, obj.verbose, obj._kwargs = int(data.get("seed", 0)), 0, dict(data.get("hyperparams", {}))
@@ -526,6 +526,20 @@ class Searcher:
         return obj
 
     # -- helpers for subclasses ------------------------------------------------------------------
+    def _saved_actions(self, saved: Any) -> list[Any] | None:
+        """The saved actions, where this env's space holds every one of them (the env makes a layer
+        inherit its input group's AWQ scale, so the recipe alone cannot tell which of two rules that
+        differ in ``act_scale`` the search chose); ``None`` otherwise."""
+        if not isinstance(saved, list) or len(saved) != self.n_layers:
+            return None
+        try:
+            found = [np.asarray(a, dtype=np.float32 if self.action_kind == "continuous" else np.int64) for a in saved]
+        except (TypeError, ValueError):
+            return None
+        if not all(self.env.action_space.contains(a if a.ndim else a.item()) for a in found):
+            return None
+        return found
+
     def _actions_for(self, recipe: Recipe) -> list[Any]:
         """Actions replaying ``recipe``; a rule the space cannot produce maps to the nearest one."""
         return [self.actions[self._nearest_rule(i, recipe.rule_for(name))] for i, name in enumerate(self.layer_names)]
