@@ -38,7 +38,7 @@ def depth_run(stories_bin, cache_dir, tmp_path_factory) -> Path:
 
 def test_worse_policy_is_printed_worse_at_a_presets_size(depth_run, stories_bin, tmp_path, capsys):
     out = tmp_path / "o"
-    code = run_main(eval_agent, ["--policy", depth_run, "--budget-bpw", "gptq-w3", "--calib-data", WIKITEXT_TRAIN,
+    code = run_main(eval_agent, ["--policy", depth_run, "--agent", DEPTH_AGENT, "--budget-bpw", "gptq-w3", "--calib-data", WIKITEXT_TRAIN,
                                  "--data", TINYSTORIES, "--searchers", "greedy,uniform", "--search-evals", 1,
                                  "--out", out])
     text = capsys.readouterr().out
@@ -66,7 +66,7 @@ def test_worse_policy_is_printed_worse_at_a_presets_size(depth_run, stories_bin,
 
 def test_held_out_text_is_never_calibration(depth_run, tmp_path, capsys):
     """The run calibrated on TinyStories: scoring on the same file's first tokens is refused in one line."""
-    code = run_main(eval_agent, ["--policy", depth_run, "--data", TINYSTORIES, "--searchers", "none",
+    code = run_main(eval_agent, ["--policy", depth_run, "--agent", DEPTH_AGENT, "--data", TINYSTORIES, "--searchers", "none",
                                  "--out", tmp_path / "o"])
     err = capsys.readouterr().err
     assert code == 2
@@ -78,7 +78,7 @@ def test_held_out_text_is_never_calibration(depth_run, tmp_path, capsys):
 @pytest.mark.parametrize("program", ["train", "eval"])
 def test_unknown_preset_budget_is_one_line(program, depth_run, stories_bin, tmp_path, capsys):
     argv = (["--agent", "uniform", "--model", stories_bin, "--logdir", tmp_path, "--name", "x"] if program == "train"
-            else ["--policy", depth_run, "--out", tmp_path / "x"])
+            else ["--policy", depth_run, "--agent", DEPTH_AGENT, "--out", tmp_path / "x"])
     code = run_main(train_agent if program == "train" else eval_agent, argv + ["--budget-bpw", "no-such-preset"])
     err = capsys.readouterr().err
     assert code == 2

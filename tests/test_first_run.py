@@ -70,8 +70,9 @@ def test_plugin_hparams_show_the_steps_it_ran(lazy_run):
 def test_eval_table_names_the_plugin_class_and_counts_evaluations(lazy_run, capsys):
     run, agent = lazy_run
     out = run / "eval"
-    code = run_main(load_script("eval_agent"), ["--policy", run / "model.zip", "--searchers", "greedy,random",
-                                                "--search-evals", 2, "--out", out, *SMALL_ENV])
+    code = run_main(load_script("eval_agent"), ["--policy", run / "model.zip", "--agent", agent, "--no-progress",
+                                                "--searchers", "greedy,random", "--search-evals", 2, "--out", out,
+                                                *SMALL_ENV])
     assert code == 0
     text = capsys.readouterr().out
     lines = text.splitlines()
