@@ -608,11 +608,11 @@ def test_init_from_a_policy_of_another_algorithm(zoo_run, tmp_path, capsys):
 
 
 def test_zoo_with_a_budget_one_model_cannot_meet(stories_bin, tmp_path, capsys):
-    # the cheapest menu rules reach 2.281 bpw on tiny-llama but 2.289 on stories260K
-    code = run_main(train_agent, ["--model", "tiny-llama", "--model", stories_bin, "--budget-bpw", 2.285,
+    # the cheapest menu rules reach 2.250 bpw on tiny-llama but 2.264 on stories260K
+    code = run_main(train_agent, ["--model", "tiny-llama", "--model", stories_bin, "--budget-bpw", 2.255,
                                   "--logdir", tmp_path, "--name", "z", "--no-progress", "--env-kwargs",
                                   "n_tokens=256", "seq_len=32"])
-    one_line_error(capsys, code, "stories260K (one of the 2 models of this zoo", "at least 2.289")
+    one_line_error(capsys, code, "stories260K (one of the 2 models of this zoo", "at least 2.264")
     assert not (tmp_path / "z").exists()
 
 
