@@ -303,8 +303,8 @@ def test_a_model_the_packed_runtime_cannot_hold_fails_before_the_search(tmp_path
     assert "greedy" not in capsys.readouterr().out  # refused before the search: no table
 
 
-@pytest.mark.parametrize("widths, groups", [((128, 384), {128, 64}), ((576, 1536), {64}), ((64, 172), {-1}),
-                                            ((64, 128), {128, 64})])
+@pytest.mark.parametrize("widths, groups", [((128, 384), {128, 64, 32}), ((576, 1536), {64, 32}), ((64, 172), {-1}),
+                                            ((64, 128), {128, 64, 32})])
 def test_the_packable_menu_has_groups_that_divide_every_row(widths, groups) -> None:
     from types import SimpleNamespace
 
@@ -314,7 +314,7 @@ def test_the_packable_menu_has_groups_that_divide_every_row(widths, groups) -> N
     assert {r.group_size for r in rules} == groups
     assert all(r.act_scale == 0 and r.outlier_fraction == 0 and not r.keeps for r in rules)
     assert len({r.bits for r in rules}) == 6 and len(set(rules)) == len(rules)
-    assert ("to divide every layer's input width" in note) == (groups != {128, 64})
+    assert ("to divide every layer's input width" in note) == (groups != {128, 64, 32})
 
 
 # -- AWQ scales folded into the op before the layer --------------------------------------------------------
