@@ -551,13 +551,14 @@ while not done:
     total += reward
 out["env"] = {"recipe": info["recipe"], "reward": total, **{k: info[k] for k in keys}}
 n = len(env.task.layers)
+starts = len(make_agent("random", env).start_candidates())  # the best start's evaluations: the same for any seed
 for name in ("uniform", "llamacpp", "greedy", "random", "evolution"):
-    agent = make_agent(name, env, seed=5).learn(4 * n)
+    agent = make_agent(name, env, seed=5).learn((starts + 4 if name == "random" else 4) * n)
     out[name] = {"recipe": agent.best_recipe.to_dict(), "history": agent.history,
                  **{k: agent.best_info[k] for k in keys}}
     if name == "random":  # it starts at the best start (the same for any seed); its own proposals follow
         out[name]["proposed"] = [list(k) for k in agent._seen]
-other = make_agent("random", env, seed=6).learn(4 * n)
+other = make_agent("random", env, seed=6).learn((starts + 4) * n)
 out["random_seed6"] = {"recipe": other.best_recipe.to_dict(), "proposed": [list(k) for k in other._seen]}
 ppo = make_agent("ppo", env, seed=5, n_steps=n, batch_size=n, n_epochs=2, policy_kwargs={"net_arch": [16, 16]})
 ppo.learn(2 * n)
