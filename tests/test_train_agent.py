@@ -395,7 +395,9 @@ def test_eval_freq_keeps_the_best_evaluated_policy_across_a_resume(tmp_path, sto
     assert run_main(train_agent, ["--resume", folder, "--no-progress"]) == 0
     ev = np.load(folder / "evaluations.npz")
     assert ev["timesteps"].tolist() == [64, 128, 192, 256]
-    assert ev["results"][:2].tolist() == first["results"].tolist()
+    # the checkpoint's evaluation (64) is carried over; 128 is evaluated again after training 64 -> 128 anew,
+    # under the linear learning-rate schedule of the longer run (256), so it need not repeat the first session's
+    assert ev["results"][:1].tolist() == first["results"][:1].tolist()
     summary = json.loads((folder / "summary.json").read_text())
     best = summary["best_eval"]
     assert best["evaluations"] == 4 and best["mean_reward"] == pytest.approx(float(ev["results"].max()))
