@@ -69,6 +69,7 @@ CACHE_NAME_PATTERNS: dict[str, re.Pattern[str]] = {
     "tokens": re.compile(rf"tokens-{_HEX}-s\d+-n\d+-l\d+(?:-n[0-9a-f]{{8}})?\.safetensors"),
     "features": re.compile(rf"features-v\d+-{_HEX}\.(?:safetensors|npy)"),  # .npy: written before v3
     "errors": re.compile(rf"errors-v\d+-{_HEX}\.(?:safetensors|npy)"),  # .npy: written before v2
+    "presets": re.compile(rf"presets-v\d+-{_HEX}\.safetensors"),  # eval_agent.py's preset metrics
 }
 #: :func:`qenv.io.atomic_path`'s temporary name: ``.<name>.<mkstemp's 8 random characters>.tmp``
 _TEMP_RE = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")

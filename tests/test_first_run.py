@@ -153,6 +153,7 @@ def test_cache_info_and_clear(tmp_path, monkeypatch, capsys):
     (tmp_path / f"reference-v2-{key}-89abcdef-{key}-b8x8-n01234567.safetensors").write_bytes(b"x" * 3000)
     (tmp_path / f"tokens-{key}-s0-n512-l64-n01234567.safetensors").write_bytes(b"x" * 100)
     (tmp_path / f"features-v1-{key}.npy").write_bytes(b"x" * 10)
+    (tmp_path / f"presets-v1-{key}abcd.safetensors").write_bytes(b"x")  # eval_agent.py's preset metrics
     (tmp_path / f".reference-v2-{key}.safetensors.k3j_x9z0.tmp").write_bytes(b"x" * 7)  # a killed writer's leftover
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["cache", "--info"]) == 0
@@ -160,9 +161,9 @@ def test_cache_info_and_clear(tmp_path, monkeypatch, capsys):
     assert str(tmp_path) in out and "$QENV_CACHE_DIR" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
     assert rows["reference"][1] == "2" and rows["tokens"][1] == "1" and rows["features"][1] == "1"
-    assert rows["total"][1] == "4" and "1 other file" in out
+    assert rows["presets"][1] == "1" and rows["total"][1] == "5" and "1 other file" in out
     assert main(["cache", "--clear"]) == 0
-    assert "removed 4 file(s), 3.0 KiB" in capsys.readouterr().out  # the size freed (it said 0 B)
+    assert "removed 5 file(s), 3.0 KiB" in capsys.readouterr().out  # the size freed (it said 0 B)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing of the user's is deleted
     assert main(["cache", "--info"]) == 0
     assert "total          0" in capsys.readouterr().out
