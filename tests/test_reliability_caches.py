@@ -260,10 +260,11 @@ def test_the_reference_size_refusal_is_one_line_from_train_agent(stories_bin, tm
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "GiB" in lines[0], err
 
 
-def test_threads_are_capped_and_absurd_counts_refused(capsys):
+def test_threads_are_capped_and_absurd_counts_refused(capsys, monkeypatch):
     from qenv.cli.envs import MAX_THREADS_PER_CORE, available_cores, set_torch_threads
 
-    before, env = torch.get_num_threads(), os.environ.get("QENV_TORCH_THREADS")
+    before = torch.get_num_threads()
+    monkeypatch.delenv("QENV_TORCH_THREADS", raising=False)  # restored after the test (set_torch_threads sets it)
     cores = available_cores()
     try:
         set_torch_threads(cores + 1)
@@ -276,10 +277,6 @@ def test_threads_are_capped_and_absurd_counts_refused(capsys):
         assert torch.get_num_threads() == cores  # nothing changed by a refusal
     finally:
         torch.set_num_threads(before)
-        if env is None:
-            os.environ.pop("QENV_TORCH_THREADS", None)
-        else:
-            os.environ["QENV_TORCH_THREADS"] = env
 
 
 def test_absurd_threads_exit_2_in_one_line_before_any_work(stories_bin, tmp_path, capsys):
