@@ -207,3 +207,26 @@ def test_unknown_preset(stories: LoadedModel) -> None:
     with pytest.raises(QenvError) as err:
         llamacpp_mix(stories.layers, "Q7_K_M")
     clear_error(err, "Q7_K_M", "Q4_K_M")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_freshly_initialised_encoder_is_refused_whatever_its_init(seed: int) -> None:
+    """A random BERT moves its earlier logits by only ~1e-3 of their scale; the probe's bar is float noise."""
+    import transformers
+    from transformers import AutoModelForCausalLM, BertConfig
+
+    from qenv.models.loading import check_causal
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    bert = AutoModelForCausalLM.from_config(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                                       num_attention_heads=2, intermediate_size=32)).eval()
+    with pytest.raises(QenvError, match="is not a causal language model"):
+        check_causal(bert, "bert")
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHITECTURES))
+def test_causal_models_pass_the_probe(arch: str) -> None:
+    from qenv.models.loading import check_causal
+
+    check_causal(load_model(f"tiny-{arch}").model, arch)
