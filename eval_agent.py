@@ -44,9 +44,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import (ArgumentParser, check_observation_matches, fmt, merge_flag, normalizer_path,
-                             parse_key_values, plain_table, quiet_libraries, refuse_repeated_models, run_cli,
-                             run_folder_of)
+from qenv.cli.common import (ArgumentParser, check_agents_checkout, check_observation_matches, fmt, merge_flag,
+                             normalizer_path, parse_key_values, plain_table, quiet_libraries, refuse_repeated_models,
+                             run_cli, run_folder_of)
 from qenv.errors import QenvError
 from qenv.io import read_json
 
@@ -737,6 +737,7 @@ def _body(argv: list[str] | None) -> int:
     from qenv.cli.config import check_env_kwargs
     from qenv.cli.envs import at_one_budget, set_torch_threads
 
+    check_agents_checkout()  # this checkout's qenv/ with another checkout's agents/ (editable install)
     quiet_libraries()
     args = build_parser().parse_args(argv)
     set_torch_threads(args.threads)
