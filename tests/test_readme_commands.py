@@ -274,6 +274,17 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys) -> None:
     assert kl > 0 and reference_kl > 0 and bpw == scope["info"]["bpw"]
 
 
+def test_readme_numbers_come_from_benchmarks() -> None:
+    """Every measured number of the README's prose and tables (two or more decimals: KL, ratios, bpw,
+    speed-ups) is in BENCHMARKS.md, where its machine and command are: the README only quotes."""
+    readme = re.sub(r"^```.*?^```", "", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+    readme = re.sub(r"(?i)(python|torch)\s*(≥|>=|==)\s*[\d.]+", "", readme)  # versions, not measurements
+    benchmarks = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
+    numbers = set(re.findall(r"(?<![\w.])\d+\.\d{2,}(?![\w.])", readme))
+    assert len(numbers) >= 20, numbers  # the results tables are there
+    assert sorted(n for n in numbers if n not in benchmarks) == []
+
+
 def github_anchors(markdown: str) -> set[str]:
     """The anchors GitHub gives a file's headings (fenced code skipped): lower case, punctuation
     dropped, spaces to hyphens, repeats numbered -1, -2, ..."""
