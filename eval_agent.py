@@ -77,7 +77,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--agent", help="agent name or package.module:Class that saved --policy (default: the run's, "
                                    "from summary.json / config.json beside it, else ppo)")
     p.add_argument("--model", action="append", metavar="SPEC",
-                   help="model(s) to evaluate on; repeatable (default: the models the policy was trained on)")
+                   help="model(s) to evaluate on, as train_agent.py's --model: 'default', smollm2-135m, a .gguf "
+                        "file, a llama2.c .bin, a transformers folder or hub id, tiny-<arch>; repeatable (default: "
+                        "the models the policy was trained on)")
     p.add_argument("--budget-bpw", metavar="BPW|PRESET",
                    help="bits-per-weight budget, or a human preset's name (gptq-w4, awq-w3, q4_k_m-im, ...): that "
                         "preset's exact bpw on each model (default: the run's)")
