@@ -220,6 +220,8 @@ def test_the_checks_see_a_wrong_flag_and_a_missing_path() -> None:
     assert missing_paths(argv, ["runs/never-trained"]) == []
     assert missing_paths(["python", "train_agent.py", "--agent", "docs/examples/nope.py:X"], []) == \
         ["docs/examples/nope.py"]
+    anchors = github_anchors("# A `b` (c, d): e's f\n```\n# not a heading\n```\n## A `b` (c, d): e's f\n")
+    assert anchors == {"a-b-c-d-es-f", "a-b-c-d-es-f-1"}
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if runs_here(shlex.split(c)) and "--timesteps" not in c])
@@ -305,7 +307,8 @@ def github_anchors(markdown: str) -> set[str]:
     return anchors
 
 
-@pytest.mark.parametrize("document", ["README.md", "BENCHMARKS.md", "bench/experiments/README.md"])
+@pytest.mark.parametrize("document", ["README.md", "BENCHMARKS.md", "bench/experiments/README.md", "docs/custom_agent.md",
+                                      "docs/llama_cpp_repack_crash.md"])
 def test_relative_links_resolve(document: str) -> None:
     """Every relative link of the document names a file of the repository and, with #anchor, one of
     its headings."""
