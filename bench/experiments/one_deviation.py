@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What one step off greedy's plan costs, layer by layer: the residual kind's actions, measured.
 
-    PYTHONPATH=. python bench/one_deviation.py MODEL --budget 4.0 [--ladder menu|frontier] \\
+    PYTHONPATH=. python bench/experiments/one_deviation.py MODEL --budget 4.0 [--ladder menu|frontier] \\
         [--layers 16] [--actions 1 2] [--n-tokens N]
 
 For each of the first ``--layers`` layers and each action (1: one step up the layer's ladder, 2:
@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> int:
