@@ -435,12 +435,12 @@ class Run:
         # with budgets, an env with all of them is made here too, so that one no model can meet is
         # this process's one-line error rather than every worker's traceback.
         kwargs = self.settings["env_kwargs"]
-        if "budgets" in kwargs:
+        if "budgets" in kwargs or "budget_range" in kwargs:
             make_quant_env(**kwargs)
         self.eval_env = make_quant_env(**at_one_budget(kwargs))
         self.inner = self.eval_env.unwrapped
         self.tasks = list(self.inner.tasks)
-        self.multi_budget = len(kwargs.get("budgets") or ()) > 1  # TensorBoard curves per budget too
+        self.multi_budget = len(kwargs.get("budgets") or ()) > 1 or "budget_range" in kwargs  # curves per budget too
 
     def sb3_model(self) -> Any:
         from stable_baselines3.common.base_class import BaseAlgorithm
