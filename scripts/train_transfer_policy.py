@@ -181,6 +181,7 @@ def zero_shot(args: argparse.Namespace, policy: Path, workdir: Path) -> dict[str
             comp = m.get("comparisons") or {}
             rows.append({
                 "model": m["model"], "status": m["status"], "n_layers": m["n_layers"], "budget": budget,
+                "scored_on": m["tokens"],
                 "policy_kl": policy_row["kl"], "policy_bpw": policy_row["bpw"],
                 "greedy_kl": (comp.get("greedy") or {}).get("kl"),
                 "best_start_kl": (comp.get("best_start") or {}).get("kl"),
@@ -196,7 +197,8 @@ def zero_shot(args: argparse.Namespace, policy: Path, workdir: Path) -> dict[str
     shown = [str(Path(m).name) for m in args.eval_models]
     return {
         "how": (f"One deterministic rollout per model and budget; KL on {args.eval_tokens} held-out tokens of "
-                f"{Path(args.eval_data).name} (calibration: tokens sampled from each model), by eval_agent.py."),
+                f"{Path(args.eval_data).name} (calibration: tokens sampled from each model; a model without a tokenizer "
+                "is scored on its calibration tokens, as the row's scored_on says), by eval_agent.py."),
         "command": "; ".join(f"python eval_agent.py --policy qenv:{args.name} " + " ".join(f"--model {m}" for m in shown)
                              + f" --budget-bpw {b:g} --searchers greedy --data {Path(args.eval_data).name} "
                                f"--n-tokens {args.eval_tokens}" for b in args.eval_budgets),

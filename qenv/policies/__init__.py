@@ -236,11 +236,13 @@ def render_card(card: Mapping[str, Any]) -> str:
     if not zero or not zero.get("rows"):
         lines += ["Not measured yet.", ""]
     else:
-        lines += [str(zero.get("how", "")), "", "```bash", str(zero.get("command", "")), "```", "",
-                  "| model | budget | policy KL (bpw) | greedy KL | vs greedy | best start KL | vs best start | "
-                  "GPTQ frontier at its bpw | vs GPTQ |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [str(zero.get("how", "")), "", "```bash", str(zero.get("command", "")).replace("; ", "\n"), "```", "",
+                  "| model | budget | scored on | policy KL (bpw) | greedy KL | vs greedy | best start KL | vs best start | "
+                  "GPTQ frontier at its bpw | vs GPTQ |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in zero["rows"]:
-            lines.append(f"| {r['model']} | {r['budget']:g} | {_num(r.get('policy_kl'))} ({_num(r.get('policy_bpw'), 3)}) "
+            scored = "held-out text" if "held-out" in str(r.get("scored_on", "")) else "calibration tokens"
+            lines.append(f"| {r['model']} | {r['budget']:g} | {scored} | {_num(r.get('policy_kl'))} "
+                         f"({_num(r.get('policy_bpw'), 3)}) "
                          f"| {_num(r.get('greedy_kl'))} | {_verdict(r.get('greedy_kl'), r.get('policy_kl'))} "
                          f"| {_num(r.get('best_start_kl'))} | {_verdict(r.get('best_start_kl'), r.get('policy_kl'))} "
                          f"| {_num(r.get('gptq_frontier_kl'))} | {_verdict(r.get('gptq_frontier_kl'), r.get('policy_kl'))} |")
