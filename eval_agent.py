@@ -174,7 +174,12 @@ def read_run(policy: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, An
     run["pretrain_models"] = []
     seen = _seen | {run["folder"].resolve()}
     start = Path(str(run["init_from"])) if run["init_from"] else None
-    if start is not None and start.is_file() and len(seen) < MAX_INIT_FROM_DEPTH:
+    if start is not None and start.is_file() and run_folder_of(start) is None and start.suffix == ".zip" and \
+            start.with_suffix(".json").is_file():  # fine-tuned from a shipped policy: its card names its zoo
+        from qenv.policies import read_card
+
+        run["pretrain_models"] = run_from_card(start, read_card(start))["train_models"]
+    elif start is not None and start.is_file() and len(seen) < MAX_INIT_FROM_DEPTH:
         before_folder = run_folder_of(start)
         # a chain that comes back to a run already read (A; B from A; A --overwrite from B) ends there
         if before_folder is not None and before_folder.resolve() not in seen:

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", type=Path, default=DEFAULT_HELD_OUT,
                    help="held-out text the zero-shot table is scored on (default: TinyStories valid)")
     p.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens per model (default: %(default)s)")
+    p.add_argument("--rescore", action="store_true",
+                   help="keep the policy in --out and measure its zero-shot table again (its card is rewritten)")
     p.add_argument("--workdir", type=Path, help="where the training run and evaluations go (default: a temporary folder)")
     return p
 
@@ -148,7 +150,7 @@ def make_card(args: argparse.Namespace, run: Path, models: list[str]) -> dict[st
                     "preference that reweights greedy's allocation of the budget, for any budget in "
                     f"{args.budget_range[0]:g}-{args.budget_range[1]:g} bpw. Trained on CPU on the zoo below; its "
                     "zero-shot table says where it wins and where it loses."),
-        "trained_on": summary["train_models"], "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
+        "trained_on": summary["train_models"], "command": args.command,
         "git_commit": git_commit(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {"agent": settings["agent"], "env_kwargs": env_kwargs, "hyperparams": hyper,
                    "total_timesteps": settings["total_timesteps"], "seed": settings["seed"]},
@@ -170,7 +172,7 @@ def zero_shot(args: argparse.Namespace, policy: Path, workdir: Path) -> dict[str
     for budget in args.eval_budgets:
         out = workdir / f"eval-{budget:g}"
         argv = [str(REPO_ROOT / "eval_agent.py"), "--policy", str(policy), "--budget-bpw", f"{budget:g}",
-                "--searchers", "greedy", "--data", str(args.eval_data), "--n-tokens", str(args.eval_tokens),
+                "--searchers", "greedy,uniform", "--data", str(args.eval_data), "--n-tokens", str(args.eval_tokens),
                 "--threads", str(args.threads), "--out", str(out), "--no-progress"]
         for model in args.eval_models:
             argv += ["--model", model]
@@ -200,7 +202,7 @@ def zero_shot(args: argparse.Namespace, policy: Path, workdir: Path) -> dict[str
                 f"{Path(args.eval_data).name} (calibration: tokens sampled from each model; a model without a tokenizer "
                 "is scored on its calibration tokens, as the row's scored_on says), by eval_agent.py."),
         "command": "; ".join(f"python eval_agent.py --policy qenv:{args.name} " + " ".join(f"--model {m}" for m in shown)
-                             + f" --budget-bpw {b:g} --searchers greedy --data {Path(args.eval_data).name} "
+                             + f" --budget-bpw {b:g} --searchers greedy,uniform --data {Path(args.eval_data).name} "
                                f"--n-tokens {args.eval_tokens}" for b in args.eval_budgets),
         "rows": rows,
         "verdict": (f"Better than greedy in {wins('greedy_kl')} cells, than the best start in {wins('best_start_kl')}, "
@@ -210,6 +212,8 @@ def zero_shot(args: argparse.Namespace, policy: Path, workdir: Path) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command = shlex.join(["python", "scripts/train_transfer_policy.py",
+                               *(sys.argv[1:] if argv is None else [str(a) for a in argv])])
     try:
         from qenv.envs.config import check_env_arguments
         from qenv.policies import write_policy
@@ -225,6 +229,19 @@ def main(argv: list[str] | None = None) -> int:
             raise QenvError(f"--timesteps={args.timesteps} must be at least 1.", "pass a positive number.")
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qenv-transfer-"))
         workdir.mkdir(parents=True, exist_ok=True)
+        if args.rescore:  # the zero-shot table of the policy already in --out, measured again
+            from qenv.policies import check_card_matches_zip, write_card
+
+            policy = args.out / f"{args.name}.zip"
+            card = check_card_matches_zip(policy)
+            trained = {str(m.get("spec")) for m in card["trained_on"]}
+            if trained & set(args.eval_models):
+                raise QenvError(f"--eval-models {', '.join(sorted(trained & set(args.eval_models)))} are in the "
+                                "policy's zoo.", "score it on models it never saw.")
+            card["zero_shot"] = zero_shot(args, policy, workdir)
+            write_card(card, args.out)
+            print(card["zero_shot"]["verdict"])
+            return 0
         run = train(args, models, workdir)
         card = make_card(args, run, models)
         policy = write_policy(run / "model.zip", card, args.out)

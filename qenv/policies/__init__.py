@@ -240,7 +240,7 @@ def render_card(card: Mapping[str, Any]) -> str:
                   "| model | budget | scored on | policy KL (bpw) | greedy KL | vs greedy | best start KL | vs best start | "
                   "GPTQ frontier at its bpw | vs GPTQ |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in zero["rows"]:
-            scored = "held-out text" if "held-out" in str(r.get("scored_on", "")) else "calibration tokens"
+            scored = "held-out text" if str(r.get("scored_on", "")).startswith("held-out") else "calibration tokens"
             lines.append(f"| {r['model']} | {r['budget']:g} | {scored} | {_num(r.get('policy_kl'))} "
                          f"({_num(r.get('policy_bpw'), 3)}) "
                          f"| {_num(r.get('greedy_kl'))} | {_verdict(r.get('greedy_kl'), r.get('policy_kl'))} "
@@ -258,14 +258,12 @@ def _verdict(other: Any, policy: Any) -> str:
     if not isinstance(other, (int, float)) or not isinstance(policy, (int, float)) or policy <= 0:
         return "–"
     ratio = other / policy
-    return f"{ratio:.3g}x " + ("better" if ratio > 1 else "worse" if ratio < 1 else "equal")
+    return f"{ratio:.3f}x " + ("better" if ratio > 1 else "worse" if ratio < 1 else "equal")
 
 
 def write_policy(zip_file: str | Path, card: Mapping[str, Any], folder: str | Path) -> Path:
     """Write ``<folder>/<name>.zip`` (the agent zip plus :data:`RECORD_ENTRY`), ``<name>.json`` and
     ``<name>.md``, each through a temporary file renamed into place; returns the zip."""
-    from qenv.io import write_json_atomic, write_text_atomic
-
     name = str(card["name"])
     if not _NAME.fullmatch(name):
         raise QenvError(f"Policy name {name!r} is not a plain lower-case name.", "use e.g. transfer or transfer_v2.")
@@ -281,9 +279,24 @@ def write_policy(zip_file: str | Path, card: Mapping[str, Any], folder: str | Pa
             if RECORD_ENTRY in archive.namelist():
                 raise QenvError(f"{zip_file} already carries a {RECORD_ENTRY}.", "pass the run's own model.zip.")
             archive.writestr(RECORD_ENTRY, json.dumps(record, sort_keys=True))
+        from qenv.io import default_mode
+
+        temp.chmod(default_mode())  # a temporary file is private; the policy is read like any package file
         temp.replace(target)
     finally:
         temp.unlink(missing_ok=True)
+    write_card(card, folder)
+    return target
+
+
+def write_card(card: Mapping[str, Any], folder: str | Path) -> Path:
+    """Write ``<folder>/<name>.json`` and the ``<name>.md`` rendered from it; returns the JSON card.
+    (The zip's record holds the settings, not the zero-shot table: a table measured again rewrites
+    the card alone.)"""
+    from qenv.io import write_json_atomic, write_text_atomic
+
+    folder = Path(folder)
+    name = str(card["name"])
     write_json_atomic(folder / f"{name}.json", dict(card))
     write_text_atomic(folder / f"{name}.md", render_card(card))
-    return target
+    return folder / f"{name}.json"
