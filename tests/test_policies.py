@@ -169,3 +169,26 @@ def test_the_script_rebuilds_a_policy_that_loads_and_plays(rebuilt, tmp_path, ca
     assert code == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "e" / "results.json").read_text())
     assert result["models"][0]["status"] == "trained-on" and result["agent"] == "ppo"
+
+
+def test_one_command_gives_a_user_a_recipe_and_its_export(tmp_path, monkeypatch, cache_dir, capsys):
+    """``eval_agent.py --policy qenv:transfer --model M --budget-bpw 4.0 --export`` (its output under
+    ./runs, never in the package's folder) and ``python -m qenv quantize --policy qenv:transfer``."""
+    monkeypatch.chdir(tmp_path)
+    code = run_main(eval_agent, ["--policy", "qenv:transfer", "--model", "tiny-llama", "--budget-bpw", 4.0, "--export",
+                                 "--searchers", "greedy", "--presets", "gptq", "--n-tokens", 128, "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    [out] = list((tmp_path / "runs" / "eval-transfer").iterdir())
+    result = json.loads((out / "results.json").read_text())
+    [model] = result["models"]
+    assert model["status"] == "trained-on" and model["policy_recipe"] and (out / "export" / "tiny-llama").is_dir()
+    assert sorted(p.name for p in qenv.policies.POLICIES_DIR.iterdir() if p.suffix != ".py" and p.name != "__pycache__") \
+        == ["transfer.json", "transfer.md", "transfer.zip"]
+    from qenv.agents.quantize import main as quantize
+
+    # (on tiny-gpt2, tiny-qwen2 and tiny-opt its recipes use rules a packed checkpoint cannot run: Conv1D
+    # layers, AWQ scales under GQA or outside llama/mistral/qwen2; quantize refuses those in one line)
+    code = quantize(["--model", "tiny-llama", "--policy", "qenv:transfer", "--budget-bpw", "4", "--out", str(tmp_path / "q"),
+                     "--n-tokens", "128"])
+    assert code == 0, capsys.readouterr().err
+    assert any((tmp_path / "q").iterdir())
