@@ -150,6 +150,7 @@ def rebuilt(tmp_path_factory, cache_dir):
     return out
 
 
+@pytest.mark.slow  # trains and scores in child processes (train_agent.py, eval_agent.py): ~1 CPU minute
 def test_the_script_rebuilds_a_policy_that_loads_and_plays(rebuilt, tmp_path, capsys):
     assert qenv.policies.available(rebuilt) == ["mini"]
     card = qenv.policies.check_card_matches_zip(rebuilt / "mini.zip")
