@@ -73,7 +73,8 @@ Errors print one line, 'error: <problem> Fix: <fix>', and exit with status 2.
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="eval_agent.py", description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
     p.add_argument("--policy", required=True, metavar="PATH",
-                   help="the trained agent: runs/<run>/model.zip (or a searcher's model.json)")
+                   help="the trained agent: runs/<run>/model.zip (or a searcher's model.json), or a policy "
+                        "shipped with qenv: qenv:transfer")
     p.add_argument("--agent", help="agent name or package.module:Class that saved --policy (default: the run's, "
                                    "from summary.json / config.json beside it, else ppo)")
     p.add_argument("--model", action="append", metavar="SPEC",
@@ -175,13 +176,33 @@ def read_run(policy: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, An
     run["pretrain_models"] = []
     seen = _seen | {run["folder"].resolve()}
     start = Path(str(run["init_from"])) if run["init_from"] else None
-    if start is not None and start.is_file() and len(seen) < MAX_INIT_FROM_DEPTH:
+    if start is not None and start.is_file() and run_folder_of(start) is None and start.suffix == ".zip" and \
+            start.with_suffix(".json").is_file():  # fine-tuned from a shipped policy: its card names its zoo
+        from qenv.policies import read_card
+
+        run["pretrain_models"] = run_from_card(start, read_card(start))["train_models"]
+    elif start is not None and start.is_file() and len(seen) < MAX_INIT_FROM_DEPTH:
         before_folder = run_folder_of(start)
         # a chain that comes back to a run already read (A; B from A; A --overwrite from B) ends there
         if before_folder is not None and before_folder.resolve() not in seen:
             before = read_run(start, seen)
             run["pretrain_models"] = before["train_models"] + before["pretrain_models"]
     return run
+
+
+def run_from_card(policy: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """What a policy's card says, in :func:`read_run`'s shape: a shipped policy (``qenv:transfer``)
+    or a zip written with a card beside it has no run folder; its card names the agent, the env
+    settings and the models it was trained on (with their fingerprints, for "zero-shot")."""
+    config = card.get("config") or {}
+    env_kwargs = config.get("env_kwargs") or {}
+    if not isinstance(env_kwargs, dict):
+        raise QenvError(f"The card of {policy} holds env_kwargs that are not a mapping.",
+                        "rebuild the policy with scripts/train_transfer_policy.py.")
+    models = [m for m in card["trained_on"] if isinstance(m, dict) and isinstance(m.get("spec"), str)]
+    return {"folder": policy.parent, "found": None, "summary": None, "config": None, "card": card,
+            "agent": card["agent"], "agent_source": policy.with_suffix(".json"), "env_kwargs": dict(env_kwargs),
+            "train_models": models, "init_from": None, "budget_preset": None, "pretrain_models": []}
 
 
 def safe_name(name: str) -> str:
@@ -364,6 +385,10 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     with stage(f"loading model {spec}"):
         loaded = load_model(spec, device=env_kwargs.get("device"), dtype=env_kwargs.get("dtype"),
                             include_lm_head=bool(env_kwargs.get("include_lm_head", False)))
+    if run.get("card") is not None:  # a shipped policy: refuse a model whose layers it cannot describe
+        from qenv.policies import check_describes
+
+        check_describes(run["card"], loaded.layers, spec, str(getattr(args, "policy_name", args.policy)))
     budget, budget_preset = resolve_budget(budget_spec, loaded.layers)  # a preset's own size on this model
     kwargs = {**env_kwargs, "budget_bpw": budget}
     if kwargs.get("data") and loaded.tokenizer is None:
@@ -747,7 +772,10 @@ def _body(argv: list[str] | None) -> int:
     from qenv.progress import enable
 
     enable(not args.no_progress)
-    policy = Path(args.policy)
+    from qenv.policies import is_shipped, resolve
+
+    args.policy_name = str(args.policy)
+    policy = resolve(args.policy)  # qenv:<name>: the shipped zip (an unknown name lists the shipped ones)
     if policy.is_dir():  # a run folder: its final agent
         inside = [policy / n for n in ("model.zip", "model.json") if (policy / n).is_file()]
         if not inside:
@@ -779,6 +807,10 @@ def _body(argv: list[str] | None) -> int:
                 raise QenvError(f"{what_file} text file {path} {what}.", f"pass an existing UTF-8 text file to {flag}.")
             check_text_file(path)  # binary or undecodable text is refused now (its start only: it is streamed)
     run = read_run(policy)
+    if run["found"] is None and policy.suffix == ".zip" and policy.with_suffix(".json").is_file():
+        from qenv.policies import check_card_matches_zip
+
+        run = run_from_card(policy, check_card_matches_zip(policy))  # a shipped policy, or one written with a card
     from qenv.agents.registry import agent_named_by_file, resolve_agent
 
     # a plug-in only from the command line: a run folder or a zip names registered agents alone
@@ -790,7 +822,8 @@ def _body(argv: list[str] | None) -> int:
     for note in untrusted_run_settings(env_kwargs, given, run["folder"]):
         print(f"note: {note}", flush=True)
     if "observation" in given:
-        trained = str(run["env_kwargs"].get("observation", "full")) if run["found"] and run["env_kwargs"] else None
+        trained = str(run["env_kwargs"].get("observation", "full")) if (run["found"] or run.get("card")) and \
+            run["env_kwargs"] else None
         check_observation_matches(policy, given["observation"], "--env-kwargs", trained)
     env_kwargs.update(given)
     env_kwargs.pop("model", None)
@@ -838,7 +871,8 @@ def _body(argv: list[str] | None) -> int:
         raise QenvError(f"Held-out --data {', '.join(map(str, same))} is also the calibration text: scores would not "
                         "be held-out.", "pass --calib-data another file (e.g. the corpus's train split), or score on "
                                         "another --data file.")
-    out = Path(args.out).expanduser() if args.out else run["folder"] / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    default_parent = Path("runs") / f"eval-{policy.stem}" if is_shipped(args.policy_name) else run["folder"]
+    out = Path(args.out).expanduser() if args.out else default_parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.save_model:
         args.save_model = str(Path(args.save_model).expanduser())
     check_outputs(args, out, run["folder"])

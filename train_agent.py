@@ -108,7 +108,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--logdir", default="runs", metavar="DIR", help="parent folder of run folders (default: %(default)s)")
     p.add_argument("--name", help="run folder name under --logdir (default: <agent>-<date>-<time>)")
     p.add_argument("--init-from", metavar="MODEL_ZIP",
-                   help="start from this trained policy's weights (e.g. runs/x/model.zip) instead of from scratch: "
+                   help="start from this trained policy's weights (e.g. runs/x/model.zip, or qenv:transfer, a "
+                        "policy shipped with qenv, whose card gives the config) instead of from scratch: "
                         "fine-tune it on --model with few episodes; it must have the same observation and action "
                         "spaces (same --agent family and action_kind)")
     p.add_argument("--resume", metavar="RUN_DIR",
@@ -165,9 +166,13 @@ def resolve_settings(args: Any) -> dict[str, Any]:
 
     env_id = env_id_of(args.env)
     spec = resolve_agent(args.agent)  # an unknown agent fails here, before anything slow
-    config_path = Path(args.config) if args.config else default_config_path(args.agent)
+    card = shipped_card(args.init_from)
+    config_path = Path(args.config) if args.config else None if card else default_config_path(args.agent)
     cfg = load_agent_config(config_path, env_id) if config_path else AgentConfig()
     where = f"{config_path} [{env_id}]" if config_path else "hyperparameters"
+    if card is not None and config_path is None:  # fine-tune a shipped policy with the settings it was trained with
+        cfg = card_config(card, args)
+        where = f"the card of {args.init_from}"
     check_hyperparams(args.agent, cfg.hyperparams, where)
     env_kwargs = dict(cfg.env_kwargs)
     if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:
@@ -222,6 +227,8 @@ def resolve_settings(args: Any) -> dict[str, Any]:
     n_envs = args.n_envs or cfg.n_envs or 1
     init_from = check_init_from(args.init_from, spec, env_kwargs.get("action_kind", "discrete"),
                                 env_kwargs.get("menu"), env_kwargs.get("observation", "full")) if args.init_from else None
+    if card is not None:  # a model whose layers the shipped policy cannot describe: one line, before any run folder
+        check_card_describes(card, env_kwargs, args.init_from)
     section = fit_rollout(args.agent, dict(cfg.raw), n_envs, total)
     return {"init_from": init_from, "normalize": cfg.normalize,
         "version": CONFIG_VERSION, "env_id": env_id, "agent": args.agent, "seed": args.seed, "total_timesteps": total,
@@ -269,6 +276,38 @@ def budget_on_models(budget_spec: float | str | None, env_kwargs: dict[str, Any]
     return next(iter(sizes.values())), budget_spec, n_layers
 
 
+def shipped_card(init_from: str | None) -> dict[str, Any] | None:
+    """The card of ``--init-from qenv:<name>`` (checked against its zip), else ``None``."""
+    from qenv.policies import check_card_matches_zip, is_shipped
+
+    return check_card_matches_zip(init_from) if is_shipped(init_from) else None
+
+
+def card_config(card: dict[str, Any], args: Any) -> Any:
+    """The config a shipped policy was trained with (its hyperparameters and env settings, from its
+    card), so that ``--init-from qenv:transfer --model NEW`` needs no --config: its network and
+    spaces fit. With --budget-bpw, the fine-tune runs at that budget (the card's budget range is
+    left out); without it, episodes draw from the range the policy was trained over."""
+    from qenv.cli.config import parse_section
+
+    config = card["config"]
+    env_kwargs = dict(config.get("env_kwargs") or {})
+    if args.budget_bpw is not None:
+        env_kwargs.pop("budget_range", None)
+    section = {**(config.get("hyperparams") or {}), "env_kwargs": env_kwargs}
+    return parse_section(section, f"the card of {args.init_from}", source=f"{args.init_from} (card)")
+
+
+def check_card_describes(card: dict[str, Any], env_kwargs: dict[str, Any], source: str) -> None:
+    """Refuse a --model whose layers a shipped policy cannot describe (see :func:`qenv.policies.check_describes`)."""
+    from qenv.models.loading import load_model
+    from qenv.policies import check_describes
+
+    for model in model_list(env_kwargs):
+        layers = load_model(model, device="cpu", include_lm_head=bool(env_kwargs.get("include_lm_head", False))).layers
+        check_describes(card, layers, str(model), source)
+
+
 def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any = "full") -> str:
     """The absolute path of an ``--init-from`` policy whose spaces fit this run (checked before any
     model loads): the same observation size and the same action space."""
@@ -278,7 +317,9 @@ def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any
     from qenv.envs.features import OBSERVATION_KINDS, observation_size
     from qenv.envs.spaces import ActionMapper
 
-    file = Path(path)
+    from qenv.policies import is_shipped, resolve
+
+    file = resolve(path)  # qenv:<name>: a shipped policy (an unknown name lists the shipped ones)
     if not file.is_file():
         raise QenvError(f"--init-from {file} does not exist.", "pass the model.zip of an earlier run of train_agent.py.")
     factory = spec.load()
@@ -297,7 +338,8 @@ def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any
     objects = safe_custom_objects(file)
     obs_space, act_space = objects.get("observation_space"), objects.get("action_space")
     shape = tuple(getattr(obs_space, "shape", ()) or ())
-    check_observation_matches(file, observation, "--init-from: this run's")
+    trained = str(shipped_card(path)["observation"].get("kind")) if is_shipped(path) else None
+    check_observation_matches(file, observation, "--init-from: this run's", trained)
     size = observation_size(str(observation)) if observation in OBSERVATION_KINDS else None
     if size is not None and shape != (size,):
         raise QenvError(f"--init-from {file} takes observations of size {shape}, but QuantLLM-v0 with observation="
@@ -438,12 +480,12 @@ class Run:
         # with budgets, an env with all of them is made here too, so that one no model can meet is
         # this process's one-line error rather than every worker's traceback.
         kwargs = self.settings["env_kwargs"]
-        if "budgets" in kwargs:
+        if "budgets" in kwargs or "budget_range" in kwargs:
             make_quant_env(**kwargs)
         self.eval_env = make_quant_env(**at_one_budget(kwargs))
         self.inner = self.eval_env.unwrapped
         self.tasks = list(self.inner.tasks)
-        self.multi_budget = len(kwargs.get("budgets") or ()) > 1  # TensorBoard curves per budget too
+        self.multi_budget = len(kwargs.get("budgets") or ()) > 1 or "budget_range" in kwargs  # curves per budget too
 
     def sb3_model(self) -> Any:
         from stable_baselines3.common.base_class import BaseAlgorithm

@@ -74,7 +74,7 @@ def build_parser() -> ArgumentParser:
                    help="bits-per-weight budget over the quantized layers, e.g. 4.0")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--agent", choices=SEARCH_AGENTS, help="searcher that finds the recipe (default: greedy)")
-    who.add_argument("--policy", metavar="PATH", help="a trained policy (runs/<run>/model.zip): its deterministic "
+    who.add_argument("--policy", metavar="PATH", help="a trained policy (runs/<run>/model.zip, or qenv:transfer, shipped with qenv): its deterministic "
                                                       "rollout is the recipe, on its run's menu and settings")
     p.add_argument("--menu", choices=("default", "gguf"),
                    help="rule menu of the search (default: the policy's run's, else 'default')")
@@ -168,6 +168,13 @@ def policy_settings(policy: Path) -> tuple[str, dict[str, Any]]:
         raise QenvError(f"Policy file {policy} does not exist.", "pass the model.zip of a run folder written by "
                                                                   "train_agent.py.")
     folder = run_folder_of(policy)
+    if folder is None and policy.suffix == ".zip" and policy.with_suffix(".json").is_file():
+        from qenv.policies import check_card_matches_zip  # a shipped policy (qenv:<name>): its card has the settings
+
+        card = check_card_matches_zip(policy)
+        kwargs = at_one_budget(dict(card["config"].get("env_kwargs") or {}))
+        kwargs.pop("model", None)
+        return str(card["agent"]), kwargs
     settings: dict[str, Any] = {}
     agent = None
     if folder is not None:
@@ -184,6 +191,13 @@ def policy_settings(policy: Path) -> tuple[str, dict[str, Any]]:
     kwargs = at_one_budget(settings)
     kwargs.pop("model", None)
     return str(agent), kwargs
+
+
+def policy_card_applies(policy: Path) -> bool:
+    """Whether ``policy`` is read through a card (a zip with ``<name>.json`` beside it, no run folder)."""
+    from qenv.cli.common import run_folder_of
+
+    return policy.suffix == ".zip" and run_folder_of(policy) is None and policy.with_suffix(".json").is_file()
 
 
 def find_recipe(args: Any, env: Any, n_layers: int) -> tuple[Any, str, str]:
@@ -333,6 +347,10 @@ def _body(argv: list[str] | None) -> int:
 
     kwargs: dict[str, Any] = {}
     if args.policy:
+        from qenv.policies import resolve
+
+        args.policy_name = str(args.policy)
+        args.policy = str(resolve(args.policy))  # qenv:<name>: a shipped policy (an unknown name lists them)
         args.agent_name, kwargs = policy_settings(Path(args.policy))
         from qenv.agents.registry import resolve_agent
 
@@ -352,6 +370,10 @@ def _body(argv: list[str] | None) -> int:
     print(f"loading {args.model}", flush=True)
     loaded = load_model(args.model, device=args.device or kwargs.get("device"), dtype=kwargs.get("dtype"),
                         include_lm_head=bool(kwargs.get("include_lm_head", False)))
+    if args.policy and policy_card_applies(Path(args.policy)):  # a shipped policy: a model it cannot describe is one line
+        from qenv.policies import check_describes, read_card
+
+        check_describes(read_card(args.policy), loaded.layers, str(args.model), args.policy_name)
     if not args.policy:
         kwargs["action_kind"] = "discrete"
         if menu_name == "gguf":

@@ -23,6 +23,7 @@ ROUND_TRIPS = [
     {"menu": [{"bits": 4}, {"bits": 8, "group_size": 64}], "data": ["a.txt", "b.txt"], "device": "cpu"},
     {"menu": "gguf", "action_kind": "multidiscrete", "model": ["tiny-llama", "default"], "cache_dir": "/tmp/x"},
     {"weight_cache_gib": 2.0, "prebuild": False, "include_lm_head": True, "seed": 7, "batch_size": 4},
+    {"action_kind": "allocation", "observation": "relative", "budget_range": [2.5, 4.5]},
 ]
 
 
@@ -56,10 +57,15 @@ BAD = [
     ({"budget": 3.0}, "has no setting 'budget'"),
     ({"model": []}, "must be a model spec"),
     ({"menu": []}, "menu is empty"),
+    ({"budget_range": [4.5, 2.5]}, "low <= high"),
+    ({"budget_range": [2.5]}, "must be two budgets"),
+    ({"budget_range": [0, 4]}, "each in \\(0, 16\\]"),
+    ({"budget_range": "2.5-4.5"}, "must be two budgets"),
+    ({"budget_range": [2.5, 4.5], "budgets": [3.0]}, "pass only one of them"),
 ]
 
 
-@pytest.mark.parametrize("kwargs, message", BAD, ids=[next(iter(k)) for k, _ in BAD])
+@pytest.mark.parametrize("kwargs, message", BAD, ids=[",".join(k) for k, _ in BAD])
 def test_bad_settings_are_refused_by_the_config_alone(kwargs, message):
     with pytest.raises(QenvError, match=message):
         EnvConfig.from_kwargs(**kwargs)
@@ -121,3 +127,28 @@ def test_the_env_docstring_is_a_contract_that_renders():
     menu = [[entry.astext() for entry in row.findall(docutils.nodes.entry)] for row in tables[2].findall(docutils.nodes.row)]
     assert [row[1] for row in menu[1:]] == [rule.label() for rule in DEFAULT_MENU]
     assert ">>> " in doc and "benchmark" not in doc.lower() and "BENCHMARKS" not in doc
+
+
+def test_budget_range_draws_each_episode_a_budget_on_its_grid_and_observes_it():
+    """One policy for a range of budgets: each reset draws a budget of ``budget_range``'s grid (both
+    ends included), the observation's ``budget_bpw`` entry says which, and ``reset(options=...)``
+    may ask for any budget of the grid."""
+    from qenv.envs.config import BUDGET_RANGE_STEP, budget_grid
+    from qenv.envs.features import EPISODE_NAMES, STATIC_NAMES
+
+    assert budget_grid(2.5, 4.5) == tuple(round(2.5 + i * BUDGET_RANGE_STEP, 6) for i in range(21))
+    assert budget_grid(3.0, 3.25)[-1] == 3.25 and budget_grid(3.0, 3.0) == (3.0,)
+    env = QuantLLMEnv(model="tiny-llama", budget_range=(2.5, 4.5), action_kind="allocation",
+                      observation="relative", **SMALL)
+    assert env.budgets == budget_grid(2.5, 4.5)
+    column = len(STATIC_NAMES) + EPISODE_NAMES.index("budget_bpw")
+    drawn = set()
+    for seed in range(12):
+        obs, _ = env.reset(seed=seed)
+        assert env.budget_bpw in env.budgets and obs[column] == pytest.approx(env.budget_bpw / 16)
+        drawn.add(env.budget_bpw)
+    assert len(drawn) >= 5  # draws, not one budget
+    obs, _ = env.reset(options={"budget_bpw": 4.5})
+    assert env.budget_bpw == 4.5 and obs[column] == pytest.approx(4.5 / 16)
+    with pytest.raises(QenvError, match="not one of this environment's budgets"):
+        env.reset(options={"budget_bpw": 2.55})

@@ -82,8 +82,8 @@ def as_menu_kind(env_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def at_one_budget(env_kwargs: dict[str, Any]) -> dict[str, Any]:
     """A run's env arguments for evaluating its policy at one budget (``budget_bpw``, or the one
-    the caller sets): without ``budgets``, which only its training episodes sample."""
-    return {key: value for key, value in env_kwargs.items() if key != "budgets"}
+    the caller sets): without ``budgets`` or ``budget_range``, which only its training episodes draw from."""
+    return {key: value for key, value in env_kwargs.items() if key not in ("budgets", "budget_range")}
 
 
 def make_quant_env(**env_kwargs: Any) -> Any:

@@ -98,6 +98,12 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
             items = list(value) if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) == 1 else None
             if value is not None and (not items or not all(is_number(b) and 0 < b <= 16 for b in items)):
                 fail(key, value, "must be a list of budgets in bits per weight, each in (0, 16]", "[2.5, 3.0, 3.5, 4.0]")
+        elif key == "budget_range":
+            pair = list(value) if isinstance(value, (list, tuple, np.ndarray)) and np.ndim(value) == 1 else None
+            if value is not None and (pair is None or len(pair) != 2 or not all(is_number(b) and 0 < b <= 16 for b in pair)
+                                      or pair[0] > pair[1]):
+                fail(key, value, "must be two budgets [low, high] in bits per weight, low <= high, each in (0, 16]",
+                     "[2.5, 4.5]")
         elif key == "max_deviations":
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
                 fail(key, value, "must be a whole number of at least 0 (or unset: no limit)", "6")
@@ -128,6 +134,21 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
             if value is not None and not named and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
                 raise QenvError("The rule menu must be a list of rules or one of "
                                 f"{sorted(MENUS)}.", "pass e.g. menu='gguf' or menu=[{'bits': 4}, {'bits': 8}].")
+
+
+#: the spacing of the budgets a ``budget_range`` draws from: a draw falls on this grid, so each budget's
+#: reference, plan and best start are measured once and reused by later episodes at that budget
+BUDGET_RANGE_STEP = 0.1
+
+
+def budget_grid(low: float, high: float, step: float = BUDGET_RANGE_STEP) -> tuple[float, ...]:
+    """The budgets of ``budget_range=(low, high)``: ``low``, ``low + step``, ... up to ``high`` (both
+    ends included, rounded to 1e-6 so that equal budgets are equal keys of the per-budget caches)."""
+    n = int(np.floor((high - low) / step + 1e-9))
+    grid = [round(low + i * step, 6) for i in range(n + 1)]
+    if high - grid[-1] > 1e-6:
+        grid.append(round(float(high), 6))
+    return tuple(grid)
 
 
 #: the version of :meth:`EnvConfig.to_dict`'s layout (raise it when a field changes meaning)
@@ -174,6 +195,9 @@ class EnvConfig:
         budget_bpw: target bits per weight over the quantizable layers.
         budgets: budgets that each episode samples one of; ``reset(options={"budget_bpw": b})``
             picks one. Default: ``budget_bpw`` only.
+        budget_range: ``(low, high)``: each episode draws its budget from this range (on the grid
+            of :data:`BUDGET_RANGE_STEP`, both ends included), for one policy over a range of
+            budgets (the budget is in the observation). Not with ``budgets``.
         budget_mode: ``hard`` (an action that would break the budget is lowered, and ``info``
             says so; the maskable kinds expose ``action_masks()``) or ``penalty`` (see
             :mod:`qenv.envs.reward`: breaking the budget never pays).
@@ -209,6 +233,7 @@ class EnvConfig:
     # budget
     budget_bpw: float = 3.0
     budgets: tuple[float, ...] | None = None
+    budget_range: tuple[float, float] | None = None
     budget_mode: str = "hard"
     penalty_weight: float = 1.0
 
@@ -218,7 +243,7 @@ class EnvConfig:
                  "cache_dir", "weight_cache_gib", "prebuild"),
         "reward": ("reward", "dense_weight", "shaping_weight", "size_weight"),
         "action": ("action_kind", "menu", "observation", *RESIDUAL_ONLY),
-        "budget": ("budget_bpw", "budgets", "budget_mode", "penalty_weight"),
+        "budget": ("budget_bpw", "budgets", "budget_range", "budget_mode", "penalty_weight"),
     }
 
     def __post_init__(self) -> None:
@@ -254,8 +279,20 @@ class EnvConfig:
             setattr_(self, "cache_dir", str(self.cache_dir))
         if self.budgets is not None:
             setattr_(self, "budgets", tuple(float(b) for b in self.budgets))
+        if self.budget_range is not None:
+            if self.budgets is not None:
+                raise QenvError(f"budgets={list(self.budgets)} and budget_range={list(self.budget_range)} both say "
+                                "which budgets episodes draw.", "pass only one of them.")
+            setattr_(self, "budget_range", tuple(float(b) for b in self.budget_range))
         if self.menu is not None and not isinstance(self.menu, str):
             setattr_(self, "menu", parse_menu(self.menu))
+
+    @property
+    def episode_budgets(self) -> tuple[float, ...] | None:
+        """The budgets episodes draw from (``budgets``, or ``budget_range``'s grid); ``None``: ``budget_bpw`` only."""
+        if self.budget_range is not None:
+            return budget_grid(*self.budget_range)
+        return self.budgets
 
     @property
     def models(self) -> tuple[str | LoadedModel, ...]:

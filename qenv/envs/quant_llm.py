@@ -204,8 +204,9 @@ class QuantLLMEnv(gym.Env):
         self.budget_bpw = float(config.budget_bpw)
         self.nominal_budget_bpw = self.budget_bpw
         # the budgets episodes sample from (budget_bpw until the first reset, or when only it is given)
-        self.budgets: tuple[float, ...] = (self.budget_bpw,) if config.budgets is None else config.budgets
-        self._sample_budgets = config.budgets is not None
+        drawn = config.episode_budgets  # budgets, or budget_range's grid
+        self.budgets: tuple[float, ...] = (self.budget_bpw,) if drawn is None else drawn
+        self._sample_budgets = drawn is not None
         self.budget_mode = config.budget_mode
         self.dense_weight = float(config.dense_weight)
         self.shaping_weight = float(config.shaping_weight)
