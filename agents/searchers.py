@@ -49,6 +49,17 @@ evaluation. With a budget at least the number of these candidates (``len(start_c
 none of them can return a recipe worse on its calibration tokens than the best human recipe it could
 have returned as is; ``self.start`` records what was measured. ``uniform`` and ``llamacpp`` are the
 human points themselves and do not search.
+
+**The final pick on tokens the search did not fit** (issue 24 item 6). With ``validation_fraction > 0``
+the env holds that share of its calibration sequences back (``task.validation_tokens``: never in an
+episode, a screening or GPTQ/AWQ's calibration). At the end of each ``learn`` a searcher compares its
+finalists (:meth:`Searcher._finalists`: the best ``finalists`` recipes by calibration reward; greedy
+adds its best start and its proxy plan) by KL on the held-back tokens
+(:meth:`Searcher._pick_on_validation`, one helper for all) and returns the lowest, so that the pick is
+not the recipe that best fits the tokens it was tuned on (at 4 bits a search fits 2048 calibration
+tokens rather than the model). These validation evaluations (``validations``; a fraction of the
+calibration tokens each) are reported, not charged to the search's budget. ``best_info`` holds the
+pick's ``validation_kl`` and each finalist's calibration and validation KL.
 """
 
 from __future__ import annotations
@@ -75,7 +86,7 @@ from qenv.quant.rules import Recipe, Rule
 FORMAT = "qenv-searcher"
 _TOL = 1e-9
 _SUMMARY_KEYS = ("model", "bpw", "model_mb", "kl", "ppl", "top1", "reference_kl", "reference_ppl", "reference_top1",
-                 "reference", "fidelity_reward", "budget_bpw", "episode_return", "budget_met", "mix")
+                 "reference", "fidelity_reward", "budget_bpw", "episode_return", "budget_met", "mix", "validation_kl")
 
 
 def _to_json(action: Any) -> Any:
@@ -153,6 +164,10 @@ class Searcher:
         self.best_info: dict[str, Any] | None = None
         self.best_actions: list[Any] | None = None
         self.start: BestStart | None = None  # what the best start measured (searchers that search)
+        self._top = -math.inf  # the best calibration reward so far (what ``history`` tracks)
+        self._played: dict[tuple[int, ...], tuple[Recipe, dict[str, Any], list[Any]]] = {}  # evaluated recipes
+        self._validated: dict[tuple[int, ...], float] = {}  # recipe -> KL on the held-back validation tokens
+        self.validations = 0  # evaluations on the validation tokens (the final pick; not charged to the budget)
         self._seen: dict[tuple[int, ...], float] = {}
         self._pooled: dict[tuple[int, ...], dict[str, Any]] = {}  # scored by the pool, not yet recorded
         self._screened: dict[tuple[tuple[int, ...], int], float] = {}  # (recipe, batches) -> reward
@@ -214,7 +229,9 @@ class Searcher:
             total = float(info.pop("reward"))
         self.num_timesteps += self.n_layers
         self._seen[key] = total
-        self._record(total, info, recipe_of(info), [self.actions[i] for i in key])
+        recipe, actions = recipe_of(info), [self.actions[i] for i in key]
+        self._played[key] = (recipe, info, actions)
+        self._record(total, info, recipe, actions)
         return total
 
     def _recipe_of(self, choice: tuple[int, ...]) -> Recipe:
@@ -246,12 +263,13 @@ class Searcher:
     def _record(self, reward: float, info: dict[str, Any], recipe: Recipe, actions: list[Any]) -> None:
         self.evaluations += 1
         self.spent += 1.0
-        if reward > self.best_reward:
+        if reward > self._top:
+            self._top = reward
             self.best_reward, self.best_info, self.best_recipe, self.best_actions = reward, info, recipe, actions
             if self.verbose:
                 print(f"[{self.name}] evaluation {self.evaluations}: reward {reward:.4f}  "
                       f"kl {info.get('kl', math.nan):.4g}  bpw {info.get('bpw', math.nan):.3f}")
-        self.history.append(self.best_reward)
+        self.history.append(self._top)
         self._advance_bar()
         if self._callback is not None and self._callback(self) is False:
             self._stop = True
@@ -292,6 +310,44 @@ class Searcher:
         if result is not None:
             self.start = result
         return result is not None and result.complete
+
+    # -- the final pick on tokens the search did not fit (issue 24 item 6) -------------------------
+    #: finalists compared on the validation tokens: the best this many recipes by calibration reward
+    finalists: ClassVar[int] = 4
+
+    def _finalists(self) -> list[tuple[int, ...]]:
+        """The recipes the final pick compares: the ``finalists`` best fully evaluated by calibration
+        reward (ties: the first evaluated). Searchers add the recipes they must never lose to."""
+        order = sorted(self._played, key=lambda key: -self._seen[key])  # a stable sort: ties keep their order
+        return order[:self.finalists]
+
+    def validation_kl(self, choice: tuple[int, ...]) -> float:
+        """KL of an evaluated recipe (as it was played) on the task's validation tokens (cached)."""
+        if choice not in self._validated:
+            evaluator = self.task.validation_evaluator()
+            assert evaluator is not None
+            with torch.inference_mode():
+                self._validated[choice] = float(evaluator.evaluate(self._played[choice][0]).kl)
+            self.validations += 1
+        return self._validated[choice]
+
+    def _pick_on_validation(self) -> None:
+        """With validation tokens held back (``validation_fraction > 0``): the returned recipe is the
+        finalist with the lowest validation KL (ties: the better calibration reward), not the one that
+        best fits the calibration tokens the search tuned on. ``best_info`` then holds its
+        ``validation_kl`` and every finalist's calibration and validation KL. Without them: unchanged."""
+        if self.task.validation_tokens is None or not self._played:
+            return
+        finalists = list(dict.fromkeys(key for key in self._finalists() if key in self._played))
+        scores = [(self.validation_kl(key), -self._seen[key], rank) for rank, key in enumerate(finalists)]
+        pick = finalists[min(range(len(finalists)), key=lambda k: scores[k])]
+        recipe, info, actions = self._played[pick]
+        info = dict(info)
+        info["validation_kl"] = self._validated[pick]
+        info["validation_finalists"] = [{"calibration_kl": self._played[key][1].get("kl"),
+                                         "validation_kl": self._validated[key], "picked": key == pick}
+                                        for key in finalists]
+        self.best_reward, self.best_info, self.best_recipe, self.best_actions = self._seen[pick], info, recipe, actions
 
     def _best_choice(self) -> tuple[int, ...] | None:
         """The best fully evaluated recipe as menu indices (ties: the first evaluated)."""
@@ -398,6 +454,7 @@ class Searcher:
         try:
             with torch.inference_mode():
                 self._search()
+            self._pick_on_validation()
         finally:
             if self._bar is not None:
                 from qenv.progress import shrink_to_done
@@ -520,6 +577,7 @@ class Searcher:
         obj.best_recipe, obj.best_actions, obj.best_reward = recipe, actions, float(data.get("reward", -math.inf))
         obj.best_info = {**data.get("metrics", {}), "recipe": {n: r.label() for n, r in recipe.items()},
                          "recipe_rules": recipe.to_dict()}
+        obj._top = obj.best_reward
         obj.history = [float(x) for x in data.get("history", [])]
         obj.evaluations = int(data.get("evaluations", len(obj.history)))
         obj.spent = float(obj.evaluations)
@@ -568,9 +626,12 @@ class Searcher:
 
 
 class UniformSearch(Searcher):
-    """The best single rule of the env's candidate rules that fits the budget on every layer."""
+    """The best single rule of the env's candidate rules that fits the budget on every layer (a human
+    point, not a search: with validation tokens it still returns the best on calibration, and
+    reports that recipe's validation KL)."""
 
     name = "uniform"
+    finalists = 1
 
     def candidates(self) -> list[int]:
         totals = self.costs.sum(axis=0)
@@ -810,6 +871,12 @@ class GreedySearch(Searcher):
             (rest if layer in layers else first).append((delta, key))
             layers.add(layer)
         return first + rest
+
+    def _finalists(self) -> list[tuple[int, ...]]:
+        """The refined recipes (the best by calibration reward), the best start and greedy's proxy plan."""
+        extra = [] if self.start is None else [self.start.candidate.choice] + [
+            c.choice for c, _ in self.start.measured if c.label == "greedy plan"]
+        return super()._finalists() + extra
 
     def _search(self) -> None:
         if not self._start():

@@ -351,6 +351,8 @@ def make_env(model: dict[str, str], budget: float, cfg: dict[str, Any], work: Pa
     calib, held_path = model.get("calib", calib), model.get("held", held_path)
     if cfg.get("menu") is not None:
         extra.setdefault("menu", cfg["menu"])
+    if cfg.get("validation_fraction"):  # calibration sequences held back for the searchers' final pick
+        extra.setdefault("validation_fraction", cfg["validation_fraction"])
     wait_for_model(model["spec"], cfg["deadline"])
     env = make_quant_env(model=model["spec"], budget_bpw=budget, data=calib, n_tokens=cfg["n_tokens"],
                          seq_len=cfg["seq_len"], batch_size=cfg["batch_size"], device=pick_device(cfg["device"]),
@@ -450,10 +452,27 @@ def quality_job(cfg: dict[str, Any]) -> None:
         recipe, info = agent.search(env)
         return {**measure(task, held, recipe, budget), "preset": info.get("mix", "").lower(), "evals": 1}
 
+    def picked(agent: Any) -> dict[str, Any]:
+        """A searcher's budget and, with held-back validation tokens, its final pick's validation KL."""
+        info = agent.best_info or {}
+        return {"evals": agent.evaluations, "evals_spent": agent.spent, "screenings": agent.screenings,
+                "validation_kl": info.get("validation_kl"), "validations": agent.validations,
+                "validation_finalists": info.get("validation_finalists")}
+
     def greedy() -> dict[str, Any]:
         agent = make_agent("greedy", env, seed=0)
         recipe, _ = agent.search(env, total_timesteps=episodes * n_layers)
-        return {**measure(task, held, recipe, budget), "evals": agent.evaluations}
+        return {**measure(task, held, recipe, budget), **picked(agent)}
+
+    def greedy_plan() -> dict[str, Any]:
+        """The old one-evaluation greedy: the proxy plan (HAWQ-style on per-layer errors), measured."""
+        return {**measure(task, held, task.plan_recipe(task.greedy_plan(budget)), budget), "evals": 1}
+
+    def best_start() -> dict[str, Any]:
+        """The best measured of greedy's plan, the presets and uniform rules that fit (the RL kinds' anchor)."""
+        start = task.start_plan(budget)
+        return {**measure(task, held, task.plan_recipe(start.candidate.choice), budget),
+                "evals": len(start.measured), "start": start.candidate.label}
 
     sb3_cb, search_cb = deadline_callbacks(deadline)
 
@@ -462,8 +481,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
             agent = make_agent(name, env, seed=seed)
             agent.learn(episodes * n_layers, callback=search_cb)
             assert agent.best_recipe is not None
-            return {**measure(task, held, agent.best_recipe, budget), "evals": agent.evaluations,
-                    "evals_spent": agent.spent, "screenings": agent.screenings,
+            return {**measure(task, held, agent.best_recipe, budget), **picked(agent),
                     "truncated": agent.spent + 1e-9 < episodes}
         return run
 
@@ -557,6 +575,10 @@ def quality_job(cfg: dict[str, Any]) -> None:
             unit(name, None, family(name))
     if "llamacpp" in only:
         unit("llamacpp", None, llamacpp)
+    if "greedy_plan" in only:
+        unit("greedy_plan", None, greedy_plan)
+    if "best_start" in only:
+        unit("best_start", None, best_start)
     if "greedy" in only:
         unit("greedy", None, greedy)
     for seed in cfg["seeds"]:

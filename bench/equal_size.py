@@ -4,13 +4,21 @@
 For each model and each human preset (gptq-w3, gptq-w4, awq-w3, awq-w4 on the default menu;
 llama.cpp's q3_k_m-im, q4_k_m-im, iq3_xxs-im on ``menu="gguf"``), the budget is the preset's exact
 bits per weight on that model (:func:`qenv.quant.presets.resolve_budget`, the programs' resolver),
-and the rows are:
+and the rows (``--methods``) are:
 
 - the preset itself;
-- greedy (one evaluation);
-- evolution (``--evaluations`` evaluations, default 128; mean ± std over ``--seeds``);
+- ``greedy_plan``: the old one-evaluation greedy (HAWQ-style on the per-layer proxy), measured;
+- ``best_start``: the best measured of greedy's plan, the presets the menu expresses and the uniform
+  rules that fit (``ModelTask.start_plan``: where every search and the plan-based RL kinds start);
+- ``greedy``: greedy refined by end-to-end measurement from the best start (``--evaluations``);
+- ``evolution`` (``--evaluations`` evaluations, default 128; mean ± std over ``--seeds``);
 - with ``--rl-eval``, the best RL method (bench_quality's ``rl_eval``: the RL agent trained on N − K
   episodes, the best of K deterministic rollouts).
+
+``--validation-fraction`` (default 0.25) holds that share of the calibration sequences back from
+the env (episodes, GPTQ/AWQ calibration and the presets all use the rest); greedy and evolution
+return the finalist with the lowest KL on the held-back sequences (``split_tokens``), never scored
+by the table. 0 turns it off (the pick is then the best on all the calibration tokens).
 
 Calibration is on text (WikiText-2 train for the WikiText models; for stories260K the first 60% of
 the TinyStories validation stories, whose last 40% are its held-out text: no story is in both), and
@@ -22,6 +30,8 @@ Each (model, preset) is one ``bench_quality.quality_job`` (its env, evaluator, m
 run here in one process, one after the other, so that the presets of one model share its task.
 
     python bench/equal_size.py --models stories260K default --out /tmp/equal --seeds 0 1 2
+    python bench/equal_size.py --budget-bpw gptq-w3 gptq-w4 --evaluations 32 --seeds 0 --device cpu \
+        --batch-size 2 --held-tokens 2048 --out /tmp/eq-search      # (was bench/search_equal_size.py)
     python bench/equal_size.py --models stories260K --presets gptq-w4 --evaluations 8 --seeds 0 \\
         --n-tokens 512 --held-tokens 512 --out /tmp/eq-small
 """
@@ -45,7 +55,12 @@ import bench_quality as bq  # noqa: E402  (puts the repo on sys.path too)
 PRESETS: tuple[str, ...] = ("gptq-w3", "gptq-w4", "awq-w3", "awq-w4", "q3_k_m-im", "q4_k_m-im", "iq3_xxs-im")
 #: share of the TinyStories validation stories used for calibration (the rest is held out)
 TINYSTORIES_CALIB_SHARE = 0.6
-SEARCHED = ("greedy", "evolution", "rl_eval")
+SEARCHED = ("greedy_plan", "best_start", "greedy", "evolution", "rl_eval")
+#: the table's column of each searched method
+LABELS = {"greedy_plan": "greedy plan (1 eval)", "best_start": "best start", "greedy": "greedy",
+          "evolution": "evolution", "rl_eval": "RL (rl_eval)"}
+#: what the table runs without --methods (rl_eval with --rl-eval)
+DEFAULT_METHODS = ("greedy_plan", "best_start", "greedy", "evolution")
 
 
 def menu_of(preset_name: str) -> str | None:
@@ -78,7 +93,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out).resolve()
     (out / "raw").mkdir(parents=True, exist_ok=True)
     data_dir = Path(args.data_dir).resolve()
-    methods = ["greedy", "evolution"] + (["rl_eval"] if args.rl_eval else [])
+    methods = list(args.methods) + (["rl_eval"] if args.rl_eval and "rl_eval" not in args.methods else [])
     deadline = time.time() + args.deadline_s
     for entry in args.models:
         model = bq.resolve_model(entry, data_dir)
@@ -89,7 +104,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                    "seq_len": args.seq_len, "batch_size": args.batch_size, "held_tokens": args.held_tokens,
                    "device": args.device, "dtype": "float32", "cache_dir": str(Path(args.cache_dir or out / "cache")),
                    "seeds": args.seeds, "episodes": args.evaluations, "threads": 1, "rl_agent": args.rl_agent,
-                   "action_kind": args.action_kind, "rl_eval_points": args.rl_eval_points}
+                   "action_kind": args.action_kind, "rl_eval_points": args.rl_eval_points,
+                   "validation_fraction": args.validation_fraction}
             bq.log(f"{model['name']} at {name}'s size ({menu_of(name) or 'default'} menu)")
             bq.quality_job(cfg)
     return bq.load_rows(out)
@@ -110,6 +126,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             cell["meta"] = r
         elif "kl" in r or r.get("error"):
             cell["rows"].setdefault(r["method"], []).append(r)
+    shown = [m for m in SEARCHED if any(m in c["rows"] for c in cells.values())]
     lines = ["bpw counts the quantized linear layers of the blocks (codes, group scales and zero points; "
              "embeddings, norms and an untied lm_head stay 16-bit and are not counted); the budget of each row "
              "is the preset's own bpw on that model. KL and perplexity are on held-out text; ratio = searched "
@@ -118,20 +135,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         meta = next((c.get("meta") for (m, _), c in cells.items() if m == model and c.get("meta")), {}) or {}
         lines.append(f"### {model}\n")
         lines.append(f"Calibration: {meta.get('calib_tokens')} tokens ({meta.get('calib')}); held-out: "
-                     f"{meta.get('held')}; evolution and RL: {meta.get('episodes')} evaluations.\n")
-        lines.append("| preset (its bpw) | menu | preset KL / ppl | greedy KL / ppl (ratio) | evolution KL / ppl "
-                     "(ratio) | RL (rl_eval) KL / ppl (ratio) | best searched |")
-        lines.append("|---|---|---|---|---|---|---|")
+                     f"{meta.get('held')}; greedy, evolution and RL: {meta.get('episodes')} evaluations.\n")
+        lines.append("| preset (its bpw) | menu | preset KL / ppl | "
+                     + " | ".join(f"{LABELS[m]} KL / ppl (ratio)" for m in shown) + " | best searched |")
+        lines.append("|---|---|---|" + "---|" * len(shown) + "---|")
         for (m, name), cell in cells.items():
             if m != model:
                 continue
             human = (cell["rows"].get(f"preset:{name}") or [{}])[0]
             if "held_kl" not in human:
                 lines.append(f"| {name} ({cell['bpw']:.3f}) | {menu_of(name) or 'default'} | failed: "
-                             f"{human.get('error', 'no row')} | | | | |")
+                             f"{human.get('error', 'no row')} |" + " |" * len(shown) + " |")
                 continue
             texts, best = [], None
-            for method in SEARCHED:
+            for method in shown:
                 runs = [r for r in cell["rows"].get(method, []) if "held_kl" in r]
                 if not runs:
                     errors = [r.get("error") for r in cell["rows"].get(method, []) if r.get("error")]
@@ -143,7 +160,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 verdict = "**worse**" if ratio > 1 else "better" if ratio < 1 else "equal"
                 over = " **over budget**" if any(r.get("over_budget") for r in runs) else ""
                 texts.append(f"{bq.fmt_num(kl[0])}{spread} / {ppl[0]:.2f} ({ratio:.3g}, {verdict}){over}")
-                if best is None or ratio < best[1]:
+                if method in ("greedy", "evolution", "rl_eval") and (best is None or ratio < best[1]):
                     best = (method, ratio)
             best_text = "—" if best is None else (f"{best[0]} {best[1]:.3g}" + (
                 " — **worse than the preset**" if best[1] > 1 else ""))
@@ -158,8 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["stories260K", "default"],
                    help="stories260K, default, NAME=PATH or a path (see bench_quality.py)")
-    p.add_argument("--presets", nargs="+", default=list(PRESETS))
-    p.add_argument("--evaluations", type=int, default=128, help="evaluations of evolution and the RL method")
+    p.add_argument("--presets", "--budget-bpw", nargs="+", default=list(PRESETS), dest="presets",
+                   help="the human presets whose own bpw is each budget")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=SEARCHED,
+                   help="searched rows besides the preset")
+    p.add_argument("--validation-fraction", type=float, default=0.25,
+                   help="share of the calibration sequences held back for the searchers' final pick (0: none)")
+    p.add_argument("--evaluations", type=int, default=128, help="evaluations of greedy, evolution and the RL method")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--rl-eval", action="store_true", help="add the best RL method (bench_quality's rl_eval)")
     p.add_argument("--rl-agent", default="maskable_ppo")

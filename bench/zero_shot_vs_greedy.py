@@ -5,11 +5,12 @@
         [--n-tokens N] [--env KEY=VALUE ...] [--policy model.zip|best_model.zip] [--out results.json]
 
 The quick form of ``eval_agent.py --searchers greedy``, for the residual and allocation kinds
-(whose zero action is greedy's plan): the policy's env settings (action kind,
+(whose zero action is the best start, ``ModelTask.start_plan``: the best measured of greedy's plan,
+the presets and the uniform rules; greedy's plan where that measured best): the policy's env settings (action kind,
 observation kind, max_deviations, shaping, ...) come from the run's ``config.json``; for each
 (model, budget) the env is made with that budget, the policy plays one deterministic episode
 (``rollout_recipe``, with ``action_masks()`` where it has them), and the residual kind's all-zero
-episode, i.e. greedy's recipe, is scored on the same tokens. Prints one line per cell (policy KL,
+episode, i.e. the best start's recipe (the ``greedy`` columns), is scored on the same tokens. Prints one line per cell (policy KL,
 greedy KL, better/same/worse, layers whose rule differs from greedy's recipe) and writes them as
 JSON. No held-out text and no presets (``eval_agent.py`` does those).
 """
@@ -77,8 +78,8 @@ def main() -> int:
             extra = {} if args.n_tokens is None else {"n_tokens": args.n_tokens}
             env = QuantLLMEnv(model=model, budget_bpw=budget, device="cpu", **kwargs, **extra)
             _, info = rollout_recipe(agent, env, deterministic=True)
-            # greedy's recipe: the residual kind's all-zero episode (the allocation kind's zero
-            # preferences are greedy's plan filled to the budget, not always the same recipe)
+            # the best start's recipe: the residual kind's all-zero episode (the allocation kind's
+            # zero preferences play the same recipe)
             plain = {k: v for k, v in kwargs.items() if k not in ("action_kind", "observation", *RESIDUAL_ONLY)}
             ref = env if kwargs["action_kind"] == "residual" else \
                 QuantLLMEnv(model=model, budget_bpw=budget, device="cpu", action_kind="residual", **plain, **extra)

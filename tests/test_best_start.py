@@ -223,3 +223,30 @@ def test_greedy_measured_marginals_and_swaps(env):
         assert delta == pytest.approx(-sum(marginals[(i, y[i])] for i in changed))
     with pytest.raises(Exception, match="ranking"):
         make_agent("greedy", env, ranking="nope")
+
+
+# ------------------------------------------------------------------- the plan-based RL kinds' anchor
+@pytest.mark.parametrize("kind", ["residual", "allocation"])
+def test_the_plan_kinds_zero_action_is_the_best_start(stories_bin, cache, gptq_w4_bpw, env, kind):
+    """At gptq-w4's own size the all-zero episode of the residual and allocation kinds scores exactly
+    the best start's KL, which is no worse than uniform gptq-w4's (a candidate); the start is measured
+    once per task and budget, and the reset that measured it says how many evaluations it cost."""
+    plan_env = QuantLLMEnv(str(stories_bin), budget_bpw=gptq_w4_bpw, action_kind=kind, **small(cache))
+    task = plan_env.task
+    assert task is env.unwrapped.task  # one task per process for one model, tokens and menu
+    start = task.start_plan(gptq_w4_bpw)
+    zero = 0 if kind == "residual" else np.zeros(1, dtype=np.float32)
+    info = play_episode(plan_env, [zero] * len(task.layers))
+    assert info["kl"] == -start.score
+    gptq4 = next(c for c, _ in start.measured if c.label == "gptq-w4")
+    uniform_kl = play_episode(env, [int(j) for j in gptq4.choice])["kl"]  # measured apart, as an episode
+    assert info["kl"] <= uniform_kl
+    assert -start.score == min(-s for _, s in start.measured)  # the best of every candidate
+    _, reset_info = plan_env.reset(seed=0)
+    assert reset_info["start"] == start.candidate.label and reset_info["start_evaluations"] == 0  # cached
+    fresh = QuantLLMEnv(str(stories_bin), budget_bpw=gptq_w4_bpw, action_kind=kind, **small(cache))
+    assert fresh.reset(seed=0)[1]["start_evaluations"] == 0  # the same task: not measured again
+    del task.starts[gptq_w4_bpw]  # forgotten: the next env measures it again and its first reset counts it
+    again = QuantLLMEnv(str(stories_bin), budget_bpw=gptq_w4_bpw, action_kind=kind, **small(cache))
+    assert again.reset(seed=0)[1]["start_evaluations"] == len(start.measured) > 1
+    assert again.reset(seed=0)[1]["start_evaluations"] == 0 and task.starts[gptq_w4_bpw] == start

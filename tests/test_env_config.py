@@ -24,6 +24,7 @@ ROUND_TRIPS = [
     {"menu": "gguf", "action_kind": "multidiscrete", "model": ["tiny-llama", "default"], "cache_dir": "/tmp/x"},
     {"weight_cache_gib": 2.0, "prebuild": False, "include_lm_head": True, "seed": 7, "batch_size": 4},
     {"action_kind": "allocation", "observation": "relative", "budget_range": [2.5, 4.5]},
+    {"validation_fraction": 0.25},
 ]
 
 
@@ -51,6 +52,7 @@ BAD = [
     ({"budget_bpw": 0}, "out of range"),
     ({"include_lm_head": "maybe"}, "must be true or false"),
     ({"weight_cache_gib": -1}, "at least 0"),
+    ({"validation_fraction": 1.0}, "share of the calibration sequences"),
     ({"max_deviations": 3}, "applies to the residual action kind"),
     ({"observation": "actions"}, "describes the residual kind's actions"),
     ({"ladder": "frontier"}, "applies to the residual action kind"),

@@ -17,7 +17,6 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import qenv  # noqa: F401  (registers QuantLLM-v0)
 from qenv import QenvError
-from qenv.envs.allocation import unused_step
 from qenv.envs.episodes import play_episode, rule_to_action
 from qenv.envs.features import EPISODE_NAMES, SENSITIVITY_BITS, STATIC_NAMES
 from qenv.envs.spaces import ACTION_SPACE_KINDS, MASKABLE_KINDS
@@ -87,16 +86,21 @@ def test_masks_do_forbid_rules_when_the_budget_is_tight(stories_bin):
 
 
 @pytest.mark.parametrize("budget", [2.5, 3.0, 4.0])
-def test_residual_zero_reproduces_greedy_exactly(stories_bin, budget):
+def test_residual_zero_plays_the_best_start_exactly(stories_bin, budget):
+    """Action 0 everywhere is the best start (issue 24): the recipe the greedy searcher's own start
+    measured best (its candidates played as episodes of the discrete kind), scored the same."""
     from qenv.agents import make_agent
 
     for model in (stories_bin, "tiny-llama"):
         env = make(model, "residual", budget)
         info = play_episode(env, [0] * len(env.task.layers))
         greedy = make_agent("greedy", make(model, "discrete", budget))
-        greedy.learn(1)
-        assert info["recipe"] == greedy.best_info["recipe"]
-        assert info["kl"] == greedy.best_info["kl"] and info["clamped_actions"] == 0
+        greedy.learn(len(greedy.start_candidates()) * greedy.n_layers)
+        assert greedy.start.complete
+        best = greedy.start.candidate.choice
+        assert info["recipe"] == {n: r.label() for n, r in env.task.plan_recipe(best).items()}
+        assert info["kl"] == -env.task.start_plan(budget).score and info["clamped_actions"] == 0
+        assert info["fidelity_reward"] == pytest.approx(greedy._seen[best], rel=1e-12)
 
 
 def test_residual_replans_the_rest_with_greedys_rule_after_a_deviation(stories_bin):
@@ -166,7 +170,7 @@ def test_actions_observation_says_what_each_residual_shift_would_do(stories_bin)
 
 def test_frontier_ladder_steps_along_each_layers_efficient_rules(stories_bin):
     """ladder="frontier": each layer's ladder is its efficient rules (cost rising, error falling,
-    every menu rule matched or beaten in both by one of them); action 0 is still greedy's recipe,
+    every menu rule matched or beaten in both by one of them); action 0 is still the best start's recipe,
     and an allowed +1 always costs more and errs less than the plan's rule."""
     for model in (stories_bin, "tiny-gpt2"):
         env = make(model, "residual", 4.0, ladder="frontier")
@@ -178,8 +182,8 @@ def test_frontier_ladder_steps_along_each_layers_efficient_rules(stories_bin):
             for j in range(costs.shape[1]):
                 k = kept[position[i, j]]
                 assert costs[i, k] <= costs[i, j] + 1e-9 and sens[i, k] <= sens[i, j]
-        greedy = make_agent_greedy(model, 4.0)
-        assert play_episode(env, [0] * len(env.task.layers))["recipe"] == greedy
+        start = env.task.plan_recipe(env.task.start_plan(4.0).candidate.choice)
+        assert play_episode(env, [0] * len(env.task.layers))["recipe"] == {n: r.label() for n, r in start.items()}
         env.reset(seed=0)
         done, ups = False, 0
         while not done:
@@ -197,22 +201,28 @@ def test_frontier_ladder_steps_along_each_layers_efficient_rules(stories_bin):
             make(stories_bin, "discrete", **{key: value})
 
 
-def make_agent_greedy(model, budget):
-    from qenv.agents import make_agent
+def test_allocation_moves_the_best_start_where_the_preferences_move_greedy(stories_bin):
+    """The allocation kind's projection is anchored at the best start: zero (or all-equal)
+    preferences play it exactly; other preferences move exactly the layers whose rule they move in
+    greedy's plan (filled), and the recipe meets the budget."""
+    from qenv.envs.allocation import fill_budget, greedy_allocation
 
-    greedy = make_agent("greedy", make(model, "discrete", budget))
-    greedy.learn(1)
-    return greedy.best_info["recipe"]
-
-
-def test_allocation_meets_the_budget_within_one_menu_step(stories_bin):
-    for model, budget, seed in itertools.product([stories_bin, "tiny-qwen2"], [2.5, 3.0, 4.0], [0, 1]):
+    for model, budget in itertools.product([stories_bin, "tiny-qwen2"], [2.5, 4.0]):
         env = make(model, "allocation", budget)
-        rng = np.random.default_rng(seed)
-        info = play_episode(env, [rng.uniform(-1, 1, size=1).astype(np.float32) for _ in env.task.layers])
-        unused, step = unused_step(env.task.costs, env.allocation_choice, env.budget_bits)
-        assert info["bpw"] <= budget + 1e-9
-        assert 0 <= unused < step, (model, budget, seed, unused, step)
+        n, start = len(env.task.layers), env.task.start_plan(budget)
+        for level in (0.0, 0.5):
+            play_episode(env, [np.full(1, level, dtype=np.float32)] * n)
+            assert tuple(env.allocation_choice) == start.candidate.choice
+        for seed in (0, 1):
+            prefs = np.random.default_rng(seed).uniform(-1, 1, size=n).astype(np.float32)
+            info = play_episode(env, [prefs[i:i + 1] for i in range(n)])
+            assert info["bpw"] <= budget + 1e-9
+            t, bits = env.task, env.budget_bits
+            weighted = t.menu_sensitivity() * np.exp(3.0 * prefs.astype(np.float64))[:, None]
+            tilted = fill_budget(t.costs, weighted, greedy_allocation(t.costs, weighted, bits), bits)
+            base = fill_budget(t.costs, t.menu_sensitivity(), t.greedy_plan(budget), bits)
+            moved = set(np.flatnonzero(env.allocation_choice != np.array(start.candidate.choice)).tolist())
+            assert moved and moved <= set(np.flatnonzero(tilted != base).tolist()), (model, budget, seed)
 
 
 @pytest.mark.parametrize("kind", ["continuous", "relative", "allocation", "residual", "rule"])

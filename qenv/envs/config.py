@@ -80,6 +80,9 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key == "weight_cache_gib":  # None: sized from free memory; too small for a recipe: QuantizedWeights says so
             if value is not None and (not is_number(value) or value < 0):
                 fail(key, value, "must be a number of at least 0", "8 (or leave it unset to size it from free memory)")
+        elif key == "validation_fraction":
+            if not is_number(value) or not 0 <= value < 1:
+                fail(key, value, "must be a share of the calibration sequences in [0, 1)", "0.25 (or 0: none held back)")
         elif key == "prebuild":
             if value is not None and not isinstance(value, (bool, np.bool_)):
                 fail(key, value, "must be true or false", "true")
@@ -172,6 +175,9 @@ class EnvConfig:
             free GPU memory (a quarter of the available RAM on a CPU). Size it to hold every menu
             rule of every layer for the fastest episodes; a size that cannot hold one recipe is an error.
         prebuild: quantize the whole menu for every layer up front (default: on a GPU only).
+        validation_fraction: share of the calibration sequences held back (``split_tokens``, seeded
+            by ``seed``): episodes and quantization see only the rest, and the searchers pick their
+            final recipe among their finalists by KL on the held-back ones (default 0: none held back).
 
     Reward (:mod:`qenv.envs.reward`):
         reward: ``kl`` (default), ``ppl`` or ``top1``: the fidelity against the uniform RTN frontier.
@@ -217,6 +223,7 @@ class EnvConfig:
     cache_dir: str | bool | None = None
     weight_cache_gib: float | None = None
     prebuild: bool | None = None
+    validation_fraction: float = 0.0
     # reward
     reward: str = "kl"
     dense_weight: float = 0.0
@@ -240,7 +247,7 @@ class EnvConfig:
     #: the fields of each group, in :meth:`to_dict`'s order
     GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "task": ("model", "data", "n_tokens", "seq_len", "batch_size", "device", "dtype", "seed", "include_lm_head",
-                 "cache_dir", "weight_cache_gib", "prebuild"),
+                 "cache_dir", "weight_cache_gib", "prebuild", "validation_fraction"),
         "reward": ("reward", "dense_weight", "shaping_weight", "size_weight"),
         "action": ("action_kind", "menu", "observation", *RESIDUAL_ONLY),
         "budget": ("budget_bpw", "budgets", "budget_range", "budget_mode", "penalty_weight"),

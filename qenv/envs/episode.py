@@ -32,7 +32,7 @@ class EpisodeState(Protocol):
     clamped: int
     inherited: int
     stream: Stream
-    plan: np.ndarray | None  # greedy's plan (residual, allocation), re-planned after a deviation
+    plan: np.ndarray | None  # the best start (residual, allocation), re-planned after a deviation
     deviations: int  # residual: steps that left the plan
     preferences: list[float]  # allocation: each decided layer's preference
 

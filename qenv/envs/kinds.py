@@ -41,7 +41,7 @@ class ActionKind:
     fixed_rule: ClassVar[bool] = True
     #: whether blocks are streamed as their layers are fixed (False: the recipe exists only at the end)
     streams: ClassVar[bool] = True
-    #: whether the episode starts from greedy's plan at the budget
+    #: whether the episode starts from a plan at the budget: the best start (``ModelTask.start_plan``)
     plans: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
@@ -146,7 +146,8 @@ class RelativeKind(ActionKind):
 
 
 class ResidualKind(RelativeKind):
-    """A shift along the layer's cost-sorted menu from greedy's plan; 0 everywhere is greedy's recipe.
+    """A shift along the layer's cost-sorted menu from the best start
+    (:meth:`~qenv.envs.task.ModelTask.start_plan`); 0 everywhere is the best start's recipe.
 
     Its own options: ``max_deviations`` (at most this many steps per episode leave the plan),
     ``deviation_cost`` (a step that leaves it costs this much reward), ``replan`` (how the layers
@@ -219,8 +220,10 @@ class ResidualKind(RelativeKind):
 
 
 class AllocationKind(ActionKind):
-    """A preference in [-1, 1] per layer; after the last layer a projection (greedy on the
-    preference-weighted sensitivities, then filled) turns them into a recipe within the budget."""
+    """A preference in [-1, 1] per layer; after the last layer a projection turns them into a recipe
+    within the budget: the moves the preferences make in greedy's plan (greedy on the
+    preference-weighted sensitivities), applied to the best start. All-zero preferences play the
+    best start."""
 
     family = "continuous"
     maskable = False
@@ -237,13 +240,31 @@ class AllocationKind(ActionKind):
         return state.mapper.rules[choice], choice, 0.0, {}
 
     def finish(self, state: EpisodeState) -> None:
-        """The projection: greedy on the sensitivities weighted by exp(3·preference), then filled, so
-        the recipe meets the budget with less than one menu step unused."""
+        """The projection, anchored at the best start (``state.plan``). Greedy on the sensitivities
+        weighted by exp(3·preference), filled, is compared with greedy on the plain ones, filled: on
+        each layer where the preferences changed greedy's rule, the best start's rule moves by the
+        bits greedy's moved (the most accurate rule at or under the start's bits plus that change,
+        as the relative kind picks). Moves that break the budget are undone, weakest preference
+        first. Preferences that change nothing in greedy's plan (p = 0 everywhere, or all equal)
+        give the best start itself."""
         task = state.task
-        weights = np.exp(3.0 * np.asarray(state.preferences, dtype=np.float64))
-        sens = task.menu_sensitivity() * weights[:, None]
-        choice = greedy_allocation(task.costs, sens, state.budget_bits)
-        choice = fill_budget(task.costs, sens, choice, state.budget_bits)
+        assert state.plan is not None
+        prefs = np.asarray(state.preferences, dtype=np.float64)
+        costs, sens = task.costs, task.menu_sensitivity()
+        weighted = sens * np.exp(3.0 * prefs)[:, None]
+        tilted = fill_budget(costs, weighted, greedy_allocation(costs, weighted, state.budget_bits), state.budget_bits)
+        base = fill_budget(costs, sens, task.greedy_plan(state.budget_bpw), state.budget_bits)
+        choice = np.array(state.plan, dtype=np.int64)
+        rows = np.arange(len(task.layers))
+        moved = np.flatnonzero(tilted != base)
+        for i in moved:
+            target = costs[i, choice[i]] + costs[i, tilted[i]] - costs[i, base[i]]
+            ok = np.flatnonzero(costs[i] <= target + 1e-9)
+            choice[i] = int(ok[np.argmin(sens[i, ok])]) if ok.size else int(np.argmin(costs[i]))
+        for i in sorted(moved, key=lambda i: (abs(prefs[i]), i)):  # over the budget: weakest preference undone first
+            if costs[rows, choice].sum() <= state.budget_bits + 1e-9:
+                break
+            choice[i] = state.plan[i]
         state.allocation_choice = choice  # type: ignore[attr-defined]  # the menu index of each layer
         state.recipe = {}
         state.inherited = 0

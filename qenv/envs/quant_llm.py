@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import replace as _replace
 from typing import Any
 
 import gymnasium as gym
@@ -29,7 +28,7 @@ from qenv.envs.features import ACTION_NAMES, OBS_LIMIT, model_relative, observat
 from qenv.envs.render import recipe_image, recipe_table
 from qenv.envs.reward import check_reward_kind, fidelity_reward
 from qenv.envs.spaces import MASKABLE_KINDS, RESIDUAL_SHIFTS, ActionMapper, parse_menu
-from qenv.envs.task import _TASKS, build_task
+from qenv.envs.task import _TASKS, build_task, inherit_act_scale
 from qenv.errors import QenvError
 from qenv.eval.evaluator import Metrics, Stream, stage_of
 from qenv.models.layers import LayerInfo
@@ -62,11 +61,19 @@ class QuantLLMEnv(gym.Env):
                                                             budget left (0, +0.5, -0.5, +1, -1, +2, -2):
                                                             the most accurate menu rule at or under it
     residual       Discrete(7)                   yes        a shift along the layer's cost-sorted menu from
-                                                            greedy's plan (0, +1, -1, +2, -2, +3, -3);
-                                                            action 0 everywhere is greedy's recipe
+                                                            the best start (0, +1, -1, +2, -2, +3, -3);
+                                                            action 0 everywhere is the best start's recipe
     allocation     Box(-1, 1, (1,))              no         the layer's preference p; after the last layer,
-                                                            greedy on sensitivities x exp(3p), then filled
+                                                            the moves that exp(3p) makes in greedy's plan,
+                                                            applied to the best start (p = 0: the best start)
     =============  ============================  =========  =================================================
+
+    The plan-based kinds (``residual``, ``allocation``) start from the **best start**
+    (:meth:`~qenv.envs.task.ModelTask.start_plan`): the best measured recipe (KL on the calibration
+    tokens) of greedy's plan, the human presets the menu expresses and the uniform rules that fit.
+    It is measured once per (model, budget) and process, cached on the task and shared by every
+    episode and env of the process; the ``reset`` that measured it says how many evaluations it cost
+    (``info["start_evaluations"]``, 0 afterwards) and ``info["start"]`` names it.
 
     With ``menu="gguf"`` the knob kinds choose (llama.cpp type, importance matrix). An action the
     space does not contain is refused (``QenvError``), never rounded.
@@ -226,7 +233,8 @@ class QuantLLMEnv(gym.Env):
             build_task(spec, self.mapper, data=config.data, n_tokens=config.n_tokens, seq_len=config.seq_len,
                        batch_size=config.batch_size, seed=config.seed, device=config.device, dtype=config.dtype,
                        include_lm_head=config.include_lm_head, cache_dir=config.cache_dir,
-                       weight_cache_gib=config.weight_cache_gib, prebuild=config.prebuild)
+                       weight_cache_gib=config.weight_cache_gib, prebuild=config.prebuild,
+                       validation_fraction=config.validation_fraction)
             for spec in config.models
         ]
         if self.dense_weight > 0 or self.shaping_weight > 0:
@@ -267,9 +275,13 @@ class QuantLLMEnv(gym.Env):
         self.stream: Stream = self.task.evaluator.stream()
         self.last_metrics: Metrics | None = None
         self.preferences: list[float] = []  # allocation kind
-        self.plan: np.ndarray | None = None  # residual kind: greedy's plan, re-planned after a deviation
+        self.plan: np.ndarray | None = None  # plan-based kinds: the best start, re-planned after a deviation
         if self.kind.plans:
-            self.plan = self.task.greedy_plan(self.budget_bpw).copy()
+            cached = self.budget_bpw in self.task.starts
+            start = self.task.start_plan(self.budget_bpw)
+            # the best start's evaluations, reported by the next reset() (the first reset runs in __init__)
+            self.start_evaluations = getattr(self, "start_evaluations", 0) + (0 if cached else len(start.measured))
+            self.plan = np.array(start.candidate.choice, dtype=np.int64)
 
     @property
     def episode_length(self) -> int:
@@ -380,15 +392,11 @@ class QuantLLMEnv(gym.Env):
         """Layers reading the same input (q/k/v, gate/up) share one AWQ scale, so that it folds into the
         norm before them: a later layer inherits the ``act_scale`` its group already chose. Bits do not
         depend on ``act_scale``, so the budget is unaffected; ``info["act_scale_inherited"]`` says so."""
-        if rule.keeps or rule.gguf is not None:
-            return rule, False
-        group = self.task.input_groups.get(info.name, ())
-        chosen = next((self.recipe[m] for m in group if m in self.recipe and not self.recipe[m].keeps
-                       and self.recipe[m].gguf is None), None)
-        if chosen is None or chosen.act_scale == rule.act_scale:
+        folded = inherit_act_scale(rule, self.task.input_groups.get(info.name, ()), self.recipe)
+        if folded is rule:
             return rule, False
         self.inherited += 1
-        return _replace(rule, act_scale=chosen.act_scale), True
+        return folded, True
 
     #: the keys ``reset(options=...)`` reads
     RESET_OPTIONS: tuple[str, ...] = ("model_index", "budget_bpw")
@@ -440,8 +448,11 @@ class QuantLLMEnv(gym.Env):
         elif self._sample_budgets:
             self.budget_bpw = self.budgets[int(self.np_random.integers(len(self.budgets)))]
         self._reset_episode()
-        return self._observation(), {"model": self.task.name, "layer": self.task.layers[0].name,
-                                     "n_layers": len(self.task.layers)}
+        info = {"model": self.task.name, "layer": self.task.layers[0].name, "n_layers": len(self.task.layers)}
+        if self.kind.plans:  # the best start's evaluations, counted once: at the reset that measured them
+            info["start"] = self.task.starts[self.budget_bpw].candidate.label
+            info["start_evaluations"], self.start_evaluations = self.start_evaluations, 0
+        return self._observation(), info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         task = self.task

@@ -8,8 +8,9 @@ here is independent of the agent's actions; the env (:mod:`qenv.envs.quant_llm`)
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as _replace
 from pathlib import Path
@@ -21,10 +22,11 @@ from qenv.envs.allocation import LagrangianSuffix, greedy_allocation
 from qenv.envs.features import ladder_rules, relative_static, rung_gains, static_features
 from qenv.envs.reward import Reference, bracketing_widths, uniform_frontier
 from qenv.envs.spaces import ActionMapper
+from qenv.envs.start import BestStart, StartCandidate, best_start, start_candidates
 from qenv.eval.evaluator import Evaluator, Metrics, oom_guard, stage_of
 from qenv.eval.reference import check_reference_fits, numerics_key, resolve_cache_dir
 from qenv.eval.sensitivity import rule_errors
-from qenv.eval.tokens import TokenSet, tokens_from_model, tokens_from_text
+from qenv.eval.tokens import TokenSet, split_tokens, tokens_from_model, tokens_from_text
 from qenv.io import check_output_dir
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import LoadedModel, check_context, load_model
@@ -61,6 +63,9 @@ class ModelTask:
     _numel: np.ndarray | None = None
     _relative_static: np.ndarray | None = None
     in_budget: dict[float, Metrics] = field(default_factory=dict)
+    starts: dict[float, BestStart] = field(default_factory=dict)
+    validation_tokens: TokenSet | None = None  # held back from the evaluator (validation_fraction > 0)
+    _validation: Evaluator | None = None
 
     @property
     def total_weights(self) -> int:
@@ -179,6 +184,60 @@ class ModelTask:
                                                        budget_bpw * self.total_weights)
         return self.plans[budget_bpw]
 
+    def validation_evaluator(self) -> Evaluator | None:
+        """An evaluator of the held-back validation tokens (``None`` when none are held back) that
+        scores recipes with the task's own quantized weights: GPTQ/AWQ stay calibrated on the fitting
+        tokens only, so a recipe's validation KL is on tokens nothing was fitted to. The searchers
+        pick their final recipe with it. Built on first use (its reference is computed then)."""
+        if self.validation_tokens is None:
+            return None
+        if self._validation is None:
+            ev = self.evaluator
+            validation = Evaluator(self.loaded, self.validation_tokens, batch_size=ev.batch_size,
+                                   cache_dir=ev.cache_dir if ev.cache_dir is not None else False,
+                                   max_weight_cache_bytes=ev.weights.max_cache_bytes)
+            validation.weights = ev.weights  # the same quantized weights: calibrated on the fitting tokens
+            self._validation = validation
+        return self._validation
+
+    def plan_recipe(self, choice: Sequence[int]) -> dict[str, Rule]:
+        """The recipe an episode plays from menu indices per layer: each layer's menu rule, a later
+        layer of an input group inheriting its group's AWQ scale (:func:`inherit_act_scale`), as
+        ``QuantLLMEnv.step`` folds it."""
+        recipe: dict[str, Rule] = {}
+        for info, j in zip(self.layers, choice):
+            recipe[info.name] = inherit_act_scale(self.rules[int(j)], self.input_groups.get(info.name, ()), recipe)
+        return recipe
+
+    def start_plan(self, budget_bpw: float) -> BestStart:
+        """The best start at this budget (:mod:`qenv.envs.start`): the plan-based action kinds'
+        (``residual``, ``allocation``) zero action, so that an untrained or all-zero policy plays the
+        best *measured* recipe among greedy's plan, the human presets the menu expresses and the
+        uniform rules that fit, never greedy's proxy plan alone (issue 24: at gptq-w4's size on
+        stories260K that plan's KL is 2x uniform gptq-w4's).
+
+        Each candidate is measured once by the task's evaluator (streaming path, the calibration
+        tokens; KL of the recipe as an episode folds it, whatever the env's reward), and the result
+        is cached per budget on the task, so every episode and every env of the process that shares
+        the task reuses it: ``len(start.measured)`` evaluations per (model, budget), once. When no
+        candidate fits (a budget below the cheapest rules, ``budget_mode="penalty"``), greedy's plan
+        stands alone, unmeasured."""
+        if budget_bpw not in self.starts:
+            budget_bits = budget_bpw * self.total_weights
+            candidates = start_candidates(self.layers, self.rules, self.costs, budget_bits, self.menu_sensitivity())
+
+            def score(choice: tuple[int, ...]) -> float:
+                return -self.evaluator.evaluate_blockwise(self.plan_recipe(choice)).kl
+
+            found = best_start(candidates, score)
+            if found is None:
+                plan = tuple(int(j) for j in self.greedy_plan(budget_bpw))
+                rows = np.arange(len(self.layers))
+                found = BestStart(StartCandidate("greedy plan", plan, float(self.costs[rows, list(plan)].sum())),
+                                  math.nan, (), complete=False)
+            self.starts[budget_bpw] = found
+        return self.starts[budget_bpw]
+
     def block_reference(self, budget_bpw: float) -> list[float]:
         """Each block's output error under the uniform RTN width at or under the budget: the scale
         of the potential-based shaping (so that its values mean the same on every model)."""
@@ -193,6 +252,18 @@ class ModelTask:
                 errors.append(stream.block_error(block))
             self.block_refs[budget_bpw] = errors
         return self.block_refs[budget_bpw]
+
+
+def inherit_act_scale(rule: Rule, group: Sequence[str], recipe: Mapping[str, Rule]) -> Rule:
+    """``rule`` with the AWQ scale its input group already chose in ``recipe`` (layers reading one
+    input, q/k/v or gate/up, share one scale so that it folds into the norm before them; bits do not
+    depend on ``act_scale``). The one folding rule of episodes and of :meth:`ModelTask.plan_recipe`."""
+    if rule.keeps or rule.gguf is not None:
+        return rule
+    chosen = next((recipe[m] for m in group if m in recipe and not recipe[m].keeps and recipe[m].gguf is None), None)
+    if chosen is None or chosen.act_scale == rule.act_scale:
+        return rule
+    return _replace(rule, act_scale=chosen.act_scale)
 
 
 _TASKS: dict[tuple, ModelTask] = {}
@@ -223,12 +294,14 @@ def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens:
 def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Sequence[str] | None, n_tokens: int,
                seq_len: int, batch_size: int, seed: int, device: str | None, dtype: str | None,
                include_lm_head: bool, cache_dir: str | Path | None | bool, weight_cache_gib: float | None = None,
-               prebuild: bool | None = None) -> ModelTask:
+               prebuild: bool | None = None, validation_fraction: float = 0.0) -> ModelTask:
     """The shared :class:`ModelTask` of these arguments (built once per process; envs that ask for the
-    same model, tokens and menu get the same object: one model copy and one weight cache)."""
+    same model, tokens and menu get the same object: one model copy and one weight cache).
+    ``validation_fraction > 0`` holds that share of the calibration sequences back from the evaluator
+    (:func:`~qenv.eval.tokens.split_tokens`, seeded by ``seed``) as ``task.validation_tokens``."""
     key = (str(spec) if not isinstance(spec, LoadedModel) else id(spec), tuple(mapper.rules),
            str(data), n_tokens, seq_len, batch_size, seed, str(device), str(dtype), include_lm_head, str(cache_dir),
-           weight_cache_gib)
+           weight_cache_gib, float(validation_fraction))
     if key in _TASKS:
         task = _TASKS[key]
         if prebuild:
@@ -247,6 +320,9 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
         check_reference_fits(loaded.model, loaded.layers, max(n_tokens, 0) // seq_len, seq_len, folder)
     with stage(f"calibration tokens ({n_tokens})"), oom_guard(batch_size):  # sampling them runs the model too
         tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
+    validation = None
+    if validation_fraction > 0:  # held back: never quantized with, never scored by the episodes
+        tokens, validation = split_tokens(tokens, validation_fraction, seed=seed)
     evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir,
                           max_weight_cache_bytes=None if weight_cache_gib is None else int(weight_cache_gib * 2**30))
     order = sorted(range(len(loaded.layers)), key=lambda i: (stage_of(loaded.layers[i]), i))
@@ -266,7 +342,7 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
                             dtype=np.float64)
     ladder_sens = rule_errors(evaluator, layers, ladder) * numel[:, None].astype(np.float64)
     task = ModelTask(loaded, evaluator, layers, static, costs, rest_min, stage_end, rest_numel, ladder_costs,
-                     ladder_sens, tuple(mapper.rules), input_groups=input_groups(layers))
+                     ladder_sens, tuple(mapper.rules), input_groups=input_groups(layers), validation_tokens=validation)
     if prebuild:
         prebuild_menu(task, mapper.rules)
     elif prebuild is None and loaded.device.type == "cuda":
