@@ -44,9 +44,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import (ArgumentParser, check_observation_matches, fmt, merge_flag, normalizer_path,
-                             parse_key_values, plain_table, quiet_libraries, refuse_repeated_models, run_cli,
-                             run_folder_of)
+from qenv.cli.common import (ArgumentParser, check_observation_matches, check_weight_cache_gib, fmt, merge_flag,
+                             normalizer_path, parse_key_values, plain_table, quiet_libraries, refuse_repeated_models,
+                             run_cli, run_folder_of)
 from qenv.errors import QenvError
 from qenv.io import read_json
 
@@ -119,8 +119,8 @@ def build_parser() -> ArgumentParser:
                         "nothing else) and a model saved by --save-model; any other non-empty folder is refused")
     p.add_argument("--seed", type=int, default=0, help="seed of the searchers (default: %(default)s)")
     p.add_argument("--weight-cache-gib", type=float, metavar="GIB",
-                   help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
-                        "a quarter of the available RAM on a CPU)")
+                   help="memory for quantized weights cached per (layer, rule), at most the free memory (default: "
+                        "4 recipes of this model's quantized layers; the whole menu when prebuilt)")
     p.add_argument("--device", metavar="DEV", help="device of the models: cpu, cuda, cuda:N, auto (default: auto)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress (by default: bars on a terminal; in a log, one line per stage or tenth)")
@@ -791,9 +791,7 @@ def _body(argv: list[str] | None) -> int:
         check_observation_matches(policy, given["observation"], "--env-kwargs", trained)
     env_kwargs.update(given)
     env_kwargs.pop("model", None)
-    if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:
-        raise QenvError(f"--weight-cache-gib={args.weight_cache_gib:g} must be positive.",
-                        "pass a size in GiB, or leave it out to size the cache from free memory.")
+    check_weight_cache_gib(args.weight_cache_gib, args.device or env_kwargs.get("device"))
     from qenv.quant.presets import parse_budget
 
     budget_flag = None if args.budget_bpw is None else parse_budget(args.budget_bpw)

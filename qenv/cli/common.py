@@ -317,6 +317,20 @@ def merge_flag(env_kwargs: dict[str, Any], key: str, flag: str, value: Any, give
     env_kwargs[key] = value
 
 
+def check_weight_cache_gib(value: float | None, device: str | None) -> None:
+    """``--weight-cache-gib``: positive, and no larger than the memory free on the device it will
+    fill (host RAM, or the GPU's free memory), refused before anything slow."""
+    if value is None:
+        return
+    if not value > 0:
+        raise QenvError(f"--weight-cache-gib={value:g} must be positive.",
+                        "pass a size in GiB, or leave it out to size the cache from the model.")
+    from qenv.memory import check_cache_fits
+    from qenv.models.loading import resolve_device
+
+    check_cache_fits(value, resolve_device(device), "--weight-cache-gib")
+
+
 def refuse_repeated_models(models: Sequence[str], why: str) -> None:
     """A model listed twice in ``--model`` is a mistake to show (``why`` says what it would do)."""
     twice = sorted({m for m in models if list(models).count(m) > 1})
