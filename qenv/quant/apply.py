@@ -144,11 +144,13 @@ class QuantizedWeights:
                 "give this layer a rule without GPTQ, act_scale, mse_clip or activation-based salience.")
         return calib
 
-    def _quantize(self, names: Sequence[str], rule: Rule) -> list[torch.Tensor]:
-        """Quantized tensors of ``names`` under ``rule`` (one batch per shape), in storage layout."""
+    def _quantize(self, names: Sequence[str], rule: Rule, threads: int | None = None) -> list[torch.Tensor]:
+        """Quantized tensors of ``names`` under ``rule`` (one batch per shape; a llama.cpp type's in
+        ``threads`` threads), in storage layout. The originals and calibrations are read here, in
+        the calling thread: only the quantization itself runs in other threads."""
         matrices = [self._original_matrix(name) for name in names]
         calibs = [self._calibration_for(name, rule) for name in names]
-        out = quantize_matrices(matrices, rule, calibs)
+        out = quantize_matrices(matrices, rule, calibs, threads=threads)
         return [to_storage_layout(self.layers[name], q).contiguous() for name, q in zip(names, out)]
 
     def _insert(self, key: tuple[str, Rule], quantized: torch.Tensor) -> None:
@@ -183,13 +185,16 @@ class QuantizedWeights:
         return t.numel() * t.element_size()
 
     def prebuild(self, rules: Sequence[Rule], *, progress: bool | Callable[[int, int], None] = False,
-                 batch_bytes: int | None = None, names: Sequence[str] | None = None) -> int:
+                 batch_bytes: int | None = None, names: Sequence[str] | None = None,
+                 threads: int | None = None) -> int:
         """Quantize every (layer, rule) pair of ``rules`` not cached yet, up front; returns how many.
         ``names`` limits the layers (default: every layer).
 
         Layers of one shape are quantized together (``quantize_matrices``), in batches of at most
         ``batch_bytes`` of working memory (default: a quarter of the free GPU memory; one layer at a
-        time on a CPU). A batch that runs out of memory is split in half and retried. When even one
+        time on a CPU). A llama.cpp type's layers of one shape are one batch, quantized by llama.cpp
+        on the CPU in ``threads`` threads (default: every CPU, ``QENV_QUANT_THREADS``), the same
+        bytes as one by one. A batch that runs out of memory is split in half and retried. When even one
         layer cannot be quantized, or the pairs cannot all fit in the cache, this raises a
         ``QenvError`` saying what to lower, and every entry this call added is taken out again, so
         the cache holds only whole entries from before.
@@ -220,12 +225,13 @@ class QuantizedWeights:
                         by_shape.setdefault((info.out_features, info.in_features), []).append(name)
                 for (out_f, in_f), names in by_shape.items():
                     per_layer = _working_bytes(out_f, in_f, rule)
-                    size = max(1, min(len(names), budget // max(per_layer, 1)))
+                    size = len(names) if rule.gguf is not None else \
+                        max(1, min(len(names), budget // max(per_layer, 1)))
                     start = 0
                     while start < len(names):
                         chunk = names[start:start + size]
                         try:
-                            quantized = self._quantize(chunk, rule)
+                            quantized = self._quantize(chunk, rule, threads)
                         except torch.OutOfMemoryError:
                             if size == 1:
                                 raise
