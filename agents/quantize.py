@@ -49,8 +49,6 @@ DEFAULT_SEQ_LEN = 128
 #: the largest KL(qenv's scored model || the written file's) accepted: a packed checkpoint is exact,
 #: so anything above float noise means the file is not the model measured
 MAX_FILE_KL = 1e-3
-#: llama.cpp mixes within this many bits per weight of the budget are baselines on the gguf menu
-MIX_WINDOW_BPW = 1.0
 _TOL = 1e-9
 
 EXAMPLES = """\
@@ -148,13 +146,16 @@ def packable_menu(layers: list[Any]) -> tuple[list[Any], str]:
     return rules, note + ", so the packed checkpoint is the model scored"
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def claim_out(out: Path, overwrite: bool) -> tuple[Path, Any, Path | None]:
+    """Create ``--out`` now, exclusively, and lock it, as the other programs do (``claim_output_dir``):
+    an existing folder must be empty, or an earlier output of this command with ``--overwrite``
+    (which replaces only what this command writes); a folder of anything else is never touched.
+    Returns the folder, its lock and the topmost folder created (removed again on failure)."""
+    from qenv.cli.common import QUANTIZE_OUTPUT, claim_output_folder
     from qenv.io import check_output_dir
 
     check_output_dir(out, "--out", "pass --out a folder you can write to (or that can be created).")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise QenvError(f"Folder {out} already exists and is not empty.",
-                        "pick another --out folder, remove it, or pass --overwrite.")
+    return claim_output_folder(out, QUANTIZE_OUTPUT, overwrite)
 
 
 def policy_settings(policy: Path) -> tuple[str, dict[str, Any]]:
@@ -221,6 +222,14 @@ def check_runtime_possible(runtime: str, loaded: Any, rules: list[Any] | None) -
         if model_type not in GGUF_ARCHITECTURES:
             raise QenvError(f"qenv writes .gguf files of Llama-architecture models; {loaded.name} is "
                             f"{model_type!r}.", "use --runtime transformers.")
+        if rules and all(r.keeps or r.gguf is None for r in rules):  # a search could only return what it cannot run
+            names = [info.name for info in loaded.layers]
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            labels = ", ".join(r.label() for r in rules if not r.keeps)
+            raise QenvError(f"llama.cpp cannot run any rule of this menu as qenv measures it, on all {len(names)} "
+                            f"layer(s) of {loaded.name} ({shown}): {labels} are not llama.cpp types.",
+                            "search on the gguf menu (--menu gguf), or write a packed checkpoint "
+                            "(--runtime transformers).")
         return
     if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
         raise QenvError(f"{loaded.name} is not a transformers model, so it has no packed checkpoint.",
@@ -276,20 +285,14 @@ def check_runtime(runtime: str, evaluator: Any, recipe: Any) -> None:
                         "beside its tokenizer.model), or use --runtime transformers.")
 
 
-def baselines(evaluator: Any, budget: float, menu: str) -> list[str]:
-    """The human presets the recipe is compared with: rtn/gptq/awq at the widths bracketing the budget,
-    on the gguf menu llama.cpp's mixes within :data:`MIX_WINDOW_BPW` of it, and fp16."""
-    from qenv.envs.reward import bracketing_widths
-    from qenv.quant.presets import LLAMACPP_PRESETS, preset
+def baselines(evaluator: Any, budget: float, recipe_bpw: float, menu: str) -> list[str]:
+    """The human presets the recipe is compared with, picked as ``eval_agent.py --presets`` picks them
+    (:func:`qenv.cli.presets.select_presets`): rtn/gptq/awq at the widths bracketing the budget and the
+    recipe's bpw, on the gguf menu llama.cpp's mixes nearest them and within 1 bpw, and fp16."""
+    from qenv.cli.presets import select_presets
 
-    widths = sorted({p[1] for p in bracketing_widths(evaluator, budget) if p is not None})
-    names = [f"{family}-w{b}" for b in widths for family in ("rtn", "gptq", "awq")]
-    if menu == "gguf":
-        for name in LLAMACPP_PRESETS:
-            bpw = evaluator.size(preset(name, evaluator.layers))[0]
-            if abs(bpw - budget) <= MIX_WINDOW_BPW:
-                names.append(name)
-    return names + ["fp16"]
+    words = ["default"] if menu == "gguf" else ["rtn", "gptq", "awq", "fp16"]
+    return select_presets(words, evaluator, budget, recipe_bpw)
 
 
 def score_row(method: str, kind: str, metrics: Any, budget: float, wall: float, note: str = "") -> dict[str, Any]:
@@ -311,10 +314,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def _body(argv: list[str] | None) -> int:
-    from qenv.cli.envs import make_quant_env, set_torch_threads
+    from qenv.cli.envs import set_torch_threads
     from qenv.eval.tokens import read_text_file
-    from qenv.io import write_json_atomic
-    from qenv.quant.presets import preset
 
     quiet_libraries()
     args = build_parser().parse_args(argv)
@@ -328,8 +329,22 @@ def _body(argv: list[str] | None) -> int:
         if not Path(path).is_file():
             raise QenvError(f"Calibration text file {path} does not exist.", "pass an existing UTF-8 text file.")
         read_text_file(path)
-    out = Path(args.out).expanduser()
-    check_out(out, args.overwrite)
+    from qenv.cli.common import QUANTIZE_OUTPUT, discard_output_folder
+
+    out, lock, created = claim_out(Path(args.out).expanduser(), args.overwrite)
+    try:
+        with lock:
+            return _quantize(args, budget, out)
+    except BaseException:
+        discard_output_folder(out, created, QUANTIZE_OUTPUT)  # nothing half-written
+        raise
+
+
+def _quantize(args: Any, budget: float, out: Path) -> int:
+    """Everything after the arguments are checked and ``--out`` is claimed."""
+    from qenv.cli.envs import make_quant_env
+    from qenv.io import write_json_atomic
+    from qenv.quant.presets import preset
 
     kwargs: dict[str, Any] = {}
     if args.policy:
@@ -381,7 +396,7 @@ def _body(argv: list[str] | None) -> int:
         metrics = evaluator.evaluate(recipe)
         rows = [score_row(method, "policy" if args.policy else "searcher", metrics, budget,
                           time.perf_counter() - t_search, note)]
-        for name in baselines(evaluator, budget, menu_name):
+        for name in baselines(evaluator, budget, metrics.bpw, menu_name):
             t1 = time.perf_counter()
             rows.append(score_row(name, "preset", evaluator.evaluate(preset(name, task.layers)), budget,
                                   time.perf_counter() - t1))
@@ -393,7 +408,6 @@ def _body(argv: list[str] | None) -> int:
         print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "note"], table, align="llrrrrrl"))
         print(f"  (* over the {budget:g} bpw budget)")
 
-        out.mkdir(parents=True, exist_ok=True)
         metadata = {"model": task.name, "spec": args.model, "budget_bpw": budget, "method": method,
                     "menu": menu_name, "runtime": runtime, "metrics": metrics.to_dict(), "tokens": tokens}
         recipe.save(out / "recipe.json", **metadata)

@@ -225,6 +225,33 @@ def test_a_non_empty_out_folder_is_refused(tmp_path, capsys) -> None:
     assert quantize("--model", "tiny-llama", "--budget-bpw", "4", "--out", str(tmp_path)) == 2
     assert "not empty" in one_line_error(capsys)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only an earlier output of this command (claim_output_dir, as the other programs)
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "4", "--out", str(tmp_path), "--overwrite") == 2
+    assert "is not an output folder of python -m qenv quantize" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_overwrite_replaces_an_earlier_quantization_only(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "8.5", "--search-evals", "1", "--out", str(out)) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "8.5", "--out", str(out)) == 2
+    line = one_line_error(capsys)
+    assert "already exists" in line and "pass --overwrite to replace that quantization" in line
+    (out / "notes.txt").write_text("mine")  # the user's file in it survives the overwrite
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "6.0", "--search-evals", "1", "--out", str(out),
+                    "--overwrite") == 0
+    second = json.loads((out / "results.json").read_text())
+    assert first["budget_bpw"] == 8.5 and second["budget_bpw"] == 6.0 and (out / "notes.txt").read_text() == "mine"
+    assert (out / "model").is_dir() and Recipe.load(out / "recipe.json")
+
+
+def test_a_search_the_gguf_runtime_cannot_run_is_refused_before_it_runs(tmp_path, capsys) -> None:
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "4.0", "--runtime", "gguf", "--menu", "default",
+                    "--out", str(tmp_path / "o")) == 2
+    line = one_line_error(capsys)
+    assert "llama.cpp cannot run any rule of this menu" in line and "model.layers.0." in line and "w4g" in line
+    assert "greedy" not in capsys.readouterr().out and not (tmp_path / "o").exists()  # before the search
 
 
 def test_python_m_qenv_dispatches_to_the_installed_command() -> None:

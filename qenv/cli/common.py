@@ -170,6 +170,10 @@ RUN_MARK_KEYS: tuple[str, ...] = ("env_id", "agent", "total_timesteps")
 EVAL_MARK_KEYS: tuple[str, ...] = ("policy", "agent", "budget_bpw", "models")
 #: what eval_agent.py writes in its output folder (and all that its --overwrite removes there)
 EVAL_OUTPUTS: tuple[str, ...] = ("results.json", "results.csv", "pareto.png", "export")
+#: what marks a folder as the output of ``python -m qenv quantize``: its results.json names these keys
+QUANTIZE_MARK_KEYS: tuple[str, ...] = ("model", "spec", "budget_bpw", "method", "runtime", "rows")
+#: what ``python -m qenv quantize`` writes in its output folder (and all that its --overwrite removes there)
+QUANTIZE_OUTPUTS: tuple[str, ...] = ("recipe.json", "comparison.csv", "results.json", "model", "model.gguf")
 _MARK_MAX_BYTES = 64 << 20  # a larger "summary.json" is not one qenv wrote: not read to find out
 
 
@@ -222,6 +226,58 @@ RUN_OUTPUT = OutputKind(
 EVAL_OUTPUT = OutputKind(
     "Output folder", "--out", "an output folder of eval_agent.py (a results.json that eval_agent.py wrote)",
     is_eval_folder, lambda f: "pass --overwrite to replace that evaluation, or another --out.", EVAL_OUTPUTS)
+
+
+def is_quantize_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is an output folder of ``python -m qenv quantize``: its results.json names
+    the model, spec, budget, method, runtime and the table's rows."""
+    folder = Path(folder)
+    return (not folder.is_symlink() and folder.is_dir()
+            and _json_object_naming(folder / "results.json", QUANTIZE_MARK_KEYS))
+
+
+QUANTIZE_OUTPUT = OutputKind(
+    "Output folder", "--out", "an output folder of python -m qenv quantize (a results.json that it wrote)",
+    is_quantize_folder, lambda f: "pass --overwrite to replace that quantization, or another --out.", QUANTIZE_OUTPUTS)
+
+
+def claim_output_folder(out: Path, kind: OutputKind, overwrite: bool, numbered: bool = False
+                        ) -> tuple[Path, RunLock, Path | None]:
+    """:func:`claim_output_dir` for a program's ``--out`` path: its missing parents are created too.
+    Returns the folder, its held lock and the topmost folder this call created (for
+    :func:`discard_output_folder` after a failure), or ``None``."""
+    top = None
+    probe = out.parent
+    while not probe.exists() and probe.parent != probe:
+        top, probe = probe, probe.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QenvError(f"{kind.flag} {out} cannot be created ({exc.strerror}).",
+                        f"pass {kind.flag} a folder you can write to.") from None
+    try:
+        folder, lock, created = claim_output_dir(
+            lambda n: out if n == 1 else out.with_name(f"{out.name}-{n}"), kind, overwrite=overwrite,
+            numbered=numbered)
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+    return folder, lock, top if top is not None else folder if created else None
+
+
+def discard_output_folder(out: Path, created: Path | None, kind: OutputKind) -> None:
+    """After a failed program: no half-written output (the folders this run created go, and in a
+    folder that was there before, what ``kind`` writes)."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for name in kind.owned or ():
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def claim_output_dir(folder_of: Callable[[int], Path], kind: OutputKind, overwrite: bool = False,
