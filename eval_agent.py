@@ -43,9 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import (ArgumentParser, check_observation_matches, check_weight_cache_gib, fmt, merge_flag,
+from qenv.cli.common import (ArgumentParser, bpw_scope, check_observation_matches, check_weight_cache_gib, fmt, merge_flag,
                              normalizer_path, parse_key_values, plain_table, quiet_libraries, refuse_repeated_models,
-                             run_cli, run_folder_of)
+                             run_cli, run_folder_of, table_legend)
 from qenv.cli.presets import FAMILIES, family_of, parse_presets, select_presets
 from qenv.errors import QenvError
 from qenv.io import read_json
@@ -362,7 +362,8 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     result = {"model": task.name, "spec": spec, "seen": seen, "status": status, "fingerprint": task.loaded.fingerprint,
               "n_layers": len(task.layers), "tokens": tokens_desc, "calibration": calib_desc, "budget_bpw": budget,
               "budget_preset": budget_preset, "rows": rows, "gain": gain, "comparisons": comparisons,
-              "policy_recipe": recipe.to_dict(), "policy_over_budget": policy_row["over_budget"], "notes": notes}
+              "policy_recipe": recipe.to_dict(), "policy_over_budget": policy_row["over_budget"], "notes": notes,
+              "reference": task.loaded.reference_label, "bpw_counts": bpw_scope(task.layers)}
 
     if args.export:
         from qenv.export import export_all
@@ -442,12 +443,17 @@ def print_model(result: dict[str, Any]) -> None:
               "trained-on": "trained-on model"}[result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
     print(f"\n{result['model']} ({status}), budget {budget_label(budget, result.get('budget_preset'))}, scored on "
           f"{result['tokens']}, calibrated on {result.get('calibration', 'the calibration tokens')}")
+    if result.get("reference") and result["reference"] != "the full-precision model":
+        print(f"  reference: {result['reference']}, not a full-precision model: every KL below measures "
+              "re-quantizing it")
     table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}", f"{r['model_mb']:.4f}",
               fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", f"{r['wall_s']:.2f}", r["note"]]
              for r in result["rows"] if r["kind"] != MISSED_BUDGET]
     print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "wall s", "note"], table,
                       align="llrrrrrrl"))
     print(f"  (* over the {budget:g} bpw budget)")
+    if result.get("bpw_counts"):
+        print(table_legend(result.get("reference"), result["bpw_counts"]))
     for r in result["rows"]:  # listed apart: what a searcher returned over the budget is no result at it
         if r["kind"] == MISSED_BUDGET:
             print(f"  not a result at {budget:g} bpw: the {r['method']} searcher did not meet the budget; it returned "

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import ArgumentParser, fmt, plain_table, quiet_libraries, run_cli
+from qenv.cli.common import ArgumentParser, bpw_scope, fmt, plain_table, quiet_libraries, run_cli, table_legend
 from qenv.errors import QenvError
 
 RUNTIMES: tuple[str, ...] = ("auto", "transformers", "gguf")
@@ -404,12 +404,17 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
         table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}",
                   f"{r['model_mb']:.4f}", fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", r["note"]] for r in rows]
         tokens = f"{evaluator.tokens.n_tokens} calibration tokens ({evaluator.tokens.source})"
+        reference, bpw_counts = task.loaded.reference_label, bpw_scope(task.layers)
         print(f"\n{task.name}, budget {budget:g} bpw (over the quantized layers), scored on {tokens}")
+        if task.loaded.reference_note:
+            print(f"  reference: {reference}, not a full-precision model: every KL below measures re-quantizing it")
         print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "note"], table, align="llrrrrrl"))
         print(f"  (* over the {budget:g} bpw budget)")
+        print(table_legend(reference, bpw_counts))
 
         metadata = {"model": task.name, "spec": args.model, "budget_bpw": budget, "method": method,
-                    "menu": menu_name, "runtime": runtime, "metrics": metrics.to_dict(), "tokens": tokens}
+                    "menu": menu_name, "runtime": runtime, "metrics": metrics.to_dict(), "tokens": tokens,
+                    "reference": reference, "bpw_counts": bpw_counts}
         recipe.save(out / "recipe.json", **metadata)
         write_csv(out / "comparison.csv", rows)
         written = ["recipe.json", "comparison.csv", "results.json"]
@@ -426,6 +431,9 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
                                 "report this as a qenv bug; use --save-model of eval_agent.py meanwhile.")
             written.append("model/ (packed checkpoint: AutoModelForCausalLM.from_pretrained loads it)")
             notes.append(f"transformers loaded model/ back: KL {kl:.3g} to the model qenv scored")
+            check["file_bytes"] = sum(p.stat().st_size for p in (out / "model").glob("*.safetensors"))
+            notes.append(f"model/*.safetensors: {check['file_bytes'] / 1e6:.4f} MB on disk, every tensor "
+                         f"(the table's bpw is {metrics.bpw:.3f} over the quantized layers alone)")
         else:
             from qenv.export_gguf import write_gguf
 
@@ -433,6 +441,9 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
                        {k: v for k, v in metadata.items() if not isinstance(v, dict)})
             written.append("model.gguf (llama.cpp; load it with --no-repack / use_extra_bufts=False on CPUs whose "
                            "repacked kernels crash, see the README)")
+            check["file_bytes"] = (out / "model.gguf").stat().st_size
+            notes.append(f"model.gguf: {check['file_bytes'] / 1e6:.4f} MB on disk, every tensor and the vocabulary "
+                         f"(the table's bpw is {metrics.bpw:.3f} over the quantized layers alone)")
         write_json_atomic(out / "results.json", json.loads(json.dumps(
             {**metadata, "rows": rows, "recipe": recipe.to_dict(), "check": check, "notes": notes,
              "wall_s": time.perf_counter() - t0}, default=str)))

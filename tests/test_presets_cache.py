@@ -128,7 +128,11 @@ def test_eval_agent_scores_the_default_presets_once(stories_bin, tmp_path, cache
         assert run_main(eval_agent, ["--policy", policy, "--searchers", "none", "--out", tmp_path / out]) == 0
         rows.append({r["method"]: r for r in json.loads((tmp_path / out / "results.json").read_text())
                      ["models"][0]["rows"] if r["kind"] == "preset"})
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    # the table says what the numbers are (issue 26 item 7): stories260K's .bin is its own full-precision model
+    assert printed.count("KL against the full-precision model; bpw counts the 35 quantized linear layers") == 2
+    results = json.loads((tmp_path / "a" / "results.json").read_text())["models"][0]
+    assert results["reference"] == "the full-precision model" and results["bpw_counts"].startswith("bpw counts the 35")
     first, second = rows
     assert set(first) == set(second) and len(first) < len(LLAMACPP_PRESETS)
     assert all(r["note"] != "cached" for r in first.values()) and all(r["note"] == "cached" for r in second.values())

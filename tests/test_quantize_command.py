@@ -139,6 +139,11 @@ def test_quantize_writes_a_packed_checkpoint_transformers_loads(tmp_path, capsys
     recipe = Recipe.load(out / "recipe.json")
     results = json.loads((out / "results.json").read_text())
     assert results["runtime"] == "transformers" and results["check"]["kl_to_scored"] <= 1e-3
+    # the table says what its numbers are: the reference, which tensors bpw counts, the file's real size
+    assert "KL against the full-precision model; bpw counts the 14 quantized linear layers (the embedding and " \
+        "lm_head excluded)" in printed and "reference: " not in printed
+    assert results["check"]["file_bytes"] == sum(p.stat().st_size for p in (out / "model").glob("*.safetensors")) > 0
+    assert f"model/*.safetensors: {results['check']['file_bytes'] / 1e6:.4f} MB on disk" in printed
     assert [r["bpw"] <= 4.0 for r in results["rows"] if r["method"] == "greedy"] == [True]
     assert (out / "comparison.csv").read_text().startswith("method,kind,bpw")
     assert all(rule.act_scale == 0 and rule.outlier_fraction == 0 for rule in recipe.values())

@@ -387,6 +387,29 @@ def check_weight_cache_gib(value: float | None, device: str | None) -> None:
     check_cache_fits(value, resolve_device(device), "--weight-cache-gib")
 
 
+def bpw_scope(layers: Sequence[Any]) -> str:
+    """Which tensors a table's bpw counts: the quantized linear layers, and whether the embedding and
+    the output layer are among them (llama.cpp's BPW counts every tensor, so the two disagree)."""
+    kinds = {getattr(info, "kind", "") for info in layers}
+    linears = sum(getattr(info, "kind", "") not in ("embed", "lm_head") for info in layers)
+    inside = [what for kind, what in (("embed", "the embedding"), ("lm_head", "lm_head")) if kind in kinds]
+    outside = [what for kind, what in (("embed", "the embedding"), ("lm_head", "lm_head")) if kind not in kinds]
+    text = f"bpw counts the {linears} quantized linear layers"
+    if inside:
+        text += " and " + " and ".join(inside)
+    if outside:
+        text += f" ({' and '.join(outside)} excluded)"
+    return text
+
+
+def table_legend(reference: str | None, bpw_counts: str) -> str:
+    """The line under a table of qenv's numbers: what KL is measured against (a GGUF of quantized
+    tensors is no full-precision reference: ``LoadedModel.reference_label``), which tensors bpw
+    counts (:func:`bpw_scope`), and what MB is."""
+    return (f"  KL against {reference or 'the full-precision model'}; {bpw_counts}; MB: the whole model, tensors "
+            "outside them at fp16")
+
+
 def refuse_repeated_models(models: Sequence[str], why: str) -> None:
     """A model listed twice in ``--model`` is a mistake to show (``why`` says what it would do)."""
     twice = sorted({m for m in models if list(models).count(m) > 1})
