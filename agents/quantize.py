@@ -93,6 +93,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the searcher and sampled tokens (default: %(default)s)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:N, auto (default: auto)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (by default: bars on a terminal; in a log, one line per stage or tenth)")
     return p
 
 
@@ -206,7 +208,7 @@ def find_recipe(args: Any, env: Any, n_layers: int) -> tuple[Any, str, str]:
         clamped = info.get("clamped_actions", 0)
         return recipe, f"policy ({args.agent_name})", f"{clamped} actions lowered by the budget" if clamped else ""
     searcher = make_agent(args.agent, env, seed=args.seed)
-    recipe, _ = searcher.search(env, total_timesteps=args.search_evals * n_layers)
+    recipe, _ = searcher.search(env, total_timesteps=args.search_evals * n_layers, progress_bar=not args.no_progress)
     spent = getattr(searcher, "evaluations", None)
     return recipe, args.agent, f"{spent} evaluation{'s' if spent != 1 else ''}" if spent is not None else ""
 
@@ -320,6 +322,9 @@ def _body(argv: list[str] | None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
     budget = budget_bpw(args.budget_bpw)
+    from qenv.progress import enable
+
+    enable(not args.no_progress)  # main() puts it back as it was
     set_torch_threads(args.threads)
     for flag, value, low in (("--search-evals", args.search_evals, 1), ("--n-tokens", args.n_tokens, 1),
                              ("--seq-len", args.seq_len, 2), ("--seed", args.seed, 0)):
@@ -364,9 +369,11 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
     from qenv.models.loading import load_model
 
     t0 = time.perf_counter()
-    print(f"loading {args.model}", flush=True)
-    loaded = load_model(args.model, device=args.device or kwargs.get("device"), dtype=kwargs.get("dtype"),
-                        include_lm_head=bool(kwargs.get("include_lm_head", False)))
+    from qenv.progress import progress_bar, stage
+
+    with stage(f"loading model {args.model}"):
+        loaded = load_model(args.model, device=args.device or kwargs.get("device"), dtype=kwargs.get("dtype"),
+                            include_lm_head=bool(kwargs.get("include_lm_head", False)))
     if not args.policy:
         kwargs["action_kind"] = "discrete"
         if menu_name == "gguf":
@@ -396,10 +403,14 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
         metrics = evaluator.evaluate(recipe)
         rows = [score_row(method, "policy" if args.policy else "searcher", metrics, budget,
                           time.perf_counter() - t_search, note)]
-        for name in baselines(evaluator, budget, metrics.bpw, menu_name):
+        names = baselines(evaluator, budget, metrics.bpw, menu_name)
+        bar = progress_bar(len(names), f"scoring {len(names)} presets", "preset")
+        for name in names:
             t1 = time.perf_counter()
             rows.append(score_row(name, "preset", evaluator.evaluate(preset(name, task.layers)), budget,
                                   time.perf_counter() - t1))
+            bar.update(1)
+        bar.close()
         rows.sort(key=lambda r: (r["bpw"], r["kind"] == "preset", r["method"]))
         table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}",
                   f"{r['model_mb']:.4f}", fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", r["note"]] for r in rows]
@@ -457,7 +468,10 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
-    return run_cli(lambda: _body(argv))
+    from qenv.progress import shown
+
+    with shown(False):  # _body turns progress on (unless --no-progress); as it was afterwards
+        return run_cli(lambda: _body(argv))
 
 
 if __name__ == "__main__":

@@ -136,6 +136,10 @@ def test_quantize_writes_a_packed_checkpoint_transformers_loads(tmp_path, capsys
     assert quantize("--model", "tiny-llama", "--budget-bpw", "4.0", "--out", str(out)) == 0
     printed = capsys.readouterr().out
     assert "greedy" in printed and "rtn-w4" in printed and "fp16" in printed and "KL" in printed
+    # progress in a log (not a terminal under pytest): whole lines, a stage or a tenth each, a bounded number
+    assert "\r" not in printed and "loading model tiny-llama: done in " in printed
+    assert "search greedy: done, " in printed and "presets: done, " in printed and "memory: " in printed
+    assert len(printed.splitlines()) <= 60, printed
     recipe = Recipe.load(out / "recipe.json")
     results = json.loads((out / "results.json").read_text())
     assert results["runtime"] == "transformers" and results["check"]["kl_to_scored"] <= 1e-3
