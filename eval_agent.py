@@ -221,6 +221,14 @@ def scoring_evaluator(task: Any, data: list[str] | None, n_tokens: int, seq_len:
         return ev, f"calibration tokens ({ev.tokens.n_tokens}, {ev.tokens.source})"
     if task.loaded.tokenizer is None:
         return ev, f"calibration tokens ({ev.tokens.n_tokens}; {task.name} has no tokenizer for the held-out text)"
+    from qenv.eval.reference import reference_bytes
+    from qenv.memory import fit_batch_size, forward_bytes_per_sequence
+    from qenv.progress import note
+
+    # a GPU shared with other processes: wait for the held-out reference's memory, then shrink the batch
+    batch_size = fit_batch_size(batch_size, reference_bytes(task.loaded.model, task.layers, n_tokens // seq_len, seq_len),
+                                forward_bytes_per_sequence(task.loaded.model, seq_len), task.loaded.device,
+                                what="the held-out evaluation", note=note)
     check_reference_fits(task.loaded.model, task.layers, n_tokens // seq_len, seq_len, ev.cache_dir)  # before reading
     tokens = tokens_from_text(task.loaded.tokenizer, data, n_tokens, seq_len)
     ev.weights.restore()
