@@ -170,11 +170,11 @@ def test_out_of_memory_during_prebuild(stories_eval: Evaluator, monkeypatch: pyt
     real = apply_module.quantize_matrices
     calls: list[int] = []
 
-    def only_one_at_a_time(matrices, rule, calibs):
+    def only_one_at_a_time(matrices, rule, calibs, threads=None):
         calls.append(len(matrices))
         if len(matrices) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(matrices, rule, calibs)
+        return real(matrices, rule, calibs, threads)
 
     monkeypatch.setattr(apply_module, "quantize_matrices", only_one_at_a_time)
     weights = QuantizedWeights(ev.model, ev.layers, ev.calibration_of, 1 << 30)
@@ -182,10 +182,10 @@ def test_out_of_memory_during_prebuild(stories_eval: Evaluator, monkeypatch: pyt
     assert weights.prebuild(rules, batch_bytes=1 << 30) == 2 * len(ev.layers)  # halved to single layers, built
     assert max(calls) > 1 and calls[-1] == 1
 
-    def out_of_memory_at_gptq(matrices, rule, calibs):
+    def out_of_memory_at_gptq(matrices, rule, calibs, threads=None):
         if rule.rounding == "gptq":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(matrices, rule, calibs)
+        return real(matrices, rule, calibs, threads)
 
     monkeypatch.setattr(apply_module, "quantize_matrices", out_of_memory_at_gptq)
     weights = QuantizedWeights(ev.model, ev.layers, ev.calibration_of, 1 << 30)
