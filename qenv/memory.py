@@ -110,6 +110,17 @@ def check_cache_fits(size_gib: float, device: torch.device | str, flag: str = "-
                         "cache from the model.")
 
 
+def held_by_others(device: torch.device) -> int:
+    """GPU memory in use but not by this process's torch allocator: what other processes (or other
+    libraries here) hold, which may be freed while this one waits."""
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        own = torch.cuda.memory_reserved(device)
+    except (RuntimeError, AssertionError):
+        return 0
+    return max(0, int(total) - int(free) - int(own))
+
+
 def gpu_wait_seconds() -> float:
     """How long to wait for GPU memory: ``QENV_GPU_WAIT_S`` when set (seconds, 0: never wait)."""
     raw = os.environ.get("QENV_GPU_WAIT_S", "")
@@ -123,7 +134,8 @@ def gpu_wait_seconds() -> float:
 def wait_for_memory(need: int, device: torch.device, *, what: str, timeout_s: float | None = None,
                     poll_s: float = GPU_POLL_S, note: Callable[[str], None] = print) -> bool:
     """Wait until ``need`` bytes are free on the GPU ``device`` (other processes finish or shrink);
-    ``True`` once they are, ``False`` after ``timeout_s`` (default :func:`gpu_wait_seconds`). One
+    ``True`` once they are, ``False`` after ``timeout_s`` (default :func:`gpu_wait_seconds`), or at
+    once when even the memory other processes hold would not make room (:func:`held_by_others`). One
     ``note`` line when it starts waiting, one when it stops, so a queued process says why it is
     idle. On a CPU it returns at once: the host's memory is not shared out by this gate."""
     if device.type != "cuda":
@@ -132,7 +144,7 @@ def wait_for_memory(need: int, device: torch.device, *, what: str, timeout_s: fl
     if free is None or free >= need:
         return True
     limit = gpu_wait_seconds() if timeout_s is None else max(0.0, float(timeout_s))
-    if limit <= 0:
+    if limit <= 0 or free + held_by_others(device) < need:  # waiting cannot help: the GPU is too small
         return False
     note(f"waiting for GPU memory: {what} needs about {gib(need)}, {gib(free)} free on {device} (other "
          f"processes hold the rest); waiting up to {limit:.0f} s")

@@ -4,6 +4,8 @@ a shared GPU full waits for it (bounded), then runs smaller batches, instead of 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -81,35 +83,59 @@ def test_build_task_sizes_its_caches_from_the_model_and_says_so(stories_bin, cap
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
 
 
+#: another process that takes ``argv[1]`` bytes of GPU memory until a line comes on its stdin
+HOLDER = ("import sys, torch; x = torch.empty(int(sys.argv[1]), dtype=torch.uint8, device='cuda'); "
+          "print('ready', flush=True); sys.stdin.readline()")
+
+
+def _hold(nbytes: int) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(max(0, nbytes))], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "ready"
+    return holder
+
+
+def _release(holder: subprocess.Popen) -> None:
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    holder.wait(60)
+
+
 @needs_cuda
 def test_the_gpu_gate_queues_until_memory_is_released() -> None:
-    """Another holder takes most of the free GPU memory; the gate waits (says so) instead of failing, and
-    proceeds once it is released. Then, with the memory still held, a batch shrinks to fit after the wait."""
+    """Another process takes most of the free GPU memory; the gate waits (and says so) instead of failing,
+    and proceeds once that process lets go. With the memory still held after a bounded wait, the batch
+    shrinks to fit instead of running out of memory. A need the whole GPU could not meet does not wait."""
     device = torch.device("cuda")
-    torch.cuda.empty_cache()
-    free = available_memory(device)
-    need = 1 << 30
-    hog = torch.empty(max(0, free - need // 2) - (64 << 20), dtype=torch.uint8, device=device)  # leaves < need free
-    assert available_memory(device) < need
-    notes: list[str] = []
-    result: list[bool] = []
-    waiter = threading.Thread(target=lambda: result.append(
-        wait_for_memory(need, device, what="the test", timeout_s=120, poll_s=0.2, note=notes.append)))
-    waiter.start()
-    time.sleep(2.0)
-    assert waiter.is_alive() and result == [] and notes and notes[0].startswith("waiting for GPU memory")
-    del hog
-    torch.cuda.empty_cache()
+    torch.cuda.init()
+    need = 2 << 30
+    holder = _hold(available_memory(device) - need // 2 - (600 << 20))  # leaves less than `need` (its context too)
+    try:
+        assert available_memory(device) < need
+        notes: list[str] = []
+        result: list[bool] = []
+        waiter = threading.Thread(target=lambda: result.append(
+            wait_for_memory(need, device, what="the test", timeout_s=120, poll_s=0.2, note=notes.append)))
+        waiter.start()
+        time.sleep(2.0)
+        assert waiter.is_alive() and result == [] and notes and notes[0].startswith("waiting for GPU memory")
+    finally:
+        _release(holder)
     waiter.join(60)
     assert result == [True] and len(notes) == 2 and "starting the test" in notes[1]
     # still short after a bounded wait: the batch shrinks to what fits instead of running out of memory
-    torch.cuda.empty_cache()
-    free = available_memory(device)
-    hog = torch.empty(free - (512 << 20), dtype=torch.uint8, device=device)
-    notes.clear()
-    per_sequence = 64 << 20
-    size = fit_batch_size(64, 0, per_sequence, device, what="the test", timeout_s=1, poll_s=0.2, note=notes.append)
-    assert 1 <= size < 64 and size * per_sequence <= available_memory(device)
-    assert notes[0].startswith("waiting for GPU memory") and "batches of" in notes[-1]
-    del hog
-    torch.cuda.empty_cache()
+    holder = _hold(available_memory(device) - (1 << 30))
+    try:
+        notes.clear()
+        per_sequence = 64 << 20
+        size = fit_batch_size(256, 0, per_sequence, device, what="the test", timeout_s=1, poll_s=0.2,
+                              note=notes.append)
+        assert 1 <= size < 256 and size * per_sequence <= available_memory(device)
+        assert notes[0].startswith("waiting for GPU memory") and "batches of" in notes[-1]
+        # more than the whole GPU: no wait at all (nobody can free that much)
+        start = time.monotonic()
+        total = torch.cuda.mem_get_info(device)[1]
+        assert not wait_for_memory(2 * total, device, what="x", timeout_s=60, note=notes.append)
+        assert time.monotonic() - start < 5
+    finally:
+        _release(holder)
