@@ -38,22 +38,19 @@ import io
 import json
 import math
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import (ArgumentParser, check_agents_checkout, check_observation_matches, fmt, merge_flag,
-                             normalizer_path, parse_key_values, plain_table, quiet_libraries, refuse_repeated_models,
-                             run_cli, run_folder_of)
+from qenv.cli.common import (ArgumentParser, bpw_scope, check_agents_checkout, check_observation_matches,
+                             check_weight_cache_gib, fmt, merge_flag, normalizer_path, parse_key_values, plain_table,
+                             quiet_libraries, refuse_repeated_models, run_cli, run_folder_of, table_legend)
+from qenv.cli.presets import FAMILIES, family_of, parse_presets, select_presets
 from qenv.errors import QenvError
 from qenv.io import read_json
 
 SEARCHERS: tuple[str, ...] = ("uniform", "llamacpp", "greedy", "random", "evolution")
-FIXED_PRESETS: tuple[str, ...] = ("fp16",)
-#: human families whose frontier is interpolated at the policy's own bits per weight
-FAMILIES: tuple[str, ...] = ("rtn", "gptq", "awq", "llama.cpp", "llama.cpp+imatrix")
 DEFAULT_SEARCH_EVALS = 16
 _TOL = 1e-9
 
@@ -122,8 +119,8 @@ def build_parser() -> ArgumentParser:
                         "nothing else) and a model saved by --save-model; any other non-empty folder is refused")
     p.add_argument("--seed", type=int, default=0, help="seed of the searchers (default: %(default)s)")
     p.add_argument("--weight-cache-gib", type=float, metavar="GIB",
-                   help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
-                        "a quarter of the available RAM on a CPU)")
+                   help="memory for quantized weights cached per (layer, rule), at most the free memory (default: "
+                        "4 recipes of this model's quantized layers; the whole menu when prebuilt)")
     p.add_argument("--device", metavar="DEV", help="device of the models: cpu, cuda, cuda:N, auto (default: auto)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress (by default: bars on a terminal; in a log, one line per stage or tenth)")
@@ -210,94 +207,6 @@ def safe_name(name: str) -> str:
 
 
 # -- one model ------------------------------------------------------------------------------------------
-def bracketing_presets(evaluator: Any, *bpws: float) -> list[str]:
-    """rtn/gptq/awq at the widest bit width at or under each of ``bpws`` and the next one above it
-    (the budget, and the policy's own size, so that each family's frontier brackets both)."""
-    from qenv.envs.reward import bracketing_widths
-
-    widths = sorted({point[1] for bpw in bpws for point in bracketing_widths(evaluator, bpw) if point is not None})
-    return [f"{family}-w{b}" for b in widths for family in ("rtn", "gptq", "awq")]
-
-
-#: --presets words that are not preset names
-PRESET_WORDS: tuple[str, ...] = ("default", "all", "none")
-#: llama.cpp mixes within this many bits per weight of the budget or the policy are default baselines
-MIX_WINDOW_BPW = 1.0
-
-
-def parse_presets(text: str) -> list[str]:
-    """--presets as a list of words (``default``, ``all``, ``none``, families, preset names), each checked
-    now, before any model is loaded; an unknown one is one error listing what is valid."""
-    from qenv.quant.presets import LLAMACPP_PRESETS, preset
-
-    words = [w.strip().lower() for w in text.split(",") if w.strip()]
-    unknown = []
-    for word in words:
-        if word in PRESET_WORDS or word in FAMILIES:
-            continue
-        try:
-            preset(word, [])
-        except QenvError:
-            unknown.append(word)
-    if unknown or not words:
-        raise QenvError(f"Unknown preset(s) {unknown or [text]} in --presets.",
-                        f"use a comma-separated list of {', '.join(PRESET_WORDS)}, the families "
-                        f"{', '.join(FAMILIES)}, rtn-w<b> / gptq-w<b> / awq-w<b> (with -g32, -g64, -gc), fp16, or "
-                        f"llama.cpp's mixes {', '.join(LLAMACPP_PRESETS)}.")
-    return words
-
-
-def nearest_mixes(evaluator: Any, family: str, bpws: tuple[float, ...], window: float) -> list[str]:
-    """``family``'s llama.cpp mixes (sized, not scored) nearest at or under and at or over each of ``bpws``,
-    and those within ``window`` bits per weight of any of them."""
-    from qenv.quant.presets import LLAMACPP_PRESETS, preset
-
-    sized = sorted((evaluator.size(preset(m, evaluator.layers))[0], m) for m in LLAMACPP_PRESETS
-                   if family_of(m) == family)
-    keep = set()
-    for bpw in bpws:
-        below = [m for b, m in sized if b <= bpw + _TOL]
-        above = [m for b, m in sized if b >= bpw - _TOL]
-        keep.update(([below[-1]] if below else []) + ([above[0]] if above else []))
-        keep.update(m for b, m in sized if abs(b - bpw) <= window + _TOL)
-    return [m for _, m in sized if m in keep]
-
-
-def select_presets(words: list[str], evaluator: Any, budget: float, policy_bpw: float) -> list[str]:
-    """The preset names ``words`` (from :func:`parse_presets`) stand for on this model, in table order,
-    each once. ``default``: rtn/gptq/awq at the widths bracketing the budget and the policy's bpw,
-    llama.cpp's mixes (with and without the importance matrix) nearest both and within
-    :data:`MIX_WINDOW_BPW` of them, and fp16; ``all``: the bracketing widths, every mix and fp16."""
-    chosen: list[str] = []
-    bpws = (budget, policy_bpw)
-    for word in words:
-        if word == "none":
-            continue
-        if word in ("default", "all"):
-            names = bracketing_presets(evaluator, *bpws)
-            for family in ("llama.cpp", "llama.cpp+imatrix"):
-                names += nearest_mixes(evaluator, family, bpws, MIX_WINDOW_BPW if word == "default" else math.inf)
-            names += list(FIXED_PRESETS)
-        elif word in ("rtn", "gptq", "awq"):
-            names = [n for n in bracketing_presets(evaluator, *bpws) if n.startswith(word + "-")]
-        elif word in FAMILIES:
-            names = nearest_mixes(evaluator, word, bpws, math.inf)
-        else:
-            names = [word]
-        chosen += [n for n in names if n not in chosen]
-    return chosen
-
-
-def family_of(method: str) -> str | None:
-    """The human family a preset row belongs to (``None`` for fp16)."""
-    from qenv.quant.presets import LLAMACPP_PRESETS
-
-    if method in LLAMACPP_PRESETS:
-        return "llama.cpp+imatrix" if method.endswith("-im") else "llama.cpp"
-    head = method.split("-w")[0]
-    return head if head in ("rtn", "gptq", "awq") else None
-
-
 def frontier_at(rows: list[dict[str, Any]], family: str, bpw: float) -> dict[str, Any] | None:
     """``family``'s KL interpolated (log-linearly) at ``bpw`` between its rows that bracket it, else ``None``.
 
@@ -335,6 +244,14 @@ def scoring_evaluator(task: Any, data: list[str] | None, n_tokens: int, seq_len:
         return ev, f"calibration tokens ({ev.tokens.n_tokens}, {ev.tokens.source})"
     if task.loaded.tokenizer is None:
         return ev, f"calibration tokens ({ev.tokens.n_tokens}; {task.name} has no tokenizer for the held-out text)"
+    from qenv.eval.reference import reference_bytes
+    from qenv.memory import fit_batch_size, forward_bytes_per_sequence
+    from qenv.progress import note
+
+    # a GPU shared with other processes: wait for the held-out reference's memory, then shrink the batch
+    batch_size = fit_batch_size(batch_size, reference_bytes(task.loaded.model, task.layers, n_tokens // seq_len, seq_len),
+                                forward_bytes_per_sequence(task.loaded.model, seq_len), task.loaded.device,
+                                what="the held-out evaluation", note=note)
     check_reference_fits(task.loaded.model, task.layers, n_tokens // seq_len, seq_len, ev.cache_dir)  # before reading
     tokens = tokens_from_text(task.loaded.tokenizer, data, n_tokens, seq_len)
     ev.weights.restore()
@@ -480,7 +397,8 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     result = {"model": task.name, "spec": spec, "seen": seen, "status": status, "fingerprint": task.loaded.fingerprint,
               "n_layers": len(task.layers), "tokens": tokens_desc, "calibration": calib_desc, "budget_bpw": budget,
               "budget_preset": budget_preset, "rows": rows, "gain": gain, "comparisons": comparisons,
-              "policy_recipe": recipe.to_dict(), "policy_over_budget": policy_row["over_budget"], "notes": notes}
+              "policy_recipe": recipe.to_dict(), "policy_over_budget": policy_row["over_budget"], "notes": notes,
+              "reference": task.loaded.reference_label, "bpw_counts": bpw_scope(task.layers)}
 
     if args.export:
         from qenv.export import export_all
@@ -560,12 +478,17 @@ def print_model(result: dict[str, Any]) -> None:
               "trained-on": "trained-on model"}[result.get("status") or ("trained-on" if result["seen"] else "zero-shot")]
     print(f"\n{result['model']} ({status}), budget {budget_label(budget, result.get('budget_preset'))}, scored on "
           f"{result['tokens']}, calibrated on {result.get('calibration', 'the calibration tokens')}")
+    if result.get("reference") and result["reference"] != "the full-precision model":
+        print(f"  reference: {result['reference']}, not a full-precision model: every KL below measures "
+              "re-quantizing it")
     table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}", f"{r['model_mb']:.4f}",
               fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", f"{r['wall_s']:.2f}", r["note"]]
              for r in result["rows"] if r["kind"] != MISSED_BUDGET]
     print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "wall s", "note"], table,
                       align="llrrrrrrl"))
     print(f"  (* over the {budget:g} bpw budget)")
+    if result.get("bpw_counts"):
+        print(table_legend(result.get("reference"), result["bpw_counts"]))
     for r in result["rows"]:  # listed apart: what a searcher returned over the budget is no result at it
         if r["kind"] == MISSED_BUDGET:
             print(f"  not a result at {budget:g} bpw: the {r['method']} searcher did not meet the budget; it returned "
@@ -827,9 +750,7 @@ def _body(argv: list[str] | None) -> int:
         check_observation_matches(policy, given["observation"], "--env-kwargs", trained)
     env_kwargs.update(given)
     env_kwargs.pop("model", None)
-    if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:
-        raise QenvError(f"--weight-cache-gib={args.weight_cache_gib:g} must be positive.",
-                        "pass a size in GiB, or leave it out to size the cache from free memory.")
+    check_weight_cache_gib(args.weight_cache_gib, args.device or env_kwargs.get("device"))
     from qenv.quant.presets import parse_budget
 
     budget_flag = None if args.budget_bpw is None else parse_budget(args.budget_bpw)
@@ -891,42 +812,17 @@ def claim_eval_dir(out: Path, numbered: bool, overwrite: bool) -> tuple[Path, An
     in the same second never share a folder); an explicit ``--out`` that exists must be empty, or an
     earlier evaluation's folder with ``--overwrite``. Returns the folder, its held lock and the
     topmost folder this call created (removed again if the evaluation fails), or ``None``."""
-    from qenv.cli.common import EVAL_OUTPUT, claim_output_dir
+    from qenv.cli.common import EVAL_OUTPUT, claim_output_folder
 
-    top = None
-    probe = out.parent
-    while not probe.exists() and probe.parent != probe:
-        top, probe = probe, probe.parent
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise QenvError(f"--out {out} cannot be created ({exc.strerror}).", "pass --out a folder you can write to.") \
-            from None
-    try:
-        folder, lock, created = claim_output_dir(
-            lambda n: out if n == 1 else out.with_name(f"{out.name}-{n}"), EVAL_OUTPUT, overwrite=overwrite,
-            numbered=numbered)
-    except BaseException:
-        if top is not None:
-            shutil.rmtree(top, ignore_errors=True)
-        raise
-    return folder, lock, top if top is not None else folder if created else None
+    return claim_output_folder(out, EVAL_OUTPUT, overwrite, numbered)
 
 
 def discard_eval_dir(out: Path, created: Path | None) -> None:
     """After a failed evaluation: no half-written output (the folders this run created go, and in a
     folder that was there before, what eval_agent.py writes)."""
-    from qenv.cli.common import EVAL_OUTPUTS
+    from qenv.cli.common import EVAL_OUTPUT, discard_output_folder
 
-    if created is not None:
-        shutil.rmtree(created, ignore_errors=True)
-        return
-    for name in EVAL_OUTPUTS:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    discard_output_folder(out, created, EVAL_OUTPUT)
 
 
 def evaluate_all(args: Any, run: dict[str, Any], policy: Path, agent_name: str, budget: float,

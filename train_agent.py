@@ -26,6 +26,7 @@ from qenv.cli.common import (
     ArgumentParser,
     check_agents_checkout,
     check_run_name,
+    check_weight_cache_gib,
     default_run_name,
     fmt,
     merge_flag,
@@ -100,8 +101,8 @@ def build_parser() -> ArgumentParser:
                         "RAY_ADDRESS when set; needs pip install qenv[ray]) (default: the config's, else dummy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the agent and the episodes (default: %(default)s)")
     p.add_argument("--weight-cache-gib", type=float, metavar="GIB",
-                   help="memory for quantized weights cached per (layer, rule) (default: half the free GPU memory, "
-                        "a quarter of the available RAM on a CPU)")
+                   help="memory for quantized weights cached per (layer, rule), at most the free memory (default: "
+                        "4 recipes of this model's quantized layers; the whole menu when prebuilt)")
     p.add_argument("--device", metavar="DEV",
                    help="device of the model under quantization: cpu, cuda, cuda:N, auto (default: cuda when "
                         "present); an MLP policy stays on the cpu, other policies follow it")
@@ -175,11 +176,9 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         where = f"the card of {args.init_from}"
     check_hyperparams(args.agent, cfg.hyperparams, where)
     env_kwargs = dict(cfg.env_kwargs)
-    if args.weight_cache_gib is not None and not args.weight_cache_gib > 0:
-        raise QenvError(f"--weight-cache-gib={args.weight_cache_gib:g} must be positive.",
-                        "pass a size in GiB, or leave it out to size the cache from free memory.")
     given = check_env_kwargs(parse_key_values(args.env_kwargs), "--env-kwargs")
     env_kwargs.update(given)
+    check_weight_cache_gib(args.weight_cache_gib, args.device or env_kwargs.get("device"))
     refuse_repeated_models(args.model or [], "a zoo samples each model once per episode draw; a repeat only skews it")
     from qenv.quant.presets import parse_budget
 

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import ArgumentParser, fmt, plain_table, quiet_libraries, run_cli
+from qenv.cli.common import ArgumentParser, bpw_scope, fmt, plain_table, quiet_libraries, run_cli, table_legend
 from qenv.errors import QenvError
 
 RUNTIMES: tuple[str, ...] = ("auto", "transformers", "gguf")
@@ -49,8 +49,6 @@ DEFAULT_SEQ_LEN = 128
 #: the largest KL(qenv's scored model || the written file's) accepted: a packed checkpoint is exact,
 #: so anything above float noise means the file is not the model measured
 MAX_FILE_KL = 1e-3
-#: llama.cpp mixes within this many bits per weight of the budget are baselines on the gguf menu
-MIX_WINDOW_BPW = 1.0
 _TOL = 1e-9
 
 EXAMPLES = """\
@@ -95,6 +93,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the searcher and sampled tokens (default: %(default)s)")
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:N, auto (default: auto)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (by default: bars on a terminal; in a log, one line per stage or tenth)")
     return p
 
 
@@ -148,13 +148,16 @@ def packable_menu(layers: list[Any]) -> tuple[list[Any], str]:
     return rules, note + ", so the packed checkpoint is the model scored"
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def claim_out(out: Path, overwrite: bool) -> tuple[Path, Any, Path | None]:
+    """Create ``--out`` now, exclusively, and lock it, as the other programs do (``claim_output_dir``):
+    an existing folder must be empty, or an earlier output of this command with ``--overwrite``
+    (which replaces only what this command writes); a folder of anything else is never touched.
+    Returns the folder, its lock and the topmost folder created (removed again on failure)."""
+    from qenv.cli.common import QUANTIZE_OUTPUT, claim_output_folder
     from qenv.io import check_output_dir
 
     check_output_dir(out, "--out", "pass --out a folder you can write to (or that can be created).")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise QenvError(f"Folder {out} already exists and is not empty.",
-                        "pick another --out folder, remove it, or pass --overwrite.")
+    return claim_output_folder(out, QUANTIZE_OUTPUT, overwrite)
 
 
 def policy_settings(policy: Path) -> tuple[str, dict[str, Any]]:
@@ -219,7 +222,7 @@ def find_recipe(args: Any, env: Any, n_layers: int) -> tuple[Any, str, str]:
         clamped = info.get("clamped_actions", 0)
         return recipe, f"policy ({args.agent_name})", f"{clamped} actions lowered by the budget" if clamped else ""
     searcher = make_agent(args.agent, env, seed=args.seed)
-    recipe, _ = searcher.search(env, total_timesteps=args.search_evals * n_layers)
+    recipe, _ = searcher.search(env, total_timesteps=args.search_evals * n_layers, progress_bar=not args.no_progress)
     spent = getattr(searcher, "evaluations", None)
     return recipe, args.agent, f"{spent} evaluation{'s' if spent != 1 else ''}" if spent is not None else ""
 
@@ -235,6 +238,14 @@ def check_runtime_possible(runtime: str, loaded: Any, rules: list[Any] | None) -
         if model_type not in GGUF_ARCHITECTURES:
             raise QenvError(f"qenv writes .gguf files of Llama-architecture models; {loaded.name} is "
                             f"{model_type!r}.", "use --runtime transformers.")
+        if rules and all(r.keeps or r.gguf is None for r in rules):  # a search could only return what it cannot run
+            names = [info.name for info in loaded.layers]
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            labels = ", ".join(r.label() for r in rules if not r.keeps)
+            raise QenvError(f"llama.cpp cannot run any rule of this menu as qenv measures it, on all {len(names)} "
+                            f"layer(s) of {loaded.name} ({shown}): {labels} are not llama.cpp types.",
+                            "search on the gguf menu (--menu gguf), or write a packed checkpoint "
+                            "(--runtime transformers).")
         return
     if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
         raise QenvError(f"{loaded.name} is not a transformers model, so it has no packed checkpoint.",
@@ -290,20 +301,14 @@ def check_runtime(runtime: str, evaluator: Any, recipe: Any) -> None:
                         "beside its tokenizer.model), or use --runtime transformers.")
 
 
-def baselines(evaluator: Any, budget: float, menu: str) -> list[str]:
-    """The human presets the recipe is compared with: rtn/gptq/awq at the widths bracketing the budget,
-    on the gguf menu llama.cpp's mixes within :data:`MIX_WINDOW_BPW` of it, and fp16."""
-    from qenv.envs.reward import bracketing_widths
-    from qenv.quant.presets import LLAMACPP_PRESETS, preset
+def baselines(evaluator: Any, budget: float, recipe_bpw: float, menu: str) -> list[str]:
+    """The human presets the recipe is compared with, picked as ``eval_agent.py --presets`` picks them
+    (:func:`qenv.cli.presets.select_presets`): rtn/gptq/awq at the widths bracketing the budget and the
+    recipe's bpw, on the gguf menu llama.cpp's mixes nearest them and within 1 bpw, and fp16."""
+    from qenv.cli.presets import select_presets
 
-    widths = sorted({p[1] for p in bracketing_widths(evaluator, budget) if p is not None})
-    names = [f"{family}-w{b}" for b in widths for family in ("rtn", "gptq", "awq")]
-    if menu == "gguf":
-        for name in LLAMACPP_PRESETS:
-            bpw = evaluator.size(preset(name, evaluator.layers))[0]
-            if abs(bpw - budget) <= MIX_WINDOW_BPW:
-                names.append(name)
-    return names + ["fp16"]
+    words = ["default"] if menu == "gguf" else ["rtn", "gptq", "awq", "fp16"]
+    return select_presets(words, evaluator, budget, recipe_bpw)
 
 
 def score_row(method: str, kind: str, metrics: Any, budget: float, wall: float, note: str = "") -> dict[str, Any]:
@@ -325,14 +330,15 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def _body(argv: list[str] | None) -> int:
-    from qenv.cli.envs import make_quant_env, set_torch_threads
+    from qenv.cli.envs import set_torch_threads
     from qenv.eval.tokens import read_text_file
-    from qenv.io import write_json_atomic
-    from qenv.quant.presets import preset
 
     quiet_libraries()
     args = build_parser().parse_args(argv)
     budget = budget_bpw(args.budget_bpw)
+    from qenv.progress import enable
+
+    enable(not args.no_progress)  # main() puts it back as it was
     set_torch_threads(args.threads)
     for flag, value, low in (("--search-evals", args.search_evals, 1), ("--n-tokens", args.n_tokens, 1),
                              ("--seq-len", args.seq_len, 2), ("--seed", args.seed, 0)):
@@ -342,8 +348,22 @@ def _body(argv: list[str] | None) -> int:
         if not Path(path).is_file():
             raise QenvError(f"Calibration text file {path} does not exist.", "pass an existing UTF-8 text file.")
         read_text_file(path)
-    out = Path(args.out).expanduser()
-    check_out(out, args.overwrite)
+    from qenv.cli.common import QUANTIZE_OUTPUT, discard_output_folder
+
+    out, lock, created = claim_out(Path(args.out).expanduser(), args.overwrite)
+    try:
+        with lock:
+            return _quantize(args, budget, out)
+    except BaseException:
+        discard_output_folder(out, created, QUANTIZE_OUTPUT)  # nothing half-written
+        raise
+
+
+def _quantize(args: Any, budget: float, out: Path) -> int:
+    """Everything after the arguments are checked and ``--out`` is claimed."""
+    from qenv.cli.envs import make_quant_env
+    from qenv.io import write_json_atomic
+    from qenv.quant.presets import preset
 
     kwargs: dict[str, Any] = {}
     if args.policy:
@@ -367,9 +387,11 @@ def _body(argv: list[str] | None) -> int:
     from qenv.models.loading import load_model
 
     t0 = time.perf_counter()
-    print(f"loading {args.model}", flush=True)
-    loaded = load_model(args.model, device=args.device or kwargs.get("device"), dtype=kwargs.get("dtype"),
-                        include_lm_head=bool(kwargs.get("include_lm_head", False)))
+    from qenv.progress import progress_bar, stage
+
+    with stage(f"loading model {args.model}"):
+        loaded = load_model(args.model, device=args.device or kwargs.get("device"), dtype=kwargs.get("dtype"),
+                            include_lm_head=bool(kwargs.get("include_lm_head", False)))
     if args.policy and policy_card_applies(Path(args.policy)):  # a shipped policy: a model it cannot describe is one line
         from qenv.policies import check_describes, read_card
 
@@ -403,21 +425,29 @@ def _body(argv: list[str] | None) -> int:
         metrics = evaluator.evaluate(recipe)
         rows = [score_row(method, "policy" if args.policy else "searcher", metrics, budget,
                           time.perf_counter() - t_search, note)]
-        for name in baselines(evaluator, budget, menu_name):
+        names = baselines(evaluator, budget, metrics.bpw, menu_name)
+        bar = progress_bar(len(names), f"scoring {len(names)} presets", "preset")
+        for name in names:
             t1 = time.perf_counter()
             rows.append(score_row(name, "preset", evaluator.evaluate(preset(name, task.layers)), budget,
                                   time.perf_counter() - t1))
+            bar.update(1)
+        bar.close()
         rows.sort(key=lambda r: (r["bpw"], r["kind"] == "preset", r["method"]))
         table = [[("* " if r["over_budget"] else "  ") + r["method"], r["kind"], f"{r['bpw']:.3f}",
                   f"{r['model_mb']:.4f}", fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", r["note"]] for r in rows]
         tokens = f"{evaluator.tokens.n_tokens} calibration tokens ({evaluator.tokens.source})"
+        reference, bpw_counts = task.loaded.reference_label, bpw_scope(task.layers)
         print(f"\n{task.name}, budget {budget:g} bpw (over the quantized layers), scored on {tokens}")
+        if task.loaded.reference_note:
+            print(f"  reference: {reference}, not a full-precision model: every KL below measures re-quantizing it")
         print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "note"], table, align="llrrrrrl"))
         print(f"  (* over the {budget:g} bpw budget)")
+        print(table_legend(reference, bpw_counts))
 
-        out.mkdir(parents=True, exist_ok=True)
         metadata = {"model": task.name, "spec": args.model, "budget_bpw": budget, "method": method,
-                    "menu": menu_name, "runtime": runtime, "metrics": metrics.to_dict(), "tokens": tokens}
+                    "menu": menu_name, "runtime": runtime, "metrics": metrics.to_dict(), "tokens": tokens,
+                    "reference": reference, "bpw_counts": bpw_counts}
         recipe.save(out / "recipe.json", **metadata)
         write_csv(out / "comparison.csv", rows)
         written = ["recipe.json", "comparison.csv", "results.json"]
@@ -434,6 +464,9 @@ def _body(argv: list[str] | None) -> int:
                                 "report this as a qenv bug; use --save-model of eval_agent.py meanwhile.")
             written.append("model/ (packed checkpoint: AutoModelForCausalLM.from_pretrained loads it)")
             notes.append(f"transformers loaded model/ back: KL {kl:.3g} to the model qenv scored")
+            check["file_bytes"] = sum(p.stat().st_size for p in (out / "model").glob("*.safetensors"))
+            notes.append(f"model/*.safetensors: {check['file_bytes'] / 1e6:.4f} MB on disk, every tensor "
+                         f"(the table's bpw is {metrics.bpw:.3f} over the quantized layers alone)")
         else:
             from qenv.export_gguf import write_gguf
 
@@ -441,6 +474,9 @@ def _body(argv: list[str] | None) -> int:
                        {k: v for k, v in metadata.items() if not isinstance(v, dict)})
             written.append("model.gguf (llama.cpp; load it with --no-repack / use_extra_bufts=False on CPUs whose "
                            "repacked kernels crash, see the README)")
+            check["file_bytes"] = (out / "model.gguf").stat().st_size
+            notes.append(f"model.gguf: {check['file_bytes'] / 1e6:.4f} MB on disk, every tensor and the vocabulary "
+                         f"(the table's bpw is {metrics.bpw:.3f} over the quantized layers alone)")
         write_json_atomic(out / "results.json", json.loads(json.dumps(
             {**metadata, "rows": rows, "recipe": recipe.to_dict(), "check": check, "notes": notes,
              "wall_s": time.perf_counter() - t0}, default=str)))
@@ -454,7 +490,10 @@ def _body(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
-    return run_cli(lambda: _body(argv))
+    from qenv.progress import shown
+
+    with shown(False):  # _body turns progress on (unless --no-progress); as it was afterwards
+        return run_cli(lambda: _body(argv))
 
 
 if __name__ == "__main__":

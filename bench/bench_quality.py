@@ -876,8 +876,29 @@ def run(args: argparse.Namespace) -> int:
 
     log(f"{len(jobs)} jobs, at most {args.max_procs} at once, deadline in {args.deadline_s:.0f}s")
     hard = deadline + args.grace_s
+    gpu = pick_device(args.device) if args.device else "cpu"
+    queued_note = [False]
+
+    def gpu_room() -> bool:
+        """On a GPU shared by the workers: room for one more (else it queues, said once per wait)."""
+        if not gpu.startswith("cuda") or not procs:
+            return True
+        import torch
+
+        from qenv.memory import available_memory, gib
+
+        free = available_memory(torch.device(gpu))
+        if free is None or free >= args.worker_gpu_gib * 2**30:
+            queued_note[0] = False
+            return True
+        if not queued_note[0]:
+            log(f"{len(pending)} job(s) queued: {gib(free)} of GPU memory free, a worker starts with "
+                f"{args.worker_gpu_gib:g} GiB (--worker-gpu-gib)")
+            queued_note[0] = True
+        return False
+
     while pending or procs:
-        while pending and len(procs) < args.max_procs:
+        while pending and len(procs) < args.max_procs and gpu_room():
             launch(*pending.pop(0))
         for name, (proc, handle) in list(procs.items()):
             if proc.poll() is not None:
@@ -1508,8 +1529,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--transfer-search-evals", type=int, default=0,
                    help="evaluations of random search and evolution on each transfer test model (0: only greedy)")
     r.add_argument("--weight-cache-gib", type=float, default=None,
-                   help="the env's quantized-weight cache (default: the env's, sized from free memory)")
+                   help="the env's quantized-weight cache (default: the env's, sized from the model)")
     r.add_argument("--max-procs", type=int, default=64)
+    r.add_argument("--worker-gpu-gib", type=float, default=3.0,
+                   help="on a GPU, a worker starts only when this much GPU memory is free (others queue); each "
+                        "worker also waits for its own evaluation's memory, then shrinks its batches (qenv.memory)")
     r.add_argument("--nice", type=int, default=0, help="niceness of the workers")
     r.add_argument("--deadline-s", type=float, default=3600.0, help="no new work after this many seconds")
     r.add_argument("--grace-s", type=float, default=30.0, help="then workers are stopped after this long")

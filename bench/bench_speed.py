@@ -983,7 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--searcher-evals", type=int, default=8, help="evaluations granted to each searcher (default 8)")
     p.add_argument("--ppo-steps", type=int, default=0, help="env steps of SB3 PPO to time (default 0: skip)")
     p.add_argument("--weight-cache-gb", type=float, default=0.0,
-                   help="quantized-weight cache size (default: the env's, sized from free memory)")
+                   help="quantized-weight cache size (default: the env's, sized from the model)")
     p.add_argument("--prefix-cache-gb", type=float, default=0.0, help="override the evaluator's prefix-cache size")
     p.add_argument("--cache-dir", default=None,
                    help="qenv cache dir for references/features (default: qenv's default; 'none' to disable)")

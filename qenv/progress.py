@@ -120,6 +120,15 @@ def shrink_to_done(bar: Any) -> None:
         bar.refresh()
 
 
+def note(text: str, show: bool | None = None) -> None:
+    """One line of information (what a cache holds, why a process waits), when progress is shown:
+    beside the stages' lines (stderr on a terminal, stdout in a log)."""
+    if _ENABLED if show is None else bool(show):
+        stream = sys.stderr if interactive() else sys.stdout
+        stream.write(text + "\n")
+        stream.flush()
+
+
 @contextmanager
 def stage(desc: str, show: bool | None = None) -> Iterator[None]:
     """One line as ``desc`` starts and one with its wall time as it ends (when progress is shown)."""
@@ -135,4 +144,4 @@ def stage(desc: str, show: bool | None = None) -> Iterator[None]:
         stream.flush()
 
 
-__all__ = ["LineProgress", "enable", "enabled", "interactive", "progress_bar", "shown", "shrink_to_done", "stage"]
+__all__ = ["LineProgress", "enable", "enabled", "interactive", "note", "progress_bar", "shown", "shrink_to_done", "stage"]

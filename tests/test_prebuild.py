@@ -9,6 +9,7 @@ import torch
 
 import qenv
 import qenv.quant.apply as apply_module
+from qenv.memory import CACHED_RECIPES
 from qenv.errors import QenvError
 from qenv.eval.evaluator import Evaluator, _Score
 from qenv.eval.tokens import tokens_from_text
@@ -157,10 +158,11 @@ def test_cache_too_small_for_one_recipe_or_the_menu(stories_eval: Evaluator) -> 
         weights.prebuild(DEFAULT_MENU)
     assert "cannot hold the menu" in str(err.value) and "weight_cache_gib" in err.value.fix
     assert len(weights._cache) == 0 and weights._cache_bytes == 0
-    # unset: sized from free memory (a share of the available RAM on a CPU)
+    # unset: sized from the model, a few recipes of its quantized layers (not a share of the free memory)
     auto = QuantizedWeights(ev.model, ev.layers, ev.calibration_of)
-    free = apply_module.free_memory_bytes(torch.device("cpu"))
-    assert 0.2 * free < auto.max_cache_bytes <= 0.3 * free
+    assert auto.max_cache_bytes == CACHED_RECIPES * one
+    with pytest.raises(QenvError, match="weight_cache_gib=1e\\+06 is more than the .* GiB of RAM available"):
+        QuantizedWeights(ev.model, ev.layers, ev.calibration_of, 10**6 * 2**30)
 
 
 def test_out_of_memory_during_prebuild(stories_eval: Evaluator, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,11 +170,11 @@ def test_out_of_memory_during_prebuild(stories_eval: Evaluator, monkeypatch: pyt
     real = apply_module.quantize_matrices
     calls: list[int] = []
 
-    def only_one_at_a_time(matrices, rule, calibs):
+    def only_one_at_a_time(matrices, rule, calibs, threads=None):
         calls.append(len(matrices))
         if len(matrices) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(matrices, rule, calibs)
+        return real(matrices, rule, calibs, threads)
 
     monkeypatch.setattr(apply_module, "quantize_matrices", only_one_at_a_time)
     weights = QuantizedWeights(ev.model, ev.layers, ev.calibration_of, 1 << 30)
@@ -180,10 +182,10 @@ def test_out_of_memory_during_prebuild(stories_eval: Evaluator, monkeypatch: pyt
     assert weights.prebuild(rules, batch_bytes=1 << 30) == 2 * len(ev.layers)  # halved to single layers, built
     assert max(calls) > 1 and calls[-1] == 1
 
-    def out_of_memory_at_gptq(matrices, rule, calibs):
+    def out_of_memory_at_gptq(matrices, rule, calibs, threads=None):
         if rule.rounding == "gptq":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(matrices, rule, calibs)
+        return real(matrices, rule, calibs, threads)
 
     monkeypatch.setattr(apply_module, "quantize_matrices", out_of_memory_at_gptq)
     weights = QuantizedWeights(ev.model, ev.layers, ev.calibration_of, 1 << 30)
@@ -236,7 +238,8 @@ def test_envs_share_one_model_and_cache_and_prebuild(stories_bin) -> None:
 
 
 @pytest.mark.parametrize("size, needle", [("0", "--weight-cache-gib=0 must be positive"),
-                                          ("1e-6", "cannot hold even one recipe")])
+                                          ("1e-6", "cannot hold even one recipe"),
+                                          ("1e6", "GiB of RAM available on this machine")])
 def test_weight_cache_flag_of_the_programs(stories_bin, cache_dir, tmp_path, capsys, size, needle) -> None:
     from conftest import load_script, run_main
 

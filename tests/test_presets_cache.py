@@ -11,6 +11,7 @@ from conftest import STORIES_BIN, load_script, require, run_main
 
 from qenv import Evaluator, load_model, tokens_from_model
 from qenv.cache_files import CacheWarning, write_cache_file
+from qenv.cli.presets import bracketing_presets
 from qenv.eval.preset_cache import cached_metrics, metrics_cache_key, metrics_cache_path
 from qenv.quant.presets import LLAMACPP_PRESETS, preset
 
@@ -81,7 +82,7 @@ def test_default_presets_bracket_the_budget_and_the_policy(stories, tmp_path) ->
     budget, policy_bpw = 4.0, 3.7
     default = eval_agent.select_presets(["default"], ev, budget, policy_bpw)
     everything = eval_agent.select_presets(["all"], ev, budget, policy_bpw)
-    today = eval_agent.bracketing_presets(ev, budget, policy_bpw) + list(LLAMACPP_PRESETS) + ["fp16"]
+    today = bracketing_presets(ev, budget, policy_bpw) + list(LLAMACPP_PRESETS) + ["fp16"]
     assert set(everything) == set(today) and len(everything) == len(today)
     assert set(default) < set(everything) and "fp16" in default
     size = {name: ev.size(preset(name, ev.layers))[0] for name in everything}
@@ -103,7 +104,7 @@ def test_default_presets_bracket_the_budget_and_the_policy(stories, tmp_path) ->
                 nearest |= {min(above, key=size.get)} if above else set()
             assert set(mine) == near | nearest, family
     assert eval_agent.select_presets(["q4_k_m", "rtn", "q4_k_m"], ev, budget, policy_bpw) == \
-        ["q4_k_m"] + [n for n in eval_agent.bracketing_presets(ev, budget, policy_bpw) if n.startswith("rtn-")]
+        ["q4_k_m"] + [n for n in bracketing_presets(ev, budget, policy_bpw) if n.startswith("rtn-")]
     assert eval_agent.select_presets(["none"], ev, budget, policy_bpw) == []
 
 
@@ -127,7 +128,11 @@ def test_eval_agent_scores_the_default_presets_once(stories_bin, tmp_path, cache
         assert run_main(eval_agent, ["--policy", policy, "--searchers", "none", "--out", tmp_path / out]) == 0
         rows.append({r["method"]: r for r in json.loads((tmp_path / out / "results.json").read_text())
                      ["models"][0]["rows"] if r["kind"] == "preset"})
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    # the table says what the numbers are (issue 26 item 7): stories260K's .bin is its own full-precision model
+    assert printed.count("KL against the full-precision model; bpw counts the 35 quantized linear layers") == 2
+    results = json.loads((tmp_path / "a" / "results.json").read_text())["models"][0]
+    assert results["reference"] == "the full-precision model" and results["bpw_counts"].startswith("bpw counts the 35")
     first, second = rows
     assert set(first) == set(second) and len(first) < len(LLAMACPP_PRESETS)
     assert all(r["note"] != "cached" for r in first.values()) and all(r["note"] == "cached" for r in second.values())

@@ -136,9 +136,18 @@ def test_quantize_writes_a_packed_checkpoint_transformers_loads(tmp_path, capsys
     assert quantize("--model", "tiny-llama", "--budget-bpw", "4.0", "--out", str(out)) == 0
     printed = capsys.readouterr().out
     assert "greedy" in printed and "rtn-w4" in printed and "fp16" in printed and "KL" in printed
+    # progress in a log (not a terminal under pytest): whole lines, a stage or a tenth each, a bounded number
+    assert "\r" not in printed and "loading model tiny-llama: done in " in printed
+    assert "search greedy: done, " in printed and "presets: done, " in printed and "memory: " in printed
+    assert len(printed.splitlines()) <= 60, printed
     recipe = Recipe.load(out / "recipe.json")
     results = json.loads((out / "results.json").read_text())
     assert results["runtime"] == "transformers" and results["check"]["kl_to_scored"] <= 1e-3
+    # the table says what its numbers are: the reference, which tensors bpw counts, the file's real size
+    assert "KL against the full-precision model; bpw counts the 14 quantized linear layers (the embedding and " \
+        "lm_head excluded)" in printed and "reference: " not in printed
+    assert results["check"]["file_bytes"] == sum(p.stat().st_size for p in (out / "model").glob("*.safetensors")) > 0
+    assert f"model/*.safetensors: {results['check']['file_bytes'] / 1e6:.4f} MB on disk" in printed
     assert [r["bpw"] <= 4.0 for r in results["rows"] if r["method"] == "greedy"] == [True]
     assert (out / "comparison.csv").read_text().startswith("method,kind,bpw")
     assert all(rule.act_scale == 0 and rule.outlier_fraction == 0 for rule in recipe.values())
@@ -225,6 +234,33 @@ def test_a_non_empty_out_folder_is_refused(tmp_path, capsys) -> None:
     assert quantize("--model", "tiny-llama", "--budget-bpw", "4", "--out", str(tmp_path)) == 2
     assert "not empty" in one_line_error(capsys)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only an earlier output of this command (claim_output_dir, as the other programs)
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "4", "--out", str(tmp_path), "--overwrite") == 2
+    assert "is not an output folder of python -m qenv quantize" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_overwrite_replaces_an_earlier_quantization_only(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "8.5", "--search-evals", "1", "--out", str(out)) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "8.5", "--out", str(out)) == 2
+    line = one_line_error(capsys)
+    assert "already exists" in line and "pass --overwrite to replace that quantization" in line
+    (out / "notes.txt").write_text("mine")  # the user's file in it survives the overwrite
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "6.0", "--search-evals", "1", "--out", str(out),
+                    "--overwrite") == 0
+    second = json.loads((out / "results.json").read_text())
+    assert first["budget_bpw"] == 8.5 and second["budget_bpw"] == 6.0 and (out / "notes.txt").read_text() == "mine"
+    assert (out / "model").is_dir() and Recipe.load(out / "recipe.json")
+
+
+def test_a_search_the_gguf_runtime_cannot_run_is_refused_before_it_runs(tmp_path, capsys) -> None:
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "4.0", "--runtime", "gguf", "--menu", "default",
+                    "--out", str(tmp_path / "o")) == 2
+    line = one_line_error(capsys)
+    assert "llama.cpp cannot run any rule of this menu" in line and "model.layers.0." in line and "w4g" in line
+    assert "greedy" not in capsys.readouterr().out and not (tmp_path / "o").exists()  # before the search
 
 
 def test_python_m_qenv_dispatches_to_the_installed_command() -> None:

@@ -207,6 +207,10 @@ RUN_MARK_KEYS: tuple[str, ...] = ("env_id", "agent", "total_timesteps")
 EVAL_MARK_KEYS: tuple[str, ...] = ("policy", "agent", "budget_bpw", "models")
 #: what eval_agent.py writes in its output folder (and all that its --overwrite removes there)
 EVAL_OUTPUTS: tuple[str, ...] = ("results.json", "results.csv", "pareto.png", "export")
+#: what marks a folder as the output of ``python -m qenv quantize``: its results.json names these keys
+QUANTIZE_MARK_KEYS: tuple[str, ...] = ("model", "spec", "budget_bpw", "method", "runtime", "rows")
+#: what ``python -m qenv quantize`` writes in its output folder (and all that its --overwrite removes there)
+QUANTIZE_OUTPUTS: tuple[str, ...] = ("recipe.json", "comparison.csv", "results.json", "model", "model.gguf")
 _MARK_MAX_BYTES = 64 << 20  # a larger "summary.json" is not one qenv wrote: not read to find out
 
 
@@ -259,6 +263,58 @@ RUN_OUTPUT = OutputKind(
 EVAL_OUTPUT = OutputKind(
     "Output folder", "--out", "an output folder of eval_agent.py (a results.json that eval_agent.py wrote)",
     is_eval_folder, lambda f: "pass --overwrite to replace that evaluation, or another --out.", EVAL_OUTPUTS)
+
+
+def is_quantize_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is an output folder of ``python -m qenv quantize``: its results.json names
+    the model, spec, budget, method, runtime and the table's rows."""
+    folder = Path(folder)
+    return (not folder.is_symlink() and folder.is_dir()
+            and _json_object_naming(folder / "results.json", QUANTIZE_MARK_KEYS))
+
+
+QUANTIZE_OUTPUT = OutputKind(
+    "Output folder", "--out", "an output folder of python -m qenv quantize (a results.json that it wrote)",
+    is_quantize_folder, lambda f: "pass --overwrite to replace that quantization, or another --out.", QUANTIZE_OUTPUTS)
+
+
+def claim_output_folder(out: Path, kind: OutputKind, overwrite: bool, numbered: bool = False
+                        ) -> tuple[Path, RunLock, Path | None]:
+    """:func:`claim_output_dir` for a program's ``--out`` path: its missing parents are created too.
+    Returns the folder, its held lock and the topmost folder this call created (for
+    :func:`discard_output_folder` after a failure), or ``None``."""
+    top = None
+    probe = out.parent
+    while not probe.exists() and probe.parent != probe:
+        top, probe = probe, probe.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QenvError(f"{kind.flag} {out} cannot be created ({exc.strerror}).",
+                        f"pass {kind.flag} a folder you can write to.") from None
+    try:
+        folder, lock, created = claim_output_dir(
+            lambda n: out if n == 1 else out.with_name(f"{out.name}-{n}"), kind, overwrite=overwrite,
+            numbered=numbered)
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+    return folder, lock, top if top is not None else folder if created else None
+
+
+def discard_output_folder(out: Path, created: Path | None, kind: OutputKind) -> None:
+    """After a failed program: no half-written output (the folders this run created go, and in a
+    folder that was there before, what ``kind`` writes)."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for name in kind.owned or ():
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def claim_output_dir(folder_of: Callable[[int], Path], kind: OutputKind, overwrite: bool = False,
@@ -352,6 +408,43 @@ def merge_flag(env_kwargs: dict[str, Any], key: str, flag: str, value: Any, give
         raise QenvError(f"{flag} {value} and --env-kwargs {key}={given[key]} disagree.",
                         f"give {key} once: either {flag} or --env-kwargs {key}=...")
     env_kwargs[key] = value
+
+
+def check_weight_cache_gib(value: float | None, device: str | None) -> None:
+    """``--weight-cache-gib``: positive, and no larger than the memory free on the device it will
+    fill (host RAM, or the GPU's free memory), refused before anything slow."""
+    if value is None:
+        return
+    if not value > 0:
+        raise QenvError(f"--weight-cache-gib={value:g} must be positive.",
+                        "pass a size in GiB, or leave it out to size the cache from the model.")
+    from qenv.memory import check_cache_fits
+    from qenv.models.loading import resolve_device
+
+    check_cache_fits(value, resolve_device(device), "--weight-cache-gib")
+
+
+def bpw_scope(layers: Sequence[Any]) -> str:
+    """Which tensors a table's bpw counts: the quantized linear layers, and whether the embedding and
+    the output layer are among them (llama.cpp's BPW counts every tensor, so the two disagree)."""
+    kinds = {getattr(info, "kind", "") for info in layers}
+    linears = sum(getattr(info, "kind", "") not in ("embed", "lm_head") for info in layers)
+    inside = [what for kind, what in (("embed", "the embedding"), ("lm_head", "lm_head")) if kind in kinds]
+    outside = [what for kind, what in (("embed", "the embedding"), ("lm_head", "lm_head")) if kind not in kinds]
+    text = f"bpw counts the {linears} quantized linear layers"
+    if inside:
+        text += " and " + " and ".join(inside)
+    if outside:
+        text += f" ({' and '.join(outside)} excluded)"
+    return text
+
+
+def table_legend(reference: str | None, bpw_counts: str) -> str:
+    """The line under a table of qenv's numbers: what KL is measured against (a GGUF of quantized
+    tensors is no full-precision reference: ``LoadedModel.reference_label``), which tensors bpw
+    counts (:func:`bpw_scope`), and what MB is."""
+    return (f"  KL against {reference or 'the full-precision model'}; {bpw_counts}; MB: the whole model, tensors "
+            "outside them at fp16")
 
 
 def refuse_repeated_models(models: Sequence[str], why: str) -> None:

@@ -77,7 +77,7 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key in ("dense_weight", "shaping_weight", "size_weight", "penalty_weight", "deviation_cost"):
             if not is_number(value) or value < 0:
                 fail(key, value, "must be a number of at least 0", "1.0")
-        elif key == "weight_cache_gib":  # None: sized from free memory; too small for a recipe: QuantizedWeights says so
+        elif key == "weight_cache_gib":  # None: sized from the model; too small for a recipe: QuantizedWeights says so
             if value is not None and (not is_number(value) or value < 0):
                 fail(key, value, "must be a number of at least 0", "8 (or leave it unset to size it from free memory)")
         elif key == "validation_fraction":
@@ -171,10 +171,12 @@ class EnvConfig:
         seed: seeds the sampled calibration tokens (episodes are seeded through ``reset``).
         include_lm_head: quantize the output head too.
         cache_dir: the on-disk cache (default ``$QENV_CACHE_DIR``, else ``~/.cache/qenv``; false: none).
-        weight_cache_gib: memory for quantized weights cached per (layer, rule). Default: half the
-            free GPU memory (a quarter of the available RAM on a CPU). Size it to hold every menu
-            rule of every layer for the fastest episodes; a size that cannot hold one recipe is an error.
-        prebuild: quantize the whole menu for every layer up front (default: on a GPU only).
+        weight_cache_gib: memory for quantized weights cached per (layer, rule). Default: sized from
+            the model, four recipes of its quantized layers (the whole menu when it is prebuilt), within
+            a share of the free memory. Size it to hold every menu rule of every layer for the fastest
+            episodes; a size that cannot hold one recipe, or more than the free memory, is an error.
+        prebuild: quantize the whole menu for every layer up front (default: on a GPU, when the whole
+            menu fits the default cache or the ``weight_cache_gib`` given; else on demand).
         validation_fraction: share of the calibration sequences held back (``split_tokens``, seeded
             by ``seed``): episodes and quantization see only the rest, and the searchers pick their
             final recipe among their finalists by KL on the held-back ones (default 0: none held back).

@@ -24,10 +24,12 @@ from qenv.envs.reward import Reference, bracketing_widths, uniform_frontier
 from qenv.envs.spaces import ActionMapper
 from qenv.envs.start import BestStart, StartCandidate, best_start, start_candidates
 from qenv.eval.evaluator import Evaluator, Metrics, oom_guard, stage_of
-from qenv.eval.reference import check_reference_fits, numerics_key, resolve_cache_dir
+from qenv.eval.reference import check_reference_fits, numerics_key, reference_bytes, resolve_cache_dir
 from qenv.eval.sensitivity import rule_errors
 from qenv.eval.tokens import TokenSet, split_tokens, tokens_from_model, tokens_from_text
 from qenv.io import check_output_dir
+from qenv.memory import (CACHED_PREFIX_EPISODES, CACHED_RECIPES, fit_batch_size, forward_bytes_per_sequence, gib,
+                          weight_cache_bytes)
 from qenv.models.layers import LayerInfo
 from qenv.models.loading import LoadedModel, check_context, load_model
 from qenv.quant.accounting import input_groups
@@ -311,22 +313,36 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
     if folder is not None:  # checked before the slow part: the first write comes after the reference
         check_output_dir(folder, "The cache folder", "set QENV_CACHE_DIR to a folder you can write to, or pass "
                                                      "cache_dir=False to cache nothing.")
-    from qenv.progress import stage
+    from qenv.progress import note, stage
 
     with stage(f"loading model {spec}", show=False if isinstance(spec, LoadedModel) else None):
         loaded = load_model(spec, device=device, dtype=dtype, include_lm_head=include_lm_head)
     check_context(loaded, seq_len)
+    n_sequences = max(n_tokens, 0) // seq_len if seq_len >= 1 else 0
+    order = sorted(range(len(loaded.layers)), key=lambda i: (stage_of(loaded.layers[i]), i))
+    layers = [loaded.layers[i] for i in order]
+    groups = input_groups(layers)
+    recipe_bytes = sum(info.numel for info in layers) * loaded.dtype.itemsize
+    menu_bytes = whole_menu_bytes(layers, mapper.rules, groups, loaded.dtype.itemsize)
+    # the whole menu is prebuilt when asked, or on a GPU when it fits the few recipes cached anyway
+    whole = bool(prebuild) or (prebuild is None and loaded.device.type == "cuda" and weight_cache_gib is None and
+                               menu_bytes <= recipe_bytes * CACHED_RECIPES)
+    cache_bytes = int(weight_cache_gib * 2**30) if weight_cache_gib is not None else weight_cache_bytes(
+        recipe_bytes, sum(not r.keeps for r in mapper.rules), loaded.device, whole_menu_bytes=menu_bytes if whole else 0)
+    if seq_len >= 2 and loaded.device.type == "cuda":  # a GPU shared with other processes: wait, then shrink
+        batch_size = fit_batch_size(
+            batch_size, reference_bytes(loaded.model, loaded.layers, n_sequences, seq_len) + recipe_bytes,
+            forward_bytes_per_sequence(loaded.model, seq_len), loaded.device, what=f"the evaluation of {loaded.name}",
+            note=note)
     if seq_len >= 2:  # before sampling tokens: a reference that cannot fit is refused at once
-        check_reference_fits(loaded.model, loaded.layers, max(n_tokens, 0) // seq_len, seq_len, folder)
+        check_reference_fits(loaded.model, loaded.layers, n_sequences, seq_len, folder)
     with stage(f"calibration tokens ({n_tokens})"), oom_guard(batch_size):  # sampling them runs the model too
         tokens = make_tokens(loaded, data, n_tokens, seq_len, seed, cache_dir)
     validation = None
     if validation_fraction > 0:  # held back: never quantized with, never scored by the episodes
         tokens, validation = split_tokens(tokens, validation_fraction, seed=seed)
-    evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir,
-                          max_weight_cache_bytes=None if weight_cache_gib is None else int(weight_cache_gib * 2**30))
-    order = sorted(range(len(loaded.layers)), key=lambda i: (stage_of(loaded.layers[i]), i))
-    layers = [loaded.layers[i] for i in order]
+    evaluator = Evaluator(loaded, tokens, batch_size=batch_size, cache_dir=cache_dir, max_weight_cache_bytes=cache_bytes)
+    note(memory_line(evaluator, len(mapper.rules), recipe_bytes, menu_bytes, whole))
     costs = np.array([[layer_bits(r, info.out_features, info.in_features) for r in mapper.rules] for info in layers],
                      dtype=np.float64)
     cheapest = costs.min(axis=1)
@@ -342,20 +358,16 @@ def build_task(spec: str | LoadedModel, mapper: ActionMapper, *, data: str | Seq
                             dtype=np.float64)
     ladder_sens = rule_errors(evaluator, layers, ladder) * numel[:, None].astype(np.float64)
     task = ModelTask(loaded, evaluator, layers, static, costs, rest_min, stage_end, rest_numel, ladder_costs,
-                     ladder_sens, tuple(mapper.rules), input_groups=input_groups(layers), validation_tokens=validation)
-    if prebuild:
+                     ladder_sens, tuple(mapper.rules), input_groups=groups, validation_tokens=validation)
+    if whole and (prebuild or menu_bytes <= evaluator.weights.max_cache_bytes):
         prebuild_menu(task, mapper.rules)
-    elif prebuild is None and loaded.device.type == "cuda":
-        weights = evaluator.weights
-        later, variants = inherited_scale_variants(task, mapper.rules)
-        need = weights.recipe_bytes() * sum(not r.keeps for r in mapper.rules) + sum(
-            weights.layer_bytes(name) for name in later) * len(variants)
-        if need <= weights.max_cache_bytes:
+    elif prebuild is None and loaded.device.type == "cuda" and weight_cache_gib is not None:
+        if menu_bytes <= evaluator.weights.max_cache_bytes:  # a cache the user sized for the menu: build it
             prebuild_menu(task, mapper.rules)
         else:  # not asked for explicitly: quantize on demand rather than fail
-            warnings.warn(f"The menu's quantized weights ({need / 2**30:.1f} GiB) do not fit the weight cache "
-                          f"({weights.max_cache_bytes / 2**30:.1f} GiB); they are quantized on demand instead. "
-                          "Raise weight_cache_gib or shorten the menu to build them up front.", stacklevel=3)
+            warnings.warn(f"The menu's quantized weights ({menu_bytes / 2**30:.1f} GiB) do not fit the weight cache "
+                          f"({evaluator.weights.max_cache_bytes / 2**30:.1f} GiB); they are quantized on demand "
+                          "instead. Raise weight_cache_gib or shorten the menu to build them up front.", stacklevel=3)
     _TASKS[key] = task
     return task
 
@@ -379,11 +391,38 @@ def prebuild_menu(task: ModelTask, rules: Sequence[Rule], progress: bool = True)
     return built
 
 
-def inherited_scale_variants(task: ModelTask, rules: Sequence[Rule]) -> tuple[list[str], list[Rule]]:
+def inherited_scale_variants(task: ModelTask | Mapping[str, tuple[str, ...]],
+                             rules: Sequence[Rule]) -> tuple[list[str], list[Rule]]:
     """``(later layers of input groups, menu rules with another menu rule's act_scale)``: what an
     episode can quantize beyond the menu itself, since a later layer of a group inherits its
-    group's AWQ scale."""
-    later = [name for name, members in task.input_groups.items() if members and members[0] != name]
+    group's AWQ scale. ``task``: the task, or its input groups (before the task exists)."""
+    groups = task.input_groups if isinstance(task, ModelTask) else task
+    later = [name for name, members in groups.items() if members and members[0] != name]
     scalable = [r for r in rules if not r.keeps and r.gguf is None]
     scales = sorted({r.act_scale for r in scalable})
     return later, [_replace(r, act_scale=s) for r in scalable for s in scales if s != r.act_scale]
+
+
+def whole_menu_bytes(layers: Sequence[LayerInfo], rules: Sequence[Rule], groups: Mapping[str, tuple[str, ...]],
+                     itemsize: int) -> int:
+    """Bytes of every (layer, menu rule) pair's quantized weight, with the AWQ-scale variants that later
+    layers of an input group can inherit (what :func:`prebuild_menu` builds), in the model's dtype."""
+    numel = {info.name: info.numel for info in layers}
+    later, variants = inherited_scale_variants(groups, rules)
+    return itemsize * (sum(numel.values()) * sum(not r.keeps for r in rules) +
+                       sum(numel.get(name, 0) for name in later) * len(variants))
+
+
+def memory_line(evaluator: Evaluator, n_rules: int, recipe_bytes: int, menu_bytes: int, whole: bool) -> str:
+    """One line saying what the in-memory caches may hold, and why that much (issue 26: a 135M
+    model held 7-10 GB unexplained)."""
+    weights = evaluator.weights
+    recipes = weights.max_cache_bytes / max(recipe_bytes, 1)
+    dtype = str(evaluator.loaded.dtype).replace("torch.", "")
+    how = (f"the whole menu of {n_rules} rules, prebuilt" if whole else
+           f"the menu's {n_rules} rules would need {gib(menu_bytes)}: quantized on demand")
+    n_tokens = int(evaluator.tokens.ids.numel())
+    return (f"memory: quantized-weight cache up to {gib(weights.max_cache_bytes)} ({recipes:.1f} recipes of "
+            f"{gib(recipe_bytes)}: {len(weights.layers)} layers in {dtype}; {how}); block-output cache up to "
+            f"{gib(evaluator.max_prefix_cache_bytes)} ({CACHED_PREFIX_EPISODES} episodes of {evaluator.n_blocks} blocks' outputs "
+            f"on {n_tokens} tokens)")

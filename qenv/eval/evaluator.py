@@ -26,6 +26,7 @@ from qenv.eval.graphs import BlockGraphs, graphs_wanted
 from qenv.eval.reference import (Reference, batching_key, cached_reference, check_reference_fits, numerics_key,
                                  resolve_cache_dir)
 from qenv.eval.tokens import TokenSet
+from qenv.memory import hidden_size, prefix_cache_bytes
 from qenv.models.layers import LayerInfo, find_blocks
 from qenv.models.loading import LoadedModel, check_context
 from qenv.quant.accounting import bits_per_weight, model_bytes, untargeted_params
@@ -176,7 +177,7 @@ class Evaluator:
 
     def __init__(self, loaded: LoadedModel, tokens: TokenSet, *, batch_size: int = 8,
                  cache_dir: str | Path | None | bool = None, max_weight_cache_bytes: int | None = None,
-                 max_prefix_cache_bytes: int = 1 << 30, progress: bool = False) -> None:
+                 max_prefix_cache_bytes: int | None = None, progress: bool = False) -> None:
         if batch_size < 1:
             raise QenvError(f"batch_size={batch_size} must be at least 1.")
         check_context(loaded, int(tokens.ids.shape[-1]))
@@ -205,7 +206,10 @@ class Evaluator:
         self._prefix_ids: dict[tuple, int] = {}
         self._next_prefix_id = itertools.count()
         self._prefix_bytes = 0
-        self.max_prefix_cache_bytes = max_prefix_cache_bytes
+        if max_prefix_cache_bytes is None:  # a few episodes of this model's block outputs on these tokens
+            state = int(tokens.ids.numel()) * hidden_size(self.model) * loaded.dtype.itemsize
+            max_prefix_cache_bytes = prefix_cache_bytes(state, len(self._blocks), loaded.device)
+        self.max_prefix_cache_bytes = int(max_prefix_cache_bytes)
         self.prefix_hits = 0
         self.blocks_run = 0
         self._untargeted: int | None = None

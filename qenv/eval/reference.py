@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qenv.cache_files import read_cache_file, write_cache_file
+from qenv.memory import available_memory, hidden_size
 from qenv.models.layers import LayerInfo, find_blocks, get_module
 from qenv.quant.quantizer import LayerCalibration
 
@@ -165,9 +166,7 @@ def reference_bytes(model: nn.Module, layers: list[LayerInfo], n_sequences: int,
     vocab = int(output.weight.shape[0]) if output is not None else 0
     _, blocks = find_blocks(model)
     param = next(model.parameters())
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    hidden = int(embed.weight.shape[-1]) if embed is not None else \
-        int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    hidden = hidden_size(model)
     logprobs = n_sequences * (seq_len - 1) * vocab * 4
     block_outputs = len(blocks) * n_sequences * seq_len * hidden * param.element_size()
     stats = sum(4 * (info.in_features + (info.in_features ** 2 if info.in_features <= MAX_HESSIAN_DIM else 0))
@@ -177,26 +176,6 @@ def reference_bytes(model: nn.Module, layers: list[LayerInfo], n_sequences: int,
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on ``device`` (the GPU's free memory; on the CPU, the kernel's
-    MemAvailable); ``None`` when it cannot be told."""
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except (RuntimeError, AssertionError):
-            return None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_reference_fits(model: nn.Module, layers: list[LayerInfo], n_sequences: int, seq_len: int,

@@ -153,6 +153,34 @@ def check_declared_model(path: Path, config: Any, held: list[int], dtype: torch.
     check_declared_size(f"GGUF file {path.name}", config, held, dtype, _METADATA_FIX)
 
 
+#: GGUF tensor types that are not quantized: a file of only these is a full-precision reference
+UNQUANTIZED_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
+
+
+def gguf_reference_note(path: str | Path) -> str:
+    """What the reference is when the model comes from a GGUF whose weight matrices are quantized:
+    e.g. ``dequantized Q4_1 GGUF (210 Q4_1 and 1 Q8_0 weight matrices)``, else ``""``. qenv loads
+    such a file dequantized and scores every recipe against it, so each number measures a
+    re-quantization of an already quantized model (the packaged SmolLM2-135M is one), which tables
+    and headers must say."""
+    from collections import Counter
+
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        counts = Counter(t.tensor_type.name for t in reader.tensors
+                         if len(t.shape) > 1 and min(int(d) for d in t.shape) > 1)
+    except Exception:  # the loader already read this file; a note is never worth a failure
+        return ""
+    quantized = {name: n for name, n in counts.items() if name not in UNQUANTIZED_TYPES}
+    if not quantized:
+        return ""
+    ranked = sorted(quantized.items(), key=lambda item: (-item[1], item[0]))
+    listed = " and ".join(f"{n} {name}" for name, n in ranked)
+    return f"dequantized {ranked[0][0]} GGUF ({listed} weight matrices)"
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """A dequantized ``*ForCausalLM`` and its tokenizer from a GGUF file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

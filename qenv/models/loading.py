@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qenv.errors import QenvError
-from qenv.models.gguf import PACKAGED_GGUF, find_packaged_gguf, load_gguf
+from qenv.models.gguf import PACKAGED_GGUF, find_packaged_gguf, gguf_reference_note, load_gguf
 from qenv.models.layers import LayerInfo, discover_layers, find_blocks
 from qenv.models.sizes import check_declared_size
 
@@ -43,6 +43,14 @@ class LoadedModel:
     fingerprint: str
     blocks_path: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: what the reference is when it is not a full-precision model (``""`` when it is): e.g.
+    #: ``dequantized Q4_1 GGUF (...)`` for a GGUF of quantized tensors (:func:`gguf_reference_note`)
+    reference_note: str = ""
+
+    @property
+    def reference_label(self) -> str:
+        """The reference every KL is measured against, for headers and tables."""
+        return self.reference_note or "the full-precision model"
 
     @property
     def device(self) -> torch.device:
@@ -340,12 +348,13 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     path = Path(spec_str).expanduser()
     name = spec_str
+    note = ""
     if spec_str in BUILTIN_MODELS:
         model, tokenizer = _load_transformers(str(BUILTIN_DIR / BUILTIN_MODELS[spec_str]), dt, False)
         name = BUILTIN_MODELS[spec_str]
     elif spec_str in PACKAGED_GGUF:
         model, tokenizer = load_gguf(find_packaged_gguf(spec_str), dtype=dt)
-        name = spec_str
+        name, note = spec_str, gguf_reference_note(find_packaged_gguf(spec_str))
     elif spec_str.startswith("tiny-"):
         from qenv.models.tiny import build_tiny_model
 
@@ -357,7 +366,7 @@ def load_model(
         name = path.stem
     elif path.is_file() and path.suffix.lower() == ".gguf":
         model, tokenizer = load_gguf(path, dtype=dt)
-        name = path.stem
+        name, note = path.stem, gguf_reference_note(path)
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise QenvError(f"Folder {path} is not a transformers model (it has no config.json).",
@@ -386,5 +395,5 @@ def load_model(
     blocks_path, _ = find_blocks(model)
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, spec=spec_str, layers=layers,
-        fingerprint=_fingerprint(model, dt), blocks_path=blocks_path,
+        fingerprint=_fingerprint(model, dt), blocks_path=blocks_path, reference_note=note,
     )

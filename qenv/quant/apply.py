@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qenv.errors import QenvError
+from qenv.memory import CACHED_RECIPES, available_memory, check_cache_fits, weight_cache_bytes
 from qenv.models.layers import LayerInfo, get_module, get_weight, to_storage_layout, weight_parameter
 from qenv.quant import gguf as _gguf
 from qenv.quant.quantizer import LayerCalibration, gguf_encode, quantize_matrices
@@ -23,42 +24,12 @@ from qenv.quant.rules import Rule
 CalibrationSource = Callable[[str], "LayerCalibration | None"]
 
 
-#: share of free device memory (GPU) or available RAM (CPU) the weight cache takes when not set
-CACHE_SHARE_GPU = 0.5
-CACHE_SHARE_CPU = 0.25
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory where quantized weights live: the GPU's free memory, or the host's available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
-def default_cache_bytes(originals: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> int:
-    """The weight cache's size when the user does not set it: a share of the free memory on the
-    model's device, so that a whole menu fits where there is room (a fixed 2 GiB was too small
-    from about 1B parameters) without crowding out the evaluation itself."""
-    tensors = list(originals)
-    device = tensors[0].device if tensors else torch.device("cpu")
-    share = CACHE_SHARE_GPU if device.type == "cuda" else CACHE_SHARE_CPU
-    return int(free_memory_bytes(device) * share)
-
-
 def default_batch_bytes(device: torch.device) -> int:
     """Working memory of one prebuild batch: a quarter of the free GPU memory; on a CPU none (one
     layer at a time), since a CPU is not launch-bound and batching there was slower (SmolLM2,
     ``w3g128a-gptq``: 28.3 s batched vs about 22.6 s layer by layer, BENCHMARKS.md)."""
     if device.type == "cuda":
-        return max(256 << 20, free_memory_bytes(device) // 4)
+        return max(256 << 20, (available_memory(device) or 0) // 4)
     return 0
 
 
@@ -114,11 +85,15 @@ class QuantizedWeights:
         self.calibration = calibration
         self._params = {name: weight_parameter(model, info) for name, info in self.layers.items()}
         self._originals = {name: param.data for name, param in self._params.items()}
-        self.max_cache_bytes = default_cache_bytes(self._originals.values()) if max_cache_bytes is None \
-            else int(max_cache_bytes)
         one_recipe = self.recipe_bytes()
+        device = next(iter(self._originals.values())).device if self._originals else torch.device("cpu")
+        if max_cache_bytes is None:  # a few recipes of this model (build_task sizes it from the menu)
+            self.max_cache_bytes = weight_cache_bytes(one_recipe, CACHED_RECIPES, device)
+        else:
+            check_cache_fits(max_cache_bytes / 2**30, device, "weight_cache_gib")
+            self.max_cache_bytes = int(max_cache_bytes)
         if self.max_cache_bytes < one_recipe:
-            where = "set" if max_cache_bytes is not None else "sized from free memory"
+            where = "set" if max_cache_bytes is not None else "sized from the model and the free memory"
             raise QenvError(
                 f"The quantized-weight cache ({self.max_cache_bytes / 2**30:.3f} GiB, {where}) cannot hold even one "
                 f"recipe of this model ({one_recipe / 2**30:.3f} GiB of quantized weights): every step would "
@@ -169,11 +144,13 @@ class QuantizedWeights:
                 "give this layer a rule without GPTQ, act_scale, mse_clip or activation-based salience.")
         return calib
 
-    def _quantize(self, names: Sequence[str], rule: Rule) -> list[torch.Tensor]:
-        """Quantized tensors of ``names`` under ``rule`` (one batch per shape), in storage layout."""
+    def _quantize(self, names: Sequence[str], rule: Rule, threads: int | None = None) -> list[torch.Tensor]:
+        """Quantized tensors of ``names`` under ``rule`` (one batch per shape; a llama.cpp type's in
+        ``threads`` threads), in storage layout. The originals and calibrations are read here, in
+        the calling thread: only the quantization itself runs in other threads."""
         matrices = [self._original_matrix(name) for name in names]
         calibs = [self._calibration_for(name, rule) for name in names]
-        out = quantize_matrices(matrices, rule, calibs)
+        out = quantize_matrices(matrices, rule, calibs, threads=threads)
         return [to_storage_layout(self.layers[name], q).contiguous() for name, q in zip(names, out)]
 
     def _insert(self, key: tuple[str, Rule], quantized: torch.Tensor) -> None:
@@ -208,13 +185,16 @@ class QuantizedWeights:
         return t.numel() * t.element_size()
 
     def prebuild(self, rules: Sequence[Rule], *, progress: bool | Callable[[int, int], None] = False,
-                 batch_bytes: int | None = None, names: Sequence[str] | None = None) -> int:
+                 batch_bytes: int | None = None, names: Sequence[str] | None = None,
+                 threads: int | None = None) -> int:
         """Quantize every (layer, rule) pair of ``rules`` not cached yet, up front; returns how many.
         ``names`` limits the layers (default: every layer).
 
         Layers of one shape are quantized together (``quantize_matrices``), in batches of at most
         ``batch_bytes`` of working memory (default: a quarter of the free GPU memory; one layer at a
-        time on a CPU). A batch that runs out of memory is split in half and retried. When even one
+        time on a CPU). A llama.cpp type's layers of one shape are one batch, quantized by llama.cpp
+        on the CPU in ``threads`` threads (default: every CPU, ``QENV_QUANT_THREADS``), the same
+        bytes as one by one. A batch that runs out of memory is split in half and retried. When even one
         layer cannot be quantized, or the pairs cannot all fit in the cache, this raises a
         ``QenvError`` saying what to lower, and every entry this call added is taken out again, so
         the cache holds only whole entries from before.
@@ -245,12 +225,13 @@ class QuantizedWeights:
                         by_shape.setdefault((info.out_features, info.in_features), []).append(name)
                 for (out_f, in_f), names in by_shape.items():
                     per_layer = _working_bytes(out_f, in_f, rule)
-                    size = max(1, min(len(names), budget // max(per_layer, 1)))
+                    size = len(names) if rule.gguf is not None else \
+                        max(1, min(len(names), budget // max(per_layer, 1)))
                     start = 0
                     while start < len(names):
                         chunk = names[start:start + size]
                         try:
-                            quantized = self._quantize(chunk, rule)
+                            quantized = self._quantize(chunk, rule, threads)
                         except torch.OutOfMemoryError:
                             if size == 1:
                                 raise

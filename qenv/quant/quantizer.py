@@ -8,7 +8,9 @@ rule does. The math runs in float32; scales are rounded to fp16 exactly as they 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -218,18 +220,42 @@ def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: 
     return result
 
 
+def quantize_threads() -> int:
+    """Threads that quantize llama.cpp types in parallel: ``QENV_QUANT_THREADS`` when set, else the
+    CPUs this process may run on."""
+    raw = os.environ.get("QENV_QUANT_THREADS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise QenvError(f"QENV_QUANT_THREADS={raw!r} is not a whole number of at least 1.",
+                            "set it to e.g. 8, or unset it to use every CPU.")
+        return int(raw)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def quantize_matrices(weights: Sequence[torch.Tensor], rule: Rule,
-                      calibs: Sequence[LayerCalibration | None] | None = None) -> list[torch.Tensor]:
+                      calibs: Sequence[LayerCalibration | None] | None = None,
+                      threads: int | None = None) -> list[torch.Tensor]:
     """The dequantized images of several ``[out, in]`` matrices under one ``rule`` (same dtype and
     device as each input), exactly what :func:`quantize_matrix` gives for each.
 
     GPTQ matrices of one shape are quantized as one batch (one column loop for all of them): on a
-    GPU that loop is launch-bound, so this is what makes building a whole menu fast. Every other
-    rule is vectorised within a matrix already and goes through :func:`quantize_matrix` one by one.
+    GPU that loop is launch-bound, so this is what makes building a whole menu fast. A llama.cpp
+    type's matrices are quantized in ``threads`` threads (default :func:`quantize_threads`):
+    ``ggml_quantize_chunk`` runs in C through ctypes, which releases the GIL, and each matrix is
+    quantized whole by one thread, so the bytes are those of the serial build. Every other rule is
+    vectorised within a matrix already and goes through :func:`quantize_matrix` one by one.
     """
     calibs = [None] * len(weights) if calibs is None else list(calibs)
     if len(calibs) != len(weights):
         raise ValueError("quantize_matrices needs one calibration per weight matrix")
+    if rule.gguf is not None and len(weights) > 1:
+        n = min(len(weights), quantize_threads() if threads is None else max(1, int(threads)))
+        if n > 1:
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="qenv-ggml") as pool:
+                return list(pool.map(lambda wc: quantize_matrix(wc[0], rule, wc[1]), zip(weights, calibs)))
     if rule.keeps or rule.rounding != "gptq":
         return [quantize_matrix(w, rule, c) for w, c in zip(weights, calibs)]
     results: list[torch.Tensor | None] = [None] * len(weights)
