@@ -69,7 +69,7 @@ class QuantLLMEnv(gym.Env):
     =============  ============================  =========  =================================================
 
     The plan-based kinds (``residual``, ``allocation``) start from the **best start**
-    (:meth:`~qenv.envs.task.ModelTask.start_plan`): the best measured recipe (KL on the calibration
+    (``ModelTask.start_plan``): the best measured recipe (KL on the calibration
     tokens) of greedy's plan, the human presets the menu expresses and the uniform rules that fit.
     It is measured once per (model, budget) and process, cached on the task and shared by every
     episode and env of the process; the ``reset`` that measured it says how many evaluations it cost
