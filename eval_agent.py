@@ -617,7 +617,7 @@ def write_csv(path: Path, results: list[dict[str, Any]]) -> None:
 def pareto_plot(path: Path, results: list[dict[str, Any]]) -> None:
     from matplotlib.figure import Figure
 
-    from qenv.callbacks import place_labels, save_figure
+    from qenv.training.plots import place_labels, save_figure
 
     n = len(results)
     fig = Figure(figsize=(6.4 * min(n, 3), 4.6 * ((n + 2) // 3)), dpi=100)

@@ -475,7 +475,7 @@ class Run:
             if s["n_envs"] != 1:
                 raise QenvError(f"Agent {name!r} is not a Stable-Baselines3 algorithm and uses one environment, "
                                 f"not --n-envs {s['n_envs']}.", "leave --n-envs at 1 for this agent.")
-            from qenv.callbacks import EpisodeRecorder
+            from qenv.training.episodes import EpisodeRecorder
 
             self.recorder = EpisodeRecorder(self.eval_env)
             env = self.recorder
@@ -571,12 +571,12 @@ class Run:
             write_json_atomic(self.folder / NORMALIZER_FILE, normalizer_state(self.vec))
 
     def checkpoint(self, step: int) -> None:
-        from qenv.callbacks import prune_checkpoints, sigint_deferred, write_checkpoint
+        from qenv.training.checkpoints import prune_checkpoints, sigint_deferred, write_checkpoint
 
         with sigint_deferred():
             self.save_normalizer()
             if self.evaluator is not None:  # before the state, which marks the checkpoint complete
-                from qenv.callbacks import best_model_copy
+                from qenv.training.checkpoints import best_model_copy
                 from qenv.io import atomic_path
 
                 for name in BEST_MODEL_FILES:
@@ -673,7 +673,8 @@ class Run:
 
     # -- main loop ----------------------------------------------------------------------------------
     def execute(self) -> int:
-        from qenv.callbacks import EpisodeTracker, Stopwatch, latest_checkpoint
+        from qenv.training.checkpoints import Stopwatch, latest_checkpoint
+        from qenv.training.episodes import EpisodeTracker
 
         s = self.settings
         self.tracker = EpisodeTracker()
@@ -732,8 +733,9 @@ class Run:
         from stable_baselines3.common.callbacks import CallbackList
         from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
-        from qenv.callbacks import (AtomicCheckpointCallback, QuantEpisodeCallback, TqdmProgressCallback,
-                                    save_agent_atomic, sigint_deferred, wait_past_event_files)
+        from qenv.training.callbacks import AtomicCheckpointCallback, QuantEpisodeCallback, TqdmProgressCallback
+        from qenv.training.checkpoints import save_agent_atomic, sigint_deferred
+        from qenv.training.logger import wait_past_event_files
         from qenv.signals import exit_status_of, signal_name, stopped_message
 
         s = self.settings
@@ -755,13 +757,13 @@ class Run:
         ckpts = AtomicCheckpointCallback(s["checkpoint_freq"], self.checkpoint)
         callbacks = [episodes, ckpts]
         if s.get("eval_freq"):
-            from qenv.callbacks import DeterministicEvalCallback
+            from qenv.training.evaluation import DeterministicEvalCallback
 
             self.evaluator = DeterministicEvalCallback(self.eval_env, int(s["eval_freq"]), n_models=len(self.tasks),
                                                        best_model_save_path=self.folder, log_path=self.folder,
                                                        on_new_best=self.save_best_normalizer)
             if self.resumed:  # the evaluations, and the best model, of the checkpoint resumed from
-                from qenv.callbacks import best_model_copy
+                from qenv.training.checkpoints import best_model_copy
                 from qenv.io import atomic_path
 
                 self.evaluator.evaluations = list(self.eval_state.get("records") or [])
@@ -840,7 +842,8 @@ class Run:
         """Agents that are not SB3 algorithms (searchers, plug-ins): learn, record episodes, save."""
         from torch.utils.tensorboard import SummaryWriter
 
-        from qenv.callbacks import TBLogger, save_agent_atomic, sigint_deferred
+        from qenv.training.checkpoints import save_agent_atomic, sigint_deferred
+        from qenv.training.logger import TBLogger
         from qenv.signals import exit_status_of, signal_name, stopped_message
 
         s = self.settings
@@ -909,7 +912,7 @@ class Run:
         self.vec = None
 
     def log_pareto(self, step: int) -> None:
-        from qenv.callbacks import pareto_figure, save_figure
+        from qenv.training.plots import pareto_figure, save_figure
 
         if not self.tracker.episodes:
             return

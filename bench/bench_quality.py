@@ -490,7 +490,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
     def ppo(seed: int) -> dict[str, Any]:
         from stable_baselines3.common.callbacks import CallbackList
 
-        from qenv.callbacks import EpisodeTracker, QuantEpisodeCallback
+        from qenv.training.callbacks import QuantEpisodeCallback
+        from qenv.training.episodes import EpisodeTracker
 
         trained[seed] = None  # until the training below has finished
         hp = ppo_hyperparams(n_layers, episodes, agent=rl_agent, action_kind=rl_kind, config=cfg.get("rl_config"))
@@ -511,7 +512,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
         best of those K rollouts reported: N evaluations in all, as the searchers have."""
         from stable_baselines3.common.callbacks import CallbackList
 
-        from qenv.callbacks import DeterministicEvalCallback
+        from qenv.training.evaluation import DeterministicEvalCallback
 
         points = min(int(cfg.get("rl_eval_points", 8)), max(1, episodes // 2))
         train = episodes - points
@@ -1285,7 +1286,7 @@ def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
 def pareto_png(path: Path, model: str, budgets: dict[str, dict[str, Any]]) -> None:
     from matplotlib.figure import Figure
 
-    from qenv.callbacks import save_figure
+    from qenv.training.plots import save_figure
 
     fig = Figure(figsize=(7.0, 4.6), dpi=90)
     ax = fig.add_subplot()
