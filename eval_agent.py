@@ -162,12 +162,15 @@ def read_run(policy: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, An
         raise QenvError(f"Run files of {run['folder']} hold env_kwargs or train_models of the wrong shape (edited by "
                         "hand, or not written by train_agent.py).",
                         "pass --agent and --model explicitly, or fix the files.")
-    run["env_kwargs"] = dict(settings.get("env_kwargs") or {})
+    from qenv.cli.runs import env_kwargs_of
+
+    # either layout of config.json (env_kwargs, or this version's env), checked as any settings are
+    run["env_kwargs"] = env_kwargs_of(settings, f"Run files of {run['folder']}") if settings else {}
     run["train_models"] = list(models)
     run["init_from"] = summary.get("init_from") or settings.get("init_from")
     run["budget_preset"] = summary.get("budget_preset") or settings.get("budget_preset")
-    if not run["train_models"] and settings.get("env_kwargs"):
-        model = settings["env_kwargs"].get("model", "default")
+    if not run["train_models"] and run["env_kwargs"]:
+        model = run["env_kwargs"].get("model", "default")
         run["train_models"] = [{"spec": str(m)} for m in (model if isinstance(model, list) else [model])]
     # a fine-tuned policy also saw the models of the run it started from: those are not zero-shot
     run["pretrain_models"] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import signal
 from typing import Any
@@ -80,9 +81,14 @@ def as_menu_kind(env_kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**out, "action_kind": "discrete"}
 
 
-def at_one_budget(env_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A run's env arguments for evaluating its policy at one budget (``budget_bpw``, or the one
-    the caller sets): without ``budgets``, which only its training episodes sample."""
+def at_one_budget(env_kwargs: Any) -> Any:
+    """A run's env arguments (a dict, or its :class:`~qenv.envs.config.EnvConfig`) for evaluating
+    its policy at one budget (``budget_bpw``, or the one the caller sets): without ``budgets``,
+    which only its training episodes sample."""
+    from qenv.envs.config import EnvConfig
+
+    if isinstance(env_kwargs, EnvConfig):
+        return dataclasses.replace(env_kwargs, budgets=None)
     return {key: value for key, value in env_kwargs.items() if key != "budgets"}
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from qenv.envs.features import OBSERVATION_KINDS
 from qenv.envs.reward import REWARD_KINDS
 from qenv.envs.kinds import KINDS
-from qenv.envs.spaces import MENUS, parse_menu
+from qenv.envs.spaces import MENUS, ActionMapper, parse_menu
 from qenv.errors import QenvError
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel
 from qenv.quant.rules import Rule
@@ -252,6 +252,7 @@ class EnvConfig:
             setattr_(self, "data", str(self.data))
         if isinstance(self.cache_dir, Path):
             setattr_(self, "cache_dir", str(self.cache_dir))
+        setattr_(self, "budget_bpw", float(self.budget_bpw))  # 3 and 3.0 are one budget (and one summary.json)
         if self.budgets is not None:
             setattr_(self, "budgets", tuple(float(b) for b in self.budgets))
         if self.menu is not None and not isinstance(self.menu, str):
@@ -306,6 +307,13 @@ class EnvConfig:
         if isinstance(kwargs.get("model"), list):
             kwargs["model"] = tuple(kwargs["model"])
         return cls(**kwargs)
+
+    def action_mapper(self, kind: Any = None) -> ActionMapper:
+        """The mapper of this config's actions: the env's own (``kind``: its :data:`KINDS` object, made
+        here when not given), and what the programs check a policy or an agent against before any
+        model loads."""
+        kind = KINDS[self.action_kind].from_config(self) if kind is None else kind
+        return ActionMapper(self.action_kind, self.menu, space=kind.space(parse_menu(self.menu)))
 
     def env_kwargs(self) -> dict[str, Any]:
         """The settings as ``QuantLLMEnv`` keyword arguments (what ``from_kwargs`` reads back)."""

@@ -28,7 +28,7 @@ from qenv.envs.kinds import KINDS, ActionKind, keeps_knobs
 from qenv.envs.features import ACTION_NAMES, OBS_LIMIT, model_relative, observation_size
 from qenv.envs.render import recipe_image, recipe_table
 from qenv.envs.reward import check_reward_kind, fidelity_reward
-from qenv.envs.spaces import MASKABLE_KINDS, RESIDUAL_SHIFTS, ActionMapper, parse_menu
+from qenv.envs.spaces import MASKABLE_KINDS, RESIDUAL_SHIFTS
 from qenv.envs.task import _TASKS, build_task
 from qenv.errors import QenvError
 from qenv.eval.evaluator import Metrics, Stream, stage_of
@@ -212,7 +212,7 @@ class QuantLLMEnv(gym.Env):
         self.size_weight = float(config.size_weight)
         self.penalty_weight = float(config.penalty_weight)
         self.kind: ActionKind = KINDS[config.action_kind].from_config(config)  # what an action means
-        self.mapper = ActionMapper(config.action_kind, config.menu, space=self.kind.space(parse_menu(config.menu)))
+        self.mapper = config.action_mapper(self.kind)
         self.action_space = self.mapper.space
         self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(observation_size(config.observation),),
                                             dtype=np.float32)
