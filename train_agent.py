@@ -794,19 +794,30 @@ class Run:
                         f"start it again with: python train_agent.py {argv} --overwrite".rstrip() + ".")
 
     def execute_sb3(self, done: int) -> int:
-        from stable_baselines3.common.callbacks import CallbackList
-        from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+        """As SB3's ``learn()``: set up the callbacks, learn, then finish the run (save, evaluate,
+        summarize) or save the interrupted one (a checkpoint to resume from)."""
+        from qenv.training.checkpoints import sigint_deferred
 
-        from qenv.training.callbacks import AtomicCheckpointCallback, QuantEpisodeCallback, TqdmProgressCallback
-        from qenv.training.checkpoints import save_agent_atomic, sigint_deferred
-        from qenv.training.logger import wait_past_event_files
-        from qenv.signals import exit_status_of, signal_name, stopped_message
-
-        s = self.settings
-        model = self.sb3_model()
-        total = int(s.total_timesteps)
         if not self.reward_before:
             self.reward_before = self.deterministic_rewards()
+        callbacks, checkpoints, bar = self.setup_callbacks(done)
+        self.started = True
+        interrupted = self.learn(done, callbacks, checkpoints, bar)
+        steps = int(self.sb3_model().num_timesteps)
+        with sigint_deferred():
+            if interrupted:
+                return self.save_interrupted(steps)
+            summary = self.finish(steps)
+        self.report(summary)
+        return 0
+
+    def setup_callbacks(self, done: int) -> tuple[list[Any], Any, Any]:
+        """The callbacks of ``learn()`` (episodes, --eval-freq's evaluations, checkpoints, in that
+        order, and the progress bar), the checkpoint callback and the bar."""
+        from qenv.training.callbacks import AtomicCheckpointCallback, QuantEpisodeCallback, TqdmProgressCallback
+
+        s = self.settings
+        total = int(s.total_timesteps)
         layer_sizes = {i.name: (i.out_features, i.in_features) for t in self.tasks for i in t.layers}
         config = self.env_config
         hparams = {"agent": s.agent, "seed": s.seed, "total_timesteps": total, "n_envs": s.n_envs,
@@ -819,89 +830,114 @@ class Run:
                                         best_extra={"budget_bpw": config.budget_bpw, "run": self.folder.name},
                                         purge_step=done + 1 if self.resumed else None)
         self.episodes_cb = episodes
-        ckpts = AtomicCheckpointCallback(s.checkpoint_freq, self.checkpoint)
-        callbacks = [episodes, ckpts]
+        checkpoints = AtomicCheckpointCallback(s.checkpoint_freq, self.checkpoint)
+        callbacks = [episodes, checkpoints]
         if s.eval_freq:
             from qenv.training.evaluation import DeterministicEvalCallback
 
             self.evaluator = DeterministicEvalCallback(self.eval_env, int(s.eval_freq), n_models=len(self.tasks),
                                                        best_model_save_path=self.folder, log_path=self.folder,
                                                        on_new_best=self.save_best_normalizer)
-            if self.resumed:  # the evaluations, and the best model, of the checkpoint resumed from
-                from qenv.training.checkpoints import best_model_copy
-                from qenv.io import atomic_path
-
-                self.evaluator.evaluations = list(self.eval_state.get("records") or [])
-                self.evaluator.next_eval = self.eval_state.get("next")
-                best = self.eval_state.get("best")
-                kept = best is not None and best_model_copy(self.ckpt_dir, done).is_file()
-                self.evaluator.best = {**best, "infos": []} if kept else None
-                # best_model.zip of evaluations after that checkpoint (played again now) gives way to its copy
-                for name in BEST_MODEL_FILES:
-                    copy = best_model_copy(self.ckpt_dir, done, name)
-                    if kept and copy.is_file():
-                        with atomic_path(self.folder / name) as tmp:
-                            shutil.copyfile(copy, tmp)
-                    else:
-                        (self.folder / name).unlink(missing_ok=True)
-                self.evaluator.write_log()
+            if self.resumed:
+                self.restore_evaluations(done)
             callbacks.insert(1, self.evaluator)  # before the checkpoints: one at this step holds this evaluation
         bar = TqdmProgressCallback(total, initial=done, desc=s.agent, disable=not self.progress)
+        return [*callbacks, bar], checkpoints, bar
+
+    def restore_evaluations(self, done: int) -> None:
+        """The evaluations, and the best model, of the checkpoint resumed from (at step ``done``)."""
+        from qenv.io import atomic_path
+        from qenv.training.checkpoints import best_model_copy
+
+        self.evaluator.evaluations = list(self.eval_state.get("records") or [])
+        self.evaluator.next_eval = self.eval_state.get("next")
+        best = self.eval_state.get("best")
+        kept = best is not None and best_model_copy(self.ckpt_dir, done).is_file()
+        self.evaluator.best = {**best, "infos": []} if kept else None
+        # best_model.zip of evaluations after that checkpoint (played again now) gives way to its copy
+        for name in BEST_MODEL_FILES:
+            copy = best_model_copy(self.ckpt_dir, done, name)
+            if kept and copy.is_file():
+                with atomic_path(self.folder / name) as tmp:
+                    shutil.copyfile(copy, tmp)
+            else:
+                (self.folder / name).unlink(missing_ok=True)
+        self.evaluator.write_log()
+
+    def learn(self, done: int, callbacks: list[Any], checkpoints: Any, bar: Any) -> bool:
+        """``agent.learn`` from step ``done`` to the run's total; whether a signal interrupted it
+        (then the model is rewound to its last whole rollout, and the tracker with it)."""
+        from stable_baselines3.common.callbacks import CallbackList
+        from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+        from qenv.signals import signal_name
+        from qenv.training.logger import wait_past_event_files
+
+        s = self.settings
+        model = self.sb3_model()
+        total = int(s.total_timesteps)
         remaining = total - done
-        status = "complete"
-        self.started = True
-        if remaining > 0:
-            end, rollout = total, 0
-            if isinstance(model, OnPolicyAlgorithm):  # learn() stops at the end of a whole rollout
-                rollout = int(model.n_steps) * int(model.n_envs)
-            elif str(getattr(getattr(model, "train_freq", None), "unit", "")).endswith("STEP"):  # off-policy
-                rollout = int(model.train_freq.frequency) * int(model.n_envs)
-            if rollout > 0:
-                end = done + -(-remaining // rollout) * rollout
-            if self.resumed:  # this session's events must be read after the earlier ones (they purge them)
-                wait_past_event_files(self.folder / "tb")
-            print(f"training {s.agent} on {', '.join(t.name for t in self.tasks)} at {self.budget_text()}: "
-                  f"{done} -> {total} timesteps" + (" (resumed)" if self.resumed else "")
-                  + (f", run to {end} (whole rollouts of {rollout} timesteps)" if end != total else ""),
-                  flush=True)
-            try:
-                self.agent.learn(remaining, callback=CallbackList([*callbacks, bar]), progress_bar=False,
-                                 reset_num_timesteps=not self.resumed, tb_log_name="run")
-                self.tb = episodes.tb
-            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (qenv.signals.Terminated)
-                self.tb = episodes.tb
-                bar.close()
-                status = "interrupted"
-                self.stopped_by = signal_name(exc)
-                self.interrupted_at = int(model.num_timesteps)
-                if isinstance(model, OnPolicyAlgorithm) and ckpts.last_rollout_start is not None:
-                    # the partial rollout is never learned from: rewind so a resumed run ends on the same total
-                    model.num_timesteps = int(ckpts.last_rollout_start)
-                # ... and the episodes of that rollout, played again after a resume, are not kept twice
-                self.tracker.truncate(int(model.num_timesteps))
-            finally:
-                bar.close()
-        steps = int(model.num_timesteps)
-        with sigint_deferred():
-            if status == "interrupted":
-                self.checkpoint(steps)
-                self.close_envs(interrupted=True)
-                self.tracker.write_best(self.best_path, budget_bpw=self.env_config.budget_bpw, run=self.folder.name)
-                self.log_pareto(steps)
-                self.write_summary("interrupted", steps)
-                what = stopped_message(self.stopped_by)
-                print(f"\n{what} at step {self.interrupted_at}: checkpoint at step {steps} and summary saved in "
-                      f"{self.folder}; continue with: python train_agent.py --resume {self.folder}", flush=True)
-                return exit_status_of(self.stopped_by)
-            self.policy_file = save_agent_atomic(self.agent, self.folder / "model.zip")
-            self.save_normalizer()
-            self.close_envs(interrupted=False)
-            final = self.deterministic_rewards()
-            self.tracker.write_best(self.best_path, budget_bpw=self.env_config.budget_bpw, run=self.folder.name)
-            self.log_pareto(steps)
-            summary = self.write_summary("complete", steps, final)
-        self.report(summary)
-        return 0
+        if remaining <= 0:
+            return False
+        end, rollout = total, 0
+        if isinstance(model, OnPolicyAlgorithm):  # learn() stops at the end of a whole rollout
+            rollout = int(model.n_steps) * int(model.n_envs)
+        elif str(getattr(getattr(model, "train_freq", None), "unit", "")).endswith("STEP"):  # off-policy
+            rollout = int(model.train_freq.frequency) * int(model.n_envs)
+        if rollout > 0:
+            end = done + -(-remaining // rollout) * rollout
+        if self.resumed:  # this session's events must be read after the earlier ones (they purge them)
+            wait_past_event_files(self.folder / "tb")
+        print(f"training {s.agent} on {', '.join(t.name for t in self.tasks)} at {self.budget_text()}: "
+              f"{done} -> {total} timesteps" + (" (resumed)" if self.resumed else "")
+              + (f", run to {end} (whole rollouts of {rollout} timesteps)" if end != total else ""),
+              flush=True)
+        try:
+            self.agent.learn(remaining, callback=CallbackList(callbacks), progress_bar=False,
+                             reset_num_timesteps=not self.resumed, tb_log_name="run")
+            self.tb = self.episodes_cb.tb
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (qenv.signals.Terminated)
+            self.tb = self.episodes_cb.tb
+            bar.close()
+            self.stopped_by = signal_name(exc)
+            self.interrupted_at = int(model.num_timesteps)
+            if isinstance(model, OnPolicyAlgorithm) and checkpoints.last_rollout_start is not None:
+                # the partial rollout is never learned from: rewind so a resumed run ends on the same total
+                model.num_timesteps = int(checkpoints.last_rollout_start)
+            # ... and the episodes of that rollout, played again after a resume, are not kept twice
+            self.tracker.truncate(int(model.num_timesteps))
+            return True
+        finally:
+            bar.close()
+        return False
+
+    def save_interrupted(self, steps: int) -> int:
+        """A checkpoint at ``steps``, the best recipe, the figure and the summary of a stopped run;
+        returns the exit status of the signal that stopped it."""
+        from qenv.signals import exit_status_of, stopped_message
+
+        self.checkpoint(steps)
+        self.close_envs(interrupted=True)
+        self.tracker.write_best(self.best_path, budget_bpw=self.env_config.budget_bpw, run=self.folder.name)
+        self.log_pareto(steps)
+        self.write_summary("interrupted", steps)
+        what = stopped_message(self.stopped_by)
+        print(f"\n{what} at step {self.interrupted_at}: checkpoint at step {steps} and summary saved in "
+              f"{self.folder}; continue with: python train_agent.py --resume {self.folder}", flush=True)
+        return exit_status_of(self.stopped_by)
+
+    def finish(self, steps: int) -> dict[str, Any]:
+        """The trained agent saved, its deterministic episodes scored, the best recipe, the figure
+        and the summary (returned) written."""
+        from qenv.training.checkpoints import save_agent_atomic
+
+        self.policy_file = save_agent_atomic(self.agent, self.folder / "model.zip")
+        self.save_normalizer()
+        self.close_envs(interrupted=False)
+        final = self.deterministic_rewards()
+        self.tracker.write_best(self.best_path, budget_bpw=self.env_config.budget_bpw, run=self.folder.name)
+        self.log_pareto(steps)
+        return self.write_summary("complete", steps, final)
 
     def execute_plain(self) -> int:
         """Agents that are not SB3 algorithms (searchers, plug-ins): learn, record episodes, save."""
