@@ -119,3 +119,44 @@ def test_a_run_folder_of_the_old_layout_resumes_and_evaluates_as_it_trained(stor
     summary = json.loads((new / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["timesteps"] == 96 and summary["sessions"] == 2
     assert EnvConfig.from_dict(summary["settings"]["env"]) == env_config_of(config, "c")
+
+
+REMOVED = {"deviation_cost": (0.0, 0.01), "replan": ("lagrangian", "greedy"), "ladder": ("menu", "frontier")}
+
+
+@pytest.mark.parametrize("key", sorted(REMOVED))
+def test_a_removed_setting_loads_where_it_was_off_and_is_one_line_where_it_was_on(key, tmp_path, capsys):
+    """deviation_cost, replan and ladder moved no loss and were removed: an earlier run's settings
+    that hold one at its old default read as if it were absent (in either layout, and on the
+    command line); one that turned it on is refused, naming it, before anything is written."""
+    off, on = REMOVED[key]
+    residual = {"action_kind": "residual", "max_deviations": 6}
+    assert EnvConfig.from_kwargs(**residual, **{key: off}) == EnvConfig(**residual)
+    v1_env = {k: dict(v) for k, v in EnvConfig(**residual).to_dict().items() if k != "version"}
+    v1_env["action"][key] = off  # EnvConfig.to_dict() of the version that had it
+    assert EnvConfig.from_dict({"version": 1, **v1_env}) == EnvConfig(**residual)
+    with pytest.raises(QenvError, match=f"{key}={on!r} was removed"):
+        EnvConfig.from_kwargs(**residual, **{key: on})
+    old_run = {"version": 1, "env_id": "QuantLLM-v0", "agent": "maskable_ppo", "seed": 0, "total_timesteps": 64,
+               "n_envs": 1, "vec_env": "dummy", "checkpoint_freq": 32, "config_section": {}, "keep_checkpoints": 5,
+               "env_kwargs": {**residual, key: off}}
+    assert train_agent.RunSettings.from_dict(old_run, Path("config.json")).env == EnvConfig(**residual)
+    assert env_kwargs_of(old_run, "config.json") == residual
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**old_run, "env_kwargs": {**residual, key: on}}))
+    assert run_main(train_agent, ["--resume", folder, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{key}={on!r} was removed" in err[0] and "Fix: " in err[0], err
+    assert [p.name for p in folder.iterdir()] == ["config.json"]
+    args = train_agent.build_parser().parse_args(["--env-kwargs", f"{key}={on}", "action_kind=residual"])
+    with pytest.raises(QenvError, match=f"--env-kwargs: {key}=.* was removed"):
+        train_agent.resolve_settings(args)
+
+
+def test_the_actions_observation_was_removed():
+    """observation="actions" (what each residual shift would do) moved no loss: refused by name."""
+    with pytest.raises(QenvError, match="observation='actions' was removed"):
+        EnvConfig.from_kwargs(action_kind="residual", observation="actions")
+    with pytest.raises(QenvError, match="observation='actions' was removed"):
+        env_config_of({"env_kwargs": {"action_kind": "residual", "observation": "actions"}}, "config.json")

@@ -71,13 +71,10 @@ def env_id_of(env_id: str) -> str:
 
 def as_menu_kind(env_kwargs: dict[str, Any]) -> dict[str, Any]:
     """A run's env arguments for an env of the discrete (menu) kind on the same task, e.g. the
-    searchers' env beside a residual policy: the residual-only arguments left out and the
-    ``actions`` observation read as ``relative`` (searchers do not read observations)."""
+    searchers' env beside a residual policy: the residual-only arguments left out."""
     from qenv.envs.config import RESIDUAL_ONLY
 
     out = {k: v for k, v in env_kwargs.items() if k not in RESIDUAL_ONLY}
-    if out.get("observation") == "actions":
-        out["observation"] = "relative"
     return {**out, "action_kind": "discrete"}
 
 

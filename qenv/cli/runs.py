@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from qenv.envs.config import EnvConfig
+from qenv.envs.config import EnvConfig, RemovedSettingError
 from qenv.errors import QenvError
 
 #: the layout of the ``config.json`` that train_agent.py writes (1: ``env_kwargs``; 2: ``env``)
@@ -44,8 +44,8 @@ def env_config_of(settings: Mapping[str, Any], where: str) -> EnvConfig:
             given["model"] = tuple(given["model"])
         return EnvConfig.from_kwargs(**given)
     except QenvError as exc:
-        raise QenvError(f"{where} holds environment settings this qenv cannot use: "
-                        f"{exc.problem.rstrip('.')} (edited by hand, or not written by train_agent.py).",
+        why = "" if isinstance(exc, RemovedSettingError) else " (edited by hand, or not written by train_agent.py)"
+        raise QenvError(f"{where} holds environment settings this qenv cannot use: {exc.problem.rstrip('.')}{why}.",
                         exc.fix or "restore it from the run's summary.json ('settings'), or start a new run.") from None
 
 
