@@ -370,12 +370,16 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     if kwargs.get("data") and loaded.tokenizer is None:
         kwargs.pop("data")  # the run calibrated on text, which this model cannot read
         notes.append(f"{loaded.name} has no tokenizer: calibrated on tokens sampled from it, not on the run's text")
-    env = make_quant_env(model=loaded, **kwargs)
+    from qenv.cli.runs import NON_CONFIG_KWARGS
+    from qenv.envs.config import EnvConfig
+
+    # this model's one config: the run's settings, the flags and the budget (its defaults in one place)
+    config = EnvConfig.from_kwargs(**{k: v for k, v in kwargs.items() if k not in NON_CONFIG_KWARGS}, model=loaded)
+    env = make_quant_env(config=config)
     inner = env.unwrapped
     task = inner.task
-    seq_len = int(kwargs.get("seq_len", 128))
-    n_tokens = int(args.n_tokens or kwargs.get("n_tokens", 2048))
-    scorer, tokens_desc = scoring_evaluator(task, args.data, n_tokens, seq_len, int(kwargs.get("batch_size", 8)))
+    n_tokens = int(args.n_tokens or config.n_tokens)
+    scorer, tokens_desc = scoring_evaluator(task, args.data, n_tokens, config.seq_len, config.batch_size)
     calib = task.evaluator.tokens
     calib_desc = (f"{calib.n_tokens} tokens sampled from the model ({calib.source})" if calib.source.startswith("sampled")
                   else f"{calib.n_tokens} tokens of {calib.source}")
