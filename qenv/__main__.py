@@ -18,7 +18,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from qenv.cli.common import ArgumentParser, plain_table, run_cli
+from qenv.cli.common import ArgumentParser, check_agents_checkout, plain_table, run_cli
 from qenv.errors import QenvError
 
 
@@ -38,6 +38,8 @@ def installed_commands() -> dict[str, Any]:
 
 def run_command(name: str, argv: list[str]) -> int:
     """Run an entry-point command; a missing one (an install older than the command) is one clear line."""
+    if name in OWN_COMMANDS:  # they live in qenv.agents, which may be another checkout's (editable install)
+        check_agents_checkout()
     found = installed_commands().get(name)
     if found is None:
         raise QenvError(f"The command {name!r} is not installed (no {COMMAND_GROUP!r} entry point named {name!r}: "

@@ -97,3 +97,41 @@ def test_no_library_file_is_over_600_lines() -> None:
     long = {str(p.relative_to(REPO)): n for p in sorted((REPO / "qenv").rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > 600}
     assert long == {}
+
+
+def test_a_second_checkout_is_told_it_would_run_the_first_ones_agents(tmp_path) -> None:
+    """The editable install maps ``qenv.agents`` to the checkout it was installed from: a second
+    checkout run with the same python imports its own ``qenv/`` but that first ``agents/``, so edits to
+    its own agents/ silently did nothing. A copy of this checkout in tmp_path (not installed) is such a
+    second checkout: its programs and ``import qenv.agents`` say so in one line, exit 2."""
+    import shutil
+
+    import qenv.agents
+
+    if Path(qenv.agents.__file__).resolve().parent != REPO / "agents":
+        import pytest
+
+        pytest.skip("qenv.agents is not this checkout's agents/ (not an editable install of it)")
+    second = tmp_path / "second-checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "qenv", second / "qenv", ignore=ignore)
+    shutil.copytree(REPO / "agents", second / "agents", ignore=ignore)
+    for script in ("train_agent.py", "eval_agent.py"):
+        shutil.copy2(REPO / script, second / script)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "train_agent.py", "--help"], cwd=second, env=env, capture_output=True,
+                         text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, (out.returncode, out.stderr[-2000:])
+    assert lines[0].startswith("error: ") and str(second / "qenv") in lines[0] and str(REPO / "agents") in lines[0]
+    assert "pip install -e ." in lines[0], lines[0]
+    # `python -m qenv quantize` (its code lives in agents/) and the library's own `import qenv.agents`
+    # refuse too, before any of the other checkout's agents run (one process: each start imports torch)
+    probe = ("import sys; from qenv.__main__ import main; print('status', main(['quantize', '--help']), flush=True); "
+             "import qenv.agents")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=second, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "status 2" in out.stdout, (out.stdout, out.stderr[-2000:])
+    first = out.stderr.splitlines()[0]
+    assert first.startswith("error: ") and "pip install -e ." in first and str(REPO / "agents") in first
+    assert out.returncode != 0 and "QenvError" in out.stderr.splitlines()[-1], out.stderr[-2000:]

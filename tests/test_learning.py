@@ -24,6 +24,8 @@ from qenv.envs.spaces import ACTION_SPACE_KINDS, MASKABLE_KINDS
 from qenv.quant.rules import Rule, layer_bits
 
 REPO = Path(__file__).resolve().parents[1]
+#: one-off experiment scripts (bench/experiments/README.md), apart from the benchmarks users run
+EXPERIMENTS = REPO / "bench" / "experiments"
 SMALL = {"n_tokens": 256, "seq_len": 32, "cache_dir": False}
 
 
@@ -972,9 +974,9 @@ def test_zero_shot_table_reads_eval_agent_results(tmp_path):
 
 
 def test_recipe_shift_and_depth_tilt_scripts(stories_bin, tmp_path):
-    """bench/recipe_shift.py counts the layers an RL recipe that beats greedy moves up or down
+    """bench/experiments/recipe_shift.py counts the layers an RL recipe that beats greedy moves up or down
     against greedy's recipe (from a rollout that stayed on the plan), by kind and by third of the
-    model; bench/depth_tilt.py plays the allocation kind with a fixed depth tilt on a real model."""
+    model; bench/experiments/depth_tilt.py plays the allocation kind with a fixed depth tilt on a real model."""
     import re
     import subprocess
     import sys
@@ -987,28 +989,28 @@ def test_recipe_shift_and_depth_tilt_scripts(stories_bin, tmp_path):
              {"model": "m", "budget": 3.0, "method": "ppo", "seed": 0, "kl": 1.0, "rules": plan},
              {"model": "m", "budget": 3.0, "method": "rl_eval", "seed": 0, "kl": 0.8, "rules": better}]
     (tmp_path / "run" / "raw" / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "recipe_shift.py"), str(tmp_path / "run")],
+    out = subprocess.run([sys.executable, str(EXPERIMENTS / "recipe_shift.py"), str(tmp_path / "run")],
                          check=True, capture_output=True, text=True).stdout
     assert out.startswith("1 RL recipes better than greedy, in the 1 cells"), out
     assert re.search(r"k_proj:\s+1 layers up,\s+0 down", out) and re.search(r"up_proj:\s+0 layers up,\s+1 down", out)
     assert re.search(r"first third:\s+1 layers up", out) and re.search(r"last third:\s+0 layers up,\s+1 down", out)
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "depth_tilt.py"), str(stories_bin), "--budgets", "3.0",
+    out = subprocess.run([sys.executable, str(EXPERIMENTS / "depth_tilt.py"), str(stories_bin), "--budgets", "3.0",
                           "--tilts", "0", "0.2", "--n-tokens", "256"], check=True, capture_output=True, text=True).stdout
     assert re.search(r"stories260K.bin @ 3: greedy KL [\d.]+; tilted / greedy: a=0: [\d.]+, a=0.2: [\d.]+", out), out
 
 
 def test_replan_gap_and_one_deviation_scripts_print_their_measurements(stories_bin):
-    """bench/replan_gap.py and bench/one_deviation.py (the numbers in BENCHMARKS.md's residual
+    """bench/experiments/replan_gap.py and bench/experiments/one_deviation.py (the numbers in BENCHMARKS.md's residual
     section) run on a real model and print one line per budget / per (layer, action)."""
     import re
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "replan_gap.py"), str(stories_bin), "--budgets", "3.0",
+    out = subprocess.run([sys.executable, str(EXPERIMENTS / "replan_gap.py"), str(stories_bin), "--budgets", "3.0",
                           "4.0", "--n-tokens", "256"], check=True, capture_output=True, text=True).stdout
     lines = [line for line in out.splitlines() if "layers differ" in line]
     assert len(lines) == 2 and all(re.search(r"summed sensitivity [\d.]+x greedy's", line) for line in lines), out
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "one_deviation.py"), str(stories_bin), "--budget", "4.0",
+    out = subprocess.run([sys.executable, str(EXPERIMENTS / "one_deviation.py"), str(stories_bin), "--budget", "4.0",
                           "--layers", "2", "--actions", "1", "--n-tokens", "256"],
                          check=True, capture_output=True, text=True).stdout
     steps = [line for line in out.splitlines() if line.startswith("layer")]

@@ -165,6 +165,24 @@ def test_help_lists_every_flag(capsys):
     assert "default: ppo" in out and "default: runs" in out
 
 
+def test_help_lists_every_registered_agent_and_model_spec(capsys):
+    """--agent's help is built from the registry (maskable_ppo was missing from a hand-written list):
+    every registered name is in it, one registered now included; --model's names .gguf and smollm2-135m."""
+    from qenv.agents.registry import AGENTS, available_agents, register_agent
+
+    register_agent("help_probe_agent", "qenv.agents.searchers:GreedySearch", description="listed by --help")
+    try:
+        parser = train_agent.build_parser()
+        help_text = " ".join(parser.format_help().split())
+    finally:
+        AGENTS.pop("help_probe_agent")
+    listed = help_text.split("registered agent name (", 1)[1].split(")", 1)[0].split(", ")
+    assert set(available_agents()) | {"help_probe_agent"} <= set(listed)
+    assert {"maskable_ppo", "recurrent_ppo", "greedy", "evolution"} <= set(listed)
+    model_help = next(a.help for a in parser._actions if "--model" in a.option_strings)
+    assert ".gguf" in model_help and "smollm2-135m" in model_help and " ".join(model_help.split()) in help_text
+
+
 # -- errors --------------------------------------------------------------------------------------------
 def test_existing_run_folder_is_not_overwritten(trained, stories_bin, tiny_config, capsys):
     before = (trained / "summary.json").read_text()

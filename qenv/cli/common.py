@@ -29,6 +29,43 @@ DISK_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*")
 
 
+def agents_checkout_problem() -> QenvError | None:
+    """The error of a ``qenv.agents`` that comes from another checkout than ``qenv``, else None.
+
+    The editable install maps ``qenv.agents`` to the top-level ``agents/`` folder of the checkout it
+    was installed from (pyproject's ``package-dir``). A second checkout run with the same python
+    imports its own ``qenv/`` (the script's folder comes first on ``sys.path``) but the first one's
+    ``agents/``: edits there would silently do nothing. Found without importing the agents (the
+    library never imports the programs' layer): ``agents/`` must sit beside ``qenv/`` (a checkout)
+    or inside it (an installed wheel).
+    """
+    import importlib.util
+
+    import qenv
+
+    try:
+        spec = importlib.util.find_spec("qenv.agents")
+    except (ImportError, ValueError):
+        return None  # no agents at all: the import that needs them says so
+    if spec is None or not spec.origin:
+        return None
+    agents_dir = Path(spec.origin).resolve().parent
+    qenv_dir = Path(qenv.__file__).resolve().parent
+    if agents_dir in (qenv_dir.parent / "agents", qenv_dir / "agents"):
+        return None
+    return QenvError(f"This checkout's qenv ({qenv_dir}) would run another checkout's agents ({agents_dir}): the "
+                     "editable install maps qenv.agents to the folder it was installed from, so edits to this "
+                     "checkout's agents/ would do nothing.",
+                     f"run `pip install -e .` in {qenv_dir.parent} (or run the programs of {agents_dir.parent}).")
+
+
+def check_agents_checkout() -> None:
+    """Raise :func:`agents_checkout_problem`'s error (one line, exit 2 in the programs) when there is one."""
+    problem = agents_checkout_problem()
+    if problem is not None:
+        raise problem
+
+
 def format_error(exc: QenvError) -> str:
     """``error: <problem> Fix: <fix>`` on one line."""
     text = f"error: {exc.problem}" + (f" Fix: {exc.fix}" if exc.fix else "")

@@ -11,7 +11,7 @@
 set -u
 step=${1:?usage: gpu_learning_transfer.sh A|B DEADLINE_S}
 deadline=${2:-400}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/parts "$OUT"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How far the residual kind's Lagrangian re-plan is from greedy's own plan, on one model.
 
-    PYTHONPATH=. python bench/replan_gap.py MODEL [--budgets 2.5 3.0 3.5 4.0] [--n-tokens N]
+    PYTHONPATH=. python bench/experiments/replan_gap.py MODEL [--budgets 2.5 3.0 3.5 4.0] [--n-tokens N]
 
 For each budget, the whole model is planned twice from scratch: by greedy (the ``greedy``
 searcher's recipe, the residual kind's starting plan) and by the convex-hull form the residual
@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> int:

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """A fixed depth tilt on the allocation kind, no learning: does weighting early layers up beat greedy?
 
-    PYTHONPATH=. python bench/depth_tilt.py MODEL [MODEL ...] [--tilts 0 0.1 0.2 0.3] [--n-tokens 1024]
+    PYTHONPATH=. python bench/experiments/depth_tilt.py MODEL [MODEL ...] [--tilts 0 0.1 0.2 0.3] [--n-tokens 1024]
 
 For each model and budget (2.5, 3.0, 3.5, 4.0 bpw) the allocation kind plays one episode with the
 preference p = a (1 - 2 depth) on every layer (depth: the observation's, features.layer_depth), i.e.
 greedy's allocation on the sensitivities weighted by exp(3 p), filled to the budget, and prints
 its calibration KL divided by greedy's (the residual kind's all-zero episode). A = 0 is greedy's
 plan filled to the budget. Below 1 is better than greedy. It checks BENCHMARKS.md's reading of
-what the per-model RL recipes change (``bench/recipe_shift.py``) before any policy learns it.
+what the per-model RL recipes change (``bench/experiments/recipe_shift.py``) before any policy learns it.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> int:

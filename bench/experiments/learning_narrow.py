@@ -8,8 +8,8 @@ hundreds of 210-step episodes shows here before a GPU run. Not a quality result:
 random. Prints the mean ``fidelity_reward`` (the env's terminal reward without shaping terms) per
 tenth of the episodes.
 
-    PYTHONPATH=$PWD python bench/learning_narrow.py bench/smollm2_maskable_ppo.yaml --episodes 600
-    PYTHONPATH=$PWD python bench/learning_narrow.py bench/smollm2_maskable_ppo_shaped.yaml --episodes 600
+    PYTHONPATH=$PWD python bench/experiments/learning_narrow.py bench/experiments/smollm2_maskable_ppo.yaml --episodes 600
+    PYTHONPATH=$PWD python bench/experiments/learning_narrow.py bench/experiments/smollm2_maskable_ppo_shaped.yaml --episodes 600
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
+BENCH_DIR = Path(__file__).resolve().parents[1]  # bench/, for bench_env_overhead
 
 
 def main() -> int:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What one step off greedy's plan costs, layer by layer: the residual kind's actions, measured.
 
-    PYTHONPATH=. python bench/one_deviation.py MODEL --budget 4.0 [--layers 16] [--actions 1 2] [--n-tokens N]
+    PYTHONPATH=. python bench/experiments/one_deviation.py MODEL --budget 4.0 [--layers 16] [--actions 1 2] \\
+        [--n-tokens N]
 
 For each of the first ``--layers`` layers and each action (1: one step up the layer's ladder, 2:
 one step down), the episode follows greedy's plan, takes that action at that layer (the rest is
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which layers the RL recipes that beat greedy give more or fewer bits than greedy does.
 
-    python bench/recipe_shift.py RUN_DIR [RUN_DIR ...]
+    python bench/experiments/recipe_shift.py RUN_DIR [RUN_DIR ...]
 
 Reads ``bench_quality.py run`` folders (``raw/*.jsonl``). For each cell whose greedy recipe is on
 record (a seeded RL row with exactly greedy's KL: a rollout that stayed on the plan), every RL row

