@@ -162,12 +162,15 @@ def read_run(policy: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, An
         raise QenvError(f"Run files of {run['folder']} hold env_kwargs or train_models of the wrong shape (edited by "
                         "hand, or not written by train_agent.py).",
                         "pass --agent and --model explicitly, or fix the files.")
-    run["env_kwargs"] = dict(settings.get("env_kwargs") or {})
+    from qenv.cli.runs import env_kwargs_of
+
+    # either layout of config.json (env_kwargs, or this version's env), checked as any settings are
+    run["env_kwargs"] = env_kwargs_of(settings, f"Run files of {run['folder']}") if settings else {}
     run["train_models"] = list(models)
     run["init_from"] = summary.get("init_from") or settings.get("init_from")
     run["budget_preset"] = summary.get("budget_preset") or settings.get("budget_preset")
-    if not run["train_models"] and settings.get("env_kwargs"):
-        model = settings["env_kwargs"].get("model", "default")
+    if not run["train_models"] and run["env_kwargs"]:
+        model = run["env_kwargs"].get("model", "default")
         run["train_models"] = [{"spec": str(m)} for m in (model if isinstance(model, list) else [model])]
     # a fine-tuned policy also saw the models of the run it started from: those are not zero-shot
     run["pretrain_models"] = []
@@ -311,12 +314,16 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     if kwargs.get("data") and loaded.tokenizer is None:
         kwargs.pop("data")  # the run calibrated on text, which this model cannot read
         notes.append(f"{loaded.name} has no tokenizer: calibrated on tokens sampled from it, not on the run's text")
-    env = make_quant_env(model=loaded, **kwargs)
+    from qenv.cli.runs import NON_CONFIG_KWARGS
+    from qenv.envs.config import EnvConfig
+
+    # this model's one config: the run's settings, the flags and the budget (its defaults in one place)
+    config = EnvConfig.from_kwargs(**{k: v for k, v in kwargs.items() if k not in NON_CONFIG_KWARGS}, model=loaded)
+    env = make_quant_env(config=config)
     inner = env.unwrapped
     task = inner.task
-    seq_len = int(kwargs.get("seq_len", 128))
-    n_tokens = int(args.n_tokens or kwargs.get("n_tokens", 2048))
-    scorer, tokens_desc = scoring_evaluator(task, args.data, n_tokens, seq_len, int(kwargs.get("batch_size", 8)))
+    n_tokens = int(args.n_tokens or config.n_tokens)
+    scorer, tokens_desc = scoring_evaluator(task, args.data, n_tokens, config.seq_len, config.batch_size)
     calib = task.evaluator.tokens
     calib_desc = (f"{calib.n_tokens} tokens sampled from the model ({calib.source})" if calib.source.startswith("sampled")
                   else f"{calib.n_tokens} tokens of {calib.source}")
@@ -567,7 +574,7 @@ def write_csv(path: Path, results: list[dict[str, Any]]) -> None:
 def pareto_plot(path: Path, results: list[dict[str, Any]]) -> None:
     from matplotlib.figure import Figure
 
-    from qenv.callbacks import place_labels, save_figure
+    from qenv.training.plots import place_labels, save_figure
 
     n = len(results)
     fig = Figure(figsize=(6.4 * min(n, 3), 4.6 * ((n + 2) // 3)), dpi=100)

@@ -15,12 +15,14 @@ Every number comes from the environment's evaluator.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qenv.cli.common import (
     ArgumentParser,
@@ -40,6 +42,9 @@ from qenv.cli.common import (
 from qenv.errors import QenvError
 from qenv.io import read_json
 
+if TYPE_CHECKING:
+    from qenv.envs.config import EnvConfig
+
 REPO_DIR = Path(__file__).resolve().parent
 #: VecNormalize's observation statistics of a run with `normalize` in its config (JSON, no pickle)
 NORMALIZER_FILE = "vecnormalize.json"
@@ -48,7 +53,6 @@ BEST_MODEL_FILES = ("best_model.zip", "best_model.vecnormalize.json")
 DEFAULT_AGENT = "ppo"
 #: run length when neither --timesteps nor the config's n_timesteps says
 DEFAULT_TIMESTEPS = 8192
-CONFIG_VERSION = 1
 
 EXAMPLES = """\
 examples:
@@ -159,11 +163,84 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def resolve_settings(args: Any) -> dict[str, Any]:
+#: what a run's config.json must hold to be resumed, and of which type (besides its environment
+#: settings: ``env`` in this version's layout, ``env_kwargs`` in the first one's)
+RUN_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
+    "env_id": str, "agent": str, "seed": int, "total_timesteps": int, "n_envs": int, "vec_env": str,
+    "checkpoint_freq": int, "config_section": dict, "keep_checkpoints": int,
+}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run needs, resolved once from defaults < config file < --env-kwargs < flags
+    (:func:`resolve_settings`): the environment's one :class:`~qenv.envs.config.EnvConfig` and the
+    agent's settings. ``config.json`` is :meth:`to_dict`; ``--resume`` reads it back with
+    :meth:`from_dict`, which reads the config.json of earlier versions too (:mod:`qenv.cli.runs`).
+    Changed with ``dataclasses.replace`` (``--resume --device``), never edited in place."""
+
+    env_id: str
+    agent: str
+    seed: int
+    total_timesteps: int
+    n_envs: int
+    vec_env: str
+    checkpoint_freq: int
+    env: EnvConfig
+    config_section: dict[str, Any]
+    keep_checkpoints: int
+    config_file: str | None = None
+    agent_device: str | None = None
+    eval_freq: int = 0
+    argv: tuple[str, ...] = ()
+    budget_preset: str | None = None
+    evaluations: int | None = None
+    init_from: str | None = None
+    normalize: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``config.json``: the layout's version, the agent's settings and ``env``, the
+        environment's :meth:`~qenv.envs.config.EnvConfig.to_dict`."""
+        from qenv.cli.runs import RUN_CONFIG_VERSION
+
+        out: dict[str, Any] = {"version": RUN_CONFIG_VERSION}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = value.to_dict() if field.name == "env" else list(value) if field.name == "argv" \
+                else _jsonable(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path) -> RunSettings:
+        """A run's ``config.json`` (input: a file edited by hand or written by something else is
+        refused by name, not met later as a KeyError in the middle of a resumed run)."""
+        from qenv.cli.runs import RUN_CONFIG_VERSION, env_config_of
+
+        if not isinstance(data, dict):
+            raise QenvError(f"Run config {path} is not a JSON object.", "start a new run instead.")
+        version = data.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= RUN_CONFIG_VERSION:
+            raise QenvError(f"Run config {path} has layout version {version!r}; this qenv reads 1 to "
+                            f"{RUN_CONFIG_VERSION}.", "resume it with the qenv that wrote it, or start a new run.")
+        bad = sorted(k for k, t in RUN_CONFIG_KEYS.items() if not isinstance(data.get(k), t) or isinstance(data.get(k), bool))
+        if not isinstance(data.get("env" if "env" in data else "env_kwargs"), dict):
+            bad.append("env" if "env" in data else "env_kwargs")
+        if bad:
+            raise QenvError(f"Run config {path} lacks or garbles {', '.join(sorted(bad))} (edited by hand, or not "
+                            "written by train_agent.py).",
+                            "restore it from the run's summary.json ('settings'), or start a new run.")
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data and f.name != "env"}
+        values["argv"] = tuple(str(a) for a in values.get("argv") or ())
+        return cls(env=env_config_of(data, f"Run config {path}"), **values)
+
+
+def resolve_settings(args: Any) -> RunSettings:
     """Everything a fresh run needs, from defaults < config file < --env-kwargs < flags (checked)."""
-    from qenv.agents.registry import check_hyperparams, resolve_agent
+    from qenv.agents.registry import check_action_kind, check_hyperparams, resolve_agent
     from qenv.cli.config import AgentConfig, check_env_kwargs, load_agent_config
     from qenv.cli.envs import env_id_of
+    from qenv.cli.runs import NON_CONFIG_KWARGS
+    from qenv.envs.config import EnvConfig
 
     env_id = env_id_of(args.env)
     spec = resolve_agent(args.agent)  # an unknown agent fails here, before anything slow
@@ -192,16 +269,18 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         merge_flag(env_kwargs, key, flag, value, given)
     check_env_kwargs(env_kwargs, "the environment arguments")  # flags pass the same type checks
     env_kwargs = absolute_paths(env_kwargs)
-    check_agent_action_kind(spec, env_kwargs.get("action_kind", "discrete"))
+    # the run's one environment config (the env draws nothing while training: render_mode is not kept)
+    env_config = EnvConfig.from_kwargs(**{k: v for k, v in env_kwargs.items() if k not in NON_CONFIG_KWARGS})
+    check_action_kind(spec, env_config.action_kind)  # before any model is loaded
     if args.evaluations is not None and args.evaluations < 1:
         raise QenvError(f"--evaluations={args.evaluations} must be at least 1.", "pass a positive whole number.")
     if args.evaluations is not None and args.timesteps is not None:
         raise QenvError("--evaluations and --timesteps both give the run's length.", "pass only one of them.")
     budget_preset, n_layers = None, None
     if isinstance(budget_spec, str) or args.evaluations is not None:
-        budget, budget_preset, n_layers = budget_on_models(budget_spec, env_kwargs, given, args.evaluations is not None)
+        budget, budget_preset, n_layers = budget_on_models(budget_spec, env_config, given, args.evaluations is not None)
         if budget is not None:
-            env_kwargs["budget_bpw"] = budget
+            env_config = dataclasses.replace(env_config, budget_bpw=budget)
     total = args.timesteps if args.timesteps is not None else \
         args.evaluations * n_layers if args.evaluations is not None and n_layers is not None else \
         (cfg.n_timesteps or DEFAULT_TIMESTEPS)
@@ -224,23 +303,21 @@ def resolve_settings(args: Any) -> dict[str, Any]:
         raise QenvError(f"--eval-freq applies to Stable-Baselines3 agents; {args.agent!r} is not one.",
                         "leave --eval-freq out for this agent (its best recipe is in best_recipe.json).")
     n_envs = args.n_envs or cfg.n_envs or 1
-    init_from = check_init_from(args.init_from, spec, env_kwargs.get("action_kind", "discrete"),
-                                env_kwargs.get("menu"), env_kwargs.get("observation", "full")) if args.init_from else None
+    init_from = check_init_from(args.init_from, spec, env_config) if args.init_from else None
     if card is not None:  # a model whose layers the shipped policy cannot describe: one line, before any run folder
-        check_card_describes(card, env_kwargs, args.init_from)
+        check_card_describes(card, env_config, args.init_from)
     section = fit_rollout(args.agent, dict(cfg.raw), n_envs, total)
-    return {"init_from": init_from, "normalize": cfg.normalize,
-        "version": CONFIG_VERSION, "env_id": env_id, "agent": args.agent, "seed": args.seed, "total_timesteps": total,
-        "n_envs": n_envs, "vec_env": args.vec_env or cfg.vec_env or "dummy",
-        "checkpoint_freq": args.checkpoint_freq or cfg.checkpoint_freq or max(1, total // 10),
-        "env_kwargs": _jsonable(env_kwargs), "config_file": None if config_path is None else str(config_path),
-        "config_section": _jsonable(section), "agent_device": args.device, "keep_checkpoints": args.keep_checkpoints,
-        "eval_freq": args.eval_freq, "argv": list(sys.argv[1:]), "budget_preset": budget_preset,
-        "evaluations": args.evaluations,
-    }
+    return RunSettings(
+        env_id=env_id, agent=args.agent, seed=args.seed, total_timesteps=total, n_envs=n_envs,
+        vec_env=args.vec_env or cfg.vec_env or "dummy",
+        checkpoint_freq=args.checkpoint_freq or cfg.checkpoint_freq or max(1, total // 10), env=env_config,
+        config_section=_jsonable(section), keep_checkpoints=args.keep_checkpoints,
+        config_file=None if config_path is None else str(config_path), agent_device=args.device,
+        eval_freq=args.eval_freq, argv=tuple(sys.argv[1:]), budget_preset=budget_preset, evaluations=args.evaluations,
+        init_from=init_from, normalize=cfg.normalize)
 
 
-def budget_on_models(budget_spec: float | str | None, env_kwargs: dict[str, Any], given: dict[str, Any],
+def budget_on_models(budget_spec: float | str | None, env_config: EnvConfig, given: dict[str, Any],
                      one_model: bool) -> tuple[float | None, str | None, int | None]:
     """``(budget, preset name, layer count)`` for a budget named by a preset and/or ``--evaluations``.
 
@@ -251,7 +328,7 @@ def budget_on_models(budget_spec: float | str | None, env_kwargs: dict[str, Any]
     from qenv.models.loading import load_model
     from qenv.quant.presets import budget_label, resolve_budget
 
-    models = model_list(env_kwargs)
+    models = model_list(env_config)
     if one_model and len(models) > 1:
         raise QenvError(f"--evaluations counts episodes of one model, and this run has {len(models)}.",
                         "pass --timesteps for a multi-model run.")
@@ -261,7 +338,7 @@ def budget_on_models(budget_spec: float | str | None, env_kwargs: dict[str, Any]
     sizes: dict[str, float] = {}
     n_layers = None
     for model in models:
-        layers = load_model(model, device="cpu", include_lm_head=bool(env_kwargs.get("include_lm_head", False))).layers
+        layers = load_model(model, device="cpu", include_lm_head=env_config.include_lm_head).layers
         n_layers = len(layers)
         if isinstance(budget_spec, str):
             sizes[model], _ = resolve_budget(budget_spec, layers)
@@ -297,24 +374,23 @@ def card_config(card: dict[str, Any], args: Any) -> Any:
     return parse_section(section, f"the card of {args.init_from}", source=f"{args.init_from} (card)")
 
 
-def check_card_describes(card: dict[str, Any], env_kwargs: dict[str, Any], source: str) -> None:
+def check_card_describes(card: dict[str, Any], env_config: EnvConfig, source: str) -> None:
     """Refuse a --model whose layers a shipped policy cannot describe (see :func:`qenv.policies.check_describes`)."""
     from qenv.models.loading import load_model
     from qenv.policies import check_describes
 
-    for model in model_list(env_kwargs):
-        layers = load_model(model, device="cpu", include_lm_head=bool(env_kwargs.get("include_lm_head", False))).layers
+    for model in model_list(env_config):
+        layers = load_model(model, device="cpu", include_lm_head=env_config.include_lm_head).layers
         check_describes(card, layers, str(model), source)
 
 
-def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any = "full") -> str:
+def check_init_from(path: str, spec: Any, env_config: EnvConfig) -> str:
     """The absolute path of an ``--init-from`` policy whose spaces fit this run (checked before any
     model loads): the same observation size and the same action space."""
     from qenv.agents.registry import available_agents
     from qenv.agents.sb3 import agent_name_of_zip, safe_custom_objects
     from qenv.cli.common import check_observation_matches
-    from qenv.envs.features import OBSERVATION_KINDS, observation_size
-    from qenv.envs.spaces import ActionMapper
+    from qenv.envs.features import observation_size
 
     from qenv.policies import is_shipped, resolve
 
@@ -337,14 +413,15 @@ def check_init_from(path: str, spec: Any, kind: Any, menu: Any, observation: Any
     objects = safe_custom_objects(file)
     obs_space, act_space = objects.get("observation_space"), objects.get("action_space")
     shape = tuple(getattr(obs_space, "shape", ()) or ())
+    observation, kind = env_config.observation, env_config.action_kind
     trained = str(shipped_card(path)["observation"].get("kind")) if is_shipped(path) else None
     check_observation_matches(file, observation, "--init-from: this run's", trained)
-    size = observation_size(str(observation)) if observation in OBSERVATION_KINDS else None
-    if size is not None and shape != (size,):
+    size = observation_size(observation)
+    if shape != (size,):
         raise QenvError(f"--init-from {file} takes observations of size {shape}, but QuantLLM-v0 with observation="
                         f"{observation!r} gives ({size},).",
                         "pass the observation kind it was trained with (--env-kwargs observation=...), or train from scratch.")
-    mapper = ActionMapper(str(kind), menu)
+    mapper = env_config.action_mapper()
     if act_space is not None and act_space != mapper.space:
         raise QenvError(f"--init-from {file} acts in {act_space}, but action_kind={kind!r} gives {mapper.space}.",
                         "pass the action_kind (--env-kwargs action_kind=...) and menu the policy was trained with.")
@@ -394,19 +471,6 @@ def fit_rollout(agent: str, section: dict[str, Any], n_envs: int, total: int) ->
     return out
 
 
-def check_agent_action_kind(spec: Any, kind: Any) -> None:
-    """The registry's action-kind check, before any model is loaded."""
-    import types
-
-    from qenv.agents.registry import check_action_kind
-    from qenv.envs.spaces import ActionMapper
-
-    mapper = ActionMapper(str(kind))  # an unknown kind is a one-line error here, before any model loads
-    probe = types.SimpleNamespace(mapper=mapper, action_space=mapper.space)
-    probe.unwrapped = probe
-    check_action_kind(spec, probe)
-
-
 def absolute_paths(env_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Model and data paths made absolute, so --resume and eval_agent.py work from any folder."""
     def fix(value: Any) -> Any:
@@ -423,12 +487,12 @@ def absolute_paths(env_kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def agent_hyperparams(settings: dict[str, Any]) -> dict[str, Any]:
+def agent_hyperparams(settings: RunSettings) -> dict[str, Any]:
     """The agent's constructor arguments from the stored config section (parsed again: schedules,
     activation functions)."""
     from qenv.cli.config import parse_section
 
-    cfg = parse_section(settings.get("config_section") or {}, settings.get("config_file") or "config")
+    cfg = parse_section(settings.config_section or {}, settings.config_file or "config")
     return dict(cfg.hyperparams)
 
 
@@ -440,19 +504,20 @@ def policy_device(policy: Any, device: str) -> str:
     return "cpu" if policy is None or name.startswith("Mlp") else device
 
 
-def model_list(env_kwargs: dict[str, Any]) -> list[str]:
-    model = env_kwargs.get("model", "default")
-    return [str(m) for m in model] if isinstance(model, list) else [str(model)]
+def model_list(env_config: EnvConfig) -> list[str]:
+    """The run's model specs, one per model of its env."""
+    return [str(m) for m in env_config.models]
 
 
 # -- the run ------------------------------------------------------------------------------------------
 class Run:
     """One training run: builds envs and agent, trains, saves, summarizes."""
 
-    def __init__(self, folder: Path, settings: dict[str, Any], progress: bool, resumed: bool, lock: Any = None) -> None:
+    def __init__(self, folder: Path, settings: RunSettings, progress: bool, resumed: bool, lock: Any = None) -> None:
         self.folder = folder
         self.lock = lock  # the run folder's RunLock, held by this process
         self.settings = settings
+        self.env_config = settings.env  # the training envs' config; the budget, kind and reward are read here
         self.progress = progress
         self.resumed = resumed
         self.ckpt_dir = folder / "checkpoints"
@@ -478,13 +543,12 @@ class Run:
         # The deterministic evaluations run at budget_bpw, not at budgets the training episodes sample;
         # with budgets, an env with all of them is made here too, so that one no model can meet is
         # this process's one-line error rather than every worker's traceback.
-        kwargs = self.settings["env_kwargs"]
-        if "budgets" in kwargs or "budget_range" in kwargs:
-            make_quant_env(**kwargs)
-        self.eval_env = make_quant_env(**at_one_budget(kwargs))
-        self.inner = self.eval_env.unwrapped
-        self.tasks = list(self.inner.tasks)
-        self.multi_budget = len(kwargs.get("budgets") or ()) > 1 or "budget_range" in kwargs  # curves per budget too
+        config = self.env_config
+        if config.budgets is not None or config.budget_range is not None:
+            make_quant_env(config=config)
+        self.eval_env = make_quant_env(config=at_one_budget(config))
+        self.tasks = list(self.eval_env.unwrapped.tasks)
+        self.multi_budget = len(config.budgets or ()) > 1 or config.budget_range is not None  # curves per budget too
 
     def sb3_model(self) -> Any:
         from stable_baselines3.common.base_class import BaseAlgorithm
@@ -498,17 +562,17 @@ class Run:
         from qenv.cli.envs import make_vec
 
         s = self.settings
-        name = s["agent"]
+        name = s.agent
         factory = resolve_agent(name).load()
         sb3_like = callable(getattr(factory, "algorithm_class", None))
         if sb3_like:
-            self.vec = make_vec(s["env_kwargs"], n_envs=s["n_envs"], seed=s["seed"], vec_env=s["vec_env"])
-            if s.get("normalize") is not None:  # rl-zoo's `normalize`: VecNormalize around the training envs
+            self.vec = make_vec({"config": self.env_config}, n_envs=s.n_envs, seed=s.seed, vec_env=s.vec_env)
+            if s.normalize is not None:  # rl-zoo's `normalize`: VecNormalize around the training envs
                 from stable_baselines3.common.vec_env import VecNormalize
 
                 from qenv.agents.sb3 import load_normalizer_state
 
-                kwargs = {"gamma": float(agent_hyperparams(s).get("gamma", 0.99)), **s["normalize"]}
+                kwargs = {"gamma": float(agent_hyperparams(s).get("gamma", 0.99)), **s.normalize}
                 self.vec = VecNormalize(self.vec, **kwargs)
                 stats = self.folder / NORMALIZER_FILE
                 if checkpoint is not None and stats.is_file():
@@ -516,10 +580,10 @@ class Run:
                                                               "delete it to resume with fresh statistics."), stats)
             env: Any = self.vec
         else:
-            if s["n_envs"] != 1:
+            if s.n_envs != 1:
                 raise QenvError(f"Agent {name!r} is not a Stable-Baselines3 algorithm and uses one environment, "
-                                f"not --n-envs {s['n_envs']}.", "leave --n-envs at 1 for this agent.")
-            from qenv.callbacks import EpisodeRecorder
+                                f"not --n-envs {s.n_envs}.", "leave --n-envs at 1 for this agent.")
+            from qenv.training.episodes import EpisodeRecorder
 
             self.recorder = EpisodeRecorder(self.eval_env)
             env = self.recorder
@@ -529,10 +593,10 @@ class Run:
             hyper = agent_hyperparams(s)
             if sb3_like and accepts(name, "tensorboard_log"):
                 hyper.setdefault("tensorboard_log", str(self.folder / "tb"))
-            if s.get("agent_device") and accepts(name, "device") and "device" not in hyper:
-                hyper["device"] = policy_device(hyper.get("policy"), s["agent_device"])
+            if s.agent_device and accepts(name, "device") and "device" not in hyper:
+                hyper["device"] = policy_device(hyper.get("policy"), s.agent_device)
             try:
-                self.agent = make_agent(name, env, seed=s["seed"], **hyper)
+                self.agent = make_agent(name, env, seed=s.seed, **hyper)
             except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # a hyperparameter it rejects
                 import torch
 
@@ -540,14 +604,14 @@ class Run:
                     raise
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise QenvError(f"Agent {name!r} rejected its hyperparameters ({first}).",
-                                f"check the config file {s.get('config_file')} against the agent's documentation."
+                                f"check the config file {s.config_file} against the agent's documentation."
                                 ) from None
-            if s.get("init_from"):
+            if s.init_from:
                 try:  # the policy's weights only (torch tensors); its pickled settings are not read
-                    self.agent.model.set_parameters(s["init_from"], exact_match=True, device=self.agent.model.device)
+                    self.agent.model.set_parameters(s.init_from, exact_match=True, device=self.agent.model.device)
                 except (RuntimeError, ValueError, KeyError) as exc:
                     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    raise QenvError(f"--init-from {s['init_from']} does not fit agent {name!r} ({first}).",
+                    raise QenvError(f"--init-from {s.init_from} does not fit agent {name!r} ({first}).",
                                     "pass the agent and policy_kwargs (net_arch) the policy was trained with.") from None
         model = self.sb3_model()
         self.is_sb3 = model is not None
@@ -561,7 +625,7 @@ class Run:
 
         out: dict[str, Any] = {}
         agent = self.agent
-        if self.settings.get("normalize") is not None:
+        if self.settings.normalize is not None:
             from qenv.agents.sb3 import NormalizedAgent
 
             self.save_normalizer()
@@ -569,7 +633,7 @@ class Run:
                                                           "delete it; it is written again from the training envs."))
         for i, task in enumerate(self.tasks):
             _, info = rollout_recipe(agent, self.eval_env, deterministic=True, reset_options={"model_index": i})
-            ref = task.reference(self.inner.budget_bpw)
+            ref = task.reference(self.env_config.budget_bpw)
             out[task.name] = {
                 "reward": info["episode_return"], "fidelity_reward": info["fidelity_reward"], "kl": info["kl"],
                 "ppl": info["ppl"], "top1": info["top1"], "bpw": info["bpw"], "model_mb": info["model_mb"],
@@ -581,7 +645,7 @@ class Run:
         return out
 
     def references(self) -> dict[str, dict[str, float]]:
-        budget = self.inner.budget_bpw
+        budget = self.env_config.budget_bpw
         return {t.name: {"kl": t.reference(budget).kl, "bpw": budget} for t in self.tasks}
 
     # -- saving -------------------------------------------------------------------------------------
@@ -615,12 +679,12 @@ class Run:
             write_json_atomic(self.folder / NORMALIZER_FILE, normalizer_state(self.vec))
 
     def checkpoint(self, step: int) -> None:
-        from qenv.callbacks import prune_checkpoints, sigint_deferred, write_checkpoint
+        from qenv.training.checkpoints import prune_checkpoints, sigint_deferred, write_checkpoint
 
         with sigint_deferred():
             self.save_normalizer()
             if self.evaluator is not None:  # before the state, which marks the checkpoint complete
-                from qenv.callbacks import best_model_copy
+                from qenv.training.checkpoints import best_model_copy
                 from qenv.io import atomic_path
 
                 for name in BEST_MODEL_FILES:
@@ -628,7 +692,7 @@ class Run:
                         with atomic_path(best_model_copy(self.ckpt_dir, step, name)) as tmp:
                             shutil.copyfile(self.folder / name, tmp)
             write_checkpoint(self.ckpt_dir, self.agent, step, self.state())
-            prune_checkpoints(self.ckpt_dir, int(self.settings.get("keep_checkpoints", 0) or 0))
+            prune_checkpoints(self.ckpt_dir, int(self.settings.keep_checkpoints or 0))
             self.write_summary("running", step)
             tb = self.tb if self.tb is not None else getattr(self.episodes_cb, "tb", None)
             if tb is not None:
@@ -639,7 +703,7 @@ class Run:
         (kept in every checkpoint: a resume on other weights or tokens is refused)."""
         return [{"model": t.name, "spec": spec, "model_fingerprint": t.loaded.fingerprint,
                  "tokens_fingerprint": t.evaluator.tokens.fingerprint}
-                for spec, t in zip(model_list(self.settings["env_kwargs"]), self.tasks)]
+                for spec, t in zip(model_list(self.env_config), self.tasks)]
 
     def check_fingerprints(self, state: dict[str, Any]) -> None:
         """Refuse to resume on weights or tokens other than the checkpoint's: the agent would go on
@@ -673,7 +737,7 @@ class Run:
 
     def train_models(self) -> list[dict[str, Any]]:
         return [{"spec": spec, "name": t.name, "fingerprint": t.loaded.fingerprint, "n_layers": len(t.layers)}
-                for spec, t in zip(model_list(self.settings["env_kwargs"]), self.tasks)]
+                for spec, t in zip(model_list(self.env_config), self.tasks)]
 
     def best_eval(self) -> dict[str, Any] | None:
         """--eval-freq: the best evaluation (timesteps, mean reward, each model's KL and bpw) and how many ran."""
@@ -688,7 +752,7 @@ class Run:
         """The budget as tables name it: ``gptq-w4 (4.156 bpw)`` when it was given as a preset."""
         from qenv.quant.presets import budget_label
 
-        return budget_label(self.inner.budget_bpw, self.settings.get("budget_preset"))
+        return budget_label(self.env_config.budget_bpw, self.settings.budget_preset)
 
     def write_summary(self, status: str, timesteps: int, final: dict[str, Any] | None = None) -> dict[str, Any]:
         from qenv.io import write_json_atomic
@@ -696,10 +760,10 @@ class Run:
         s = self.settings
         best = self.tracker.best
         summary = {
-            "status": status, "env_id": s["env_id"], "agent": s["agent"], "seed": s["seed"],
-            "timesteps": int(timesteps), "total_timesteps": s["total_timesteps"],
+            "status": status, "env_id": s.env_id, "agent": s.agent, "seed": s.seed,
+            "timesteps": int(timesteps), "total_timesteps": s.total_timesteps,
             "wall_time_s": round(self.watch.total, 3), "sessions": self.sessions, "episodes": len(self.tracker),
-            "budget_bpw": self.inner.budget_bpw, "budget_preset": s.get("budget_preset"),
+            "budget_bpw": self.env_config.budget_bpw, "budget_preset": s.budget_preset,
             "train_models": self.train_models(),
             "policy_file": self.policy_file.name if self.policy_file is not None else None,
             "best_reward": None if best is None else best["reward"],
@@ -708,16 +772,17 @@ class Run:
             "episode_reward_first": self.tracker.mean_reward(first=True),
             "episode_reward_last": self.tracker.mean_reward(first=False),
             "reward_before": self.reward_before, "final": final,
-            "interrupted_at": self.interrupted_at, "stopped_by": self.stopped_by, "init_from": s.get("init_from"),
+            "interrupted_at": self.interrupted_at, "stopped_by": self.stopped_by, "init_from": s.init_from,
             "best_eval": self.best_eval(),
-            "settings": {k: v for k, v in s.items() if k not in ("version",)},
+            "settings": {k: v for k, v in s.to_dict().items() if k != "version"},
         }
         write_json_atomic(self.folder / "summary.json", summary)
         return summary
 
     # -- main loop ----------------------------------------------------------------------------------
     def execute(self) -> int:
-        from qenv.callbacks import EpisodeTracker, Stopwatch, latest_checkpoint
+        from qenv.training.checkpoints import Stopwatch, latest_checkpoint
+        from qenv.training.episodes import EpisodeTracker
 
         s = self.settings
         self.tracker = EpisodeTracker()
@@ -749,11 +814,11 @@ class Run:
             except QenvError:  # nothing of the refused model stays in this process's task cache
                 self.eval_env.close()
                 raise
-        self.tracker.budget_bpw = self.inner.budget_bpw  # with budgets, the best recipe is one at this budget
+        self.tracker.budget_bpw = self.env_config.budget_bpw  # with budgets, the best recipe is one at this budget
         self.build_agent(None if ckpt is None else ckpt[1])
         if not self.is_sb3:
             if self.resumed:
-                raise QenvError(f"Agent {s['agent']!r} has no checkpoints to resume from (only Stable-Baselines3 "
+                raise QenvError(f"Agent {s.agent!r} has no checkpoints to resume from (only Stable-Baselines3 "
                                 "agents are checkpointed).", "start a new run (--overwrite or another --name).")
             return self.execute_plain()
         return self.execute_sb3(ckpt[0] if ckpt else 0)
@@ -764,127 +829,166 @@ class Run:
         from qenv.agents.registry import resolve_agent
 
         s = self.settings
-        if not callable(getattr(resolve_agent(s["agent"]).load(), "algorithm_class", None)):
-            raise QenvError(f"Agent {s['agent']!r} has no checkpoints to resume from (only Stable-Baselines3 "
+        if not callable(getattr(resolve_agent(s.agent).load(), "algorithm_class", None)):
+            raise QenvError(f"Agent {s.agent!r} has no checkpoints to resume from (only Stable-Baselines3 "
                             "agents are checkpointed).", "start a new run (--overwrite or another --name).")
-        argv = " ".join(a for a in s.get("argv", []) if a != "--overwrite")
+        argv = " ".join(a for a in s.argv if a != "--overwrite")
         raise QenvError(f"Run folder {self.folder} has no complete checkpoint to resume from (its checkpoints/ "
                         "folder is empty or missing), so it can only start again from step 0.",
                         f"start it again with: python train_agent.py {argv} --overwrite".rstrip() + ".")
 
     def execute_sb3(self, done: int) -> int:
+        """As SB3's ``learn()``: set up the callbacks, learn, then finish the run (save, evaluate,
+        summarize) or save the interrupted one (a checkpoint to resume from)."""
+        from qenv.training.checkpoints import sigint_deferred
+
+        if not self.reward_before:
+            self.reward_before = self.deterministic_rewards()
+        callbacks, checkpoints, bar = self.setup_callbacks(done)
+        self.started = True
+        interrupted = self.learn(done, callbacks, checkpoints, bar)
+        steps = int(self.sb3_model().num_timesteps)
+        with sigint_deferred():
+            if interrupted:
+                return self.save_interrupted(steps)
+            summary = self.finish(steps)
+        self.report(summary)
+        return 0
+
+    def setup_callbacks(self, done: int) -> tuple[list[Any], Any, Any]:
+        """The callbacks of ``learn()`` (episodes, --eval-freq's evaluations, checkpoints, in that
+        order, and the progress bar), the checkpoint callback and the bar."""
+        from qenv.training.callbacks import AtomicCheckpointCallback, QuantEpisodeCallback, TqdmProgressCallback
+
+        s = self.settings
+        total = int(s.total_timesteps)
+        layer_sizes = {i.name: (i.out_features, i.in_features) for t in self.tasks for i in t.layers}
+        config = self.env_config
+        hparams = {"agent": s.agent, "seed": s.seed, "total_timesteps": total, "n_envs": s.n_envs,
+                   "budget_bpw": config.budget_bpw, "models": ",".join(t.name for t in self.tasks),
+                   "action_kind": config.action_kind, "reward": config.reward,
+                   "budget_mode": config.budget_mode, "n_tokens": int(self.tasks[0].evaluator.tokens.n_tokens),
+                   **{f"agent/{k}": v for k, v in (s.config_section or {}).items() if k != "env_kwargs"}}
+        episodes = QuantEpisodeCallback(self.tracker, self.best_path, hparams=hparams, layer_sizes=layer_sizes,
+                                        multi_model=len(self.tasks) > 1, multi_budget=self.multi_budget,
+                                        best_extra={"budget_bpw": config.budget_bpw, "run": self.folder.name},
+                                        purge_step=done + 1 if self.resumed else None)
+        self.episodes_cb = episodes
+        checkpoints = AtomicCheckpointCallback(s.checkpoint_freq, self.checkpoint)
+        callbacks = [episodes, checkpoints]
+        if s.eval_freq:
+            from qenv.training.evaluation import DeterministicEvalCallback
+
+            self.evaluator = DeterministicEvalCallback(self.eval_env, int(s.eval_freq), n_models=len(self.tasks),
+                                                       best_model_save_path=self.folder, log_path=self.folder,
+                                                       on_new_best=self.save_best_normalizer)
+            if self.resumed:
+                self.restore_evaluations(done)
+            callbacks.insert(1, self.evaluator)  # before the checkpoints: one at this step holds this evaluation
+        bar = TqdmProgressCallback(total, initial=done, desc=s.agent, disable=not self.progress)
+        return [*callbacks, bar], checkpoints, bar
+
+    def restore_evaluations(self, done: int) -> None:
+        """The evaluations, and the best model, of the checkpoint resumed from (at step ``done``)."""
+        from qenv.io import atomic_path
+        from qenv.training.checkpoints import best_model_copy
+
+        self.evaluator.evaluations = list(self.eval_state.get("records") or [])
+        self.evaluator.next_eval = self.eval_state.get("next")
+        best = self.eval_state.get("best")
+        kept = best is not None and best_model_copy(self.ckpt_dir, done).is_file()
+        self.evaluator.best = {**best, "infos": []} if kept else None
+        # best_model.zip of evaluations after that checkpoint (played again now) gives way to its copy
+        for name in BEST_MODEL_FILES:
+            copy = best_model_copy(self.ckpt_dir, done, name)
+            if kept and copy.is_file():
+                with atomic_path(self.folder / name) as tmp:
+                    shutil.copyfile(copy, tmp)
+            else:
+                (self.folder / name).unlink(missing_ok=True)
+        self.evaluator.write_log()
+
+    def learn(self, done: int, callbacks: list[Any], checkpoints: Any, bar: Any) -> bool:
+        """``agent.learn`` from step ``done`` to the run's total; whether a signal interrupted it
+        (then the model is rewound to its last whole rollout, and the tracker with it)."""
         from stable_baselines3.common.callbacks import CallbackList
         from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
-        from qenv.callbacks import (AtomicCheckpointCallback, QuantEpisodeCallback, TqdmProgressCallback,
-                                    save_agent_atomic, sigint_deferred, wait_past_event_files)
-        from qenv.signals import exit_status_of, signal_name, stopped_message
+        from qenv.signals import signal_name
+        from qenv.training.logger import wait_past_event_files
 
         s = self.settings
         model = self.sb3_model()
-        total = int(s["total_timesteps"])
-        if not self.reward_before:
-            self.reward_before = self.deterministic_rewards()
-        layer_sizes = {i.name: (i.out_features, i.in_features) for t in self.tasks for i in t.layers}
-        hparams = {"agent": s["agent"], "seed": s["seed"], "total_timesteps": total, "n_envs": s["n_envs"],
-                   "budget_bpw": self.inner.budget_bpw, "models": ",".join(t.name for t in self.tasks),
-                   "action_kind": self.inner.mapper.kind, "reward": self.inner.reward_kind,
-                   "budget_mode": self.inner.budget_mode, "n_tokens": int(self.tasks[0].evaluator.tokens.n_tokens),
-                   **{f"agent/{k}": v for k, v in (s.get("config_section") or {}).items() if k != "env_kwargs"}}
-        episodes = QuantEpisodeCallback(self.tracker, self.best_path, hparams=hparams, layer_sizes=layer_sizes,
-                                        multi_model=len(self.tasks) > 1, multi_budget=self.multi_budget,
-                                        best_extra={"budget_bpw": self.inner.budget_bpw, "run": self.folder.name},
-                                        purge_step=done + 1 if self.resumed else None)
-        self.episodes_cb = episodes
-        ckpts = AtomicCheckpointCallback(s["checkpoint_freq"], self.checkpoint)
-        callbacks = [episodes, ckpts]
-        if s.get("eval_freq"):
-            from qenv.callbacks import DeterministicEvalCallback
-
-            self.evaluator = DeterministicEvalCallback(self.eval_env, int(s["eval_freq"]), n_models=len(self.tasks),
-                                                       best_model_save_path=self.folder, log_path=self.folder,
-                                                       on_new_best=self.save_best_normalizer)
-            if self.resumed:  # the evaluations, and the best model, of the checkpoint resumed from
-                from qenv.callbacks import best_model_copy
-                from qenv.io import atomic_path
-
-                self.evaluator.evaluations = list(self.eval_state.get("records") or [])
-                self.evaluator.next_eval = self.eval_state.get("next")
-                best = self.eval_state.get("best")
-                kept = best is not None and best_model_copy(self.ckpt_dir, done).is_file()
-                self.evaluator.best = {**best, "infos": []} if kept else None
-                # best_model.zip of evaluations after that checkpoint (played again now) gives way to its copy
-                for name in BEST_MODEL_FILES:
-                    copy = best_model_copy(self.ckpt_dir, done, name)
-                    if kept and copy.is_file():
-                        with atomic_path(self.folder / name) as tmp:
-                            shutil.copyfile(copy, tmp)
-                    else:
-                        (self.folder / name).unlink(missing_ok=True)
-                self.evaluator.write_log()
-            callbacks.insert(1, self.evaluator)  # before the checkpoints: one at this step holds this evaluation
-        bar = TqdmProgressCallback(total, initial=done, desc=s["agent"], disable=not self.progress)
+        total = int(s.total_timesteps)
         remaining = total - done
-        status = "complete"
-        self.started = True
-        if remaining > 0:
-            end, rollout = total, 0
-            if isinstance(model, OnPolicyAlgorithm):  # learn() stops at the end of a whole rollout
-                rollout = int(model.n_steps) * int(model.n_envs)
-            elif str(getattr(getattr(model, "train_freq", None), "unit", "")).endswith("STEP"):  # off-policy
-                rollout = int(model.train_freq.frequency) * int(model.n_envs)
-            if rollout > 0:
-                end = done + -(-remaining // rollout) * rollout
-            if self.resumed:  # this session's events must be read after the earlier ones (they purge them)
-                wait_past_event_files(self.folder / "tb")
-            print(f"training {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.budget_text()}: "
-                  f"{done} -> {total} timesteps" + (" (resumed)" if self.resumed else "")
-                  + (f", run to {end} (whole rollouts of {rollout} timesteps)" if end != total else ""),
-                  flush=True)
-            try:
-                self.agent.learn(remaining, callback=CallbackList([*callbacks, bar]), progress_bar=False,
-                                 reset_num_timesteps=not self.resumed, tb_log_name="run")
-                self.tb = episodes.tb
-            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (qenv.signals.Terminated)
-                self.tb = episodes.tb
-                bar.close()
-                status = "interrupted"
-                self.stopped_by = signal_name(exc)
-                self.interrupted_at = int(model.num_timesteps)
-                if isinstance(model, OnPolicyAlgorithm) and ckpts.last_rollout_start is not None:
-                    # the partial rollout is never learned from: rewind so a resumed run ends on the same total
-                    model.num_timesteps = int(ckpts.last_rollout_start)
-                # ... and the episodes of that rollout, played again after a resume, are not kept twice
-                self.tracker.truncate(int(model.num_timesteps))
-            finally:
-                bar.close()
-        steps = int(model.num_timesteps)
-        with sigint_deferred():
-            if status == "interrupted":
-                self.checkpoint(steps)
-                self.close_envs(interrupted=True)
-                self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
-                self.log_pareto(steps)
-                self.write_summary("interrupted", steps)
-                what = stopped_message(self.stopped_by)
-                print(f"\n{what} at step {self.interrupted_at}: checkpoint at step {steps} and summary saved in "
-                      f"{self.folder}; continue with: python train_agent.py --resume {self.folder}", flush=True)
-                return exit_status_of(self.stopped_by)
-            self.policy_file = save_agent_atomic(self.agent, self.folder / "model.zip")
-            self.save_normalizer()
-            self.close_envs(interrupted=False)
-            final = self.deterministic_rewards()
-            self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
-            self.log_pareto(steps)
-            summary = self.write_summary("complete", steps, final)
-        self.report(summary)
-        return 0
+        if remaining <= 0:
+            return False
+        end, rollout = total, 0
+        if isinstance(model, OnPolicyAlgorithm):  # learn() stops at the end of a whole rollout
+            rollout = int(model.n_steps) * int(model.n_envs)
+        elif str(getattr(getattr(model, "train_freq", None), "unit", "")).endswith("STEP"):  # off-policy
+            rollout = int(model.train_freq.frequency) * int(model.n_envs)
+        if rollout > 0:
+            end = done + -(-remaining // rollout) * rollout
+        if self.resumed:  # this session's events must be read after the earlier ones (they purge them)
+            wait_past_event_files(self.folder / "tb")
+        print(f"training {s.agent} on {', '.join(t.name for t in self.tasks)} at {self.budget_text()}: "
+              f"{done} -> {total} timesteps" + (" (resumed)" if self.resumed else "")
+              + (f", run to {end} (whole rollouts of {rollout} timesteps)" if end != total else ""),
+              flush=True)
+        try:
+            self.agent.learn(remaining, callback=CallbackList(callbacks), progress_bar=False,
+                             reset_num_timesteps=not self.resumed, tb_log_name="run")
+            self.tb = self.episodes_cb.tb
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (qenv.signals.Terminated)
+            self.tb = self.episodes_cb.tb
+            bar.close()
+            self.stopped_by = signal_name(exc)
+            self.interrupted_at = int(model.num_timesteps)
+            if isinstance(model, OnPolicyAlgorithm) and checkpoints.last_rollout_start is not None:
+                # the partial rollout is never learned from: rewind so a resumed run ends on the same total
+                model.num_timesteps = int(checkpoints.last_rollout_start)
+            # ... and the episodes of that rollout, played again after a resume, are not kept twice
+            self.tracker.truncate(int(model.num_timesteps))
+            return True
+        finally:
+            bar.close()
+        return False
+
+    def save_interrupted(self, steps: int) -> int:
+        """A checkpoint at ``steps``, the best recipe, the figure and the summary of a stopped run;
+        returns the exit status of the signal that stopped it."""
+        from qenv.signals import exit_status_of, stopped_message
+
+        self.checkpoint(steps)
+        self.close_envs(interrupted=True)
+        self.tracker.write_best(self.best_path, budget_bpw=self.env_config.budget_bpw, run=self.folder.name)
+        self.log_pareto(steps)
+        self.write_summary("interrupted", steps)
+        what = stopped_message(self.stopped_by)
+        print(f"\n{what} at step {self.interrupted_at}: checkpoint at step {steps} and summary saved in "
+              f"{self.folder}; continue with: python train_agent.py --resume {self.folder}", flush=True)
+        return exit_status_of(self.stopped_by)
+
+    def finish(self, steps: int) -> dict[str, Any]:
+        """The trained agent saved, its deterministic episodes scored, the best recipe, the figure
+        and the summary (returned) written."""
+        from qenv.training.checkpoints import save_agent_atomic
+
+        self.policy_file = save_agent_atomic(self.agent, self.folder / "model.zip")
+        self.save_normalizer()
+        self.close_envs(interrupted=False)
+        final = self.deterministic_rewards()
+        self.tracker.write_best(self.best_path, budget_bpw=self.env_config.budget_bpw, run=self.folder.name)
+        self.log_pareto(steps)
+        return self.write_summary("complete", steps, final)
 
     def execute_plain(self) -> int:
         """Agents that are not SB3 algorithms (searchers, plug-ins): learn, record episodes, save."""
         from torch.utils.tensorboard import SummaryWriter
 
-        from qenv.callbacks import TBLogger, save_agent_atomic, sigint_deferred
+        from qenv.training.checkpoints import save_agent_atomic, sigint_deferred
+        from qenv.training.logger import TBLogger
         from qenv.signals import exit_status_of, signal_name, stopped_message
 
         s = self.settings
@@ -899,11 +1003,11 @@ class Run:
             self.tb.episode(record, info)
             if is_best and self.tracker.best is not None:
                 self.tb.best_text(self.tracker.best, layer_sizes)
-                self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
+                self.tracker.write_best(self.best_path, budget_bpw=self.env_config.budget_bpw, run=self.folder.name)
 
         self.recorder.on_episode = on_episode
-        total = int(s["total_timesteps"])
-        print(f"running {s['agent']} on {', '.join(t.name for t in self.tasks)} at {self.budget_text()} "
+        total = int(s.total_timesteps)
+        print(f"running {s.agent} on {', '.join(t.name for t in self.tasks)} at {self.budget_text()} "
               f"for {total} timesteps", flush=True)
         status = "complete"
         self.started = True
@@ -917,8 +1021,8 @@ class Run:
             self.recorder.on_episode = None
             # logged after learning: total_timesteps is the environment steps the agent really played (a plug-in
             # may play fewer than it was granted, or none); the grant is beside it
-            self.tb.hparams({"agent": s["agent"], "seed": s["seed"], "total_timesteps": steps["n"],
-                             "granted_timesteps": total, "budget_bpw": self.inner.budget_bpw,
+            self.tb.hparams({"agent": s.agent, "seed": s.seed, "total_timesteps": steps["n"],
+                             "granted_timesteps": total, "budget_bpw": self.env_config.budget_bpw,
                              "models": ",".join(t.name for t in self.tasks)},
                             {"episode/reward": 0.0, "episode/kl": 0.0})
             suffix = ".json" if type(self.agent).__module__.startswith("qenv.agents.searchers") else ".zip"
@@ -927,7 +1031,7 @@ class Run:
             except QenvError as exc:  # e.g. a searcher interrupted before its first evaluation
                 print(f"note: the agent was not saved ({exc.problem})", flush=True)
             final = self.deterministic_rewards() if status == "complete" else None
-            self.tracker.write_best(self.best_path, budget_bpw=self.inner.budget_bpw, run=self.folder.name)
+            self.tracker.write_best(self.best_path, budget_bpw=self.env_config.budget_bpw, run=self.folder.name)
             self.log_pareto(steps["n"])
             summary = self.write_summary(status, steps["n"], final)
             writer.close()
@@ -953,12 +1057,12 @@ class Run:
         self.vec = None
 
     def log_pareto(self, step: int) -> None:
-        from qenv.callbacks import pareto_figure, save_figure
+        from qenv.training.plots import pareto_figure, save_figure
 
         if not self.tracker.episodes:
             return
-        fig = pareto_figure(self.tracker.episodes, self.tracker.best, self.references(), self.inner.budget_bpw,
-                            title=f"{self.settings['agent']}: {len(self.tracker)} episodes, KL vs bpw")
+        fig = pareto_figure(self.tracker.episodes, self.tracker.best, self.references(), self.env_config.budget_bpw,
+                            title=f"{self.settings.agent}: {len(self.tracker)} episodes, KL vs bpw")
         save_figure(fig, self.folder / "pareto.png")
         if self.tb is not None:
             self.tb.figure("pareto/kl_vs_bpw", fig, step)
@@ -1015,52 +1119,33 @@ def _given_flags(args: Any, parser: ArgumentParser) -> list[str]:
     return ignored
 
 
-#: what a run's config.json must hold to be resumed, and of which type
-RUN_CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
-    "env_id": str, "agent": str, "seed": int, "total_timesteps": int, "n_envs": int, "vec_env": str,
-    "checkpoint_freq": int, "env_kwargs": dict, "config_section": dict, "keep_checkpoints": int,
-}
-
-
-def check_run_config(settings: Any, path: Path) -> None:
-    """A config.json that was edited by hand or written by something else is refused by name, not
-    met later as a KeyError in the middle of a resumed run."""
-    if not isinstance(settings, dict):
-        raise QenvError(f"Run config {path} is not a JSON object.", "start a new run instead.")
-    bad = sorted(k for k, t in RUN_CONFIG_KEYS.items()
-                 if not isinstance(settings.get(k), t) or isinstance(settings.get(k), bool))
-    if bad:
-        raise QenvError(f"Run config {path} lacks or garbles {', '.join(bad)} (edited by hand, or not written by "
-                        "train_agent.py).", "restore it from the run's summary.json ('settings'), or start a new run.")
-
-
-def _prepare_resume(args: Any, parser: ArgumentParser) -> tuple[Path, dict[str, Any]]:
+def _prepare_resume(args: Any, parser: ArgumentParser) -> tuple[Path, RunSettings]:
     folder = Path(args.resume)
     config = folder / "config.json"
     if not config.is_file():
         raise QenvError(f"{folder} is not a run folder of train_agent.py (it has no config.json).",
                         "pass the folder printed as 'run folder:' by an earlier run.")
-    settings = read_json(config, "Run config", "start a new run instead.")
-    check_run_config(settings, config)
+    settings = RunSettings.from_dict(read_json(config, "Run config", "start a new run instead."), config)
     ignored = _given_flags(args, parser)
-    if is_plugin_of_command_line(settings["agent"], args.agent):
+    if is_plugin_of_command_line(settings.agent, args.agent):
         ignored = [flag for flag in ignored if flag != "--agent"]  # --agent vouches for the run's plug-in
     else:  # a run folder names registered agents only: a plug-in path in it is not imported
         from qenv.agents.registry import agent_named_by_file
 
-        settings["agent"] = agent_named_by_file(settings["agent"], f"The run config {config}")
-        if settings["agent"] is None:
+        agent = agent_named_by_file(settings.agent, f"The run config {config}")
+        if agent is None:
             raise QenvError(f"Run config {config} names no agent.",
                             "restore it from the run's summary.json ('settings'), or start a new run.")
+        settings = dataclasses.replace(settings, agent=agent)
     if ignored:
         print(f"note: resuming with the settings in {config}; ignoring {', '.join(ignored)}", flush=True)
     if args.device is not None:
-        settings["env_kwargs"]["device"] = args.device
-        settings["agent_device"] = args.device
+        settings = dataclasses.replace(settings, env=dataclasses.replace(settings.env, device=args.device),
+                                       agent_device=args.device)
     cache = os.environ.get("QENV_CACHE_DIR")
-    stored = settings["env_kwargs"].get("cache_dir")
+    stored = settings.env.cache_dir
     if stored not in (None, False) and cache and str(stored) != cache:
-        settings["env_kwargs"].pop("cache_dir")
+        settings = dataclasses.replace(settings, env=dataclasses.replace(settings.env, cache_dir=None))
         print(f"note: using $QENV_CACHE_DIR={cache}, not the cache_dir={stored} in {config}", flush=True)
     elif stored not in (None, False):
         print(f"note: caching in {stored}, the cache_dir of {config} ($QENV_CACHE_DIR overrides it)", flush=True)
@@ -1105,12 +1190,12 @@ def _body(argv: list[str] | None) -> int:
         refuse_init_from_inside(Path(args.init_from), Path(args.logdir) / args.name)
     settings = resolve_settings(args)
     logdir = Path(args.logdir)
-    name = check_run_name(args.name, logdir) if args.name else default_run_name(logdir, settings["agent"].split(":")[-1].lower())
+    name = check_run_name(args.name, logdir) if args.name else default_run_name(logdir, settings.agent.split(":")[-1].lower())
     folder, lock = new_run_dir(logdir, name, overwrite=args.overwrite, numbered=not args.name)
     with lock:
         from qenv.io import write_json_atomic
 
-        write_json_atomic(folder / "config.json", settings)
+        write_json_atomic(folder / "config.json", settings.to_dict())
         run = Run(folder, settings, progress=not args.no_progress, resumed=False, lock=lock)
         try:
             return run.execute()

@@ -165,6 +165,7 @@ def policy_settings(policy: Path) -> tuple[str, dict[str, Any]]:
     from qenv.agents.sb3 import agent_name_of_zip
     from qenv.cli.common import run_folder_of
     from qenv.cli.envs import at_one_budget
+    from qenv.cli.runs import env_kwargs_of
     from qenv.io import read_json
 
     if not policy.is_file():
@@ -185,7 +186,7 @@ def policy_settings(policy: Path) -> tuple[str, dict[str, Any]]:
             if (folder / name).is_file():
                 data = read_json(folder / name, "Run file", "fix or remove it.")
                 found = (data.get("settings") or data) if isinstance(data, dict) else {}
-                settings = settings or dict(found.get("env_kwargs") or {})
+                settings = settings or env_kwargs_of(found, f"Run file {folder / name}")
                 agent = agent or data.get("agent") or found.get("agent")
     if agent is None and policy.suffix == ".json":  # a searcher's model.json names its searcher
         saved = read_json(policy, "Policy file", "pass a model.json written by a qenv searcher.")

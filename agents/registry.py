@@ -230,7 +230,9 @@ def _check_hyperparams(factory: Callable[..., Any], name: str, hyperparams: dict
 
 
 def check_action_kind(spec: AgentSpec, env: Any) -> None:
-    kind = action_kind(env)
+    """Refuse an agent that does not act in ``env``'s action kind; ``env`` may be the kind's name
+    (a program's ``EnvConfig.action_kind``, checked before any model loads)."""
+    kind = env if isinstance(env, str) else action_kind(env)
     kinds = spec.kinds()
     if kind not in kinds:
         others = [n for n in agents_for(kind) if n != spec.name]

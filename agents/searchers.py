@@ -73,7 +73,7 @@ import numpy as np
 import torch
 
 from qenv.agents.base import base_env, layer_index_of, play_episode, recipe_of, rule_to_action, score_recipe
-from qenv.callbacks import report_scored_episode
+from qenv.training.episodes import report_scored_episode
 from qenv.envs.allocation import greedy_allocation
 from qenv.envs.spaces import RULE_KINDS
 from qenv.envs.start import BestStart, StartCandidate, best_start, start_candidates

@@ -369,7 +369,7 @@ def rl_observation(cfg: dict[str, Any]) -> str:
 
 def rl_env_kwargs(cfg: dict[str, Any], evaluation: bool = False) -> dict[str, Any]:
     """The RL method's further env arguments (``--rl-env``, e.g. ``max_deviations`` or
-    ``deviation_cost``); for a zero-shot rollout, ``--transfer-eval-env`` over them (a limit at
+    ``size_weight``); for a zero-shot rollout, ``--transfer-eval-env`` over them (a limit at
     evaluation only)."""
     extra = dict(cfg.get("rl_env") or {})
     if evaluation:
@@ -508,7 +508,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
     def ppo(seed: int) -> dict[str, Any]:
         from stable_baselines3.common.callbacks import CallbackList
 
-        from qenv.callbacks import EpisodeTracker, QuantEpisodeCallback
+        from qenv.training.callbacks import QuantEpisodeCallback
+        from qenv.training.episodes import EpisodeTracker
 
         trained[seed] = None  # until the training below has finished
         hp = ppo_hyperparams(n_layers, episodes, agent=rl_agent, action_kind=rl_kind, config=cfg.get("rl_config"))
@@ -529,7 +530,7 @@ def quality_job(cfg: dict[str, Any]) -> None:
         best of those K rollouts reported: N evaluations in all, as the searchers have."""
         from stable_baselines3.common.callbacks import CallbackList
 
-        from qenv.callbacks import DeterministicEvalCallback
+        from qenv.training.evaluation import DeterministicEvalCallback
 
         points = min(int(cfg.get("rl_eval_points", 8)), max(1, episodes // 2))
         train = episodes - points
@@ -1328,7 +1329,7 @@ def rl_vs_searchers(agg: dict[str, Any]) -> list[str]:
 def pareto_png(path: Path, model: str, budgets: dict[str, dict[str, Any]]) -> None:
     from matplotlib.figure import Figure
 
-    from qenv.callbacks import save_figure
+    from qenv.training.plots import save_figure
 
     fig = Figure(figsize=(7.0, 4.6), dpi=90)
     ax = fig.add_subplot()
@@ -1510,7 +1511,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: configs/<--rl-agent>.yaml), e.g. configs/ppo_allocation.yaml")
     r.add_argument("--action-kind", default=None,
                    help="the RL method's action kind (default: its config's env_kwargs, else residual)")
-    r.add_argument("--rl-observation", default=None, choices=["full", "relative", "actions"],
+    r.add_argument("--rl-observation", default=None, choices=["full", "relative"],
                    help="the RL method's observation kind (default: its config's env_kwargs, else full)")
     r.add_argument("--rl-shaping", type=float, default=None,
                    help="the RL method's env shaping_weight (potential-based shaping from the streamed block "
@@ -1521,7 +1522,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "boundaries, so short runs get fewer (the rows say how many) (default: %(default)s)")
     r.add_argument("--rl-env", nargs="+", default=[], metavar="KEY=VALUE",
                    help="further env arguments of the RL method, in training and evaluation (e.g. "
-                        "max_deviations=12 deviation_cost=0.01)")
+                        "max_deviations=12 size_weight=0.1)")
     r.add_argument("--transfer-eval-env", nargs="+", default=[], metavar="KEY=VALUE",
                    help="env arguments over --rl-env for the zero-shot rollouts only (e.g. max_deviations=12)")
     r.add_argument("--methods", nargs="+", default=None, choices=METHOD_ORDER[2:],
@@ -1595,9 +1596,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise QenvError(f"{name} {residual[0]}=... applies to the residual action kind, not --action-kind "
                                 f"{args.action_kind}.", "pass --action-kind residual, or leave it out.")
             setattr(args, flag, values)
-        if args.rl_observation == "actions" and args.action_kind != "residual":
-            raise QenvError(f"--rl-observation actions describes the residual kind's actions, not those of "
-                            f"--action-kind {args.action_kind}.", "pass --action-kind residual, or another observation.")
     except QenvError as exc:
         print(f"bench_quality.py: error: {exc}", file=sys.stderr)
         return 2

@@ -53,7 +53,9 @@ def main() -> int:
     # where it trained: model, budgets, calibration data, device and caches are this comparison's own
     drop = ("model", "budget_bpw", "budgets", "data", "n_tokens", "device", "dtype", "cache_dir", "weight_cache_gib",
             "prebuild", "render_mode")
-    kwargs = {k: v for k, v in config["env_kwargs"].items() if k not in drop}
+    from qenv.cli.runs import env_kwargs_of
+
+    kwargs = {k: v for k, v in env_kwargs_of(config, str(run / "config.json")).items() if k not in drop}
     kwargs.update(parse_key_values(args.env, "--env"))
     if kwargs.get("action_kind") not in ("residual", "allocation"):
         raise SystemExit("this comparison needs a policy of the residual or allocation kind (greedy's plan is "

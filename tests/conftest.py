@@ -56,9 +56,11 @@ def require(path: Path, what: str) -> None:
 def load_script(name: str):
     """Import one of the repository's programs (``train_agent``, ``eval_agent``) as a module."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(f"qenv_script_{name}", REPO / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: a dataclass of the program finds its module
     spec.loader.exec_module(module)
     return module
 

@@ -18,8 +18,7 @@ SMALL = {"n_tokens": 512, "seq_len": 64, "cache_dir": False}
 ROUND_TRIPS = [
     {},
     {"budget_bpw": 2.5, "reward": "ppl", "shaping_weight": 0.5, "budget_mode": "penalty", "penalty_weight": 3.0},
-    {"action_kind": "residual", "observation": "actions", "max_deviations": 4, "deviation_cost": 0.1,
-     "replan": "fresh", "ladder": "frontier", "budgets": [2.5, 3.0, 4.0]},
+    {"action_kind": "residual", "observation": "relative", "max_deviations": 4, "budgets": [2.5, 3.0, 4.0]},
     {"menu": [{"bits": 4}, {"bits": 8, "group_size": 64}], "data": ["a.txt", "b.txt"], "device": "cpu"},
     {"menu": "gguf", "action_kind": "multidiscrete", "model": ["tiny-llama", "default"], "cache_dir": "/tmp/x"},
     {"weight_cache_gib": 2.0, "prebuild": False, "include_lm_head": True, "seed": 7, "batch_size": 4},
@@ -54,8 +53,8 @@ BAD = [
     ({"weight_cache_gib": -1}, "at least 0"),
     ({"validation_fraction": 1.0}, "share of the calibration sequences"),
     ({"max_deviations": 3}, "applies to the residual action kind"),
-    ({"observation": "actions"}, "describes the residual kind's actions"),
-    ({"ladder": "frontier"}, "applies to the residual action kind"),
+    ({"observation": "actions"}, "observation='actions' was removed"),
+    ({"ladder": "frontier"}, "ladder='frontier' was removed"),
     ({"budget": 3.0}, "has no setting 'budget'"),
     ({"model": []}, "must be a model spec"),
     ({"menu": []}, "menu is empty"),
@@ -125,7 +124,7 @@ def test_the_env_docstring_is_a_contract_that_renders():
     names = " ".join(row[1] for row in rows[1:])
     assert all(name.removeprefix("w_log").removeprefix("x_log") in names or name.split("_")[0] in names
                for name in STATIC_NAMES + EPISODE_NAMES)
-    assert rows[-2][0] == f"{OBS_DIM - 1}" and rows[-2][1] == EPISODE_NAMES[-1]
+    assert rows[-1][0] == f"{OBS_DIM - 1}" and rows[-1][1] == EPISODE_NAMES[-1]  # the last entry
     menu = [[entry.astext() for entry in row.findall(docutils.nodes.entry)] for row in tables[2].findall(docutils.nodes.row)]
     assert [row[1] for row in menu[1:]] == [rule.label() for rule in DEFAULT_MENU]
     assert ">>> " in doc and "benchmark" not in doc.lower() and "BENCHMARKS" not in doc

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import load_script, run_main
+from qenv.envs.config import EnvConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_ENV = ["--env-kwargs", "n_tokens=512", "seq_len=64", "--n-tokens", "512"]
@@ -143,13 +144,13 @@ def test_default_config_is_read_and_flags_override_it(tmp_path):
     args = train_agent.build_parser().parse_args(["--env", "QuantLLM-v0", "--budget-bpw", "2.5",
                                                   "--env-kwargs", "reward=ppl", "seq_len=64"])
     settings = train_agent.resolve_settings(args)
-    assert Path(settings["config_file"]).name == "ppo.yaml"
-    assert settings["config_section"]["policy"] == "MlpPolicy"
-    assert settings["total_timesteps"] == settings["config_section"]["n_timesteps"]
-    assert settings["env_kwargs"]["budget_bpw"] == 2.5 and settings["env_kwargs"]["reward"] == "ppl"
-    assert settings["env_kwargs"]["seq_len"] == 64 and settings["agent"] == "ppo"
+    assert Path(settings.config_file).name == "ppo.yaml"
+    assert settings.config_section["policy"] == "MlpPolicy"
+    assert settings.total_timesteps == settings.config_section["n_timesteps"]
+    assert settings.env.budget_bpw == 2.5 and settings.env.reward == "ppl"
+    assert settings.env.seq_len == 64 and settings.agent == "ppo"
     hyper = train_agent.agent_hyperparams(settings)
-    assert hyper["n_steps"] == settings["config_section"]["n_steps"] and "n_timesteps" not in hyper
+    assert hyper["n_steps"] == settings.config_section["n_steps"] and "n_timesteps" not in hyper
 
 
 def test_help_lists_every_flag(capsys):
@@ -420,7 +421,7 @@ def test_eval_freq_keeps_the_best_evaluated_policy_across_a_resume(tmp_path, sto
     best = summary["best_eval"]
     assert best["evaluations"] == 4 and best["mean_reward"] == pytest.approx(float(ev["results"].max()))
     assert best["timesteps"] == int(ev["timesteps"][int(np.argmax(ev["results"][:, 0]))])
-    env = make_quant_env(**config["env_kwargs"])
+    env = make_quant_env(config=EnvConfig.from_dict(config["env"]))
     _, info = rollout_recipe(PPO.load(folder / "best_model.zip"), env, deterministic=True)
     assert info["episode_return"] == pytest.approx(best["mean_reward"], abs=1e-9)
     assert info["kl"] == pytest.approx(best["kl"][0], rel=1e-9)
@@ -456,7 +457,7 @@ def test_eval_freq_best_model_keeps_the_normalisation_it_acted_with(tmp_path, st
     assert best["timesteps"] < 256
     assert (folder / "best_model.vecnormalize.json").read_text() != (folder / "vecnormalize.json").read_text()
     config = json.loads((folder / "config.json").read_text())
-    env = make_quant_env(**config["env_kwargs"])
+    env = make_quant_env(config=EnvConfig.from_dict(config["env"]))
     agent = NormalizedAgent(PPO.load(folder / "best_model.zip"), read_json(normalizer_path(folder / "best_model.zip"),
                                                                            "stats", "retrain"))
     _, info = rollout_recipe(agent, env, deterministic=True)

@@ -36,13 +36,14 @@ def main() -> int:
 
     from qenv.cli.common import parse_key_values
     from qenv.cli.envs import at_one_budget
+    from qenv.cli.runs import env_kwargs_of
     from qenv.envs.quant_llm import QuantLLMEnv
     from qenv.eval.evaluator import Evaluator
     from qenv.eval.tokens import tokens_from_text
     from qenv.quant.presets import preset
 
     cfg = json.loads((Path(args.run) / "config.json").read_text())
-    env = QuantLLMEnv(**{**at_one_budget(cfg["env_kwargs"]), **parse_key_values(args.env, "--env")})
+    env = QuantLLMEnv(**{**at_one_budget(env_kwargs_of(cfg, args.run)), **parse_key_values(args.env, "--env")})
     model = MaskablePPO.load(args.checkpoint, device="cpu")
     obs, _ = env.reset(seed=0)
     done, info, deviations = False, {}, 0

@@ -170,6 +170,13 @@ def trained_observation(policy: Path) -> str | None:
         if not isinstance(data, dict):
             continue
         settings = data.get("settings", data) if name == "summary.json" else data
+        if isinstance(settings, dict) and isinstance(settings.get("env"), dict):  # this version's layout
+            from qenv.cli.runs import env_config_of
+
+            try:
+                return env_config_of(settings, str(folder / name)).observation
+            except QenvError:
+                continue
         if isinstance(settings, dict) and isinstance(settings.get("env_kwargs"), dict):
             return str(settings["env_kwargs"].get("observation", "full"))
     return None

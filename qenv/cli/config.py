@@ -157,13 +157,17 @@ def env_kwarg_names() -> list[str]:
 def check_env_kwargs(env_kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(env_kwargs, dict):
         raise QenvError(f"{where}: env_kwargs must be a mapping.", "write e.g. env_kwargs: {budget_bpw: 3.0}.")
+    from qenv.envs.config import check_env_arguments, drop_removed_settings
+
+    try:
+        env_kwargs = drop_removed_settings(env_kwargs)  # a removed setting: dropped where off, else one line
+    except QenvError as exc:
+        raise QenvError(f"{where}: {exc.problem}", exc.fix) from None
     known = env_kwarg_names()
     unknown = sorted(set(env_kwargs) - set(known))
     if unknown:
         raise QenvError(f"{where}: unknown environment argument(s) {unknown}.", f"use only {known}.")
     out = {k: _convert_value(k, v, where) for k, v in env_kwargs.items()}
-    from qenv.envs.config import check_env_arguments
-
     try:
         check_env_arguments(out)
     except QenvError as exc:

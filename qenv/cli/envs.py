@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import signal
 from typing import Any
@@ -70,19 +71,21 @@ def env_id_of(env_id: str) -> str:
 
 def as_menu_kind(env_kwargs: dict[str, Any]) -> dict[str, Any]:
     """A run's env arguments for an env of the discrete (menu) kind on the same task, e.g. the
-    searchers' env beside a residual policy: the residual-only arguments left out and the
-    ``actions`` observation read as ``relative`` (searchers do not read observations)."""
+    searchers' env beside a residual policy: the residual-only arguments left out."""
     from qenv.envs.config import RESIDUAL_ONLY
 
     out = {k: v for k, v in env_kwargs.items() if k not in RESIDUAL_ONLY}
-    if out.get("observation") == "actions":
-        out["observation"] = "relative"
     return {**out, "action_kind": "discrete"}
 
 
-def at_one_budget(env_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A run's env arguments for evaluating its policy at one budget (``budget_bpw``, or the one
-    the caller sets): without ``budgets`` or ``budget_range``, which only its training episodes draw from."""
+def at_one_budget(env_kwargs: Any) -> Any:
+    """A run's env arguments (a dict, or its :class:`~qenv.envs.config.EnvConfig`) for evaluating
+    its policy at one budget (``budget_bpw``, or the one the caller sets): without ``budgets`` or
+    ``budget_range``, which only its training episodes draw from."""
+    from qenv.envs.config import EnvConfig
+
+    if isinstance(env_kwargs, EnvConfig):
+        return dataclasses.replace(env_kwargs, budgets=None, budget_range=None)
     return {key: value for key, value in env_kwargs.items() if key not in ("budgets", "budget_range")}
 
 

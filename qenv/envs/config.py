@@ -27,7 +27,7 @@ import numpy as np
 from qenv.envs.features import OBSERVATION_KINDS
 from qenv.envs.reward import REWARD_KINDS
 from qenv.envs.kinds import KINDS
-from qenv.envs.spaces import MENUS, parse_menu
+from qenv.envs.spaces import MENUS, ActionMapper, parse_menu
 from qenv.errors import QenvError
 from qenv.models.loading import DEFAULT_MODEL, LoadedModel
 from qenv.quant.rules import Rule
@@ -35,11 +35,16 @@ from qenv.quant.rules import Rule
 #: what ``render()`` can draw (the environment opens no window)
 RENDER_MODES: tuple[str, ...] = ("ansi", "rgb_array")
 BUDGET_MODES: tuple[str, ...] = ("hard", "penalty")
-REPLANS: tuple[str, ...] = ("lagrangian", "greedy", "fresh")  # the residual kind's re-plan after a deviation
-LADDERS: tuple[str, ...] = ("menu", "frontier")  # what the residual kind's shifts step along
-#: arguments only the residual action kind takes (with observation="actions"): an env of another
-#: kind made from a residual run's settings (e.g. the searchers' menu env) leaves them out
-RESIDUAL_ONLY: tuple[str, ...] = ("max_deviations", "deviation_cost", "replan", "ladder")
+#: arguments only the residual action kind takes: an env of another kind made from a residual
+#: run's settings (e.g. the searchers' menu env) leaves them out
+RESIDUAL_ONLY: tuple[str, ...] = ("max_deviations",)
+#: settings that were removed because their benchmarks moved no loss (BENCHMARKS.md, "What these
+#: changes did": each measured once on the residual kind, none adopted), with the value that meant
+#: "off". A run's config.json from an earlier version that holds one at that value still loads (the
+#: setting changed nothing); at another value it is refused: this qenv cannot train or score it.
+REMOVED_SETTINGS: dict[str, Any] = {"deviation_cost": 0.0, "replan": "lagrangian", "ladder": "menu"}
+#: removed values of kept settings, by the same measure: ``observation="actions"``
+REMOVED_VALUES: dict[str, tuple[Any, ...]] = {"observation": ("actions",)}
 
 
 def is_number(value: Any) -> bool:
@@ -74,7 +79,7 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
         elif key == "budget_bpw":
             if not is_number(value) or not 0 < value <= 16:
                 raise QenvError(f"budget_bpw={value!r} is out of range.", "use a number of bits per weight in (0, 16].")
-        elif key in ("dense_weight", "shaping_weight", "size_weight", "penalty_weight", "deviation_cost"):
+        elif key in ("dense_weight", "shaping_weight", "size_weight", "penalty_weight"):
             if not is_number(value) or value < 0:
                 fail(key, value, "must be a number of at least 0", "1.0")
         elif key == "weight_cache_gib":  # None: sized from the model; too small for a recipe: QuantizedWeights says so
@@ -111,13 +116,15 @@ def check_env_arguments(arguments: dict[str, Any]) -> None:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
                 fail(key, value, "must be a whole number of at least 0 (or unset: no limit)", "6")
         elif key == "observation":
+            if value in REMOVED_VALUES["observation"]:
+                refuse_removed(key, value)
             if value not in OBSERVATION_KINDS:
                 raise QenvError(f"Unknown observation kind {value!r}.", f"use one of {OBSERVATION_KINDS}.")
         elif key == "reward":
             if value not in REWARD_KINDS:
                 raise QenvError(f"Unknown reward {value!r}.", f"use one of {REWARD_KINDS}.")
-        elif key in ("budget_mode", "replan", "ladder"):
-            options = {"budget_mode": BUDGET_MODES, "replan": REPLANS, "ladder": LADDERS}[key]
+        elif key == "budget_mode":
+            options = BUDGET_MODES
             if value not in options:
                 raise QenvError(f"Unknown {key} {value!r}.", f"use one of {options}.")
         elif key == "render_mode":
@@ -152,6 +159,30 @@ def budget_grid(low: float, high: float, step: float = BUDGET_RANGE_STEP) -> tup
     if high - grid[-1] > 1e-6:
         grid.append(round(float(high), 6))
     return tuple(grid)
+
+
+class RemovedSettingError(QenvError):
+    """A setting (or value) that an earlier version had and this one removed, turned on."""
+
+
+def refuse_removed(key: str, value: Any) -> None:
+    """One line for a removed setting (or value) that is not off: what it was, and why it went."""
+    raise RemovedSettingError(f"{key}={value!r} was removed from QuantLLM-v0: its benchmark moved no loss (BENCHMARKS.md, "
+                    "'What these changes did').",
+                    f"leave {key} out (a run that trained with it needs the qenv version that wrote it).")
+
+
+def drop_removed_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` without the removed ones that are off (:data:`REMOVED_SETTINGS`); one that is on
+    is an error (:func:`refuse_removed`)."""
+    out = dict(settings)
+    for key, off in REMOVED_SETTINGS.items():
+        if key in out:
+            value = out.pop(key)
+            same = is_number(value) and is_number(off) and float(value) == float(off)
+            if not (same or (isinstance(value, str) and value == off)):
+                refuse_removed(key, value)
+    return out
 
 
 #: the version of :meth:`EnvConfig.to_dict`'s layout (raise it when a field changes meaning)
@@ -191,13 +222,17 @@ class EnvConfig:
         action_kind: one of :data:`~qenv.envs.kinds.KINDS` (the built-in ones: ``ACTION_SPACE_KINDS``).
         menu: the rules of the menu kinds (default :data:`~qenv.envs.spaces.DEFAULT_MENU`), or
             ``"gguf"``: llama.cpp's own types (needs the ``gguf`` extra).
-        observation: ``full`` (default), ``relative`` (no entry says how large the model is) or
-            ``actions`` (residual kind: ``relative`` plus what each shift would do).
-        max_deviations, deviation_cost, replan, ladder: the residual kind's own options (refused
-            for the other kinds): at most this many steps leave greedy's plan per episode; a
-            reward cost per step that leaves it; how the layers left are re-planned after a
-            deviation (``lagrangian``, ``greedy``, ``fresh``); what a shift steps along (``menu``
-            or its efficient ``frontier``).
+        observation: ``full`` (default) or ``relative`` (no entry says how large the model is: for
+            policies meant for models of other sizes).
+        max_deviations: the residual kind's own option (refused for the other kinds): at most this
+            many steps per episode leave greedy's plan. Its measured use (BENCHMARKS.md, "Zero-shot
+            transfer with a relative observation"): residual policies trained without a limit and
+            rolled out under ``max_deviations=12`` beat greedy in 7, 6 and 7 of 12 unseen (model,
+            budget) cells on the CPU against 6, 4 and 5 without it; on the H100 zoo 5 of 12 against 3.
+
+    Removed, because their benchmarks moved no loss (BENCHMARKS.md, "What these changes did"):
+    ``deviation_cost``, ``replan`` (``greedy``, ``fresh``), ``ladder="frontier"`` and
+    ``observation="actions"``. A run's settings that hold them at their old default still load.
 
     Budget:
         budget_bpw: target bits per weight over the quantizable layers.
@@ -236,9 +271,6 @@ class EnvConfig:
     menu: str | tuple[Rule, ...] | None = None
     observation: str = "full"
     max_deviations: int | None = None
-    deviation_cost: float = 0.0
-    replan: str = "lagrangian"
-    ladder: str = "menu"
     # budget
     budget_bpw: float = 3.0
     budgets: tuple[float, ...] | None = None
@@ -259,19 +291,9 @@ class EnvConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         check_env_arguments(values)
         kind = self.action_kind
-        if self.observation == "actions" and kind != "residual":
-            raise QenvError(f"observation='actions' describes the residual kind's actions, not those of the "
-                            f"{kind} kind.", "use action_kind='residual', or observation='relative'.")
         if self.max_deviations is not None and kind != "residual":
             raise QenvError(f"max_deviations={self.max_deviations} applies to the residual action kind, not {kind!r}.",
                             "use action_kind='residual', or leave max_deviations unset.")
-        if self.deviation_cost and kind != "residual":
-            raise QenvError(f"deviation_cost={self.deviation_cost} applies to the residual action kind, not {kind!r}.",
-                            "use action_kind='residual', or leave deviation_cost at 0.")
-        for key, default in (("replan", "lagrangian"), ("ladder", "menu")):
-            if getattr(self, key) != default and kind != "residual":
-                raise QenvError(f"{key}={getattr(self, key)!r} applies to the residual action kind, not {kind!r}.",
-                                f"use action_kind='residual', or leave {key} unset.")
         # one spelling per value, so that equal settings are equal configs (and from_dict(to_dict(c)) == c)
         model = self.model
         models = (model,) if isinstance(model, (str, Path, LoadedModel)) else tuple(model)
@@ -286,6 +308,7 @@ class EnvConfig:
             setattr_(self, "data", str(self.data))
         if isinstance(self.cache_dir, Path):
             setattr_(self, "cache_dir", str(self.cache_dir))
+        setattr_(self, "budget_bpw", float(self.budget_bpw))  # 3 and 3.0 are one budget (and one summary.json)
         if self.budgets is not None:
             setattr_(self, "budgets", tuple(float(b) for b in self.budgets))
         if self.budget_range is not None:
@@ -311,7 +334,9 @@ class EnvConfig:
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EnvConfig:
         """A config from the environment's keyword arguments (``gym.make("QuantLLM-v0", **kwargs)``);
-        an unknown key is an error that lists the known ones."""
+        an unknown key is an error that lists the known ones, a removed one is dropped where it is
+        off (:func:`drop_removed_settings`)."""
+        kwargs = drop_removed_settings(kwargs)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in kwargs if k not in known)
         if unknown:
@@ -344,6 +369,7 @@ class EnvConfig:
             if not isinstance(values, Mapping):
                 raise QenvError(f"The environment settings' {group!r} group is not a mapping.",
                                 "write them with EnvConfig.to_dict().")
+            values = drop_removed_settings(values)  # written by an earlier version, with the removed ones
             extra = sorted(str(k) for k in values if k not in names)
             if extra:
                 raise QenvError(f"The environment settings' {group!r} group has unknown key(s) {extra}.",
@@ -352,6 +378,13 @@ class EnvConfig:
         if isinstance(kwargs.get("model"), list):
             kwargs["model"] = tuple(kwargs["model"])
         return cls(**kwargs)
+
+    def action_mapper(self, kind: Any = None) -> ActionMapper:
+        """The mapper of this config's actions: the env's own (``kind``: its :data:`KINDS` object, made
+        here when not given), and what the programs check a policy or an agent against before any
+        model loads."""
+        kind = KINDS[self.action_kind].from_config(self) if kind is None else kind
+        return ActionMapper(self.action_kind, self.menu, space=kind.space(parse_menu(self.menu)))
 
     def env_kwargs(self) -> dict[str, Any]:
         """The settings as ``QuantLLMEnv`` keyword arguments (what ``from_kwargs`` reads back)."""

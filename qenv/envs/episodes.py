@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from qenv.envs.features import ACTION_NAMES, EPISODE_NAMES, OBS_DIM, STATIC_NAMES
+from qenv.envs.features import EPISODE_NAMES, OBS_DIM, STATIC_NAMES
 from qenv.envs.spaces import ActionMapper
 from qenv.errors import QenvError
 from qenv.quant.rules import Recipe, Rule
@@ -81,7 +81,7 @@ def layer_index_of(observation: np.ndarray, n_layers: int) -> np.ndarray | None:
     """The step index within the episode that a batch of observations was taken at (or ``None``
     when the observations do not have the environment's layout)."""
     obs = np.asarray(observation, dtype=np.float64)
-    if obs.shape[-1] not in (OBS_DIM, OBS_DIM + len(ACTION_NAMES)):  # the "actions" kind appends its entries
+    if obs.shape[-1] != OBS_DIM:
         return None
     return n_layers - np.rint(obs[..., LAYERS_LEFT_INDEX] * n_layers).astype(np.int64)
 

@@ -42,19 +42,14 @@ EPISODE_NAMES: tuple[str, ...] = (
 SHARE_BITS = 3
 OBS_DIM = len(STATIC_NAMES) + len(EPISODE_NAMES)
 OBS_LIMIT = 10.0
-#: the ``actions`` observation's entries after the others: what each residual action other than 0
-#: (a shift of +1, -1, +2, -2, +3, -3 along the layer's ladder from the plan) would do here
-ACTION_NAMES: tuple[str, ...] = tuple(f"{what}_{shift}" for shift in ("up1", "down1", "up2", "down2", "up3", "down3")
-                                      for what in ("act_log_err", "act_bpw"))
-
 #: the environment's observation kinds (``QuantLLMEnv(observation=...)``): ``full`` and ``relative``
-#: have the same entries, read differently; ``actions`` is ``relative`` plus :data:`ACTION_NAMES`
-OBSERVATION_KINDS: tuple[str, ...] = ("full", "relative", "actions")
+#: have the same entries, read differently
+OBSERVATION_KINDS: tuple[str, ...] = ("full", "relative")
 
 
 def observation_size(kind: str) -> int:
-    """The length of an observation of this kind (``actions`` has the per-action entries too)."""
-    return OBS_DIM + (len(ACTION_NAMES) if kind == "actions" else 0)
+    """The length of an observation of this kind (every kind has the same entries)."""
+    return OBS_DIM
 
 
 #: static entries that are logs of a size, a weight or activation statistic or an error: ``relative``

@@ -149,22 +149,17 @@ class ResidualKind(RelativeKind):
     """A shift along the layer's cost-sorted menu from the best start
     (:meth:`~qenv.envs.task.ModelTask.start_plan`); 0 everywhere is the best start's recipe.
 
-    Its own options: ``max_deviations`` (at most this many steps per episode leave the plan),
-    ``deviation_cost`` (a step that leaves it costs this much reward), ``replan`` (how the layers
-    left are re-planned after a deviation) and ``ladder`` (what a shift steps along)."""
+    Its own option: ``max_deviations`` (at most this many steps per episode leave the plan). After
+    a deviation the layers left are re-planned by greedy's convex-hull form (Lagrangian, then filled)."""
 
     plans = True
 
-    def __init__(self, max_deviations: int | None = None, deviation_cost: float = 0.0, replan: str = "lagrangian",
-                 ladder: str = "menu") -> None:
+    def __init__(self, max_deviations: int | None = None) -> None:
         self.max_deviations = max_deviations
-        self.deviation_cost = float(deviation_cost)
-        self.replan = replan
-        self.ladder = ladder
 
     @classmethod
     def from_config(cls, config: Any) -> ResidualKind:
-        return cls(config.max_deviations, config.deviation_cost, config.replan, config.ladder)
+        return cls(config.max_deviations)
 
     def deviations_spent(self, state: EpisodeState) -> bool:
         return self.max_deviations is not None and state.deviations >= self.max_deviations
@@ -178,7 +173,6 @@ class ResidualKind(RelativeKind):
                 choice, capped = int(state.plan[state.index]), True
             else:
                 state.deviations += 1
-                reward -= self.deviation_cost
         return state.mapper.rules[choice], choice, reward, {"deviation_capped": capped}
 
     def choice(self, state: EpisodeState, action: Any) -> int:
@@ -186,12 +180,6 @@ class ResidualKind(RelativeKind):
         i = state.index
         index = _index(state, action)
         assert state.plan is not None
-        if self.ladder == "frontier":
-            if index == 0:
-                return int(state.plan[i])
-            order, position, length = task.frontier_ladder()
-            k = int(np.clip(position[i, state.plan[i]] + RESIDUAL_SHIFTS[index], 0, length[i] - 1))
-            return int(order[i, k])
         order, position = task.menu_ladder()
         k = int(np.clip(position[i, state.plan[i]] + RESIDUAL_SHIFTS[index], 0, order.shape[1] - 1))
         return int(order[i, k])
@@ -207,13 +195,8 @@ class ResidualKind(RelativeKind):
             # a deviation: the layers left are re-planned on what is left
             rest = slice(state.index + 1, len(task.layers))
             costs, sens, left = task.costs[rest], task.menu_sensitivity()[rest], state.budget_bits - state.spent
-            if self.replan == "greedy":  # greedy's own rule, from the plan it had (a few moves)
-                state.plan[rest] = greedy_allocation(costs, sens, left, start=state.plan[rest])
-            elif self.replan == "fresh":  # greedy's plan of the rest: the Lagrangian hull, then greedy's upgrades
-                state.plan[rest] = greedy_allocation(costs, sens, left,
-                                                     start=task.menu_table.allocate(state.index + 1, left))
-            else:  # Lagrangian greedy, then filled (greedy's convex-hull form)
-                state.plan[rest] = fill_budget(costs, sens, task.menu_table.allocate(state.index + 1, left), left)
+            # Lagrangian greedy, then filled (greedy's convex-hull form)
+            state.plan[rest] = fill_budget(costs, sens, task.menu_table.allocate(state.index + 1, left), left)
 
     def final_info(self, state: EpisodeState) -> dict[str, Any]:
         return {"deviations": state.deviations}

@@ -24,10 +24,10 @@ from gymnasium import spaces
 
 from qenv.envs.config import RENDER_MODES, EnvConfig, is_number, check_env_arguments
 from qenv.envs.kinds import KINDS, ActionKind, keeps_knobs
-from qenv.envs.features import ACTION_NAMES, OBS_LIMIT, model_relative, observation_size
+from qenv.envs.features import OBS_LIMIT, model_relative, observation_size
 from qenv.envs.render import recipe_image, recipe_table
 from qenv.envs.reward import check_reward_kind, fidelity_reward
-from qenv.envs.spaces import MASKABLE_KINDS, RESIDUAL_SHIFTS, ActionMapper, parse_menu
+from qenv.envs.spaces import MASKABLE_KINDS
 from qenv.envs.task import _TASKS, build_task, inherit_act_scale
 from qenv.errors import QenvError
 from qenv.eval.evaluator import Metrics, Stream, stage_of
@@ -78,8 +78,7 @@ class QuantLLMEnv(gym.Env):
     With ``menu="gguf"`` the knob kinds choose (llama.cpp type, importance matrix). An action the
     space does not contain is refused (``QenvError``), never rounded.
 
-    **Observation**: ``Box(-10, 10, (45,), float32)`` (57 entries with ``observation="actions"``),
-    every entry clipped to [-10, 10]. Entries 0-33 describe the layer, 34-44 the episode:
+    **Observation**: ``Box(-10, 10, (45,), float32)``, every entry clipped to [-10, 10]. Entries 0-33 describe the layer, 34-44 the episode:
 
     =====  =========================  ===========  ==================================================
     index  feature                    range        meaning
@@ -108,9 +107,6 @@ class QuantLLMEnv(gym.Env):
     43     gain_vs_median             [-10, 10]    log10 of one more bit's error drop here over the
                                                    median of the layers left, / 2
     44     sensitivity_share_left     [-10, 10]    this layer's share of the 3-bit error x size left
-    45-56  act_log_err_up1 ...        [-10, 10]    ``observation="actions"`` only: for each residual
-           act_bpw_down3                           shift, the log10 error ratio / 2 and the bpw
-                                                   difference / 4 against the plan's rule
     =====  =========================  ===========  ==================================================
 
     With ``observation="relative"`` the size, statistic and error entries are taken relative to
@@ -220,15 +216,12 @@ class QuantLLMEnv(gym.Env):
         self.size_weight = float(config.size_weight)
         self.penalty_weight = float(config.penalty_weight)
         self.kind: ActionKind = KINDS[config.action_kind].from_config(config)  # what an action means
-        self.mapper = ActionMapper(config.action_kind, config.menu, space=self.kind.space(parse_menu(config.menu)))
+        self.mapper = config.action_mapper(self.kind)
         self.action_space = self.mapper.space
         self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(observation_size(config.observation),),
                                             dtype=np.float32)
         self.observation_kind = config.observation
         self.max_deviations = config.max_deviations
-        self.deviation_cost = float(config.deviation_cost)
-        self.replan = config.replan
-        self.ladder = config.ladder
         self.tasks = [
             build_task(spec, self.mapper, data=config.data, n_tokens=config.n_tokens, seq_len=config.seq_len,
                        batch_size=config.batch_size, seed=config.seed, device=config.device, dtype=config.dtype,
@@ -316,34 +309,10 @@ class QuantLLMEnv(gym.Env):
                                   bpw_left, task.numel, task.ladder_table, task.ladder_gains)
         if self.observation_kind != "full":  # the share of the sensitivity left, over the mean share
             episode[-1] = math.log10(max(episode[-1] * (n - self.index), 1e-6)) / 2.0
-        if self.observation_kind == "actions":
-            episode += self._action_entries() if self.index < n else [0.0] * len(ACTION_NAMES)
         # the static entries of the model ("relative": no scale of its own)
         static = task.static if self.observation_kind == "full" else task.relative_static
         obs = np.concatenate([static[i], np.asarray(episode, dtype=np.float32)])
         return np.clip(obs, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
-
-    def _action_entries(self) -> list[float]:
-        """What each residual action other than 0 would do at this layer, read against the plan's
-        rule: log10 of its output error over the plan rule's (/ 2) and its bits per weight minus
-        the plan rule's (/ 4); 0 and 0 for an action the masks forbid. The menu's neighbours in
-        cost differ by model (on bench-gpt2-small at 4.0 bpw one step up from ``w4g128a-gptq`` is
-        ``w4g128a-mse-awq0.5``, worse there), so a policy needs these to read what a shift means."""
-        task, i = self.task, self.index
-        assert self.plan is not None
-        plan = int(self.plan[i])
-        err, costs = task.menu_sensitivity()[i], task.costs[i]
-        allowed = self._allowed_bits() + 1e-9
-        capped = self.kind.deviations_spent(self)  # type: ignore[attr-defined]  # (residual kind only)
-        out: list[float] = []
-        for action in range(1, len(RESIDUAL_SHIFTS)):
-            choice = self._menu_choice(action)
-            if capped or costs[choice] > allowed or choice == plan:
-                out += [0.0, 0.0]
-                continue
-            ratio = max(float(err[choice]), 1e-30) / max(float(err[plan]), 1e-30)
-            out += [math.log10(ratio) / 2.0, float(costs[choice] - costs[plan]) / float(task.numel[i]) / 4.0]
-        return out
 
     def _allowed_bits(self) -> float:
         """The most bits this layer may take so that the rest can still meet the budget."""

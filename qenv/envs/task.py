@@ -58,7 +58,6 @@ class ModelTask:
     block_refs: dict[float, list[float]] = field(default_factory=dict)
     _menu_sens: np.ndarray | None = None
     _ladder: tuple[np.ndarray, np.ndarray] | None = None
-    _frontier: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     _ladder_table: LagrangianSuffix | None = None
     _ladder_gains: np.ndarray | None = None
     _menu_table: LagrangianSuffix | None = None
@@ -84,7 +83,7 @@ class ModelTask:
 
     @property
     def relative_static(self) -> np.ndarray:
-        """The static entries of ``observation="relative"`` (and ``"actions"``): no scale of the model's
+        """The static entries of ``observation="relative"``: no scale of the model's
         own (:func:`~qenv.envs.features.relative_static`; computed once, kept on the task so that a
         copied or unpickled env finds it with its task)."""
         if self._relative_static is None:
@@ -152,32 +151,6 @@ class ModelTask:
             position[rows, order] = np.arange(m)[None, :]
             self._ladder = (order, position)
         return self._ladder
-
-    def frontier_ladder(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each layer's efficient rules: those no other rule matches or beats in both cost and error
-        (ties: the first), sorted by cost. ``order[i, :length[i]]`` are layer i's, and
-        ``position[i, j]`` is the last of them that costs no more than rule j (the residual kind's
-        ``ladder="frontier"`` shifts along it, so +1 always means more bits and less error)."""
-        if self._frontier is None:
-            sens = self.menu_sensitivity()
-            n, m = self.costs.shape
-            order = np.zeros((n, m), dtype=np.int64)
-            length = np.zeros(n, dtype=np.int64)
-            position = np.zeros((n, m), dtype=np.int64)
-            for i in range(n):
-                keep: list[int] = []
-                # by cost, then error, then index: a rule is efficient when it errs less than every
-                # cheaper one (one as cheap and more accurate would have come first)
-                for j in np.lexsort((np.arange(m), sens[i], self.costs[i])):
-                    if not keep or sens[i, j] < sens[i, keep[-1]]:
-                        keep.append(int(j))
-                length[i] = len(keep)
-                order[i, :len(keep)] = keep
-                order[i, len(keep):] = keep[-1]
-                kept_costs = self.costs[i, keep]
-                position[i] = np.searchsorted(kept_costs, self.costs[i] + 1e-9, side="right") - 1
-            self._frontier = (order, position.clip(min=0), length)
-        return self._frontier
 
     def greedy_plan(self, budget_bpw: float) -> np.ndarray:
         """The ``greedy`` searcher's recipe at this budget, as rule indices (computed once per budget)."""
