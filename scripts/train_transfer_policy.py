@@ -133,13 +133,14 @@ def layer_kinds(models: list[str], observation: str, include_lm_head: bool) -> l
 
 def make_card(args: argparse.Namespace, run: Path, models: list[str]) -> dict[str, Any]:
     """The card from what the run folder recorded (its settings, models and fingerprints)."""
+    from qenv.cli.runs import env_kwargs_of
     from qenv.envs.features import EPISODE_NAMES, STATIC_NAMES, observation_size
     from qenv.io import read_json
 
     summary = read_json(run / "summary.json", "Run summary", "rerun the script.")
     settings = summary["settings"]
     keep = ("cache_dir", "device", "weight_cache_gib", "model", "data")
-    env_kwargs = {k: v for k, v in settings["env_kwargs"].items() if k not in keep}
+    env_kwargs = {k: v for k, v in env_kwargs_of(settings, f"{run}/summary.json").items() if k not in keep}
     observation = str(env_kwargs.get("observation", "full"))
     hyper = {k: v for k, v in (settings.get("config_section") or {}).items()
              if k not in ("n_timesteps", "env_kwargs", "normalize", "n_envs", "vec_env", "checkpoint_freq")}

@@ -14,6 +14,7 @@ import pytest
 from conftest import load_script, run_main
 
 import qenv.policies
+from qenv.cli.runs import env_kwargs_of
 from qenv import QenvError
 from qenv.models.tiny import TINY_ARCHITECTURES
 
@@ -129,7 +130,7 @@ def test_init_from_qenv_transfer_fine_tunes_with_the_cards_settings(tmp_path, ca
                                   "--env-kwargs", "n_tokens=128", "seq_len=32"])
     assert code == 0
     summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
-    env = summary["settings"]["env_kwargs"]
+    env = env_kwargs_of(summary["settings"], "summary.json")
     assert env["action_kind"] == "allocation" and env["observation"] == "relative" and "budget_range" not in env
     assert summary["init_from"] == str(qenv.policies.POLICIES_DIR / "transfer.zip")
 
