@@ -133,10 +133,9 @@ def relative_static(static: np.ndarray, layers: list[LayerInfo]) -> np.ndarray:
     and the z-scored errors are relative already.
 
     So that a fused layout looks like a separate one (issue 25 item 6), a fused layer counts as the
-    layers it fuses (:func:`layer_parts`) in the medians and the mean layer size, and its
-    ``log_fan_out`` and ``log_numel`` are those of one part, and the errors are z-scored over the
-    parts; ``param_share`` keeps its whole size (what one decision spends). A model without fused
-    layers reads exactly as before.
+    layers it fuses (:func:`layer_parts`) in the medians, the mean layer size and the error
+    z-scores, and its ``log_fan_out`` and ``log_numel`` are those of one part; ``param_share`` keeps
+    its whole size (what one decision spends). A model without fused layers reads exactly as before.
     """
     out = np.array(static, dtype=np.float64, copy=True)
     parts = np.array([layer_parts(info) for info in layers])
