@@ -197,25 +197,34 @@ def zoo_names(names: Sequence[str] | None) -> list[str]:
     return picked
 
 
-def corpus_lines(corpus: str, data_root: Path, max_train_chars: int | None = None) -> dict[str, list[str]]:
-    """train/valid/test lines of ``corpus``: WikiText-2's own files, or a single file split 90/5/5 by lines."""
+def _first_chars(lines: list[str], max_chars: int | None) -> list[str]:
+    """The first whole lines of ``lines`` holding at most ``max_chars`` characters (all without a limit)."""
+    if max_chars is None:
+        return lines
+    kept, total = [], 0
+    for line in lines:
+        total += len(line)
+        if total > max_chars:
+            break
+        kept.append(line)
+    return kept
+
+
+def corpus_lines(corpus: str, data_root: Path, max_train_chars: int | None = None,
+                 max_eval_chars: int | None = None) -> dict[str, list[str]]:
+    """train/valid/test lines of ``corpus``: WikiText-2's own files, or a single file split 90/5/5 by
+    lines; ``max_*_chars`` keep the first whole lines of a split (short runs need not encode it all)."""
     if corpus == "wikitext-2":
-        return {split: tdm.read_lines(data_root / corpus / f"{split}.txt", max_train_chars if split == "train" else None)
+        return {split: tdm.read_lines(data_root / corpus / f"{split}.txt",
+                                      max_train_chars if split == "train" else max_eval_chars)
                 for split in ("train", "valid", "test")}
     if corpus not in SINGLE_FILE_CORPORA:
         raise tdm.UserError(f"unknown corpus {corpus!r}; use one of {CORPORA}")
     lines = tdm.read_lines(data_root / corpus / SINGLE_FILE_CORPORA[corpus])
     cut_valid, cut_test = int(0.90 * len(lines)), int(0.95 * len(lines))
-    train = lines[:cut_valid]
-    if max_train_chars is not None:
-        kept, total = [], 0
-        for line in train:
-            total += len(line)
-            if total > max_train_chars:
-                break
-            kept.append(line)
-        train = kept
-    return {"train": train, "valid": lines[cut_valid:cut_test], "test": lines[cut_test:]}
+    return {"train": _first_chars(lines[:cut_valid], max_train_chars),
+            "valid": _first_chars(lines[cut_valid:cut_test], max_eval_chars),
+            "test": _first_chars(lines[cut_test:], max_eval_chars)}
 
 
 def _zoo_key(entry: ZooModel, settings: dict[str, Any], tokenizer_sha: str) -> dict[str, Any]:
@@ -276,8 +285,10 @@ def build_zoo(names: Sequence[str] | None = None, out_dir: Path | None = None, s
         dev = torch.device(device)
         encoded: dict[str, dict[str, list[int]]] = {}
         for corpus in dict.fromkeys(ZOO_BY_NAME[name].corpus for name in todo):  # every corpus read before writing
+            # a token of the byte-level BPE is rarely over 16 characters: encode only what is scored
+            max_eval_chars = 16 * max_eval_tokens if max_eval_tokens else None
             ids = {split: tdm.encode_lines(tok, lines)
-                   for split, lines in corpus_lines(corpus, Path(data_root), max_train_chars).items()}
+                   for split, lines in corpus_lines(corpus, Path(data_root), max_train_chars, max_eval_chars).items()}
             if max_eval_tokens:
                 ids["valid"], ids["test"] = ids["valid"][:max_eval_tokens], ids["test"][:max_eval_tokens]
             if len(ids["train"]) < seq_len or not ids["valid"] or not ids["test"]:
