@@ -328,8 +328,10 @@ def evaluate_model(spec: str, args: Any, run: dict[str, Any], agent_name: str, b
     calib_desc = (f"{calib.n_tokens} tokens sampled from the model ({calib.source})" if calib.source.startswith("sampled")
                   else f"{calib.n_tokens} tokens of {calib.source}")
     def trained_on(models: list[dict[str, Any]]) -> bool:
-        prints = {m.get("fingerprint") for m in models if m.get("fingerprint")}
-        return task.loaded.fingerprint in prints if prints else spec in {str(m.get("spec")) for m in models}
+        """Seen follows the weights (their fingerprint), not the file: a .gguf of a model trained on as
+        a .bin is seen. Only a run that recorded no fingerprints is matched by its spec."""
+        prints = [m.get("fingerprint") for m in models if isinstance(m.get("fingerprint"), str) and m.get("fingerprint")]
+        return any(task.loaded.is_model(p) for p in prints) if prints else spec in {str(m.get("spec")) for m in models}
 
     seen = trained_on(run["train_models"])
     status = ("fine-tuned" if run.get("init_from") else "trained-on") if seen else \

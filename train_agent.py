@@ -718,11 +718,12 @@ class Run:
             recorded = [{"model": m.get("name"), "spec": m.get("spec"), "model_fingerprint": m.get("fingerprint")}
                         for m in models if isinstance(m, dict)] if isinstance(models, list) else []
         fresh = "start a new run on it instead (the same command with another --name, or with --overwrite)"
-        for before, now in zip(recorded, self.fingerprints()):
+        for before, now, task in zip(recorded, self.fingerprints(), self.tasks):
             if not isinstance(before, dict):
                 continue
             spec = now["spec"]
-            if before.get("model_fingerprint") not in (None, now["model_fingerprint"]):
+            # the weights, not the file: a checkpoint of the .bin resumes on its .gguf
+            if before.get("model_fingerprint") is not None and not task.loaded.is_model(str(before["model_fingerprint"])):
                 raise QenvError(
                     f"Cannot resume {self.folder}: the model {spec} changed since the checkpoint (its weights' "
                     f"fingerprint was {before['model_fingerprint']}, it is now {now['model_fingerprint']}), so the "

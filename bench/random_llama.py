@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from qenv.models.layers import discover_layers, find_blocks
-from qenv.models.loading import LoadedModel, _fingerprint, resolve_device, resolve_dtype
+from qenv.models.loading import LoadedModel, _fingerprint, resolve_device, resolve_dtype, weights_fingerprint
 
 #: size name -> LlamaConfig fields (vocabulary 32000, like Llama-2 / TinyLlama).
 SIZES: dict[str, dict[str, Any]] = {
@@ -60,4 +60,5 @@ def build_random_llama(size: str, *, device: str | torch.device | None = None, d
     model.requires_grad_(False)
     name = f"random-llama-{size.lower()}"
     return LoadedModel(model=model, tokenizer=None, name=name, spec=name, layers=discover_layers(model),
-                       fingerprint=_fingerprint(model, dt), blocks_path=find_blocks(model)[0])
+                       fingerprint=weights_fingerprint(model), blocks_path=find_blocks(model)[0],
+                       cache_key=_fingerprint(model, dt))

@@ -211,6 +211,22 @@ def test_held_out_text_is_scored(policy, stories_bin, tmp_path, capsys):
     assert rows["rtn-w2"]["kl"] != pytest.approx(train_summary["final"]["stories260K"]["reference"]["kl"])
 
 
+def test_seen_follows_the_weights_not_the_file(policy, stories_bin, tmp_path, capsys):
+    """issue 25: the policy trained on stories260K.bin has seen stories260K.gguf (the same weights, its
+    head untied): the result is a trained-on one, never a zero-shot one."""
+    gguf = stories_bin.with_suffix(".gguf")
+    if not gguf.is_file():
+        pytest.skip(f"real data missing: {gguf}")
+    code = run_main(eval_agent, ["--policy", policy, "--model", gguf, "--searchers", "none", "--presets", "none",
+                                 "--n-tokens", 256, "--out", tmp_path / "o"])
+    assert code == 0, capsys.readouterr().err
+    assert "stories260K (trained-on model)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "o" / "results.json").read_text())["models"][0]
+    trained = json.loads((policy.parent / "summary.json").read_text())["train_models"][0]
+    assert result["spec"].endswith("stories260K.gguf") and trained["spec"].endswith("stories260K.bin")
+    assert (result["seen"], result["status"], result["fingerprint"]) == (True, "trained-on", trained["fingerprint"])
+
+
 @pytest.mark.parametrize("case", ["missing_policy", "bad_searcher", "bad_evals", "bad_presets"])
 def test_bad_input_is_one_line(case, policy, tmp_path, capsys):
     argv = {"missing_policy": ["--policy", tmp_path / "nope.zip"],

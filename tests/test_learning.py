@@ -187,15 +187,16 @@ def test_model_relative_features(stories_bin):
 def test_relative_observation_reads_no_scale_of_its_own(stories_bin):
     """``observation="relative"``: sizes, statistics and errors relative to the model's median layer,
     so shifting any of them by one factor over the whole model leaves the observation unchanged."""
-    from qenv.envs.features import _CENTRED, relative_static
+    from qenv.envs.features import _CENTRED, layer_parts, parts_median, relative_static
 
     full = make("tiny-gpt2")
     rel = make("tiny-gpt2", observation="relative")
     layers = rel.task.layers
     static = rel.task.relative_static
+    parts = np.array([layer_parts(info) for info in layers])  # the fused qkv counts as q, k and v
     for name in _CENTRED:
         j = STATIC_NAMES.index(name)
-        assert np.median(static[:, j]) == pytest.approx(0.0, abs=1e-6)
+        assert parts_median(static[:, j], parts) == pytest.approx(0.0, abs=1e-6)
         shifted = full.task.static.copy()
         shifted[:, j] += 0.7  # e.g. every weight 10^(0.7) times larger, or every layer 2^(11) times wider
         assert np.allclose(relative_static(shifted, layers), static, atol=1e-6)

@@ -15,8 +15,8 @@ from torch import nn
 
 from qenv.errors import QenvError
 from qenv.eval.tokens import tokens_from_text
-from qenv.models.layers import discover_layers
-from qenv.models.loading import LoadedModel, load_model
+from qenv.models.layers import discover_layers, get_module, get_weight
+from qenv.models.loading import WEIGHTS_FINGERPRINT_PREFIX, LoadedModel, load_model, weights_fingerprint
 from conftest import BUILTIN_DEFAULT as DEFAULT_DIR, STORIES_BIN, clear_error
 from qenv.models.tiny import TINY_ARCHITECTURES
 from qenv.quant.presets import llamacpp_mix, preset
@@ -58,7 +58,48 @@ def test_llama2c_bin_spec(stories: LoadedModel) -> None:
     again = load_model(str(STORIES_BIN))
     assert again.fingerprint == lm.fingerprint and again.model is not lm.model
     bf16 = load_model(STORIES_BIN, dtype="bfloat16")
-    assert bf16.dtype == torch.bfloat16 and bf16.fingerprint != lm.fingerprint
+    # the same weights held in bfloat16 are the same model; the numbers cached for it are not the same
+    assert bf16.dtype == torch.bfloat16 and bf16.fingerprint == lm.fingerprint and bf16.cache_key != lm.cache_key
+
+
+def test_fingerprint_follows_the_weights_not_the_file(stories: LoadedModel) -> None:
+    """issue 25: stories260K.gguf holds stories260K.bin's weights (its head untied, another config):
+    one model, so a policy trained on one has seen the other; a changed weight is another model."""
+    gguf = STORIES_BIN.with_suffix(".gguf")
+    if not gguf.is_file():
+        pytest.skip(f"real data missing: {gguf}")
+    from_gguf = load_model(gguf)
+    assert from_gguf.model.lm_head.weight is not from_gguf.model.model.embed_tokens.weight  # untied copy
+    assert from_gguf.fingerprint == stories.fingerprint and from_gguf.fingerprint.startswith(WEIGHTS_FINGERPRINT_PREFIX)
+    assert from_gguf.cache_key != stories.cache_key  # other config (context 2048, untied head): cached apart
+    assert from_gguf.is_model(stories.fingerprint) and not from_gguf.is_model("w1-0123456789abcdef")
+    assert stories.is_model(stories.cache_key)  # a fingerprint recorded before weights fingerprints existed
+    assert not stories.is_model(None) and not stories.is_model(from_gguf.cache_key)
+
+    changed = load_model(STORIES_BIN)
+    info = changed.layers[-1]  # the last down_proj, [64, 172]
+    get_weight(changed.model, info)[5, 7] += 0.25
+    assert weights_fingerprint(changed.model) != stories.fingerprint
+    get_weight(changed.model, info)[5, 7] -= 0.25
+    assert weights_fingerprint(changed.model) == stories.fingerprint
+    norm = changed.model.model.norm.weight  # not a quantizable layer: not what tells models apart
+    norm.data.mul_(2)
+    assert weights_fingerprint(changed.model) == stories.fingerprint
+
+
+def test_fingerprint_reads_conv1d_as_its_linear() -> None:
+    """GPT-2's Conv1D keeps [in, out]: the same matrices as nn.Linear [out, in] are the same weights."""
+    gpt2 = load_model("tiny-gpt2")
+    as_linear = load_model("tiny-gpt2")
+    for info in discover_layers(as_linear.model):
+        conv = get_module(as_linear.model, info.name)
+        linear = nn.Linear(info.in_features, info.out_features)
+        linear.weight.data = conv.weight.data.t().contiguous()
+        linear.bias.data = conv.bias.data.clone()
+        parent, _, leaf = info.name.rpartition(".")
+        setattr(get_module(as_linear.model, parent), leaf, linear)
+    assert not any(i.transposed for i in discover_layers(as_linear.model))
+    assert weights_fingerprint(as_linear.model) == gpt2.fingerprint
 
 
 def test_tied_lm_head_and_embeddings_are_reported_once(stories: LoadedModel) -> None:

@@ -126,18 +126,48 @@ def relative_static(static: np.ndarray, layers: list[LayerInfo]) -> np.ndarray:
     ``param_share`` becomes ``log2(layer size / mean layer size) / 4``, and a fused layer's kind
     entries mark the layers it fuses (``qkv`` → q, k, v; ``fc_in`` → up; ``fc_out`` → down). Depth
     and the z-scored errors are relative already.
+
+    So that a fused layout looks like a separate one (issue 25 item 6), a fused layer counts as the
+    layers it fuses (:func:`layer_parts`) in the medians, the mean layer size and the error
+    z-scores, and its ``log_fan_out`` and ``log_numel`` are those of one part; ``param_share`` keeps
+    its whole size (what one decision spends). A model without fused layers reads exactly as before.
     """
     out = np.array(static, dtype=np.float64, copy=True)
+    parts = np.array([layer_parts(info) for info in layers])
+    # a fused layer's shape is read per part: GPT-2's c_attn [3h, h] is three [h, h] projections
+    out[:, STATIC_NAMES.index("log_fan_out")] -= np.log2(parts) / 16
+    out[:, STATIC_NAMES.index("log_numel")] -= np.log10(parts) / 10
+    if (parts > 1).any():  # the z-scores too, over the parts (static_features z-scores over the layers)
+        log_err = 4.0 * out[:, [STATIC_NAMES.index(f"log_err_w{b}") for b in SENSITIVITY_BITS]]
+        mean = np.average(log_err, axis=0, weights=parts)
+        std = np.sqrt(np.average((log_err - mean) ** 2, axis=0, weights=parts))
+        z_cols = [STATIC_NAMES.index(f"z_log_err_w{b}") for b in SENSITIVITY_BITS]
+        out[:, z_cols] = (log_err - mean) / np.maximum(std, 1e-6) / 2.0
     for name in _CENTRED:
         j = STATIC_NAMES.index(name)
-        out[:, j] -= np.median(out[:, j])
+        out[:, j] -= parts_median(out[:, j], parts)
     numel = np.array([info.numel for info in layers], dtype=np.float64)
-    out[:, STATIC_NAMES.index("param_share")] = np.log2(numel / numel.mean()) / 4.0
+    out[:, STATIC_NAMES.index("param_share")] = np.log2(numel / (numel.sum() / parts.sum())) / 4.0
     for row, info in zip(out, layers):
         for part in _FUSED_KINDS.get(info.kind, ()):
             row[STATIC_NAMES.index(f"kind_{info.kind}")] = 0.0
             row[STATIC_NAMES.index(f"kind_{part}")] = 1.0
     return np.clip(out, -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
+
+
+def layer_parts(info: LayerInfo) -> int:
+    """How many of a separate-projection layout's layers this one is: 3 for a fused qkv, 2 for a fused
+    gate_up, else 1 (GPT-2's c_fc is one MLP input, as a non-gated MLP has)."""
+    return len(_FUSED_KINDS[info.kind]) if info.kind in ("qkv", "gate_up") else 1
+
+
+def parts_median(values: np.ndarray, parts: np.ndarray) -> float:
+    """The median of ``values`` with each layer counted as its :func:`layer_parts`: the median layer
+    of a fused layout is then that of the same model with separate projections. (A plain median
+    over GPT-2's 4 layers a block, 2 of them reading the normalised hidden state, sat between the
+    two kinds of input; over Llama's 7, 5 of them reading it, on it: the same q/k/v input read 0.27
+    apart in ``x_log_rms``.) Equals ``np.median`` when no layer is fused."""
+    return float(np.median(np.repeat(values, parts)))
 
 
 def _median(values: np.ndarray) -> float:

@@ -252,7 +252,7 @@ def make_tokens(loaded: LoadedModel, data: str | Sequence[str] | None, n_tokens:
         return tokens_from_text(loaded.tokenizer, data, n_tokens, seq_len)
     folder = resolve_cache_dir(cache_dir)
     numerics = hashlib.sha1(numerics_key(loaded.device).encode()).hexdigest()[:8]  # sampling reads the logits
-    path = None if folder is None else folder / (f"tokens-{loaded.fingerprint}-s{seed}-n{n_tokens}-l{seq_len}"
+    path = None if folder is None else folder / (f"tokens-{loaded.cache_key}-s{seed}-n{n_tokens}-l{seq_len}"
                                                  f"-n{numerics}.safetensors")
     key = str(path.name) if path is not None else ""
     vocab = int(loaded.model.get_output_embeddings().weight.shape[0])

@@ -224,7 +224,7 @@ class Evaluator:
             with torch.inference_mode(), oom_guard(self.batch_size):
                 self.weights.restore()
                 self._reference = cached_reference(
-                    self.model, self.layers, self.batches, self.loaded.fingerprint, self.tokens.fingerprint,
+                    self.model, self.layers, self.batches, self.loaded.cache_key, self.tokens.fingerprint,
                     self.cache_dir, progress=self.progress)
         return self._reference
 
@@ -481,7 +481,7 @@ def layer_table_path(evaluator: Evaluator, layers: list[LayerInfo] | tuple[Layer
     :func:`numerics_key`; ``None`` when the evaluator has no cache folder."""
     if evaluator.cache_dir is None:
         return None
-    text = (evaluator.loaded.fingerprint + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
+    text = (evaluator.loaded.cache_key + evaluator.tokens.fingerprint + "|".join(i.name for i in layers)
             + "|b" + batching_key(evaluator.batches) + ("|" + extra if extra else "")
             + "|" + numerics_key(evaluator.loaded.device))
     return Path(evaluator.cache_dir) / f"{stem}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.safetensors"

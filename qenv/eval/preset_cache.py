@@ -46,7 +46,7 @@ def metrics_cache_key(evaluator: Any, recipe: Mapping[str, Rule]) -> str:
     """Everything ``recipe``'s metrics on ``evaluator`` depend on, as one string (stored in the file)."""
     from qenv import __version__
 
-    return "\n".join([_STEM, evaluator.loaded.fingerprint, evaluator.tokens.fingerprint,
+    return "\n".join([_STEM, evaluator.loaded.cache_key, evaluator.tokens.fingerprint,
                       calibration_fingerprint(evaluator), recipe_key(evaluator.layers, recipe),
                       "b" + batching_key(evaluator.batches), numerics_key(evaluator.loaded.device), __version__])
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from qenv.errors import QenvError
 from qenv.models.gguf import PACKAGED_GGUF, find_packaged_gguf, gguf_reference_note, load_gguf
-from qenv.models.layers import LayerInfo, discover_layers, find_blocks
+from qenv.models.layers import LayerInfo, discover_layers, find_blocks, get_weight
 from qenv.models.sizes import check_declared_size
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
@@ -40,6 +40,8 @@ class LoadedModel:
     name: str
     spec: str
     layers: list[LayerInfo]
+    #: which weights these are (:func:`weights_fingerprint`): the same for one model in any file
+    #: format and dtype; what "seen"/"unseen" and a resume's "same model" check compare
     fingerprint: str
     blocks_path: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +53,26 @@ class LoadedModel:
     def reference_label(self) -> str:
         """The reference every KL is measured against, for headers and tables."""
         return self.reference_note or "the full-precision model"
+
+    #: what cached numbers (references, sampled tokens, features, preset metrics) are keyed on
+    #: (:func:`_fingerprint`): also the architecture, its config and the dtype the model runs in,
+    #: which change the numbers without changing the weights; defaults to ``fingerprint``
+    cache_key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.cache_key:
+            self.cache_key = self.fingerprint
+
+    def is_model(self, recorded: str | None) -> bool:
+        """Whether a fingerprint recorded earlier (a run's summary, a checkpoint) names these weights.
+
+        Fingerprints recorded before weights fingerprints existed (no ``w1-`` prefix) were whole-model
+        cache keys, so they are compared with :attr:`cache_key`: old run folders keep their meaning."""
+        if not recorded:
+            return False
+        if recorded.startswith(WEIGHTS_FINGERPRINT_PREFIX):
+            return recorded == self.fingerprint
+        return recorded == self.cache_key
 
     @property
     def device(self) -> torch.device:
@@ -168,8 +190,45 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
+#: marks a weights fingerprint (:func:`weights_fingerprint`) apart from older whole-model fingerprints
+WEIGHTS_FINGERPRINT_PREFIX = "w1-"
+#: elements sampled from each quantizable layer by the weights fingerprint
+_SAMPLES_PER_LAYER = 65536
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """Which weights these are: a hash of the decoder blocks' quantizable layers and the model
+    family they run in, so that one model fingerprints alike whatever file it came from and
+    however it is held.
+
+    What the policy acts on are these layers, and they are what tells two models apart. So the
+    hash reads each layer's ``[out, in]`` matrix (GPT-2's Conv1D ``[in, out]`` storage reads the
+    same), in forward order, by value, never by module name, config, file format or whether the
+    head is a tied or an untied copy of the embeddings: ``stories260K.bin`` and ``stories260K.gguf``
+    (the same weights, its head untied) are one model. Values are rounded to bfloat16 before
+    hashing, so a checkpoint loaded in float32 on a CPU and in bfloat16 on a GPU is one model too
+    (a policy trained on one has "seen" the other). Cheap on any size: ``_SAMPLES_PER_LAYER``
+    elements spread evenly over each layer (every element of a layer up to 256 x 256, as in the
+    tiny models and stories260K), plus its shape; retraining or re-quantizing a model changes it, a
+    change smaller than bfloat16's precision or only in elements between the samples does not.
+    """
+    digest = hashlib.sha1()
+    # The architecture the layers run in, as its family name (config.model_type: a .bin and a .gguf
+    # of a Llama are both "llama"): the tiny Llama, Mistral and Qwen2 share their random weights.
+    digest.update(str(getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__).encode())
+    for info in discover_layers(model):
+        weight = get_weight(model, info)
+        count = min(info.numel, _SAMPLES_PER_LAYER)  # spread evenly over the whole matrix
+        index = torch.arange(count, device=weight.device, dtype=torch.int64) * info.numel // count
+        sample = weight[index // info.in_features, index % info.in_features].to(torch.bfloat16)
+        digest.update(f"{info.out_features}x{info.in_features}:".encode())
+        digest.update(sample.view(torch.int16).cpu().numpy().tobytes())
+    return WEIGHTS_FINGERPRINT_PREFIX + digest.hexdigest()[:16]
+
+
 def _fingerprint(model: nn.Module, dtype: torch.dtype) -> str:
-    """A cache key that changes when the architecture or any weight changes (hashes a sample of each)."""
+    """The cache key of a loaded model (:attr:`LoadedModel.cache_key`): changes when the
+    architecture, its config, the dtype or any weight changes (hashes a sample of each)."""
     digest = hashlib.sha1()
     config = getattr(model, "config", None)
     digest.update(type(model).__name__.encode())
@@ -395,5 +454,6 @@ def load_model(
     blocks_path, _ = find_blocks(model)
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, spec=spec_str, layers=layers,
-        fingerprint=_fingerprint(model, dt), blocks_path=blocks_path, reference_note=note,
+        fingerprint=weights_fingerprint(model), blocks_path=blocks_path, cache_key=_fingerprint(model, dt),
+        reference_note=note,
     )
