@@ -112,8 +112,8 @@ class QuantLLMEnv(gym.Env):
 
     **Menu** (the default, ``DEFAULT_MENU``: every human rule, rtn/gptq/awq at 2-8 bits; ``menu=`` takes
     any list of rules, ``"compact"`` for the 13 rules of qenv's earlier default, ``"gguf"``, or
-    ``"learned"``: this menu, then 37 ``w2g128a-learned``, 38 ``w3g128a-learned`` and 39
-    ``w4g128a-learned``, rules no human preset uses, at GPTQ's size to the bit (2.141, 3.148, 4.156)),
+    ``"learned"``: this menu, then 37 ``w2g128a-learned-mse``, 38 ``w3g128a-learned-mse`` and 39
+    ``w4g128a-learned-mse``, rules no human preset uses, at GPTQ's size to the bit (2.141, 3.148, 4.156)),
     each rule's bits per weight on a 4096x4096 layer (``qenv.quant.presets.menu_table``):
 
     ==  ===================  ================  ===============

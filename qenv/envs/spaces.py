@@ -102,9 +102,13 @@ DEFAULT_MENU: tuple[Rule, ...] = COMPACT_MENU + tuple(r for r in _human_rules() 
 #: bit widths of the learned rules (``rounding="learned"``, group 128): the widths of the gptq-w2/w3/w4
 #: presets, where a search at a human preset's size spends its bits
 LEARNED_BITS: tuple[int, ...] = (2, 3, 4)
-#: rules no human preset uses: GPTQ's storage (so GPTQ's size to the bit), with the codes and the
-#: group scales learned on the layer's calibration Hessian (:func:`qenv.quant.quantizer._learned`)
-LEARNED_RULES: tuple[Rule, ...] = tuple(Rule(bits=b, group_size=128, rounding="learned") for b in LEARNED_BITS)
+#: rules no human preset uses: GPTQ's storage (so GPTQ's size to the bit), started from GPTQ with
+#: MSE-searched clipping (the best human rule of that size on stories260K and the default model), with
+#: the codes and group scales then learned on the layer's calibration Hessian
+#: (:func:`qenv.quant.quantizer._learned`); the clipped start measured better than the plain one in
+#: all 8 (model, width, text) cells of BENCHMARKS.md
+LEARNED_RULES: tuple[Rule, ...] = tuple(Rule(bits=b, group_size=128, rounding="learned", mse_clip=True)
+                                        for b in LEARNED_BITS)
 #: ``menu="learned"``: the default menu (same indices), then :data:`LEARNED_RULES`. Opt-in, because a
 #: learned rule costs several GPTQs to build (BENCHMARKS.md) and the menu's build and greedy's
 #: per-(layer, rule) errors grow with every rule
