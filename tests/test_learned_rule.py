@@ -206,9 +206,12 @@ def test_learned_rule_json_label_and_bad_input(stories) -> None:
         quantize_matrix(w, rule, LayerCalibration(act_rms=torch.ones(w.shape[1])))
 
 
-def test_an_env_of_the_rule_kind_plays_learned_rules() -> None:
+def test_an_env_of_the_rule_kind_plays_learned_rules(tmp_path: Path) -> None:
     """The ``rule`` kind picks the learned rounding for every layer (of the tiny built-in model, for
-    speed); the episode's recipe holds it and its bpw is uniform GPTQ's."""
+    speed); the episode's recipe holds it, its bpw is uniform GPTQ's, and it deploys as a packed
+    checkpoint (GPTQ's storage) that transformers loads as exactly the model scored."""
+    from qenv.export_packed import packed_kl, write_packed_checkpoint
+
     env = QuantLLMEnv("tiny-llama", action_kind="rule", budget_bpw=16.0, n_tokens=256, seq_len=32, cache_dir=False)
     try:
         env.reset(seed=0)
@@ -220,5 +223,8 @@ def test_an_env_of_the_rule_kind_plays_learned_rules() -> None:
         rules = {Rule.from_dict(r) for r in info["recipe_rules"].values()}
         assert rules == {Rule(bits=4, rounding="learned")}
         assert info["bpw"] == pytest.approx(bits_per_weight(env.task.layers, preset("gptq-w4", env.task.layers)))
+        recipe = uniform(env.task.layers, Rule(bits=4, rounding="learned"))
+        folder = write_packed_checkpoint(env.task.evaluator, recipe, tmp_path / "packed")
+        assert packed_kl(folder, env.task.evaluator, recipe, max_batches=None) <= 1e-7
     finally:
         env.close()
