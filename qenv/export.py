@@ -6,7 +6,7 @@
   is mapped to its own llama.cpp type (GGUF rules, exact) or the k-quant type nearest in bits per
   weight (:data:`qenv.quant.presets.KQUANT_BPW`). Where llama.cpp cannot express the rule (GPTQ rounding, surviving outliers, AWQ scaling, MSE or
   ratio clipping, group sizes other than the type's own super-block layout), the line is
-  annotated as approximate.
+  annotated as approximate (learned rounding too).
 - :func:`gptqmodel_dynamic`: a GPTQModel ``QuantizeConfig`` with a ``dynamic`` map
   (``"+:regex": {bits, group_size, sym}`` per layer whose rule differs from the base;
   ``"-:regex": {}`` for layers kept in fp16), for recipes GPTQModel runs exactly (others: a clear error).
@@ -189,7 +189,7 @@ def _gptq_settings(rule: Rule, layer: str) -> dict[str, Any]:
     elif rule.group_size not in GPTQMODEL_GROUPS:
         why = f"has groups of {rule.group_size}"
     elif rule.rounding != "gptq":
-        why = "rounds to nearest (GPTQModel always uses GPTQ rounding)"
+        why = f"uses {rule.rounding} rounding (GPTQModel always uses GPTQ rounding)"
     elif rule.outlier_fraction > 0:
         why = "keeps fp16 outliers"
     elif rule.act_scale > 0:

@@ -75,6 +75,8 @@ def _approximations(rule: Rule, kquant: str, bpw: float, type_bpw: float) -> lis
     notes = [f"{rule.label()} is not a llama.cpp type: {kquant} is the nearest by bits per weight"]
     if rule.rounding == "gptq":
         notes.append("GPTQ rounding (llama.cpp rounds per block, optionally with an imatrix)")
+    elif rule.rounding == "learned":
+        notes.append("learned rounding and scales (llama.cpp rounds per block, optionally with an imatrix)")
     if rule.outlier_fraction > 0:
         notes.append(f"{rule.outlier_fraction * 100:g}% fp16 outliers (not expressible)")
     if rule.act_scale > 0:

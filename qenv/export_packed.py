@@ -13,7 +13,7 @@ layer must dequantize to exactly the tensor qenv scored, so the file is the mode
 AWQ scales move float factors between ops: equal within float rounding).
 
 What the format can hold (:func:`packed_rule_problem`): symmetric or asymmetric integer codes of
-2 to 8 bits, round-to-nearest or GPTQ rounding, clipped or not, with groups that divide the layer's
+2 to 8 bits, round-to-nearest, GPTQ or learned rounding, clipped or not, with groups that divide the layer's
 input width (or one group per output row), on ``nn.Linear`` layers; AWQ's activation scale is folded
 into the op before the layer, as AWQ folds it (:func:`awq_fold_problem`: the RMSNorm before q/k/v
 or gate/up, up_proj's rows before down, v_proj's before o without GQA). It cannot hold fp16 outliers

@@ -54,8 +54,9 @@ class QuantLLMEnv(gym.Env):
     discrete       Discrete(len(menu))           yes        the menu rule with that index
     multidiscrete  MultiDiscrete([6, 4, 3, 2])   yes        bits, group, outlier fraction, rounding
     continuous     Box(-1, 1, (10,))             no         every rule knob in equal bins (HAQ-style): bits,
-                                                            group, outliers, rounding, clip, salience a, b,
-                                                            c, act_scale, symmetric
+                                                            group, outliers, rounding (nearest, gptq,
+                                                            learned), clip, salience a, b, c, act_scale,
+                                                            symmetric
     rule           MultiDiscrete(10 knobs)       yes        the same ten knobs by index
     relative       Discrete(7)                   yes        bits per weight above the even share of the
                                                             budget left (0, +0.5, -0.5, +1, -1, +2, -2):
@@ -113,8 +114,10 @@ class QuantLLMEnv(gym.Env):
     the model's median layer, so that no entry says how large the model is.
 
     **Menu** (the default, ``DEFAULT_MENU``: every human rule, rtn/gptq/awq at 2-8 bits; ``menu=`` takes
-    any list of rules, ``"compact"`` for the 13 rules of qenv's earlier default, or ``"gguf"``), each
-    rule's bits per weight on a 4096x4096 layer (``qenv.quant.presets.menu_table``):
+    any list of rules, ``"compact"`` for the 13 rules of qenv's earlier default, ``"gguf"``, or
+    ``"learned"``: this menu, then 37 ``w2g128a-learned-mse``, 38 ``w3g128a-learned-mse`` and 39
+    ``w4g128a-learned-mse``, rules no human preset uses, at GPTQ's size to the bit (2.141, 3.148, 4.156)),
+    each rule's bits per weight on a 4096x4096 layer (``qenv.quant.presets.menu_table``):
 
     ==  ===================  ================  ===============
     #   rule                 human preset      bpw (4096x4096)

@@ -11,6 +11,9 @@ Kinds whose action names one rule, whatever the state (``RULE_KINDS``):
   TD3 and DDPG can invent rules that no menu lists;
 - ``rule``: the same full knob set as a MultiDiscrete (one index per knob, maskable).
 
+The rounding knob of ``continuous`` and ``rule`` has three values: nearest, GPTQ, and ``learned``
+(GPTQ's storage with codes and scales learned on the layer's Hessian, a rule no human preset uses).
+
 Budget-complete kinds, whose action is read against the episode's state (the environment
 decodes them; ``mapper.rules`` is the menu they choose from):
 
@@ -96,24 +99,43 @@ def _human_rules() -> tuple[Rule, ...]:
 #: (``tests/test_quant.py`` checks it); :func:`qenv.quant.presets.menu_table` prints each rule's bpw.
 DEFAULT_MENU: tuple[Rule, ...] = COMPACT_MENU + tuple(r for r in _human_rules() if r not in COMPACT_MENU)
 
+#: bit widths of the learned rules (``rounding="learned"``, group 128): the widths of the gptq-w2/w3/w4
+#: presets, where a search at a human preset's size spends its bits
+LEARNED_BITS: tuple[int, ...] = (2, 3, 4)
+#: rules no human preset uses: GPTQ's storage (so GPTQ's size to the bit), started from GPTQ with
+#: MSE-searched clipping (the best human rule of that size on stories260K and the default model), with
+#: the codes and group scales then learned on the layer's calibration Hessian
+#: (:func:`qenv.quant.quantizer._learned`); the clipped start measured better than the plain one in
+#: all 8 (model, width, text) cells of BENCHMARKS.md
+LEARNED_RULES: tuple[Rule, ...] = tuple(Rule(bits=b, group_size=128, rounding="learned", mse_clip=True)
+                                        for b in LEARNED_BITS)
+#: ``menu="learned"``: the default menu (same indices), then :data:`LEARNED_RULES`. Opt-in, because a
+#: learned rule costs several GPTQs to build (BENCHMARKS.md) and the menu's build and greedy's
+#: per-(layer, rule) errors grow with every rule
+LEARNED_MENU: tuple[Rule, ...] = DEFAULT_MENU + LEARNED_RULES
+
 #: ``menu="gguf"``: llama.cpp's own types (quantized by llama.cpp, charged at its bytes), with and without
 #: the importance matrix, from 2.3 to 8.5 bpw (:data:`qenv.quant.gguf.MENU_TYPES`)
 GGUF_MENU: tuple[Rule, ...] = tuple(Rule(gguf=t, imatrix=im) for t, im in _gguf.MENU_TYPES)
 #: named menus
-MENUS: dict[str, tuple[Rule, ...]] = {"default": DEFAULT_MENU, "compact": COMPACT_MENU, "gguf": GGUF_MENU}
+MENUS: dict[str, tuple[Rule, ...]] = {"default": DEFAULT_MENU, "compact": COMPACT_MENU, "gguf": GGUF_MENU,
+                                      "learned": LEARNED_MENU}
 
 #: knob values of the multidiscrete and continuous kinds
 KNOB_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 KNOB_GROUPS: tuple[int, ...] = (32, 64, 128, -1)
 KNOB_OUTLIERS: tuple[float, ...] = (0.0, 0.005, 0.01)
 KNOB_ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
+#: the rounding knob of the continuous and rule kinds, which also reach the learned rounding (the
+#: multidiscrete kind keeps its two, so its space and the policies trained on it are unchanged)
+KNOB_FULL_ROUNDINGS: tuple[str, ...] = KNOB_ROUNDINGS + ("learned",)
 #: the further knobs of the continuous and rule kinds ("mse": the clip searched per group)
 KNOB_CLIPS: tuple[float | str, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, "mse")
 KNOB_SALIENCE: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
 KNOB_ACT_SCALES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 KNOB_SYMMETRIC: tuple[bool, ...] = (False, True)
 #: every knob of a Rule, in action order: bits, group, outliers, rounding, clip, a, b, c, act_scale, symmetric
-FULL_KNOBS: tuple[tuple[Any, ...], ...] = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS, KNOB_CLIPS,
+FULL_KNOBS: tuple[tuple[Any, ...], ...] = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_FULL_ROUNDINGS, KNOB_CLIPS,
                                            KNOB_SALIENCE, KNOB_SALIENCE, KNOB_SALIENCE, KNOB_ACT_SCALES, KNOB_SYMMETRIC)
 #: residual kind: action -> shift along the layer's cost-sorted menu from greedy's plan (0 = greedy)
 RESIDUAL_SHIFTS: tuple[int, ...] = (0, 1, -1, 2, -2, 3, -3)
@@ -193,7 +215,8 @@ class ActionMapper:
                 lattice: tuple[tuple[Any, ...], ...] = (types, (False, True))
                 self.knobs = lattice
             else:
-                lattice = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, KNOB_ROUNDINGS)
+                roundings = KNOB_ROUNDINGS if kind == "multidiscrete" else KNOB_FULL_ROUNDINGS
+                lattice = (KNOB_BITS, KNOB_GROUPS, KNOB_OUTLIERS, roundings)
                 self.knobs = lattice if kind == "multidiscrete" else FULL_KNOBS
             self.rules = tuple(dict.fromkeys(self._knob_rule(*combo) for combo in itertools.product(*lattice)))
             if kind == "continuous":

@@ -36,6 +36,8 @@ def default_batch_bytes(device: torch.device) -> int:
 def _working_bytes(out_f: int, in_f: int, rule: Rule) -> int:
     """Rough float32 working memory to quantize one ``[out, in]`` matrix under ``rule``."""
     matrix = 4 * out_f * in_f
+    if rule.rounding == "learned":  # GPTQ's, plus the residual, the swept copy and the scale refit's products
+        return 10 * matrix + 5 * 4 * in_f * in_f
     if rule.rounding == "gptq":
         return 6 * matrix + 4 * 4 * in_f * in_f  # weights, result, mask, updates; Hessian and its factors
     return (8 if rule.mse_clip else 5) * matrix

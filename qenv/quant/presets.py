@@ -231,6 +231,8 @@ def menu_table(rules: Sequence[Rule], width: int = MENU_TABLE_WIDTH) -> str:
             return "(AWQ then GPTQ)"
         if rule.rounding == "gptq" and rule.mse_clip:
             return "(GPTQ, MSE clip)"
+        if rule.rounding == "learned":
+            return "(GPTQ, learned)"  # no human preset: GPTQ's storage, codes and scales learned
         return ""
 
     rows = [(str(i), rule.label(), human_preset_name(rule) or named(rule), f"{layer_bits(rule, width, width) / width**2:.3f}")

@@ -30,7 +30,7 @@ class LayerCalibration:
     """What the quantizer may know about a layer's inputs on calibration tokens.
 
     ``act_rms[j]`` is the root-mean-square of input channel ``j``; ``hessian`` is ``XᵀX / n``
-    (``[in, in]``), needed only by GPTQ rounding.
+    (``[in, in]``), needed only by the roundings that read it (GPTQ, learned).
     """
 
     act_rms: torch.Tensor
@@ -235,6 +235,137 @@ def quantize_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: rounds of ``rounding="learned"`` after GPTQ: each is one coordinate-descent sweep over the codes
+#: and one least-squares refit of the group scales (the output error falls fastest in the first rounds)
+LEARNED_ROUNDS = 4
+
+
+def _damped_hessian(hessian: torch.Tensor) -> torch.Tensor:
+    """The Hessian GPTQ works with (``[B, in, in]``): dead input channels get a unit diagonal, and
+    every diagonal entry is raised by ``GPTQ_DAMP`` of the mean (a small pull towards the weights
+    themselves, which keeps the learned codes from fitting the calibration tokens alone)."""
+    h = hessian.to(torch.float32).clone()
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    diag.masked_fill_(diag == 0, 1.0)
+    diag += (GPTQ_DAMP * diag.mean(dim=-1))[:, None]
+    return h
+
+
+def _row_errors(error: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``e H eᵀ`` of every row of ``error`` (``[B, out, in]``): each output channel's squared error
+    summed over the calibration inputs (divided by their count)."""
+    return ((error @ h) * error).sum(dim=-1)
+
+
+def _coordinate_sweep(ws: torch.Tensor, q: torch.Tensor, free: torch.Tensor, scale: torch.Tensor,
+                      zero: torch.Tensor, maxq: int, h: torch.Tensor) -> torch.Tensor:
+    """One cyclic coordinate-descent sweep over the codes of ``q`` (``[B, out, in]``, on the grid
+    ``scale``/``zero`` expanded per weight): each free weight in turn moves to the grid point that
+    minimises its row's error ``(ws - q) H (ws - q)ᵀ`` given all the others. That 1-D problem is a
+    parabola in the weight, so the nearest grid point to its vertex is exact: no step increases the
+    error. Updates of the residual ``(ws - q) H`` are lazy per block of ``GPTQ_BLOCK`` columns, as GPTQ's."""
+    q = q.clone()
+    in_f = q.shape[-1]
+    residual = (ws - q) @ h
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)[:, None, :]  # [B, 1, in]
+    for start in range(0, in_f, GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, in_f)
+        moved = torch.zeros_like(q[:, :, start:end])
+        h_block = h[:, start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            s, z = scale[:, :, col], zero[:, :, col]
+            target = q[:, :, col] + residual[:, :, col] / diag[:, :, col]
+            best = (torch.clamp(torch.round(target / s) + z, 0, maxq) - z) * s
+            step = torch.where(free[:, :, col], best - q[:, :, col], torch.zeros_like(best))
+            q[:, :, col] += step
+            moved[:, :, i] = step
+            residual[:, :, start:end] -= step[:, :, None] * h_block[:, i : i + 1, :]
+        if start:
+            residual[:, :, :start] -= moved @ h[:, start:end, :start]
+        if end < in_f:
+            residual[:, :, end:] -= moved @ h[:, start:end, end:]
+    return q
+
+
+def _refit_scales(ws: torch.Tensor, codes: torch.Tensor, free: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor, group: int, h: torch.Tensor) -> torch.Tensor:
+    """The fp16 group scales (``[B, out, n_groups]``) that minimise each row's error
+    ``(ws - q) H (ws - q)ᵀ`` for fixed integer codes and zero points: per row, a least-squares
+    problem in its ``n_groups`` scales (the groups are coupled through ``H``). A group whose codes
+    all sit on the zero point, or whose solution is not a positive finite number, keeps its scale."""
+    n_b, out_f, in_f = ws.shape
+    n_groups = scale.shape[-1]
+    padded = n_groups * group
+    pad = padded - in_f
+    steps = torch.where(free, codes - _expand_last(zero, group, in_f), torch.zeros_like(codes))
+    target = torch.where(free, ws, torch.zeros_like(ws))
+    hp = h
+    if pad:
+        steps = torch.nn.functional.pad(steps, (0, pad))
+        target = torch.nn.functional.pad(target, (0, pad))
+        hp = torch.nn.functional.pad(h, (0, pad, 0, pad))
+    by_group = steps.view(n_b, out_f, n_groups, group)
+    rhs = ((target @ hp).view(n_b, out_f, n_groups, group) * by_group).sum(dim=-1)
+    gram = torch.empty(n_b, out_f, n_groups, n_groups, device=ws.device)
+    for g in range(n_groups):
+        coupled = by_group[:, :, g, :] @ hp[:, g * group : (g + 1) * group, :]
+        gram[:, :, g, :] = (coupled.view(n_b, out_f, n_groups, group) * by_group).sum(dim=-1)
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
+    used = diag > 0
+    ridge = 1e-6 * diag.mean(dim=-1, keepdim=True).clamp_min(1e-30)
+    eye = torch.eye(n_groups, device=ws.device)
+    system = gram + eye * torch.where(used, ridge, torch.ones_like(diag))[..., None]
+    solved = torch.linalg.solve(system, rhs[..., None])[..., 0]
+    ok = used & torch.isfinite(solved) & (solved > 0)
+    return torch.where(ok, _fp16_round(torch.where(ok, solved, scale)), scale)
+
+
+def _expand_last(per_group: torch.Tensor, group: int, in_f: int) -> torch.Tensor:
+    """``[..., n_groups]`` per-group values as ``[..., in]`` per-weight values."""
+    return per_group.repeat_interleave(group, dim=-1)[..., :in_f]
+
+
+def _learned(ws: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rounding="learned"`` on a batch ``[B, out, in]``: ``(image, codes, scale, zero)``.
+
+    GPTQ gives the start (its codes, and its groups' scales and zero points); then ``LEARNED_ROUNDS``
+    rounds alternate a coordinate-descent sweep over the codes (:func:`_coordinate_sweep`) and a
+    least-squares refit of the scales (:func:`_refit_scales`), both on GPTQ's damped Hessian. Every
+    step is kept per row only where it lowers that row's error, so no row ends above GPTQ's. The
+    result is stored exactly as GPTQ's is (integer codes, fp16 scales, the same zero points), so its
+    size is GPTQ's to the bit. Deterministic: no random start, no sampling.
+    """
+    grids: list[tuple[torch.Tensor, torch.Tensor]] = []
+    q = _gptq(ws, keep, rule, group, hessian, grids)
+    in_f = ws.shape[-1]
+    maxq = 2**rule.bits - 1
+    free = ~keep
+    scale = torch.cat([g[0] for g in grids], dim=2)
+    zero = torch.cat([g[1] for g in grids], dim=2)
+    scale_w, zero_w = _expand_last(scale, group, in_f), _expand_last(zero, group, in_f)
+    codes = torch.where(free, torch.clamp(torch.round(q / scale_w) + zero_w, 0, maxq), zero_w)
+    q = torch.where(free, (codes - zero_w) * scale_w, ws)
+    h = _damped_hessian(hessian)
+    err = _row_errors(ws - q, h)
+    for _ in range(LEARNED_ROUNDS):
+        swept = _coordinate_sweep(ws, q, free, scale_w, zero_w, maxq, h)
+        swept_err = _row_errors(ws - swept, h)
+        better = (swept_err < err)[..., None]
+        q, err = torch.where(better, swept, q), torch.minimum(swept_err, err)
+        codes = torch.where(free, torch.round(q / scale_w) + zero_w, zero_w)
+        refit = _refit_scales(ws, codes, free, scale, zero, group, h)
+        refit_w = _expand_last(refit, group, in_f)
+        candidate = torch.where(free, (codes - zero_w) * refit_w, ws)
+        cand_err = _row_errors(ws - candidate, h)
+        better = cand_err < err
+        scale = torch.where(better[..., None], refit, scale)
+        scale_w = _expand_last(scale, group, in_f)
+        q, err = torch.where(better[..., None], candidate, q), torch.where(better, cand_err, err)
+    return q, codes, scale, zero
+
+
 def quantize_matrices(weights: Sequence[torch.Tensor], rule: Rule,
                       calibs: Sequence[LayerCalibration | None] | None = None,
                       threads: int | None = None) -> list[torch.Tensor]:
@@ -256,7 +387,7 @@ def quantize_matrices(weights: Sequence[torch.Tensor], rule: Rule,
         if n > 1:
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="qenv-ggml") as pool:
                 return list(pool.map(lambda wc: quantize_matrix(wc[0], rule, wc[1]), zip(weights, calibs)))
-    if rule.keeps or rule.rounding != "gptq":
+    if rule.keeps or not rule.uses_hessian:
         return [quantize_matrix(w, rule, c) for w, c in zip(weights, calibs)]
     results: list[torch.Tensor | None] = [None] * len(weights)
     shapes: dict[tuple, list[int]] = {}
@@ -270,17 +401,21 @@ def quantize_matrices(weights: Sequence[torch.Tensor], rule: Rule,
 
 def _quantize_batch(weights: Sequence[torch.Tensor], rule: Rule,
                     calibs: Sequence[LayerCalibration | None]) -> list[torch.Tensor]:
-    """Quantize matrices of one shape under a non-keep rule (GPTQ as one batch)."""
-    if rule.rounding == "gptq":
+    """Quantize matrices of one shape under a non-keep rule (GPTQ and learned rounding as one batch)."""
+    if rule.uses_hessian:
         for calib in calibs:
             if calib is None or calib.hessian is None:
-                raise QenvError(f"Rule {rule.label()} uses GPTQ rounding, which needs the layer's calibration Hessian.")
+                raise QenvError(f"Rule {rule.label()} uses {rule.rounding} rounding, which needs the layer's "
+                                "calibration Hessian.")
     prepared = [_prepare(w, rule, c) for w, c in zip(weights, calibs)]
-    if rule.rounding == "gptq":
+    if rule.uses_hessian:
         ws = torch.stack([p[1] for p in prepared])
         keep = torch.stack([p[2] for p in prepared])
         hessian = torch.stack([p[4] for p in prepared])
-        quantized = list(_gptq(ws, keep, rule, prepared[0][3], hessian).unbind(0))
+        if rule.rounding == "learned":
+            quantized = list(_learned(ws, keep, rule, prepared[0][3], hessian)[0].unbind(0))
+        else:
+            quantized = list(_gptq(ws, keep, rule, prepared[0][3], hessian).unbind(0))
     else:
         quantized = []
         for w, ws, keep, group, _, scale, calib in prepared:
@@ -309,7 +444,7 @@ def _prepare(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | None) -
     scale = _channel_scale(rule, calib, w.device)
     ws = w if scale is None else w * scale[None, :]
     hessian = None
-    if rule.rounding == "gptq":
+    if rule.uses_hessian:
         assert calib is not None and calib.hessian is not None
         hessian = calib.hessian.to(w.device).float()
         if scale is not None:
@@ -376,12 +511,14 @@ def quantize_codes(weight: torch.Tensor, rule: Rule, calib: LayerCalibration | N
     if rule.keeps or rule.gguf is not None or rule.outlier_fraction > 0:
         raise QenvError(f"Rule {rule.label()} is not stored as integer codes with per-group scales.",
                         "use a rule without fp16 outliers or a llama.cpp type.")
-    if rule.rounding == "gptq" and (calib is None or calib.hessian is None):
-        raise QenvError(f"Rule {rule.label()} uses GPTQ rounding, which needs the layer's calibration Hessian.")
+    if rule.uses_hessian and (calib is None or calib.hessian is None):
+        raise QenvError(f"Rule {rule.label()} uses {rule.rounding} rounding, which needs the layer's calibration Hessian.")
     w, ws, keep, group, hessian, channel, _ = _prepare(weight, rule, calib)
     out_f, in_f = w.shape
     maxq = 2**rule.bits - 1
-    if rule.rounding == "gptq":
+    if rule.rounding == "learned":
+        _, codes, scale, zero = (t[0] for t in _learned(ws[None], keep[None], rule, group, hessian[None]))
+    elif rule.rounding == "gptq":
         grids: list[tuple[torch.Tensor, torch.Tensor]] = []
         image = _gptq(ws[None], keep[None], rule, group, hessian[None], grids)[0]
         scale = torch.cat([g[0][0] for g in grids], dim=1)

@@ -19,7 +19,9 @@ from qenv.quant import gguf as _gguf
 
 ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 16)
 ALLOWED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, -1)  # -1: one group per output channel
-ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
+ROUNDINGS: tuple[str, ...] = ("nearest", "gptq", "learned")
+#: roundings that read the layer's calibration Hessian ``XᵀX / n``
+HESSIAN_ROUNDINGS: tuple[str, ...] = ("gptq", "learned")
 MAX_OUTLIER_FRACTION = 0.05
 #: bits used to store one fp16 value (scales, surviving weights, kept layers)
 FP16_BITS = 16
@@ -36,6 +38,10 @@ class Rule:
     ``|w|^a * rms(x)^b * diag(H)^c`` (``salience=(a, b, c)``) survive in fp16 beside the codes.
     ``clip`` shrinks each group's range (``mse_clip`` searches it per group instead);
     ``rounding="gptq"`` feeds the rounding error forward through the calibration Hessian;
+    ``rounding="learned"`` starts from GPTQ and then learns the codes and the group scales on the
+    same Hessian (coordinate descent on the codes, least squares on the scales; no human preset
+    does this): the layer's output error on calibration inputs never ends above GPTQ's, and the
+    storage (codes, scales, zero points) is GPTQ's, so the bits are identical;
     ``act_scale`` > 0 scales input channels by ``rms(x)^act_scale`` before quantizing and back
     after (AWQ's equivalent transform, free at inference because it folds into the previous op).
 
@@ -130,7 +136,12 @@ class Rule:
             return self.imatrix
         b, c = self.salience[1], self.salience[2]
         uses_salience = self.outlier_fraction > 0 and (b != 0 or c != 0)
-        return self.rounding == "gptq" or self.act_scale > 0 or uses_salience or self.mse_clip
+        return self.uses_hessian or self.act_scale > 0 or uses_salience or self.mse_clip
+
+    @property
+    def uses_hessian(self) -> bool:
+        """True when the rounding reads the layer's calibration Hessian (GPTQ, learned)."""
+        return self.gguf is None and self.rounding in HESSIAN_ROUNDINGS
 
     def label(self) -> str:
         """A short human-readable name, e.g. ``w4g128a`` or ``w3g64s-gptq-o1%``."""
@@ -140,8 +151,8 @@ class Rule:
             return self.gguf + ("-im" if self.imatrix else "")
         group = "c" if self.group_size == -1 else str(self.group_size)
         text = f"w{self.bits}g{group}{'s' if self.symmetric else 'a'}"
-        if self.rounding == "gptq":
-            text += "-gptq"
+        if self.rounding != "nearest":
+            text += f"-{self.rounding}"
         if self.mse_clip:
             text += "-mse"
         elif self.clip < 1.0:
