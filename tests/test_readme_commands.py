@@ -186,6 +186,12 @@ def test_the_readme_has_the_commands_a_user_needs() -> None:
     assert len(python_blocks(README.read_text(encoding="utf-8"))) == 1
 
 
+def test_the_readme_stays_a_guide_of_at_most_300_lines() -> None:
+    """Experiment history belongs in BENCHMARKS.md; the README is the user's guide (issue 27)."""
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert lines <= 300, f"README.md has {lines} lines: move detail to BENCHMARKS.md or docs/"
+
+
 @pytest.mark.parametrize("index,command", PROGRAM_COMMANDS, ids=[c[:70] for _, c in PROGRAM_COMMANDS])
 def test_readme_command_parses_and_names_existing_paths(index: int, command: str) -> None:
     argv = shlex.split(command)
