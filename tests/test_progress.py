@@ -95,6 +95,7 @@ def _run(args: list, tmp_path: Path) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow  # two program processes
 def test_programs_in_a_log_write_bounded_whole_lines(stories_bin, tmp_path) -> None:
     """train_agent.py and eval_agent.py with their output redirected (not a terminal): every stage and bar
     is whole lines, a bounded number of them, and no carriage return (on the compact menu: the lines do
