@@ -67,6 +67,7 @@ def env(stories_bin):
     env.close()
 
 
+@pytest.mark.slow  # five searchers on stories260K's default menu (greedy's errors on its 37 rules)
 @pytest.mark.parametrize("name, granted", [("greedy", 39), ("llamacpp", 39), ("uniform", 39), ("random", 5),
                                            ("evolution", 6)])
 def test_a_searchers_bar_counts_what_it_will_spend(env, name, granted, capsys) -> None:
