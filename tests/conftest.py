@@ -14,6 +14,26 @@ REPO = Path(__file__).resolve().parents[1]
 BUILTIN_DEFAULT = REPO / "qenv" / "models" / "builtin" / "wikitext-llama"
 
 
+#: Modules whose tests run the programs, train, search or build several model tasks: every test in
+#: them counts as ``slow``, so that ``pytest -m "not slow"`` (the fast tier, under 2 minutes on a
+#: 2-core machine) keeps the unit-level modules. CI (``python -m pytest -q``) still runs everything.
+#: Heavy tests of the other modules carry ``@pytest.mark.slow`` themselves.
+SLOW_MODULES = frozenset({
+    "test_agents", "test_best_start", "test_equal_size_bench", "test_eval_agent", "test_eval_own_size",
+    "test_evolution", "test_export", "test_first_run", "test_gguf", "test_gguf_rules", "test_learning",
+    "test_llama_cpp_isolation", "test_prebuild", "test_presets_cache", "test_quantize_command", "test_ray",
+    "test_reliability", "test_reliability_caches", "test_reliability_files", "test_reliability_outputs",
+    "test_train_agent",
+})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark every test of :data:`SLOW_MODULES` ``slow`` (the fast tier leaves them out)."""
+    for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def stories_bin() -> Path:
     if not STORIES_BIN.is_file():

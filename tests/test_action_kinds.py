@@ -87,6 +87,7 @@ def test_a_kind_is_registered_once(cheap_or_dear):
         gym.make("QuantLLM-v0", action_kind="cheap_or_pricey", **SMALL)
 
 
+@pytest.mark.slow  # greedy's plan on stories260K's default menu (the residual kind starts from it)
 def test_residual_options_live_on_the_residual_kind(stories_bin):
     env = gym.make("QuantLLM-v0", model=str(stories_bin), action_kind="residual", max_deviations=2,
                    **SMALL).unwrapped

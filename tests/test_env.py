@@ -134,6 +134,7 @@ def test_multi_model_env_visits_each_model(stories_bin):
     assert info["model"] in seen
 
 
+@pytest.mark.slow  # two worker processes, each importing torch and building the task
 def test_vector_envs(stories_bin):
     kwargs = {"model": str(stories_bin), **SMALL}
     for cls in (DummyVecEnv, SubprocVecEnv):

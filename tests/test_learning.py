@@ -859,43 +859,45 @@ def test_bench_quality_transfer_rolls_out_under_the_eval_env(stories_bin, tmp_pa
     assert "error" not in ev and ev["policy"]["bpw"] <= 3.0 + 1e-9
 
 
-def test_bench_quality_transfer_with_an_rl_config_of_the_allocation_kind(stories_bin, tmp_path):
-    """--rl-config: the RL method's hyperparameters and env_kwargs from another file
-    (configs/ppo_allocation.yaml: PPO on the allocation kind with the relative observation), its
-    action kind and observation taken from it, in training and in the zero-shot rollouts."""
+@pytest.fixture(scope="module")
+def allocation_transfer(stories_bin, tmp_path_factory):
+    """One bench_quality.py transfer run for two tests (it trains and rolls out in worker processes):
+    --rl-config configs/ppo_allocation.yaml, trained at 3.0 bpw (--transfer-train-budget) and rolled
+    out at 2.5 and 3.5. The deadline is far: a busy machine must not truncate the jobs (no row at 3.5)."""
     bench = load_bench_quality("bench_quality_rl_config")
-    out = tmp_path / "tr"
-    code = bench.main(["run", "--models", "--data-dir", str(stories_bin.parents[1]), "--out", str(out),
-                       "--transfer-train", "default", "--transfer-test", "stories260K", "--transfer-budgets", "3.0",
-                       "--transfer-seeds", "0", "--transfer-timesteps", "128", "--transfer-eval-jobs",
-                       "--no-transfer-eval-seen", "--rl-agent", "ppo", "--rl-config",
-                       str(REPO / "configs" / "ppo_allocation.yaml"), "--device", "cpu", "--n-tokens", "256",
-                       "--held-tokens", "256", "--max-procs", "2", "--deadline-s", "300"])
-    assert code == 0
-    settings = json.loads((out / "raw" / "settings.json").read_text())["args"]
-    assert settings["action_kind"] == "allocation" and settings["rl_observation"] is None
-    rows = [r for r in bench.load_rows(out) if r.get("kind") == "transfer"]
-    train = next(r for r in rows if r["method"] == "train")
-    assert (train["agent"], train["action_kind"], train["observation"]) == ("ppo", "allocation", "relative")
-    ev = next(r for r in rows if r["method"] == "eval")
-    assert "error" not in ev, ev
-    assert ev["policy"]["bpw"] <= 3.0 + 1e-9
-
-
-def test_bench_quality_transfer_trains_one_policy_for_every_budget(stories_bin, tmp_path):
-    """--transfer-train-budget: every budget's zero-shot rollouts use the policy trained at that one
-    budget (the jobs of both budgets trained the same weights), and the report says so."""
-    import torch
-
-    bench = load_bench_quality("bench_quality_train_budget")
-    out = tmp_path / "tr"
+    out = tmp_path_factory.mktemp("allocation-transfer") / "tr"
     code = bench.main(["run", "--models", "--data-dir", str(stories_bin.parents[1]), "--out", str(out),
                        "--transfer-train", "default", "--transfer-test", "stories260K", "--transfer-budgets", "2.5",
                        "3.5", "--transfer-train-budget", "3.0", "--transfer-seeds", "0", "--transfer-timesteps", "128",
                        "--transfer-eval-jobs", "--no-transfer-eval-seen", "--rl-agent", "ppo", "--rl-config",
                        str(REPO / "configs" / "ppo_allocation.yaml"), "--device", "cpu", "--n-tokens", "256",
-                       "--held-tokens", "256", "--max-procs", "2", "--deadline-s", "300"])
+                       "--held-tokens", "256", "--max-procs", "2", "--deadline-s", "1800"])
     assert code == 0
+    return bench, out
+
+
+def test_bench_quality_transfer_with_an_rl_config_of_the_allocation_kind(allocation_transfer):
+    """--rl-config: the RL method's hyperparameters and env_kwargs from another file
+    (configs/ppo_allocation.yaml: PPO on the allocation kind with the relative observation), its
+    action kind and observation taken from it, in training and in the zero-shot rollouts."""
+    bench, out = allocation_transfer
+    settings = json.loads((out / "raw" / "settings.json").read_text())["args"]
+    assert settings["action_kind"] == "allocation" and settings["rl_observation"] is None
+    rows = [r for r in bench.load_rows(out) if r.get("kind") == "transfer"]
+    trains = [r for r in rows if r["method"] == "train"]
+    assert trains and all((r["agent"], r["action_kind"], r["observation"]) == ("ppo", "allocation", "relative")
+                          for r in trains), trains
+    evals = [r for r in rows if r["method"] == "eval"]
+    assert evals and all("error" not in ev for ev in evals), evals
+    assert all(ev["policy"]["bpw"] <= ev["budget"] + 1e-9 for ev in evals)
+
+
+def test_bench_quality_transfer_trains_one_policy_for_every_budget(allocation_transfer):
+    """--transfer-train-budget: every budget's zero-shot rollouts use the policy trained at that one
+    budget (the jobs of both budgets trained the same weights), and the report says so."""
+    import torch
+
+    bench, out = allocation_transfer
     rows = [r for r in bench.load_rows(out) if r.get("kind") == "transfer"]
     trains = {r["budget"]: r for r in rows if r["method"] == "train"}
     assert set(trains) == {2.5, 3.5} and {r["train_budget"] for r in trains.values()} == {3.0}
