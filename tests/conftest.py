@@ -19,11 +19,12 @@ BUILTIN_DEFAULT = REPO / "qenv" / "models" / "builtin" / "wikitext-llama"
 #: 2-core machine) keeps the unit-level modules. CI (``python -m pytest -q``) still runs everything.
 #: Heavy tests of the other modules carry ``@pytest.mark.slow`` themselves.
 SLOW_MODULES = frozenset({
-    "test_agents", "test_best_start", "test_equal_size_bench", "test_eval_agent", "test_eval_own_size",
-    "test_evolution", "test_export", "test_first_run", "test_gguf", "test_gguf_rules", "test_learning",
+    "test_agents", "test_bench_quality", "test_bench_scripts", "test_best_start", "test_equal_size_bench",
+    "test_eval_agent", "test_eval_own_size", "test_evolution", "test_export", "test_first_run", "test_gguf",
+    "test_gguf_rules", "test_learning",
     "test_llama_cpp_isolation", "test_prebuild", "test_presets_cache", "test_quantize_command", "test_ray",
     "test_reliability", "test_reliability_caches", "test_reliability_files", "test_reliability_outputs",
-    "test_train_agent",
+    "test_train_agent", "test_transfer_programs",
 })
 
 
@@ -127,3 +128,55 @@ def clear_error(err: "pytest.ExceptionInfo", *words: str) -> str:
     for word in words:
         assert word.lower() in text.lower(), f"{word!r} not in {text!r}"
     return text
+
+
+@pytest.fixture(scope="session")
+def tiny_env():
+    """A maker of cheap QuantLLM-v0 envs on a tiny built-in model (256 tokens of 32, no disk cache),
+    one per (kind, model, budget, options) for the whole session: tests of an action kind's
+    semantics share them instead of measuring the same model again. Reset one before use; the
+    fixture closes them at the end of the session."""
+    import gymnasium as gym
+
+    import qenv  # noqa: F401  (registers QuantLLM-v0)
+
+    made = {}
+
+    def make(kind: str = "discrete", model: str = "tiny-llama", budget_bpw: float = 3.0, **options):
+        key = (kind, model, budget_bpw, repr(sorted(options.items())))
+        if key not in made:
+            made[key] = gym.make("QuantLLM-v0", model=model, action_kind=kind, budget_bpw=budget_bpw, n_tokens=256,
+                                 seq_len=32, cache_dir=False, **options).unwrapped
+        return made[key]
+
+    yield make
+    for env in made.values():
+        env.close()
+
+
+#: A PPO config of a few steps on the residual kind: the programs' runs of the transfer tests
+TINY_ZOO_CONFIG = """\
+QuantLLM-v0:
+  n_timesteps: 64
+  policy: MlpPolicy
+  n_steps: 32
+  batch_size: 32
+  n_epochs: 1
+  policy_kwargs: {net_arch: [16]}
+  env_kwargs: {action_kind: residual}
+"""
+
+
+@pytest.fixture(scope="session")
+def zoo_run(stories_bin, tmp_path_factory):
+    """A policy trained on a zoo (stories260K and tiny-llama), then fine-tuned on tiny-qwen2: one run
+    for the program tests (tests/test_transfer_programs.py) and the bench scripts' (tests/bench/)."""
+    train_agent = load_script("train_agent")
+    root = tmp_path_factory.mktemp("zoo")
+    (root / "tiny.yaml").write_text(TINY_ZOO_CONFIG)
+    args = ["--config", root / "tiny.yaml", "--logdir", root, "--no-progress", "--env-kwargs", "n_tokens=256",
+            "seq_len=32", "cache_dir=false"]
+    assert run_main(train_agent, ["--model", stories_bin, "--model", "tiny-llama", "--name", "zoo", *args]) == 0
+    assert run_main(train_agent, ["--init-from", root / "zoo" / "model.zip", "--model", "tiny-qwen2",
+                                  "--name", "ft", "--timesteps", 32, *args]) == 0
+    return root

@@ -16,6 +16,7 @@ import struct
 import warnings
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -363,3 +364,26 @@ def test_searcher_over_budget_is_listed_apart(stories_bin, tmp_path, capsys):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "50000000 tokens needs about" in lines[0], err
     assert not (tmp_path / "e-big").exists()
+
+
+def test_caches_are_keyed_on_the_thread_count(tmp_path):
+    """Float results depend on torch's thread count (reduction order), so a cache written by a
+    process with other threads must not be read: each count gets its own files."""
+    import torch
+
+    from qenv.eval.reference import numerics_key
+
+    before = torch.get_num_threads()
+    try:
+        names = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            env = gym.make("QuantLLM-v0", model="tiny-llama", n_tokens=128, seq_len=32, cache_dir=str(tmp_path)).unwrapped
+            names.append(numerics_key(env.task.loaded.device))
+            env.close()  # drops the task from the per-process cache: the next env reads the disk cache
+        files = sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        torch.set_num_threads(before)
+    assert names[0] != names[1]
+    for prefix in ("reference-", "features-", "errors-"):
+        assert len([f for f in files if f.startswith(prefix)]) == 2, files

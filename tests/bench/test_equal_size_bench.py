@@ -12,7 +12,7 @@ import pytest
 from qenv import load_model
 from qenv.quant.presets import resolve_budget
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load_bench():
