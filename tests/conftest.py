@@ -23,7 +23,8 @@ SLOW_MODULES = frozenset({
     "test_eval_agent", "test_eval_own_size", "test_evolution", "test_export", "test_first_run", "test_gguf",
     "test_gguf_rules", "test_learning",
     "test_llama_cpp_isolation", "test_prebuild", "test_presets_cache", "test_quantize_command", "test_ray",
-    "test_reliability", "test_reliability_caches", "test_reliability_files", "test_reliability_outputs",
+    "test_reliability_caches", "test_reliability_files", "test_reliability_inputs", "test_reliability_numerics",
+    "test_reliability_outputs", "test_reliability_runs",
     "test_train_agent", "test_transfer_programs",
 })
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -141,3 +142,51 @@ def test_a_copied_env_resets_and_plays_like_the_original(stories_bin, how, obser
     assert np.array_equal(a, b)
     actions = [int(j) for j in env.task.greedy_plan(3.0)]
     assert play_episode(clone, actions)["kl"] == pytest.approx(play_episode(env, actions)["kl"])
+
+
+# -- the environment's own checks (issue 13) -------------------------------------------------------------
+ENV_CASES = {
+    # case: (env kwargs, what to do with the env, phrase of the QenvError)
+    "nan_continuous_action": ({"action_kind": "continuous"},
+                              lambda env: env.step(np.array([np.nan, 0, 0, 0], dtype=np.float32)), "not a finite number"),
+    "model_index_out_of_range": ({}, lambda env: env.reset(options={"model_index": 5}), "names no model"),
+    "model_index_not_an_int": ({}, lambda env: env.reset(options={"model_index": "0"}), "names no model"),
+    "bool_kwarg_as_text": ({"include_lm_head": "maybe"}, None, "must be true or false"),
+    "negative_weight_cache": ({"weight_cache_gib": -1}, None, "must be a number of at least 0"),
+    "negative_shaping_weight": ({"shaping_weight": -2}, None, "shaping_weight=-2 must be a number of at least 0"),
+    "render_mode_human": ({"render_mode": "human"}, None, "draws no window"),
+    "seq_len_above_context": ({"seq_len": 1024, "n_tokens": 2048}, None, "longer than the 512-token context"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(ENV_CASES))
+def test_env_refuses_bad_arguments_and_actions(case, stories_bin, cache_dir):
+    from qenv.cli.envs import make_quant_env
+
+    kwargs, act, needle = ENV_CASES[case]
+    base = {"model": str(stories_bin), "n_tokens": 512, "seq_len": 64, **kwargs}
+    if act is None:
+        with pytest.raises(QenvError, match=re.escape(needle)):
+            make_quant_env(**base)
+        return
+    env = make_quant_env(**base)
+    env.reset(seed=0)
+    with pytest.raises(QenvError, match=re.escape(needle)):
+        act(env)
+
+
+@pytest.mark.slow
+def test_episode_length_is_documented_not_a_time_limit(stories_bin, cache_dir):
+    """Episodes always terminate after one step per layer; the spec sets no TimeLimit (documented)."""
+    from qenv.cli.envs import make_quant_env
+    from qenv.envs.quant_llm import QuantLLMEnv
+
+    env = make_quant_env(model=str(stories_bin), n_tokens=512, seq_len=64)
+    assert env.spec.max_episode_steps is None and "max_episode_steps" in QuantLLMEnv.__doc__
+    env.reset(seed=0)
+    n = len(env.unwrapped.task.layers)
+    for i in range(n):
+        _, _, terminated, truncated, _ = env.step(0)
+        assert terminated == (i == n - 1) and not truncated
+    assert env.unwrapped.episode_length == n

@@ -17,7 +17,10 @@ Every case goes through the programs (``train_agent.main`` / ``eval_agent.main``
 
 from __future__ import annotations
 
+import base64
 import json
+import pickle
+import re
 import shutil
 import sys
 import zipfile
@@ -26,8 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from qenv.errors import QenvError
 from conftest import load_script, run_main
-from test_reliability import Payload, assert_one_line_error, policy  # noqa: F401 - `policy` is a fixture
+from reliability_helpers import Payload, assert_one_line_error, craft_policy, policy  # noqa: F401 - `policy` is a fixture
 
 train_agent = load_script("train_agent")
 eval_agent = load_script("eval_agent")
@@ -465,3 +469,91 @@ def test_an_init_from_cycle_ends(policy, stories_bin, tmp_path, capsys):  # noqa
     code = run_main(eval_agent, ["--policy", a / "model.zip", "--searchers", "none", "--out", tmp_path / "out"])
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]["status"] == "fine-tuned"
+
+
+# -- agent zips (issue 6 and 13): pickled code is refused, exact pickle names only, the algorithm from the zip --
+def test_sb3_agent_zip_with_pickled_code_is_refused_not_run(policy, tmp_path, stories_bin, cache_dir):
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    from qenv.agents.registry import load_agent
+    from qenv.envs.quant_llm import QuantLLMEnv
+
+    # the payload is live: SB3's own loader runs it
+    live = tmp_path / "MARKER_live"
+    load_from_zip_file(craft_policy(policy, tmp_path / "live" / "model.zip", live))
+    assert live.exists()
+    # qenv's loader refuses it before anything is unpickled
+    marker = tmp_path / "MARKER"
+    evil = craft_policy(policy, tmp_path / "evil" / "model.zip", marker)
+    env = QuantLLMEnv(str(stories_bin), n_tokens=512, seq_len=64, cache_dir=cache_dir)
+    with pytest.raises(QenvError, match=r"'policy_class' that needs builtins\.exec.*arbitrary code"):
+        load_agent("ppo", evil, env=env)
+    assert not marker.exists()
+    # and an honest file still loads, through the same allow-list
+    assert load_agent("ppo", policy, env=env).model.policy is not None
+
+
+def _global_pickle(module: str, name: str) -> bytes:
+    """A protocol-4 pickle that only looks up ``module``/``name`` (SHORT_BINUNICODE x2, STACK_GLOBAL)."""
+    enc = [s.encode() for s in (module, name)]
+    return b"\x80\x04" + b"".join(b"\x8c" + bytes([len(e)]) + e for e in enc) + b"\x93."
+
+
+@pytest.mark.parametrize("module,name", [
+    ("torch.fx.graph_module", "GraphModule"),
+    ("torch.jit._script", "ScriptModule"),
+    ("torch.nn.modules.module", "torch.fx.GraphModule"),  # a dotted name through an allowed module
+    ("torch.nn.modules.module", "torch.jit.ScriptModule"),
+    ("torch.nn.modules.activation", "torch.fx.GraphModule"),
+    ("stable_baselines3.common.policies", "ActorCriticPolicy.__init__"),
+])
+def test_agent_zip_unpickler_takes_exact_names_only(policy, tmp_path, module, name):
+    from qenv.agents.sb3 import safe_custom_objects
+
+    assert pickle.loads(_global_pickle(module, name)) is not None  # the reference resolves in plain pickle
+    target = tmp_path / "evil.zip"
+    with zipfile.ZipFile(policy) as src, zipfile.ZipFile(target, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "data":
+                payload = json.loads(data)
+                payload["policy_class"][":serialized:"] = base64.b64encode(_global_pickle(module, name)).decode()
+                data = json.dumps(payload).encode()
+            dst.writestr(item, data)
+    with pytest.raises(QenvError, match=re.escape(f"needs {module}.{name}")):
+        safe_custom_objects(target)
+    assert "policy_class" in safe_custom_objects(policy)  # the honest file still loads
+
+
+def test_algorithm_is_read_from_the_zip(policy, tmp_path):
+    from qenv.agents.sb3 import AGENT_ENTRY, agent_name_of_zip
+
+    assert agent_name_of_zip(policy) == "ppo"
+    bare = tmp_path / "bare.zip"  # as plain SB3 writes it: told apart by what SB3 stored
+    with zipfile.ZipFile(policy) as src, zipfile.ZipFile(bare, "w") as dst:
+        for item in src.infolist():
+            if item.filename != AGENT_ENTRY:
+                dst.writestr(item, src.read(item.filename))
+    assert agent_name_of_zip(bare) == "ppo"
+
+
+@pytest.mark.parametrize("agent", ["ppo", "a2c", "dqn", "sac", "td3", "ddpg", "recurrent_ppo"])
+def test_every_sb3_agent_is_recognised_in_its_zip(agent, stories_bin, cache_dir, tmp_path):
+    """With qenv's entry, and without it (a zip written by SB3 itself), the algorithm is told apart, so
+    loading it as another one is refused by name."""
+    if agent == "recurrent_ppo":
+        pytest.importorskip("sb3_contrib")
+    from qenv.agents.registry import load_agent, make_agent
+    from qenv.agents.sb3 import agent_name_of_zip
+    from qenv.envs.quant_llm import QuantLLMEnv
+
+    kind = "continuous" if agent in ("sac", "td3", "ddpg") else "discrete"
+    env = QuantLLMEnv(str(stories_bin), n_tokens=512, seq_len=64, cache_dir=cache_dir, action_kind=kind)
+    made = make_agent(agent, env, seed=0, policy_kwargs={"net_arch": [8]},
+                      **({"buffer_size": 64} if agent in ("dqn", "sac", "td3", "ddpg") else {}))
+    ours = made.save(tmp_path / "ours.zip")
+    made.model.save(tmp_path / "sb3.zip")  # SB3's own writer: no qenv entry
+    assert agent_name_of_zip(ours) == agent_name_of_zip(tmp_path / "sb3.zip") == agent
+    other = "a2c" if agent == "ppo" else "ppo" if kind == "discrete" else ("td3" if agent != "td3" else "sac")
+    with pytest.raises(QenvError, match=f"was trained with .* \\({agent}\\), not"):
+        load_agent(other, tmp_path / "sb3.zip", env=env)

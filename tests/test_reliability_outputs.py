@@ -33,7 +33,8 @@ import numpy as np
 import pytest
 
 from conftest import TINYSTORIES, load_script, require, run_main
-from test_reliability import SMALL, TINY_PPO, assert_one_line_error, child_env, wait_for
+from reliability_helpers import (SMALL, TINY_PPO, assert_one_line_error, child_env, stories_evaluator,  # noqa: F401
+                                 tiny_ppo, train_argv, wait_for)  # stories_evaluator, tiny_ppo: fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 train_agent = load_script("train_agent")
@@ -406,3 +407,79 @@ def test_an_out_folder_in_use_by_another_evaluation_is_refused(policy_run, tmp_p
                                      "--searchers", "none", "--out", out])
         assert_one_line_error(code, capsys.readouterr().err, f"output folder {out} is in use: process {os.getpid()}")
     assert not any(out.iterdir())
+
+
+# -- file modes, an unwritable --logdir, a disk error (issue 13) ------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_honour_the_umask(umask, stories_evaluator, tmp_path):
+    from qenv.export import export_all, save_quantized_model
+    from qenv.io import write_json_atomic
+    from qenv.quant.presets import preset
+
+    old = os.umask(umask)
+    try:
+        ev = stories_evaluator
+        recipe = preset("rtn-w4", ev.layers)
+        write_json_atomic(tmp_path / "a" / "x.json", {"a": 1})
+        paths = export_all(tmp_path / "export", ev.layers, recipe)
+        saved = save_quantized_model(ev, recipe, tmp_path / "model")
+    finally:
+        os.umask(old)
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "a" / "x.json") == file_mode
+    for kind, path in paths.items():
+        assert mode(path) == (dir_mode if kind == "llamacpp_command" else file_mode), kind
+    assert mode(saved) == dir_mode
+    assert all(mode(p) == file_mode for p in saved.iterdir() if p.is_file())
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_unwritable_logdir_is_one_line_even_for_root(stories_bin, cache_dir, tmp_path):
+    """Root ignores chmod; without CAP_DAC_OVERRIDE it does not, as any user would be refused."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    caps = "-dac_override,-dac_read_search"
+    proc = subprocess.run(["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", sys.executable,
+                           str(REPO / "train_agent.py"), "--model", str(stories_bin), "--logdir", str(locked / "runs"),
+                           "--no-progress", *map(str, SMALL)],
+                          capture_output=True, text=True, cwd=tmp_path, env=child_env(cache_dir), timeout=300)
+    assert_one_line_error(proc.returncode, proc.stderr, f"--logdir {locked / 'runs'} cannot be written")
+    assert list(locked.iterdir()) == []
+    # a run folder that cannot be written to cannot be resumed (its lock cannot even be taken)
+    run = tmp_path / "readonly-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(RUN_CONFIG))
+    run.chmod(0o555)
+    proc = subprocess.run(["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", sys.executable,
+                           str(REPO / "train_agent.py"), "--resume", str(run), "--no-progress"],
+                          capture_output=True, text=True, cwd=tmp_path, env=child_env(cache_dir), timeout=300)
+    assert_one_line_error(proc.returncode, proc.stderr, f"run folder {run} cannot be locked for writing")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+@pytest.mark.timeout(300)
+def test_a_disk_error_is_one_line_and_leaves_only_whole_files(stories_bin, cache_dir, tiny_ppo, tmp_path):
+    """A real write failure: the process may not write files over 36 kB (RLIMIT_FSIZE, EFBIG), so the
+    first checkpoint's agent zip (about 41 kB) fails halfway. One line, exit status 74, and every file
+    in the run folder is whole (nothing half-written, no temporary file left)."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (36_000, 36_000))
+
+    logdir = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, str(REPO / "train_agent.py"),
+                           *train_argv(stories_bin, tiny_ppo, logdir, "full", 256), "--env-kwargs", "cache_dir=false"],
+                          capture_output=True, text=True, env=child_env(cache_dir), cwd=tmp_path, timeout=280,
+                          preexec_fn=limit)
+    ckpt = logdir / "full" / "checkpoints" / "step_0000000064.zip"
+    assert_one_line_error(proc.returncode if proc.returncode != 74 else 2, proc.stderr,
+                          f"Writing {ckpt} failed: File too large")
+    assert proc.returncode == 74 and "--resume" in proc.stderr
+    for path in (logdir / "full").rglob("*"):
+        assert not path.name.endswith(".tmp"), path
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+    assert not ckpt.exists() and not (logdir / "full" / ".lock").exists()
