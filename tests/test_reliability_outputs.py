@@ -64,7 +64,8 @@ def user_folder(path: Path) -> Path:
     return path
 
 
-RUN_CONFIG = {"version": 1, "env_id": "QuantLLM-v0", "agent": "ppo", "total_timesteps": 64, "env_kwargs": {}}
+RUN_CONFIG = {"version": 1, "env_id": "QuantLLM-v0", "agent": "ppo", "seed": 0, "total_timesteps": 64, "n_envs": 1,
+              "vec_env": "dummy", "checkpoint_freq": 64, "env_kwargs": {}, "config_section": {}, "keep_checkpoints": 5}
 
 
 def run_folder(path: Path, **extra) -> Path:
