@@ -25,7 +25,7 @@ SLOW_MODULES = frozenset({
     "test_llama_cpp_isolation", "test_prebuild", "test_presets_cache", "test_quantize_command", "test_ray",
     "test_reliability_caches", "test_reliability_files", "test_reliability_inputs", "test_reliability_numerics",
     "test_reliability_outputs", "test_reliability_runs",
-    "test_train_agent", "test_transfer_programs",
+    "test_train_agent", "test_transfer_programs", "test_validation_pick", "test_policies",
 })
 
 

@@ -130,6 +130,7 @@ def test_the_env_docstring_is_a_contract_that_renders():
     assert ">>> " in doc and "benchmark" not in doc.lower() and "BENCHMARKS" not in doc
 
 
+@pytest.mark.slow
 def test_budget_range_draws_each_episode_a_budget_on_its_grid_and_observes_it():
     """One policy for a range of budgets: each reset draws a budget of ``budget_range``'s grid (both
     ends included), the observation's ``budget_bpw`` entry says which, and ``reset(options=...)``

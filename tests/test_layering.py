@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = ("agents", "qenv.agents", "train_agent", "eval_agent")
 
@@ -99,6 +101,7 @@ def test_no_library_file_is_over_600_lines() -> None:
     assert long == {}
 
 
+@pytest.mark.slow
 def test_a_second_checkout_is_told_it_would_run_the_first_ones_agents(tmp_path) -> None:
     """The editable install maps ``qenv.agents`` to the checkout it was installed from: a second
     checkout run with the same python imports its own ``qenv/`` but that first ``agents/``, so edits to

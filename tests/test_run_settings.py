@@ -89,6 +89,7 @@ def test_a_config_json_with_bad_env_settings_is_one_line(case, needle, tmp_path,
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_a_run_folder_of_the_old_layout_resumes_and_evaluates_as_it_trained(stories_bin, cache_dir, tmp_path):
     """A v1 config.json (``env_kwargs``) on disk: --resume continues it on the same env, and
     eval_agent.py scores its policy on the settings it trained with (the same numbers as from the
