@@ -156,14 +156,9 @@ def _channel_scale(rule: Rule, calib: LayerCalibration | None, device: torch.dev
 
 
 def _gptq_hinv(hessian: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of the damped inverse Hessian, for a batch ``[B, in, in]``."""
-    h = hessian.to(torch.float32).clone()
-    in_f = h.shape[-1]
-    diag = torch.diagonal(h, dim1=-2, dim2=-1)  # a view: writes go into h
-    dead = diag == 0
-    diag.masked_fill_(dead, 1.0)  # h[dead, dead] = 1 (a dead input channel)
-    damp = GPTQ_DAMP * diag.mean(dim=-1)
-    diag += damp[:, None]
+    """Upper Cholesky factor of the damped inverse Hessian (:func:`_damped_hessian`), for a batch
+    ``[B, in, in]``."""
+    h = _damped_hessian(hessian)
     try:
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError:
