@@ -398,7 +398,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
     budget, budget_preset = job_budget(model, cfg)
     out = Path(cfg["out"])
     rec = Recorder(out / "raw" / f"quality_{model['name']}_{budget_tag(cfg['budget'])}.jsonl",
-                   {"kind": "quality", "model": model["name"], "budget": budget, "budget_preset": budget_preset})
+                   {"kind": "quality", "model": model["name"], "budget": budget, "budget_preset": budget_preset,
+                    "menu": cfg.get("menu") or "default"})
     t0 = time.perf_counter()
     env, held_path = make_env(model, budget, cfg, out / "work")
     inner = env.unwrapped

@@ -63,11 +63,14 @@ LABELS = {"greedy_plan": "greedy plan (1 eval)", "best_start": "best start", "gr
 DEFAULT_METHODS = ("greedy_plan", "best_start", "greedy", "evolution")
 
 
-def menu_of(preset_name: str) -> str | None:
-    """``"gguf"`` for llama.cpp's mixes (searched among llama.cpp's types), else the default menu."""
+def menu_of(preset_name: str, menu: str = "default") -> str | None:
+    """``"gguf"`` for llama.cpp's mixes (searched among llama.cpp's types), else ``menu`` (``None`` for
+    the default menu, ``"learned"`` for the default menu plus the learned-rounding rules)."""
     from qenv.quant.presets import LLAMACPP_PRESETS
 
-    return "gguf" if preset_name in LLAMACPP_PRESETS else None
+    if preset_name in LLAMACPP_PRESETS:
+        return "gguf"
+    return None if menu == "default" else menu
 
 
 def text_split(model: dict[str, str], data_dir: Path, work: Path) -> tuple[str, str]:
@@ -99,14 +102,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         model = bq.resolve_model(entry, data_dir)
         model["calib"], model["held"] = text_split(model, data_dir, out / "work")
         for name in args.presets:
-            cfg = {"model": model, "budget": name, "presets": [name], "methods": methods, "menu": menu_of(name),
+            cfg = {"model": model, "budget": name, "presets": [name], "methods": methods, "menu": menu_of(name, args.menu),
                    "deadline": deadline, "out": str(out), "data_dir": str(data_dir), "n_tokens": args.n_tokens,
                    "seq_len": args.seq_len, "batch_size": args.batch_size, "held_tokens": args.held_tokens,
                    "device": args.device, "dtype": "float32", "cache_dir": str(Path(args.cache_dir or out / "cache")),
                    "seeds": args.seeds, "episodes": args.evaluations, "threads": 1, "rl_agent": args.rl_agent,
                    "action_kind": args.action_kind, "rl_eval_points": args.rl_eval_points,
                    "validation_fraction": args.validation_fraction}
-            bq.log(f"{model['name']} at {name}'s size ({menu_of(name) or 'default'} menu)")
+            bq.log(f"{model['name']} at {name}'s size ({menu_of(name, args.menu) or 'default'} menu)")
             bq.quality_job(cfg)
     return bq.load_rows(out)
 
@@ -144,7 +147,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 continue
             human = (cell["rows"].get(f"preset:{name}") or [{}])[0]
             if "held_kl" not in human:
-                lines.append(f"| {name} ({cell['bpw']:.3f}) | {menu_of(name) or 'default'} | failed: "
+                lines.append(f"| {name} ({cell['bpw']:.3f}) | {cell.get('meta', {}).get('menu') or menu_of(name) or 'default'} | failed: "
                              f"{human.get('error', 'no row')} |" + " |" * len(shown) + " |")
                 continue
             texts, best = [], None
@@ -164,7 +167,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                     best = (method, ratio)
             best_text = "—" if best is None else (f"{best[0]} {best[1]:.3g}" + (
                 " — **worse than the preset**" if best[1] > 1 else ""))
-            lines.append(f"| {name} ({cell['bpw']:.3f}) | {menu_of(name) or 'default'} | "
+            lines.append(f"| {name} ({cell['bpw']:.3f}) | {cell.get('meta', {}).get('menu') or menu_of(name) or 'default'} | "
                          f"{bq.fmt_num(human['held_kl'])} / {human['ppl']:.2f} | " + " | ".join(texts)
                          + f" | {best_text} |")
         lines.append("")
@@ -179,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the human presets whose own bpw is each budget")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=SEARCHED,
                    help="searched rows besides the preset")
+    p.add_argument("--menu", choices=("default", "learned"), default="default",
+                   help="the searchers' menu for GPTQ/AWQ presets: default, or learned (default + learned-rounding "
+                        "rules w2-w4); llama.cpp's mixes are always searched on the gguf menu")
     p.add_argument("--validation-fraction", type=float, default=0.25,
                    help="share of the calibration sequences held back for the searchers' final pick (0: none)")
     p.add_argument("--evaluations", type=int, default=128, help="evaluations of greedy, evolution and the RL method")

@@ -136,8 +136,10 @@ transfer)  # one MaskablePPO policy per budget trained on default, bench-llama a
   tar czf "$OUT/$name.tgz" -C /tmp $name
   tail -30 "$OUT/$name.log"
   ;;
-h1)  # the equal-size (H1) row of SmolLM2 (issue 24): after join. bash S h1 DEADLINE_S
+h1)  # the equal-size (H1) row of SmolLM2 (issue 24): after join. bash S h1 DEADLINE_S (MENU=learned: the
+  # default menu plus the learned-rounding rules; NTOK calibration tokens; PRESETS the budgets)
   python3 bench/equal_size.py --models smollm2=smollm2-135m --presets ${PRESETS:-gptq-w3 gptq-w4 awq-w3 awq-w4} \
+    --menu ${MENU:-default} \
     --evaluations 128 --seeds 0 --n-tokens ${NTOK:-2048} --held-tokens 2048 --device cuda --data-dir /tmp/qdata \
     --deadline-s "${2:-400}" --out /tmp/h1_${NTOK:-2048}_${PRESETS// /_} > "$OUT/h1.log" 2>&1
   cp /tmp/h1_${NTOK:-2048}_${PRESETS// /_}/equal_size.md "$OUT"/ 2>/dev/null; tail -30 "$OUT/h1.log"
