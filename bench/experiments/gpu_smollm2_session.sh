@@ -144,21 +144,36 @@ h1)  # the equal-size (H1) row of SmolLM2 (issue 24): after join. bash S h1 DEAD
     --deadline-s "${2:-400}" --out /tmp/h1_${NTOK:-2048}_${PRESETS// /_} > "$OUT/h1.log" 2>&1
   cp /tmp/h1_${NTOK:-2048}_${PRESETS// /_}/equal_size.md "$OUT"/ 2>/dev/null; tail -30 "$OUT/h1.log"
   ;;
-practime)  # the practitioner's path on SmolLM2 (issue 26): eval_agent cold and warm, peak GPU memory.
-  # After join; .pol carries a small policy (any run folder). bash S practime
+practime)  # the practitioner's path on SmolLM2 (issue 26): eval_agent alone cold and warm (default presets,
+  # greedy, 2048 held-out tokens), then eight at once on a fresh cache, with the card's peak GPU memory.
+  # After join (and .llamacpp carried for the llama.cpp presets). bash S practime [POLICY]
+  policy=${2:-qenv:transfer}
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/gpumem.log &
   mon=$!
-  export QENV_CACHE_DIR=/tmp/qcache_prac
-  for pass in cold warm; do
+  run_eval() {  # run_eval NAME: one eval_agent run, its wall time, exit status and peak host memory
+    local s e rc
     s=$(date +%s.%N)
-    $([ -x /usr/bin/time ] && echo /usr/bin/time -v) python3 eval_agent.py --policy .pol/p/model.zip --model smollm2-135m --budget-bpw 3.0 \
-      --searchers greedy --data /tmp/qdata/wikitext-2/test.txt --n-tokens 2048 --device cuda --no-progress \
-      --out /tmp/prac_$pass > "$OUT/eval_$pass.log" 2>&1
-    rc=$?; e=$(date +%s.%N); echo "eval_agent $pass: $(python3 -c "print(round($e-$s,1))") s, rc=$rc"
-    grep -E "Maximum resident" "$OUT/eval_$pass.log"
-  done
-  kill $mon; echo "peak GPU memory used (MiB, whole card): $(sort -n /tmp/gpumem.log | tail -1)"
+    $([ -x /usr/bin/time ] && echo /usr/bin/time -v) python3 eval_agent.py --policy "$policy" --model smollm2-135m \
+      --budget-bpw 3.0 --searchers greedy --data /tmp/qdata/wikitext-2/test.txt --n-tokens 2048 --device cuda \
+      --no-progress --out /tmp/prac_$1 > "$OUT/eval_$1.log" 2>&1
+    rc=$?; e=$(date +%s.%N)
+    echo "eval_agent $1: $(python3 -c "print(round($e-$s,1))") s, rc=$rc $(grep -h "Maximum resident" "$OUT/eval_$1.log")"
+  }
+  export QENV_CACHE_DIR=/tmp/qcache_prac
+  run_eval cold; run_eval warm
+  kill $mon; echo "alone: peak GPU memory used (MiB, whole card): $(sort -n /tmp/gpumem.log | tail -1)"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/gpumem8.log &
+  mon=$!
+  export QENV_CACHE_DIR=/tmp/qcache_prac8
+  s8=$(date +%s)
+  pids=()
+  for i in 1 2 3 4 5 6 7 8; do run_eval eight$i & pids+=($!); done
+  wait "${pids[@]}"
+  echo "eight at once: all done in $(( $(date +%s) - s8 )) s"
+  kill $mon; echo "eight: peak GPU memory used (MiB, whole card): $(sort -n /tmp/gpumem8.log | tail -1)"
+  grep -l "out of memory\|Out of memory" "$OUT"/eval_eight*.log && echo "(some ran out of memory)"
   tail -25 "$OUT/eval_warm.log"
+  (cd "$OUT" && tar czf eval_logs.tgz eval_*.log && rm -f eval_*.log)
   ;;
 stage2)
   cp .carry2/* .carry3/* /tmp/parts/
