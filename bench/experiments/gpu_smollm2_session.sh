@@ -42,7 +42,7 @@
 # Only the last output files come back, and at most 8 of them: each stage tars what matters.
 # Results land in $OUT (speed JSONs and logs; quality.tgz; learn.tgz with the TensorBoard events).
 set -u
-stage=${1:?stage1, stage2, stage3, join, learn, speed-random, gputests, zoo-train, zoo-rl, zoo-gguf or transfer}
+stage=${1:?stage1, stage2, stage3, join, learn, speed-random, gputests, zoo-train, zoo-rl, zoo-gguf, zoo-build, transfer, h1 or practime}
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=/tmp/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export QENV_CACHE_DIR=/tmp/qcache
@@ -75,7 +75,7 @@ speed-random)  # the warm-episode measurement on SmolLM2's exact shape with rand
   grep -v "^ \|^$\|ncalls\|Ordered\|List reduced\|function calls" "$OUT/speed_smollm2_shape.log" | tail -14
   ;;
 gputests)  # the tests that need CUDA (CUDA-graph blocks against eager ones); pytest is among the wheels
-  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -15
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_memory.py 2>&1 | tail -15
   ;;
 zoo-train)  # the three bench models (as the quality benchmark's runs trained them) into /tmp/bench_models
   for a in llama gpt2 qwen2; do
@@ -143,6 +143,20 @@ h1)  # the equal-size (H1) row of SmolLM2 (issue 24): after join. bash S h1 DEAD
     --evaluations 128 --seeds 0 --n-tokens ${NTOK:-2048} --held-tokens 2048 --device cuda --data-dir /tmp/qdata \
     --deadline-s "${2:-400}" --out /tmp/h1_${NTOK:-2048}_${PRESETS// /_} > "$OUT/h1.log" 2>&1
   cp /tmp/h1_${NTOK:-2048}_${PRESETS// /_}/equal_size.md "$OUT"/ 2>/dev/null; tail -30 "$OUT/h1.log"
+  ;;
+zoo-build)  # the transfer zoo (issue 25) trained on the GPU: bash S zoo-build STEPS (ZOO and HELD_OUT of
+  # scripts/train_bench_models.py, two processes; .qdata2 carries tinystories and tinyshakespeare). The
+  # folders come back as zoo.tgz.partNN (15 MB each): cat zoo.tgz.part* | tar xz
+  steps=${2:-1500}
+  [ -d .qdata2 ] && cp -r .qdata2/* /tmp/qdata/
+  for group in zoo held-out; do
+    python3 scripts/train_bench_models.py --zoo $group --steps "$steps" --device cuda --data-root /tmp/qdata \
+      --out-dir /tmp/zoo > "$OUT/zoo_$group.log" 2>&1 &
+  done
+  wait
+  tail -n 12 "$OUT"/zoo_*.log
+  tar czf - -C /tmp zoo | split -b 15M -d - "$OUT/zoo.tgz.part"
+  ls -la "$OUT"
   ;;
 practime)  # the practitioner's path on SmolLM2 (issue 26): eval_agent alone cold and warm (default presets,
   # greedy, 2048 held-out tokens), then eight at once on a fresh cache, with the card's peak GPU memory.
