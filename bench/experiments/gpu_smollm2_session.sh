@@ -167,7 +167,7 @@ practime)  # the practitioner's path on SmolLM2 (issue 26): eval_agent alone col
   run_eval() {  # run_eval NAME: one eval_agent run, its wall time, exit status and peak host memory
     local s e rc
     s=$(date +%s.%N)
-    $([ -x /usr/bin/time ] && echo /usr/bin/time -v) python3 eval_agent.py --policy "$policy" --model smollm2-135m \
+    timeout ${EVAL_TIMEOUT:-240} $([ -x /usr/bin/time ] && echo /usr/bin/time -v) python3 eval_agent.py --policy "$policy" --model smollm2-135m \
       --budget-bpw 3.0 --searchers greedy --data /tmp/qdata/wikitext-2/test.txt --n-tokens 2048 --device cuda \
       --no-progress --out /tmp/prac_$1 > "$OUT/eval_$1.log" 2>&1
     rc=$?; e=$(date +%s.%N)
