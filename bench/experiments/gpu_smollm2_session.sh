@@ -169,7 +169,7 @@ practime)  # the practitioner's path on SmolLM2 (issue 26): eval_agent alone col
     s=$(date +%s.%N)
     timeout ${EVAL_TIMEOUT:-240} $([ -x /usr/bin/time ] && echo /usr/bin/time -v) python3 eval_agent.py --policy "$policy" --model smollm2-135m \
       --budget-bpw 3.0 --searchers greedy --data /tmp/qdata/wikitext-2/test.txt --n-tokens 2048 --device cuda \
-      --no-progress --out /tmp/prac_$1 > "$OUT/eval_$1.log" 2>&1
+      --out /tmp/prac_$1 > "$OUT/eval_$1.log" 2>&1  # a log, not a TTY: one progress line per stage or 10%
     rc=$?; e=$(date +%s.%N)
     echo "eval_agent $1: $(python3 -c "print(round($e-$s,1))") s, rc=$rc $(grep -h "Maximum resident" "$OUT/eval_$1.log")"
   }
