@@ -122,6 +122,7 @@ def run_timed(argv: list[str], env: dict[str, str], log: Path, *, gpu: bool, tim
             at = time.perf_counter() - start
             lines.append((at, line.rstrip("\n")))
             out.write(f"[{at:7.1f}] {line}")
+            out.flush()  # the log can be followed while the command runs
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     timer.cancel()
@@ -177,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-bpw", type=float, default=4.0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS))
-    p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                   help="cold: a fresh cache (<out>/cache, emptied first); warm: that cache again (alone: "
+                        "the cache an earlier cold run of this --out left)")
     p.add_argument("--agent", default="greedy", help="quantize's searcher (default: %(default)s)")
     p.add_argument("--n-tokens", type=int, default=256, help="quantize's calibration tokens (default: %(default)s)")
     p.add_argument("--seq-len", type=int, help="quantize's sequence length (default: the command's)")
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.out / "cache"
     runs = []
     for name in args.commands:
-        if cache.exists():  # every command starts cold: its own fresh cache
+        if cache.exists() and args.phases[0] == "cold":  # every command starts cold: its own fresh cache
             shutil.rmtree(cache)
         for phase in args.phases:
             target = args.out / f"{name}-{phase}"
