@@ -428,10 +428,12 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
                           time.perf_counter() - t_search, note)]
         names = baselines(evaluator, budget, metrics.bpw, menu_name)
         bar = progress_bar(len(names), f"scoring {len(names)} presets", "preset")
-        for name in names:
+        from qenv.eval.preset_cache import cached_metrics
+
+        for name in names:  # cached on disk as eval_agent.py's are: a warm run scores none of them again
             t1 = time.perf_counter()
-            rows.append(score_row(name, "preset", evaluator.evaluate(preset(name, task.layers)), budget,
-                                  time.perf_counter() - t1))
+            scored, hit = cached_metrics(evaluator, preset(name, task.layers))
+            rows.append(score_row(name, "preset", scored, budget, time.perf_counter() - t1, "cached" if hit else ""))
             bar.update(1)
         bar.close()
         rows.sort(key=lambda r: (r["bpw"], r["kind"] == "preset", r["method"]))

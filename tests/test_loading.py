@@ -271,3 +271,35 @@ def test_causal_models_pass_the_probe(arch: str) -> None:
     from qenv.models.loading import check_causal
 
     check_causal(load_model(f"tiny-{arch}").model, arch)
+
+
+def test_a_gguf_is_parsed_once_and_loads_as_when_parsed_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26: loading SmolLM2's GGUF parsed its metadata five times (qenv's checks, transformers'
+    config, weights and tokenizer), most of a 2-minute load. ``one_reader`` parses it once, and the
+    model is bit for bit the one every reader of its own gave; the patch is gone afterwards."""
+    import gguf
+
+    from qenv.models.gguf import load_gguf
+
+    src = STORIES_BIN.with_suffix(".gguf")
+    if not src.is_file():
+        pytest.skip(f"stories260K.gguf missing at {src}")
+    made: list[str] = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            made.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    names = gguf.get_tensor_name_map
+    loaded = load_model(src)
+    assert len(made) == 1
+    assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is names
+    made.clear()
+    model, _ = load_gguf(src)  # without one_reader: each reader parses the file again
+    assert len(made) >= 3
+    expected = model.state_dict()
+    got = loaded.model.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[key], expected[key]) for key in expected)

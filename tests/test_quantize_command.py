@@ -155,6 +155,24 @@ def test_quantize_writes_a_packed_checkpoint_transformers_loads(tmp_path, capsys
     assert packed_kl(out / "model", task.evaluator, recipe, max_batches=None) <= 1e-3
 
 
+def test_a_second_quantize_reads_the_presets_from_the_cache(tmp_path, capsys) -> None:
+    """Issue 26: the comparison's presets are cached on disk as eval_agent.py's are, so a warm run does
+    not score them again; the numbers read back are the ones scored (bit for bit), marked "cached".
+    (The module's cache folder: the first run is warm already when another test scored these.)"""
+    runs = []
+    for name in ("cold", "warm"):
+        assert quantize("--model", "tiny-llama", "--budget-bpw", "4.0", "--search-evals", "2",
+                        "--out", str(tmp_path / name)) == 0
+        capsys.readouterr()
+        runs.append(json.loads((tmp_path / name / "results.json").read_text())["rows"])
+    cold, warm = ({r["method"]: r for r in rows if r["kind"] == "preset"} for rows in runs)
+    assert cold and cold.keys() == warm.keys()
+    assert all(r["note"] == "cached" for r in warm.values())
+    for name, row in cold.items():
+        assert [row[k] for k in ("bpw", "model_mb", "kl", "ppl", "top1")] == \
+            [warm[name][k] for k in ("bpw", "model_mb", "kl", "ppl", "top1")]
+
+
 _LLAMA_CPP_LOGPROBS = r"""
 import sys, numpy as np, llama_cpp
 path, ids_file, out_file = sys.argv[1:]

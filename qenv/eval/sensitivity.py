@@ -11,6 +11,7 @@ layers by. They are measurements of the evaluator's model, so they live with the
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,6 +23,11 @@ from qenv.models.layers import LayerInfo
 from qenv.quant.rules import Rule
 
 
+#: per evaluator, each layer's ``tr(W H Wᵀ)``: the same for every rule, so computed once (it was half
+#: the matrix products of a menu's error table, issue 26)
+_OUTPUT_NORMS: weakref.WeakKeyDictionary[Evaluator, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
 def output_error(evaluator: Evaluator, info: LayerInfo, rule: Rule) -> float:
     """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of one layer on calibration inputs."""
     calib = evaluator.calibration_of(info.name)
@@ -31,14 +37,19 @@ def output_error(evaluator: Evaluator, info: LayerInfo, rule: Rule) -> float:
         original, delta = original.T, delta.T
     if calib is None:
         return float(delta.square().sum() / original.square().sum().clamp_min(1e-30))
+    norms = _OUTPUT_NORMS.setdefault(evaluator, {})
+    den = norms.get(info.name)
     if calib.hessian is not None:
         h = calib.hessian.to(delta.device)
         num = (delta @ h * delta).sum()
-        den = (original @ h * original).sum()
+        if den is None:
+            den = (original @ h * original).sum()
     else:
         d = calib.hessian_diag.to(delta.device)
         num = (delta.square() * d).sum()
-        den = (original.square() * d).sum()
+        if den is None:
+            den = (original.square() * d).sum()
+    norms[info.name] = den
     return float(num / den.clamp_min(1e-30))
 
 

@@ -31,7 +31,8 @@ from torch import nn
 
 from qenv.errors import QenvError
 
-__all__ = ["GGUF_MAGIC", "PACKAGED_GGUF", "PackagedGguf", "find_packaged_gguf", "load_gguf", "read_gguf_architecture"]
+__all__ = ["GGUF_MAGIC", "PACKAGED_GGUF", "PackagedGguf", "find_packaged_gguf", "load_gguf", "one_reader",
+           "read_gguf_architecture"]
 
 #: The first four bytes of every GGUF file.
 GGUF_MAGIC = b"GGUF"
@@ -106,6 +107,54 @@ def read_gguf_architecture(path: str | Path) -> tuple[str, Any]:
         raise _damaged(path, "no general.architecture in its metadata")
     architecture = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
     return architecture, reader
+
+
+#: readers open for the duration of :func:`one_reader`, by :func:`_reader_key`
+_SHARED_READERS: dict[tuple[str, int, int], Any] = {}
+
+
+def _reader_key(path: str | Path) -> tuple[str, int, int]:
+    """Which file a path names, as it is now: its resolved path, size and modification time."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return str(resolved), int(stat.st_size), int(stat.st_mtime_ns)
+
+
+@contextlib.contextmanager
+def one_reader(path: str | Path) -> Iterator[None]:
+    """Parse ``path``'s GGUF metadata once for everything read inside the block.
+
+    Loading a GGUF reads it through :class:`gguf.GGUFReader` five times (qenv's architecture check,
+    transformers' config, weights and tokenizer, and the reference note), and gguf-py parses every
+    metadata field in Python each time: SmolLM2's 49,152-token vocabulary and its merges made each
+    parse about 20 s on a loaded 2-core machine, most of a 2-minute load (issue 26). Inside the
+    block the first reader of ``path`` is handed out again (a reader is read-only: a memory map and
+    the parsed fields), and gguf-py's tensor-name map, which transformers rebuilds for each of the
+    model's ~400 modules, is built once per (architecture, block count). Other files read as before.
+    """
+    import gguf
+
+    key = _reader_key(path)
+    original_reader, original_names = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(file: Any, mode: str = "r") -> Any:
+        try:
+            same = mode == "r" and _reader_key(file) == key
+        except (OSError, TypeError, ValueError):
+            same = False
+        if not same:
+            return original_reader(file, mode)
+        if key not in _SHARED_READERS:
+            _SHARED_READERS[key] = original_reader(file, mode)
+        return _SHARED_READERS[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_names
+        _SHARED_READERS.pop(key, None)  # the memory map closes with its last user
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qenv.errors import QenvError
-from qenv.models.gguf import PACKAGED_GGUF, find_packaged_gguf, gguf_reference_note, load_gguf
+from qenv.models.gguf import PACKAGED_GGUF, find_packaged_gguf, gguf_reference_note, load_gguf, one_reader
 from qenv.models.layers import LayerInfo, discover_layers, find_blocks, get_weight
 from qenv.models.sizes import check_declared_size
 
@@ -412,8 +412,9 @@ def load_model(
         model, tokenizer = _load_transformers(str(BUILTIN_DIR / BUILTIN_MODELS[spec_str]), dt, False)
         name = BUILTIN_MODELS[spec_str]
     elif spec_str in PACKAGED_GGUF:
-        model, tokenizer = load_gguf(find_packaged_gguf(spec_str), dtype=dt)
-        name, note = spec_str, gguf_reference_note(find_packaged_gguf(spec_str))
+        with one_reader(find_packaged_gguf(spec_str)):
+            model, tokenizer = load_gguf(find_packaged_gguf(spec_str), dtype=dt)
+            name, note = spec_str, gguf_reference_note(find_packaged_gguf(spec_str))
     elif spec_str.startswith("tiny-"):
         from qenv.models.tiny import build_tiny_model
 
@@ -424,8 +425,9 @@ def load_model(
         model, tokenizer = load_llama2c(path, tokenizer_path=tokenizer_path, dtype=dt)
         name = path.stem
     elif path.is_file() and path.suffix.lower() == ".gguf":
-        model, tokenizer = load_gguf(path, dtype=dt)
-        name, note = path.stem, gguf_reference_note(path)
+        with one_reader(path):
+            model, tokenizer = load_gguf(path, dtype=dt)
+            name, note = path.stem, gguf_reference_note(path)
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise QenvError(f"Folder {path} is not a transformers model (it has no config.json).",
