@@ -46,6 +46,18 @@ def pytest_runtest_setup(item) -> None:
         pytest.skip(EXTENDED_TIER_SKIP)
 
 
+def extended_beyond(values, kept, unpack: bool = False) -> list:
+    """``values`` for ``pytest.mark.parametrize`` with every value but those in ``kept`` marked ``slow``:
+    the representative cases run in the default tier, the full parametrization with ``--run-slow``.
+    ``unpack``: each value is a tuple of several argument names' values."""
+    def param(value):
+        return pytest.param(*value, marks=pytest.mark.slow) if unpack else pytest.param(value, marks=pytest.mark.slow)
+
+    missing = [k for k in kept if k not in values]
+    assert not missing, f"representative cases {missing} are not among the parametrization's values"
+    return [value if value in kept else param(value) for value in values]
+
+
 @pytest.fixture(scope="session")
 def stories_bin() -> Path:
     if not STORIES_BIN.is_file():
