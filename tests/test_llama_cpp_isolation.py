@@ -82,6 +82,7 @@ def test_export_check_accepts_the_scored_file_and_refuses_another(evaluator, tmp
         check_gguf_export(evaluator, other, path, probe_repack=False)
 
 
+@pytest.mark.slow  # extended tier: another llama.cpp check of a written GGUF
 def test_export_keeps_model_gguf_only_after_the_check(evaluator, tmp_path) -> None:
     from qenv.export import export_all
 
@@ -92,6 +93,7 @@ def test_export_keeps_model_gguf_only_after_the_check(evaluator, tmp_path) -> No
     assert paths["gguf_check"].read_text().startswith("model.gguf checked")
 
 
+@pytest.mark.slow  # extended tier: the script in a child process
 def test_gguf_perplexity_script_runs_without_repacking(evaluator, tmp_path) -> None:
     from conftest import WIKITEXT_TEST, require
     from qenv.export_gguf import write_gguf

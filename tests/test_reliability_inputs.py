@@ -308,6 +308,7 @@ def test_rollout_is_fitted_to_the_timesteps_asked_for(capsys):
         train_agent.fit_rollout("dqn", {}, n_envs=65, total=64)
 
 
+@pytest.mark.slow  # extended tier: a training run (the fitting itself is test_rollout_is_fitted_to_the_timesteps_asked_for)
 def test_the_timesteps_that_really_run_are_said(stories_bin, cache_dir, tmp_path, capsys):
     """DQN collects train_freq (4) steps at a time: asked for 5 timesteps, it runs 8, and says so."""
     code = run_main(train_agent, ["--model", stories_bin, "--agent", "dqn", "--timesteps", 5, "--logdir",
