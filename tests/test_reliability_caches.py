@@ -333,6 +333,7 @@ def test_streamed_text_still_refuses_binary_and_bad_bytes(loaded, tmp_path):
 
 
 # -- item 23: a searcher that misses the budget is not listed as a result -----------------------------------------
+@pytest.mark.slow  # extended tier: eval_agent.py with searches
 def test_searcher_over_budget_is_listed_apart(stories_bin, tmp_path, capsys):
     """At 3.0 bpw no llama.cpp mix fits stories260K (its rows are too narrow for k-quants): the
     llamacpp searcher returns a 7+ bpw mix. It is listed apart, with a plain note, not as a
