@@ -15,6 +15,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import extended_beyond
 import torch
 
 from qenv import agents
@@ -218,7 +219,9 @@ SB3_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, kind, hyperparams", SB3_CASES, ids=[c[0] for c in SB3_CASES])
+# the off-policy continuous ones (sac, td3, ddpg: ~10 s each on 2 cores) run with --run-slow
+@pytest.mark.parametrize("name, kind, hyperparams", extended_beyond(SB3_CASES, SB3_CASES[:3], unpack=True),
+                         ids=[c[0] for c in SB3_CASES])
 def test_sb3_agent_trains_and_round_trips(tiny_envs, tmp_path, name, kind, hyperparams):
     from qenv.agents.sb3 import SB3_AGENTS
 
@@ -325,7 +328,7 @@ def test_searchers_rank_as_expected(searched):
     assert reward["evolution"] > searched["evolution"].start.score  # evolution improves on it
 
 
-@pytest.mark.parametrize("name", ["random", "evolution", "greedy"])
+@pytest.mark.parametrize("name", extended_beyond(["random", "evolution", "greedy"], ["greedy"]))  # others: --run-slow
 def test_searchers_are_deterministic_for_a_seed(stories_env, searched, name):
     again = make_agent(name, stories_env, seed=0).learn(SEARCH_EVALS * len(stories_env.task.layers))
     assert again.best_recipe == searched[name].best_recipe
