@@ -218,6 +218,7 @@ def test_plan_deviations_sets_the_sampled_deviation_rate(stories_bin):
     assert plan_bias(2, 42, 7) == pytest.approx(np.log(6 * 40 / 2))
 
 
+@pytest.mark.slow  # extended tier: builds residual and discrete envs (hyperparameter refusals stay in test_agents)
 def test_plan_deviations_bad_input_and_configs(stories_bin):
     pytest.importorskip("sb3_contrib")
     from stable_baselines3.common.vec_env import DummyVecEnv
