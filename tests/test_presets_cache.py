@@ -50,6 +50,7 @@ def test_cached_metrics_match_a_fresh_computation_and_are_read_back(stories, tmp
         assert cached_metrics(ev, recipe) == (first, False)
 
 
+@pytest.mark.slow  # extended tier: a fresh evaluation per key component
 def test_every_key_component_misses(stories, tmp_path) -> None:
     ev = _evaluator(stories, tmp_path)
     recipe = preset("awq-w3", ev.layers)
