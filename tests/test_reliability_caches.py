@@ -197,6 +197,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_in_one_line(loaded):
 
 
 # -- item 16: the reference's key of many batches ------------------------------------------------------------
+@pytest.mark.slow  # extended tier: a reference of many batches
 def test_reference_of_many_batches_is_cached_under_a_hashed_name(loaded, tmp_path, monkeypatch):
     """300 batches of one sequence: the old name held one entry per batch and failed with
     'File name too long' after the whole pass. The name is short, the key is whole (in the header),
@@ -367,6 +368,7 @@ def test_searcher_over_budget_is_listed_apart(stories_bin, tmp_path, capsys):
     assert not (tmp_path / "e-big").exists()
 
 
+@pytest.mark.slow  # extended tier: references computed at two thread counts
 def test_caches_are_keyed_on_the_thread_count(tmp_path):
     """Float results depend on torch's thread count (reduction order), so a cache written by a
     process with other threads must not be read: each count gets its own files."""
