@@ -285,6 +285,7 @@ def test_eval_agent_bad_input(case, files, policy, tmp_path, capsys):
     assert not (tmp_path / "MARKER").exists()
 
 
+@pytest.mark.slow  # extended tier: eval_agent.py in a child process (the same refusal in-process: test_eval_agent_bad_input[policy_with_pickled_code])
 def test_eval_agent_refuses_a_hostile_policy_as_a_process(policy, tmp_path, cache_dir):
     """The real program, as a user runs it: exit status 2, one stderr line, the payload never ran."""
     marker = tmp_path / "MARKER"
