@@ -180,6 +180,7 @@ def test_cache_command_errors_are_one_line(capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and "Fix: " in err[0], err
 
 
+@pytest.mark.slow  # extended tier: an env writing every cache kind
 def test_cache_info_knows_every_file_the_env_writes(tmp_path):
     """Every file an env writes in its cache (including the per-rule error table of the greedy
     plan behind the residual kind) is counted as qenv's, so ``cache --clear`` removes it."""

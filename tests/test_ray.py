@@ -27,6 +27,7 @@ SEED = 3
 STEPS = 80  # two full episodes of 35 layers per env, and part of a third
 
 
+@pytest.mark.slow  # extended tier: fresh interpreters
 def test_importing_qenv_does_not_import_ray_and_missing_ray_says_how_to_install():
     code = textwrap.dedent("""
         import sys

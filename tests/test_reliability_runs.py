@@ -237,6 +237,7 @@ def test_racing_processes_create_a_run_folder_once(tmp_path):
     assert sorted(p.name for p in (logdir / "same").iterdir()) == ["config.json"]
 
 
+@pytest.mark.slow  # extended tier: a killed process (a dead writer's lock is taken over in test_train_agent's --resume after SIGKILL)
 def test_a_stale_lock_of_a_killed_process_is_recovered(tmp_path):
     from qenv.io import RunLock
 
@@ -334,6 +335,7 @@ def test_resume_without_checkpoints_is_refused(tmp_path, capsys):
     assert_one_line_error(code, capsys.readouterr().err, "lacks or garbles agent, n_envs")
 
 
+@pytest.mark.slow  # extended tier: an evaluation of a checkpoint
 def test_a_checkpoint_is_scored_on_its_runs_model(policy, stories_bin, tmp_path, capsys):
     """--policy <run>/checkpoints/step_N.zip: the run's settings are read from the folder above."""
     run = tmp_path / "run"
