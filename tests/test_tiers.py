@@ -5,6 +5,7 @@ the default tier. Run on a copy of the real conftest in pytest's own ``pytester`
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,21 +42,27 @@ def sandbox(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytes
 
 
 def test_the_default_tier_skips_slow_tests_in_one_summary_line(sandbox: pytest.Pytester) -> None:
-    result = sandbox.runpytest_inprocess("-ra")
+    result = sandbox.runpytest_inprocess("-ra", "-v")
     result.assert_outcomes(passed=2, skipped=3)
     assert len([line for line in result.outlines if line.startswith("SKIPPED [3] ")]) == 1, result.outlines
     result.stdout.fnmatch_lines(["*extended tier*--run-slow or QENV_SLOW_TESTS=1*"])
-    passed = sandbox.runpytest_inprocess("-v").outlines
-    assert any("test_cases[kept] PASSED" in line for line in passed), passed
+    assert any("test_cases[kept] PASSED" in line for line in result.outlines), result.outlines
 
 
-@pytest.mark.parametrize("how", ["--run-slow", "QENV_SLOW_TESTS=1"])
-def test_run_slow_or_the_variable_runs_everything(sandbox: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
-                                                  how: str) -> None:
-    args = [how] if how.startswith("--") else []
-    if not args:
-        monkeypatch.setenv(*how.split("="))
-    sandbox.runpytest_inprocess(*args).assert_outcomes(passed=5)
+def test_run_slow_runs_everything(sandbox: pytest.Pytester) -> None:
+    sandbox.runpytest_inprocess("--run-slow").assert_outcomes(passed=5)
+
+
+@pytest.mark.parametrize("value, runs", [("1", True), ("true", True), ("0", False), ("", False), (None, False)])
+def test_qenv_slow_tests_set_true_runs_everything(monkeypatch: pytest.MonkeyPatch, value, runs: bool) -> None:
+    from conftest import run_slow_tests
+
+    if value is None:
+        monkeypatch.delenv("QENV_SLOW_TESTS", raising=False)
+    else:
+        monkeypatch.setenv("QENV_SLOW_TESTS", value)
+    without_the_flag = SimpleNamespace(getoption=lambda name: False)
+    assert run_slow_tests(without_the_flag) is runs
 
 
 def test_a_representative_case_must_be_a_value() -> None:
