@@ -233,8 +233,9 @@ SB3_CASES = [
 ]
 
 
-# the off-policy continuous ones (sac, td3, ddpg: ~10 s each on 2 cores) run with --run-slow
-@pytest.mark.parametrize("name, kind, hyperparams", extended_beyond(SB3_CASES, SB3_CASES[:3], unpack=True),
+# ppo and dqn by default; a2c and the off-policy continuous ones (sac, td3, ddpg: ~10 s each) with --run-slow
+@pytest.mark.parametrize("name, kind, hyperparams",
+                         extended_beyond(SB3_CASES, [SB3_CASES[0], SB3_CASES[2]], unpack=True),
                          ids=[c[0] for c in SB3_CASES])
 def test_sb3_agent_trains_and_round_trips(tiny_envs, tmp_path, name, kind, hyperparams):
     from qenv.agents.sb3 import SB3_AGENTS
@@ -290,7 +291,7 @@ def test_score_recipe_matches_the_environment_reward(stories_bin, cache, searche
     assert cheap_info["n_tokens"] * 2 == scored["n_tokens"] and math.isfinite(cheap)
 
 
-@pytest.mark.parametrize("name", extended_beyond(list(SEARCHERS), [n for n in SEARCHERS if n != "random"]))  # random: --run-slow
+@pytest.mark.parametrize("name", extended_beyond(list(SEARCHERS), ["llamacpp", "greedy", "evolution"]))  # + --run-slow
 def test_searcher_meets_budget_and_replays(stories_env, searched, name):
     agent = searched[name]
     n_layers = len(stories_env.task.layers)
@@ -323,6 +324,7 @@ def test_searcher_meets_budget_and_replays(stories_env, searched, name):
     assert searched_recipe == agent.best_recipe and searched_info["kl"] == info["kl"]
 
 
+@pytest.mark.slow  # extended tier: the uniform searcher measures every fitting rule
 def test_uniform_searcher_picks_the_best_fitting_single_rule(stories_env, searched):
     agent = searched["uniform"]
     totals = stories_env.task.costs.sum(axis=0)
@@ -343,7 +345,8 @@ def test_searchers_rank_as_expected(searched):
     assert reward["evolution"] > searched["evolution"].start.score  # evolution improves on it
 
 
-@pytest.mark.parametrize("name", extended_beyond(["random", "evolution", "greedy"], ["greedy"]))  # others: --run-slow
+@pytest.mark.slow  # extended tier: reruns a search (fresh-process determinism: test_reliability_runs, extended too)
+@pytest.mark.parametrize("name", ["random", "evolution", "greedy"])
 def test_searchers_are_deterministic_for_a_seed(stories_env, searched, name):
     again = make_agent(name, stories_env, seed=0).learn(SEARCH_EVALS * len(stories_env.task.layers))
     assert again.best_recipe == searched[name].best_recipe

@@ -57,6 +57,9 @@ def _load_log(path: Path, repack: bool) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
+# extended tier: two llama.cpp loads (a load with repacking off, its logits compared, stays in the default
+# tier: test_export_check_accepts_the_scored_file_and_refuses_another)
+@pytest.mark.slow
 def test_qenv_loads_turn_llama_cpps_repacking_off(evaluator, tmp_path) -> None:
     """llama.cpp logs a CPU_REPACK buffer when it repacks Q4_0 weights (its default); qenv's loads have none."""
     from qenv.export_gguf import write_gguf

@@ -362,7 +362,7 @@ def awq_recipe(task, kept: tuple[str, ...] = ()) -> Recipe:
     return Recipe({info.name: KEEP if info.name.endswith(kept) else awq[info.block % 2] for info in task.layers})
 
 
-@pytest.mark.parametrize("kept", [(), pytest.param(("k_proj", "up_proj"), marks=pytest.mark.slow)],  # the 2nd: --run-slow
+@pytest.mark.parametrize("kept", [(), pytest.param(("k_proj", "up_proj"), marks=pytest.mark.slow)],  # 2nd: extended
                          ids=["all-awq", "fp16-readers-and-producer"])
 def test_awq_scales_fold_into_the_previous_op(tmp_path, kept) -> None:
     from qenv.export_packed import packed_kl, write_packed_checkpoint

@@ -308,7 +308,7 @@ def hung_up_run(stories_bin, cache_dir, tmp_path_factory) -> dict[str, object]:
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.slow  # extended tier: a training process hung up (the default tier's saving signal: test_reliability_runs' SIGTERM)
+@pytest.mark.slow  # extended tier: a training process hung up (the default tier's saving signal: SIGTERM)
 def test_sighup_saves_a_checkpoint_and_the_summary_like_sigterm(hung_up_run):
     from qenv.callbacks import latest_checkpoint
 

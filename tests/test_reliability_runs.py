@@ -217,7 +217,9 @@ lock.release()
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.slow  # extended tier: three processes (one writer per run stays in the default tier: test_second_writer_is_refused_and_sigterm_saves_like_ctrl_c)
+# extended tier: three processes (one writer per run stays in the default tier:
+# test_second_writer_is_refused_and_sigterm_saves_like_ctrl_c)
+@pytest.mark.slow
 def test_racing_processes_create_a_run_folder_once(tmp_path):
     """Three processes start the same new run folder at the same instant: exactly one gets it."""
     logdir, start = tmp_path / "runs", tmp_path / "go"
@@ -237,7 +239,8 @@ def test_racing_processes_create_a_run_folder_once(tmp_path):
     assert sorted(p.name for p in (logdir / "same").iterdir()) == ["config.json"]
 
 
-@pytest.mark.slow  # extended tier: a killed process (a dead writer's lock is taken over in test_train_agent's --resume after SIGKILL)
+# extended tier: a killed process (a dead writer's lock is taken over in test_train_agent's --resume after SIGKILL)
+@pytest.mark.slow
 def test_a_stale_lock_of_a_killed_process_is_recovered(tmp_path):
     from qenv.io import RunLock
 
