@@ -1,7 +1,16 @@
-"""Shared test fixtures: where the real data lives, and skips when it is absent."""
+"""Shared test fixtures: where the real data lives, and skips when it is absent.
+
+Two tiers, like transformers' ``RUN_SLOW``. ``python -m pytest -q`` (the README's and CI's command) runs
+the default tier: every unit-level test and at least one real end-to-end test of each consumer and
+program path, under 8 minutes on a 2-core machine. Tests marked ``@pytest.mark.slow`` (or a module's
+``pytestmark = pytest.mark.slow``) form the extended tier: the SmolLM2 runs, the full parametrizations,
+the benchmarks' scripts, the longer trainings and searches. They are skipped unless ``--run-slow`` or
+``QENV_SLOW_TESTS=1`` is given: ``python -m pytest -q --run-slow`` runs everything.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,27 +22,40 @@ TINYSTORIES = DATA_DIR / "tinystories" / "TinyStories-valid-first1000.txt"
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN_DEFAULT = REPO / "qenv" / "models" / "builtin" / "wikitext-llama"
 
-
-#: Modules whose tests run the programs, train, search or build several model tasks: every test in
-#: them counts as ``slow``, so that ``pytest -m "not slow"`` (the fast tier, under 2 minutes on a
-#: 2-core machine) keeps the unit-level modules. CI (``python -m pytest -q``) still runs everything.
-#: Heavy tests of the other modules carry ``@pytest.mark.slow`` themselves.
-SLOW_MODULES = frozenset({
-    "test_agents", "test_bench_quality", "test_bench_scripts", "test_best_start", "test_equal_size_bench",
-    "test_eval_agent", "test_eval_own_size", "test_evolution", "test_export", "test_first_run", "test_gguf",
-    "test_gguf_rules", "test_learning",
-    "test_llama_cpp_isolation", "test_prebuild", "test_presets_cache", "test_quantize_command", "test_ray",
-    "test_reliability_caches", "test_reliability_files", "test_reliability_inputs", "test_reliability_numerics",
-    "test_reliability_outputs", "test_reliability_runs",
-    "test_train_agent", "test_transfer_programs", "test_validation_pick", "test_policies",
-})
+#: The reason every skipped extended-tier test reports (one line of ``-ra``'s summary for all of them)
+EXTENDED_TIER_SKIP = "extended tier (@pytest.mark.slow): run with --run-slow or QENV_SLOW_TESTS=1"
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """Mark every test of :data:`SLOW_MODULES` ``slow`` (the fast tier leaves them out)."""
-    for item in items:
-        if item.path.stem in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
+def pytest_addoption(parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the extended tier (tests marked slow); QENV_SLOW_TESTS=1 does the same")
+
+
+def run_slow_tests(config) -> bool:
+    """Whether this session runs the extended tier: ``--run-slow`` or ``QENV_SLOW_TESTS`` set to a true value."""
+    flag = os.environ.get("QENV_SLOW_TESTS", "").strip().lower()
+    return bool(config.getoption("--run-slow")) or flag in ("1", "true", "yes", "on")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """Skip an extended-tier test before any of its fixtures is built (a skipped module builds nothing).
+
+    Raised here rather than added as a skip marker so that ``-ra`` sums them up in one line."""
+    if item.get_closest_marker("slow") is not None and not run_slow_tests(item.config):
+        pytest.skip(EXTENDED_TIER_SKIP)
+
+
+def extended_beyond(values, kept, unpack: bool = False) -> list:
+    """``values`` for ``pytest.mark.parametrize`` with every value but those in ``kept`` marked ``slow``:
+    the representative cases run in the default tier, the full parametrization with ``--run-slow``.
+    ``unpack``: each value is a tuple of several argument names' values."""
+    def param(value):
+        return pytest.param(*value, marks=pytest.mark.slow) if unpack else pytest.param(value, marks=pytest.mark.slow)
+
+    missing = [k for k in kept if k not in values]
+    assert not missing, f"representative cases {missing} are not among the parametrization's values"
+    return [value if value in kept else param(value) for value in values]
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import extended_beyond
 import torch
 
 from qenv import agents
@@ -63,11 +64,25 @@ def stories_env(stories_bin, cache):
     return QuantLLMEnv(str(stories_bin), **small(cache))
 
 
+class Searched(dict):
+    """Every searcher run once on stories260K at 3.0 bpw with the same step budget, each on first use:
+    the default tier never pays for a searcher only extended-tier tests read."""
+
+    def __init__(self, env) -> None:
+        super().__init__()
+        self.env = env
+
+    def __missing__(self, name: str):
+        self[name] = make_agent(name, self.env, seed=0).learn(SEARCH_EVALS * len(self.env.task.layers))
+        return self[name]
+
+    def items(self):
+        return [(name, self[name]) for name in SEARCHERS]
+
+
 @pytest.fixture(scope="module")
-def searched(stories_env):
-    """Every searcher, run once on stories260K at 3.0 bpw with the same step budget."""
-    steps = SEARCH_EVALS * len(stories_env.task.layers)
-    return {name: make_agent(name, stories_env, seed=0).learn(steps) for name in SEARCHERS}
+def searched(stories_env) -> Searched:
+    return Searched(stories_env)
 
 
 def observations(env, agent, n_episodes=1):
@@ -218,7 +233,10 @@ SB3_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, kind, hyperparams", SB3_CASES, ids=[c[0] for c in SB3_CASES])
+# ppo and dqn by default; a2c and the off-policy continuous ones (sac, td3, ddpg: ~10 s each) with --run-slow
+@pytest.mark.parametrize("name, kind, hyperparams",
+                         extended_beyond(SB3_CASES, [SB3_CASES[0], SB3_CASES[2]], unpack=True),
+                         ids=[c[0] for c in SB3_CASES])
 def test_sb3_agent_trains_and_round_trips(tiny_envs, tmp_path, name, kind, hyperparams):
     from qenv.agents.sb3 import SB3_AGENTS
 
@@ -273,7 +291,7 @@ def test_score_recipe_matches_the_environment_reward(stories_bin, cache, searche
     assert cheap_info["n_tokens"] * 2 == scored["n_tokens"] and math.isfinite(cheap)
 
 
-@pytest.mark.parametrize("name", list(SEARCHERS))
+@pytest.mark.parametrize("name", extended_beyond(list(SEARCHERS), ["llamacpp", "greedy", "evolution"]))  # + --run-slow
 def test_searcher_meets_budget_and_replays(stories_env, searched, name):
     agent = searched[name]
     n_layers = len(stories_env.task.layers)
@@ -306,6 +324,7 @@ def test_searcher_meets_budget_and_replays(stories_env, searched, name):
     assert searched_recipe == agent.best_recipe and searched_info["kl"] == info["kl"]
 
 
+@pytest.mark.slow  # extended tier: the uniform searcher measures every fitting rule
 def test_uniform_searcher_picks_the_best_fitting_single_rule(stories_env, searched):
     agent = searched["uniform"]
     totals = stories_env.task.costs.sum(axis=0)
@@ -314,6 +333,7 @@ def test_uniform_searcher_picks_the_best_fitting_single_rule(stories_env, search
     assert len(set(agent.best_recipe.values())) == 1 and next(iter(agent.best_recipe.values())) in fits
 
 
+@pytest.mark.slow  # extended tier: reads every searcher's run (random's only here)
 def test_searchers_rank_as_expected(searched):
     """Measured on stories260K at 3.0 bpw: greedy's plan clearly beats the uniform rule (a margin of
     ~0.4 in log-KL) and is the best start here; greedy, random and evolution all start from the best
@@ -325,6 +345,7 @@ def test_searchers_rank_as_expected(searched):
     assert reward["evolution"] > searched["evolution"].start.score  # evolution improves on it
 
 
+@pytest.mark.slow  # extended tier: reruns a search (fresh-process determinism: test_reliability_runs, extended too)
 @pytest.mark.parametrize("name", ["random", "evolution", "greedy"])
 def test_searchers_are_deterministic_for_a_seed(stories_env, searched, name):
     again = make_agent(name, stories_env, seed=0).learn(SEARCH_EVALS * len(stories_env.task.layers))

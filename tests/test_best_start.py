@@ -52,6 +52,7 @@ def measured(env, candidate: StartCandidate) -> float:
 
 
 # --------------------------------------------------------------------------------- the candidates
+@pytest.mark.slow  # extended tier: measures every candidate
 def test_candidates_are_greedy_then_the_human_presets_and_uniform_rules_that_fit(env):
     inner = env.unwrapped
     task, rules = inner.task, list(inner.mapper.rules)
@@ -78,6 +79,7 @@ def test_candidates_are_greedy_then_the_human_presets_and_uniform_rules_that_fit
     assert [c.bits for c in cands[1:]] == sorted((c.bits for c in cands[1:]), reverse=True)
 
 
+@pytest.mark.slow  # extended tier: measures every candidate
 def test_a_preset_the_menu_cannot_express_is_not_a_candidate(env):
     inner = env.unwrapped
     task = inner.task
@@ -96,6 +98,7 @@ def test_human_preset_names_cover_every_uniform_family_width_and_group():
     assert {"q4_k_m", "q4_k_m-im", "q3_k_m-im"} <= names
 
 
+@pytest.mark.slow  # extended tier: measures every candidate
 def test_llamacpp_mixes_are_candidates_on_the_gguf_menu(cache):
     """On menu="gguf" the llama.cpp mixes whose types the menu holds are start candidates at their size."""
     gguf_env = QuantLLMEnv("tiny-llama", budget_bpw=8.0, action_kind="discrete", menu="gguf", prebuild=False,
@@ -124,6 +127,7 @@ def test_best_start_takes_the_best_score_and_stops_when_asked():
 
 # ------------------------------------------------------------------------- searchers start from it
 @pytest.mark.parametrize("name", SEARCHERS_THAT_SEARCH)
+@pytest.mark.slow  # extended tier: three searches
 def test_a_search_never_returns_worse_than_the_best_start(env, name):
     """Each candidate is measured here, independently (one episode each): the searcher's result is
     at least as good as the best of them on the same calibration tokens, and it measured them all."""
@@ -140,6 +144,7 @@ def test_a_search_never_returns_worse_than_the_best_start(env, name):
     assert replay["reward"] == pytest.approx(agent.best_reward, abs=1e-12) and replay["budget_met"]
 
 
+@pytest.mark.slow  # extended tier: a search
 def test_a_budget_below_the_start_measures_greedys_plan_first_and_continues(env):
     n = len(env.unwrapped.task.layers)
     agent = make_agent("greedy", env, seed=0).learn(1)  # one evaluation: the old greedy's recipe
@@ -153,6 +158,7 @@ def test_a_budget_below_the_start_measures_greedys_plan_first_and_continues(env)
 
 
 # ------------------------------------------------------------------------ greedy, corrected end to end
+@pytest.mark.slow  # extended tier: a search
 def test_greedy_refinement_is_never_worse_than_its_proxy_plan_and_counts_its_evaluations(env):
     n = len(env.unwrapped.task.layers)
     agent = make_agent("greedy", env, seed=0)
@@ -169,6 +175,7 @@ def test_greedy_refinement_is_never_worse_than_its_proxy_plan_and_counts_its_eva
     assert all(b >= a for a, b in zip(agent.history, agent.history[1:]))
 
 
+@pytest.mark.slow  # extended tier: a search
 def test_greedy_moves_meet_the_budget_and_hold_the_changed_layer(env):
     agent = make_agent("greedy", env, seed=0)
     start = tuple(int(j) for j in agent.allocate())
@@ -186,6 +193,7 @@ def test_greedy_moves_meet_the_budget_and_hold_the_changed_layer(env):
     assert all(any(agent.costs[i, y[i]] < agent.costs[i, uniform[i]] for i in range(agent.n_layers)) for y in up)
 
 
+@pytest.mark.slow  # extended tier: builds the module's env
 def test_greedy_rejects_bad_settings(env):
     from qenv.errors import QenvError
 
@@ -196,6 +204,7 @@ def test_greedy_rejects_bad_settings(env):
 
 
 
+@pytest.mark.slow  # extended tier: a search
 def test_greedy_measured_marginals_and_swaps(env):
     """The measured ranking: each marginal is the screened reward change of one layer one width up or
     down (re-scored here independently), and each ranked swap moves a width between two layers of one
@@ -227,6 +236,7 @@ def test_greedy_measured_marginals_and_swaps(env):
 
 # ------------------------------------------------------------------- the plan-based RL kinds' anchor
 @pytest.mark.parametrize("kind", ["residual", "allocation"])
+@pytest.mark.slow  # extended tier: episodes of two more kinds
 def test_the_plan_kinds_zero_action_is_the_best_start(stories_bin, cache, gptq_w4_bpw, env, kind):
     """At gptq-w4's own size the all-zero episode of the residual and allocation kinds scores exactly
     the best start's KL, which is no worse than uniform gptq-w4's (a candidate); the start is measured

@@ -193,6 +193,7 @@ def test_export_and_saved_model_written(evaluated):
     assert {p.name for p in evaluated["saved"].iterdir()} == {"stories260K", "tiny-llama"}
 
 
+@pytest.mark.slow  # extended tier: another eval_agent.py run
 def test_held_out_text_is_scored(policy, stories_bin, tmp_path, capsys):
     data = REPO.parent / "shared" / "data" / "tinystories" / "TinyStories-valid-first1000.txt"
     if not data.is_file():
@@ -211,6 +212,7 @@ def test_held_out_text_is_scored(policy, stories_bin, tmp_path, capsys):
     assert rows["rtn-w2"]["kl"] != pytest.approx(train_summary["final"]["stories260K"]["reference"]["kl"])
 
 
+@pytest.mark.slow  # extended tier: another eval_agent.py run
 def test_seen_follows_the_weights_not_the_file(policy, stories_bin, tmp_path, capsys):
     """issue 25: the policy trained on stories260K.bin has seen stories260K.gguf (the same weights, its
     head untied): the result is a trained-on one, never a zero-shot one."""

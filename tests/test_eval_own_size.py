@@ -36,6 +36,7 @@ def depth_run(stories_bin, cache_dir, tmp_path_factory) -> Path:
     return root / "d" / "model.zip"
 
 
+@pytest.mark.slow  # extended tier: trains a depth-agent run
 def test_worse_policy_is_printed_worse_at_a_presets_size(depth_run, stories_bin, tmp_path, capsys):
     out = tmp_path / "o"
     code = run_main(eval_agent, ["--policy", depth_run, "--agent", DEPTH_AGENT, "--budget-bpw", "gptq-w3", "--calib-data", WIKITEXT_TRAIN,
@@ -64,6 +65,7 @@ def test_worse_policy_is_printed_worse_at_a_presets_size(depth_run, stories_bin,
     assert len(ref) == 1 and "better" not in ref[0]
 
 
+@pytest.mark.slow  # extended tier: trains a depth-agent run
 def test_held_out_text_is_never_calibration(depth_run, tmp_path, capsys):
     """The run calibrated on TinyStories: scoring on the same file's first tokens is refused in one line."""
     code = run_main(eval_agent, ["--policy", depth_run, "--agent", DEPTH_AGENT, "--data", TINYSTORIES, "--searchers", "none",
@@ -76,6 +78,7 @@ def test_held_out_text_is_never_calibration(depth_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("program", ["train", "eval"])
+@pytest.mark.slow  # extended tier: trains a depth-agent run
 def test_unknown_preset_budget_is_one_line(program, depth_run, stories_bin, tmp_path, capsys):
     argv = (["--agent", "uniform", "--model", stories_bin, "--logdir", tmp_path, "--name", "x"] if program == "train"
             else ["--policy", depth_run, "--agent", DEPTH_AGENT, "--out", tmp_path / "x"])

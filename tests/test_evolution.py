@@ -30,6 +30,7 @@ def uniform_gptq_w4(agent: EvolutionSearch) -> np.ndarray:
     return np.array(next(c.choice for c in agent.start_candidates() if c.label == "gptq-w4"))
 
 
+@pytest.mark.slow  # extended tier: evolution searches
 def test_level_switches_keep_the_size_of_uniform_gptq_w4(env):
     """From uniform gptq-w4 (exactly the budget), one level switch raises a layer to w5 and lowers a
     layer of the same shape to gptq-w3: the same bits, moved. Every child meets the budget."""
@@ -54,6 +55,7 @@ def test_level_switches_keep_the_size_of_uniform_gptq_w4(env):
                for c in children)
 
 
+@pytest.mark.slow  # extended tier: evolution searches
 def test_moves_across_sizes_when_no_two_layers_share_a_shape(env):
     agent = make_agent("evolution", env, seed=0, knob_rate=0.0)
     agent._groups = []  # as on a model whose layers all differ in shape: EvoPress's group_rule="none"
@@ -64,6 +66,7 @@ def test_moves_across_sizes_when_no_two_layers_share_a_shape(env):
     assert made and all(agent.feasible(c) for c in made)
 
 
+@pytest.mark.slow  # extended tier: evolution searches
 def test_multi_step_selection_promotes_the_best_of_each_stage(env):
     agent = make_agent("evolution", env, seed=0)
     assert agent.n_batches == 8 and agent._stages == [(1, 4), (4, 1)] and agent.survivors == 1
@@ -84,6 +87,7 @@ def test_multi_step_selection_promotes_the_best_of_each_stage(env):
     assert agent.screenings == 8 + 4 and agent.spent == pytest.approx(8 * 1 / 8 + 4 * 4 / 8)
 
 
+@pytest.mark.slow  # extended tier: evolution searches
 def test_evolution_starts_from_the_best_start_and_improves_on_its_own_tokens(env):
     n = len(env.unwrapped.task.layers)
     agent = make_agent("evolution", env, seed=0).learn(40 * n)
@@ -96,6 +100,7 @@ def test_evolution_starts_from_the_best_start_and_improves_on_its_own_tokens(env
     assert agent.feasible(np.array(agent._best_choice()))
 
 
+@pytest.mark.slow  # extended tier: evolution searches
 def test_stage_settings(env):
     agent = make_agent("evolution", env, seed=0, stages=((0.1, 8), (0.12, 3), (0.6, 2), (1.0, 1)))
     assert agent._stages == [(1, 3), (5, 2)]  # shares round to batches; equal ones merge; all batches: dropped

@@ -52,6 +52,7 @@ def lazy_run(stories_bin, cache_dir, tmp_path_factory):
     return folder / "runs" / "lazy", agent
 
 
+@pytest.mark.slow  # extended tier: a training run and an evaluation
 def test_plugin_hparams_show_the_steps_it_ran(lazy_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -67,6 +68,7 @@ def test_plugin_hparams_show_the_steps_it_ran(lazy_run):
     assert values["granted_timesteps"].number_value == 350
 
 
+@pytest.mark.slow  # extended tier: a training run and an evaluation
 def test_eval_table_names_the_plugin_class_and_counts_evaluations(lazy_run, capsys):
     run, agent = lazy_run
     out = run / "eval"
@@ -178,6 +180,7 @@ def test_cache_command_errors_are_one_line(capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and "Fix: " in err[0], err
 
 
+@pytest.mark.slow  # extended tier: an env writing every cache kind
 def test_cache_info_knows_every_file_the_env_writes(tmp_path):
     """Every file an env writes in its cache (including the per-rule error table of the greedy
     plan behind the residual kind) is counted as qenv's, so ``cache --clear`` removes it."""

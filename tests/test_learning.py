@@ -26,6 +26,7 @@ def make(model, kind="discrete", budget=3.0, **extra):
     return gym.make("QuantLLM-v0", model=str(model), action_kind=kind, budget_bpw=budget, **SMALL, **extra).unwrapped
 
 
+@pytest.mark.slow  # extended tier
 def test_model_relative_features(stories_bin):
     env = make(stories_bin, "discrete", 3.0)
     obs, _ = env.reset(seed=0)
@@ -41,6 +42,7 @@ def test_model_relative_features(stories_bin):
     assert 0 < shares[0] < 1 and shares[-1] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # extended tier
 def test_relative_observation_reads_no_scale_of_its_own(stories_bin):
     """``observation="relative"``: sizes, statistics and errors relative to the model's median layer,
     so shifting any of them by one factor over the whole model leaves the observation unchanged."""
@@ -77,6 +79,7 @@ def test_relative_observation_reads_no_scale_of_its_own(stories_bin):
         make(stories_bin, observation="absolute")
 
 
+@pytest.mark.slow  # extended tier: many episodes
 def test_budgets_sample_one_budget_per_episode(stories_bin):
     env = make(stories_bin, "residual", budgets=[2.5, 3.0, 4.0])
     seen = {}
@@ -111,6 +114,7 @@ def test_budgets_sample_one_budget_per_episode(stories_bin):
         make(stories_bin, budgets=[0.5, 3.0])
 
 
+@pytest.mark.slow  # extended tier
 def test_potential_shaping_leaves_every_return_unchanged(stories_bin):
     plain = make(stories_bin, "discrete", 3.0)
     shaped = make(stories_bin, "discrete", 3.0, shaping_weight=0.5)
@@ -125,6 +129,7 @@ def test_potential_shaping_leaves_every_return_unchanged(stories_bin):
         assert sum(rewards) == pytest.approx(play_episode(plain, actions)["reward"], abs=1e-9)
 
 
+@pytest.mark.slow  # extended tier: trains
 def test_maskable_ppo_trains_and_never_lowers(stories_bin, tmp_path):
     pytest.importorskip("sb3_contrib")
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -159,6 +164,7 @@ def test_maskable_ppo_trains_and_never_lowers(stories_bin, tmp_path):
 
 
 # -- residual policy learning: the policy starts at the plan (plan_deviations) -------------------------
+@pytest.mark.slow  # extended tier: greedy on the default model
 def test_untrained_policy_started_at_the_plan_is_greedy_on_the_default_model():
     """plan_deviations: the untrained MaskablePPO's deterministic rollout is exactly the greedy
     searcher's recipe on the default model (42 layers); without it the head is SB3's near-uniform one."""
@@ -184,6 +190,7 @@ def test_untrained_policy_started_at_the_plan_is_greedy_on_the_default_model():
     assert float(1 - probs[0]) > 0.8  # SB3's own init: ~uniform over the 7 actions
 
 
+@pytest.mark.slow  # extended tier: 560 sampled steps
 def test_plan_deviations_sets_the_sampled_deviation_rate(stories_bin):
     """Sampled (masked) actions of the untrained policy leave the plan about d / L of the time."""
     pytest.importorskip("sb3_contrib")
@@ -211,6 +218,7 @@ def test_plan_deviations_sets_the_sampled_deviation_rate(stories_bin):
     assert plan_bias(2, 42, 7) == pytest.approx(np.log(6 * 40 / 2))
 
 
+@pytest.mark.slow  # extended tier: builds residual and discrete envs (hyperparameter refusals stay in test_agents)
 def test_plan_deviations_bad_input_and_configs(stories_bin):
     pytest.importorskip("sb3_contrib")
     from stable_baselines3.common.vec_env import DummyVecEnv

@@ -57,6 +57,9 @@ def _load_log(path: Path, repack: bool) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
+# extended tier: two llama.cpp loads (a load with repacking off, its logits compared, stays in the default
+# tier: test_export_check_accepts_the_scored_file_and_refuses_another)
+@pytest.mark.slow
 def test_qenv_loads_turn_llama_cpps_repacking_off(evaluator, tmp_path) -> None:
     """llama.cpp logs a CPU_REPACK buffer when it repacks Q4_0 weights (its default); qenv's loads have none."""
     from qenv.export_gguf import write_gguf
@@ -82,6 +85,7 @@ def test_export_check_accepts_the_scored_file_and_refuses_another(evaluator, tmp
         check_gguf_export(evaluator, other, path, probe_repack=False)
 
 
+@pytest.mark.slow  # extended tier: another llama.cpp check of a written GGUF
 def test_export_keeps_model_gguf_only_after_the_check(evaluator, tmp_path) -> None:
     from qenv.export import export_all
 
@@ -92,6 +96,7 @@ def test_export_keeps_model_gguf_only_after_the_check(evaluator, tmp_path) -> No
     assert paths["gguf_check"].read_text().startswith("model.gguf checked")
 
 
+@pytest.mark.slow  # extended tier: the script in a child process
 def test_gguf_perplexity_script_runs_without_repacking(evaluator, tmp_path) -> None:
     from conftest import WIKITEXT_TEST, require
     from qenv.export_gguf import write_gguf

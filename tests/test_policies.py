@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import load_script, run_main
+from conftest import extended_beyond, load_script, run_main
 
 import qenv.policies
 from qenv.cli.runs import env_kwargs_of
@@ -56,7 +56,7 @@ def test_transfer_is_shipped_and_listed():
     assert (qenv.policies.POLICIES_DIR / "transfer.md").read_text() == qenv.policies.render_card(card)
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("arch", extended_beyond(TINY_ARCHITECTURES, ["llama"]))  # the others: --run-slow
 def test_qenv_transfer_loads_and_plays_on_every_tiny_architecture(arch):
     play("transfer", arch)
 
@@ -124,6 +124,7 @@ def test_a_card_from_another_observation_layout_is_refused():
 
 
 # -- fine-tuning from it -------------------------------------------------------------------------------
+@pytest.mark.slow  # extended tier: a fine-tuning run
 def test_init_from_qenv_transfer_fine_tunes_with_the_cards_settings(tmp_path, cache_dir):
     code = run_main(train_agent, ["--init-from", "qenv:transfer", "--model", "tiny-gpt2", "--timesteps", 32,
                                   "--budget-bpw", 3.0, "--logdir", tmp_path, "--name", "ft", "--no-progress",
@@ -173,6 +174,7 @@ def test_the_script_rebuilds_a_policy_that_loads_and_plays(rebuilt, tmp_path, ca
     assert result["models"][0]["status"] == "trained-on" and result["agent"] == "ppo"
 
 
+@pytest.mark.slow  # extended tier: eval_agent.py and quantize runs
 def test_one_command_gives_a_user_a_recipe_and_its_export(tmp_path, monkeypatch, cache_dir, capsys):
     """``eval_agent.py --policy qenv:transfer --model M --budget-bpw 4.0 --export`` (its output under
     ./runs, never in the package's folder) and ``python -m qenv quantize --policy qenv:transfer``."""

@@ -123,6 +123,7 @@ def test_batched_gptq_equals_old_on_smollm2_block() -> None:
         assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.slow  # extended tier: the whole menu built twice
 def test_prebuild_fills_the_menu_with_what_on_demand_gives(stories_eval: Evaluator) -> None:
     ev = stories_eval
     weights = QuantizedWeights(ev.model, ev.layers, ev.calibration_of, 1 << 30)
@@ -212,6 +213,7 @@ def test_chunked_scoring_equals_whole_scoring() -> None:
     assert a.top1 == b.top1 and a.n_tokens == b.n_tokens == 48
 
 
+@pytest.mark.slow  # extended tier: builds several envs and their menus
 def test_envs_share_one_model_and_cache_and_prebuild(stories_bin) -> None:
     small = {"model": str(stories_bin), "n_tokens": 512, "seq_len": 64, "cache_dir": False, "seed": 11}
     first = gym.make(qenv.ENV_ID, prebuild=True, weight_cache_gib=0.5, **small)

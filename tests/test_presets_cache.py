@@ -50,6 +50,7 @@ def test_cached_metrics_match_a_fresh_computation_and_are_read_back(stories, tmp
         assert cached_metrics(ev, recipe) == (first, False)
 
 
+@pytest.mark.slow  # extended tier: a fresh evaluation per key component
 def test_every_key_component_misses(stories, tmp_path) -> None:
     ev = _evaluator(stories, tmp_path)
     recipe = preset("awq-w3", ev.layers)
@@ -118,6 +119,7 @@ def test_unknown_preset_is_one_line_listing_the_valid_names(tmp_path, capsys) ->
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # extended tier: eval_agent.py twice with every default preset
 def test_eval_agent_scores_the_default_presets_once(stories_bin, tmp_path, cache_dir, capsys) -> None:
     assert run_main(train_agent, ["--agent", "greedy", "--model", stories_bin, "--budget-bpw", 4.0, "--name", "g",
                                   "--logdir", tmp_path, "--no-progress", "--env-kwargs", "n_tokens=256",

@@ -306,6 +306,7 @@ def saved_searcher(folder: Path, menu: list[dict]) -> Path:
     return searcher.save(folder / "model.json")
 
 
+@pytest.mark.slow  # extended tier: another quantize run (a policy's rollout)
 def test_a_policy_writes_its_rollout(tmp_path, capsys) -> None:
     policy = saved_searcher(tmp_path / "run", [{"bits": 4, "group_size": 32}, {"bits": 8, "group_size": 32}])
     out = tmp_path / "out"
@@ -379,7 +380,8 @@ def awq_recipe(task, kept: tuple[str, ...] = ()) -> Recipe:
     return Recipe({info.name: KEEP if info.name.endswith(kept) else awq[info.block % 2] for info in task.layers})
 
 
-@pytest.mark.parametrize("kept", [(), ("k_proj", "up_proj")], ids=["all-awq", "fp16-readers-and-producer"])
+@pytest.mark.parametrize("kept", [(), pytest.param(("k_proj", "up_proj"), marks=pytest.mark.slow)],  # 2nd: extended
+                         ids=["all-awq", "fp16-readers-and-producer"])
 def test_awq_scales_fold_into_the_previous_op(tmp_path, kept) -> None:
     from qenv.export_packed import packed_kl, write_packed_checkpoint
     from qenv.models.loading import load_model

@@ -27,6 +27,7 @@ SEED = 3
 STEPS = 80  # two full episodes of 35 layers per env, and part of a third
 
 
+@pytest.mark.slow  # extended tier: fresh interpreters
 def test_importing_qenv_does_not_import_ray_and_missing_ray_says_how_to_install():
     code = textwrap.dedent("""
         import sys
@@ -134,6 +135,7 @@ def ray_vec(ray_session, env_kwargs):
 
 
 # -- RayVecEnv -------------------------------------------------------------------------------------
+@pytest.mark.slow  # extended tier: starts Ray
 def test_ray_vec_env_episodes_equal_dummy_vec_env(ray_vec, reference_run):
     actions, expected = reference_run
     got = trajectory(ray_vec, actions)
@@ -144,6 +146,7 @@ def test_ray_vec_env_episodes_equal_dummy_vec_env(ray_vec, reference_run):
     assert len(set(ray_vec.pids)) == N_ENVS and os.getpid() not in ray_vec.pids
 
 
+@pytest.mark.slow  # extended tier: starts Ray
 def test_ray_vec_env_attributes_and_methods(ray_vec):
     assert ray_vec.get_attr("budget_bpw") == [3.0, 3.0]
     assert ray_vec.get_attr("budget_bpw", indices=[1]) == [3.0]
@@ -156,6 +159,7 @@ def test_ray_vec_env_attributes_and_methods(ray_vec):
     assert ray_vec.env_is_wrapped(Monitor) == [True, True] and ray_vec.has_attr("mapper")
 
 
+@pytest.mark.slow  # extended tier: starts Ray
 def test_dead_actor_is_restarted_and_its_episode_replayed(ray_session, ray_vec, reference_run):
     """An actor killed mid-episode is replaced, replays its episode and the run goes on unchanged."""
     actions, expected = reference_run
@@ -171,6 +175,7 @@ def test_dead_actor_is_restarted_and_its_episode_replayed(ray_session, ray_vec, 
     assert ray_vec.pids[0] != old_pids[0] and ray_vec.pids[1] == old_pids[1]
 
 
+@pytest.mark.slow  # extended tier: starts Ray
 def test_ppo_learns_on_ray_vec_env(ray_vec):
     from stable_baselines3 import PPO
 
@@ -184,6 +189,7 @@ def test_ppo_learns_on_ray_vec_env(ray_vec):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.policy.parameters()))
 
 
+@pytest.mark.slow  # extended tier: starts Ray
 def test_second_death_of_the_same_step_fails_the_run(ray_vec):
     ray_vec.seed(SEED)
     ray_vec.reset()
@@ -217,6 +223,7 @@ def recipes(local_pool) -> list[Recipe]:
     return population + [Recipe({layer.name: rules[0] for layer in inner.task.layers}), Recipe({})]
 
 
+@pytest.mark.slow  # extended tier: starts Ray
 def test_ray_pool_equals_local_pool(ray_pool, local_pool, recipes):
     expected = local_pool.evaluate(recipes)
     got = ray_pool.evaluate(recipes)
@@ -228,6 +235,7 @@ def test_ray_pool_equals_local_pool(ray_pool, local_pool, recipes):
     assert_same(ray_pool.evaluate(recipes[:3], max_batches=1), local_pool.evaluate(recipes[:3], max_batches=1))
 
 
+@pytest.mark.slow  # extended tier: starts Ray
 def test_pool_reward_is_the_env_reward(ray_pool, local_pool, reference_run):
     """A finished episode's recipe, scored by the pool, gets the reward and metrics the env gave."""
     _, run = reference_run
@@ -243,6 +251,7 @@ def test_pool_reward_is_the_env_reward(ray_pool, local_pool, reference_run):
     ("uniform", 3, {}),
     ("evolution", 9, {"population": 3, "offspring": 4, "survivors": 2}),
 ])
+@pytest.mark.slow  # extended tier: starts Ray
 def test_searchers_score_their_populations_on_the_pool(ray_pool, local_pool, name, evaluations, hyperparams):
     """A searcher with pool=RayEvaluatorPool finds, records and spends exactly what it does alone."""
     from qenv.agents import make_agent
@@ -259,6 +268,7 @@ def test_searchers_score_their_populations_on_the_pool(ray_pool, local_pool, nam
         assert getattr(pooled, attr) == getattr(alone, attr), attr
 
 
+@pytest.mark.slow  # extended tier: starts Ray
 def test_env_errors_inside_actors_reach_the_caller_as_qenv_errors(ray_session, env_kwargs):
     from qenv.distributed import RayEvaluatorPool
 
@@ -267,6 +277,7 @@ def test_env_errors_inside_actors_reach_the_caller_as_qenv_errors(ray_session, e
     assert "Traceback" not in str(raised.value)  # the user's error, not a remote stack
 
 
+@pytest.mark.slow  # extended tier: starts Ray
 def test_ray_pool_retries_an_evaluation_whose_actor_died(ray_pool, local_pool, recipes):
     expected = local_pool.evaluate(recipes)
     restarts = ray_pool.restarts
@@ -275,6 +286,7 @@ def test_ray_pool_retries_an_evaluation_whose_actor_died(ray_pool, local_pool, r
     assert ray_pool.restarts == restarts + 1
 
 
+@pytest.mark.slow  # extended tier: starts Ray
 def test_second_death_of_the_same_evaluation_fails_the_run(ray_pool, recipes):
     ray_pool.inject_crash(2)  # the recipe's actor dies, and so does the fresh one it is retried on
     with pytest.raises(QenvError, match="Evaluating recipe 0 of 1 failed 2 times: its Ray actor died"):

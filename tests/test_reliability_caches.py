@@ -197,6 +197,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_in_one_line(loaded):
 
 
 # -- item 16: the reference's key of many batches ------------------------------------------------------------
+@pytest.mark.slow  # extended tier: a reference of many batches
 def test_reference_of_many_batches_is_cached_under_a_hashed_name(loaded, tmp_path, monkeypatch):
     """300 batches of one sequence: the old name held one entry per batch and failed with
     'File name too long' after the whole pass. The name is short, the key is whole (in the header),
@@ -333,6 +334,7 @@ def test_streamed_text_still_refuses_binary_and_bad_bytes(loaded, tmp_path):
 
 
 # -- item 23: a searcher that misses the budget is not listed as a result -----------------------------------------
+@pytest.mark.slow  # extended tier: eval_agent.py with searches
 def test_searcher_over_budget_is_listed_apart(stories_bin, tmp_path, capsys):
     """At 3.0 bpw no llama.cpp mix fits stories260K (its rows are too narrow for k-quants): the
     llamacpp searcher returns a 7+ bpw mix. It is listed apart, with a plain note, not as a
@@ -366,6 +368,7 @@ def test_searcher_over_budget_is_listed_apart(stories_bin, tmp_path, capsys):
     assert not (tmp_path / "e-big").exists()
 
 
+@pytest.mark.slow  # extended tier: references computed at two thread counts
 def test_caches_are_keyed_on_the_thread_count(tmp_path):
     """Float results depend on torch's thread count (reduction order), so a cache written by a
     process with other threads must not be read: each count gets its own files."""

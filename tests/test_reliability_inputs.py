@@ -285,6 +285,9 @@ def test_eval_agent_bad_input(case, files, policy, tmp_path, capsys):
     assert not (tmp_path / "MARKER").exists()
 
 
+# extended tier: eval_agent.py in a child process (the same refusal in-process stays in the default tier:
+# test_eval_agent_bad_input[policy_with_pickled_code])
+@pytest.mark.slow
 def test_eval_agent_refuses_a_hostile_policy_as_a_process(policy, tmp_path, cache_dir):
     """The real program, as a user runs it: exit status 2, one stderr line, the payload never ran."""
     marker = tmp_path / "MARKER"
@@ -308,6 +311,7 @@ def test_rollout_is_fitted_to_the_timesteps_asked_for(capsys):
         train_agent.fit_rollout("dqn", {}, n_envs=65, total=64)
 
 
+@pytest.mark.slow  # extended tier: a training run (the fitting: test_rollout_is_fitted_to_the_timesteps_asked_for)
 def test_the_timesteps_that_really_run_are_said(stories_bin, cache_dir, tmp_path, capsys):
     """DQN collects train_freq (4) steps at a time: asked for 5 timesteps, it runs 8, and says so."""
     code = run_main(train_agent, ["--model", stories_bin, "--agent", "dqn", "--timesteps", 5, "--logdir",

@@ -247,6 +247,7 @@ def test_eval_agent_refuses_outputs_before_any_work(case, policy_run, tmp_path, 
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow  # extended tier: several eval_agent.py runs
 def test_evaluations_never_share_or_replace_a_folder(policy_run, cache_dir, tmp_path, monkeypatch, capsys):
     """Two evaluations started in the same second get eval-<time> and eval-<time>-2 (each whole); the
     same explicit --out again is refused; --overwrite replaces that evaluation's own files and keeps
@@ -307,6 +308,7 @@ def hung_up_run(stories_bin, cache_dir, tmp_path_factory) -> dict[str, object]:
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.slow  # extended tier: a training process hung up (the default tier's saving signal: SIGTERM)
 def test_sighup_saves_a_checkpoint_and_the_summary_like_sigterm(hung_up_run):
     from qenv.callbacks import latest_checkpoint
 
@@ -323,6 +325,7 @@ def test_sighup_saves_a_checkpoint_and_the_summary_like_sigterm(hung_up_run):
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.slow  # extended tier: a training process under a closed terminal
 def test_sighup_from_a_closed_terminal_still_saves(stories_bin, cache_dir, tmp_path):
     """The terminal is really gone (its pseudo-terminal's other end closed: every write to it fails
     with EIO): the checkpoint and summary are still written, and the exit status is SIGHUP's."""
@@ -378,6 +381,7 @@ RESUME_CHANGES = {
 
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("case", list(RESUME_CHANGES))
+@pytest.mark.slow  # extended tier: needs the hung-up training process
 def test_resume_after_the_model_or_its_text_changed_is_refused(case, hung_up_run, tmp_path, capsys):
     which, change, drop, needle = RESUME_CHANGES[case]
     folder = tmp_path / "hup"
@@ -436,6 +440,7 @@ def test_outputs_honour_the_umask(umask, stories_evaluator, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.slow  # extended tier: a training process as another user
 def test_unwritable_logdir_is_one_line_even_for_root(stories_bin, cache_dir, tmp_path):
     """Root ignores chmod; without CAP_DAC_OVERRIDE it does not, as any user would be refused."""
     locked = tmp_path / "locked"
@@ -461,6 +466,7 @@ def test_unwritable_logdir_is_one_line_even_for_root(stories_bin, cache_dir, tmp
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # extended tier: a training process on a full disk
 def test_a_disk_error_is_one_line_and_leaves_only_whole_files(stories_bin, cache_dir, tiny_ppo, tmp_path):
     """A real write failure: the process may not write files over 36 kB (RLIMIT_FSIZE, EFBIG), so the
     first checkpoint's agent zip (about 41 kB) fails halfway. One line, exit status 74, and every file

@@ -40,6 +40,7 @@ eval_agent = load_script("eval_agent")
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # extended tier: a SubprocVecEnv training with a worker killed
 def test_dead_subproc_worker_is_a_clear_error_not_a_hang(stories_bin, cache_dir):
     from qenv.cli.envs import make_vec
 
@@ -131,6 +132,7 @@ print(json.dumps(out, sort_keys=True))
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # extended tier: every searcher and PPO in two fresh processes
 def test_same_seed_same_recipes_and_metrics_in_fresh_processes(stories_bin, tmp_path):
     """Two processes (different hash seeds; one computes everything, one finds a cache written by a
     run with another batch size): the environment, every searcher and a short PPO run give
@@ -215,6 +217,9 @@ lock.release()
 
 
 @pytest.mark.timeout(300)
+# extended tier: three processes (one writer per run stays in the default tier:
+# test_second_writer_is_refused_and_sigterm_saves_like_ctrl_c)
+@pytest.mark.slow
 def test_racing_processes_create_a_run_folder_once(tmp_path):
     """Three processes start the same new run folder at the same instant: exactly one gets it."""
     logdir, start = tmp_path / "runs", tmp_path / "go"
@@ -234,6 +239,8 @@ def test_racing_processes_create_a_run_folder_once(tmp_path):
     assert sorted(p.name for p in (logdir / "same").iterdir()) == ["config.json"]
 
 
+# extended tier: a killed process (a dead writer's lock is taken over in test_train_agent's --resume after SIGKILL)
+@pytest.mark.slow
 def test_a_stale_lock_of_a_killed_process_is_recovered(tmp_path):
     from qenv.io import RunLock
 
@@ -263,6 +270,7 @@ def tb_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.slow  # extended tier: two training sessions
 def test_resume_after_ctrl_c_counts_every_episode_once(stories_bin, cache_dir, tiny_ppo, tmp_path, capsys, monkeypatch):
     """Ctrl-C (a real SIGINT) once an episode has ended inside a rollout that is not checkpointed: the run
     is rewound to the rollout's start, and after --resume every episode is counted once, in the
@@ -330,6 +338,7 @@ def test_resume_without_checkpoints_is_refused(tmp_path, capsys):
     assert_one_line_error(code, capsys.readouterr().err, "lacks or garbles agent, n_envs")
 
 
+@pytest.mark.slow  # extended tier: an evaluation of a checkpoint
 def test_a_checkpoint_is_scored_on_its_runs_model(policy, stories_bin, tmp_path, capsys):
     """--policy <run>/checkpoints/step_N.zip: the run's settings are read from the folder above."""
     run = tmp_path / "run"

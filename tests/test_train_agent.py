@@ -333,6 +333,7 @@ def test_resume_after_sigkill_reaches_the_same_total(tmp_path, stories_bin, cach
     assert run_main(train_agent, ["--resume", folder, "--no-progress"]) == 0
 
 
+@pytest.mark.slow  # extended tier: a saving signal in the default tier is test_reliability_runs' SIGTERM
 def test_ctrl_c_saves_checkpoint_and_summary(tmp_path, stories_bin, cache_dir, tiny_config, capsys):
     """A real SIGINT to this process once the first checkpoint exists (what Ctrl-C sends)."""
     from qenv.callbacks import latest_checkpoint
@@ -369,6 +370,7 @@ def test_ctrl_c_saves_checkpoint_and_summary(tmp_path, stories_bin, cache_dir, t
     assert (folder / "best_recipe.json").is_file() and (folder / "pareto.png").is_file()
 
 
+@pytest.mark.slow  # extended tier: a second training run
 def test_llamacpp_mix_is_recorded_and_an_over_budget_best_says_so(tmp_path, cache_dir, capsys):
     """The llamacpp agent scores its mix without stepping the env (its rules are not actions): the
     episode still reaches the tracker and best_recipe.json, and a mix above the budget (the default
@@ -384,6 +386,7 @@ def test_llamacpp_mix_is_recorded_and_an_over_budget_best_says_so(tmp_path, cach
     assert summary["episodes"] == 1 and summary["timesteps"] == 42
 
 
+@pytest.mark.slow  # extended tier: two more training runs
 def test_eval_freq_keeps_the_best_evaluated_policy_across_a_resume(tmp_path, stories_bin, cache_dir, tiny_config):
     """--eval-freq (rl-zoo3's flag): the deterministic policy is evaluated at the first rollout
     start at or after every N timesteps and at the end; best_model.zip is the best mean reward's
@@ -433,6 +436,7 @@ def test_eval_freq_keeps_the_best_evaluated_policy_across_a_resume(tmp_path, sto
     assert "eval/mean_reward" in acc.Tags()["scalars"]
 
 
+@pytest.mark.slow  # extended tier: another training run
 def test_eval_freq_best_model_keeps_the_normalisation_it_acted_with(tmp_path, stories_bin, cache_dir):
     """Behind VecNormalize the statistics move on after the best evaluation: best_model.zip gets its
     own (best_model.vecnormalize.json), which eval_agent.py and zero_shot_vs_greedy.py read for it

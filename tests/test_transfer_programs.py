@@ -27,6 +27,7 @@ def one_line_error(capsys, code: int, *needles: str) -> None:
         assert needle in err[0], err[0]
 
 
+@pytest.mark.slow  # extended tier: the zoo training
 def test_zoo_training_then_fine_tuning_on_a_new_model(zoo_run, capsys):
     zoo = json.loads((zoo_run / "zoo" / "summary.json").read_text())
     assert [m["name"] for m in zoo["train_models"]][1] == "tiny-llama" and len(zoo["train_models"]) == 2
@@ -44,6 +45,7 @@ def test_zoo_training_then_fine_tuning_on_a_new_model(zoo_run, capsys):
     assert "tiny-llama (trained-on model)" in out and results["models"][2]["seen"] is True
 
 
+@pytest.mark.slow  # extended tier: trains and evaluates
 def test_eval_agent_on_a_policy_with_every_residual_only_option(stories_bin, tmp_path, capsys):
     """eval_agent builds the searchers' menu env from the run's settings: the residual-only option
     (max_deviations) stays with the policy's env instead of refusing the menu kind."""
@@ -59,6 +61,7 @@ def test_eval_agent_on_a_policy_with_every_residual_only_option(stories_bin, tmp
     assert "greedy" in methods and any(m.startswith("policy") for m in methods)
 
 
+@pytest.mark.slow  # extended tier: trains and evaluates three budgets
 def test_a_policy_over_several_budgets_trains_and_is_evaluated_at_one(stories_bin, tmp_path, capsys):
     """``budgets`` in env_kwargs: training episodes sample them; the run's own deterministic
     evaluation and eval_agent.py run at one budget (budget_bpw / --budget-bpw), not a sampled one."""
@@ -109,12 +112,14 @@ def test_init_from_a_policy_with_another_observation_size(tmp_path, capsys):
     assert not any((tmp_path / d).is_dir() for d in ("ppo",)) and not list(tmp_path.glob("ppo-*"))
 
 
+@pytest.mark.slow  # extended tier: the zoo training
 def test_init_from_with_another_action_kind(zoo_run, tmp_path, capsys):
     code = run_main(train_agent, ["--init-from", zoo_run / "zoo" / "model.zip", "--env-kwargs",
                                   "action_kind=discrete", "--logdir", tmp_path, "--no-progress"])
     one_line_error(capsys, code, "acts in Discrete(7)", "action_kind")
 
 
+@pytest.mark.slow  # extended tier: the zoo training
 def test_a_policy_fed_another_observation_kind_of_the_same_size(zoo_run, tmp_path, capsys):
     """full and relative observations have the same size: fine-tuning or evaluating a policy with
     the kind it did not train with is one line, before anything is written."""
@@ -128,6 +133,7 @@ def test_a_policy_fed_another_observation_kind_of_the_same_size(zoo_run, tmp_pat
     assert not (tmp_path / "ev").exists()
 
 
+@pytest.mark.slow  # extended tier: the zoo training
 def test_init_from_a_policy_of_another_algorithm(zoo_run, tmp_path, capsys):
     # a PPO zip fine-tuned as A2C loaded (same policy network) and then failed in A2C's optimizer
     # (KeyError 'square_avg') after writing the run folder
@@ -189,6 +195,7 @@ def test_configs_load_and_train_in_rl_zoo3(tmp_path):
         assert model.num_timesteps >= 64
 
 
+@pytest.mark.slow  # extended tier: trains
 def test_normalize_from_the_config_trains_behind_vecnormalize(stories_bin, tmp_path, capsys):
     (tmp_path / "n.yaml").write_text(TINY.replace("  env_kwargs:", "  normalize: {norm_obs: true, norm_reward: false}\n"
                                                                     "  env_kwargs:"))

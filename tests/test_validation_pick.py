@@ -25,6 +25,7 @@ def held(stories_bin, tmp_path_factory):
                        cache_dir=tmp_path_factory.mktemp("qenv-cache"), validation_fraction=0.5)
 
 
+@pytest.mark.slow  # extended tier: searches on stories260K
 def test_the_validation_sequences_are_held_back_from_the_evaluator(held):
     task = held.task
     fit, val = task.evaluator.tokens.ids, task.validation_tokens.ids
@@ -35,6 +36,7 @@ def test_the_validation_sequences_are_held_back_from_the_evaluator(held):
         QuantLLMEnv("tiny-llama", validation_fraction=1.0)
 
 
+@pytest.mark.slow  # extended tier: searches on stories260K
 def test_searches_return_the_finalist_with_the_lowest_validation_kl(held):
     """For each searcher the returned recipe is, among its finalists, the one whose KL on the
     validation tokens (recomputed here) is lowest; in at least one search that is not the recipe with

@@ -85,6 +85,7 @@ def quality_cfg(bench, stories_bin, out, **over):
             "seeds": [0], "rl_agent": "maskable_ppo", "action_kind": "residual", "threads": 1, **over}
 
 
+@pytest.mark.slow  # extended tier: runs the benchmark (trains)
 def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     """bench_quality.py reports the RL run twice: its deterministic rollout (ppo) and, like the
     searchers, the best recipe of its N training episodes (rl_best), measured again."""
@@ -105,6 +106,7 @@ def test_bench_quality_reports_the_best_training_episode(stories_bin, tmp_path):
     assert "| stories260K | 3 |" in table and "- rl_best: beats random in 0/0 cells" in table  # no random run here
 
 
+@pytest.mark.slow  # extended tier: runs the benchmark (trains)
 def test_bench_quality_rl_eval_reports_the_best_of_k_evaluated_rollouts(stories_bin, tmp_path):
     """rl_eval: N − K training episodes, the deterministic rollout evaluated along the way (at most
     K times, N evaluations in all), and the best evaluation's recipe measured again; the report
@@ -139,6 +141,7 @@ def test_bench_quality_counts_no_win_from_float_noise():
     assert "(beats none)" in table and "greedy in 0/1" in table and "random in 0/0" in table
 
 
+@pytest.mark.slow  # extended tier: runs the benchmark (trains)
 def test_bench_quality_rl_env_reaches_the_rl_method_and_bad_keys_are_one_line(stories_bin, tmp_path, capsys):
     """--rl-env goes to the RL method's env only (max_deviations=0: its rollout is greedy's recipe,
     recorded in the rows); an unknown or ill-typed key stops the run before anything is written."""
@@ -172,6 +175,7 @@ def test_bench_quality_rl_env_reaches_the_rl_method_and_bad_keys_are_one_line(st
         assert code == 2 and len(err) == 1 and match in err[0] and not out.exists(), err
 
 
+@pytest.mark.slow  # extended tier: runs the benchmark (trains)
 def test_bench_quality_transfer_rolls_out_under_the_eval_env(stories_bin, tmp_path):
     """--transfer-eval-env reaches the zero-shot rollouts (not the training) and both rows say so."""
     pytest.importorskip("sb3_contrib")
@@ -210,6 +214,7 @@ def allocation_transfer(stories_bin, tmp_path_factory):
     return bench, out
 
 
+@pytest.mark.slow  # extended tier: runs the benchmark (trains)
 def test_bench_quality_transfer_with_an_rl_config_of_the_allocation_kind(allocation_transfer):
     """--rl-config: the RL method's hyperparameters and env_kwargs from another file
     (configs/ppo_allocation.yaml: PPO on the allocation kind with the relative observation), its
@@ -226,6 +231,7 @@ def test_bench_quality_transfer_with_an_rl_config_of_the_allocation_kind(allocat
     assert all(ev["policy"]["bpw"] <= ev["budget"] + 1e-9 for ev in evals)
 
 
+@pytest.mark.slow  # extended tier: runs the benchmark (trains)
 def test_bench_quality_transfer_trains_one_policy_for_every_budget(allocation_transfer):
     """--transfer-train-budget: every budget's zero-shot rollouts use the policy trained at that one
     budget (the jobs of both budgets trained the same weights), and the report says so."""
@@ -243,6 +249,7 @@ def test_bench_quality_transfer_trains_one_policy_for_every_budget(allocation_tr
     assert "at 3 bpw (one policy for every budget)" in (out / "quality_tables.md").read_text()
 
 
+@pytest.mark.slow  # extended tier: runs the benchmark (trains)
 def test_bench_quality_trains_on_the_rule_kinds(stories_bin, tmp_path):
     """bench_quality.py's RL method runs on the kinds that invent rules: MaskablePPO on ``rule``
     (the benchmark config's plan_deviations, which only the residual kind has, is left out) and

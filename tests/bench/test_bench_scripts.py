@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 #: one-off experiment scripts (bench/experiments/README.md), apart from the benchmarks users run
 EXPERIMENTS = REPO / "bench" / "experiments"
@@ -38,6 +40,7 @@ def test_zero_shot_table_reads_eval_agent_results(tmp_path):
     assert "beats greedy in 0/1" in md and "beats random search in 1/1" in md and "evolution in 0/1" in md
 
 
+@pytest.mark.slow  # extended tier: a zoo training and the script's rollouts
 def test_zero_shot_vs_greedy_rolls_out_the_runs_policy_against_greedy(zoo_run, tmp_path):
     """bench/zero_shot_vs_greedy.py: the run's policy (residual kind) against greedy's recipe on an
     unseen model; with max_deviations=0 given on top of the run's settings the rollout is greedy's."""
@@ -64,6 +67,7 @@ def test_zero_shot_vs_greedy_rolls_out_the_runs_policy_against_greedy(zoo_run, t
     assert limited["policy_kl"] == limited["greedy_kl"] == row["greedy_kl"]
 
 
+@pytest.mark.slow  # extended tier: runs the experiment scripts
 def test_recipe_shift_and_depth_tilt_scripts(stories_bin, tmp_path):
     """bench/experiments/recipe_shift.py counts the layers an RL recipe that beats greedy moves up or down
     against greedy's recipe (from a rollout that stayed on the plan), by kind and by third of the
@@ -90,6 +94,7 @@ def test_recipe_shift_and_depth_tilt_scripts(stories_bin, tmp_path):
     assert re.search(r"stories260K.bin @ 3: greedy KL [\d.]+; tilted / greedy: a=0: [\d.]+, a=0.2: [\d.]+", out), out
 
 
+@pytest.mark.slow  # extended tier: runs the experiment scripts
 def test_replan_gap_and_one_deviation_scripts_print_their_measurements(stories_bin):
     """bench/experiments/replan_gap.py and bench/experiments/one_deviation.py (the numbers in BENCHMARKS.md's residual
     section) run on a real model and print one line per budget / per (layer, action)."""

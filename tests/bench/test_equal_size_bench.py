@@ -22,6 +22,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow  # extended tier: runs the benchmark
 def test_equal_size_table_on_stories260k(stories_bin, tmp_path, capsys):
     bench = load_bench()
     data_dir = stories_bin.parents[1]
