@@ -74,3 +74,26 @@ def test_calibration_agreement_counts_rank_order():
     flipped = module.agreement([0.1, 0.2, 0.3], [3.0, 2.0, 1.0])
     assert flipped["spearman"] == pytest.approx(-1.0) and not flipped["best_agrees"]
     assert flipped["held_rank_of_calib_best"] == 3
+
+
+def test_presets_of_equal_size_share_one_job(stories_bin):
+    """gptq-w3 and awq-w3 store the same bits: one job (one set of searches) serves both presets."""
+    bench = load_bench()
+    model = {"name": "stories260K", "spec": str(stories_bin), "corpus": "tinystories"}
+    groups = bench.same_size_groups(model, ["gptq-w3", "gptq-w4", "awq-w3", "awq-w4", "q4_k_m-im"], "learned")
+    assert groups == [["gptq-w3", "awq-w3"], ["gptq-w4", "awq-w4"], ["q4_k_m-im"]]
+
+
+def test_table_compares_one_search_with_each_preset_of_its_size():
+    """A shared job's searches get one row per preset, each ratio against that preset's own KL."""
+    bench = load_bench()
+    base = {"kind": "quality", "model": "m", "budget": 3.25, "budget_preset": "gptq-w3", "menu": "learned"}
+    rows = [{**base, "method": "meta", "menu": "learned"},
+            {**base, "method": "preset:gptq-w3", "kl": 0.5, "held_kl": 0.5, "ppl": 10.0},
+            {**base, "method": "preset:awq-w3", "kl": 0.3, "held_kl": 0.3, "ppl": 9.0},
+            {**base, "method": "evolution", "seed": 0, "kl": 0.4, "held_kl": 0.4, "ppl": 9.5}]
+    lines = [line for line in bench.table(rows).splitlines() if line.startswith("| gptq-w3 ") or
+             line.startswith("| awq-w3 ")]
+    assert len(lines) == 2
+    assert "(0.8, better)" in lines[0] and lines[0].startswith("| gptq-w3 (3.250) | learned |")
+    assert "(1.33, **worse**)" in lines[1] and "worse than the preset" in lines[1]
