@@ -8,6 +8,8 @@ and the rows (``--methods``) are:
 
 - the preset itself;
 - ``greedy_plan``: the old one-evaluation greedy (HAWQ-style on the per-layer proxy), measured;
+- ``best_uniform``: the uniform menu rule that fits with the lowest calibration KL (the bar greedy
+  must clear: the issue's "greedy is never worse than the best uniform menu rule");
 - ``best_start``: the best measured of greedy's plan, the presets the menu expresses and the uniform
   rules that fit (``ModelTask.start_plan``: where every search and the plan-based RL kinds start);
 - ``greedy``: greedy refined by end-to-end measurement from the best start (``--evaluations``);
@@ -57,12 +59,12 @@ import bench_quality as bq  # noqa: E402  (puts the repo on sys.path too)
 PRESETS: tuple[str, ...] = ("gptq-w3", "gptq-w4", "awq-w3", "awq-w4", "q3_k_m-im", "q4_k_m-im", "iq3_xxs-im")
 #: share of the TinyStories validation stories used for calibration (the rest is held out)
 TINYSTORIES_CALIB_SHARE = 0.6
-SEARCHED = ("greedy_plan", "best_start", "greedy", "evolution", "rl_eval")
+SEARCHED = ("greedy_plan", "best_uniform", "best_start", "greedy", "evolution", "rl_eval")
 #: the table's column of each searched method
-LABELS = {"greedy_plan": "greedy plan (1 eval)", "best_start": "best start", "greedy": "greedy",
+LABELS = {"greedy_plan": "greedy plan (1 eval)", "best_uniform": "best uniform rule", "best_start": "best start", "greedy": "greedy",
           "evolution": "evolution", "rl_eval": "RL (rl_eval)"}
 #: what the table runs without --methods (rl_eval with --rl-eval)
-DEFAULT_METHODS = ("greedy_plan", "best_start", "greedy", "evolution")
+DEFAULT_METHODS = ("greedy_plan", "best_uniform", "best_start", "greedy", "evolution")
 
 
 def menu_of(preset_name: str, menu: str = "default") -> str | None:

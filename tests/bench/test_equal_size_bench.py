@@ -43,7 +43,7 @@ def test_equal_size_table_on_stories260k(stories_bin, tmp_path, capsys):
     rows = {r["method"]: r for r in bench.bq.load_rows(tmp_path) if r.get("budget_preset") == "gptq-w4"}
     human = rows["preset:gptq-w4"]
     assert human["bpw"] == pytest.approx(bpw) and human["budget"] == pytest.approx(bpw)
-    for method in ("greedy_plan", "best_start", "greedy", "evolution"):
+    for method in ("greedy_plan", "best_uniform", "best_start", "greedy", "evolution"):
         assert rows[method]["bpw"] <= bpw + 1e-9  # searched at the preset's own size
         ratio = rows[method]["held_kl"] / human["held_kl"]
         cell = re.search(rf"\({ratio:.3g}, (\*\*worse\*\*|better|equal)\)", row)
@@ -51,9 +51,12 @@ def test_equal_size_table_on_stories260k(stories_bin, tmp_path, capsys):
         assert (cell.group(1) == "**worse**") == (ratio > 1)
     # the preset is one of the best start's candidates: on the calibration tokens it is no worse
     assert rows["best_start"]["kl"] <= human["kl"] and rows["best_start"]["evals"] > 1
+    # the best uniform menu rule is one uniform rule, and one of the best start's candidates
+    assert len(rows["best_uniform"]["rule"]) == 1 and rows["best_start"]["kl"] <= rows["best_uniform"]["kl"]
     # one calibration sequence of the four was held back; greedy picked its recipe on it
     assert rows["greedy"]["validation_kl"] is not None and rows["greedy"]["validations"] >= 1
-    assert "| greedy plan (1 eval) KL / ppl (ratio) | best start KL / ppl (ratio) | greedy KL" in text
+    assert "| greedy plan (1 eval) KL / ppl (ratio) | best uniform rule KL / ppl (ratio) | best start KL / ppl " \
+        "(ratio) | greedy KL" in text
 
 
 def test_unknown_preset_is_one_line(tmp_path, capsys):
