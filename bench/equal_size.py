@@ -61,8 +61,8 @@ PRESETS: tuple[str, ...] = ("gptq-w3", "gptq-w4", "awq-w3", "awq-w4", "q3_k_m-im
 TINYSTORIES_CALIB_SHARE = 0.6
 SEARCHED = ("greedy_plan", "best_uniform", "best_start", "greedy", "evolution", "rl_eval")
 #: the table's column of each searched method
-LABELS = {"greedy_plan": "greedy plan (1 eval)", "best_uniform": "best uniform rule", "best_start": "best start", "greedy": "greedy",
-          "evolution": "evolution", "rl_eval": "RL (rl_eval)"}
+LABELS = {"greedy_plan": "greedy plan (1 eval)", "best_uniform": "best uniform rule", "best_start": "best start",
+          "greedy": "greedy", "evolution": "evolution", "rl_eval": "RL (rl_eval)"}
 #: what the table runs without --methods (rl_eval with --rl-eval)
 DEFAULT_METHODS = ("greedy_plan", "best_uniform", "best_start", "greedy", "evolution")
 
