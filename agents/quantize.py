@@ -15,7 +15,8 @@ human baselines that bracket the budget on the same tokens, and writes into ``DI
   :mod:`qenv.export_gguf`).
 
 ``--runtime`` picks it (default: ``gguf`` for the gguf menu, else ``transformers``). With a searcher
-and the transformers runtime, the search runs on the packable rules of the default menu
+and the transformers runtime, the search runs on the packable rules of the default menu, or with
+``--menu learned`` of the default menu plus the learned-rounding rules (GPTQ's storage, so they pack)
 (:func:`packable_menu`: no fp16 outliers, which the format cannot hold; no AWQ, whose scale cannot
 fold before o_proj when value heads are shared; groups that divide every row), so the file is what
 was scored. A policy acts on its own run's menu (AWQ scales are folded where they can be); a recipe
@@ -43,6 +44,8 @@ from qenv.errors import QenvError
 
 RUNTIMES: tuple[str, ...] = ("auto", "transformers", "gguf")
 SEARCH_AGENTS: tuple[str, ...] = ("greedy", "evolution")
+#: the named menus a search can run on (``qenv.envs.spaces.MENUS`` less ``compact``, the old short menu)
+SEARCH_MENUS: tuple[str, ...] = ("default", "learned", "gguf")
 DEFAULT_SEARCH_EVALS = 16
 DEFAULT_N_TOKENS = 256
 DEFAULT_SEQ_LEN = 128
@@ -56,6 +59,7 @@ examples:
   python -m qenv quantize --model default --budget-bpw 4.0 --out quantized/
   python -m qenv quantize --model tiny-llama --budget-bpw 3.5 --agent evolution --out q/
   python -m qenv quantize --model default --budget-bpw 4.5 --menu gguf --out q-gguf/
+  python -m qenv quantize --model default --budget-bpw 3.2 --menu learned --out q-learned/
   python -m qenv quantize --model default --budget-bpw 4.0 --policy runs/x/model.zip --out q/
 
 Errors print one line, 'error: <problem> Fix: <fix>', and exit with status 2.
@@ -74,8 +78,10 @@ def build_parser() -> ArgumentParser:
     who.add_argument("--agent", choices=SEARCH_AGENTS, help="searcher that finds the recipe (default: greedy)")
     who.add_argument("--policy", metavar="PATH", help="a trained policy (runs/<run>/model.zip, or qenv:transfer, shipped with qenv): its deterministic "
                                                       "rollout is the recipe, on its run's menu and settings")
-    p.add_argument("--menu", choices=("default", "gguf"),
-                   help="rule menu of the search (default: the policy's run's, else 'default')")
+    p.add_argument("--menu", choices=SEARCH_MENUS,
+                   help="rule menu of the search: default, learned (the default menu plus learned-rounding rules "
+                        "w2-w4, GPTQ's size; slower to build) or gguf (llama.cpp's types) (default: the "
+                        "policy's run's, else 'default')")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="what the deployable file is for: transformers (packed checkpoint), gguf (llama.cpp), or "
                         "auto: gguf for the gguf menu, else transformers (default: %(default)s)")
@@ -111,8 +117,9 @@ def budget_bpw(text: str) -> float:
     return value
 
 
-def packable_menu(layers: list[Any]) -> tuple[list[Any], str]:
-    """The default menu's rules a packed checkpoint holds as measured on every layer of a model, and
+def packable_menu(layers: list[Any], menu: str = "default") -> tuple[list[Any], str]:
+    """The rules of the named ``menu`` (``default`` or ``learned``) that a packed checkpoint holds as
+    measured on every layer of a model, and
     what was changed: no fp16 outliers, no AWQ scale (o_proj's folds only without GQA, and a menu is
     the same for every layer), and groups that divide every layer's input
     width (compressed-tensors' groups must): a rule's group becomes the widest of qenv's group
@@ -121,7 +128,7 @@ def packable_menu(layers: list[Any]) -> tuple[list[Any], str]:
     import math
     from dataclasses import replace
 
-    from qenv.envs.spaces import DEFAULT_MENU
+    from qenv.envs.spaces import MENUS
     from qenv.quant.rules import ALLOWED_GROUP_SIZES
 
     def divides(group: int) -> bool:  # the quantizer's group on a row narrower than it is the whole row
@@ -131,7 +138,7 @@ def packable_menu(layers: list[Any]) -> tuple[list[Any], str]:
     for info in layers:
         width = math.gcd(width, int(info.in_features))
     rules, changed = [], {}
-    for rule in DEFAULT_MENU:
+    for rule in MENUS[menu]:
         if rule.act_scale > 0 or rule.outlier_fraction > 0:
             continue
         group = rule.group_size
@@ -141,7 +148,7 @@ def packable_menu(layers: list[Any]) -> tuple[list[Any], str]:
         rule = replace(rule, group_size=group)
         if rule not in rules:
             rules.append(rule)
-    note = "searched on the default menu's packable rules (no AWQ, no fp16 outliers)"
+    note = f"searched on the {menu} menu's packable rules (no AWQ, no fp16 outliers)"
     if changed:
         note += "; groups " + ", ".join(f"of {a} -> {'one per row' if b == -1 else f'of {b}'}" for a, b in changed.items()) \
             + f" to divide every layer's input width (their gcd is {width})"
@@ -402,9 +409,11 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
         if menu_name == "gguf":
             kwargs["menu"] = "gguf"
         elif runtime == "transformers":
-            menu_rules, menu_note = packable_menu(list(loaded.layers))
+            menu_rules, menu_note = packable_menu(list(loaded.layers), menu_name)
             kwargs["menu"] = [r.to_dict() for r in menu_rules]
             notes.append(menu_note)
+        elif menu_name != "default":
+            kwargs["menu"] = menu_name
     kwargs.update(budget_bpw=budget, seed=args.seed)
     for key, value, default in (("n_tokens", args.n_tokens, DEFAULT_N_TOKENS), ("seq_len", args.seq_len, DEFAULT_SEQ_LEN)):
         kwargs[key] = value if value is not None else kwargs.get(key, default)

@@ -53,8 +53,8 @@ human points themselves and do not search.
 **The final pick on tokens the search did not fit** (issue 24 item 6). With ``validation_fraction > 0``
 the env holds that share of its calibration sequences back (``task.validation_tokens``: never in an
 episode, a screening or GPTQ/AWQ's calibration). At the end of each ``learn`` a searcher compares its
-finalists (:meth:`Searcher._finalists`: the best ``finalists`` recipes by calibration reward; greedy
-adds its best start and its proxy plan) by KL on the held-back tokens
+finalists (:meth:`Searcher._finalists`: the best ``finalists`` recipes by calibration reward and the
+best start; greedy adds its proxy plan) by KL on the held-back tokens
 (:meth:`Searcher._pick_on_validation`, one helper for all) and returns the lowest, so that the pick is
 not the recipe that best fits the tokens it was tuned on (at 4 bits a search fits 2048 calibration
 tokens rather than the model). These validation evaluations (``validations``; a fraction of the
@@ -317,9 +317,14 @@ class Searcher:
 
     def _finalists(self) -> list[tuple[int, ...]]:
         """The recipes the final pick compares: the ``finalists`` best fully evaluated by calibration
-        reward (ties: the first evaluated). Searchers add the recipes they must never lose to."""
+        reward (ties: the first evaluated), then the best start, which a search must never lose to on
+        the validation tokens either: the recipes a search tuned past it fit the calibration tokens and
+        can be worse than it on tokens they did not see (evolution on stories260K at gptq-w3's size,
+        learned menu: four finalists, all below the start on calibration and above it on validation).
+        Searchers add other recipes they must never lose to."""
         order = sorted(self._played, key=lambda key: -self._seen[key])  # a stable sort: ties keep their order
-        return order[:self.finalists]
+        start = [] if self.start is None else [self.start.candidate.choice]
+        return list(dict.fromkeys(order[:self.finalists] + start))
 
     def validation_kl(self, choice: tuple[int, ...]) -> float:
         """KL of an evaluated recipe (as it was played) on the task's validation tokens (cached)."""
@@ -874,9 +879,8 @@ class GreedySearch(Searcher):
 
     def _finalists(self) -> list[tuple[int, ...]]:
         """The refined recipes (the best by calibration reward), the best start and greedy's proxy plan."""
-        extra = [] if self.start is None else [self.start.candidate.choice] + [
-            c.choice for c, _ in self.start.measured if c.label == "greedy plan"]
-        return super()._finalists() + extra
+        extra = [] if self.start is None else [c.choice for c, _ in self.start.measured if c.label == "greedy plan"]
+        return list(dict.fromkeys(super()._finalists() + extra))
 
     def _search(self) -> None:
         if not self._start():

@@ -469,6 +469,13 @@ def quality_job(cfg: dict[str, Any]) -> None:
         """The old one-evaluation greedy: the proxy plan (HAWQ-style on per-layer errors), measured."""
         return {**measure(task, held, task.plan_recipe(task.greedy_plan(budget)), budget), "evals": 1}
 
+    def best_uniform() -> dict[str, Any]:
+        """The best uniform menu rule that fits (lowest calibration KL): the bar greedy must clear."""
+        agent = make_agent("uniform", env, seed=0)
+        recipe, _ = agent.search(env)
+        return {**measure(task, held, recipe, budget), "evals": agent.evaluations,
+                "rule": sorted({rule.label() for rule in recipe.values()})}
+
     def best_start() -> dict[str, Any]:
         """The best measured of greedy's plan, the presets and uniform rules that fit (the RL kinds' anchor)."""
         start = task.start_plan(budget)
@@ -579,6 +586,8 @@ def quality_job(cfg: dict[str, Any]) -> None:
         unit("llamacpp", None, llamacpp)
     if "greedy_plan" in only:
         unit("greedy_plan", None, greedy_plan)
+    if "best_uniform" in only:
+        unit("best_uniform", None, best_uniform)
     if "best_start" in only:
         unit("best_start", None, best_start)
     if "greedy" in only:

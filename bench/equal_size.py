@@ -8,6 +8,8 @@ and the rows (``--methods``) are:
 
 - the preset itself;
 - ``greedy_plan``: the old one-evaluation greedy (HAWQ-style on the per-layer proxy), measured;
+- ``best_uniform``: the uniform menu rule that fits with the lowest calibration KL (the bar greedy
+  must clear: the issue's "greedy is never worse than the best uniform menu rule");
 - ``best_start``: the best measured of greedy's plan, the presets the menu expresses and the uniform
   rules that fit (``ModelTask.start_plan``: where every search and the plan-based RL kinds start);
 - ``greedy``: greedy refined by end-to-end measurement from the best start (``--evaluations``);
@@ -26,8 +28,10 @@ every recipe is scored on held-out text: KL to the full-precision model and perp
 searched held-out KL / preset held-out KL: below 1 the searched recipe is better; every cell where
 it is worse says so.
 
-Each (model, preset) is one ``bench_quality.quality_job`` (its env, evaluator, methods and rows),
-run here in one process, one after the other, so that the presets of one model share its task.
+Each (model, size) is one ``bench_quality.quality_job`` (its env, evaluator, methods and rows),
+run here in one process, one after the other. Presets of equal bpw on a model (gptq-w3 and awq-w3
+store the same bits) share one job: their searches are the same work, so they run once and the
+table compares them with each preset.
 
     python bench/equal_size.py --models stories260K default --out /tmp/equal --seeds 0 1 2
     python bench/equal_size.py --budget-bpw gptq-w3 gptq-w4 --evaluations 32 --seeds 0 --device cpu \
@@ -55,12 +59,12 @@ import bench_quality as bq  # noqa: E402  (puts the repo on sys.path too)
 PRESETS: tuple[str, ...] = ("gptq-w3", "gptq-w4", "awq-w3", "awq-w4", "q3_k_m-im", "q4_k_m-im", "iq3_xxs-im")
 #: share of the TinyStories validation stories used for calibration (the rest is held out)
 TINYSTORIES_CALIB_SHARE = 0.6
-SEARCHED = ("greedy_plan", "best_start", "greedy", "evolution", "rl_eval")
+SEARCHED = ("greedy_plan", "best_uniform", "best_start", "greedy", "evolution", "rl_eval")
 #: the table's column of each searched method
-LABELS = {"greedy_plan": "greedy plan (1 eval)", "best_start": "best start", "greedy": "greedy",
-          "evolution": "evolution", "rl_eval": "RL (rl_eval)"}
+LABELS = {"greedy_plan": "greedy plan (1 eval)", "best_uniform": "best uniform rule", "best_start": "best start",
+          "greedy": "greedy", "evolution": "evolution", "rl_eval": "RL (rl_eval)"}
 #: what the table runs without --methods (rl_eval with --rl-eval)
-DEFAULT_METHODS = ("greedy_plan", "best_start", "greedy", "evolution")
+DEFAULT_METHODS = ("greedy_plan", "best_uniform", "best_start", "greedy", "evolution")
 
 
 def menu_of(preset_name: str, menu: str = "default") -> str | None:
@@ -91,6 +95,22 @@ def text_split(model: dict[str, str], data_dir: Path, work: Path) -> tuple[str, 
     return str(calib), str(held)
 
 
+def same_size_groups(model: dict[str, str], presets: list[str], menu: str) -> list[list[str]]:
+    """The presets grouped by (exact bpw on this model, searchers' menu), in the order given.
+
+    gptq-w3 and awq-w3 store the same codes, scales and zero points, so their budgets are equal to
+    the bit: one job measures both presets against one set of searches (the searches at equal budget,
+    menu and seed are the same work), which halves the table's cost."""
+    from qenv.models.loading import load_model
+    from qenv.quant.presets import resolve_budget
+
+    layers = load_model(model["spec"], device="cpu").layers
+    groups: dict[tuple[float, str | None], list[str]] = {}
+    for name in presets:
+        groups.setdefault((resolve_budget(name, layers)[0], menu_of(name, menu)), []).append(name)
+    return list(groups.values())
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (model, preset) job; returns the rows they recorded."""
     out = Path(args.out).resolve()
@@ -101,15 +121,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for entry in args.models:
         model = bq.resolve_model(entry, data_dir)
         model["calib"], model["held"] = text_split(model, data_dir, out / "work")
-        for name in args.presets:
-            cfg = {"model": model, "budget": name, "presets": [name], "methods": methods, "menu": menu_of(name, args.menu),
+        for names in same_size_groups(model, args.presets, args.menu):
+            name = names[0]
+            cfg = {"model": model, "budget": name, "presets": names, "methods": methods, "menu": menu_of(name, args.menu),
                    "deadline": deadline, "out": str(out), "data_dir": str(data_dir), "n_tokens": args.n_tokens,
                    "seq_len": args.seq_len, "batch_size": args.batch_size, "held_tokens": args.held_tokens,
                    "device": args.device, "dtype": "float32", "cache_dir": str(Path(args.cache_dir or out / "cache")),
                    "seeds": args.seeds, "episodes": args.evaluations, "threads": 1, "rl_agent": args.rl_agent,
                    "action_kind": args.action_kind, "rl_eval_points": args.rl_eval_points,
                    "validation_fraction": args.validation_fraction}
-            bq.log(f"{model['name']} at {name}'s size ({menu_of(name, args.menu) or 'default'} menu)")
+            bq.log(f"{model['name']} at {' and '.join(names)}'s size ({menu_of(name, args.menu) or 'default'} menu)")
             bq.quality_job(cfg)
     return bq.load_rows(out)
 
@@ -142,36 +163,41 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append("| preset (its bpw) | menu | preset KL / ppl | "
                      + " | ".join(f"{LABELS[m]} KL / ppl (ratio)" for m in shown) + " | best searched |")
         lines.append("|---|---|---|" + "---|" * len(shown) + "---|")
-        for (m, name), cell in cells.items():
+        for (m, budget_name), cell in cells.items():
             if m != model:
                 continue
-            human = (cell["rows"].get(f"preset:{name}") or [{}])[0]
-            if "held_kl" not in human:
-                lines.append(f"| {name} ({cell['bpw']:.3f}) | {cell.get('meta', {}).get('menu') or menu_of(name) or 'default'} | failed: "
-                             f"{human.get('error', 'no row')} |" + " |" * len(shown) + " |")
-                continue
-            texts, best = [], None
-            for method in shown:
-                runs = [r for r in cell["rows"].get(method, []) if "held_kl" in r]
-                if not runs:
-                    errors = [r.get("error") for r in cell["rows"].get(method, []) if r.get("error")]
-                    texts.append(f"failed: {errors[0][:60]}" if errors else "—")
-                    continue
-                kl, ppl = _mean([r["held_kl"] for r in runs]), _mean([r["ppl"] for r in runs])
-                ratio = kl[0] / human["held_kl"] if human["held_kl"] > 0 else math.inf
-                spread = f" ± {bq.fmt_num(kl[1], 2)}" if len(runs) > 1 else ""
-                verdict = "**worse**" if ratio > 1 else "better" if ratio < 1 else "equal"
-                over = " **over budget**" if any(r.get("over_budget") for r in runs) else ""
-                texts.append(f"{bq.fmt_num(kl[0])}{spread} / {ppl[0]:.2f} ({ratio:.3g}, {verdict}){over}")
-                if method in ("greedy", "evolution", "rl_eval") and (best is None or ratio < best[1]):
-                    best = (method, ratio)
-            best_text = "—" if best is None else (f"{best[0]} {best[1]:.3g}" + (
-                " — **worse than the preset**" if best[1] > 1 else ""))
-            lines.append(f"| {name} ({cell['bpw']:.3f}) | {cell.get('meta', {}).get('menu') or menu_of(name) or 'default'} | "
-                         f"{bq.fmt_num(human['held_kl'])} / {human['ppl']:.2f} | " + " | ".join(texts)
-                         + f" | {best_text} |")
+            for name in [k.split(":", 1)[1] for k in cell["rows"] if k.startswith("preset:")] or [budget_name]:
+                lines.append(_preset_line(name, cell, shown))
         lines.append("")
     return "\n".join(lines)
+
+
+def _preset_line(name: str, cell: dict[str, Any], shown: list[str]) -> str:
+    """One table row: a preset and, as ratios to its held-out KL, the searches at its size."""
+    menu = cell.get("meta", {}).get("menu") or menu_of(name) or "default"
+    human = (cell["rows"].get(f"preset:{name}") or [{}])[0]
+    if "held_kl" not in human:
+        return (f"| {name} ({cell['bpw']:.3f}) | {menu} | failed: {human.get('error', 'no row')} |"
+                + " |" * len(shown) + " |")
+    texts, best = [], None
+    for method in shown:
+        runs = [r for r in cell["rows"].get(method, []) if "held_kl" in r]
+        if not runs:
+            errors = [r.get("error") for r in cell["rows"].get(method, []) if r.get("error")]
+            texts.append(f"failed: {errors[0][:60]}" if errors else "—")
+            continue
+        kl, ppl = _mean([r["held_kl"] for r in runs]), _mean([r["ppl"] for r in runs])
+        ratio = kl[0] / human["held_kl"] if human["held_kl"] > 0 else math.inf
+        spread = f" ± {bq.fmt_num(kl[1], 2)}" if len(runs) > 1 else ""
+        verdict = "**worse**" if ratio > 1 else "better" if ratio < 1 else "equal"
+        over = " **over budget**" if any(r.get("over_budget") for r in runs) else ""
+        texts.append(f"{bq.fmt_num(kl[0])}{spread} / {ppl[0]:.2f} ({ratio:.3g}, {verdict}){over}")
+        if method in ("greedy", "evolution", "rl_eval") and (best is None or ratio < best[1]):
+            best = (method, ratio)
+    best_text = "—" if best is None else (f"{best[0]} {best[1]:.3g}" + (
+        " — **worse than the preset**" if best[1] > 1 else ""))
+    return (f"| {name} ({cell['bpw']:.3f}) | {menu} | {bq.fmt_num(human['held_kl'])} / {human['ppl']:.2f} | "
+            + " | ".join(texts) + f" | {best_text} |")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -418,3 +418,32 @@ def test_an_awq_scale_that_cannot_fold_is_named(tmp_path) -> None:
     assert "model.layers.0.self_attn.o_proj" in message and "GQA" in message
     assert "model.layers.1.self_attn.q_proj" in message and "another scale" in message
     assert "model.layers.0.self_attn.q_proj" not in message and "down_proj" not in message
+
+
+# -- --menu learned: the learned-rounding rules reach the command, and their codes pack exactly ----------
+def test_the_learned_menu_packs_its_learned_rules() -> None:
+    from types import SimpleNamespace
+
+    from qenv.agents.quantize import packable_menu
+    from qenv.envs.spaces import LEARNED_RULES
+
+    default, _ = packable_menu([SimpleNamespace(in_features=w) for w in (128, 384)])
+    learned, note = packable_menu([SimpleNamespace(in_features=w) for w in (128, 384)], "learned")
+    assert learned[:len(default)] == default and set(LEARNED_RULES) <= set(learned)
+    assert "learned menu's packable rules" in note
+
+
+def test_quantize_on_the_learned_menu_writes_what_it_scored(tmp_path, capsys) -> None:
+    from qenv.agents.quantize import packable_menu
+    from qenv.export_packed import packed_kl
+    from qenv.models.loading import load_model
+
+    out = tmp_path / "out"
+    assert quantize("--model", "tiny-llama", "--budget-bpw", "3.3", "--menu", "learned", "--out", str(out)) == 0
+    assert "(learned menu)" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["menu"] == "learned" and results["check"]["kl_to_scored"] <= 1e-3
+    recipe = Recipe.load(out / "recipe.json")
+    menu, _ = packable_menu(list(load_model("tiny-llama", device="cpu").layers), "learned")
+    assert set(recipe.values()) <= set(menu) and any(r.rounding == "learned" for r in recipe.values())
+    assert packed_kl(out / "model", tiny_task().evaluator, recipe, max_batches=None) <= 1e-3

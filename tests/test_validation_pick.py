@@ -56,3 +56,17 @@ def test_searches_return_the_finalist_with_the_lowest_validation_kl(held):
         calibration_best = max(agent._seen, key=agent._seen.get)
         moved += best != calibration_best
     assert moved >= 1
+
+
+def test_a_search_never_picks_worse_on_validation_than_its_best_start(held):
+    """The best start is always a finalist of the final pick: a search whose calibration best fits the
+    tokens it tuned on returns the best start rather than a recipe worse than it on held-back tokens."""
+    for name in ("evolution",):  # (random search rarely moves past its start in a few evaluations)
+        agent = make_agent(name, held, seed=0)
+        agent.finalists = 1  # only the calibration best besides the start: the start must still be compared
+        _, info = agent.search(total_timesteps=48 * agent.n_layers)
+        start = agent.start.candidate.choice
+        assert max(agent._seen, key=agent._seen.get) != start, name  # the search moved past its start
+        assert start in agent._finalists(), name
+        assert info["validation_kl"] <= agent.validation_kl(start), name
+        assert any(row["validation_kl"] == agent.validation_kl(start) for row in info["validation_finalists"])
