@@ -44,6 +44,19 @@ DEFAULT_EVAL_MODELS: tuple[str, ...] = (str(REPO_ROOT.parent / "shared" / "data"
 DEFAULT_HELD_OUT = REPO_ROOT.parent / "shared" / "data" / "tinystories" / "TinyStories-valid-first1000.txt"
 
 
+def budget_arg(text: str) -> float | str:
+    """An ``--eval-budgets`` value: a number of bits per weight, or a preset's name (eval_agent.py checks it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def budget_text(budget: float | str) -> str:
+    """A budget as eval_agent.py's ``--budget-bpw`` takes it: ``3``, ``3.5`` or ``gptq-w3``."""
+    return f"{budget:g}" if isinstance(budget, float) else str(budget)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="transfer", help="the policy's name: qenv:<name> (default: %(default)s)")
@@ -62,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-models", nargs="*", metavar="SPEC",
                    help="models outside the zoo for the zero-shot table (default: stories260K.bin, tiny-gpt2, "
                         "tiny-phi3; none: no table)")
-    p.add_argument("--eval-budgets", nargs="+", type=float, default=(3.0, 4.0), metavar="B")
+    p.add_argument("--eval-budgets", nargs="+", type=budget_arg, default=(3.0, 4.0), metavar="B",
+                   help="budgets of the zero-shot table: bits per weight, or a human preset's name (gptq-w3: "
+                        "that preset's exact bpw on each model, as eval_agent.py --budget-bpw takes it)")
     p.add_argument("--eval-data", type=Path, default=DEFAULT_HELD_OUT,
                    help="held-out text the zero-shot table is scored on (default: TinyStories valid)")
     p.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens per model (default: %(default)s)")
@@ -170,8 +185,8 @@ def zero_shot(args: argparse.Namespace, policy: Path, workdir: Path) -> dict[str
 
     rows = []
     for budget in args.eval_budgets:
-        out = workdir / f"eval-{budget:g}"
-        argv = [str(REPO_ROOT / "eval_agent.py"), "--policy", str(policy), "--budget-bpw", f"{budget:g}",
+        out = workdir / f"eval-{budget_text(budget)}"
+        argv = [str(REPO_ROOT / "eval_agent.py"), "--policy", str(policy), "--budget-bpw", budget_text(budget),
                 "--searchers", "greedy,uniform", "--data", str(args.eval_data), "--n-tokens", str(args.eval_tokens),
                 "--threads", str(args.threads), "--out", str(out), "--no-progress"]
         for model in args.eval_models:
@@ -202,11 +217,12 @@ def zero_shot(args: argparse.Namespace, policy: Path, workdir: Path) -> dict[str
                 f"{Path(args.eval_data).name} (calibration: tokens sampled from each model; a model without a tokenizer "
                 "is scored on its calibration tokens, as the row's scored_on says), by eval_agent.py."),
         "command": "; ".join(f"python eval_agent.py --policy qenv:{args.name} " + " ".join(f"--model {m}" for m in shown)
-                             + f" --budget-bpw {b:g} --searchers greedy,uniform --data {Path(args.eval_data).name} "
+                             + f" --budget-bpw {budget_text(b)} --searchers greedy,uniform --data {Path(args.eval_data).name} "
                                f"--n-tokens {args.eval_tokens}" for b in args.eval_budgets),
         "rows": rows,
         "verdict": (f"Better than greedy in {wins('greedy_kl')} cells, than the best start in {wins('best_start_kl')}, "
-                    f"than the GPTQ frontier at its own bpw in {wins('gptq_frontier_kl')}."),
+                    f"than the GPTQ frontier at its own bpw in {wins('gptq_frontier_kl')}, than the AWQ frontier in "
+                    f"{wins('awq_frontier_kl')}."),
     }
 
 

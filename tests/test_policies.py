@@ -146,7 +146,7 @@ def rebuilt(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("policy")
     code = run_main(script, ["--models", "tiny-llama", "tiny-qwen2", "--timesteps", 64, "--n-tokens", 128,
                              "--seq-len", 32, "--budget-range", 2.5, 4.0, "--eval-models", "tiny-gpt2",
-                             "--eval-budgets", 3.0, "--eval-tokens", 128, "--out", out, "--name", "mini",
+                             "--eval-budgets", "gptq-w3", "--eval-tokens", 128, "--out", out, "--name", "mini",
                              "--workdir", tmp_path_factory.mktemp("work")])
     assert code == 0
     return out
@@ -161,9 +161,11 @@ def test_the_script_rebuilds_a_policy_that_loads_and_plays(rebuilt, tmp_path, ca
     assert card["budget_range"] == [2.5, 4.0] and card["config"]["env_kwargs"]["budget_range"] == [2.5, 4.0]
     assert "train_transfer_policy.py" in card["command"] and card["git_commit"]
     row = card["zero_shot"]["rows"][0]
-    assert row["model"] == "tiny-gpt2" and row["status"] == "zero-shot" and row["budget"] == 3.0
-    assert row["policy_bpw"] <= 3.0 + 1e-9 and row["greedy_kl"] > 0 and row["gptq_frontier_kl"] > 0
-    assert "| tiny-gpt2 | 3 |" in (rebuilt / "mini.md").read_text()
+    # a preset's name is a budget too (its exact bpw on each model), as eval_agent.py --budget-bpw takes it
+    assert row["model"] == "tiny-gpt2" and row["status"] == "zero-shot" and row["budget"] == "gptq-w3"
+    assert 3.0 <= row["policy_bpw"] <= 3.26 and row["greedy_kl"] > 0 and row["gptq_frontier_kl"] > 0
+    assert row["awq_frontier_kl"] > 0 and "AWQ frontier in" in card["zero_shot"]["verdict"]
+    assert "| tiny-gpt2 | gptq-w3 |" in (rebuilt / "mini.md").read_text()
     play(rebuilt / "mini.zip", "falcon")
     # the zip with its card beside it is a --policy too: the card says it was trained on tiny-llama
     code = run_main(eval_agent, ["--policy", rebuilt / "mini.zip", "--model", "tiny-llama", "--budget-bpw", 3.5,

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 from gymnasium import spaces
 
-from qenv.envs.allocation import fill_budget, greedy_allocation
+from qenv.envs.allocation import fill_budget, project_preferences
 from qenv.envs.episode import EpisodeState
 from qenv.envs.spaces import RELATIVE_DELTAS, RESIDUAL_SHIFTS
 from qenv.errors import QenvError
@@ -205,8 +205,8 @@ class ResidualKind(RelativeKind):
 class AllocationKind(ActionKind):
     """A preference in [-1, 1] per layer; after the last layer a projection turns them into a recipe
     within the budget: the moves the preferences make in greedy's plan (greedy on the
-    preference-weighted sensitivities), applied to the best start. All-zero preferences play the
-    best start."""
+    preference-weighted sensitivities), applied to the best start, and the bits left spent on the
+    layers it favours. All-zero preferences play the best start."""
 
     family = "continuous"
     maskable = False
@@ -223,31 +223,13 @@ class AllocationKind(ActionKind):
         return state.mapper.rules[choice], choice, 0.0, {}
 
     def finish(self, state: EpisodeState) -> None:
-        """The projection, anchored at the best start (``state.plan``). Greedy on the sensitivities
-        weighted by exp(3·preference), filled, is compared with greedy on the plain ones, filled: on
-        each layer where the preferences changed greedy's rule, the best start's rule moves by the
-        bits greedy's moved (the most accurate rule at or under the start's bits plus that change,
-        as the relative kind picks). Moves that break the budget are undone, weakest preference
-        first. Preferences that change nothing in greedy's plan (p = 0 everywhere, or all equal)
-        give the best start itself."""
+        """The projection, anchored at the best start (``state.plan``):
+        :func:`~qenv.envs.allocation.project_preferences` of the episode's preferences (all-zero
+        preferences give the best start itself)."""
         task = state.task
         assert state.plan is not None
-        prefs = np.asarray(state.preferences, dtype=np.float64)
-        costs, sens = task.costs, task.menu_sensitivity()
-        weighted = sens * np.exp(3.0 * prefs)[:, None]
-        tilted = fill_budget(costs, weighted, greedy_allocation(costs, weighted, state.budget_bits), state.budget_bits)
-        base = fill_budget(costs, sens, task.greedy_plan(state.budget_bpw), state.budget_bits)
-        choice = np.array(state.plan, dtype=np.int64)
-        rows = np.arange(len(task.layers))
-        moved = np.flatnonzero(tilted != base)
-        for i in moved:
-            target = costs[i, choice[i]] + costs[i, tilted[i]] - costs[i, base[i]]
-            ok = np.flatnonzero(costs[i] <= target + 1e-9)
-            choice[i] = int(ok[np.argmin(sens[i, ok])]) if ok.size else int(np.argmin(costs[i]))
-        for i in sorted(moved, key=lambda i: (abs(prefs[i]), i)):  # over the budget: weakest preference undone first
-            if costs[rows, choice].sum() <= state.budget_bits + 1e-9:
-                break
-            choice[i] = state.plan[i]
+        choice = project_preferences(task.costs, task.menu_sensitivity(), state.plan, state.preferences,
+                                     state.budget_bits, base=task.greedy_plan(state.budget_bpw))
         state.allocation_choice = choice  # type: ignore[attr-defined]  # the menu index of each layer
         state.recipe = {}
         state.inherited = 0

@@ -238,14 +238,17 @@ def render_card(card: Mapping[str, Any]) -> str:
     else:
         lines += [str(zero.get("how", "")), "", "```bash", str(zero.get("command", "")).replace("; ", "\n"), "```", "",
                   "| model | budget | scored on | policy KL (bpw) | greedy KL | vs greedy | best start KL | vs best start | "
-                  "GPTQ frontier at its bpw | vs GPTQ |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "GPTQ frontier at its bpw | vs GPTQ | AWQ frontier at its bpw | vs AWQ |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in zero["rows"]:
             scored = "held-out text" if str(r.get("scored_on", "")).startswith("held-out") else "calibration tokens"
-            lines.append(f"| {r['model']} | {r['budget']:g} | {scored} | {_num(r.get('policy_kl'))} "
+            budget = f"{r['budget']:g}" if isinstance(r.get("budget"), (int, float)) else str(r.get("budget"))
+            lines.append(f"| {r['model']} | {budget} | {scored} | {_num(r.get('policy_kl'))} "
                          f"({_num(r.get('policy_bpw'), 3)}) "
                          f"| {_num(r.get('greedy_kl'))} | {_verdict(r.get('greedy_kl'), r.get('policy_kl'))} "
                          f"| {_num(r.get('best_start_kl'))} | {_verdict(r.get('best_start_kl'), r.get('policy_kl'))} "
-                         f"| {_num(r.get('gptq_frontier_kl'))} | {_verdict(r.get('gptq_frontier_kl'), r.get('policy_kl'))} |")
+                         f"| {_num(r.get('gptq_frontier_kl'))} | {_verdict(r.get('gptq_frontier_kl'), r.get('policy_kl'))} "
+                         f"| {_num(r.get('awq_frontier_kl'))} | {_verdict(r.get('awq_frontier_kl'), r.get('policy_kl'))} |")
         lines += ["", "Ratios are other KL / policy KL: above 1 the policy is better. " + str(zero.get("verdict", "")), ""]
     return "\n".join(lines) + "\n"
 
