@@ -131,8 +131,13 @@ def one_reader(path: str | Path) -> Iterator[None]:
     block the first reader of ``path`` is handed out again (a reader is read-only: a memory map and
     the parsed fields), and gguf-py's tensor-name map, which transformers rebuilds for each of the
     model's ~400 modules, is built once per (architecture, block count). Other files read as before.
+    Without gguf-py nothing is shared: the loader then refuses the file with its own one-line error.
     """
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
 
     key = _reader_key(path)
     original_reader, original_names = gguf.GGUFReader, gguf.get_tensor_name_map
