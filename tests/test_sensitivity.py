@@ -22,13 +22,15 @@ def evaluator() -> Evaluator:
     require(TINYSTORIES, "TinyStories text")
     loaded = load_model(STORIES_BIN)
     tokens = tokens_from_text(loaded.tokenizer, TINYSTORIES, n_tokens=256, seq_len=128)
-    return Evaluator(loaded, tokens, batch_size=8, cache_dir=None)
+    return Evaluator(loaded, tokens, batch_size=8, cache_dir=False)  # no disk cache: the table is computed here
 
 
-def test_error_table_is_the_formula_bit_for_bit(evaluator: Evaluator) -> None:
+def test_error_table_is_the_formula_with_each_norm_computed_once(evaluator: Evaluator) -> None:
     layers = evaluator.layers[:5]
     rules = [Rule(bits=3), Rule(bits=4, rounding="gptq"), Rule(bits=2, group_size=32)]
     table = sensitivity.rule_errors(evaluator, layers, rules)
+    # one norm per layer, kept for the evaluator's later tables
+    assert set(sensitivity._OUTPUT_NORMS[evaluator]) == {info.name for info in layers}
     for i, info in enumerate(layers):
         calib = evaluator.calibration_of(info.name)
         w = evaluator.weights.original(info.name).float()
