@@ -111,3 +111,46 @@ def test_stage_settings(env):
         make_agent("evolution", env, stages=((1.5, 2),))
     with pytest.raises(QenvError, match="population=0"):
         make_agent("evolution", env, population=0)
+
+
+@pytest.mark.slow  # extended tier: a greedy search and an evolution search
+def test_evolution_runs_greedy_first_and_never_ends_worse_on_its_calibration_tokens(env):
+    """Evolution spends the first part of its budget on greedy itself (the same code): every recipe
+    greedy evaluated, with the same reward, is among evolution's, greedy's result is its first parent,
+    and evolution's best on its own calibration tokens is at least greedy's; then it evolves further.
+    An evolution that started from the best start alone (the old design) fails the subset check."""
+    n = len(env.unwrapped.task.layers)
+    greedy = make_agent("greedy", env, seed=0).learn(64 * n)
+    for seed in (0, 1):
+        evo = make_agent("evolution", env, seed=seed).learn(64 * n)
+        assert evo.greedy_done and evo.greedy_pick == greedy._best_choice()
+        assert set(greedy._seen) <= set(evo._seen)
+        assert all(evo._seen[key] == value for key, value in greedy._seen.items())
+        assert evo.history[:len(greedy.history)] == greedy.history  # greedy's part, step for step
+        assert evo.evaluations > greedy.evaluations  # and then it evolved
+        assert evo.best_reward >= greedy.best_reward
+        assert evo.best_recipe == evo._played[evo._best_choice()][0]  # without validation: the calibration best
+
+
+@pytest.mark.slow  # extended tier: a greedy search and an evolution search
+def test_evolution_keeps_greedys_validation_pick_unless_beaten_by_the_margin(stories_bin, tmp_path_factory):
+    """With validation tokens held back, evolution returns greedy's own pick (same tokens; greedy is
+    deterministic) unless an evolved recipe is lower on the validation tokens by more than the margin:
+    with a margin of 99% it is exactly greedy's recipe, with none its validation KL is at most greedy's."""
+    loaded = load_model(str(stories_bin), device="cpu")
+    budget = bits_per_weight(loaded.layers, preset("gptq-w3", loaded.layers))
+    held = QuantLLMEnv(str(stories_bin), budget_bpw=budget, n_tokens=512, seq_len=64, batch_size=1, device="cpu",
+                       cache_dir=tmp_path_factory.mktemp("qenv-cache"), validation_fraction=0.5)
+    n = len(held.unwrapped.task.layers)
+    g_recipe, g_info = make_agent("greedy", held, seed=0).search(total_timesteps=128 * n)
+    kept = make_agent("evolution", held, seed=0, validation_margin=0.99)
+    recipe, info = kept.search(total_timesteps=128 * n)
+    assert kept.greedy_done and kept.evaluations > len(kept._greedy_finalists)
+    assert recipe == g_recipe and info["validation_kl"] == g_info["validation_kl"]
+    free = make_agent("evolution", held, seed=0, validation_margin=0.0)
+    _, info = free.search(total_timesteps=128 * n)
+    assert info["validation_kl"] <= g_info["validation_kl"]
+    evolved = [key for key in free._finalists() if key not in free._greedy_finalists]
+    assert evolved and all(key in free._validated for key in evolved)  # the evolved finalists were compared
+    with pytest.raises(QenvError, match="validation_margin"):
+        make_agent("evolution", held, validation_margin=1.0)
