@@ -131,6 +131,12 @@ class SB3Agent:
             if isinstance(exc, torch.OutOfMemoryError):
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if _trained_on_the_old_gguf_menu(env, first):
+                raise QenvError(f"The saved agent {file} was trained on menu='gguf' before Q6_K with the importance "
+                                "matrix joined it (18 rules, now 19), so its actions no longer name the same rules.",
+                                "train it again on menu='gguf' (its recipes, e.g. recipe.json, still load), or use "
+                                "a knob action kind (multidiscrete, continuous, rule), whose space did not change."
+                                ) from None
             raise QenvError(f"The saved agent {file} cannot be loaded as {cls.name} for this environment ({first}).",
                             "evaluate it with the agent that trained it (--agent) on an environment with the same "
                             "action_kind and menu it was trained with.") from None
@@ -344,6 +350,15 @@ def check_normalizer_state(state: Any, source: str | Path, size: int | None = No
     if not isinstance(state.get("norm_obs", True), bool):
         raise bad(f"norm_obs={state['norm_obs']!r} is not true or false")
     return state
+
+
+def _trained_on_the_old_gguf_menu(env: Any, error: str) -> bool:
+    """True when SB3 refused a discrete agent of the gguf menu's old size on an env of the gguf menu."""
+    from qenv.quant.gguf import OLD_MENU_SIZE
+
+    envs = getattr(env, "envs", None) or [env]  # a VecEnv holds its envs
+    rules = getattr(getattr(getattr(envs[0], "unwrapped", envs[0]), "mapper", None), "menu", None)
+    return bool(rules) and all(getattr(r, "gguf", None) for r in rules) and f"Discrete({OLD_MENU_SIZE})" in error
 
 
 def load_normalizer_state(vec: Any, state: dict[str, Any], source: str | Path = "vecnormalize.json") -> None:

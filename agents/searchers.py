@@ -567,7 +567,8 @@ class Searcher:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise QenvError(f"{path} was not written by a qenv searcher.", "pass the JSON written by searcher.save().")
         klass = SEARCHERS.get(str(data.get("agent")))
-        if klass is None or not issubclass(klass, cls):
+        # exactly the class asked for (evolution is a subclass of greedy, and its file is no greedy's)
+        if klass is None or not issubclass(klass, cls) or (cls is not Searcher and klass is not cls):
             raise QenvError(f"{path} holds a {data.get('agent')!r} searcher, not a {cls.name!r} one.",
                             f"load it with the {data.get('agent')!r} agent.")
         check_saved_searcher(data, path, klass)

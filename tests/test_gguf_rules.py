@@ -569,3 +569,33 @@ def test_programs_search_the_gguf_menu_and_export_model_gguf(stories_bin, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.gguf" in err[0]
     assert not (tmp_path / "sm").exists() and not (tmp_path / "e2").exists()
+
+
+def test_the_gguf_menu_holds_every_rule_of_llamacpps_mixes(stories_bin) -> None:
+    """Issue 24 item 5: every (type, importance matrix) rule a llama.cpp mix puts on a layer is on
+    ``menu="gguf"``, so a search there can return the mix itself (q4_k_m-im's Q6_K with the matrix
+    was missing, and the searched recipe lost to the mix on stories260K)."""
+    from qenv.envs.spaces import GGUF_MENU
+
+    for spec in (str(stories_bin), "default"):
+        layers = load_model(spec, device="cpu").layers
+        for mix in LLAMACPP_PRESETS:
+            missing = {r.label() for r in preset(mix, layers).values() if r not in GGUF_MENU}
+            assert not missing, (spec, mix, missing)
+    assert len(GGUF_MENU) == G.OLD_MENU_SIZE + 1 and Rule(gguf="Q6_K", imatrix=True) in GGUF_MENU
+
+
+def test_a_discrete_policy_of_the_old_gguf_menu_gets_one_line(stories_bin, tmp_path) -> None:
+    """A discrete agent trained on the 18-rule gguf menu (before Q6_K with the importance matrix joined)
+    is refused with one line that says so, not SB3's space mismatch."""
+    from qenv.agents import load_agent, make_agent
+    from qenv.envs.quant_llm import QuantLLMEnv
+    from qenv.envs.spaces import GGUF_MENU
+
+    old = [r.to_dict() for r in GGUF_MENU if r != Rule(gguf="Q6_K", imatrix=True)]
+    kw = {"budget_bpw": 7.6, "n_tokens": 128, "seq_len": 64, "device": "cpu", "cache_dir": str(tmp_path / "c")}
+    path = make_agent("ppo", QuantLLMEnv(str(stories_bin), menu=old, **kw), seed=0, n_steps=64,
+                      batch_size=32).save(tmp_path / "old")
+    with pytest.raises(QenvError, match="before Q6_K with the importance matrix") as err:
+        load_agent("ppo", path, env=QuantLLMEnv(str(stories_bin), menu="gguf", **kw))
+    assert "\n" not in str(err.value)

@@ -57,12 +57,19 @@ FALLBACK: dict[str, str] = {
     "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL",
     "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
 }
-#: the types of the env's ``menu="gguf"``
+#: the types of the env's ``menu="gguf"``: every (type, importance matrix) pair that llama.cpp's own
+#: mixes (:data:`qenv.quant.presets.LLAMACPP_PRESETS`) put on a layer, so that a search can return the
+#: human mix itself (issue 24 item 5). ``("Q6_K", True)`` (q4_k_m-im, q5_k_m-im and q6_k-im put Q6_K
+#: with the importance matrix on some layers) joined in issue 24; the menu had 18 rules before
 MENU_TYPES: tuple[tuple[str, bool], ...] = (
     ("IQ2_XS", True), ("IQ2_S", True), ("Q2_K", False), ("Q2_K", True), ("IQ3_XXS", True), ("IQ3_S", False),
     ("IQ3_S", True), ("Q3_K", False), ("Q3_K", True), ("IQ4_XS", False), ("IQ4_XS", True), ("IQ4_NL", True),
-    ("Q4_K", False), ("Q4_K", True), ("Q5_K", False), ("Q5_K", True), ("Q6_K", False), ("Q8_0", False),
+    ("Q4_K", False), ("Q4_K", True), ("Q5_K", False), ("Q5_K", True), ("Q6_K", False), ("Q6_K", True),
+    ("Q8_0", False),
 )
+#: the size of ``menu="gguf"`` before ``("Q6_K", True)`` joined: a discrete policy with this many
+#: actions on the gguf menu was trained on the old menu
+OLD_MENU_SIZE = 18
 
 
 def check_type(name: str) -> str:
