@@ -57,6 +57,7 @@ _TOL = 1e-9
 EXAMPLES = """\
 examples:
   python -m qenv quantize --model default --budget-bpw 4.0 --out quantized/
+  python -m qenv quantize --model default --budget-bpw gptq-w4 --out q4/   # uniform gptq-w4's own size
   python -m qenv quantize --model tiny-llama --budget-bpw 3.5 --agent evolution --out q/
   python -m qenv quantize --model default --budget-bpw 4.5 --menu gguf --out q-gguf/
   python -m qenv quantize --model default --budget-bpw 3.2 --menu learned --out q-learned/
@@ -73,7 +74,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model", required=True, metavar="SPEC",
                    help="model: built-in name, tiny-<arch>, transformers folder, hub id, .gguf or llama2.c .bin")
     p.add_argument("--budget-bpw", required=True, metavar="BPW",
-                   help="bits-per-weight budget over the quantized layers, e.g. 4.0")
+                   help="bits-per-weight budget over the quantized layers, e.g. 4.0, or a preset's name "
+                        "(gptq-w4, q4_k_m-im): that preset's own bpw on this model")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--agent", choices=SEARCH_AGENTS, help="searcher that finds the recipe (default: greedy)")
     who.add_argument("--policy", metavar="PATH", help="a trained policy (runs/<run>/model.zip, or qenv:transfer, shipped with qenv): its deterministic "
@@ -104,15 +106,18 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def budget_bpw(text: str) -> float:
-    """The budget in bits per weight. A number today; preset-named budgets (``gptq-w4``: that preset's
-    own bpw on the model) plug in here once :mod:`qenv.quant.presets` resolves them."""
+def budget_bpw(text: str) -> float | str:
+    """The ``--budget-bpw`` as given, checked before any model loads: a number of bits per weight, or a
+    preset name (``gptq-w4``) whose own bpw on the model :func:`qenv.quant.presets.resolve_budget` gives
+    once the model is loaded (the parser of ``train_agent.py`` and ``eval_agent.py``)."""
+    from qenv.quant.presets import parse_budget, preset_names_text
+
     try:
-        value = float(text)
-    except ValueError:
-        raise QenvError(f"--budget-bpw={text!r} is not a number of bits per weight.",
-                        "pass a number such as 4.0.") from None
-    if not 0 < value <= 16:
+        value = parse_budget(text)
+    except QenvError:
+        raise QenvError(f"--budget-bpw={text!r} is not a number of bits per weight nor a known preset.",
+                        f"pass a number such as 4.0, or one of {preset_names_text()}.") from None
+    if isinstance(value, float) and not 0 < value <= 16:
         raise QenvError(f"--budget-bpw={text} is out of range.", "use a number of bits per weight in (0, 16].")
     return value
 
@@ -343,7 +348,7 @@ def _body(argv: list[str] | None) -> int:
 
     quiet_libraries()
     args = build_parser().parse_args(argv)
-    budget = budget_bpw(args.budget_bpw)
+    budget = budget_bpw(args.budget_bpw)  # a preset's name becomes its bpw once the model is loaded
     from qenv.progress import enable
 
     enable(not args.no_progress)  # main() puts it back as it was
@@ -367,7 +372,7 @@ def _body(argv: list[str] | None) -> int:
         raise
 
 
-def _quantize(args: Any, budget: float, out: Path) -> int:
+def _quantize(args: Any, budget_spec: float | str, out: Path) -> int:
     """Everything after the arguments are checked and ``--out`` is claimed."""
     from qenv.cli.envs import make_quant_env
     from qenv.io import write_json_atomic
@@ -404,6 +409,9 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
         from qenv.policies import check_describes, read_card
 
         check_describes(read_card(args.policy), loaded.layers, str(args.model), args.policy_name)
+    from qenv.quant.presets import budget_label, resolve_budget
+
+    budget, budget_preset = resolve_budget(budget_spec, list(loaded.layers))  # gptq-w4: its exact bpw here
     if not args.policy:
         kwargs["action_kind"] = "discrete"
         if menu_name == "gguf":
@@ -422,7 +430,7 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
     if args.device:
         kwargs["device"] = args.device
 
-    print(f"quantizing {args.model} at {budget:g} bpw with "
+    print(f"quantizing {args.model} at {budget_label(budget, budget_preset)} with "
           f"{args.policy or args.agent} for {runtime} ({menu_name} menu)", flush=True)
     check_runtime_possible(runtime, loaded, None if args.policy else list(parse_menu(kwargs.get("menu"))))
     env = make_quant_env(model=loaded, **kwargs)
@@ -450,14 +458,16 @@ def _quantize(args: Any, budget: float, out: Path) -> int:
                   f"{r['model_mb']:.4f}", fmt(r["kl"]), fmt(r["ppl"]), f"{r['top1']:.3f}", r["note"]] for r in rows]
         tokens = f"{evaluator.tokens.n_tokens} calibration tokens ({evaluator.tokens.source})"
         reference, bpw_counts = task.loaded.reference_label, bpw_scope(task.layers)
-        print(f"\n{task.name}, budget {budget:g} bpw (over the quantized layers), scored on {tokens}")
+        print(f"\n{task.name}, budget {budget_label(budget, budget_preset)} (over the quantized layers), "
+              f"scored on {tokens}")
         if task.loaded.reference_note:
             print(f"  reference: {reference}, not a full-precision model: every KL below measures re-quantizing it")
         print(plain_table(["method", "kind", "bpw", "MB", "KL", "ppl", "top1", "note"], table, align="llrrrrrl"))
-        print(f"  (* over the {budget:g} bpw budget)")
+        print(f"  (* over the {budget_label(budget, budget_preset)} budget)")
         print(table_legend(reference, bpw_counts))
 
-        metadata = {"model": task.name, "spec": args.model, "budget_bpw": budget, "method": method,
+        metadata = {"model": task.name, "spec": args.model, "budget_bpw": budget, "budget_preset": budget_preset,
+                    "method": method,
                     "menu": menu_name, "runtime": runtime, "metrics": metrics.to_dict(), "tokens": tokens,
                     "reference": reference, "bpw_counts": bpw_counts}
         recipe.save(out / "recipe.json", **metadata)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import extended_beyond
 from qenv.errors import QenvError
 from qenv.quant.quantizer import LayerCalibration, quantize_codes, quantize_matrix
 from qenv.quant.rules import KEEP, Recipe, Rule
@@ -236,6 +237,7 @@ def test_a_runtime_that_cannot_run_the_recipe_is_one_line(tmp_path, capsys) -> N
 
 @pytest.mark.parametrize("argv, expected", [
     (["--budget-bpw", "four"], "not a number"),
+    (["--budget-bpw", "no-such-preset"], "nor a known preset. Fix: pass a number such as 4.0, or one of "),
     (["--budget-bpw", "40"], "out of range"),
     (["--budget-bpw", "4", "--policy", "no/such/model.zip"], "does not exist"),
     (["--budget-bpw", "4", "--search-evals", "0"], "at least 1"),
@@ -447,3 +449,22 @@ def test_quantize_on_the_learned_menu_writes_what_it_scored(tmp_path, capsys) ->
     menu, _ = packable_menu(list(load_model("tiny-llama", device="cpu").layers), "learned")
     assert set(recipe.values()) <= set(menu) and any(r.rounding == "learned" for r in recipe.values())
     assert packed_kl(out / "model", tiny_task().evaluator, recipe, max_batches=None) <= 1e-3
+
+
+@pytest.mark.parametrize("model", extended_beyond(["tiny-llama", "tiny-qwen2", "tiny-mistral"], ["tiny-llama"]))
+def test_a_budget_named_by_a_preset_is_its_own_bpw_on_the_model(tmp_path, capsys, model) -> None:
+    """Issue 24 item 1: ``--budget-bpw gptq-w4`` is uniform gptq-w4's exact bits per weight on this model
+    (group scales and zero points of its own widths), the parser train_agent.py and eval_agent.py use."""
+    from qenv.models.loading import load_model
+    from qenv.quant.accounting import bits_per_weight
+    from qenv.quant.presets import preset
+
+    layers = load_model(model, device="cpu").layers
+    exact = bits_per_weight(layers, preset("gptq-w4", layers))
+    assert quantize("--model", model, "--budget-bpw", "gptq-w4", "--search-evals", "1", "--out", str(tmp_path / "o")) == 0
+    printed = capsys.readouterr().out
+    assert f"budget gptq-w4 ({exact:.3f} bpw)" in printed
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["budget_bpw"] == exact and results["budget_preset"] == "gptq-w4"
+    assert [r["bpw"] for r in results["rows"] if r["method"] == "gptq-w4"] == [exact]
+    assert all(r["bpw"] <= exact + 1e-9 for r in results["rows"] if r["kind"] == "searcher")
