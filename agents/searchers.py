@@ -38,7 +38,8 @@ in-process evaluation (``pool=None``), in the same order.
   kept (a few evaluations, not one; it stops at a local optimum).
 - ``random``: random budget-feasible recipes (layers visited in random order, each picking
   uniformly among the rules that leave the rest feasible); keeps the best.
-- ``evolution``: EvoPress-style (1 + λ) evolution: level-switch mutations that move bits between
+- ``evolution``: greedy first (its refinement, the same code, until its local optimum), then
+  EvoPress-style (1 + λ) evolution from greedy's result: level-switch mutations that move bits between
   layers of one shape at constant size (and knob switches at the same width), multi-step
   selection (every child screened on a few token batches, the best on more, then all of them).
 
@@ -985,8 +986,11 @@ class EvolutionSearch(GreedySearch):
     **Greedy first, by design** (issue 24: "evolution is never worse than greedy"). The first part
     of the budget runs :class:`GreedySearch` itself (this class inherits it: the best start, then
     greedy's measured refinement, the same code with the same ``width``, ``patience``, ``ranking``
-    and screening stages) until greedy stops at its local optimum, typically 17-42 of 128
-    evaluations. Greedy is deterministic, so that part is the same for every seed and is exactly what
+    and screening stages) until greedy stops at its local optimum. How much of the budget that takes
+    depends on the screenings: greedy's measured marginals (two per layer) are screened on the first
+    token batch, so with several batches its part is cheap; with one batch (1536 tokens at
+    ``batch_size=32``) every marginal is a full evaluation, and greedy can spend all 128 evaluations
+    itself, leaving evolution nothing. Greedy is deterministic, so that part is the same for every seed and is exactly what
     ``GreedySearch`` with the same stages spends and returns. Evolution then runs on the rest of
     the budget, its first population every recipe greedy measured (the parent: the best on
     calibration). Hence:
