@@ -585,6 +585,7 @@ def test_the_gguf_menu_holds_every_rule_of_llamacpps_mixes(stories_bin) -> None:
     assert len(GGUF_MENU) == G.OLD_MENU_SIZE + 1 and Rule(gguf="Q6_K", imatrix=True) in GGUF_MENU
 
 
+@pytest.mark.slow  # extended tier: two gguf-menu envs and a PPO agent
 def test_a_discrete_policy_of_the_old_gguf_menu_gets_one_line(stories_bin, tmp_path) -> None:
     """A discrete agent trained on the 18-rule gguf menu (before Q6_K with the importance matrix joined)
     is refused with one line that says so, not SB3's space mismatch."""
