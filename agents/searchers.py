@@ -1105,6 +1105,7 @@ class EvolutionSearch(GreedySearch):
         self.greedy_done = False  # greedy's part has stopped at its local optimum
         self.greedy_pick: tuple[int, ...] | None = None  # what GreedySearch returns (its validation pick)
         self._greedy_finalists: list[tuple[int, ...]] = []
+        self._greedy_played: set[tuple[int, ...]] = set()  # every recipe greedy's part evaluated
 
     def _bind(self, env: Any) -> None:
         super()._bind(env)
@@ -1238,11 +1239,11 @@ class EvolutionSearch(GreedySearch):
 
     def _finalists(self) -> list[tuple[int, ...]]:
         """Greedy's finalists until greedy's part is done; then greedy's finalists and the ``finalists``
-        best evolved recipes by calibration reward."""
+        best evolved recipes (evaluated after greedy's part) by calibration reward."""
         if not self.greedy_done:
             return super()._finalists()
         order = sorted(self._played, key=lambda key: -self._seen[key])
-        evolved = [key for key in order if key not in self._greedy_finalists][:self.finalists]
+        evolved = [key for key in order if key not in self._greedy_played][:self.finalists]
         return list(dict.fromkeys(self._greedy_finalists + evolved))
 
     def _pick_on_validation(self) -> None:
@@ -1254,7 +1255,7 @@ class EvolutionSearch(GreedySearch):
         assert self.greedy_pick is not None
         finalists = self._finalists()
         bar = (1.0 - self.validation_margin) * self.validation_kl(self.greedy_pick)
-        better = [key for key in finalists if key not in self._greedy_finalists and self.validation_kl(key) < bar]
+        better = [key for key in finalists if key not in self._greedy_played and self.validation_kl(key) < bar]
         self._adopt(self._validation_pick(better) if better else self.greedy_pick, finalists)
 
     def _search(self) -> None:
@@ -1263,6 +1264,7 @@ class EvolutionSearch(GreedySearch):
                 return  # the budget ran out in greedy's part: the result is greedy's
             self.greedy_done = True
             self._greedy_finalists = GreedySearch._finalists(self)
+            self._greedy_played = set(self._played)
             if self.task.validation_tokens is not None:
                 self.greedy_pick = self._validation_pick(self._greedy_finalists)
             else:

@@ -153,5 +153,6 @@ def test_evolution_keeps_greedys_validation_pick_unless_beaten_by_the_margin(sto
     assert info["validation_kl"] <= g_info["validation_kl"]
     evolved = [key for key in free._finalists() if key not in free._greedy_finalists]
     assert evolved and all(key in free._validated for key in evolved)  # the evolved finalists were compared
+    assert not set(evolved) & free._greedy_played  # evolved: measured after greedy's part, not greedy's own
     with pytest.raises(QenvError, match="validation_margin"):
         make_agent("evolution", held, validation_margin=1.0)
