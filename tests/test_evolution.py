@@ -119,7 +119,7 @@ def test_evolution_runs_greedy_first_and_never_ends_worse_on_its_calibration_tok
     """Evolution spends the first part of its budget on greedy itself (the same code): every recipe
     greedy evaluated, with the same reward, is among evolution's, greedy's result is its first parent,
     and evolution's best on its own calibration tokens is at least greedy's; then it evolves further.
-    An evolution that started from the best start alone (the old design) fails the subset check."""
+    The old design (evolution from the best start alone, no greedy part) fails the first assertions."""
     n = len(env.unwrapped.task.layers)
     greedy = make_agent("greedy", env, seed=0).learn(64 * n)
     for seed in (0, 1):
