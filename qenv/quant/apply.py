@@ -18,7 +18,7 @@ from qenv.errors import QenvError
 from qenv.memory import CACHED_RECIPES, available_memory, check_cache_fits, weight_cache_bytes
 from qenv.models.layers import LayerInfo, get_module, get_weight, to_storage_layout, weight_parameter
 from qenv.quant import gguf as _gguf
-from qenv.quant.quantizer import LayerCalibration, gguf_encode, quantize_matrices
+from qenv.quant.quantizer import LayerCalibration, gguf_encode, quantize_matrices, quantize_rules
 from qenv.quant.rules import Rule
 
 CalibrationSource = Callable[[str], "LayerCalibration | None"]
@@ -176,6 +176,39 @@ class QuantizedWeights:
         quantized = self._quantize([name], rule)[0]
         self._insert(key, quantized)
         return quantized
+
+    def weights_for(self, name: str, rules: Sequence[Rule]) -> list[torch.Tensor]:
+        """Layer ``name``'s quantized tensors under each of ``rules``: for each, what :meth:`weight_for`
+        gives (and it is cached as :meth:`weight_for` caches it), but the rules not cached yet are
+        quantized together (:func:`qenv.quant.quantizer.quantize_rules`: the GPTQ rules share one
+        inverse-Hessian Cholesky and one column loop), bit for bit what one at a time gives.
+        Why: a menu's error table (:func:`qenv.eval.sensitivity.rule_errors`) needs every rule of every
+        layer, and GPTQ rule by rule was most of the cold ``quantize`` command (issue 26)."""
+        found: dict[Rule, torch.Tensor] = {}
+        todo = []
+        for rule in dict.fromkeys(rules):
+            cached = None if rule.keeps else self._cache.get((name, rule))
+            if rule.keeps:
+                found[rule] = self._originals[name]
+            elif cached is not None:
+                self.hits += 1
+                self._cache.move_to_end((name, rule))
+                found[rule] = cached
+            else:
+                todo.append(rule)
+        if todo:
+            matrix = self._original_matrix(name)
+            calibrated = [r for r in todo if r.needs_calibration]  # the others never read a calibration
+            for part in (calibrated, [r for r in todo if not r.needs_calibration]):
+                if not part:
+                    continue
+                calib = self._calibration_for(name, part[0]) if part is calibrated else None
+                for rule, q in zip(part, quantize_rules(matrix, part, calib)):
+                    self.misses += 1
+                    found[rule] = to_storage_layout(self.layers[name], q).contiguous()
+            for rule in todo:
+                self._insert((name, rule), found[rule])
+        return [found[rule] for rule in rules]
 
     def recipe_bytes(self) -> int:
         """Bytes of one recipe's quantized weights (every targeted layer, in the model's dtype)."""

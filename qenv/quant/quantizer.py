@@ -97,6 +97,9 @@ def _grid(lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float, rule: 
 
 
 def _fake_quant(w: torch.Tensor, grid: _Grid) -> torch.Tensor:
+    if isinstance(grid.maxq, torch.Tensor):  # per entry (GPTQ segments of several bit widths): the same values
+        q = torch.minimum(torch.clamp(torch.round(w / grid.scale) + grid.zero, min=0), grid.maxq)
+        return (q - grid.zero) * grid.scale
     q = torch.clamp(torch.round(w / grid.scale) + grid.zero, 0, grid.maxq)
     return (q - grid.zero) * grid.scale
 
@@ -178,41 +181,83 @@ def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: 
     within float noise. ``grids``, when given, receives each group's ``(scale, zero)`` (``[B, out, 1]``
     each), in column order: the integer codes behind the result (:func:`quantize_codes`).
     """
+    return _gptq_segments(w, keep, [(rule, group, 0, w.shape[0])], _gptq_hinv(hessian.to(w.device)), grids)
+
+
+def _gptq_segments(w: torch.Tensor, keep: torch.Tensor, segments: Sequence[tuple[Rule, int, int, int]],
+                   hinv: torch.Tensor, grids: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+    """:func:`_gptq`'s column loop on a batch ``[B, out, in]`` whose entries ``start:stop`` of each
+    segment ``(rule, group, start, stop)`` follow that segment's rule and group size, with each
+    entry's ``hinv`` (:func:`_gptq_hinv`, ``[B, in, in]``) given.
+
+    Why segments: the column loop's cost is per column (a dozen small tensor operations), hardly
+    per row, so one loop over a layer under all of a menu's GPTQ rules (:func:`quantize_rules`)
+    costs about what one rule's did. Only the grids are per segment (each at its own group
+    starts); every other operation is elementwise per entry or a per-entry matrix product, so
+    each entry's result is what a loop of its segment alone gives. ``grids`` needs one segment.
+    """
     n_b, out_f, in_f = w.shape
+    if grids is not None and len(segments) != 1:
+        raise ValueError("_gptq_segments returns grids for one segment only")
     w = w.clone()
-    hinv = _gptq_hinv(hessian.to(w.device))
-    result = torch.zeros_like(w)
+    # The column loop works on each block transposed, ``[B, columns, out]``: a column is contiguous,
+    # so its dozen operations stream memory instead of striding a cache line per row (most of the
+    # loop's time on a CPU once several rules share it). Values and operations are those of the
+    # ``[B, out, columns]`` form: the rank-1 update is a product per element either way.
+    result_t = torch.zeros(n_b, in_f, out_f, device=w.device, dtype=w.dtype)
+    keep_t = keep.transpose(1, 2).contiguous()
     valid = ~keep
     scale = zero = None
-    maxq = 2**rule.bits - 1
+    maxqs = {2**rule.bits - 1 for rule, _, _, _ in segments}
+    if len(maxqs) == 1:
+        maxq: int | torch.Tensor = maxqs.pop()
+    else:
+        maxq = torch.empty(n_b, 1, device=w.device)
+        for rule, _, lo, hi in segments:
+            maxq[lo:hi] = 2**rule.bits - 1
     for start in range(0, in_f, GPTQ_BLOCK):
         end = min(start + GPTQ_BLOCK, in_f)
-        w_block = w[:, :, start:end].clone()
-        err_block = torch.zeros_like(w_block)
+        block_t = w[:, :, start:end].transpose(1, 2).contiguous()  # [B, columns, out]
+        err_t = torch.zeros_like(block_t)
         hinv_block = hinv[:, start:end, start:end]
         for i in range(end - start):
             col = start + i
-            if col % group == 0:
-                # Scales of a group come from the weights as updated so far (GPTQ's non-static groups).
-                # Rows are independent here, so the batch is flattened to rows for the grid search.
-                g_end = min(col + group, in_f)
-                current = torch.cat([w_block[:, :, i:], w[:, :, end:]], dim=2)[:, :, : g_end - col]
-                sub = _choose_grid(current.reshape(n_b * out_f, -1), valid[:, :, col:g_end].reshape(n_b * out_f, -1),
-                                   rule, group, None)
-                scale = sub.scale[:, :1].reshape(n_b, out_f, 1)
-                zero = sub.zero[:, :1].reshape(n_b, out_f, 1)
+            starting = [seg for seg in segments if col % seg[1] == 0]
+            if starting:
+                if len(segments) > 1:  # a fresh tensor: earlier grids stay as they were
+                    scale = torch.empty(n_b, out_f, 1, device=w.device) if scale is None else scale.clone()
+                    zero = torch.empty(n_b, out_f, 1, device=w.device) if zero is None else zero.clone()
+                for rule, group, lo, hi in starting:
+                    # Scales of a group come from the weights as updated so far (GPTQ's non-static groups).
+                    # Rows are independent here, so the batch is flattened to rows for the grid search.
+                    g_end = min(col + group, in_f)
+                    current = block_t[lo:hi, i : i + g_end - col].transpose(1, 2)
+                    if g_end > end:
+                        current = torch.cat([current, w[lo:hi, :, end:g_end]], dim=2)
+                    n_seg = hi - lo
+                    sub = _choose_grid(current.reshape(n_seg * out_f, -1),
+                                       valid[lo:hi, :, col:g_end].reshape(n_seg * out_f, -1), rule, group, None)
+                    if len(segments) == 1:
+                        scale = sub.scale[:, :1].reshape(n_b, out_f, 1)
+                        zero = sub.zero[:, :1].reshape(n_b, out_f, 1)
+                    else:
+                        assert scale is not None and zero is not None
+                        scale[lo:hi] = sub.scale[:, :1].reshape(n_seg, out_f, 1)
+                        zero[lo:hi] = sub.zero[:, :1].reshape(n_seg, out_f, 1)
                 if grids is not None:
+                    assert scale is not None and zero is not None
                     grids.append((scale, zero))
-            assert scale is not None and zero is not None
-            wc = w_block[:, :, i : i + 1]
-            qc = _fake_quant(wc, _Grid(scale, zero, maxq))
-            qc = torch.where(keep[:, :, col : col + 1], wc, qc)
-            result[:, :, col : col + 1] = qc
-            err = (wc - qc) / hinv_block[:, i : i + 1, i : i + 1]
-            w_block[:, :, i:] -= err @ hinv_block[:, i : i + 1, i:]
-            err_block[:, :, i : i + 1] = err
-        w[:, :, end:] -= err_block @ hinv[:, start:end, end:]
-    return result
+                assert scale is not None and zero is not None
+                scale_c, zero_c = scale.view(n_b, out_f), zero.view(n_b, out_f)
+            wc = block_t[:, i]
+            qc = _fake_quant(wc, _Grid(scale_c, zero_c, maxq))  # type: ignore[arg-type]
+            qc = torch.where(keep_t[:, col], wc, qc)
+            result_t[:, col] = qc
+            err = (wc - qc) / hinv_block[:, i, i : i + 1]
+            block_t[:, i:] -= hinv_block[:, i, i:, None] * err[:, None, :]
+            err_t[:, i] = err
+        w[:, :, end:] -= err_t.transpose(1, 2).contiguous() @ hinv[:, start:end, end:]
+    return result_t.transpose(1, 2).contiguous()
 
 
 def quantize_threads() -> int:
@@ -392,6 +437,45 @@ def quantize_matrices(weights: Sequence[torch.Tensor], rule: Rule,
         for i, q in zip(indices, _quantize_batch([weights[i] for i in indices], rule, [calibs[i] for i in indices])):
             results[i] = q
     return [r for r in results if r is not None]
+
+
+def stacks_with(rule: Rule) -> bool:
+    """Whether ``rule`` shares one GPTQ column loop with other such rules on a layer
+    (:func:`quantize_rules`): plain GPTQ rounding, no AWQ scale (which changes the Hessian per rule)."""
+    return rule.rounding == "gptq" and rule.gguf is None and not rule.keeps and rule.act_scale <= 0
+
+
+def quantize_rules(weight: torch.Tensor, rules: Sequence[Rule], calib: LayerCalibration | None = None
+                   ) -> list[torch.Tensor]:
+    """The dequantized images of one ``[out, in]`` matrix under each of ``rules``: exactly what
+    :func:`quantize_matrix` gives for each, bit for bit.
+
+    Why: a menu's error table quantizes every layer under every rule (greedy's sensitivities), and
+    GPTQ dominates it: per rule, an inverse-Hessian Cholesky (``[in, in]``, the same for every rule
+    without an AWQ scale) and a column loop whose cost is its number of columns, not rows. Here the
+    GPTQ rules of the list (:func:`stacks_with`) share the Cholesky and one column loop, each rule a
+    segment of the batch (:func:`_gptq_segments`); the others go through :func:`quantize_matrices`.
+    """
+    out: list[torch.Tensor | None] = [None] * len(rules)
+    stacked = [i for i, rule in enumerate(rules) if stacks_with(rule)]
+    if len(stacked) < 2:
+        stacked = []
+    for i, rule in enumerate(rules):
+        if i not in stacked:
+            out[i] = quantize_matrices([weight], rule, [calib])[0]
+    if stacked:
+        if calib is None or calib.hessian is None:
+            raise QenvError(f"Rule {rules[stacked[0]].label()} uses gptq rounding, which needs the layer's "
+                            "calibration Hessian.")
+        prepared = [_prepare(weight, rules[i], calib) for i in stacked]
+        ws = torch.stack([p[1] for p in prepared])
+        keep = torch.stack([p[2] for p in prepared])
+        hinv = _gptq_hinv(prepared[0][4][None])
+        segments = [(rules[i], p[3], k, k + 1) for k, (i, p) in enumerate(zip(stacked, prepared))]
+        images = _gptq_segments(ws, keep, segments, hinv.expand(len(stacked), -1, -1))
+        for i, (w, _, k, _, _, _, _), q in zip(stacked, prepared, images.unbind(0)):
+            out[i] = torch.where(k, w.half().float(), q).to(weight.dtype)
+    return [q for q in out if q is not None]
 
 
 def _quantize_batch(weights: Sequence[torch.Tensor], rule: Rule,
