@@ -101,3 +101,24 @@ def test_weights_for_is_weight_for_and_fills_the_cache() -> None:
     for rule, tensor in zip(rules, together):
         assert (name, rule) in evaluator.weights._cache
         assert torch.equal(tensor, again.weights.weight_for(name, rule)), rule.label()
+
+
+def test_a_recipes_gptq_layers_quantized_in_batches_are_the_one_by_one_tensors() -> None:
+    """Applying a GPTQ recipe on a CPU quantizes its missing layers of one shape as one batch
+    (``QuantizedWeights._quantize_missing``): the cached tensors and the score are those of
+    quantizing each layer alone, and the hit/miss counts are as one by one."""
+    from qenv.eval.evaluator import Evaluator
+    from qenv.eval.tokens import tokens_from_model
+    from qenv.models.loading import load_model
+    from qenv.quant.presets import preset
+
+    loaded = load_model("tiny-llama")
+    tokens = tokens_from_model(loaded.model, 64, 16, seed=0)
+    recipe = preset("gptq-w4", loaded.layers)
+    batched = Evaluator(loaded, tokens, cache_dir=False)
+    one_by_one = Evaluator(loaded, tokens, cache_dir=False)
+    singles = {name: one_by_one.weights.weight_for(name, rule) for name, rule in recipe.items()}
+    assert batched.evaluate(recipe).kl == one_by_one.evaluate(recipe).kl
+    assert (batched.weights.hits, batched.weights.misses) == (0, len(recipe))
+    for name, rule in recipe.items():
+        assert torch.equal(batched.weights._cache[(name, rule)], singles[name]), name

@@ -25,12 +25,22 @@ CalibrationSource = Callable[[str], "LayerCalibration | None"]
 
 
 def default_batch_bytes(device: torch.device) -> int:
-    """Working memory of one prebuild batch: a quarter of the free GPU memory; on a CPU none (one
-    layer at a time), since a CPU is not launch-bound and batching there was slower (SmolLM2,
-    ``w3g128a-gptq``: 28.3 s batched vs about 22.6 s layer by layer, BENCHMARKS.md)."""
+    """Working memory of one prebuild batch: a quarter of the free GPU memory; on a CPU none: there
+    the batch is sized by rows instead (:func:`cpu_batch_layers`). Batching by memory was slower on
+    a CPU (SmolLM2, ``w3g128a-gptq``: 28.3 s batched vs about 22.6 s layer by layer, BENCHMARKS.md)
+    while the column loop strode across rows; it now runs on transposed blocks, capped in rows."""
     if device.type == "cuda":
         return max(256 << 20, (available_memory(device) or 0) // 4)
     return 0
+
+
+def cpu_batch_layers(out_f: int, rule: Rule) -> int:
+    """Layers of one shape quantized as one batch on a CPU: GPTQ and learned rounding run one column
+    loop for the batch, whose cost is per column while a block of its rows stays in the CPU's cache
+    (:data:`qenv.quant.quantizer.GPTQ_LOOP_ROWS` rows); the other rules are vectorised per matrix."""
+    from qenv.quant.quantizer import GPTQ_LOOP_ROWS
+
+    return max(1, GPTQ_LOOP_ROWS // max(1, out_f)) if rule.uses_hessian else 1
 
 
 def _working_bytes(out_f: int, in_f: int, rule: Rule) -> int:
@@ -262,6 +272,8 @@ class QuantizedWeights:
                     per_layer = _working_bytes(out_f, in_f, rule)
                     size = len(names) if rule.gguf is not None else \
                         max(1, min(len(names), budget // max(per_layer, 1)))
+                    if device.type == "cpu" and batch_bytes is None:
+                        size = min(len(names), cpu_batch_layers(out_f, rule))
                     start = 0
                     while start < len(names):
                         chunk = names[start:start + size]
@@ -305,11 +317,40 @@ class QuantizedWeights:
         A layer under a GGUF rule also gets its input rounded as llama.cpp's CPU backend rounds it
         (:func:`qenv.quant.gguf.round_activations`), so the score is the one llama.cpp computes.
         """
+        self._quantize_missing(rules)
         for name, rule in rules.items():
             if name not in self._params:
                 continue
             self._params[name].data = self.weight_for(name, rule)
             self._set_activation_rounding(name, rule)
+
+    def _quantize_missing(self, rules: Mapping[str, Rule]) -> None:
+        """On a CPU, quantize the GPTQ and learned-rounding layers of ``rules`` not cached yet in
+        batches of one shape (:func:`cpu_batch_layers`), before :meth:`weight_for` would quantize
+        them one by one: the same tensors (a batch's arithmetic is each matrix's), in about half the
+        time on SmolLM2's layers (issue 26). What does not fit the cache with the rest of ``rules``
+        is left to :meth:`weight_for`."""
+        missing: dict[tuple[Rule, int, int], list[str]] = {}
+        for name, rule in rules.items():
+            if name in self._params and rule.uses_hessian and (name, rule) not in self._cache:
+                info = self.layers[name]
+                missing.setdefault((rule, info.out_features, info.in_features), []).append(name)
+        if not missing or next(iter(self._originals.values())).device.type != "cpu":
+            return
+        room = self.max_cache_bytes - sum(self.layer_bytes(name) for name in rules if name in self._params)
+        for name, rule in rules.items():  # this recipe's cached layers are the last the batches may evict
+            if (name, rule) in self._cache:
+                self._cache.move_to_end((name, rule))
+        for (rule, out_f, _), names in missing.items():
+            size = cpu_batch_layers(out_f, rule)
+            if size < 2 or len(names) < 2 or room < 0:
+                continue
+            for start in range(0, len(names), size):
+                chunk = names[start:start + size]
+                for name, q in zip(chunk, self._quantize(chunk, rule)):
+                    self.misses += 1
+                    self._insert((name, rule), q)
+                    self.hits -= 1  # weight_for counts the hit on it next; this was the miss
 
     def _set_activation_rounding(self, name: str, rule: Rule) -> None:
         info = self.layers[name]
