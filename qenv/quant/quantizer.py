@@ -87,7 +87,9 @@ def _expand(per_group: torch.Tensor, group: int, in_f: int) -> torch.Tensor:
     return per_group.repeat_interleave(group, dim=1)[:, :in_f]
 
 
-def _grid(lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float, rule: Rule, group: int, in_f: int) -> _Grid:
+def _grid_values(lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float, rule: Rule
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(scale, zero)`` from the groups' ranges and a clip ratio (any broadcastable shapes)."""
     maxq = 2**rule.bits - 1
     if rule.symmetric:
         amax = torch.maximum(-lo, hi) * clip
@@ -97,7 +99,12 @@ def _grid(lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float, rule: 
         lo, hi = lo * clip, hi * clip
         scale = _fp16_round((hi - lo) / maxq)
         zero = torch.round(-lo / scale).clamp(0, maxq)
-    return _Grid(_expand(scale, group, in_f), _expand(zero, group, in_f), maxq)
+    return scale, zero
+
+
+def _grid(lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float, rule: Rule, group: int, in_f: int) -> _Grid:
+    scale, zero = _grid_values(lo, hi, clip, rule)
+    return _Grid(_expand(scale, group, in_f), _expand(zero, group, in_f), 2**rule.bits - 1)
 
 
 def _fake_quant(w: torch.Tensor, grid: _Grid) -> torch.Tensor:
@@ -130,6 +137,33 @@ def _choose_grid(
         best_err = torch.where(better, err, best_err)
         best_clip = torch.where(better, torch.full_like(best_clip, ratio), best_clip)
     return _grid(lo, hi, best_clip, rule, group, in_f)
+
+
+def _one_group_grid(w: torch.Tensor, valid: torch.Tensor, rule: Rule, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` (``[rows, 1]`` each) of ``w``'s rows as one group of ``group`` columns (or
+    fewer: a ragged last group), without importance weights: exactly :func:`_choose_grid`'s values
+    for one group, for GPTQ's group starts. Why a second path: :func:`_choose_grid` expands every
+    grid to one value per weight and tries the 11 clip ratios one after another, a few dozen small
+    operations per group start; here the grids broadcast and the ratios are tried as one batch
+    (each ratio's error is the same sum over the same padded group, so the choice is the same)."""
+    rows, cols = w.shape
+    lo, hi = _group_ranges(w, valid, group)  # [rows, 1]
+    maxq = 2**rule.bits - 1
+    if not rule.mse_clip:
+        return _grid_values(lo, hi, rule.clip, rule)
+    ratios = torch.tensor(MSE_CLIP_GRID, device=w.device)[:, None, None]  # [R, 1, 1]
+    scale, zero = _grid_values(lo, hi, ratios, rule)  # [R, rows, 1]
+    err = ((_fake_quant(w, _Grid(scale, zero, maxq)) - w) ** 2) * valid  # [R, rows, cols]; a weight of 1.0 is exact
+    if group > cols:
+        err = torch.nn.functional.pad(err, (0, group - cols))
+    err = err.sum(dim=2)  # [R, rows]
+    best_err = torch.full((rows, 1), float("inf"), device=w.device)
+    best_clip = torch.ones((rows, 1), device=w.device)
+    for k, ratio in enumerate(MSE_CLIP_GRID):
+        better = err[k][:, None] < best_err
+        best_err = torch.where(better, err[k][:, None], best_err)
+        best_clip = torch.where(better, torch.full_like(best_clip, ratio), best_clip)
+    return _grid_values(lo, hi, best_clip, rule)
 
 
 def salience_scores(w: torch.Tensor, rule: Rule, calib: LayerCalibration | None) -> torch.Tensor:
@@ -239,15 +273,16 @@ def _gptq_segments(w: torch.Tensor, keep: torch.Tensor, segments: Sequence[tuple
                     if g_end > end:
                         current = torch.cat([current, w[lo:hi, :, end:g_end]], dim=2)
                     n_seg = hi - lo
-                    sub = _choose_grid(current.reshape(n_seg * out_f, -1),
-                                       valid[lo:hi, :, col:g_end].reshape(n_seg * out_f, -1), rule, group, None)
+                    g_scale, g_zero = _one_group_grid(current.reshape(n_seg * out_f, -1),
+                                                      valid[lo:hi, :, col:g_end].reshape(n_seg * out_f, -1),
+                                                      rule, group)
                     if len(segments) == 1:
-                        scale = sub.scale[:, :1].reshape(n_b, out_f, 1)
-                        zero = sub.zero[:, :1].reshape(n_b, out_f, 1)
+                        scale = g_scale.reshape(n_b, out_f, 1)
+                        zero = g_zero.reshape(n_b, out_f, 1)
                     else:
                         assert scale is not None and zero is not None
-                        scale[lo:hi] = sub.scale[:, :1].reshape(n_seg, out_f, 1)
-                        zero[lo:hi] = sub.zero[:, :1].reshape(n_seg, out_f, 1)
+                        scale[lo:hi] = g_scale.reshape(n_seg, out_f, 1)
+                        zero[lo:hi] = g_zero.reshape(n_seg, out_f, 1)
                 if grids is not None:
                     assert scale is not None and zero is not None
                     grids.append((scale, zero))
