@@ -13,7 +13,7 @@ import torch
 
 from qenv.envs.spaces import MENUS
 from qenv.quant import quantizer as q
-from qenv.quant.quantizer import LayerCalibration, quantize_codes, quantize_matrix, quantize_rules
+from qenv.quant.quantizer import LayerCalibration, quantize_codes, quantize_matrix, quantize_rules, stacks_with
 from qenv.quant.rules import Rule
 
 
@@ -75,13 +75,13 @@ def test_quantize_rules_is_each_rule_alone_bit_for_bit() -> None:
     outlier rules beside them) gives what each rule gives alone, and the same integer codes."""
     learned = [r for r in MENUS["learned"] if r.rounding == "learned"][:2]
     rules = list(dict.fromkeys([*MENUS["default"], *learned, *GPTQ_RULES]))
-    assert sum(q.stacks_with(r) for r in rules) >= 5
+    assert sum(stacks_with(r) for r in rules) >= 5
     w, calib = problem(16, 200, seed=1)
     together = quantize_rules(w, rules, calib)
     assert len(together) == len(rules)
     for rule, image in zip(rules, together):
         assert torch.equal(image, quantize_matrix(w, rule, calib)), rule.label()
-    for rule in (r for r in rules if q.stacks_with(r) and r.outlier_fraction == 0):
+    for rule in (r for r in rules if stacks_with(r) and r.outlier_fraction == 0):
         codes = quantize_codes(w, rule, calib)
         assert torch.equal(codes.dequantize(), quantize_matrix(w, rule, calib)), rule.label()
 
@@ -94,7 +94,8 @@ def test_weights_for_is_weight_for_and_fills_the_cache() -> None:
 
     loaded = load_model("tiny-llama")
     evaluator = Evaluator(loaded, tokens_from_model(loaded.model, 64, 16, seed=0), cache_dir=False)
-    rules = [r for r in MENUS["default"] if r.rounding == "gptq"][:3] + [r for r in MENUS["default"] if r.rounding == "nearest" and not r.keeps][:2]
+    rules = [r for r in MENUS["default"] if r.rounding == "gptq"][:3]
+    rules += [r for r in MENUS["default"] if r.rounding == "nearest" and not r.keeps][:2]
     name = loaded.layers[0].name
     together = evaluator.weights.weights_for(name, rules)
     again = Evaluator(loaded, evaluator.tokens, cache_dir=False)

@@ -37,8 +37,8 @@ def default_batch_bytes(device: torch.device) -> int:
 def cpu_batch_layers(out_f: int, rule: Rule) -> int:
     """Layers of one shape quantized as one batch on a CPU: GPTQ and learned rounding run one column
     loop for the batch, whose cost is per column while a block of its rows stays in the CPU's cache
-    (:data:`qenv.quant.quantizer.GPTQ_LOOP_ROWS` rows); the other rules are vectorised per matrix."""
-    from qenv.quant.quantizer import GPTQ_LOOP_ROWS
+    (:data:`qenv.quant.gptq.GPTQ_LOOP_ROWS` rows); the other rules are vectorised per matrix."""
+    from qenv.quant.gptq import GPTQ_LOOP_ROWS
 
     return max(1, GPTQ_LOOP_ROWS // max(1, out_f)) if rule.uses_hessian else 1
 

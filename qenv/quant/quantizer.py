@@ -17,16 +17,12 @@ import torch
 
 from qenv.errors import QenvError
 from qenv.quant import gguf as _gguf
+from qenv.quant.gptq import GPTQ_BLOCK, GPTQ_LOOP_ROWS, gptq_segments  # noqa: F401
+from qenv.quant.grids import (MSE_CLIP_GRID, _choose_grid, _expand, _fake_quant, _fp16_round,  # noqa: F401
+                              _Grid, _grid, _group_ranges)
 from qenv.quant.rules import Rule, n_outliers
 
-#: clip ratios tried per group when ``Rule.mse_clip`` is set
-MSE_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
-GPTQ_BLOCK = 128
 GPTQ_DAMP = 0.01
-#: rows one GPTQ column loop of :func:`quantize_rules` takes at most (several rules of a layer): the
-#: loop's cost is per column, so more rows are nearly free, until a block of them (128 columns)
-#: leaves the CPU's cache; measured on SmolLM2's shapes (issue 26)
-GPTQ_LOOP_ROWS = 4096
 
 
 @dataclass
@@ -45,125 +41,6 @@ class LayerCalibration:
         if self.hessian is not None:
             return torch.diagonal(self.hessian)
         return self.act_rms.square()
-
-
-@dataclass(frozen=True)
-class _Grid:
-    """Per-group scale and zero point, expanded to one value per weight."""
-
-    scale: torch.Tensor  # [out, in]
-    zero: torch.Tensor  # [out, in]
-    maxq: int
-
-
-def _fp16_round(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest fp16 value (how scales are stored), avoiding zero and infinity."""
-    tiny = torch.finfo(torch.float16).tiny
-    return x.clamp(min=tiny, max=65504.0).half().float()
-
-
-def _group_ranges(
-    w: torch.Tensor, valid: torch.Tensor, group: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group min and max over valid entries; groups run along the input dimension."""
-    out_f, in_f = w.shape
-    n_groups = -(-in_f // group)
-    pad = n_groups * group - in_f
-    inf = torch.tensor(float("inf"), device=w.device)
-    lo = torch.where(valid, w, inf)
-    hi = torch.where(valid, w, -inf)
-    if pad:
-        lo = torch.nn.functional.pad(lo, (0, pad), value=float("inf"))
-        hi = torch.nn.functional.pad(hi, (0, pad), value=float("-inf"))
-    lo = lo.view(out_f, n_groups, group).amin(dim=2)
-    hi = hi.view(out_f, n_groups, group).amax(dim=2)
-    # Keep zero inside the range (as GPTQ does): all-outlier groups and all-zero groups stay exact.
-    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo)).clamp(max=0.0)
-    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi)).clamp(min=0.0)
-    return lo, hi
-
-
-def _expand(per_group: torch.Tensor, group: int, in_f: int) -> torch.Tensor:
-    return per_group.repeat_interleave(group, dim=1)[:, :in_f]
-
-
-def _grid_values(lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float, rule: Rule
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ``(scale, zero)`` from the groups' ranges and a clip ratio (any broadcastable shapes)."""
-    maxq = 2**rule.bits - 1
-    if rule.symmetric:
-        amax = torch.maximum(-lo, hi) * clip
-        scale = _fp16_round(2.0 * amax / maxq)
-        zero = torch.full_like(scale, (maxq + 1) / 2)
-    else:
-        lo, hi = lo * clip, hi * clip
-        scale = _fp16_round((hi - lo) / maxq)
-        zero = torch.round(-lo / scale).clamp(0, maxq)
-    return scale, zero
-
-
-def _grid(lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float, rule: Rule, group: int, in_f: int) -> _Grid:
-    scale, zero = _grid_values(lo, hi, clip, rule)
-    return _Grid(_expand(scale, group, in_f), _expand(zero, group, in_f), 2**rule.bits - 1)
-
-
-def _fake_quant(w: torch.Tensor, grid: _Grid) -> torch.Tensor:
-    if isinstance(grid.maxq, torch.Tensor):  # per entry (GPTQ segments of several bit widths): the same values
-        q = torch.minimum(torch.clamp(torch.round(w / grid.scale) + grid.zero, min=0), grid.maxq)
-        return (q - grid.zero) * grid.scale
-    q = torch.clamp(torch.round(w / grid.scale) + grid.zero, 0, grid.maxq)
-    return (q - grid.zero) * grid.scale
-
-
-def _choose_grid(
-    w: torch.Tensor, valid: torch.Tensor, rule: Rule, group: int, importance: torch.Tensor | None
-) -> _Grid:
-    """Scales for ``w``: a fixed clip ratio, or the per-group ratio with the least weighted MSE."""
-    out_f, in_f = w.shape
-    lo, hi = _group_ranges(w, valid, group)
-    if not rule.mse_clip:
-        return _grid(lo, hi, rule.clip, rule, group, in_f)
-    n_groups = lo.shape[1]
-    weight = torch.ones(in_f, device=w.device) if importance is None else importance
-    best_err = torch.full((out_f, n_groups), float("inf"), device=w.device)
-    best_clip = torch.ones((out_f, n_groups), device=w.device)
-    pad = n_groups * group - in_f
-    for ratio in MSE_CLIP_GRID:
-        err = ((_fake_quant(w, _grid(lo, hi, ratio, rule, group, in_f)) - w) ** 2) * weight * valid
-        if pad:
-            err = torch.nn.functional.pad(err, (0, pad))
-        err = err.view(out_f, n_groups, group).sum(dim=2)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_clip = torch.where(better, torch.full_like(best_clip, ratio), best_clip)
-    return _grid(lo, hi, best_clip, rule, group, in_f)
-
-
-def _one_group_grid(w: torch.Tensor, valid: torch.Tensor, rule: Rule, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero)`` (``[rows, 1]`` each) of ``w``'s rows as one group of ``group`` columns (or
-    fewer: a ragged last group), without importance weights: exactly :func:`_choose_grid`'s values
-    for one group, for GPTQ's group starts. Why a second path: :func:`_choose_grid` expands every
-    grid to one value per weight and tries the 11 clip ratios one after another, a few dozen small
-    operations per group start; here the grids broadcast and the ratios are tried as one batch
-    (each ratio's error is the same sum over the same padded group, so the choice is the same)."""
-    rows, cols = w.shape
-    lo, hi = _group_ranges(w, valid, group)  # [rows, 1]
-    maxq = 2**rule.bits - 1
-    if not rule.mse_clip:
-        return _grid_values(lo, hi, rule.clip, rule)
-    ratios = torch.tensor(MSE_CLIP_GRID, device=w.device)[:, None, None]  # [R, 1, 1]
-    scale, zero = _grid_values(lo, hi, ratios, rule)  # [R, rows, 1]
-    err = ((_fake_quant(w, _Grid(scale, zero, maxq)) - w) ** 2) * valid  # [R, rows, cols]; a weight of 1.0 is exact
-    if group > cols:
-        err = torch.nn.functional.pad(err, (0, group - cols))
-    err = err.sum(dim=2)  # [R, rows]
-    best_err = torch.full((rows, 1), float("inf"), device=w.device)
-    best_clip = torch.ones((rows, 1), device=w.device)
-    for k, ratio in enumerate(MSE_CLIP_GRID):
-        better = err[k][:, None] < best_err
-        best_err = torch.where(better, err[k][:, None], best_err)
-        best_clip = torch.where(better, torch.full_like(best_clip, ratio), best_clip)
-    return _grid_values(lo, hi, best_clip, rule)
 
 
 def salience_scores(w: torch.Tensor, rule: Rule, calib: LayerCalibration | None) -> torch.Tensor:
@@ -219,84 +96,7 @@ def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: 
     within float noise. ``grids``, when given, receives each group's ``(scale, zero)`` (``[B, out, 1]``
     each), in column order: the integer codes behind the result (:func:`quantize_codes`).
     """
-    return _gptq_segments(w, keep, [(rule, group, 0, w.shape[0])], _gptq_hinv(hessian.to(w.device)), grids)
-
-
-def _gptq_segments(w: torch.Tensor, keep: torch.Tensor, segments: Sequence[tuple[Rule, int, int, int]],
-                   hinv: torch.Tensor, grids: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-    """:func:`_gptq`'s column loop on a batch ``[B, out, in]`` whose entries ``start:stop`` of each
-    segment ``(rule, group, start, stop)`` follow that segment's rule and group size, with each
-    entry's ``hinv`` (:func:`_gptq_hinv`, ``[B, in, in]``) given.
-
-    Why segments: the column loop's cost is per column (a dozen small tensor operations), hardly
-    per row, so one loop over a layer under all of a menu's GPTQ rules (:func:`quantize_rules`)
-    costs about what one rule's did. Only the grids are per segment (each at its own group
-    starts); every other operation is elementwise per entry or a per-entry matrix product, so
-    each entry's result is what a loop of its segment alone gives. ``grids`` needs one segment.
-    """
-    n_b, out_f, in_f = w.shape
-    if grids is not None and len(segments) != 1:
-        raise ValueError("_gptq_segments returns grids for one segment only")
-    w = w.clone()
-    # The column loop works on each block transposed, ``[B, columns, out]``: a column is contiguous,
-    # so its dozen operations stream memory instead of striding a cache line per row (most of the
-    # loop's time on a CPU once several rules share it). Values and operations are those of the
-    # ``[B, out, columns]`` form: the rank-1 update is a product per element either way.
-    result_t = torch.zeros(n_b, in_f, out_f, device=w.device, dtype=w.dtype)
-    keep_t = keep.transpose(1, 2).contiguous()
-    valid = ~keep
-    scale = zero = None
-    maxqs = {2**rule.bits - 1 for rule, _, _, _ in segments}
-    if len(maxqs) == 1:
-        maxq: int | torch.Tensor = maxqs.pop()
-    else:
-        maxq = torch.empty(n_b, 1, device=w.device)
-        for rule, _, lo, hi in segments:
-            maxq[lo:hi] = 2**rule.bits - 1
-    for start in range(0, in_f, GPTQ_BLOCK):
-        end = min(start + GPTQ_BLOCK, in_f)
-        block_t = w[:, :, start:end].transpose(1, 2).contiguous()  # [B, columns, out]
-        err_t = torch.zeros_like(block_t)
-        hinv_block = hinv[:, start:end, start:end]
-        for i in range(end - start):
-            col = start + i
-            starting = [seg for seg in segments if col % seg[1] == 0]
-            if starting:
-                if len(segments) > 1:  # a fresh tensor: earlier grids stay as they were
-                    scale = torch.empty(n_b, out_f, 1, device=w.device) if scale is None else scale.clone()
-                    zero = torch.empty(n_b, out_f, 1, device=w.device) if zero is None else zero.clone()
-                for rule, group, lo, hi in starting:
-                    # Scales of a group come from the weights as updated so far (GPTQ's non-static groups).
-                    # Rows are independent here, so the batch is flattened to rows for the grid search.
-                    g_end = min(col + group, in_f)
-                    current = block_t[lo:hi, i : i + g_end - col].transpose(1, 2)
-                    if g_end > end:
-                        current = torch.cat([current, w[lo:hi, :, end:g_end]], dim=2)
-                    n_seg = hi - lo
-                    g_scale, g_zero = _one_group_grid(current.reshape(n_seg * out_f, -1),
-                                                      valid[lo:hi, :, col:g_end].reshape(n_seg * out_f, -1),
-                                                      rule, group)
-                    if len(segments) == 1:
-                        scale = g_scale.reshape(n_b, out_f, 1)
-                        zero = g_zero.reshape(n_b, out_f, 1)
-                    else:
-                        assert scale is not None and zero is not None
-                        scale[lo:hi] = g_scale.reshape(n_seg, out_f, 1)
-                        zero[lo:hi] = g_zero.reshape(n_seg, out_f, 1)
-                if grids is not None:
-                    assert scale is not None and zero is not None
-                    grids.append((scale, zero))
-                assert scale is not None and zero is not None
-                scale_c, zero_c = scale.view(n_b, out_f), zero.view(n_b, out_f)
-            wc = block_t[:, i]
-            qc = _fake_quant(wc, _Grid(scale_c, zero_c, maxq))  # type: ignore[arg-type]
-            qc = torch.where(keep_t[:, col], wc, qc)
-            result_t[:, col] = qc
-            err = (wc - qc) / hinv_block[:, i, i : i + 1]
-            block_t[:, i:] -= hinv_block[:, i, i:, None] * err[:, None, :]
-            err_t[:, i] = err
-        w[:, :, end:] -= err_t.transpose(1, 2).contiguous() @ hinv[:, start:end, end:]
-    return result_t.transpose(1, 2).contiguous()
+    return gptq_segments(w, keep, [(rule, group, 0, w.shape[0])], _gptq_hinv(hessian.to(w.device)), grids)
 
 
 def quantize_threads() -> int:
@@ -493,7 +293,7 @@ def quantize_rules(weight: torch.Tensor, rules: Sequence[Rule], calib: LayerCali
     GPTQ dominates it: per rule, an inverse-Hessian Cholesky (``[in, in]``, the same for every rule
     without an AWQ scale) and a column loop whose cost is its number of columns, not rows. Here the
     GPTQ rules of the list (:func:`stacks_with`) share the Cholesky and one column loop, each rule a
-    segment of the batch (:func:`_gptq_segments`); the others go through :func:`quantize_matrices`.
+    segment of the batch (:func:`qenv.quant.gptq.gptq_segments`); the others go through :func:`quantize_matrices`.
     """
     out: list[torch.Tensor | None] = [None] * len(rules)
     stacked = [i for i, rule in enumerate(rules) if stacks_with(rule)]
@@ -514,7 +314,7 @@ def quantize_rules(weight: torch.Tensor, rules: Sequence[Rule], calib: LayerCali
             ws = torch.stack([p[1] for _, p in part])
             keep = torch.stack([p[2] for _, p in part])
             segments = [(rules[i], p[3], k, k + 1) for k, (i, p) in enumerate(part)]
-            images = _gptq_segments(ws, keep, segments, hinv.expand(len(part), -1, -1))
+            images = gptq_segments(ws, keep, segments, hinv.expand(len(part), -1, -1))
             for (i, (w, _, k, _, _, _, _)), q in zip(part, images.unbind(0)):
                 out[i] = torch.where(k, w.half().float(), q).to(weight.dtype)
     return [q for q in out if q is not None]
