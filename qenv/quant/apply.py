@@ -272,7 +272,7 @@ class QuantizedWeights:
                     per_layer = _working_bytes(out_f, in_f, rule)
                     size = len(names) if rule.gguf is not None else \
                         max(1, min(len(names), budget // max(per_layer, 1)))
-                    if device.type == "cpu" and batch_bytes is None:
+                    if device.type == "cpu" and batch_bytes is None and rule.uses_hessian:
                         size = min(len(names), cpu_batch_layers(out_f, rule))
                     start = 0
                     while start < len(names):
