@@ -28,11 +28,14 @@ from qenv.quant.rules import Rule
 _OUTPUT_NORMS: weakref.WeakKeyDictionary[Evaluator, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
-def output_error(evaluator: Evaluator, info: LayerInfo, rule: Rule) -> float:
-    """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of one layer on calibration inputs."""
+def output_error(evaluator: Evaluator, info: LayerInfo, rule: Rule, quantized: torch.Tensor | None = None) -> float:
+    """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of one layer on calibration inputs;
+    ``quantized``: the layer's tensor under ``rule`` when already at hand (else the evaluator's)."""
     calib = evaluator.calibration_of(info.name)
     original = evaluator.weights.original(info.name).float()
-    delta = evaluator.weights.weight_for(info.name, rule).float() - original
+    if quantized is None:
+        quantized = evaluator.weights.weight_for(info.name, rule)
+    delta = quantized.float() - original
     if info.transposed:
         original, delta = original.T, delta.T
     if calib is None:
@@ -65,8 +68,9 @@ def rule_errors(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequen
     bar = progress_bar(len(layers) * len(rules), f"layer errors under {len(rules)} rules", "layer-rule")
     rows = []
     with torch.inference_mode():
-        for info in layers:
-            rows.append([output_error(evaluator, info, rule) for rule in rules])
+        for info in layers:  # a layer's rules quantized together: the GPTQ ones share one column loop
+            images = evaluator.weights.weights_for(info.name, rules)
+            rows.append([output_error(evaluator, info, rule, q) for rule, q in zip(rules, images)])
             bar.update(len(rules))
     bar.close()
     err = np.array(rows, dtype=np.float64)

@@ -180,6 +180,21 @@ def _no_conversion_bar() -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Build the model without drawing random initial weights: every weight is then read from the
+    GGUF (a weight the file lacks is refused after loading), so the draws were wasted, about 4 CPU s
+    of SmolLM2's load (issue 26). Buffers computed in ``__init__`` (rotary frequencies) are not
+    initial weights and are built as before. Without transformers' switch, weights are drawn."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - an older transformers
+        yield
+        return
+    with no_init_weights():
+        yield
+
+
 try:  # transformers' config classes are strict dataclasses: an impossible shape is this error
     from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
 except ImportError:  # pragma: no cover - an older huggingface_hub raises ValueError instead
@@ -263,7 +278,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.
             # llama.cpp's converter writes "no padding token" as -1, read back as 4294967295 (uint32)
             config.pad_token_id = None
         check_declared_model(path, config, held, dtype)
-        with torch.device("cpu"):
+        with torch.device("cpu"), _no_random_init():  # every weight is read from the file next
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         extra = {"torch_dtype": dtype} if "torch_dtype" in inspect.signature(load_gguf_checkpoint).parameters else {}
         with _no_conversion_bar():

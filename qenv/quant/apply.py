@@ -18,19 +18,29 @@ from qenv.errors import QenvError
 from qenv.memory import CACHED_RECIPES, available_memory, check_cache_fits, weight_cache_bytes
 from qenv.models.layers import LayerInfo, get_module, get_weight, to_storage_layout, weight_parameter
 from qenv.quant import gguf as _gguf
-from qenv.quant.quantizer import LayerCalibration, gguf_encode, quantize_matrices
+from qenv.quant.quantizer import LayerCalibration, gguf_encode, quantize_matrices, quantize_rules
 from qenv.quant.rules import Rule
 
 CalibrationSource = Callable[[str], "LayerCalibration | None"]
 
 
 def default_batch_bytes(device: torch.device) -> int:
-    """Working memory of one prebuild batch: a quarter of the free GPU memory; on a CPU none (one
-    layer at a time), since a CPU is not launch-bound and batching there was slower (SmolLM2,
-    ``w3g128a-gptq``: 28.3 s batched vs about 22.6 s layer by layer, BENCHMARKS.md)."""
+    """Working memory of one prebuild batch: a quarter of the free GPU memory; on a CPU none: there
+    the batch is sized by rows instead (:func:`cpu_batch_layers`). Batching by memory was slower on
+    a CPU (SmolLM2, ``w3g128a-gptq``: 28.3 s batched vs about 22.6 s layer by layer, BENCHMARKS.md)
+    while the column loop strode across rows; it now runs on transposed blocks, capped in rows."""
     if device.type == "cuda":
         return max(256 << 20, (available_memory(device) or 0) // 4)
     return 0
+
+
+def cpu_batch_layers(out_f: int, rule: Rule) -> int:
+    """Layers of one shape quantized as one batch on a CPU: GPTQ and learned rounding run one column
+    loop for the batch, whose cost is per column while a block of its rows stays in the CPU's cache
+    (:data:`qenv.quant.gptq.GPTQ_LOOP_ROWS` rows); the other rules are vectorised per matrix."""
+    from qenv.quant.gptq import GPTQ_LOOP_ROWS
+
+    return max(1, GPTQ_LOOP_ROWS // max(1, out_f)) if rule.uses_hessian else 1
 
 
 def _working_bytes(out_f: int, in_f: int, rule: Rule) -> int:
@@ -177,6 +187,39 @@ class QuantizedWeights:
         self._insert(key, quantized)
         return quantized
 
+    def weights_for(self, name: str, rules: Sequence[Rule]) -> list[torch.Tensor]:
+        """Layer ``name``'s quantized tensors under each of ``rules``: for each, what :meth:`weight_for`
+        gives (and it is cached as :meth:`weight_for` caches it), but the rules not cached yet are
+        quantized together (:func:`qenv.quant.quantizer.quantize_rules`: the GPTQ rules share one
+        inverse-Hessian Cholesky and one column loop), bit for bit what one at a time gives.
+        Why: a menu's error table (:func:`qenv.eval.sensitivity.rule_errors`) needs every rule of every
+        layer, and GPTQ rule by rule was most of the cold ``quantize`` command (issue 26)."""
+        found: dict[Rule, torch.Tensor] = {}
+        todo = []
+        for rule in dict.fromkeys(rules):
+            cached = None if rule.keeps else self._cache.get((name, rule))
+            if rule.keeps:
+                found[rule] = self._originals[name]
+            elif cached is not None:
+                self.hits += 1
+                self._cache.move_to_end((name, rule))
+                found[rule] = cached
+            else:
+                todo.append(rule)
+        if todo:
+            matrix = self._original_matrix(name)
+            calibrated = [r for r in todo if r.needs_calibration]  # the others never read a calibration
+            for part in (calibrated, [r for r in todo if not r.needs_calibration]):
+                if not part:
+                    continue
+                calib = self._calibration_for(name, part[0]) if part is calibrated else None
+                for rule, q in zip(part, quantize_rules(matrix, part, calib)):
+                    self.misses += 1
+                    found[rule] = to_storage_layout(self.layers[name], q).contiguous()
+            for rule in todo:
+                self._insert((name, rule), found[rule])
+        return [found[rule] for rule in rules]
+
     def recipe_bytes(self) -> int:
         """Bytes of one recipe's quantized weights (every targeted layer, in the model's dtype)."""
         return sum(self.layer_bytes(name) for name in self._originals)
@@ -229,6 +272,8 @@ class QuantizedWeights:
                     per_layer = _working_bytes(out_f, in_f, rule)
                     size = len(names) if rule.gguf is not None else \
                         max(1, min(len(names), budget // max(per_layer, 1)))
+                    if device.type == "cpu" and batch_bytes is None and rule.uses_hessian:
+                        size = min(len(names), cpu_batch_layers(out_f, rule))
                     start = 0
                     while start < len(names):
                         chunk = names[start:start + size]
@@ -272,11 +317,40 @@ class QuantizedWeights:
         A layer under a GGUF rule also gets its input rounded as llama.cpp's CPU backend rounds it
         (:func:`qenv.quant.gguf.round_activations`), so the score is the one llama.cpp computes.
         """
+        self._quantize_missing(rules)
         for name, rule in rules.items():
             if name not in self._params:
                 continue
             self._params[name].data = self.weight_for(name, rule)
             self._set_activation_rounding(name, rule)
+
+    def _quantize_missing(self, rules: Mapping[str, Rule]) -> None:
+        """On a CPU, quantize the GPTQ and learned-rounding layers of ``rules`` not cached yet in
+        batches of one shape (:func:`cpu_batch_layers`), before :meth:`weight_for` would quantize
+        them one by one: the same tensors (a batch's arithmetic is each matrix's), in about half the
+        time on SmolLM2's layers (issue 26). What does not fit the cache with the rest of ``rules``
+        is left to :meth:`weight_for`."""
+        missing: dict[tuple[Rule, int, int], list[str]] = {}
+        for name, rule in rules.items():
+            if name in self._params and rule.uses_hessian and (name, rule) not in self._cache:
+                info = self.layers[name]
+                missing.setdefault((rule, info.out_features, info.in_features), []).append(name)
+        if not missing or next(iter(self._originals.values())).device.type != "cpu":
+            return
+        room = self.max_cache_bytes - sum(self.layer_bytes(name) for name in rules if name in self._params)
+        for name, rule in rules.items():  # this recipe's cached layers are the last the batches may evict
+            if (name, rule) in self._cache:
+                self._cache.move_to_end((name, rule))
+        for (rule, out_f, _), names in missing.items():
+            size = cpu_batch_layers(out_f, rule)
+            if size < 2 or len(names) < 2 or room < 0:
+                continue
+            for start in range(0, len(names), size):
+                chunk = names[start:start + size]
+                for name, q in zip(chunk, self._quantize(chunk, rule)):
+                    self.misses += 1
+                    self._insert((name, rule), q)
+                    self.hits -= 1  # weight_for counts the hit on it next; this was the miss
 
     def _set_activation_rounding(self, name: str, rule: Rule) -> None:
         info = self.layers[name]

@@ -17,11 +17,11 @@ import torch
 
 from qenv.errors import QenvError
 from qenv.quant import gguf as _gguf
+from qenv.quant.gptq import GPTQ_BLOCK, GPTQ_LOOP_ROWS, gptq_segments  # noqa: F401
+from qenv.quant.grids import (MSE_CLIP_GRID, _choose_grid, _expand, _fake_quant, _fp16_round,  # noqa: F401
+                              _Grid, _grid, _group_ranges)
 from qenv.quant.rules import Rule, n_outliers
 
-#: clip ratios tried per group when ``Rule.mse_clip`` is set
-MSE_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
-GPTQ_BLOCK = 128
 GPTQ_DAMP = 0.01
 
 
@@ -41,88 +41,6 @@ class LayerCalibration:
         if self.hessian is not None:
             return torch.diagonal(self.hessian)
         return self.act_rms.square()
-
-
-@dataclass(frozen=True)
-class _Grid:
-    """Per-group scale and zero point, expanded to one value per weight."""
-
-    scale: torch.Tensor  # [out, in]
-    zero: torch.Tensor  # [out, in]
-    maxq: int
-
-
-def _fp16_round(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest fp16 value (how scales are stored), avoiding zero and infinity."""
-    tiny = torch.finfo(torch.float16).tiny
-    return x.clamp(min=tiny, max=65504.0).half().float()
-
-
-def _group_ranges(
-    w: torch.Tensor, valid: torch.Tensor, group: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group min and max over valid entries; groups run along the input dimension."""
-    out_f, in_f = w.shape
-    n_groups = -(-in_f // group)
-    pad = n_groups * group - in_f
-    inf = torch.tensor(float("inf"), device=w.device)
-    lo = torch.where(valid, w, inf)
-    hi = torch.where(valid, w, -inf)
-    if pad:
-        lo = torch.nn.functional.pad(lo, (0, pad), value=float("inf"))
-        hi = torch.nn.functional.pad(hi, (0, pad), value=float("-inf"))
-    lo = lo.view(out_f, n_groups, group).amin(dim=2)
-    hi = hi.view(out_f, n_groups, group).amax(dim=2)
-    # Keep zero inside the range (as GPTQ does): all-outlier groups and all-zero groups stay exact.
-    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo)).clamp(max=0.0)
-    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi)).clamp(min=0.0)
-    return lo, hi
-
-
-def _expand(per_group: torch.Tensor, group: int, in_f: int) -> torch.Tensor:
-    return per_group.repeat_interleave(group, dim=1)[:, :in_f]
-
-
-def _grid(lo: torch.Tensor, hi: torch.Tensor, clip: torch.Tensor | float, rule: Rule, group: int, in_f: int) -> _Grid:
-    maxq = 2**rule.bits - 1
-    if rule.symmetric:
-        amax = torch.maximum(-lo, hi) * clip
-        scale = _fp16_round(2.0 * amax / maxq)
-        zero = torch.full_like(scale, (maxq + 1) / 2)
-    else:
-        lo, hi = lo * clip, hi * clip
-        scale = _fp16_round((hi - lo) / maxq)
-        zero = torch.round(-lo / scale).clamp(0, maxq)
-    return _Grid(_expand(scale, group, in_f), _expand(zero, group, in_f), maxq)
-
-
-def _fake_quant(w: torch.Tensor, grid: _Grid) -> torch.Tensor:
-    q = torch.clamp(torch.round(w / grid.scale) + grid.zero, 0, grid.maxq)
-    return (q - grid.zero) * grid.scale
-
-
-def _choose_grid(
-    w: torch.Tensor, valid: torch.Tensor, rule: Rule, group: int, importance: torch.Tensor | None
-) -> _Grid:
-    """Scales for ``w``: a fixed clip ratio, or the per-group ratio with the least weighted MSE."""
-    out_f, in_f = w.shape
-    lo, hi = _group_ranges(w, valid, group)
-    if not rule.mse_clip:
-        return _grid(lo, hi, rule.clip, rule, group, in_f)
-    n_groups = lo.shape[1]
-    weight = torch.ones(in_f, device=w.device) if importance is None else importance
-    best_err = torch.full((out_f, n_groups), float("inf"), device=w.device)
-    best_clip = torch.ones((out_f, n_groups), device=w.device)
-    pad = n_groups * group - in_f
-    for ratio in MSE_CLIP_GRID:
-        err = ((_fake_quant(w, _grid(lo, hi, ratio, rule, group, in_f)) - w) ** 2) * weight * valid
-        if pad:
-            err = torch.nn.functional.pad(err, (0, pad))
-        err = err.view(out_f, n_groups, group).sum(dim=2)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_clip = torch.where(better, torch.full_like(best_clip, ratio), best_clip)
-    return _grid(lo, hi, best_clip, rule, group, in_f)
 
 
 def salience_scores(w: torch.Tensor, rule: Rule, calib: LayerCalibration | None) -> torch.Tensor:
@@ -178,41 +96,7 @@ def _gptq(w: torch.Tensor, keep: torch.Tensor, rule: Rule, group: int, hessian: 
     within float noise. ``grids``, when given, receives each group's ``(scale, zero)`` (``[B, out, 1]``
     each), in column order: the integer codes behind the result (:func:`quantize_codes`).
     """
-    n_b, out_f, in_f = w.shape
-    w = w.clone()
-    hinv = _gptq_hinv(hessian.to(w.device))
-    result = torch.zeros_like(w)
-    valid = ~keep
-    scale = zero = None
-    maxq = 2**rule.bits - 1
-    for start in range(0, in_f, GPTQ_BLOCK):
-        end = min(start + GPTQ_BLOCK, in_f)
-        w_block = w[:, :, start:end].clone()
-        err_block = torch.zeros_like(w_block)
-        hinv_block = hinv[:, start:end, start:end]
-        for i in range(end - start):
-            col = start + i
-            if col % group == 0:
-                # Scales of a group come from the weights as updated so far (GPTQ's non-static groups).
-                # Rows are independent here, so the batch is flattened to rows for the grid search.
-                g_end = min(col + group, in_f)
-                current = torch.cat([w_block[:, :, i:], w[:, :, end:]], dim=2)[:, :, : g_end - col]
-                sub = _choose_grid(current.reshape(n_b * out_f, -1), valid[:, :, col:g_end].reshape(n_b * out_f, -1),
-                                   rule, group, None)
-                scale = sub.scale[:, :1].reshape(n_b, out_f, 1)
-                zero = sub.zero[:, :1].reshape(n_b, out_f, 1)
-                if grids is not None:
-                    grids.append((scale, zero))
-            assert scale is not None and zero is not None
-            wc = w_block[:, :, i : i + 1]
-            qc = _fake_quant(wc, _Grid(scale, zero, maxq))
-            qc = torch.where(keep[:, :, col : col + 1], wc, qc)
-            result[:, :, col : col + 1] = qc
-            err = (wc - qc) / hinv_block[:, i : i + 1, i : i + 1]
-            w_block[:, :, i:] -= err @ hinv_block[:, i : i + 1, i:]
-            err_block[:, :, i : i + 1] = err
-        w[:, :, end:] -= err_block @ hinv[:, start:end, end:]
-    return result
+    return gptq_segments(w, keep, [(rule, group, 0, w.shape[0])], _gptq_hinv(hessian.to(w.device)), grids)
 
 
 def quantize_threads() -> int:
@@ -392,6 +276,48 @@ def quantize_matrices(weights: Sequence[torch.Tensor], rule: Rule,
         for i, q in zip(indices, _quantize_batch([weights[i] for i in indices], rule, [calibs[i] for i in indices])):
             results[i] = q
     return [r for r in results if r is not None]
+
+
+def stacks_with(rule: Rule) -> bool:
+    """Whether ``rule`` shares one GPTQ column loop with other such rules on a layer
+    (:func:`quantize_rules`): plain GPTQ rounding, no AWQ scale (which changes the Hessian per rule)."""
+    return rule.rounding == "gptq" and rule.gguf is None and not rule.keeps and rule.act_scale <= 0
+
+
+def quantize_rules(weight: torch.Tensor, rules: Sequence[Rule], calib: LayerCalibration | None = None
+                   ) -> list[torch.Tensor]:
+    """The dequantized images of one ``[out, in]`` matrix under each of ``rules``: exactly what
+    :func:`quantize_matrix` gives for each, bit for bit.
+
+    Why: a menu's error table quantizes every layer under every rule (greedy's sensitivities), and
+    GPTQ dominates it: per rule, an inverse-Hessian Cholesky (``[in, in]``, the same for every rule
+    without an AWQ scale) and a column loop whose cost is its number of columns, not rows. Here the
+    GPTQ rules of the list (:func:`stacks_with`) share the Cholesky and one column loop, each rule a
+    segment of the batch (:func:`qenv.quant.gptq.gptq_segments`); the others go through :func:`quantize_matrices`.
+    """
+    out: list[torch.Tensor | None] = [None] * len(rules)
+    stacked = [i for i, rule in enumerate(rules) if stacks_with(rule)]
+    if len(stacked) < 2:
+        stacked = []
+    for i, rule in enumerate(rules):
+        if i not in stacked:
+            out[i] = quantize_matrices([weight], rule, [calib])[0]
+    if stacked:
+        if calib is None or calib.hessian is None:
+            raise QenvError(f"Rule {rules[stacked[0]].label()} uses gptq rounding, which needs the layer's "
+                            "calibration Hessian.")
+        prepared = [_prepare(weight, rules[i], calib) for i in stacked]
+        hinv = _gptq_hinv(prepared[0][4][None])
+        per_loop = max(1, GPTQ_LOOP_ROWS // weight.shape[0])
+        for first in range(0, len(stacked), per_loop):
+            part = list(zip(stacked, prepared))[first:first + per_loop]
+            ws = torch.stack([p[1] for _, p in part])
+            keep = torch.stack([p[2] for _, p in part])
+            segments = [(rules[i], p[3], k, k + 1) for k, (i, p) in enumerate(part)]
+            images = gptq_segments(ws, keep, segments, hinv.expand(len(part), -1, -1))
+            for (i, (w, _, k, _, _, _, _)), q in zip(part, images.unbind(0)):
+                out[i] = torch.where(k, w.half().float(), q).to(weight.dtype)
+    return [q for q in out if q is not None]
 
 
 def _quantize_batch(weights: Sequence[torch.Tensor], rule: Rule,
