@@ -16,6 +16,7 @@ from dataclasses import replace as _replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qenv.cache_files import check_token_ids, read_cache_file, write_cache_file
 from qenv.envs.allocation import LagrangianSuffix, greedy_allocation
@@ -200,11 +201,15 @@ class ModelTask:
         if budget_bpw not in self.starts:
             budget_bits = budget_bpw * self.total_weights
             candidates = start_candidates(self.layers, self.rules, self.costs, budget_bits, self.menu_sensitivity())
+            path = start_cache_path(self.evaluator, self.layers, self.rules, budget_bits, candidates)
+            found = read_best_start(path, candidates)
+            if found is None:
+                def score(choice: tuple[int, ...]) -> float:
+                    return -self.evaluator.evaluate_blockwise(self.plan_recipe(choice)).kl
 
-            def score(choice: tuple[int, ...]) -> float:
-                return -self.evaluator.evaluate_blockwise(self.plan_recipe(choice)).kl
-
-            found = best_start(candidates, score)
+                found = best_start(candidates, score)
+                if found is not None and found.complete:
+                    write_best_start(path, found)
             if found is None:
                 plan = tuple(int(j) for j in self.greedy_plan(budget_bpw))
                 rows = np.arange(len(self.layers))
@@ -227,6 +232,53 @@ class ModelTask:
                 errors.append(stream.block_error(block))
             self.block_refs[budget_bpw] = errors
         return self.block_refs[budget_bpw]
+
+
+#: bump when what a cached best start means changes (the score, the folding of plan_recipe)
+START_CACHE_VERSION = 1
+
+
+def start_cache_path(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequence[Rule], budget_bits: float,
+                     candidates: Sequence[StartCandidate]) -> Path | None:
+    """Where the best start of these candidates is cached (``None`` without a cache folder).
+
+    Measuring the best start is the costly part of a reset on a budget range (tens of full
+    evaluations per model and budget, once per process: most of a CPU training run on the zoo).
+    The file is keyed on everything its scores depend on: the model (weights and dtype), the
+    calibration tokens, the layers, the batch split and the numerics (:func:`layer_table_path`),
+    the menu (every rule's full ``repr``), the budget in bits, and the candidates themselves (label
+    and menu indices: greedy's plan and the presets that fit are a function of the rest, so a
+    change to either is a new key, never a stale score)."""
+    from qenv.eval.evaluator import layer_table_path
+
+    listed = ";".join(f"{c.label}={','.join(map(str, c.choice))}" for c in candidates)
+    extra = (f"start-v{START_CACHE_VERSION}|budget={budget_bits!r}|rules=" + "|".join(repr(r) for r in rules)
+             + "|cands=" + hashlib.sha1(listed.encode()).hexdigest())
+    return layer_table_path(evaluator, list(layers), "start", extra)
+
+
+def read_best_start(path: Path | None, candidates: Sequence[StartCandidate]) -> BestStart | None:
+    """The cached best start of ``candidates`` (every candidate's measured score, in order), or
+    ``None`` when there is no intact file for exactly these candidates (it is then measured)."""
+    if path is None or not candidates:
+        return None
+    from qenv.cache_files import check_table
+
+    cached = read_cache_file(path, path.name, lambda t: check_table(t, (len(candidates),)))
+    if cached is None:
+        return None
+    scores = [float(v) for v in cached["table"].double().tolist()]
+    replay = iter(scores)  # best_start scores the candidates in order: the cached scores, in order
+    return best_start(candidates, lambda _choice: next(replay))
+
+
+def write_best_start(path: Path | None, found: BestStart) -> None:
+    """Cache a complete best start's scores (nothing without a cache folder; NaN scores are not cached)."""
+    if path is None or not found.complete:
+        return
+    scores = np.array([score for _, score in found.measured], dtype=np.float64)
+    if np.isfinite(scores).all():
+        write_cache_file(path, {"table": torch.from_numpy(scores)}, path.name)
 
 
 def inherit_act_scale(rule: Rule, group: Sequence[str], recipe: Mapping[str, Rule]) -> Rule:
