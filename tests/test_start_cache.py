@@ -38,6 +38,7 @@ def test_the_cached_best_start_is_the_fresh_one_and_is_keyed(tmp_path, monkeypat
 
     # read back without one evaluation: the same best candidate and every candidate's score
     del task.starts[BUDGET]
+    task.start_scores.clear()  # the in-process memo too: only the file is left
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("a cached best start was measured again")
@@ -47,6 +48,18 @@ def test_the_cached_best_start_is_the_fresh_one_and_is_keyed(tmp_path, monkeypat
         cached = task.start_plan(BUDGET)
     assert cached == first
 
+    assert {c.choice for c, _ in cached.measured} <= set(task.start_scores)  # shared with other budgets
+
+    # another budget measures only the candidates no budget measured yet (greedy's plan at it)
+    bits3, cands3 = candidates(task, 3.0)
+    new = [c for c in cands3 if c.choice not in task.start_scores]
+    calls = []
+    measure = task.evaluator.evaluate_blockwise
+    with monkeypatch.context() as m:
+        m.setattr(task.evaluator, "evaluate_blockwise", lambda recipe: calls.append(1) or measure(recipe))
+        at3 = task.start_plan(3.0)
+    assert len(calls) == len(new) < len(at3.measured)
+
     # equal to a fresh measurement of every candidate that reads no cache
     fresh = best_start(cands, lambda choice: -task.evaluator.evaluate_blockwise(task.plan_recipe(choice)).kl)
     assert fresh is not None and fresh.candidate == cached.candidate
@@ -55,7 +68,6 @@ def test_the_cached_best_start_is_the_fresh_one_and_is_keyed(tmp_path, monkeypat
 
     # keyed: another budget, menu, model or calibration tokens is another file
     keyed = {path}
-    bits3, cands3 = candidates(task, 3.0)
     keyed.add(start_cache_path(task.evaluator, task.layers, task.rules, bits3, cands3))
     other_menu = task.rules[:-1]
     keyed.add(start_cache_path(task.evaluator, task.layers, other_menu, bits, cands))

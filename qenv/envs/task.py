@@ -66,6 +66,7 @@ class ModelTask:
     _relative_static: np.ndarray | None = None
     in_budget: dict[float, Metrics] = field(default_factory=dict)
     starts: dict[float, BestStart] = field(default_factory=dict)
+    start_scores: dict[tuple[int, ...], float] = field(default_factory=dict)  # a start candidate's score, any budget
     validation_tokens: TokenSet | None = None  # held back from the evaluator (validation_fraction > 0)
     _validation: Evaluator | None = None
 
@@ -197,7 +198,15 @@ class ModelTask:
         is cached per budget on the task, so every episode and every env of the process that shares
         the task reuses it: ``len(start.measured)`` evaluations per (model, budget), once. When no
         candidate fits (a budget below the cheapest rules, ``budget_mode="penalty"``), greedy's plan
-        stands alone, unmeasured."""
+        stands alone, unmeasured.
+
+        Training over a budget range (issue 25) measures many budgets of each model, and a
+        candidate's score does not depend on the budget (only which candidates fit does): each
+        recipe is measured once per task (``start_scores``) and a budget then costs about one new
+        evaluation (greedy's plan at it). The result is also cached on disk
+        (:func:`start_cache_path`), so a later process (the next training run, eval_agent.py) reads
+        it. Both caches return exactly what measuring would; the reset still reports
+        ``len(start.measured)`` evaluations, what the start costs a method that has no cache."""
         if budget_bpw not in self.starts:
             budget_bits = budget_bpw * self.total_weights
             candidates = start_candidates(self.layers, self.rules, self.costs, budget_bits, self.menu_sensitivity())
@@ -205,11 +214,15 @@ class ModelTask:
             found = read_best_start(path, candidates)
             if found is None:
                 def score(choice: tuple[int, ...]) -> float:
-                    return -self.evaluator.evaluate_blockwise(self.plan_recipe(choice)).kl
+                    if choice not in self.start_scores:
+                        self.start_scores[choice] = -self.evaluator.evaluate_blockwise(self.plan_recipe(choice)).kl
+                    return self.start_scores[choice]
 
                 found = best_start(candidates, score)
                 if found is not None and found.complete:
                     write_best_start(path, found)
+            else:
+                self.start_scores.update((c.choice, v) for c, v in found.measured)
             if found is None:
                 plan = tuple(int(j) for j in self.greedy_plan(budget_bpw))
                 rows = np.arange(len(self.layers))
