@@ -71,10 +71,20 @@ def main() -> int:
 
     policies = dict(item.split("=", 1) for item in args.policy)
     cards = {name: qenv.policies.check_card_matches_zip(Path(z)) for name, z in policies.items()}
-    kwargs = {k: v for k, v in next(iter(cards.values()))["config"]["env_kwargs"].items()
-              if k not in ("budget_range", "budget_bpw")}
+    import dataclasses
+
+    from qenv.envs.config import EnvConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EnvConfig)}
+
+    def settings(card: dict) -> dict:
+        """The card's env settings that shape an episode, a setting left at its default spelled out."""
+        recorded = {k: v for k, v in card["config"]["env_kwargs"].items() if k not in ("budget_range", "budget_bpw")}
+        return {**{k: defaults[k] for k in ("seq_len", "n_tokens") if k in defaults}, **recorded}
+
+    kwargs = settings(next(iter(cards.values())))
     for name, card in cards.items():
-        other = {k: v for k, v in card["config"]["env_kwargs"].items() if k not in ("budget_range", "budget_bpw")}
+        other = settings(card)
         if other != kwargs:
             raise SystemExit(f"policy {name} was trained with other env settings ({other} vs {kwargs})")
     rows = []
