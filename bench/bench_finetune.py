@@ -67,7 +67,7 @@ def cell(args: argparse.Namespace, spec: str, budget: float, episodes: int, seed
     name = f"ft_{short(spec)}_b{budget:g}_e{episodes}_s{seed}"
     layers = args.layers[spec]
     t0 = time.perf_counter()
-    run([py, "train_agent.py", "--init-from", args.zoo, "--agent", "maskable_ppo", "--model", spec,
+    run([py, "train_agent.py", "--init-from", args.zoo, "--agent", args.agent, "--model", spec,
          "--budget-bpw", f"{budget:g}", "--timesteps", str(episodes * layers), "--seed", str(seed),
          "--logdir", str(work / "runs"), "--name", name, "--overwrite", "--no-progress"], work / f"{name}.train.log")
     train_s = time.perf_counter() - t0
@@ -228,7 +228,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--zoo", required=True, help="the zoo policy's model.zip")
+    r.add_argument("--zoo", required=True, help="the zoo policy's model.zip, or a shipped one (qenv:transfer)")
+    r.add_argument("--agent", default="maskable_ppo", help="the policy's agent (qenv:transfer: ppo)")
     r.add_argument("--models", nargs="+", required=True)
     r.add_argument("--budgets", nargs="+", type=float, default=[3.0, 4.0])
     r.add_argument("--episodes", nargs="+", type=int, default=[16, 64])

@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-budgets", nargs="+", type=budget_arg, default=(3.0, 4.0), metavar="B",
                    help="budgets of the zero-shot table: bits per weight, or a human preset's name (gptq-w3: "
                         "that preset's exact bpw on each model, as eval_agent.py --budget-bpw takes it)")
+    p.add_argument("--eval-searchers", default="greedy,uniform", metavar="LIST",
+                   help="searchers each cell compares against (eval_agent.py --searchers; default: %(default)s). "
+                        "'none' scores only the policy and the presets: the searchers' rows do not depend on the "
+                        "policy, so a second policy on the same cells can take them from the first's table")
     p.add_argument("--eval-data", type=Path, default=DEFAULT_HELD_OUT,
                    help="held-out text the zero-shot table is scored on (default: TinyStories valid)")
     p.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens per model (default: %(default)s)")
@@ -187,7 +191,7 @@ def zero_shot(args: argparse.Namespace, policy: Path, workdir: Path) -> dict[str
     for budget in args.eval_budgets:
         out = workdir / f"eval-{budget_text(budget)}"
         argv = [str(REPO_ROOT / "eval_agent.py"), "--policy", str(policy), "--budget-bpw", budget_text(budget),
-                "--searchers", "greedy,uniform", "--data", str(args.eval_data), "--n-tokens", str(args.eval_tokens),
+                "--searchers", args.eval_searchers, "--data", str(args.eval_data), "--n-tokens", str(args.eval_tokens),
                 "--threads", str(args.threads), "--out", str(out), "--no-progress"]
         for model in args.eval_models:
             argv += ["--model", model]
@@ -217,7 +221,7 @@ def zero_shot(args: argparse.Namespace, policy: Path, workdir: Path) -> dict[str
                 f"{Path(args.eval_data).name} (calibration: tokens sampled from each model; a model without a tokenizer "
                 "is scored on its calibration tokens, as the row's scored_on says), by eval_agent.py."),
         "command": "; ".join(f"python eval_agent.py --policy qenv:{args.name} " + " ".join(f"--model {m}" for m in shown)
-                             + f" --budget-bpw {budget_text(b)} --searchers greedy,uniform --data {Path(args.eval_data).name} "
+                             + f" --budget-bpw {budget_text(b)} --searchers {args.eval_searchers} --data {Path(args.eval_data).name} "
                                f"--n-tokens {args.eval_tokens}" for b in args.eval_budgets),
         "rows": rows,
         "verdict": (f"Better than greedy in {wins('greedy_kl')} cells, than the best start in {wins('best_start_kl')}, "

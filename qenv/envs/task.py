@@ -16,6 +16,7 @@ from dataclasses import replace as _replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qenv.cache_files import check_token_ids, read_cache_file, write_cache_file
 from qenv.envs.allocation import LagrangianSuffix, greedy_allocation
@@ -65,6 +66,7 @@ class ModelTask:
     _relative_static: np.ndarray | None = None
     in_budget: dict[float, Metrics] = field(default_factory=dict)
     starts: dict[float, BestStart] = field(default_factory=dict)
+    start_scores: dict[tuple[int, ...], float] = field(default_factory=dict)  # a start candidate's score, any budget
     validation_tokens: TokenSet | None = None  # held back from the evaluator (validation_fraction > 0)
     _validation: Evaluator | None = None
 
@@ -196,15 +198,31 @@ class ModelTask:
         is cached per budget on the task, so every episode and every env of the process that shares
         the task reuses it: ``len(start.measured)`` evaluations per (model, budget), once. When no
         candidate fits (a budget below the cheapest rules, ``budget_mode="penalty"``), greedy's plan
-        stands alone, unmeasured."""
+        stands alone, unmeasured.
+
+        Training over a budget range (issue 25) measures many budgets of each model, and a
+        candidate's score does not depend on the budget (only which candidates fit does): each
+        recipe is measured once per task (``start_scores``) and a budget then costs about one new
+        evaluation (greedy's plan at it). The result is also cached on disk
+        (:func:`start_cache_path`), so a later process (the next training run, eval_agent.py) reads
+        it. Both caches return exactly what measuring would; the reset still reports
+        ``len(start.measured)`` evaluations, what the start costs a method that has no cache."""
         if budget_bpw not in self.starts:
             budget_bits = budget_bpw * self.total_weights
             candidates = start_candidates(self.layers, self.rules, self.costs, budget_bits, self.menu_sensitivity())
+            path = start_cache_path(self.evaluator, self.layers, self.rules, budget_bits, candidates)
+            found = read_best_start(path, candidates)
+            if found is None:
+                def score(choice: tuple[int, ...]) -> float:
+                    if choice not in self.start_scores:
+                        self.start_scores[choice] = -self.evaluator.evaluate_blockwise(self.plan_recipe(choice)).kl
+                    return self.start_scores[choice]
 
-            def score(choice: tuple[int, ...]) -> float:
-                return -self.evaluator.evaluate_blockwise(self.plan_recipe(choice)).kl
-
-            found = best_start(candidates, score)
+                found = best_start(candidates, score)
+                if found is not None and found.complete:
+                    write_best_start(path, found)
+            else:
+                self.start_scores.update((c.choice, v) for c, v in found.measured)
             if found is None:
                 plan = tuple(int(j) for j in self.greedy_plan(budget_bpw))
                 rows = np.arange(len(self.layers))
@@ -227,6 +245,53 @@ class ModelTask:
                 errors.append(stream.block_error(block))
             self.block_refs[budget_bpw] = errors
         return self.block_refs[budget_bpw]
+
+
+#: bump when what a cached best start means changes (the score, the folding of plan_recipe)
+START_CACHE_VERSION = 1
+
+
+def start_cache_path(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: Sequence[Rule], budget_bits: float,
+                     candidates: Sequence[StartCandidate]) -> Path | None:
+    """Where the best start of these candidates is cached (``None`` without a cache folder).
+
+    Measuring the best start is the costly part of a reset on a budget range (tens of full
+    evaluations per model and budget, once per process: most of a CPU training run on the zoo).
+    The file is keyed on everything its scores depend on: the model (weights and dtype), the
+    calibration tokens, the layers, the batch split and the numerics (:func:`layer_table_path`),
+    the menu (every rule's full ``repr``), the budget in bits, and the candidates themselves (label
+    and menu indices: greedy's plan and the presets that fit are a function of the rest, so a
+    change to either is a new key, never a stale score)."""
+    from qenv.eval.evaluator import layer_table_path
+
+    listed = ";".join(f"{c.label}={','.join(map(str, c.choice))}" for c in candidates)
+    extra = (f"start-v{START_CACHE_VERSION}|budget={budget_bits!r}|rules=" + "|".join(repr(r) for r in rules)
+             + "|cands=" + hashlib.sha1(listed.encode()).hexdigest())
+    return layer_table_path(evaluator, list(layers), "start", extra)
+
+
+def read_best_start(path: Path | None, candidates: Sequence[StartCandidate]) -> BestStart | None:
+    """The cached best start of ``candidates`` (every candidate's measured score, in order), or
+    ``None`` when there is no intact file for exactly these candidates (it is then measured)."""
+    if path is None or not candidates:
+        return None
+    from qenv.cache_files import check_table
+
+    cached = read_cache_file(path, path.name, lambda t: check_table(t, (len(candidates),)))
+    if cached is None:
+        return None
+    scores = [float(v) for v in cached["table"].double().tolist()]
+    replay = iter(scores)  # best_start scores the candidates in order: the cached scores, in order
+    return best_start(candidates, lambda _choice: next(replay))
+
+
+def write_best_start(path: Path | None, found: BestStart) -> None:
+    """Cache a complete best start's scores (nothing without a cache folder; NaN scores are not cached)."""
+    if path is None or not found.complete:
+        return
+    scores = np.array([score for _, score in found.measured], dtype=np.float64)
+    if np.isfinite(scores).all():
+        write_cache_file(path, {"table": torch.from_numpy(scores)}, path.name)
 
 
 def inherit_act_scale(rule: Rule, group: Sequence[str], recipe: Mapping[str, Rule]) -> Rule:
