@@ -34,15 +34,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from train_transfer_policy import budget_arg  # noqa: E402  (the script's own --eval-budgets parser)
 
 HELD_OUT = REPO.parent / "shared" / "data" / "tinystories" / "TinyStories-valid-first1000.txt"
-
-
-def budget_arg(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def main() -> int:
