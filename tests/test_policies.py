@@ -187,7 +187,8 @@ def test_one_command_gives_a_user_a_recipe_and_its_export(tmp_path, monkeypatch,
     [out] = list((tmp_path / "runs" / "eval-transfer").iterdir())
     result = json.loads((out / "results.json").read_text())
     [model] = result["models"]
-    assert model["status"] == "trained-on" and model["policy_recipe"] and (out / "export" / "tiny-llama").is_dir()
+    # the shipped policy is trained on the zoo of scripts/train_bench_models.py, which tiny-llama is not in
+    assert model["status"] == "zero-shot" and model["policy_recipe"] and (out / "export" / "tiny-llama").is_dir()
     assert sorted(p.name for p in qenv.policies.POLICIES_DIR.iterdir() if p.suffix != ".py" and p.name != "__pycache__") \
         == ["transfer.json", "transfer.md", "transfer.zip"]
     from qenv.agents.quantize import main as quantize
