@@ -29,6 +29,7 @@ CACHE_KINDS: dict[str, str] = {
     "features": "layers' observation features",
     "errors": "each layer's output error under each menu rule (greedy plan, allocation, residual kinds)",
     "presets": "human presets' metrics (eval_agent.py's baselines), per model, tokens, recipe and settings",
+    "start": "best starts: the best measured recipe per model, tokens, menu and budget (qenv.envs.task)",
 }
 
 
@@ -70,6 +71,7 @@ CACHE_NAME_PATTERNS: dict[str, re.Pattern[str]] = {
     "features": re.compile(rf"features-v\d+-{_HEX}\.(?:safetensors|npy)"),  # .npy: written before v3
     "errors": re.compile(rf"errors-v\d+-{_HEX}\.(?:safetensors|npy)"),  # .npy: written before v2
     "presets": re.compile(rf"presets-v\d+-{_HEX}\.safetensors"),  # eval_agent.py's preset metrics
+    "start": re.compile(rf"start-{_HEX}\.safetensors"),  # the version is in the key (START_CACHE_VERSION)
 }
 #: :func:`qenv.io.atomic_path`'s temporary name: ``.<name>.<mkstemp's 8 random characters>.tmp``
 _TEMP_RE = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
