@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qenv.cache_files import check_token_ids, read_cache_file, write_cache_file
+from qenv.cache_files import check_table, check_token_ids, read_cache_file, write_cache_file
 from qenv.envs.allocation import LagrangianSuffix, greedy_allocation
 from qenv.envs.features import ladder_rules, relative_static, rung_gains, static_features
 from qenv.envs.reward import Reference, bracketing_widths, uniform_frontier
 from qenv.envs.spaces import ActionMapper
 from qenv.envs.start import BestStart, StartCandidate, best_start, start_candidates
-from qenv.eval.evaluator import Evaluator, Metrics, oom_guard, stage_of
+from qenv.eval.evaluator import Evaluator, Metrics, layer_table_path, oom_guard, stage_of
 from qenv.eval.reference import check_reference_fits, numerics_key, reference_bytes, resolve_cache_dir
 from qenv.eval.sensitivity import rule_errors
 from qenv.eval.tokens import TokenSet, split_tokens, tokens_from_model, tokens_from_text
@@ -262,8 +262,6 @@ def start_cache_path(evaluator: Evaluator, layers: Sequence[LayerInfo], rules: S
     the menu (every rule's full ``repr``), the budget in bits, and the candidates themselves (label
     and menu indices: greedy's plan and the presets that fit are a function of the rest, so a
     change to either is a new key, never a stale score)."""
-    from qenv.eval.evaluator import layer_table_path
-
     listed = ";".join(f"{c.label}={','.join(map(str, c.choice))}" for c in candidates)
     extra = (f"start-v{START_CACHE_VERSION}|budget={budget_bits!r}|rules=" + "|".join(repr(r) for r in rules)
              + "|cands=" + hashlib.sha1(listed.encode()).hexdigest())
@@ -275,8 +273,6 @@ def read_best_start(path: Path | None, candidates: Sequence[StartCandidate]) -> 
     ``None`` when there is no intact file for exactly these candidates (it is then measured)."""
     if path is None or not candidates:
         return None
-    from qenv.cache_files import check_table
-
     cached = read_cache_file(path, path.name, lambda t: check_table(t, (len(candidates),)))
     if cached is None:
         return None

@@ -330,12 +330,14 @@ class QuantizedWeights:
         them one by one: the same tensors (a batch's arithmetic is each matrix's), in about half the
         time on SmolLM2's layers (issue 26). What does not fit the cache with the rest of ``rules``
         is left to :meth:`weight_for`."""
+        if not self._originals or next(iter(self._originals.values())).device.type != "cpu":
+            return  # a GPU batches by memory in prebuild; apply's hot path stays as it was
         missing: dict[tuple[Rule, int, int], list[str]] = {}
         for name, rule in rules.items():
             if name in self._params and rule.uses_hessian and (name, rule) not in self._cache:
                 info = self.layers[name]
                 missing.setdefault((rule, info.out_features, info.in_features), []).append(name)
-        if not missing or next(iter(self._originals.values())).device.type != "cpu":
+        if not missing:
             return
         room = self.max_cache_bytes - sum(self.layer_bytes(name) for name in rules if name in self._params)
         for name, rule in rules.items():  # this recipe's cached layers are the last the batches may evict
